@@ -1,0 +1,234 @@
+"""What the services read: an immutable snapshot of the published layers, with their pyramids opened.
+
+A new Catalog is built when the store changes and swapped in one assignment, so a request sees the
+old layers or the new ones, never half an update. Documents derived from it (capabilities) are
+cached on the Catalog itself and die with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tileserver.publication.model import Layer
+from tileserver.pyramid import Pyramid, PyramidError, SlabIndexCache
+from tileserver.rok4.descriptor import TileLimits
+from tileserver.rok4.formats import PyramidFormat
+from tileserver.rok4.tms import TileMatrix, TileMatrixSet
+from tileserver.storage import Storage, StorageError
+
+log = logging.getLogger("tileserver.catalog")
+
+
+@dataclass(frozen=True)
+class PublishedLayer:
+    """A layer ready to serve: its record, the pyramid owning each published level, limits per level."""
+
+    layer: Layer
+    tms: TileMatrixSet
+    format: PyramidFormat
+    channels: int
+    nodata: tuple[float, ...]
+    level_ids: tuple[str, ...]  # published levels, top (coarsest) → bottom (finest)
+    owners: dict[str, Pyramid]  # level id → pyramid holding it
+    limits: dict[str, TileLimits]  # level id → inclusive limits advertised and served
+    wgs84_bbox: tuple[float, float, float, float]
+    native_bbox: tuple[float, float, float, float]  # bottom level extent in the grid's CRS
+    restricted: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.layer.id
+
+    @property
+    def top_level(self) -> str:
+        return self.level_ids[0]
+
+    @property
+    def bottom_level(self) -> str:
+        return self.level_ids[-1]
+
+    def matrix(self, level_id: str) -> TileMatrix:
+        matrix = self.tms.get(level_id)
+        assert matrix is not None
+        return matrix
+
+    def in_limits(self, level_id: str, col: int, row: int) -> bool:
+        limits = self.limits.get(level_id)
+        return limits is not None and limits.contains(col, row)
+
+    async def get_tile(self, level_id: str, col: int, row: int) -> bytes | None:
+        """Stored bytes of a tile inside the published limits, None where there is no data."""
+        if not self.in_limits(level_id, col, row):
+            return None
+        return await self.owners[level_id].get_tile(level_id, col, row)
+
+
+@dataclass
+class Catalog:
+    revision: int
+    layers: dict[str, PublishedLayer]
+    styles: dict[str, Any] = field(default_factory=dict)
+    key_access: dict[str, frozenset[str]] = field(default_factory=dict)  # key hash → layer ids ("*" = all)
+    errors: dict[str, str] = field(default_factory=dict)  # layer id → why it is not served
+    documents: dict[Any, Any] = field(default_factory=dict)  # per-snapshot cache (capabilities…)
+
+    def allowed(self, published: PublishedLayer, key_hash: str | None) -> bool:
+        if not published.restricted:
+            return True
+        if key_hash is None:
+            return False
+        granted = self.key_access.get(key_hash, frozenset())
+        return "*" in granted or published.id in granted
+
+    def visible(self, service: str, key_hash: str | None = None) -> list[PublishedLayer]:
+        return [
+            p for p in self.layers.values() if p.layer.enabled(service) and self.allowed(p, key_hash)
+        ]
+
+    def get(self, layer_id: str, service: str, key_hash: str | None = None) -> PublishedLayer | None:
+        published = self.layers.get(layer_id)
+        if published is None or not published.layer.enabled(service) or not self.allowed(published, key_hash):
+            return None
+        return published
+
+    def document(self, key: Any, build: Callable[[], Any]) -> Any:
+        """Build a derived document once per snapshot."""
+        if key not in self.documents:
+            self.documents[key] = build()
+        return self.documents[key]
+
+
+def _limits_within_bbox(pub_tms: TileMatrixSet, level_id: str, limits: TileLimits, bbox: Any) -> TileLimits | None:
+    """Restrict a level's limits to a WGS84 bbox given by the layer, as ROK4 does."""
+    from pyproj import Transformer
+
+    transformer = Transformer.from_crs("EPSG:4326", pub_tms.pyproj_crs, always_xy=True)
+    native = transformer.transform_bounds(*bbox, densify_pts=21)
+    if not all(math.isfinite(v) for v in native):
+        return limits
+    matrix = pub_tms.get(level_id)
+    assert matrix is not None
+    tiles = matrix.bbox_to_tile_range(native)
+    if tiles is None:
+        return None
+    min_col, min_row, max_col, max_row = tiles
+    inside = TileLimits(
+        max(min_col, limits.min_col), min(max_col, limits.max_col), max(min_row, limits.min_row), min(max_row, limits.max_row)
+    )
+    if inside.min_col > inside.max_col or inside.min_row > inside.max_row:
+        return None
+    return inside
+
+
+class PyramidPool:
+    """Opened pyramids by descriptor URL, reused across snapshots while the descriptor is unchanged."""
+
+    def __init__(self, storage: Storage, cache: SlabIndexCache, tms_directory: str) -> None:
+        self.storage = storage
+        self.cache = cache
+        self.tms_directory = tms_directory
+        self._opened: dict[str, Pyramid] = {}
+
+    async def get(self, url: str, refresh: bool = False) -> Pyramid:
+        if refresh or url not in self._opened:
+            self._opened[url] = await Pyramid.open(url, self.storage, self.cache, self.tms_directory)
+        return self._opened[url]
+
+    def forget_except(self, urls: Iterable[str]) -> None:
+        keep = set(urls)
+        for url in list(self._opened):
+            if url not in keep:
+                del self._opened[url]
+
+    def __len__(self) -> int:
+        return len(self._opened)
+
+
+async def publish_layer(layer: Layer, pool: PyramidPool, restricted: bool = False) -> PublishedLayer:
+    """Open a layer's pyramids and check they fit together; raises PyramidError with the reason."""
+    owners: dict[str, Pyramid] = {}
+    first: Pyramid | None = None
+    for i, ref in enumerate(layer.pyramids):
+        pyramid = await pool.get(ref.path)
+        if first is None:
+            first = pyramid
+        elif (
+            pyramid.tms.id != first.tms.id
+            or pyramid.format.code != first.format.code
+            or pyramid.descriptor.channels != first.descriptor.channels
+        ):
+            raise PyramidError(f"pyramids[{i}]: grid, format and channels must match the first pyramid")
+        bottom, top = pyramid.tms.get(ref.bottom_level), pyramid.tms.get(ref.top_level)
+        if bottom is None or top is None:
+            raise PyramidError(f"pyramids[{i}]: levels {ref.top_level}–{ref.bottom_level} not in {pyramid.tms.id}")
+        for level in pyramid.descriptor.levels:
+            cell = pyramid.matrix(level.id).cell_size
+            if bottom.cell_size * (1 - 1e-9) <= cell <= top.cell_size * (1 + 1e-9):
+                if level.id in owners:
+                    raise PyramidError(f"pyramids[{i}]: level {level.id} is already published by another pyramid")
+                owners[level.id] = pyramid
+        for level_id in (ref.bottom_level, ref.top_level):
+            if pyramid.descriptor.level(level_id) is None:
+                raise PyramidError(f"pyramids[{i}]: level {level_id} is not in {ref.path}")
+    assert first is not None
+    tms = first.tms
+    level_ids = tuple(sorted(owners, key=lambda lv: -tms.get(lv).cell_size))  # type: ignore[union-attr]
+    limits: dict[str, TileLimits] = {}
+    for level_id in level_ids:
+        lim = owners[level_id].level(level_id).tile_limits
+        if layer.bbox is not None:
+            restricted_lim = _limits_within_bbox(tms, level_id, lim, layer.bbox)
+            if restricted_lim is None:
+                continue
+            lim = restricted_lim
+        limits[level_id] = lim
+    if not limits:
+        raise PyramidError("the layer's bbox does not cover any published tile")
+    level_ids = tuple(lv for lv in level_ids if lv in limits)
+    bottom_id = level_ids[-1]
+    lim = limits[bottom_id]
+    native = tms.get(bottom_id).range_bbox(lim.min_col, lim.min_row, lim.max_col, lim.max_row)  # type: ignore[union-attr]
+    if layer.bbox is not None:
+        wgs84 = layer.bbox
+    else:
+        wgs84 = owners[bottom_id].wgs84_bbox(bottom_id)
+    return PublishedLayer(
+        layer=layer,
+        tms=tms,
+        format=first.format,
+        channels=first.descriptor.channels,
+        nodata=first.descriptor.nodata,
+        level_ids=level_ids,
+        owners=owners,
+        limits=limits,
+        wgs84_bbox=tuple(wgs84),  # type: ignore[arg-type]
+        native_bbox=native,
+        restricted=restricted,
+    )
+
+
+async def build_catalog(
+    revision: int,
+    layers: Iterable[Layer],
+    pool: PyramidPool,
+    restricted: Iterable[str] = (),
+    key_access: dict[str, frozenset[str]] | None = None,
+    styles: dict[str, Any] | None = None,
+) -> Catalog:
+    """Open every layer; a layer that cannot be served is logged and left out, never fatal."""
+    restricted_ids = set(restricted)
+    published: dict[str, PublishedLayer] = {}
+    errors: dict[str, str] = {}
+    layer_list = list(layers)
+    for layer in layer_list:
+        try:
+            published[layer.id] = await publish_layer(layer, pool, layer.id in restricted_ids)
+        except (PyramidError, StorageError, ValueError) as exc:
+            errors[layer.id] = str(exc)
+            log.warning("layer %s not served: %s", layer.id, exc)
+    pool.forget_except(p.path for layer in layer_list for p in layer.pyramids)
+    return Catalog(revision, published, styles or {}, key_access or {}, errors)

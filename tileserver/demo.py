@@ -1,0 +1,51 @@
+"""The embedded default: on first start, a small real ROK4 pyramid is copied to the data directory and published."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tileserver.publication.model import parse_layer
+from tileserver.settings import PACKAGE_DIR
+
+if TYPE_CHECKING:
+    from tileserver.runtime import Runtime
+
+DEMO_SOURCE = PACKAGE_DIR / "demo" / "pyramids"
+DEMO_NAME = "SCAN1000"
+DEMO_LAYER = {
+    "title": "SCAN 1000 (demo)",
+    "abstract": "IGN SCAN 1000 sample, a real ROK4 pyramid (PM grid, PNG RGBA), bundled with tileserver",
+    "keywords": ["demo", "SCAN1000", "ROK4"],
+    "styles": ["normal"],
+    "resampling": "bicubic",
+    "get_feature_info": {"type": "PYRAMID"},
+    "attribution": {"title": "IGN", "url": "https://www.ign.fr"},
+}
+
+
+def _install(target: Path) -> None:
+    if not (target / f"{DEMO_NAME}.json").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(DEMO_SOURCE / DEMO_NAME, target / DEMO_NAME, dirs_exist_ok=True)
+        for suffix in (".list", ".json"):  # descriptor last: a half copy never looks valid
+            shutil.copy2(DEMO_SOURCE / f"{DEMO_NAME}{suffix}", target / f"{DEMO_NAME}{suffix}")
+
+
+async def ensure_demo(runtime: Runtime) -> None:
+    """Publish the demo layer once per data directory; a later removal by the user is respected."""
+    data_dir = Path(runtime.settings.data_dir).resolve()
+    marker = data_dir / ".demo-published"
+    if marker.exists():
+        return
+    target = data_dir / "pyramids"
+    await asyncio.to_thread(_install, target)
+    descriptor = dict(DEMO_LAYER)
+    top, bottom = "0", "10"
+    descriptor["pyramids"] = [{"path": f"file://{target / DEMO_NAME}.json", "bottom_level": bottom, "top_level": top}]
+    layer = parse_layer(DEMO_NAME, descriptor)
+    if runtime.store.get_layer(layer.id) is None:
+        runtime.store.add_layer(layer)
+    marker.write_text("the demo layer was published once; delete this file to publish it again\n")

@@ -1,0 +1,162 @@
+"""HTTP behaviour every route shares: request ids and access log, ETag/304, gzip of text, HEAD, CORS.
+
+One pure-ASGI middleware sees the complete body of ordinary responses (all service answers are
+single-message bodies); streamed responses pass through untouched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import logging
+import os
+import re
+import time
+from typing import Any
+
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tileserver.settings import Settings
+
+access_log = logging.getLogger("tileserver.access")
+
+_GZIP_TYPES = ("text/", "application/xml", "application/json", "application/problem+json", "application/vnd.oai")
+_GZIP_MIN = 1024
+_ids = itertools.count(1)
+_PREFIX = f"{os.getpid():x}"
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _set(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> None:
+    headers[:] = [(k, v) for k, v in headers if k.lower() != name]
+    headers.append((name, value))
+
+
+_SECRET_PARAMS = re.compile(rb"(?i)((?:^|&)(?:apikey|api_key|key|token|access_token)=)[^&]*")
+
+
+def redacted_query(query: bytes) -> str:
+    """Query string for the log with key-like parameters masked: keys must never reach logs."""
+    return _SECRET_PARAMS.sub(rb"\1***", query).decode("latin-1")
+
+
+def etag_of(body: bytes) -> bytes:
+    return b'"' + hashlib.blake2b(body, digest_size=12).hexdigest().encode() + b'"'
+
+
+def _matches(if_none_match: bytes, etag: bytes) -> bool:
+    if if_none_match.strip() == b"*":
+        return True
+    candidates = [c.strip().removeprefix(b"W/") for c in if_none_match.split(b",")]
+    return etag in candidates
+
+
+class HttpBehaviour:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = f"{_PREFIX}-{next(_ids)}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        request_headers = {k.lower(): v for k, v in scope["headers"]}
+        method = scope["method"]
+        start: dict[str, Any] = {}
+        outcome = {"status": 0, "size": 0}
+
+        async def finish(message: Message, body: bytes) -> None:
+            headers = list(message.get("headers", []))
+            status = message["status"]
+            # a HEAD answered without its body (file responses) keeps the length it announced
+            bodiless_head = method == "HEAD" and not body and _header(headers, b"content-length") is not None
+            if method in ("GET", "HEAD") and status == 200 and not (bodiless_head and _header(headers, b"etag") is None):
+                etag = _header(headers, b"etag")
+                if etag is None:
+                    etag = etag_of(body)
+                    _set(headers, b"etag", etag)
+                if_none_match = request_headers.get(b"if-none-match")
+                if if_none_match is not None and _matches(if_none_match, etag):
+                    status, body = 304, b""
+                    headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"content-type")]
+            content_type = (_header(headers, b"content-type") or b"").decode("latin-1")
+            if (
+                status == 200
+                and not bodiless_head
+                and len(body) >= _GZIP_MIN
+                and content_type.startswith(_GZIP_TYPES)
+                and _header(headers, b"content-encoding") is None
+                and b"gzip" in request_headers.get(b"accept-encoding", b"")
+            ):
+                body = gzip.compress(body, compresslevel=5, mtime=0)
+                _set(headers, b"content-encoding", b"gzip")
+                vary = _header(headers, b"vary")
+                _set(headers, b"vary", vary + b", Accept-Encoding" if vary else b"Accept-Encoding")
+            if status != 304 and not bodiless_head:
+                _set(headers, b"content-length", str(len(body)).encode())
+            _set(headers, b"x-request-id", request_id.encode())
+            outcome["status"], outcome["size"] = status, len(body)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start["message"] = message
+                return
+            if message["type"] == "http.response.body":
+                if "streaming" in start:
+                    await send(message)
+                    return
+                if not message.get("more_body", False) and "chunks" not in start:
+                    await finish(start["message"], message.get("body", b""))
+                    return
+                start.setdefault("chunks", []).append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await finish(start["message"], b"".join(start.pop("chunks")))
+                    return
+                if sum(len(c) for c in start["chunks"]) > 8 << 20:  # large download: stream it
+                    start["streaming"] = True
+                    outcome["status"] = start["message"]["status"]
+                    await send(start["message"])
+                    await send({"type": "http.response.body", "body": b"".join(start.pop("chunks")), "more_body": True})
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "%s %s %s%s %d %dB %.1fms",
+                    request_id,
+                    method,
+                    scope["path"],
+                    ("?" + redacted_query(scope["query_string"])) if scope.get("query_string") else "",
+                    outcome["status"],
+                    outcome["size"],
+                    (time.perf_counter() - started) * 1000,
+                )
+
+
+def middleware(settings: Settings) -> list[Middleware]:
+    return [
+        Middleware(HttpBehaviour),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=["*"],
+            allow_methods=["GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE"],
+            allow_headers=["*"],
+            expose_headers=["ETag", "Content-Range", "X-Request-Id"],
+        ),
+    ]

@@ -1,0 +1,580 @@
+"""The publication store: one SQLite file holding what the server publishes.
+
+Every write goes through this module, in one transaction that also bumps a revision counter, so a
+reader never sees half a layer and any process sharing the file notices a change by polling
+`revision()` (one indexed read). WAL mode lets readers run while a writer commits; each thread gets
+its own connection because sqlite3 connections must not be shared by concurrent threads.
+
+The schema is versioned: `schema_version` records every migration applied, and `MIGRATIONS` lists
+them in order. The warehouse API (users, datastores, uploads, configurations…) adds its tables as
+later migrations; layers, offerings and stored data are the records both APIs share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tileserver.publication.model import LAYER_ID, Layer, LayerError, parse_layer
+
+log = logging.getLogger("tileserver.store")
+
+BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's write lock
+ALL_LAYERS = "*"  # key grant meaning every restricted layer
+RASTER_PYRAMID = "ROK4-PYRAMID-RASTER"  # the warehouse's stored data type
+
+
+class StoreError(Exception):
+    """A store operation refused; `field` names the offending input when there is one."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+class LayerExists(Conflict):
+    pass
+
+
+class LayerNotFound(NotFound):
+    pass
+
+
+class InvalidRecord(StoreError):
+    """Input the store refuses (empty name, malformed id…)."""
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """Everything the services need, read in one transaction."""
+
+    revision: int
+    layers: tuple[Layer, ...]
+    restricted: frozenset[str]  # ids of layers served only with a key
+    key_access: dict[str, frozenset[str]]  # key hash → granted layer ids ("*" = all)
+    styles: dict[str, dict]
+
+
+@dataclass(frozen=True)
+class StoredData:
+    """A pyramid known to the store (the warehouse's ROK4-PYRAMID-RASTER stored data)."""
+
+    id: str
+    name: str
+    descriptor_url: str
+    type: str
+    status: str
+    summary: dict[str, Any] = field(default_factory=dict)  # tms, format, levels, extent, size…
+    created_at: str = ""
+    updated_at: str = ""
+
+
+@dataclass(frozen=True)
+class Offering:
+    """A layer published on an endpoint, open to all or restricted to keys."""
+
+    id: str
+    layer_id: str
+    endpoint: str
+    open: bool
+    status: str
+    created_at: str = ""
+    updated_at: str = ""
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step. `apply` runs inside the migrating transaction: plain `execute` only
+    (`executescript` would commit half-way), so a failed migration leaves the previous version intact."""
+
+    version: int
+    description: str
+    apply: Callable[[sqlite3.Connection], None]
+
+
+def _migrate_1(db: sqlite3.Connection) -> None:
+    for statement in (
+        "CREATE TABLE revision (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)",
+        "INSERT INTO revision (id, value) VALUES (1, 0)",
+        # ROK4 layer descriptor (modern keys, without "restricted") + the access flag as a column
+        """CREATE TABLE layers (
+            id TEXT PRIMARY KEY,
+            descriptor TEXT NOT NULL,
+            restricted INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            layers TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT)""",
+    ):
+        db.execute(statement)
+
+
+def _migrate_2(db: sqlite3.Connection) -> None:
+    """Records shared with the warehouse API; layer → pyramid links backfilled from descriptors."""
+    for statement in (
+        """CREATE TABLE stored_data (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            descriptor_url TEXT NOT NULL UNIQUE,
+            type TEXT NOT NULL,
+            status TEXT NOT NULL,
+            summary TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        """CREATE TABLE layer_pyramids (
+            layer_id TEXT NOT NULL REFERENCES layers (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            descriptor_url TEXT NOT NULL,
+            bottom_level TEXT NOT NULL,
+            top_level TEXT NOT NULL,
+            PRIMARY KEY (layer_id, position))""",
+        "CREATE INDEX layer_pyramids_url ON layer_pyramids (descriptor_url)",
+        """CREATE TABLE offerings (
+            id TEXT PRIMARY KEY,
+            layer_id TEXT NOT NULL REFERENCES layers (id) ON DELETE CASCADE,
+            endpoint TEXT NOT NULL,
+            open INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (layer_id, endpoint))""",
+        "CREATE TABLE styles (id TEXT PRIMARY KEY, style TEXT NOT NULL, updated_at TEXT NOT NULL)",
+    ):
+        db.execute(statement)
+    for layer_id, descriptor in db.execute("SELECT id, descriptor FROM layers").fetchall():
+        _link_pyramids(db, layer_id, json.loads(descriptor).get("pyramids", []))
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "layers, API keys, revision counter (ROK4 admin API)", _migrate_1),
+    Migration(2, "stored data, offerings, styles, layer → pyramid links (shared with the warehouse)", _migrate_2),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def _link_pyramids(db: sqlite3.Connection, layer_id: str, pyramids: list[dict[str, Any]]) -> None:
+    db.execute("DELETE FROM layer_pyramids WHERE layer_id = ?", (layer_id,))
+    db.executemany(
+        "INSERT INTO layer_pyramids (layer_id, position, descriptor_url, bottom_level, top_level)"
+        " VALUES (?, ?, ?, ?, ?)",
+        [(layer_id, i, p["path"], str(p["bottom_level"]), str(p["top_level"])) for i, p in enumerate(pyramids)],
+    )
+
+
+def grant(layers: Any) -> list[str]:
+    """The layer ids a key is granted, as stored: duplicates dropped, ["*"] when "*" is among them."""
+    if not isinstance(layers, list) or not layers or not all(isinstance(v, str) and v for v in layers):
+        raise InvalidRecord('must be a non-empty array of layer ids, or ["*"]', "layers")
+    return [ALL_LAYERS] if ALL_LAYERS in layers else list(dict.fromkeys(layers))
+
+
+def _default_name(descriptor_url: str) -> str:
+    return descriptor_url.rsplit("/", 1)[-1].removesuffix(".json")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _stored_descriptor(layer: Layer) -> str:
+    """The descriptor column: the access flag lives in its own column, the one source of truth."""
+    descriptor = layer.to_descriptor()
+    descriptor.pop("restricted", None)
+    return json.dumps(descriptor, ensure_ascii=False, sort_keys=True)
+
+
+class PublicationStore:
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+        if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
+            raise StoreError("the publication store needs a file path (every thread opens its own connection)")
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- connections and transactions -------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None:
+            return db
+        if self._closed:
+            raise StoreError("the publication store is closed")
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE for writes)
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints, never corrupt, in WAL mode
+        db.execute("PRAGMA foreign_keys = ON")
+        self._local.db = db
+        with self._connections_lock:
+            self._connections.append(db)
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; the revision bump commits with the change or not at all."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock with readers
+        try:
+            yield db
+            db.execute("UPDATE revision SET value = value + 1 WHERE id = 1")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every SELECT inside sees the same committed state."""
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+
+    def close(self) -> None:
+        with self._connections_lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()
+
+    # --- migrations -----------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # two processes starting together: the second waits, then finds nothing to do
+        try:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: store schema version {current} is newer than this tileserver's ({SCHEMA_VERSION})"
+                )
+            pending = [m for m in MIGRATIONS if m.version > current]
+            for migration in pending:
+                log.info("store %s: migrating to schema version %d (%s)", self.path, migration.version,
+                         migration.description)
+                migration.apply(db)
+                db.execute(
+                    "INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.description, _now()),
+                )
+            if pending:
+                db.execute("UPDATE revision SET value = value + 1 WHERE id = 1")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def schema_version(self) -> int:
+        return self._db().execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+
+    # --- revision and snapshot ----------------------------------------------------------------
+
+    def revision(self) -> int:
+        return self._db().execute("SELECT value FROM revision WHERE id = 1").fetchone()[0]
+
+    def snapshot(self) -> StoreSnapshot:
+        with self._read() as db:
+            revision = db.execute("SELECT value FROM revision WHERE id = 1").fetchone()[0]
+            layers = self._layers(db)
+            closed = {row[0] for row in db.execute("SELECT DISTINCT layer_id FROM offerings WHERE open = 0")}
+            key_access = {
+                key_hash: frozenset(json.loads(granted))
+                for key_hash, granted in db.execute("SELECT key_hash, layers FROM api_keys WHERE revoked_at IS NULL")
+            }
+            styles = {sid: json.loads(style) for sid, style in db.execute("SELECT id, style FROM styles")}
+        restricted = frozenset(layer.id for layer in layers if layer.restricted) | closed
+        return StoreSnapshot(revision, tuple(layers), restricted, key_access, styles)
+
+    # --- layers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _layer(layer_id: str, descriptor: str, restricted: int) -> Layer:
+        return replace(parse_layer(layer_id, json.loads(descriptor)), restricted=bool(restricted))
+
+    def _layers(self, db: sqlite3.Connection) -> list[Layer]:
+        """Every stored layer; one that no longer validates (stricter model) is skipped, not fatal."""
+        layers = []
+        for layer_id, descriptor, restricted in db.execute(
+            "SELECT id, descriptor, restricted FROM layers ORDER BY id"
+        ):
+            try:
+                layers.append(self._layer(layer_id, descriptor, restricted))
+            except (LayerError, ValueError) as exc:
+                log.error("stored layer %s is invalid and left out: %s", layer_id, exc)
+        return layers
+
+    def get_layer(self, layer_id: str) -> Layer | None:
+        row = self._db().execute("SELECT descriptor, restricted FROM layers WHERE id = ?", (layer_id,)).fetchone()
+        return None if row is None else self._layer(layer_id, *row)
+
+    def list_layers(self) -> list[Layer]:
+        with self._read() as db:
+            return self._layers(db)
+
+    def add_layer(
+        self, layer: Layer, restricted: bool = False, summaries: dict[str, dict[str, Any]] | None = None
+    ) -> None:
+        """Add a layer; `summaries` (descriptor path → pyramid summary) registers its pyramids as stored data."""
+        now = _now()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM layers WHERE id = ?", (layer.id,)).fetchone():
+                raise LayerExists(f"layer {layer.id} already exists", "id")
+            db.execute(
+                "INSERT INTO layers (id, descriptor, restricted, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (layer.id, _stored_descriptor(layer), int(restricted or layer.restricted), now, now),
+            )
+            self._link_layer(db, layer, summaries)
+
+    def put_layer(self, layer: Layer, summaries: dict[str, dict[str, Any]] | None = None) -> None:
+        """Replace a layer, access flag included: the descriptor is the whole record, as in ROK4."""
+        with self._write() as db:
+            updated = db.execute(
+                "UPDATE layers SET descriptor = ?, restricted = ?, updated_at = ? WHERE id = ?",
+                (_stored_descriptor(layer), int(layer.restricted), _now(), layer.id),
+            ).rowcount
+            if not updated:
+                raise LayerNotFound(f"no layer {layer.id}", "id")
+            self._link_layer(db, layer, summaries)
+
+    def _link_layer(self, db: sqlite3.Connection, layer: Layer, summaries: dict[str, dict[str, Any]] | None) -> None:
+        """Record which pyramids the layer publishes; unknown ones become stored data (known ones are
+        left alone: their status and summary belong to whoever registered them)."""
+        _link_pyramids(db, layer.id, [vars(p) for p in layer.pyramids])
+        now = _now()
+        for url, summary in (summaries or {}).items():
+            db.execute(
+                "INSERT INTO stored_data (id, name, descriptor_url, type, status, summary, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, 'GENERATED', ?, ?, ?) ON CONFLICT (descriptor_url) DO NOTHING",
+                (str(uuid.uuid4()), _default_name(url), url, RASTER_PYRAMID, json.dumps(summary), now, now),
+            )
+
+    def remove_layer(self, layer_id: str) -> None:
+        with self._write() as db:
+            if not db.execute("DELETE FROM layers WHERE id = ?", (layer_id,)).rowcount:
+                raise LayerNotFound(f"no layer {layer_id}", "id")
+
+    def set_restricted(self, layer_id: str, restricted: bool) -> None:
+        """Set the layer's access flag and open or close every offering of it accordingly."""
+        with self._write() as db:
+            if not db.execute(
+                "UPDATE layers SET restricted = ?, updated_at = ? WHERE id = ?", (int(restricted), _now(), layer_id)
+            ).rowcount:
+                raise LayerNotFound(f"no layer {layer_id}", "id")
+            db.execute("UPDATE offerings SET open = ? WHERE layer_id = ?", (int(not restricted), layer_id))
+
+    def layers_using(self, descriptor_url: str) -> list[str]:
+        """Ids of the layers publishing a pyramid (a stored data in use cannot be removed)."""
+        rows = self._db().execute(
+            "SELECT DISTINCT layer_id FROM layer_pyramids WHERE descriptor_url = ? ORDER BY layer_id",
+            (descriptor_url,),
+        )
+        return [row[0] for row in rows]
+
+    # --- API keys -----------------------------------------------------------------------------
+
+    @staticmethod
+    def hash_key(secret: str) -> str:
+        """Keys are 256-bit random: a plain SHA-256 is enough (no dictionary to defend against)."""
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    def create_key(self, name: str, layers: list[str]) -> tuple[str, str]:
+        """A new key granting `layers` (["*"] = every restricted layer): (id, secret shown once)."""
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise InvalidRecord("must be a non-empty string of at most 200 characters", "name")
+        granted = grant(layers)
+        key_id, secret = str(uuid.uuid4()), secrets.token_urlsafe(32)
+        with self._write() as db:
+            for layer_id in granted:
+                if layer_id != ALL_LAYERS and not db.execute("SELECT 1 FROM layers WHERE id = ?", (layer_id,)).fetchone():
+                    raise LayerNotFound(f"no layer {layer_id}", f"layers[{layers.index(layer_id)}]")
+            db.execute(
+                "INSERT INTO api_keys (id, name, key_hash, layers, created_at) VALUES (?, ?, ?, ?, ?)",
+                (key_id, name.strip(), self.hash_key(secret), json.dumps(granted), _now()),
+            )
+        return key_id, secret
+
+    def list_keys(self) -> list[dict]:
+        rows = self._db().execute(
+            "SELECT id, name, layers, created_at, revoked_at FROM api_keys ORDER BY rowid"  # creation order
+        )
+        return [
+            {"id": kid, "name": name, "layers": json.loads(granted), "created_at": created,
+             "revoked": revoked is not None, "revoked_at": revoked}
+            for kid, name, granted, created, revoked in rows
+        ]
+
+    def revoke_key(self, key_id: str) -> None:
+        """Revoked keys stay listed (who had access, until when) but grant nothing."""
+        with self._write() as db:
+            row = db.execute("SELECT revoked_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no API key {key_id}", "id")
+            if row[0] is None:
+                db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (_now(), key_id))
+
+    # --- styles -------------------------------------------------------------------------------
+
+    def put_style(self, style_id: str, style: dict[str, Any]) -> None:
+        """Create or replace a ROK4 style (the JSON of a style file), by id."""
+        if not isinstance(style_id, str) or not LAYER_ID.match(style_id):
+            raise InvalidRecord("must be 1–128 letters, digits, '_', '-' or '.'", "id")
+        if not isinstance(style, dict):
+            raise InvalidRecord("a style must be a JSON object", "(root)")
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO styles (id, style, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET style = excluded.style, updated_at = excluded.updated_at",
+                (style_id, json.dumps(style, ensure_ascii=False), _now()),
+            )
+
+    def get_style(self, style_id: str) -> dict[str, Any] | None:
+        row = self._db().execute("SELECT style FROM styles WHERE id = ?", (style_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def list_styles(self) -> dict[str, dict[str, Any]]:
+        return {sid: json.loads(style) for sid, style in self._db().execute("SELECT id, style FROM styles ORDER BY id")}
+
+    def remove_style(self, style_id: str) -> None:
+        with self._write() as db:
+            if not db.execute("DELETE FROM styles WHERE id = ?", (style_id,)).rowcount:
+                raise NotFound(f"no style {style_id}", "id")
+
+    # --- stored data --------------------------------------------------------------------------
+
+    _STORED_DATA = "SELECT id, name, descriptor_url, type, status, summary, created_at, updated_at FROM stored_data"
+
+    @staticmethod
+    def _stored_data(row: tuple) -> StoredData:
+        sid, name, url, kind, status, summary, created, updated = row
+        return StoredData(sid, name, url, kind, status, json.loads(summary), created, updated)
+
+    def put_stored_data(
+        self,
+        descriptor_url: str,
+        summary: dict[str, Any],
+        name: str = "",
+        status: str = "GENERATED",
+        type: str = RASTER_PYRAMID,
+    ) -> StoredData:
+        """Register or update a pyramid by its descriptor URL; its id stays stable across updates."""
+        if not isinstance(descriptor_url, str) or not descriptor_url.endswith(".json"):
+            raise InvalidRecord("must be a pyramid descriptor path ending with .json", "descriptor_url")
+        name = name or _default_name(descriptor_url)
+        now = _now()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO stored_data (id, name, descriptor_url, type, status, summary, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (descriptor_url) DO UPDATE SET name = excluded.name,"
+                " type = excluded.type, status = excluded.status, summary = excluded.summary,"
+                " updated_at = excluded.updated_at",
+                (str(uuid.uuid4()), name, descriptor_url, type, status, json.dumps(summary), now, now),
+            )
+            row = db.execute(self._STORED_DATA + " WHERE descriptor_url = ?", (descriptor_url,)).fetchone()
+        return self._stored_data(row)
+
+    def get_stored_data(self, stored_data_id: str) -> StoredData | None:
+        row = self._db().execute(self._STORED_DATA + " WHERE id = ?", (stored_data_id,)).fetchone()
+        return None if row is None else self._stored_data(row)
+
+    def list_stored_data(self) -> list[StoredData]:
+        return [self._stored_data(row) for row in self._db().execute(self._STORED_DATA + " ORDER BY name, id")]
+
+    def remove_stored_data(self, stored_data_id: str) -> None:
+        """Refused while a layer publishes the pyramid (Conflict), as the warehouse does."""
+        with self._write() as db:
+            row = db.execute("SELECT descriptor_url FROM stored_data WHERE id = ?", (stored_data_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no stored data {stored_data_id}", "id")
+            users = [r[0] for r in db.execute(
+                "SELECT DISTINCT layer_id FROM layer_pyramids WHERE descriptor_url = ?", (row[0],)
+            )]
+            if users:
+                raise Conflict(f"stored data {stored_data_id} is used by layers {', '.join(sorted(users))}")
+            db.execute("DELETE FROM stored_data WHERE id = ?", (stored_data_id,))
+
+    # --- offerings ----------------------------------------------------------------------------
+
+    _OFFERINGS = "SELECT id, layer_id, endpoint, open, status, created_at, updated_at FROM offerings"
+
+    @staticmethod
+    def _offering(row: tuple) -> Offering:
+        oid, layer_id, endpoint, is_open, status, created, updated = row
+        return Offering(oid, layer_id, endpoint, bool(is_open), status, created, updated)
+
+    def put_offering(self, layer_id: str, endpoint: str, open: bool = True, status: str = "PUBLISHED") -> Offering:
+        """Offer a layer on an endpoint (create or update); a closed offering restricts the layer."""
+        if not isinstance(endpoint, str) or not endpoint:
+            raise InvalidRecord("must be a non-empty string", "endpoint")
+        now = _now()
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM layers WHERE id = ?", (layer_id,)).fetchone():
+                raise LayerNotFound(f"no layer {layer_id}", "layer_id")
+            db.execute(
+                "INSERT INTO offerings (id, layer_id, endpoint, open, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (layer_id, endpoint) DO UPDATE SET"
+                " open = excluded.open, status = excluded.status, updated_at = excluded.updated_at",
+                (str(uuid.uuid4()), layer_id, endpoint, int(open), status, now, now),
+            )
+            row = db.execute(self._OFFERINGS + " WHERE layer_id = ? AND endpoint = ?", (layer_id, endpoint)).fetchone()
+        return self._offering(row)
+
+    def get_offering(self, offering_id: str) -> Offering | None:
+        row = self._db().execute(self._OFFERINGS + " WHERE id = ?", (offering_id,)).fetchone()
+        return None if row is None else self._offering(row)
+
+    def list_offerings(self, layer_id: str | None = None) -> list[Offering]:
+        if layer_id is None:
+            rows = self._db().execute(self._OFFERINGS + " ORDER BY layer_id, endpoint")
+        else:
+            rows = self._db().execute(self._OFFERINGS + " WHERE layer_id = ? ORDER BY endpoint", (layer_id,))
+        return [self._offering(row) for row in rows]
+
+    def remove_offering(self, offering_id: str) -> None:
+        with self._write() as db:
+            if not db.execute("DELETE FROM offerings WHERE id = ?", (offering_id,)).rowcount:
+                raise NotFound(f"no offering {offering_id}", "id")
