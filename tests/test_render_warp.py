@@ -1,0 +1,277 @@
+"""Resampling and reprojection: exactness, accuracy against pyproj point by point, nodata, seams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tileserver.render.georef import Grid, get_transformer, reproject_bbox
+from tileserver.render.warp import KERNELS, get_kernel, source_coordinates, warp
+
+INTERPOLATIONS = ["nn", "linear", "bicubic", "lanczos", "lanczos_2", "lanczos_4"]
+
+# one source grid per CRS, over Paris, ~40 m pixels
+SOURCES = {
+    "EPSG:2154": Grid("EPSG:2154", (640000, 6850000, 660480, 6870480), 512, 512),
+    "EPSG:3857": Grid("EPSG:3857", (260000, 6230000, 290720, 6260720), 512, 512),
+    "EPSG:4326": Grid("EPSG:4326", (2.2, 48.6, 2.6, 48.9), 512, 512),
+}
+
+
+def smooth(col: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """A smooth field of source pixel coordinates (wavelengths 64 and 48 pixels, amplitude 40)."""
+    return 100 + 40 * np.sin(2 * np.pi * col / 64) * np.cos(2 * np.pi * row / 48)
+
+
+def smooth_raster(grid: Grid) -> np.ndarray:
+    col, row = np.meshgrid(np.arange(grid.width), np.arange(grid.height))
+    return smooth(col, row).astype(np.float32)
+
+
+def inner_target(src: Grid, crs: str, size: int = 256, fraction: float = 0.8) -> Grid:
+    """A target grid in `crs` well inside the source footprint, about the source's resolution."""
+    bb = reproject_bbox(src.bbox, src.crs, crs)
+    cx, cy = (bb[0] + bb[2]) / 2, (bb[1] + bb[3]) / 2
+    hw, hh = (bb[2] - bb[0]) * fraction / 2, (bb[3] - bb[1]) * fraction / 2
+    return Grid(crs, (cx - hw, cy - hh, cx + hw, cy + hh), size, size)
+
+
+def exact_source_pixels(src: Grid, dst: Grid) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.meshgrid(dst.x_centres(), dst.y_centres())
+    xs, ys = get_transformer(dst.crs, src.crs).transform(x, y)
+    return src.to_pixel(xs, ys)
+
+
+# ----------------------------------------------------------------------------- identity, crops
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_identity_is_exact(interpolation: str, dtype: type) -> None:
+    grid = SOURCES["EPSG:2154"]
+    rng = np.random.default_rng(1)
+    src = (rng.random((grid.height, grid.width, 3)) * 255).astype(dtype)
+    out, mask = warp(src, grid, grid, (0, 0, 0), interpolation, return_mask=True)
+    assert out.dtype == src.dtype
+    np.testing.assert_array_equal(out, src)
+    assert mask.all() == (not (src == 0).all(axis=2).any())
+
+
+def test_aligned_crop_pads_with_nodata() -> None:
+    grid = Grid("EPSG:2154", (0, 0, 100, 100), 10, 10)
+    src = np.arange(100, dtype=np.float32).reshape(10, 10, 1)
+    dst = grid.subgrid(-2, 3, 5, 4)  # two columns left of the source
+    out, mask = warp(src, grid, dst, -99999, "bicubic", return_mask=True)
+    assert out.shape == (4, 5, 1)
+    assert (out[:, :2] == -99999).all() and not mask[:, :2].any()
+    np.testing.assert_array_equal(out[:, 2:, 0], src[3:7, 0:3, 0])
+
+
+def test_two_dimensional_input_keeps_its_shape() -> None:
+    grid = Grid("EPSG:2154", (0, 0, 100, 100), 10, 10)
+    src = np.arange(100, dtype=np.float32).reshape(10, 10)
+    out = warp(src, grid, Grid("EPSG:2154", (5, 5, 95, 95), 9, 9), None, "linear")
+    assert out.shape == (9, 9)
+    # a linear field is reproduced exactly by linear interpolation
+    np.testing.assert_allclose(out, src[:9, :9] + 5.5, atol=1e-4)
+
+
+def test_unknown_interpolation_is_rejected() -> None:
+    grid = Grid("EPSG:2154", (0, 0, 10, 10), 10, 10)
+    with pytest.raises(ValueError, match="interpolation"):
+        warp(np.zeros((10, 10, 1), np.uint8), grid, grid, None, "sinc")
+    assert get_kernel("LANCZOS_3") is KERNELS["lanczos"]
+    assert get_kernel("lanczos_2").radius == 2
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+# (max |error| bound, mean bound) against the field evaluated at exact pyproj coordinates; nn is
+# bounded by the field's slope (3.9 per pixel) times half a pixel diagonal, the others by their
+# interpolation error on a 48-64 pixel wavelength (Lanczos windows attenuate slightly)
+BOUNDS = {"nn": (2.8, 1.0), "linear": (0.2, 0.05), "bicubic": (0.02, 0.005), "lanczos": (0.15, 0.05)}
+
+
+@pytest.mark.parametrize(("src_crs", "dst_crs"), [
+    ("EPSG:2154", "EPSG:3857"), ("EPSG:3857", "EPSG:2154"), ("EPSG:2154", "EPSG:4326"),
+    ("EPSG:4326", "EPSG:2154"), ("EPSG:3857", "EPSG:4326"), ("EPSG:4326", "EPSG:3857"),
+])
+def test_reprojection_matches_pointwise_reference(src_crs: str, dst_crs: str) -> None:
+    src_grid = SOURCES[src_crs]
+    dst = inner_target(src_grid, dst_crs, size=400)  # about the source resolution
+    col, row = exact_source_pixels(src_grid, dst)
+    reference = smooth(col, row)
+    src = smooth_raster(src_grid)
+    for interpolation, (max_bound, mean_bound) in BOUNDS.items():
+        out, mask = warp(src, src_grid, dst, -99999, interpolation, return_mask=True)
+        assert mask.all()
+        error = np.abs(out[..., 0] - reference) if out.ndim == 3 else np.abs(out - reference)
+        assert error.max() < max_bound, (interpolation, error.max())
+        assert error.mean() < mean_bound, (interpolation, error.mean())
+
+
+@pytest.mark.parametrize(("src", "dst"), [
+    # Europe in geographic → Lambert-93, world → Web Mercator (strongly non-linear in y)
+    (Grid("EPSG:4326", (-10, 35, 30, 70), 4000, 3500), Grid("EPSG:2154", (-500000, 5500000, 2500000, 8500000), 700, 700)),
+    (Grid("EPSG:4326", (-180, -85, 180, 85), 3600, 1700),
+     Grid("EPSG:3857", (-20037508.34, -20037508.34, 20037508.34, 20037508.34), 600, 600)),
+    (Grid("EPSG:2154", (640000, 6850000, 660480, 6870480), 512, 512),
+     Grid("EPSG:3857", (260000, 6230000, 290720, 6260720), 700, 300)),
+])
+def test_coordinate_approximation_error(src: Grid, dst: Grid) -> None:
+    """The lattice interpolation stays within max_error (in the coarser of source and target
+    pixels) of the exact per-pixel transformation."""
+    sx, sy = source_coordinates(src, dst, max_error=0.125)
+    ex, ey = exact_source_pixels(src, dst)
+    scale_x = max(1.0, np.median(np.abs(np.diff(ex, axis=1))))
+    scale_y = max(1.0, np.median(np.abs(np.diff(ey, axis=0))))
+    error = np.hypot((sx - ex) / scale_x, (sy - ey) / scale_y)
+    assert np.isfinite(error).all()
+    assert error.max() < 0.25  # checked at cell centres and edge midpoints with 0.125
+    assert error.mean() < 0.1
+
+
+# ----------------------------------------------------------------------------- nodata
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("dst", [
+    Grid("EPSG:2154", (640123.4, 6850321.0, 659876.5, 6869901.2), 300, 280),  # same CRS, off-lattice
+    Grid("EPSG:2154", (640000, 6850000, 660480, 6870480), 64, 64),  # downsampling x8
+    inner_target(SOURCES["EPSG:2154"], "EPSG:3857", 300, 0.9),  # reprojected
+    inner_target(SOURCES["EPSG:2154"], "EPSG:3857", 40, 0.9),  # reprojected and downsampled
+])
+def test_nodata_never_bleeds(interpolation: str, dst: Grid) -> None:
+    grid = SOURCES["EPSG:2154"]
+    rng = np.random.default_rng(7)
+    valid = rng.random((grid.height, grid.width)) > 0.3
+    valid[100:200, 150:300] = False  # a large hole too
+    src = np.where(valid, 1234.5, -99999).astype(np.float32)[..., None]
+    out, mask = warp(src, grid, dst, -99999, interpolation, return_mask=True)
+    assert mask.any() and not mask.all()
+    np.testing.assert_allclose(out[mask], 1234.5, rtol=1e-5)
+    assert (out[~mask] == -99999).all()
+
+    rgb = np.where(valid[..., None], np.array([200, 100, 50], np.uint8), np.uint8(0))
+    out8, mask8 = warp(rgb, grid, dst, (0, 0, 0), interpolation, return_mask=True)
+    assert out8.dtype == np.uint8
+    assert (out8[mask8] == [200, 100, 50]).all()
+    assert (out8[~mask8] == 0).all()
+
+
+def test_nodata_boundary_stays_in_place() -> None:
+    """Coverage >= 0.5: the valid area neither grows nor shrinks by the kernel radius."""
+    grid = Grid("EPSG:2154", (0, 0, 100, 100), 100, 100)
+    src = np.full((100, 100, 1), 10.0, np.float32)
+    src[:, 50:] = -1
+    dst = Grid("EPSG:2154", (0.25, 0, 100.25, 100), 100, 100)  # quarter-pixel shift
+    for interpolation in INTERPOLATIONS:
+        out, mask = warp(src, grid, dst, -1, interpolation, return_mask=True)
+        # target centre c + 0.25 lies in source pixel round(c + 0.25): valid while c <= 49
+        assert mask[:, :50].all() and not mask[:, 50:].any(), interpolation
+
+
+def test_all_nodata_and_outside_source_give_nodata() -> None:
+    grid = Grid("EPSG:2154", (0, 0, 100, 100), 10, 10)
+    empty = np.full((10, 10, 1), -5, np.float32)
+    out, mask = warp(empty, grid, Grid("EPSG:2154", (3, 3, 93, 93), 7, 7), -5, "lanczos", return_mask=True)
+    assert not mask.any() and (out == -5).all()
+    far = Grid("EPSG:3857", (0, 0, 1000, 1000), 16, 16)  # nowhere near the source
+    out, mask = warp(np.ones((10, 10, 1), np.float32), grid, far, None, "linear", return_mask=True)
+    assert not mask.any() and np.isnan(out).all()
+
+
+def test_nan_is_nodata_for_floats() -> None:
+    grid = Grid("EPSG:2154", (0, 0, 100, 100), 10, 10)
+    src = np.full((10, 10), 3.0, np.float32)
+    src[4:6, 4:6] = np.nan
+    out, mask = warp(src, grid, Grid("EPSG:2154", (1, 1, 91, 91), 12, 12), None, "bicubic", return_mask=True)
+    np.testing.assert_allclose(out[mask], 3.0, rtol=1e-6)
+    assert np.isnan(out[~mask]).all() and (~mask).any()
+
+
+# ----------------------------------------------------------------------------- seams, aliasing
+
+
+@pytest.mark.parametrize("interpolation", ["nn", "linear", "lanczos"])
+def test_adjacent_tiles_are_seamless(interpolation: str) -> None:
+    """Two adjacent pixel-aligned target grids give exactly the union's pixels along their edge."""
+    src_grid = SOURCES["EPSG:2154"]
+    src = smooth_raster(src_grid)
+    res = 30.0
+    bb = reproject_bbox(src_grid.bbox, src_grid.crs, "EPSG:3857")
+    x0 = np.floor((bb[0] + bb[2]) / 2 / res) * res - 256 * res  # on the 30 m lattice
+    y1 = np.floor((bb[1] + bb[3]) / 2 / res) * res + 128 * res
+    union = Grid("EPSG:3857", (x0, y1 - 256 * res, x0 + 512 * res, y1), 512, 256)
+    left, right = union.subgrid(0, 0, 256, 256), union.subgrid(256, 0, 256, 256)
+    top, bottom = union.subgrid(0, 0, 512, 128), union.subgrid(0, 128, 512, 128)
+    whole = warp(src, src_grid, union, -99999, interpolation)
+    np.testing.assert_allclose(np.concatenate([warp(src, src_grid, left, -99999, interpolation),
+                                               warp(src, src_grid, right, -99999, interpolation)], axis=1),
+                               whole, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate([warp(src, src_grid, top, -99999, interpolation),
+                                               warp(src, src_grid, bottom, -99999, interpolation)], axis=0),
+                               whole, atol=1e-4)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "bicubic", "lanczos"])
+@pytest.mark.parametrize("dst_crs", ["EPSG:2154", "EPSG:3857"])
+def test_downsampling_does_not_alias(interpolation: str, dst_crs: str) -> None:
+    """A one-pixel checkerboard shrunk 8x is uniform grey, not a moiré of black and white."""
+    grid = SOURCES["EPSG:2154"]
+    board = ((np.indices((grid.height, grid.width)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    dst = inner_target(grid, dst_crs, 48, 0.9)
+    out = warp(board, grid, dst, None, interpolation).astype(float)
+    assert abs(out.mean() - 127.5) < 3 and out.std() < 6, (out.mean(), out.std())
+    nearest = warp(board, grid, dst, None, "nn").astype(float)
+    assert nearest.std() > 60  # nearest neighbour does alias, as it should
+
+
+def test_upsampling_linear_field_is_exact() -> None:
+    grid = Grid("EPSG:2154", (0, 0, 100, 100), 10, 10)
+    col, row = np.meshgrid(np.arange(10), np.arange(10))
+    src = (3 * col + 2 * row).astype(np.float32)
+    dst = Grid("EPSG:2154", (10, 10, 90, 90), 32, 32)
+    out = warp(src, grid, dst, None, "linear")
+    cc, rr = grid.to_pixel(*np.meshgrid(dst.x_centres(), dst.y_centres()))
+    np.testing.assert_allclose(out, 3 * cc + 2 * rr, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- grids, CRS helpers
+
+
+def test_grid_geometry() -> None:
+    grid = Grid("EPSG:2154", (100, 200, 140, 230), 4, 3)
+    assert (grid.res_x, grid.res_y, grid.shape) == (10, 10, (3, 4))
+    np.testing.assert_array_equal(grid.x_centres(), [105, 115, 125, 135])
+    np.testing.assert_array_equal(grid.y_centres(), [225, 215, 205])  # top to bottom
+    col, row = grid.to_pixel(np.array([100.0, 105.0, 140.0]), np.array([230.0, 225.0, 200.0]))
+    np.testing.assert_array_equal(col, [-0.5, 0, 3.5])
+    np.testing.assert_array_equal(row, [-0.5, 0, 2.5])
+    np.testing.assert_array_equal(grid.to_coords(col, row)[0], [100, 105, 140])
+    assert grid.subgrid(-1, 1, 2, 2).bbox == (90, 200, 110, 220)
+    assert grid.pixel_window((112, 201, 121, 219), pad=1) == (0, 0, 4, 4)
+    assert grid.geotransform == (100, 10, 0, 230, 0, -10)
+    with pytest.raises(ValueError):
+        Grid("EPSG:2154", (0, 0, 0, 10), 1, 1)
+    with pytest.raises(ValueError):
+        Grid("EPSG:2154", (0, 0, 10, 10), 0, 1)
+
+
+def test_crs_helpers() -> None:
+    from tileserver.render.georef import crs_epsg, crs_equal, is_geographic
+
+    assert crs_equal("IGNF:LAMB93", "EPSG:2154") and crs_equal("CRS:84", "EPSG:4326")
+    assert not crs_equal("EPSG:2154", "EPSG:3857")
+    assert crs_epsg("IGNF:LAMB93") == 2154 and crs_epsg("CRS:84") == 4326
+    assert is_geographic("EPSG:4326") and not is_geographic("EPSG:3857")
+    bbox = reproject_bbox((2.0, 48.0, 3.0, 49.0), "EPSG:4326", "EPSG:3857")
+    assert bbox[0] == pytest.approx(222638.98, abs=0.1) and bbox[3] == pytest.approx(6274861.39, abs=0.1)
+
+
+def test_equivalent_crs_take_the_fast_path() -> None:
+    """IGNF:LAMB93 and EPSG:2154 are one system: no reprojection, so identity stays exact."""
+    grid = SOURCES["EPSG:2154"]
+    src = smooth_raster(grid)
+    alias = Grid("IGNF:LAMB93", grid.bbox, grid.width, grid.height)
+    np.testing.assert_array_equal(warp(src, grid, alias, None, "bicubic"), src)

@@ -1,0 +1,386 @@
+"""Encode rendered maps (WMS GetMap, OGC API Maps, re-rendered tiles) into output formats.
+
+Not for slab tiles: ROK4 slab payloads have byte-level constraints (see `tileserver.rok4`).
+
+Formats (`FORMATS`): JPEG (simplejpeg, quality 75 like ROK4, 4:2:0), PNG (Pillow, zlib level 2
+— rendering-speed first; ≤256-colour RGB/RGBA images become palette PNGs, several times smaller
+for palette styles), TIFF and GeoTIFF (tifffile; FLOAT32 kept as float; GeoTIFF adds
+ModelPixelScale/ModelTiepoint/GeoKeyDirectory and GDAL_NODATA), BIL (raw little-endian float32,
+band-interleaved by line) and ESRI ASCII grid. PNG and JPEG need 8-bit data, as in ROK4.
+
+Transparency (`transparent`): None keeps the data as it is (ROK4's behaviour: an alpha band, e.g.
+from a palette style, stays); True adds an alpha band from `nodata` (WMS TRANSPARENT=TRUE); False
+flattens alpha and nodata onto `bgcolor` (WMS TRANSPARENT=FALSE/BGCOLOR). JPEG always flattens.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import simplejpeg
+import tifffile
+from PIL import Image, ImageDraw, ImageFont
+
+from .georef import Grid, crs_epsg, get_crs, is_geographic
+
+PNG_COMPRESS_LEVEL = 2
+JPEG_QUALITY = 75
+
+
+@dataclass(frozen=True)
+class _Options:
+    nodata: tuple[float, ...] | None
+    transparent: bool | None
+    bgcolor: tuple[int, int, int]
+    quality: int | None
+    grid: Grid | None
+    tiff_compression: str | None
+
+
+# --------------------------------------------------------------------------- pixel preparation
+
+
+def _channels(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4) or 0 in array.shape:
+        raise ValueError(f"expected an (H, W[, 1-4]) image, got shape {array.shape}")
+    return array
+
+
+def _require_uint8(array: np.ndarray, fmt: str) -> None:
+    if array.dtype != np.uint8:
+        raise ValueError(f"{fmt} needs 8-bit data, got {array.dtype}; "
+                         "use image/tiff, image/geotiff, image/x-bil;bits=32 or text/asc for other types")
+
+
+def _nodata_mask(array: np.ndarray, nodata: tuple[float, ...] | None) -> np.ndarray | None:
+    """Pixels whose every band equals its nodata value (None if no nodata given)."""
+    if nodata is None:
+        return None
+    values = nodata if len(nodata) == array.shape[2] else (nodata[0],) * array.shape[2]
+    mask = np.ones(array.shape[:2], dtype=bool)
+    for band, v in enumerate(values):
+        mask &= np.isnan(array[..., band]) if math.isnan(v) else array[..., band] == v
+    return mask
+
+
+def _flatten(array: np.ndarray, opts: _Options) -> np.ndarray:
+    """Opaque uint8 image: alpha composited onto bgcolor, nodata pixels painted bgcolor."""
+    bands = array.shape[2]
+    has_alpha = bands in (2, 4)
+    colour = array[..., : bands - 1] if has_alpha else array
+    grey_bg = len(set(opts.bgcolor)) == 1
+    nodata = _nodata_mask(array, opts.nodata) if not has_alpha else None
+    if colour.shape[2] == 1 and not grey_bg and (has_alpha or (nodata is not None and nodata.any())):
+        colour = np.repeat(colour, 3, axis=2)
+    bg = np.asarray(opts.bgcolor[: colour.shape[2]], dtype=np.float32)
+    if has_alpha:
+        a = array[..., -1:].astype(np.float32) / 255.0
+        out = colour.astype(np.float32) * a + bg * (1.0 - a)
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if nodata is not None and nodata.any():
+        colour = colour.copy()
+        colour[nodata] = bg.astype(np.uint8)
+    return colour
+
+
+def _add_alpha(array: np.ndarray, opts: _Options) -> np.ndarray:
+    """Alpha band from nodata (transparent where every band equals nodata)."""
+    if array.shape[2] in (2, 4):
+        return array
+    mask = _nodata_mask(array, opts.nodata)
+    if mask is None or not mask.any():
+        return array
+    alpha = np.where(mask, 0, 255).astype(np.uint8)[..., None]
+    return np.concatenate([array, alpha], axis=2)
+
+
+def _apply_transparency(array: np.ndarray, opts: _Options) -> np.ndarray:
+    if opts.transparent is None:
+        return array
+    return _add_alpha(array, opts) if opts.transparent else _flatten(array, opts)
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def _jpeg(array: np.ndarray, opts: _Options) -> bytes:
+    _require_uint8(array, "image/jpeg")
+    image = _flatten(array, opts)
+    quality = JPEG_QUALITY if opts.quality is None else int(opts.quality)
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be within 1..100, got {quality}")
+    if image.shape[2] == 1:
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="GRAY",
+                                      colorsubsampling="Gray")
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB",
+                                  colorsubsampling="420")
+
+
+_PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def _as_palette(image: Image.Image, array: np.ndarray) -> Image.Image | None:
+    """The image as 'P' mode (+ tRNS) when it has at most 256 colours, else None."""
+    colours = image.getcolors(256)  # C loop; stops as soon as there are more than 256
+    if colours is None:
+        return None
+    bands = array.shape[2]
+    weights = np.array([1 << 24, 1 << 16, 1 << 8, 1][4 - bands:], dtype=np.uint32)
+    codes = (array.astype(np.uint32) * weights).sum(axis=2, dtype=np.uint32)
+    table = np.array(sorted(np.dot(np.asarray(c, dtype=np.uint32), weights) for _, c in colours), dtype=np.uint32)
+    index = np.searchsorted(table, codes).astype(np.uint8)
+    rgba = ((table[:, None] >> (8 * np.arange(bands - 1, -1, -1, dtype=np.uint32))) & 255).astype(np.uint8)
+    pal = Image.fromarray(index, "P")
+    pal.putpalette(rgba[:, :3].tobytes(), rawmode="RGB")
+    if bands == 4:
+        pal.info["transparency"] = rgba[:, 3].tobytes()
+    return pal
+
+
+def _png(array: np.ndarray, opts: _Options) -> bytes:
+    _require_uint8(array, "image/png")
+    array = np.ascontiguousarray(_apply_transparency(array, opts))
+    image = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array, _PIL_MODES[array.shape[2]])
+    params: dict = {"compress_level": PNG_COMPRESS_LEVEL}
+    if array.shape[2] in (3, 4):
+        pal = _as_palette(image, array)
+        if pal is not None:
+            image = pal
+            if "transparency" in pal.info:
+                params["transparency"] = pal.info["transparency"]
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **params)
+    return buf.getvalue()
+
+
+_TIFF_COMPRESSION = {None: None, "": None, "raw": None, "none": None, "lzw": "lzw", "deflate": "adobe_deflate",
+                     "zip": "adobe_deflate", "adobe_deflate": "adobe_deflate", "packbits": "packbits"}
+
+
+def _tiff_arguments(array: np.ndarray, opts: _Options) -> dict:
+    key = opts.tiff_compression.lower() if opts.tiff_compression else None
+    if key not in _TIFF_COMPRESSION:
+        raise ValueError(f"unknown TIFF compression {opts.tiff_compression!r}; "
+                         "expected raw, lzw, deflate or packbits")
+    bands = array.shape[2]
+    rgb = array.dtype == np.uint8 and bands >= 3
+    args: dict = {"photometric": "rgb" if rgb else "minisblack", "planarconfig": "contig",
+                  "compression": _TIFF_COMPRESSION[key], "metadata": None, "software": False}
+    if bands in (2, 4) and array.dtype == np.uint8:
+        args["extrasamples"] = ["unassalpha"]
+    elif bands > 1 and not rgb:
+        args["extrasamples"] = ["unspecified"] * (bands - 1)
+    return args
+
+
+def _write_tiff(array: np.ndarray, opts: _Options, extratags: Sequence[tuple] = ()) -> bytes:
+    if array.dtype.kind == "f":
+        array = array.astype(np.float32, copy=False)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"TIFF output takes uint8 or float32 data, got {array.dtype}")
+    buf = io.BytesIO()
+    data = array[..., 0] if array.shape[2] == 1 else array
+    tifffile.imwrite(buf, np.ascontiguousarray(data), extratags=list(extratags), **_tiff_arguments(array, opts))
+    return buf.getvalue()
+
+
+def _tiff(array: np.ndarray, opts: _Options) -> bytes:
+    if array.dtype == np.uint8:
+        array = _apply_transparency(array, opts)
+    return _write_tiff(array, opts)
+
+
+# GeoTIFF 1.0 keys
+_GT_MODEL_TYPE, _GT_RASTER_TYPE, _GT_CITATION = 1024, 1025, 1026
+_GEOGRAPHIC_TYPE, _PROJECTED_CS_TYPE = 2048, 3072
+_MODEL_PROJECTED, _MODEL_GEOGRAPHIC, _RASTER_PIXEL_IS_AREA, _USER_DEFINED = 1, 2, 1, 32767
+
+
+def geotiff_tags(grid: Grid, nodata: float | None = None) -> list[tuple]:
+    """tifffile extratags georeferencing `grid` (north-up, PixelIsArea), plus GDAL_NODATA."""
+    geographic = is_geographic(grid.crs)
+    epsg = crs_epsg(grid.crs)
+    keys: list[tuple[int, int, int, int]] = [
+        (_GT_MODEL_TYPE, 0, 1, _MODEL_GEOGRAPHIC if geographic else _MODEL_PROJECTED),
+        (_GT_RASTER_TYPE, 0, 1, _RASTER_PIXEL_IS_AREA),
+    ]
+    ascii_params = ""
+    if epsg is None:  # GDAL reads an ESRI WKT from the citation when there is no code
+        ascii_params = "ESRI PE String = " + get_crs(grid.crs).to_wkt("WKT1_ESRI") + "|"
+        keys.append((_GT_CITATION, 34737, len(ascii_params), 0))
+    keys.append((_GEOGRAPHIC_TYPE if geographic else _PROJECTED_CS_TYPE, 0, 1, epsg or _USER_DEFINED))
+    keys.sort()
+    directory = [1, 1, 0, len(keys)] + [v for key in keys for v in key]
+    tags: list[tuple] = [
+        (33550, 12, 3, (grid.res_x, grid.res_y, 0.0), True),  # ModelPixelScale
+        (33922, 12, 6, (0.0, 0.0, 0.0, grid.bbox[0], grid.bbox[3], 0.0), True),  # ModelTiepoint
+        (34735, 3, len(directory), tuple(directory), True),  # GeoKeyDirectory
+    ]
+    if ascii_params:
+        tags.append((34737, "s", 0, ascii_params, True))  # GeoAsciiParams
+    if nodata is not None:
+        tags.append((42113, "s", 0, _number(nodata), True))  # GDAL_NODATA
+    return tags
+
+
+def _number(value: float) -> str:
+    """Shortest text for a number: integers without a decimal point (GDAL and ASC readers)."""
+    value = float(value)
+    if math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return repr(value)
+
+
+def _geotiff(array: np.ndarray, opts: _Options) -> bytes:
+    if opts.grid is None:
+        raise ValueError("image/geotiff needs the grid of the image")
+    if array.dtype == np.uint8:
+        array = _apply_transparency(array, opts)
+    nodata = opts.nodata[0] if opts.nodata else None
+    return _write_tiff(array, opts, geotiff_tags(opts.grid, nodata))
+
+
+def _bil(array: np.ndarray, opts: _Options) -> bytes:
+    # band interleaved by line: row 0 band 0, row 0 band 1, …
+    return np.ascontiguousarray(array.astype("<f4", copy=False).transpose(0, 2, 1)).tobytes()
+
+
+def _asc(array: np.ndarray, opts: _Options) -> bytes:
+    if array.shape[2] != 1:
+        raise ValueError(f"text/asc holds one band, got {array.shape[2]}")
+    grid = opts.grid
+    if grid is None:
+        raise ValueError("text/asc needs the grid of the image")
+    values = array[..., 0].astype(np.float64)
+    nodata = opts.nodata[0] if opts.nodata else None
+    if nodata is None and np.isnan(values).any():
+        nodata = -99999.0
+    if nodata is not None:
+        values = np.where(np.isnan(values), nodata, values)
+    header = [f"ncols {grid.width}", f"nrows {grid.height}", f"xllcorner {_number(grid.bbox[0])}",
+              f"yllcorner {_number(grid.bbox[1])}"]
+    if math.isclose(grid.res_x, grid.res_y, rel_tol=1e-9):
+        header.append(f"cellsize {_number(grid.res_x)}")
+    else:  # GDAL's extension for rectangular cells
+        header += [f"dx {_number(grid.res_x)}", f"dy {_number(grid.res_y)}"]
+    if nodata is not None:
+        header.append(f"NODATA_value {_number(nodata)}")
+    integral = array.dtype.kind in "iu" or bool(np.all(values == np.round(values)))
+    fmt = "%d" if integral else "%.7g"
+    body = io.StringIO()
+    np.savetxt(body, values, fmt=fmt, delimiter=" ")
+    return ("\n".join(header) + "\n" + body.getvalue()).encode("ascii")
+
+
+Encoder = Callable[[np.ndarray, _Options], bytes]
+
+FORMATS: dict[str, Encoder] = {
+    "image/jpeg": _jpeg,
+    "image/png": _png,
+    "image/tiff": _tiff,
+    "image/geotiff": _geotiff,
+    "image/x-bil;bits=32": _bil,
+    "text/asc": _asc,
+}
+_ALIASES = {"image/jpg": "image/jpeg", "image/tiff;subtype=geotiff": "image/geotiff",
+            "application/x-bil;bits=32": "image/x-bil;bits=32"}
+_FLOAT_FORMATS = {"image/x-bil;bits=32", "text/asc"}
+
+
+def normalise_format(fmt: str) -> str:
+    """Canonical MIME type of an output format (case and spaces ignored); ValueError if unknown."""
+    key = "".join(fmt.split()).lower()
+    key = _ALIASES.get(key, key)
+    if key not in FORMATS:
+        # tolerate parameters on the simple types, e.g. "image/png; mode=8bit"
+        base = key.split(";", 1)[0]
+        if base in FORMATS and base not in _FLOAT_FORMATS:
+            return base
+        raise ValueError(f"unknown output format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return key
+
+
+def _nodata_tuple(nodata: float | Sequence[float] | None) -> tuple[float, ...] | None:
+    if nodata is None:
+        return None
+    return tuple(float(v) for v in np.atleast_1d(np.asarray(nodata, dtype=np.float64)))
+
+
+def encode_image(array: np.ndarray, format: str, *, nodata: float | Sequence[float] | None = None,
+                 transparent: bool | None = None, bgcolor: tuple[int, int, int] = (255, 255, 255),
+                 quality: int | None = None, grid: Grid | None = None,
+                 tiff_compression: str | None = None) -> tuple[bytes, str]:
+    """Encode an (H, W[, C]) image; returns (bytes, content type). ValueError for an unknown format
+    or data the format cannot hold (float data as PNG/JPEG, several bands as ASC…)."""
+    fmt = normalise_format(format)
+    opts = _Options(_nodata_tuple(nodata), transparent, tuple(int(v) for v in bgcolor)[:3],  # type: ignore[arg-type]
+                    quality, grid, tiff_compression)
+    array = _channels(array)
+    if grid is not None and array.shape[:2] != grid.shape:
+        raise ValueError(f"image shape {array.shape[:2]} does not match grid {grid.shape}")
+    return FORMATS[fmt](array, opts), fmt
+
+
+# --------------------------------------------------------------------------- WMS exception images
+
+
+def blank_image(width: int, height: int, format: str, *, transparent: bool = False,
+                bgcolor: tuple[int, int, int] = (255, 255, 255), nodata: float | None = None,
+                grid: Grid | None = None) -> tuple[bytes, str]:
+    """An empty map (WMS EXCEPTIONS=BLANK): bgcolor, fully transparent if asked and possible;
+    float formats get `nodata` (0 if None)."""
+    fmt = normalise_format(format)
+    if fmt in _FLOAT_FORMATS:
+        value = 0.0 if nodata is None else nodata
+        return encode_image(np.full((height, width, 1), value, dtype=np.float32), fmt, nodata=nodata, grid=grid)
+    bands = 4 if transparent and fmt != "image/jpeg" else 3
+    pixel = tuple(bgcolor)[:3] + ((0,) if bands == 4 else ())
+    array = np.empty((height, width, bands), dtype=np.uint8)
+    array[...] = pixel
+    return encode_image(array, fmt, grid=grid)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, text: str,
+          width: int) -> list[str]:
+    """Greedy word wrap to a pixel width (long words are cut)."""
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if draw.textlength(candidate, font=font) <= width or not line:
+                line = candidate
+            else:
+                lines.append(line)
+                line = word
+            while draw.textlength(line, font=font) > width and len(line) > 1:
+                cut = max(1, int(len(line) * width / max(draw.textlength(line, font=font), 1)))
+                lines.append(line[:cut])
+                line = line[cut:]
+        lines.append(line)
+    return lines
+
+
+def exception_in_image(message: str, width: int, height: int, format: str, *, transparent: bool = False,
+                       bgcolor: tuple[int, int, int] = (255, 255, 255)) -> tuple[bytes, str]:
+    """The error message drawn in an image of the requested size (WMS EXCEPTIONS=INIMAGE), in the
+    requested format; float formats (BIL, ASC) cannot show text and fall back to PNG."""
+    fmt = normalise_format(format)
+    if fmt in _FLOAT_FORMATS:
+        fmt = "image/png"
+    mode = "RGBA" if transparent and fmt != "image/jpeg" else "RGB"
+    image = Image.new(mode, (width, height), tuple(bgcolor)[:3] + ((0,) if mode == "RGBA" else ()))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    margin = 4 if width > 16 else 0
+    lines = _wrap(draw, font, textwrap.dedent(message).strip(), max(width - 2 * margin, 1))
+    draw.multiline_text((margin, margin), "\n".join(lines), fill=(0, 0, 0, 255)[: len(mode)], font=font)
+    return encode_image(np.asarray(image), fmt)
