@@ -119,7 +119,7 @@ class Pyramid:
             check_against_tms(descriptor, tms)
         except (DescriptorError, ValueError) as exc:
             raise PyramidError(f"{url}: {exc}") from None
-        return cls(url, descriptor, tms, storage, cache or SlabIndexCache())
+        return cls(url, descriptor, tms, storage, cache if cache is not None else SlabIndexCache())
 
     # --- naming ---------------------------------------------------------------------------------
 

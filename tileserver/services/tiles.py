@@ -1,0 +1,191 @@
+"""Answering a tile in the pyramid's own grid and format, whatever protocol asked (WMTS, TMS, OGC API).
+
+A stored tile is passed through byte for byte (ROK4's content types, TIFF header for RAW/LZW/ZIP/PKB,
+deflate encoding for ZIP FLOAT32). Where the slab is absent, a nodata tile of the right size in the
+same format answers instead, because clients and the WMTS conformance suite expect an image inside
+the advertised limits; the layer option `empty_tile_404` restores ROK4's 404.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tileserver.catalog import PublishedLayer
+from tileserver.rok4.codecs import CodecError, encode_tile
+from tileserver.rok4.formats import PyramidFormat
+from tileserver.rok4.slab import NotASlabError, tiff_wrap
+from tileserver.settings import Settings
+from tileserver.storage import StorageError
+
+log = logging.getLogger("tileserver.tiles")
+
+
+@dataclass(frozen=True)
+class TileAnswer:
+    body: bytes
+    content_type: str
+    content_encoding: str | None
+    empty: bool  # a synthesized nodata tile, not stored data
+
+
+class TileNotFound(Exception):
+    """No data here and the layer asks for ROK4's 404 instead of a nodata tile."""
+
+
+class TileStorageError(Exception):
+    """The storage failed or holds something that is not a slab: 503 (unavailable) or 502 (corrupt)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", "-"))
+
+
+def log_storage_failure(request: Request, error: TileStorageError) -> None:
+    """One line per failure with the request id, so an operator can tie a 502/503 to its cause."""
+    log.error(
+        "%s storage failure (%d): %s",
+        request_id(request),
+        error.status,
+        error.message,
+        exc_info=error.__cause__,
+    )
+
+
+def _storage_error(
+    published: PublishedLayer, level: str, col: int, row: int, exc: Exception
+) -> TileStorageError:
+    where = f"layer {published.id} level {level} tile ({col}, {row})"
+    if isinstance(exc, NotASlabError | CodecError):
+        return TileStorageError(f"{where}: stored data is unreadable ({exc})", 502)
+    return TileStorageError(f"{where}: storage unavailable ({exc})", 503)
+
+
+# --- stored bytes → HTTP payload ----------------------------------------------------------------
+
+
+def _payload(fmt: PyramidFormat, width: int, height: int, channels: int, data: bytes) -> bytes:
+    """What goes on the wire for a stored payload: itself, or behind a single-strip TIFF header."""
+    if fmt.tiff_wrapped:
+        return tiff_wrap(data, width, height, channels, fmt.sample_format or "UINT8", fmt.compression)
+    return data
+
+
+def _nodata_pixels(
+    fmt: PyramidFormat, width: int, height: int, channels: int, nodata: tuple[float, ...]
+) -> np.ndarray:
+    """Nodata colour per channel; alpha forced to 0 so a PNG with alpha is transparent."""
+    values = list(nodata) or [0.0]
+    values = (
+        (values * channels)[:channels] if len(values) == 1 else (values + [values[-1]] * channels)[:channels]
+    )
+    dtype = np.dtype(fmt.dtype)
+    if dtype == np.uint8:
+        values = [min(max(round(v), 0), 255) if math.isfinite(v) else 0 for v in values]
+        if channels in (2, 4):
+            values[-1] = 0
+    return np.broadcast_to(np.asarray(values, dtype=dtype), (height, width, channels)).copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded_empty(
+    fmt: PyramidFormat, width: int, height: int, channels: int, nodata: tuple[float, ...]
+) -> bytes:
+    """Encoded nodata tile, built once per (format, size, nodata): cheap to answer again."""
+    if fmt.is_vector:
+        return b""  # an MVT with no layer
+    pixels = _nodata_pixels(fmt, width, height, channels, nodata)
+    return _payload(fmt, width, height, channels, encode_tile(pixels, fmt.compression))
+
+
+def empty_tile(published: PublishedLayer, level: str) -> TileAnswer:
+    """The nodata tile of a level (any grid level, published or not); TileNotFound with empty_tile_404."""
+    if published.layer.empty_tile_404:
+        raise TileNotFound(f"no data in layer {published.id} at level {level}")
+    matrix = published.matrix(level)
+    fmt = published.format
+    body = _encoded_empty(
+        fmt, matrix.tile_width, matrix.tile_height, published.channels, tuple(published.nodata)
+    )
+    return TileAnswer(body, fmt.mime, fmt.content_encoding, True)
+
+
+async def native_tile(published: PublishedLayer, level: str, col: int, row: int) -> TileAnswer | None:
+    """The tile as ROK4 serves it; None outside the published limits; nodata tile where no slab."""
+    if not published.in_limits(level, col, row):
+        return None
+    try:
+        data = await published.owners[level].get_tile(level, col, row)
+    except (StorageError, NotASlabError) as exc:
+        raise _storage_error(published, level, col, row, exc) from exc
+    if data is None:
+        return empty_tile(published, level)
+    fmt, matrix = published.format, published.matrix(level)
+    body = _payload(fmt, matrix.tile_width, matrix.tile_height, published.channels, data)
+    return TileAnswer(body, fmt.mime, fmt.content_encoding, False)
+
+
+def tile_response(answer: TileAnswer, published: PublishedLayer, settings: Settings) -> Response:
+    """HTTP response of a tile: Content-Type, Content-Encoding, Cache-Control (layer's or server's)."""
+    headers = {}
+    cache_control = published.layer.cache_control or settings.cache_control
+    if published.restricted:  # a shared cache must never hand a restricted tile to someone without the key
+        directives = [d.strip() for d in cache_control.split(",") if d.strip()]
+        cache_control = ", ".join(
+            ["private"] + [d for d in directives if d.lower() not in ("public", "private")]
+        )
+        headers["Vary"] = "X-Api-Key"
+    if cache_control:
+        headers["Cache-Control"] = cache_control
+    if answer.content_encoding:
+        headers["Content-Encoding"] = answer.content_encoding
+    return Response(answer.body, media_type=answer.content_type, headers=headers)
+
+
+# --- pixel values -------------------------------------------------------------------------------
+
+
+def _same(value: float, nodata: float) -> bool:
+    return value == nodata or (math.isnan(value) and math.isnan(nodata))
+
+
+async def feature_info(
+    published: PublishedLayer, level: str, col: int, row: int, i: int, j: int
+) -> list[float] | None:
+    """Stored values of pixel (i, j) of a tile; None where there is no data (absent tile or nodata pixel)."""
+    if published.format.is_vector or not published.in_limits(level, col, row):
+        return None
+    matrix = published.matrix(level)
+    if not (0 <= i < matrix.tile_width and 0 <= j < matrix.tile_height):
+        return None
+    owner = published.owners[level]
+    try:
+        data = await owner.get_tile(level, col, row)
+        if data is None:
+            return None
+        pixels = owner.decode(level, data)
+    except (StorageError, NotASlabError, CodecError) as exc:
+        raise _storage_error(published, level, col, row, exc) from exc
+    raw = pixels[j, i, :]
+    if raw.dtype == np.float32:
+        values = [float(str(v)) for v in raw]  # shortest decimal that reads back as the float32
+    else:
+        values = [float(v) for v in raw]
+    nodata = _nodata_pixels(published.format, 1, 1, published.channels, tuple(published.nodata))[0, 0]
+    if published.format.dtype == "uint8" and published.channels in (2, 4):
+        if values[-1] == 0:  # fully transparent: nothing there, whatever the colour
+            return None
+    elif all(_same(v, float(n)) for v, n in zip(values, nodata, strict=True)):
+        return None
+    return values

@@ -1,0 +1,713 @@
+"""WMTS 1.0.0 (OGC 07-057r7): KVP and RESTful GetCapabilities, GetTile and GetFeatureInfo.
+
+Every layer is offered in its grid under two ids, as ROK4 does: the full grid (`PM`) and the
+published range `<TMS>_<top>_<bottom>` (`PM_0_15`). Inside the advertised TileMatrixSetLimits
+every tile is an image (a nodata tile where no slab exists); a TileMatrix listed in a set but
+not in the limits is unrestricted by WMTS rules, so its tiles are nodata images too. KVP and
+REST go through the same validation, hence identical bytes and errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from lxml import etree
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from tileserver.catalog import Catalog, PublishedLayer
+from tileserver.rok4.tms import TileMatrix, TileMatrixSet
+from tileserver.runtime import get_runtime
+from tileserver.services.ows import (
+    KVP,
+    OWS_NS,
+    XLINK_NS,
+    XML_DECLARATION,
+    OWSException,
+    base_url,
+    echo,
+    fill_template,
+    hash_key,
+    key_hash,
+    load_template,
+    ows_endpoint,
+)
+from tileserver.services.tiles import (
+    TileAnswer,
+    TileNotFound,
+    TileStorageError,
+    empty_tile,
+    feature_info,
+    log_storage_failure,
+    native_tile,
+    request_id,
+    tile_response,
+)
+
+SERVICE = "wmts"
+VERSION = "1.0.0"
+WMTS_NS = "http://www.opengis.net/wmts/1.0"
+TEMPLATE = "wmts-1.0.0.xml"
+REST_PREFIX = "/wmts/1.0.0"
+CAPABILITIES_PATH = f"{REST_PREFIX}/WMTSCapabilities.xml"
+DEFAULT_STYLE = "normal"  # ROK4's identity style: the only one a native tile can honour
+MAX_CACHED_DOCUMENTS = 64  # capabilities variants kept per snapshot (base URL × key access)
+
+# Where the conformance suite (ets-wmts10) and the letter of the standard or ROK4 disagree, we
+# follow the suite; one table so the choice is visible and reversible.
+POLICY = {
+    # Server.KVP.GET.InvalidRequest: REQUEST=GetBOGUS → 400 InvalidParameterValue "request"
+    # (ROK4: OperationNotSupported).
+    "unknown_request": ("InvalidParameterValue", "request"),
+    # GetFeatureInfo.NonQueryable.Layer → 501 OperationNotSupported "GetFeatureInfo"
+    # (ROK4: InvalidParameterValue "layer").
+    "not_queryable": ("OperationNotSupported", "GetFeatureInfo"),
+    # GetFeatureInfo with TileRow/TileCol outside the limits → InvalidParameterValue (GetTile: TileOutOfRange).
+    "gfi_tile_out_of_range": "InvalidParameterValue",
+    # GetFeatureInfo.Invalid.I/J → InvalidParameterValue (07-057r7 table 28 and ROK4: PointIJOutOfRange).
+    "point_out_of_range": "InvalidParameterValue",
+}
+
+# REST extension → Format, and the extension each native MIME type is advertised with.
+EXTENSIONS = {
+    "jpeg": "image/jpeg",
+    "jpg": "image/jpeg",
+    "png": "image/png",
+    "tif": "image/tiff",
+    "tiff": "image/tiff",
+    "bil": "image/x-bil;bits=32",
+}
+CANONICAL_EXTENSION = {
+    "image/jpeg": "jpeg",
+    "image/png": "png",
+    "image/tiff": "tif",
+    "image/x-bil;bits=32": "bil",
+}
+INFO_FORMATS = {"text/plain": "txt", "application/json": "json", "text/html": "html", "text/xml": "xml"}
+INFO_EXTENSIONS = {ext: mime for mime, ext in INFO_FORMATS.items()}
+SECTIONS = ("ServiceIdentification", "ServiceProvider", "OperationsMetadata", "Contents", "Themes")
+CAPABILITIES_FORMATS = ("application/xml", "text/xml")
+_INTEGER = re.compile(r"^[+-]?\d{1,12}$")
+
+
+def _ows(tag: str) -> str:
+    return f"{{{OWS_NS}}}{tag}"
+
+
+def _wmts(tag: str) -> str:
+    return f"{{{WMTS_NS}}}{tag}"
+
+
+def _num(value: float) -> str:
+    """Shortest round-tripping decimal, without a useless `.0`."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
+
+
+def _same_mime(a: str, b: str) -> bool:
+    """MIME types compare without case or blanks around parameters (`image/x-bil; bits=32`)."""
+    return a.replace(" ", "").lower() == b.replace(" ", "").lower()
+
+
+# --- grids offered per layer --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridSet:
+    """One advertised TileMatrixSet: an id, the grid it comes from, and which of its matrices."""
+
+    id: str
+    tms: TileMatrixSet
+    matrices: tuple[TileMatrix, ...]
+
+    def matrix(self, matrix_id: str) -> TileMatrix | None:
+        return next((m for m in self.matrices if m.id == matrix_id), None)
+
+
+def _grid_sets(published: PublishedLayer) -> tuple[GridSet, ...]:
+    """ROK4's `<TMS>_<top>_<bottom>` (matrices between the published extremes) first, then the full grid."""
+    tms = published.tms
+    top, bottom = published.matrix(published.top_level), published.matrix(published.bottom_level)
+    ordered = tuple(sorted(tms.matrices, key=lambda m: -m.cell_size))
+    tolerance = 1e-9
+    subset = tuple(
+        m
+        for m in ordered
+        if bottom.cell_size * (1 - tolerance) <= m.cell_size <= top.cell_size * (1 + tolerance)
+    )
+    return (
+        GridSet(f"{tms.id}_{published.top_level}_{published.bottom_level}", tms, subset),
+        GridSet(tms.id, tms, ordered),
+    )
+
+
+def grid_sets(catalog: Catalog, published: PublishedLayer) -> dict[str, GridSet]:
+    """The sets a layer is offered in, by id; computed once per catalog snapshot."""
+    return catalog.document(("wmts-grids", published.id), lambda: {g.id: g for g in _grid_sets(published)})
+
+
+def tile_styles(published: PublishedLayer) -> tuple[str, ...]:
+    """Styles a tile can be served in. Hook: styled tiles (palette on 1-band PNG) need render/."""
+    return (DEFAULT_STYLE,)
+
+
+def queryable(published: PublishedLayer) -> bool:
+    """GetFeatureInfo on pixel values. Hook: EXTERNALWMS (proxying a WMS) is not done yet."""
+    gfi = published.layer.get_feature_info
+    return gfi is not None and gfi.get("type") == "PYRAMID"
+
+
+def served(published: PublishedLayer) -> bool:
+    """WMTS lists raster layers only (ROK4 ≥ 5.4.1 does the same for vector pyramids)."""
+    return not published.format.is_vector
+
+
+# --- validation shared by KVP and REST ----------------------------------------------------------
+
+TILE_PARAMETERS = ("layer", "style", "format", "TileMatrixSet", "TileMatrix", "TileRow", "TileCol")
+
+
+@dataclass(frozen=True)
+class TileRequest:
+    published: PublishedLayer
+    grid: GridSet
+    matrix: TileMatrix
+    row: int
+    col: int
+
+    @property
+    def level(self) -> str:
+        return self.matrix.id
+
+    @property
+    def published_level(self) -> bool:
+        return self.matrix.id in self.published.limits
+
+
+def _integer(value: str, locator: str) -> int:
+    if not _INTEGER.match(value.strip()):
+        raise OWSException(
+            "InvalidParameterValue", locator, f"{locator} must be an integer, not {echo(value)}"
+        )
+    return int(value)
+
+
+def _missing(params: Mapping[str, str | None], names: tuple[str, ...]) -> None:
+    for name in names:
+        value = params.get(name)
+        if value is None or (not value.strip() and name != "style"):
+            raise OWSException("MissingParameterValue", name, f"parameter {name} is required")
+
+
+def _layer(catalog: Catalog, layer_id: str, key: str | None) -> PublishedLayer:
+    published = catalog.get(layer_id, SERVICE, key)
+    if published is None or not served(published):
+        raise OWSException("InvalidParameterValue", "layer", f"unknown layer {echo(layer_id)}")
+    return published
+
+
+def resolve_tile(
+    catalog: Catalog, params: Mapping[str, str | None], key: str | None, info: bool = False
+) -> TileRequest:
+    """Check GetTile (or the tile part of GetFeatureInfo) parameters, in the order the standard lists them."""
+    _missing(params, TILE_PARAMETERS)
+    published = _layer(catalog, params["layer"] or "", key)
+    if info and not queryable(published):
+        code, locator = POLICY["not_queryable"]
+        raise OWSException(code, locator, f"layer {published.id} is not queryable")
+    style = (params["style"] or "").strip() or DEFAULT_STYLE
+    if style not in tile_styles(published):
+        raise OWSException(
+            "InvalidParameterValue", "style", f"unknown style {echo(style)} for layer {published.id}"
+        )
+    fmt = params["format"] or ""
+    if not _same_mime(fmt, published.format.mime):
+        # Hook: format conversion (render/) would answer here.
+        raise OWSException(
+            "InvalidParameterValue",
+            "format",
+            f"format {echo(fmt)} is not offered, use {published.format.mime}",
+        )
+    sets = grid_sets(catalog, published)
+    set_id = params["TileMatrixSet"] or ""
+    grid = sets.get(set_id)
+    if grid is None:
+        # Hook: extra_tilematrixsets (reprojected tiles, render/) would be resolved here.
+        why = (
+            "is not available yet (reprojection)"
+            if set_id in published.layer.extra_tilematrixsets
+            else "is unknown"
+        )
+        raise OWSException(
+            "InvalidParameterValue",
+            "TileMatrixSet",
+            f"TileMatrixSet {echo(set_id)} {why} for layer {published.id}",
+        )
+    matrix = grid.matrix(params["TileMatrix"] or "")
+    if matrix is None:
+        raise OWSException(
+            "InvalidParameterValue",
+            "TileMatrix",
+            f"unknown TileMatrix {echo(params['TileMatrix'])} in {grid.id}",
+        )
+    row = _integer(params["TileRow"] or "", "TileRow")
+    col = _integer(params["TileCol"] or "", "TileCol")
+    limits = published.limits.get(matrix.id)
+    if limits is not None:
+        rows, cols = (limits.min_row, limits.max_row), (limits.min_col, limits.max_col)
+    else:  # listed in the set without limits: the whole matrix
+        rows, cols = (0, matrix.matrix_height - 1), (0, matrix.matrix_width - 1)
+    code = POLICY["gfi_tile_out_of_range"] if info else "TileOutOfRange"
+    for value, (low, high), locator in ((row, rows, "TileRow"), (col, cols, "TileCol")):
+        if not low <= value <= high:
+            raise OWSException(
+                code, locator, f"{locator} {value} is outside [{low}, {high}] at TileMatrix {matrix.id}"
+            )
+    return TileRequest(published, grid, matrix, row, col)
+
+
+def _check_service(runtime: Any) -> None:
+    if not runtime.enabled:
+        raise OWSException(
+            "NoApplicableCode", None, "the service is switched off", 503, {"Retry-After": "60"}
+        )
+
+
+def _storage_failure(request: Request, error: TileStorageError) -> OWSException:
+    log_storage_failure(request, error)
+    reason = "stored data is unreadable" if error.status == 502 else "storage is unavailable"
+    return OWSException("NoApplicableCode", None, f"{reason} (request {request_id(request)})", error.status)
+
+
+async def _tile_answer(request: Request, tile: TileRequest) -> TileAnswer:
+    try:
+        answer = None
+        if tile.published_level:
+            answer = await native_tile(tile.published, tile.level, tile.col, tile.row)
+        return answer or empty_tile(tile.published, tile.level)
+    except TileNotFound:
+        raise OWSException("Not Found", None, "No data found", 404) from None
+    except TileStorageError as error:
+        raise _storage_failure(request, error) from error
+
+
+async def get_tile(request: Request, params: Mapping[str, str | None], key: str | None) -> Response:
+    runtime = get_runtime(request)
+    tile = resolve_tile(runtime.catalog, params, key)
+    answer = await _tile_answer(request, tile)
+    return tile_response(answer, tile.published, runtime.settings)
+
+
+# --- GetFeatureInfo -----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _to_wgs84(crs: str) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+
+
+def _pixel_lonlat(tile: TileRequest, i: int, j: int) -> tuple[float, float] | None:
+    xmin, _, _, ymax = tile.matrix.tile_bbox(tile.col, tile.row)
+    x = xmin + (i + 0.5) * tile.matrix.cell_size
+    y = ymax - (j + 0.5) * tile.matrix.cell_size
+    lon, lat = _to_wgs84(tile.grid.tms.crs).transform(x, y)
+    return (lon, lat) if math.isfinite(lon) and math.isfinite(lat) else None
+
+
+def _info_body(info_format: str, values: list[float] | None, tile: TileRequest, i: int, j: int) -> bytes:
+    """ROK4's four renderings of pixel values; no data gives an empty list, not an error."""
+    texts = [_num(v) for v in values or ()]
+    if info_format == "text/plain":
+        return ",".join(texts).encode()
+    if info_format == "text/html":
+        items = "".join(f"<li>{t}</li>" for t in texts)
+        return f"<html><body><p><b>Pixel value :</b></p><ul>{items}</ul></body></html>".encode()
+    if info_format == "text/xml":
+        pixel = etree.Element("Pixel")
+        for t in texts:
+            etree.SubElement(pixel, "Band").text = t
+        return XML_DECLARATION + etree.tostring(pixel, encoding="UTF-8")
+    features = []
+    if values is not None:
+        point = _pixel_lonlat(tile, i, j)
+        geometry = {"type": "Point", "coordinates": list(point)} if point else None
+        pixel = [v if math.isfinite(v) else None for v in values]  # JSON has no NaN
+        features.append({"type": "Feature", "geometry": geometry, "properties": {"pixel": pixel}})
+    return json.dumps({"type": "FeatureCollection", "features": features}).encode()
+
+
+async def get_feature_info(request: Request, params: Mapping[str, str | None], key: str | None) -> Response:
+    runtime = get_runtime(request)
+    _missing(params, TILE_PARAMETERS + ("InfoFormat", "J", "I"))
+    tile = resolve_tile(runtime.catalog, params, key, info=True)
+    info_format = params["InfoFormat"] or ""
+    info_format = next((f for f in INFO_FORMATS if _same_mime(f, info_format)), info_format)
+    if info_format not in INFO_FORMATS:
+        raise OWSException(
+            "InvalidParameterValue", "InfoFormat", f"InfoFormat {echo(info_format)} is not offered"
+        )
+    size = {"I": tile.matrix.tile_width, "J": tile.matrix.tile_height}
+    point = {}
+    for locator in ("I", "J"):
+        value = _integer(params[locator] or "", locator)
+        if not 0 <= value < size[locator]:
+            raise OWSException(
+                POLICY["point_out_of_range"],
+                locator,
+                f"{locator} {value} is outside [0, {size[locator] - 1}]",
+            )
+        point[locator] = value
+    i, j = point["I"], point["J"]
+    values = None
+    if tile.published_level:
+        try:
+            values = await feature_info(tile.published, tile.level, tile.col, tile.row, i, j)
+        except TileStorageError as error:
+            raise _storage_failure(request, error) from error
+    media_type = "application/json" if info_format == "application/json" else info_format
+    return Response(_info_body(info_format, values, tile, i, j), media_type=media_type)
+
+
+# --- GetCapabilities ----------------------------------------------------------------------------
+
+
+def _url_key(request: Request, catalog: Catalog) -> str | None:
+    """A valid key given in the query string is repeated in advertised URLs, so clients keep sending it."""
+    key = KVP.from_request(request).get("apikey")
+    if key and hash_key(key) in catalog.key_access:
+        return key
+    return None
+
+
+def _text(parent: etree._Element, tag: str, text: str, **attrs: str) -> etree._Element:
+    element = etree.SubElement(parent, tag, attrs)
+    element.text = text
+    return element
+
+
+def _crs_urn(crs: str) -> str:
+    authority, _, code = crs.partition(":")
+    if authority.upper() == "CRS" and code == "84":
+        return "urn:ogc:def:crs:OGC:1.3:CRS84"
+    return f"urn:ogc:def:crs:{authority.upper()}::{code}" if code else crs
+
+
+@functools.lru_cache(maxsize=64)
+def _northing_first(crs: str) -> bool:
+    """TopLeftCorner follows the CRS's axis order (EPSG:4326 is lat, lon): asked of pyproj, not guessed."""
+    import pyproj
+
+    axes = pyproj.CRS.from_user_input(crs).axis_info
+    return bool(axes) and axes[0].direction.lower() in ("north", "south")
+
+
+def _tile_matrix_set(contents: etree._Element, grid: GridSet) -> None:
+    node = etree.SubElement(contents, _wmts("TileMatrixSet"))
+    if grid.tms.title and grid.id == grid.tms.id:
+        _text(node, _ows("Title"), grid.tms.title)
+    _text(node, _ows("Identifier"), grid.id)
+    _text(node, _ows("SupportedCRS"), _crs_urn(grid.tms.crs))
+    swap = _northing_first(grid.tms.crs)
+    for m in grid.matrices:
+        tm = etree.SubElement(node, _wmts("TileMatrix"))
+        _text(tm, _ows("Identifier"), m.id)
+        _text(tm, _wmts("ScaleDenominator"), _num(grid.tms.scale_denominator(m)))
+        corner = (m.origin_y, m.origin_x) if swap else (m.origin_x, m.origin_y)
+        _text(tm, _wmts("TopLeftCorner"), " ".join(_num(v) for v in corner))
+        for tag, value in (
+            ("TileWidth", m.tile_width),
+            ("TileHeight", m.tile_height),
+            ("MatrixWidth", m.matrix_width),
+            ("MatrixHeight", m.matrix_height),
+        ):
+            _text(tm, _wmts(tag), str(value))
+
+
+def _layer_node(
+    contents: etree._Element, published: PublishedLayer, grids: tuple[GridSet, ...], base: str, query: str
+) -> None:
+    layer = published.layer
+    node = etree.SubElement(contents, _wmts("Layer"))
+    _text(node, _ows("Title"), layer.title)
+    if layer.abstract:
+        _text(node, _ows("Abstract"), layer.abstract)
+    if layer.keywords:
+        keywords = etree.SubElement(node, _ows("Keywords"))
+        for keyword in layer.keywords:
+            _text(keywords, _ows("Keyword"), keyword)
+    west, south, east, north = published.wgs84_bbox
+    bbox = etree.SubElement(node, _ows("WGS84BoundingBox"))
+    _text(bbox, _ows("LowerCorner"), f"{_num(west)} {_num(south)}")
+    _text(bbox, _ows("UpperCorner"), f"{_num(east)} {_num(north)}")
+    _text(node, _ows("Identifier"), layer.id)
+    for metadata in layer.metadata:
+        etree.SubElement(node, _ows("Metadata"), {f"{{{XLINK_NS}}}href": str(metadata.get("url", ""))})
+    for style in tile_styles(published):
+        style_node = etree.SubElement(node, _wmts("Style"), isDefault=str(style == DEFAULT_STYLE).lower())
+        _text(style_node, _ows("Identifier"), style)
+    mime = published.format.mime
+    _text(node, _wmts("Format"), mime)
+    infos = tuple(INFO_FORMATS) if queryable(published) else ()
+    for info_format in infos:
+        _text(node, _wmts("InfoFormat"), info_format)
+    for grid in grids:
+        link = etree.SubElement(node, _wmts("TileMatrixSetLink"))
+        _text(link, _wmts("TileMatrixSet"), grid.id)
+        limits_node = etree.SubElement(link, _wmts("TileMatrixSetLimits"))
+        for m in grid.matrices:
+            limits = published.limits.get(m.id)
+            if limits is None:
+                continue
+            tml = etree.SubElement(limits_node, _wmts("TileMatrixLimits"))
+            _text(tml, _wmts("TileMatrix"), m.id)
+            for tag, value in (
+                ("MinTileRow", limits.min_row),
+                ("MaxTileRow", limits.max_row),
+                ("MinTileCol", limits.min_col),
+                ("MaxTileCol", limits.max_col),
+            ):
+                _text(tml, _wmts(tag), str(value))
+    prefix = (
+        f"{base}{REST_PREFIX}/{layer.id}/{{Style}}/{{TileMatrixSet}}/{{TileMatrix}}/{{TileRow}}/{{TileCol}}"
+    )
+    etree.SubElement(
+        node,
+        _wmts("ResourceURL"),
+        format=mime,
+        resourceType="tile",
+        template=f"{prefix}.{CANONICAL_EXTENSION[mime]}{query}",
+    )
+    for info_format in infos:
+        etree.SubElement(
+            node,
+            _wmts("ResourceURL"),
+            format=info_format,
+            resourceType="FeatureInfo",
+            template=f"{prefix}/{{J}}/{{I}}.{INFO_FORMATS[info_format]}{query}",
+        )
+
+
+def build_capabilities(
+    catalog: Catalog, layers: list[PublishedLayer], base: str, settings: Any, url_key: str | None
+) -> bytes:
+    """The full document; sections and update sequences are cut from it afterwards."""
+    query = f"?apikey={quote(url_key, safe='')}" if url_key else ""
+    kvp_url = f"{base}/wmts?apikey={quote(url_key, safe='')}&" if url_key else f"{base}/wmts?"
+    root = fill_template(
+        load_template(TEMPLATE),
+        {
+            "update_sequence": str(catalog.revision),
+            "title": settings.service_title,
+            "abstract": settings.service_abstract,
+            "provider_name": settings.provider_name,
+            "provider_site": settings.provider_site,
+            "kvp_url": kvp_url,
+            "rest_url": f"{base}{REST_PREFIX}/",
+            "capabilities_url": f"{base}{CAPABILITIES_PATH}{query}",
+        },
+    )
+    contents = root.find(_wmts("Contents"))
+    assert contents is not None, "template has no Contents"
+    used: dict[str, GridSet] = {}
+    for published in layers:
+        grids = tuple(grid_sets(catalog, published).values())
+        _layer_node(contents, published, grids, base, query)
+        for grid in grids:
+            used.setdefault(grid.id, grid)
+    for grid in used.values():
+        _tile_matrix_set(contents, grid)
+    return XML_DECLARATION + etree.tostring(root, encoding="UTF-8", pretty_print=True)
+
+
+def capabilities_document(request: Request) -> bytes:
+    """Cached per catalog snapshot, base URL and the set of layers the caller may see."""
+    runtime = get_runtime(request)
+    catalog = runtime.catalog
+    layers = sorted((p for p in catalog.visible(SERVICE, key_hash(request)) if served(p)), key=lambda p: p.id)
+    base = base_url(request)
+    url_key = _url_key(request, catalog)
+    cache_key = ("wmts-caps", base, tuple(p.id for p in layers), url_key)
+
+    def build() -> bytes:
+        return build_capabilities(catalog, layers, base, runtime.settings, url_key)
+
+    cached = sum(1 for k in catalog.documents if isinstance(k, tuple) and k[:1] == ("wmts-caps",))
+    if cache_key not in catalog.documents and cached >= MAX_CACHED_DOCUMENTS:
+        return build()  # forged Host headers must not grow the cache without bound
+    return catalog.document(cache_key, build)
+
+
+def _sections(value: str | None) -> set[str] | None:
+    if value is None:
+        return None
+    if not value.strip():
+        raise OWSException("MissingParameterValue", "sections", "Sections is empty")
+    wanted = set()
+    by_name = {s.lower(): s for s in SECTIONS}
+    for item in value.split(","):
+        name = item.strip().lower()
+        if name == "all":
+            return None
+        if name not in by_name:
+            raise OWSException("InvalidParameterValue", "sections", f"unknown section {echo(item)}")
+        wanted.add(by_name[name])
+    return wanted
+
+
+def _update_sequence(requested: str | None, current: int) -> str:
+    """'full', 'same' (caller is up to date) or raise InvalidUpdateSequence when ahead of us."""
+    if requested is None or not requested.strip():
+        return "full"
+    try:
+        asked = int(requested.strip())
+    except ValueError:
+        return "same" if requested.strip() == str(current) else "full"
+    if asked == current:
+        return "same"
+    if asked > current:
+        raise OWSException("InvalidUpdateSequence", None, f"updateSequence {asked} is newer than {current}")
+    return "full"
+
+
+def _trimmed(document: bytes, keep: set[str] | None, sequence: str) -> bytes:
+    if keep is None and sequence == "full":
+        return document
+    root = etree.fromstring(document)
+    for child in list(root):
+        local = etree.QName(child).localname
+        if sequence == "same" or (keep is not None and local in SECTIONS and local not in keep):
+            root.remove(child)
+    return XML_DECLARATION + etree.tostring(root, encoding="UTF-8", pretty_print=True)
+
+
+def _capabilities_response(document: bytes, media_type: str = "application/xml") -> Response:
+    return Response(
+        document, media_type=media_type, headers={"Cache-Control": "no-cache", "Vary": "X-Api-Key"}
+    )
+
+
+async def get_capabilities(request: Request, kvp: KVP) -> Response:
+    versions = kvp.get("AcceptVersions")
+    if versions is not None and VERSION not in [v.strip() for v in versions.split(",")]:
+        raise OWSException("VersionNegotiationFailed", None, f"only version {VERSION} is supported")
+    keep = _sections(kvp.get("Sections"))
+    sequence = _update_sequence(kvp.get("UpdateSequence"), get_runtime(request).catalog.revision)
+    formats = [f.strip() for f in (kvp.get("AcceptFormats") or "").split(",")]
+    media_type = next((f for f in formats if f in CAPABILITIES_FORMATS), "application/xml")
+    return _capabilities_response(_trimmed(capabilities_document(request), keep, sequence), media_type)
+
+
+# --- endpoints ----------------------------------------------------------------------------------
+
+
+def _kvp_params(kvp: KVP, names: tuple[str, ...]) -> dict[str, str | None]:
+    return {name: kvp.get(name) for name in names}
+
+
+@ows_endpoint
+async def kvp_endpoint(request: Request) -> Response:
+    _check_service(get_runtime(request))
+    kvp = KVP.from_request(request)
+    service = kvp.require("SERVICE", "service")
+    if service.strip().lower() != SERVICE:
+        raise OWSException("InvalidParameterValue", "service", f"SERVICE must be WMTS, not {echo(service)}")
+    operation = kvp.require("REQUEST", "request").strip()
+    name = operation.lower()
+    if name == "getcapabilities":
+        return await get_capabilities(request, kvp)
+    if name not in ("gettile", "getfeatureinfo"):
+        code, locator = POLICY["unknown_request"]
+        raise OWSException(code, locator, f"unknown operation {echo(operation)}")
+    version = kvp.get("VERSION")
+    if version is not None and version.strip() != VERSION:
+        raise OWSException(
+            "InvalidParameterValue", "version", f"VERSION must be {VERSION}, not {echo(version)}"
+        )
+    key = key_hash(request, kvp)
+    if name == "gettile":
+        return await get_tile(request, _kvp_params(kvp, TILE_PARAMETERS), key)
+    return await get_feature_info(request, _kvp_params(kvp, TILE_PARAMETERS + ("InfoFormat", "I", "J")), key)
+
+
+def _accepts_xml(accept: str | None) -> bool:
+    if not accept or not accept.strip():
+        return True
+    for item in accept.split(","):
+        media, _, params = item.strip().partition(";")
+        quality = re.search(r"q\s*=\s*([0-9.]+)", params)
+        if quality and float(quality.group(1) or 0) == 0:
+            continue
+        if media.strip().lower() in ("*/*", "application/*", "text/*", *CAPABILITIES_FORMATS):
+            return True
+    return False
+
+
+@ows_endpoint
+async def rest_capabilities(request: Request) -> Response:
+    _check_service(get_runtime(request))
+    if not _accepts_xml(request.headers.get("accept")):
+        raise OWSException("InvalidParameterValue", "Accept", "capabilities are only available as XML", 406)
+    return _capabilities_response(capabilities_document(request))
+
+
+def _rest_params(request: Request) -> dict[str, str | None]:
+    path = request.path_params
+    ext = path["ext"].lower()
+    return {
+        "ext": ext,
+        "layer": path["layer"],
+        "style": path["style"],
+        "format": EXTENSIONS.get(ext, f".{ext}"),
+        "TileMatrixSet": path["tms"],
+        "TileMatrix": path["z"],
+        "TileRow": path["row"],
+        "TileCol": path["col"],
+    }
+
+
+@ows_endpoint
+async def rest_tile(request: Request) -> Response:
+    _check_service(get_runtime(request))
+    params = _rest_params(request)
+    del params["ext"]
+    return await get_tile(request, params, key_hash(request))
+
+
+@ows_endpoint
+async def rest_feature_info(request: Request) -> Response:
+    _check_service(get_runtime(request))
+    path = request.path_params
+    params = _rest_params(request)
+    # REST FeatureInfo URLs carry no tile format: take the layer's (an unknown layer fails on `layer` first)
+    key = key_hash(request)
+    layer = get_runtime(request).catalog.get(path["layer"], SERVICE, key)
+    params["format"] = layer.format.mime if layer is not None else "-"
+    params["InfoFormat"] = INFO_EXTENSIONS.get(params.pop("ext"), f".{path['ext']}")
+    params["I"], params["J"] = path["i"], path["j"]
+    return await get_feature_info(request, params, key)
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/wmts", kvp_endpoint, methods=["GET"]),
+        Route(CAPABILITIES_PATH, rest_capabilities, methods=["GET"]),
+        Route(
+            f"{REST_PREFIX}/{{layer}}/{{style}}/{{tms}}/{{z}}/{{row}}/{{col}}.{{ext}}",
+            rest_tile,
+            methods=["GET"],
+        ),
+        Route(
+            f"{REST_PREFIX}/{{layer}}/{{style}}/{{tms}}/{{z}}/{{row}}/{{col}}/{{j}}/{{i}}.{{ext}}",
+            rest_feature_info,
+            methods=["GET"],
+        ),
+    ]
