@@ -1,0 +1,505 @@
+"""TMS 1.0.0 (OSGeo Tile Map Service) as ROK4 serves it, plus TileJSON, a GDAL WMS description and XYZ URLs.
+
+Rows are counted **from the top** (the same row as WMTS), not from the bottom as the TMS text says:
+that is what ROK4 has always served, so existing ROK4 URLs and XYZ clients (Leaflet, MapLibre with
+`scheme: xyz`) keep working. The TileMap says so honestly: its Origin is the grid's top-left corner
+and gdal.xml declares `<YOrigin>top</YOrigin>`.
+
+Errors are ROK4's `<TileMapServerError><Message>`: an unknown layer or level, a wrong extension or a
+version other than 1.0.0 → 400; a tile outside the published limits or absurd indices → 404; a
+failing storage → 502/503. Client input never produces a 5xx.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import html
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import orjson
+from lxml import etree
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from tileserver.catalog import Catalog, PublishedLayer
+from tileserver.runtime import get_runtime
+from tileserver.services.ows import XML_DECLARATION, base_url, echo, key_hash, xml_text
+from tileserver.services.tiles import (
+    TileNotFound,
+    TileStorageError,
+    log_storage_failure,
+    native_tile,
+    tile_response,
+)
+from tileserver.settings import PROJECT_DIR
+
+VERSION = "1.0.0"
+TEMPLATES = PROJECT_DIR / "capabilities_templates"
+XML_TYPE = "text/xml"
+EXTENSION_ALIASES = {"jpg": "jpeg"}  # accepted besides the pyramid's own extension
+MAX_CACHED_BASES = 8  # distinct public URLs whose documents are cached per snapshot
+MAX_INDEX_DIGITS = 12  # longer col/row/level numbers are absurd: 404 without arithmetic
+_INDEX = re.compile(r"^[+-]?\d+$")
+
+
+class TMSError(Exception):
+    """An answer other than 200, rendered as ROK4's TileMapServerError."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> Response:
+    root = etree.Element("TileMapServerError")
+    etree.SubElement(root, "Message").text = xml_text(message)
+    return Response(XML_DECLARATION + etree.tostring(root, encoding="UTF-8"), status, media_type=XML_TYPE)
+
+
+def _serialise(root: etree._Element) -> bytes:
+    return XML_DECLARATION + etree.tostring(root, encoding="UTF-8", pretty_print=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _template(name: str) -> etree._Element:
+    parser = etree.XMLParser(remove_blank_text=True, remove_comments=True)
+    return etree.parse(str(TEMPLATES / f"tms-1.0.0-{name}.xml"), parser).getroot()
+
+
+def _skeleton(name: str) -> etree._Element:
+    """A fresh copy of a template: the cached tree is never modified."""
+    return copy.deepcopy(_template(name))
+
+
+def _num(value: float) -> str:
+    """Shortest text that reads back as the same float (no exponent for the usual magnitudes)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def _set_text(root: etree._Element, tag: str, text: str) -> None:
+    node = root.find(tag)
+    assert node is not None, tag
+    node.text = xml_text(text)
+
+
+def _keywords(root: etree._Element, keywords: Iterable[str]) -> None:
+    """TMS has one KeywordList holding space-separated keywords (OWSLib splits on spaces)."""
+    words = [xml_text(k).replace(" ", "_") for k in keywords if k.strip()]
+    node = root.find("KeywordList")
+    assert node is not None
+    if words:
+        node.text = " ".join(words)
+    else:
+        root.remove(node)
+
+
+# --- URLs ---------------------------------------------------------------------------------------
+
+
+def service_url(request: Request) -> str:
+    return f"{base_url(request)}/tms/{VERSION}"
+
+
+def level_order(published: PublishedLayer, level: str) -> int:
+    """The zoom a client uses in URLs: the level id when numeric (ROK4 grids), else its rank from the top."""
+    return int(level) if level.isdigit() else published.level_ids.index(level)
+
+
+# --- documents ----------------------------------------------------------------------------------
+
+
+def services_document(request: Request) -> bytes:
+    """`/tms`: the TMS root resource listing the one service version."""
+    runtime = get_runtime(request)
+    root = etree.Element("Services")
+    etree.SubElement(
+        root,
+        "TileMapService",
+        title=xml_text(runtime.settings.service_title),
+        version=VERSION,
+        href=f"{service_url(request)}/",
+    )
+    return _serialise(root)
+
+
+def service_document(request: Request, visible: list[PublishedLayer]) -> bytes:
+    """`/tms/1.0.0`: one TileMap per layer the caller may see."""
+    settings = get_runtime(request).settings
+    base = service_url(request)
+    root = _skeleton("service")
+    root.set("services", f"{base_url(request)}/tms")
+    _set_text(root, "Title", settings.service_title)
+    _set_text(root, "Abstract", settings.service_abstract)
+    _keywords(root, ("TMS", "ROK4", "tiles"))
+    contact = root.find("ContactInformation/ContactPersonPrimary/ContactOrganization")
+    assert contact is not None
+    contact.text = xml_text(settings.provider_name)
+    tilemaps = root.find("TileMaps")
+    assert tilemaps is not None
+    for published in sorted(visible, key=lambda p: p.id):
+        etree.SubElement(
+            tilemaps,
+            "TileMap",
+            title=xml_text(published.layer.title),
+            srs=published.tms.crs,
+            profile="none",
+            extension=published.format.tms_extension,
+            href=f"{base}/{published.id}",
+        )
+    return _serialise(root)
+
+
+def _insert_after(root: etree._Element, anchor_tags: tuple[str, ...], node: etree._Element) -> None:
+    """Put `node` after the last present anchor, keeping the TMS element order."""
+    for tag in reversed(anchor_tags):
+        anchor = root.find(tag)
+        if anchor is not None:
+            anchor.addnext(node)
+            return
+    root.insert(0, node)
+
+
+def _metadata_and_attribution(root: etree._Element, published: PublishedLayer) -> None:
+    layer = published.layer
+    anchors: tuple[str, ...] = ("Title", "Abstract", "KeywordList")
+    for meta in layer.metadata:
+        node = etree.Element("Metadata", type=xml_text(str(meta.get("type", "Other"))))
+        node.set("mime-type", xml_text(str(meta.get("format", "text/html"))))
+        node.set("href", xml_text(str(meta["url"])))
+        _insert_after(root, anchors, node)
+        anchors = (*anchors, "Metadata")
+    attribution = layer.attribution
+    if attribution:
+        node = etree.Element("Attribution")
+        etree.SubElement(node, "Title").text = xml_text(str(attribution.get("title", "")))
+        logo = attribution.get("logo")
+        if isinstance(logo, dict) and logo.get("url"):
+            etree.SubElement(
+                node,
+                "Logo",
+                width=str(logo.get("width", "")),
+                height=str(logo.get("height", "")),
+                href=xml_text(str(logo["url"])),
+            ).set("mime-type", xml_text(str(logo.get("format", "image/png"))))
+        _insert_after(root, anchors, node)
+
+
+def tilemap_document(request: Request, published: PublishedLayer) -> bytes:
+    """`/tms/1.0.0/{layer}`: grid, extent, format and one TileSet per published level."""
+    base = service_url(request)
+    layer, tms, fmt = published.layer, published.tms, published.format
+    bottom = published.matrix(published.bottom_level)
+    root = _skeleton("tilemap")
+    root.set("tilemapservice", base)
+    _set_text(root, "Title", layer.title)
+    _set_text(root, "Abstract", layer.abstract)
+    _keywords(root, layer.keywords)
+    _metadata_and_attribution(root, published)
+    _set_text(root, "SRS", tms.crs)
+    bbox = root.find("BoundingBox")
+    assert bbox is not None
+    for name, value in zip(("minx", "miny", "maxx", "maxy"), published.native_bbox, strict=True):
+        bbox.set(name, _num(value))
+    origin = root.find("Origin")
+    assert origin is not None
+    origin.set("x", _num(bottom.origin_x))
+    origin.set("y", _num(bottom.origin_y))
+    tile_format = root.find("TileFormat")
+    assert tile_format is not None
+    for name, value in (
+        ("width", bottom.tile_width),
+        ("height", bottom.tile_height),
+        ("mime-type", fmt.mime),
+        ("extension", fmt.tms_extension),
+    ):
+        tile_format.set(name, str(value))
+    tilesets = root.find("TileSets")
+    assert tilesets is not None
+    for level in published.level_ids:
+        limits = published.limits[level]
+        etree.SubElement(
+            tilesets,
+            "TileSet",
+            {
+                "href": f"{base}/{published.id}/{level}",
+                "units-per-pixel": _num(published.matrix(level).cell_size),
+                "order": str(level_order(published, level)),
+                "minrow": str(limits.min_row),
+                "maxrow": str(limits.max_row),
+                "mincol": str(limits.min_col),
+                "maxcol": str(limits.max_col),
+            },
+        )
+    return _serialise(root)
+
+
+def vector_tables(published: PublishedLayer) -> Iterator[tuple[str, str, str, dict[str, str]]]:
+    """(level, table name, geometry, {attribute: type}) of every table of a vector pyramid's published
+    levels, top → bottom: what its descriptor says the tiles hold (TileJSON, OGC API tilesets)."""
+    for level in published.level_ids:
+        descriptor_level = published.owners[level].descriptor.level(level)
+        for table in (descriptor_level.tables if descriptor_level else None) or ():
+            if not isinstance(table, dict) or not table.get("name"):
+                continue
+            attributes = [a for a in table.get("attributes") or () if isinstance(a, dict) and a.get("name")]
+            fields = {str(a["name"]): str(a.get("type", "")) for a in attributes}
+            yield level, str(table["name"]), str(table.get("geometry") or ""), fields
+
+
+def _vector_layers(published: PublishedLayer) -> list[dict[str, Any]]:
+    """TileJSON `vector_layers`: one per table, with the zooms of the levels holding it."""
+    found: dict[str, dict[str, Any]] = {}
+    for level, name, geometry, fields in vector_tables(published):
+        zoom = level_order(published, level)
+        entry = found.setdefault(name, {"id": name, "fields": {}, "minzoom": zoom, "maxzoom": zoom})
+        entry["minzoom"], entry["maxzoom"] = min(entry["minzoom"], zoom), max(entry["maxzoom"], zoom)
+        entry["fields"].update(fields)
+        if geometry:
+            entry["geometry"] = geometry
+    return list(found.values())
+
+
+def _attribution_html(attribution: dict[str, Any] | None) -> str:
+    """TileJSON attribution may hold HTML: the title, linked to the attribution URL when there is one."""
+    title = html.escape(str((attribution or {}).get("title", "")))
+    url = str((attribution or {}).get("url", ""))
+    return (
+        f'<a href="{html.escape(url)}">{title}</a>'
+        if title and url.startswith(("http://", "https://"))
+        else title
+    )
+
+
+def tilejson(request: Request, published: PublishedLayer) -> bytes:
+    """TileJSON 3.0.0; zooms are the level ids (ROK4's grids number them), `crs` names the grid's CRS."""
+    layer, fmt = published.layer, published.format
+    zooms = [level_order(published, level) for level in published.level_ids]
+    west, south, east, north = published.wgs84_bbox
+    minzoom, maxzoom = min(zooms), max(zooms)
+    doc: dict[str, Any] = {
+        "tilejson": "3.0.0",
+        "name": layer.title,
+        "description": layer.abstract,
+        "version": "1.0.0",
+        "attribution": _attribution_html(layer.attribution),
+        "scheme": "xyz",
+        "tiles": [f"{service_url(request)}/{published.id}/{{z}}/{{x}}/{{y}}.{fmt.tms_extension}"],
+        "minzoom": minzoom,
+        "maxzoom": maxzoom,
+        "bounds": [west, south, east, north],
+        "center": [(west + east) / 2, (south + north) / 2, (minzoom + maxzoom) // 2],
+        "format": fmt.tms_extension,
+        "crs": published.tms.crs,
+        "tilematrixset": published.tms.id,
+        "quadtree": published.tms.is_quadtree,
+    }
+    if layer.keywords:
+        doc["keywords"] = list(layer.keywords)
+    if fmt.is_vector:
+        doc["vector_layers"] = _vector_layers(published)
+    return orjson.dumps(doc)
+
+
+def _gdal_zoom_chain(published: PublishedLayer) -> bool:
+    """GDAL's TMS driver derives level z from the bottom one by halving: ids must be z numbers."""
+    bottom_id = published.bottom_level
+    if not bottom_id.isdigit():
+        return False
+    bottom = published.matrix(bottom_id)
+    for level in published.level_ids:
+        if not level.isdigit():
+            return False
+        expected = bottom.cell_size * 2 ** (int(bottom_id) - int(level))
+        if abs(published.matrix(level).cell_size / expected - 1) > 2e-4:
+            return False
+    return True
+
+
+def gdal_document(request: Request, published: PublishedLayer) -> bytes:
+    """GDAL WMS driver description (TMS minidriver) for quad-tree raster layers, as ROK4 writes it."""
+    if published.format.is_vector:
+        raise TMSError(400, f"layer {echo(published.id)} is a vector layer: no GDAL description")
+    if not published.tms.is_quadtree or not _gdal_zoom_chain(published):
+        raise TMSError(
+            400, f"the grid {echo(published.tms.id)} of layer {echo(published.id)} is not a quad tree"
+        )
+    bottom_id = published.bottom_level
+    bottom = published.matrix(bottom_id)
+    tile_level = int(bottom_id)
+    # the whole grid, from its zoom-0 matrix when it has one (exact numbers), else from the bottom one:
+    # GDAL counts tile indices from the window's corner, so the window starts at the grid origin
+    ulx, lry, lrx, uly = (published.tms.get("0") or bottom).bbox
+    root = etree.Element("GDAL_WMS")
+    service = etree.SubElement(root, "Service", name="TMS")
+    template = f"{service_url(request)}/{published.id}/${{z}}/${{x}}/${{y}}.{published.format.tms_extension}"
+    etree.SubElement(service, "ServerUrl").text = xml_text(template)
+    window = etree.SubElement(root, "DataWindow")
+    fields = (
+        ("UpperLeftX", _num(ulx)),
+        ("UpperLeftY", _num(uly)),
+        ("LowerRightX", _num(lrx)),
+        ("LowerRightY", _num(lry)),
+        ("TileLevel", str(tile_level)),
+        ("TileCountX", str(max(1, math.ceil(bottom.matrix_width / 2**tile_level)))),
+        ("TileCountY", str(max(1, math.ceil(bottom.matrix_height / 2**tile_level)))),
+        ("YOrigin", "top"),
+    )
+    for tag, text in fields:
+        etree.SubElement(window, tag).text = text
+    for tag, text in (
+        ("Projection", published.tms.crs),
+        ("BlockSizeX", str(bottom.tile_width)),
+        ("BlockSizeY", str(bottom.tile_height)),
+        ("BandsCount", str(published.channels)),
+        *((("DataType", "Float32"),) if published.format.sample_format == "FLOAT32" else ()),
+        ("ZeroBlockHttpCodes", "204,404"),
+    ):
+        etree.SubElement(root, tag).text = text
+    return _serialise(root)
+
+
+# --- tiles --------------------------------------------------------------------------------------
+
+
+def _index(text: str, what: str) -> int:
+    """A tile index; not a number → 400, a number no grid can hold → 404 (absurd, not malformed)."""
+    if not _INDEX.match(text):
+        raise TMSError(400, f"{what} {echo(text)} is not an integer")
+    if len(text.lstrip("+-")) > MAX_INDEX_DIGITS:
+        raise TMSError(404, f"{what} {echo(text)} is outside the layer")
+    return int(text)
+
+
+async def tile(request: Request, published: PublishedLayer, level: str, x: str, y_ext: str) -> Response:
+    """`{level}/{x}/{y}.{ext}`: the stored tile, its row counted from the top as WMTS and ROK4 do."""
+    y, dot, ext = y_ext.rpartition(".")
+    if not dot or not y:
+        raise TMSError(400, "a tile is requested as {z}/{x}/{y}.{extension}")
+    if published.tms.get(level) is None or level not in published.limits:
+        raise TMSError(400, f"level {echo(level)} is not published by layer {echo(published.id)}")
+    wanted = published.format.tms_extension
+    if EXTENSION_ALIASES.get(ext, ext) != wanted:
+        raise TMSError(400, f"extension {echo(ext)} is not the layer's ({wanted})")
+    col, row = _index(x, "column"), _index(y, "row")
+    try:
+        answer = await native_tile(published, level, col, row)
+    except TileNotFound:
+        answer = None
+    except TileStorageError as exc:
+        log_storage_failure(request, exc)
+        raise TMSError(exc.status, "the tile storage failed; retry later") from None
+    if answer is None:
+        raise TMSError(404, "No data found")
+    return tile_response(answer, published, get_runtime(request).settings)
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+LayerHandler = Callable[[Request, PublishedLayer], bytes]
+LAYER_DOCUMENTS: dict[str, tuple[LayerHandler, str]] = {
+    "metadata.json": (tilejson, "application/json"),
+    "gdal.xml": (gdal_document, XML_TYPE),
+}
+
+
+def _layer(request: Request, catalog: Catalog, layer_id: str) -> PublishedLayer:
+    published = catalog.get(layer_id, "tms", key_hash(request))
+    if published is None:
+        raise TMSError(400, f"layer {echo(layer_id)} unknown")
+    return published
+
+
+def _cached(request: Request, catalog: Catalog, key: tuple[Any, ...], build: Callable[[], bytes]) -> bytes:
+    """Per-snapshot cache. Documents embed the public URL, which follows the Host header unless
+    `public_url` is set: past a few distinct hosts, build without caching so forged hosts cannot grow it."""
+    base = base_url(request)
+    bases: set[str] = catalog.document(("tms", "bases"), set)
+    if base not in bases:
+        if len(bases) >= MAX_CACHED_BASES:
+            return build()
+        bases.add(base)
+    return catalog.document(("tms", base, *key), build)
+
+
+async def _dispatch(request: Request, parts: list[str]) -> Response:
+    catalog = get_runtime(request).catalog  # one snapshot for the whole request
+    if not parts:
+        return _xml_bytes(_cached(request, catalog, ("services",), lambda: services_document(request)))
+    if parts[0] != VERSION:
+        raise TMSError(400, f"TMS version {echo(parts[0])} is not supported (only {VERSION})")
+    if len(parts) == 1:
+        visible = catalog.visible("tms", key_hash(request))
+        # keyed by what the caller sees, not by the key: random keys cannot grow the cache
+        key = ("service", tuple(sorted(p.id for p in visible)))
+        return _xml_bytes(_cached(request, catalog, key, lambda: service_document(request, visible)))
+    published = _layer(request, catalog, parts[1])
+    if len(parts) == 2:
+        return _xml_bytes(
+            _cached(request, catalog, ("tilemap", published.id), lambda: tilemap_document(request, published))
+        )
+    if len(parts) == 3 and parts[2] in LAYER_DOCUMENTS:
+        build, media_type = LAYER_DOCUMENTS[parts[2]]
+        body = _cached(request, catalog, (parts[2], published.id), lambda: build(request, published))
+        return Response(body, media_type=media_type, headers=KEYED)
+    if len(parts) == 5:
+        return await tile(request, published, parts[2], parts[3], parts[4])
+    if len(parts) == 3 and parts[2] not in published.limits:
+        raise TMSError(400, f"level {echo(parts[2])} is not published by layer {echo(published.id)}")
+    raise TMSError(404, "no such TMS resource")
+
+
+KEYED = {"Vary": "X-Api-Key"}  # restricted layers appear with a key: shared caches must tell them apart
+
+
+def _xml_bytes(body: bytes) -> Response:
+    return Response(body, media_type=XML_TYPE, headers=KEYED)
+
+
+def _segments(path: str) -> list[str] | None:
+    """Path segments after the prefix; ROK4 ignores one trailing slash. None: not under the prefix."""
+    if path and not path.startswith("/"):
+        return None
+    path = path.rstrip("/")
+    return path.split("/")[1:] if path else []
+
+
+async def tms_endpoint(request: Request) -> Response:
+    parts = _segments(request.path_params.get("path", ""))
+    if parts is None or any(p == "" for p in parts):
+        return error_response(404, "no such TMS resource")
+    try:
+        return await _dispatch(request, parts)
+    except TMSError as exc:
+        return error_response(exc.status, exc.message)
+
+
+async def xyz_endpoint(request: Request) -> Response:
+    """`/xyz/{layer}/{z}/{x}/{y}.{ext}`: the same tiles under a URL shape Leaflet users expect."""
+    p = request.path_params
+    try:
+        published = _layer(request, get_runtime(request).catalog, p["layer"])
+        return await tile(request, published, p["z"], p["x"], p["y"])
+    except TMSError as exc:
+        return error_response(exc.status, exc.message)
+
+
+def any_path_route(path: str, endpoint: Callable[[Request], Any]) -> Route:
+    """A GET route whose `{x:path}` part matches any character: starlette's pattern stops at a
+    newline, and such a path would otherwise fall through to a bare 404 outside our error format."""
+    route = Route(path, endpoint, methods=["GET"])
+    route.path_regex = re.compile(route.path_regex.pattern, re.DOTALL)
+    return route
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        any_path_route("/tms{path:path}", tms_endpoint),
+        Route("/xyz/{layer}/{z}/{x}/{y}", xyz_endpoint, methods=["GET"]),
+    ]
