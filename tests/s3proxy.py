@@ -29,12 +29,13 @@ _CODES = {500: "InternalError", 503: "SlowDown", 429: "TooManyRequests", 403: "A
 
 @dataclass
 class ProxiedRequest:
-    """One request as the proxy received it; `status` is what the client got (None: reset/stalled)."""
+    """One request as the proxy received it; `status` is what it answered (None: reset, or no answer yet)."""
 
     method: str
     path: str  # raw (percent-encoded) URL path, no query
     query: str
     range: str | None
+    headers: dict[str, str] = field(default_factory=dict)
     status: int | None = None
     fault: str | None = None
 
@@ -230,10 +231,14 @@ class S3Proxy:
                 message = await _read_head(reader)
                 if message is None or len(message.head) < 2:
                     return
+                if (message.header("Expect") or "").lower() == "100-continue":  # botocore PUTs
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    await writer.drain()
                 message.body = await _read_body(reader, message, until_eof=False)
                 method = message.head[0].upper()
                 target = urlsplit(message.head[1])
-                request = ProxiedRequest(method, target.path, target.query, message.header("Range"))
+                request = ProxiedRequest(method, target.path, target.query, message.header("Range"),
+                                         dict(message.headers))
                 fault = self._take_fault(request)
                 if fault is not None:
                     request.fault = fault.kind
@@ -248,13 +253,13 @@ class S3Proxy:
                     status, response = fault.status, _error_response(fault.status, request)
                 else:
                     status, response = await self._forward(message, method == "HEAD")
+                request.status = status  # before writing: the client may look as soon as it reads
                 writer.write(response)
                 await writer.drain()
-                request.status = status
                 if (message.header("Connection") or "").lower() == "close":
                     return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            return  # client gone, or the proxy is stopping
         finally:
             self._tasks.discard(task)
             writer.close()
@@ -265,7 +270,7 @@ class S3Proxy:
         try:
             lines = [" ".join(message.head)]
             for name, value in message.headers:
-                if name.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
+                if name.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length", "expect"):
                     lines.append(f"{name}: {value}")
             lines.append(f"Content-Length: {len(message.body)}")
             lines.append("Connection: close")

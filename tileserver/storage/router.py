@@ -45,7 +45,7 @@ class Storage:
         if s.s3_clusters:
             connector = aiohttp.TCPConnector(
                 limit=s.storage_max_connections, limit_per_host=0, ttl_dns_cache=300,
-                ssl=None if s.s3_ssl_verify else False,
+                ssl=bool(s.s3_ssl_verify),  # False: ROK4_SSL_NO_VERIFY
             )
             self._http = aiohttp.ClientSession(
                 connector=connector,
