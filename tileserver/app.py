@@ -7,6 +7,7 @@ import importlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import ModuleType
 
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
@@ -28,16 +29,22 @@ SERVICE_MODULES = (
 )
 
 
+def _optional(name: str) -> ModuleType | None:
+    """A module of an optional part; None when that part is not in this build."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and name.startswith(exc.name):
+            return None
+        raise
+
+
 def collect_routes() -> list[BaseRoute]:
     routes: list[BaseRoute] = []
     for name in SERVICE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and name.startswith(exc.name):
-                continue  # that service is not part of this build
-            raise
-        routes.extend(module.routes())
+        module = _optional(name)
+        if module is not None:
+            routes.extend(module.routes())
     return routes
 
 
@@ -61,9 +68,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await runtime.refresh(force=True)
             runtime.start_watching()
             app.state.runtime = runtime
+            warehouse = _optional("tileserver.warehouse.service")
+            if warehouse is not None:
+                await warehouse.startup(runtime)  # queued executions resume without waiting for a request
             try:
                 yield
             finally:
+                if warehouse is not None:
+                    await warehouse.shutdown(runtime)
                 await runtime.stop()
                 store.close()
 

@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,9 +172,62 @@ def _migrate_2(db: sqlite3.Connection) -> None:
         _link_pyramids(db, layer_id, json.loads(descriptor).get("pyramids", []))
 
 
+def _migrate_3(db: sqlite3.Connection) -> None:
+    """The warehouse API's own records: accounts, datastores, its entities (uploads, executions,
+    configurations…, one JSON document each) and their log lines. Stored data and offerings stay
+    in the shared tables; `wh_entities` only adds the warehouse's side of them (datastore, tags…)."""
+    for statement in (
+        """CREATE TABLE wh_datastores (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            technical_name TEXT NOT NULL UNIQUE,
+            quota INTEGER NOT NULL,
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE wh_users (
+            id TEXT PRIMARY KEY,
+            login TEXT NOT NULL UNIQUE,
+            password_hash TEXT NOT NULL,
+            first_name TEXT NOT NULL,
+            last_name TEXT NOT NULL,
+            email TEXT NOT NULL,
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE wh_members (
+            user_id TEXT NOT NULL REFERENCES wh_users (id) ON DELETE CASCADE,
+            datastore_id TEXT NOT NULL REFERENCES wh_datastores (id) ON DELETE CASCADE,
+            PRIMARY KEY (user_id, datastore_id))""",
+        """CREATE TABLE wh_tokens (
+            token_hash TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES wh_users (id) ON DELETE CASCADE,
+            expires_at REAL NOT NULL)""",
+        """CREATE TABLE wh_entities (
+            id TEXT PRIMARY KEY,
+            datastore_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX wh_entities_kind ON wh_entities (kind, datastore_id)",
+        """CREATE TABLE wh_logs (
+            entity_id TEXT NOT NULL,
+            line INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            PRIMARY KEY (entity_id, line))""",
+        """CREATE TABLE wh_key_owners (
+            key_id TEXT PRIMARY KEY REFERENCES api_keys (id) ON DELETE CASCADE,
+            user_id TEXT NOT NULL REFERENCES wh_users (id) ON DELETE CASCADE,
+            body TEXT NOT NULL)""",
+    ):
+        db.execute(statement)
+    db.execute(
+        "INSERT INTO wh_datastores (id, name, technical_name, quota, created_at) VALUES (?, 'default', 'default', ?, ?)",
+        (str(uuid.uuid4()), 10 << 30, _now()),
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "layers, API keys, revision counter (ROK4 admin API)", _migrate_1),
     Migration(2, "stored data, offerings, styles, layer → pyramid links (shared with the warehouse)", _migrate_2),
+    Migration(3, "warehouse API: accounts, datastores, entities, logs, user keys", _migrate_3),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -246,13 +299,17 @@ class PublicationStore:
         return db
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; the revision bump commits with the change or not at all."""
+    def _write(self, bump: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; the revision bump commits with the change or not at all.
+
+        `bump=False` is for records the services never read (job progress, logs): they must not
+        make every server process rebuild its catalog."""
         db = self._db()
         db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock with readers
         try:
             yield db
-            db.execute("UPDATE revision SET value = value + 1 WHERE id = 1")
+            if bump:
+                db.execute("UPDATE revision SET value = value + 1 WHERE id = 1")
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -269,6 +326,20 @@ class PublicationStore:
         finally:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+
+    def transaction(self, publish: bool = True) -> AbstractContextManager[sqlite3.Connection]:
+        """A write transaction for modules keeping their own tables here (the warehouse API);
+        `publish=False` when nothing the services serve changes (no catalog rebuild)."""
+        return self._write(bump=publish)
+
+    def reading(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A consistent read transaction for modules keeping their own tables here."""
+        return self._read()
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` ran (background tasks sharing the store stop then)."""
+        return self._closed
 
     def close(self) -> None:
         with self._connections_lock:

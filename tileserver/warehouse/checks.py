@@ -1,0 +1,148 @@
+"""The checks an upload goes through once closed, and what each one does (in a worker process).
+
+`Vérification standard` verifies every md5 the producer gave; `Vérification raster` opens every
+image fully (TIFF/GeoTIFF with tifffile, JPEG/PNG with Pillow, through the writer's readers),
+reads its georeferencing (GeoTIFF keys or world file; CRS from the file, else the upload's `srs`)
+and records extent and resolution. Logs name each bad file and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .upload_files import UploadFiles
+
+Log = Callable[[str], None]
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
+COMPANION_EXTENSIONS = (".tfw", ".tifw", ".tiffw", ".jgw", ".jpgw", ".jpegw", ".pgw", ".pngw", ".wld", ".prj",
+                        ".aux.xml", ".ovr", ".md5")
+_MD5_LINE = re.compile(r"^(?P<md5>[0-9a-fA-F]{32}) [ *]?(?P<path>.+)$")
+_NAMESPACE = uuid.UUID("2f0d6c55-3a41-4f1b-9d8e-7c1e0b5a9f23")
+
+
+@dataclass(frozen=True)
+class Check:
+    key: str
+    name: str
+    description: str
+    upload_types: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        return str(uuid.uuid5(_NAMESPACE, self.key))
+
+    def view(self) -> dict[str, Any]:
+        return {"_id": self.id, "name": self.name, "description": self.description}
+
+
+STANDARD = Check("standard", "Vérification standard", "La vérification standard contrôle les signatures MD5 fournies",
+                 ("RASTER",))
+RASTER = Check("raster", "Vérification raster",
+               "La vérification raster contrôle que les fichiers sont bien lisibles et en extraie le géoréférencement",
+               ("RASTER",))
+CHECKS = (STANDARD, RASTER)
+BY_ID = {c.id: c for c in CHECKS}
+
+
+def checks_for(upload_type: str) -> list[Check]:
+    return [c for c in CHECKS if upload_type in c.upload_types]
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def standard_check(files: UploadFiles, log: Log) -> tuple[bool, dict[str, Any]]:
+    """Every `md5  path` line of every md5 file must name a data file with that digest."""
+    ok = True
+    md5_files = files.files("md5")
+    if not md5_files:
+        log("no md5 file given: nothing to verify")
+    data = dict(files.files("data"))
+    verified = 0
+    for rel, path in md5_files:
+        for number, raw in enumerate(path.read_text("utf-8", "replace").splitlines(), start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            match = _MD5_LINE.match(line)
+            if match is None:
+                log(f"{rel}, line {number}: not 'md5  path': {line[:200]!r}")
+                ok = False
+                continue
+            target = match["path"].strip().removeprefix("./")
+            if target not in data:
+                log(f"{target}: listed in {rel} but not delivered")
+                ok = False
+            elif _md5(data[target]) != match["md5"].lower():
+                log(f"{target}: md5 mismatch (expected {match['md5'].lower()}, got {_md5(data[target])})")
+                ok = False
+            else:
+                verified += 1
+    log(f"{verified} file(s) verified")
+    return ok, {}
+
+
+def raster_check(files: UploadFiles, srs: str, log: Log) -> tuple[bool, dict[str, Any]]:
+    """Open and decode every image; record each one's georeferencing and the upload's extent."""
+    from tileserver.render.georef import crs_equal, reproject_bbox
+    from tileserver.writer.errors import WriterError
+    from tileserver.writer.sources import close_readers, open_source
+
+    ok = True
+    images = []
+    for rel, path in files.files("data"):
+        lower = rel.lower()
+        if lower.endswith(COMPANION_EXTENSIONS):
+            continue
+        if not lower.endswith(IMAGE_EXTENSIONS):
+            log(f"{rel}: not an image (TIFF, GeoTIFF, JPEG or PNG expected)")
+            ok = False
+            continue
+        try:
+            try:
+                info = open_source(path)
+            except WriterError as exc:
+                if "coordinate reference system" not in str(exc):
+                    raise
+                info = open_source(path, srs)  # no CRS in the file: the upload's applies
+            if not crs_equal(info.crs, srs):
+                raise WriterError(f"its CRS {info.crs} is not the upload's {srs}")
+            info.read(0, 0, info.width, info.height)  # decode every strip or tile
+        except Exception as exc:  # any decoder failure is the file's fault, reported by name
+            reason = str(exc).replace(str(path), rel).removeprefix(f"{rel}: ")
+            log(f"{rel}: unreadable raster: {reason}")
+            ok = False
+            continue
+        finally:
+            close_readers()
+        west, south, east, north = info.bbox
+        log(f"{rel}: {info.width}x{info.height} px, {info.channels} x {info.sample_format}, {info.crs},"
+            f" resolution {info.res_x:g} x {info.res_y:g}, extent {west:.2f},{south:.2f},{east:.2f},{north:.2f}")
+        images.append(info)
+    if not images:
+        log("no readable image in the upload")
+        return False, {}
+    bboxes = [reproject_bbox(i.bbox, i.crs, "EPSG:4326") for i in images]
+    west, south = min(b[0] for b in bboxes), min(b[1] for b in bboxes)
+    east, north = max(b[2] for b in bboxes), max(b[3] for b in bboxes)
+    ring = [[west, north], [east, north], [east, south], [west, south], [west, north]]
+    extent = {"type": "Polygon", "coordinates": [[[round(x, 8), round(y, 8)] for x, y in ring]]}
+    resolution = min(min(i.res_x, i.res_y) for i in images)
+    return ok, {"extent": extent, "type_infos": {"resolution": resolution, "images": len(images)}}
+
+
+def run_check(check: Check, files: UploadFiles, srs: str, log: Log) -> tuple[bool, dict[str, Any]]:
+    if check is STANDARD:
+        return standard_check(files, log)
+    return raster_check(files, srs, log)

@@ -1,0 +1,348 @@
+"""Configurations (`WMTS-TMS`, `WMS-RASTER`): a layer's description, validated against the stored
+data it uses, and turned into the shared store's Layer record when offered.
+
+Layers created through the ROK4 admin API show here too (default datastore, read-only), so both
+APIs see the same layers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from tileserver.publication.admin import check_layer
+from tileserver.publication.model import LAYER_ID, Layer, LayerError, LayerPyramid, parse_layer
+from tileserver.storage import StorageError
+
+from .annotations import add_event, annotation_routes, annotations_view
+from .endpoints import BY_TYPE
+from .entities import Entity
+from .errors import ApiError, bad_request, conflict, not_found
+from .stored_data import get_stored
+from .web import Ctx, json_body, json_response, list_response, no_content, route
+
+KIND = "configuration"
+OFFERING = "offering"
+PREFIX = "/api/datastores/{datastore}/configurations"
+TYPES = ("WMTS-TMS", "WMS-RASTER")
+INTERPOLATIONS = {"NEAREST-NEIGHBOUR": "nn", "LINEAR": "linear", "BICUBIC": "bicubic", "LANCZOS": "lanczos"}
+_FIELDS = {"type", "name", "layer_name", "type_infos", "attribution", "metadata", "getfeatureinfo"}
+_TYPE_INFOS = {"title", "abstract", "keywords", "bbox", "used_data", "interpolation", "styles", "getfeatureinfo"}
+_FOREIGN = uuid.UUID("0c5e7d1a-2b3f-4d6e-8a9b-1c2d3e4f5a6b")
+
+
+# --- validation ----------------------------------------------------------------------------------------
+
+
+def _string(data: dict[str, Any], key: str, where: str, problems: list[str], required: bool = True) -> None:
+    value = data.get(key)
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or (required and not value.strip()):
+        problems.append(f"{where}{key}: a non-empty string is required")
+
+
+def _bbox_problems(bbox: Any) -> list[str]:
+    if not isinstance(bbox, dict):
+        return ["type_infos.bbox: must be an object {west, south, east, north}"]
+    values = {k: bbox.get(k) for k in ("west", "south", "east", "north")}
+    bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int | float)]
+    if bad:
+        return [f"type_infos.bbox.{k}: must be a number" for k in bad]
+    if not (-180 <= values["west"] < values["east"] <= 180 and -90 <= values["south"] < values["north"] <= 90):
+        return ["type_infos.bbox: needs -180 ≤ west < east ≤ 180 and -90 ≤ south < north ≤ 90 (degrees)"]
+    return []
+
+
+def used_data(ctx: Ctx, used: Any) -> tuple[list[str], list[LayerPyramid]]:
+    if not isinstance(used, list) or not used:
+        return ["type_infos.used_data: a non-empty array of {stored_data, bottom_level, top_level} is required"], []
+    problems: list[str] = []
+    pyramids = []
+    for i, item in enumerate(used):
+        where = f"type_infos.used_data[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("stored_data"), str):
+            problems.append(f"{where}.stored_data: a stored data identifier is required")
+            continue
+        levels = {}
+        for key in ("bottom_level", "top_level"):
+            value = item.get(key)
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                problems.append(f"{where}.{key}: a level identifier is required")
+            else:
+                levels[key] = str(value)
+        try:
+            stored, _ = get_stored(ctx, item["stored_data"])
+        except ApiError:
+            problems.append(f"{where}.stored_data: stored data {item['stored_data']} not found in this datastore")
+            continue
+        if stored.status != "GENERATED":
+            problems.append(f"{where}.stored_data: stored data {stored.id} is {stored.status}; it must be GENERATED")
+            continue
+        from .stored_data import pyramid_fields
+
+        available = pyramid_fields(stored.summary).get("type_infos", {}).get("levels", [])
+        for key, level in levels.items():
+            if available and level not in available:
+                problems.append(f"{where}.{key}: level {level} is not in stored data {stored.id} "
+                                f"(levels {', '.join(available)})")
+        if len(levels) == 2:
+            pyramids.append(LayerPyramid(stored.descriptor_url, levels["bottom_level"], levels["top_level"]))
+    return problems, pyramids
+
+
+def _style_problems(ctx: Ctx, styles: Any) -> list[str]:
+    from .statics import KIND as STATIC
+
+    if not isinstance(styles, list) or not all(isinstance(s, str) for s in styles):
+        return ["type_infos.styles: must be an array of static identifiers (ROK4-STYLE)"]
+    problems = []
+    for i, ident in enumerate(styles):
+        static = ctx.wh.entities.get(STATIC, ident.lower())
+        if static is None or static.datastore_id != ctx.datastore.id or static.body.get("type") != "ROK4-STYLE":
+            problems.append(f"type_infos.styles[{i}]: no ROK4-STYLE static {ident} in this datastore")
+    return problems
+
+
+def _feature_info(data: dict[str, Any]) -> dict[str, Any] | None:
+    gfi = data.get("getfeatureinfo", (data.get("type_infos") or {}).get("getfeatureinfo"))
+    if isinstance(gfi, dict) and gfi.get("stored_data") is True:
+        return {"type": "PYRAMID"}
+    if isinstance(gfi, dict) and isinstance(gfi.get("server_url"), str):
+        return {"type": "EXTERNALWMS", "url": gfi["server_url"], "layers": gfi.get("layers", ""),
+                "query_layers": gfi.get("query_layers", gfi.get("layers", ""))}
+    return None
+
+
+def build_layer(data: dict[str, Any], pyramids: list[LayerPyramid], restricted: bool = False) -> Layer:
+    """The shared store's Layer record a configuration publishes."""
+    infos = data["type_infos"]
+    descriptor: dict[str, Any] = {
+        "title": infos["title"], "abstract": infos["abstract"], "keywords": list(infos.get("keywords", [])),
+        "pyramids": [{"path": p.path, "bottom_level": p.bottom_level, "top_level": p.top_level} for p in pyramids],
+        **{s: {"enabled": s in BY_TYPE[data["type"]].services} for s in ("wms", "wmts", "tms", "ogcapi")},
+    }
+    if infos.get("styles"):
+        descriptor["styles"] = [s.lower() for s in infos["styles"]]
+    if infos.get("interpolation"):
+        descriptor["resampling"] = INTERPOLATIONS[infos["interpolation"]]
+    if infos.get("bbox"):
+        descriptor["bbox"] = infos["bbox"]
+    gfi = _feature_info(data)
+    if gfi is not None:
+        descriptor["get_feature_info"] = gfi
+    if data.get("metadata"):
+        descriptor["metadata"] = data["metadata"]
+    if data.get("attribution"):
+        descriptor["attribution"] = data["attribution"]
+    if restricted:
+        descriptor["restricted"] = True
+    return parse_layer(data["layer_name"], descriptor)
+
+
+async def validate(ctx: Ctx, data: dict[str, Any], replacing: str | None = None) -> Layer:
+    """Every problem of a configuration body (400), then its uniqueness (409), then whether its
+    layer can be served (the same check as the admin API). Returns the layer it publishes."""
+    problems = [f"{k}: unknown field" for k in sorted(set(data) - _FIELDS)]
+    if data.get("type") not in TYPES:
+        problems.append(f"type: must be one of {', '.join(TYPES)} (got {data.get('type')!r})")
+    _string(data, "name", "", problems)
+    if not isinstance(data.get("layer_name"), str) or not LAYER_ID.match(data["layer_name"]):
+        problems.append("layer_name: 1–128 letters, digits, '_', '-' or '.', starting with a letter or digit")
+    infos = data.get("type_infos")
+    pyramids: list[LayerPyramid] = []
+    if not isinstance(infos, dict):
+        problems.append("type_infos: an object {title, abstract, keywords, used_data…} is required")
+    else:
+        problems += [f"type_infos.{k}: unknown field" for k in sorted(set(infos) - _TYPE_INFOS)]
+        _string(infos, "title", "type_infos.", problems)
+        _string(infos, "abstract", "type_infos.", problems)
+        keywords = infos.get("keywords", [])
+        if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
+            problems.append("type_infos.keywords: must be an array of strings")
+        if "bbox" in infos:
+            problems += _bbox_problems(infos["bbox"])
+        used_problems, pyramids = await asyncio.to_thread(used_data, ctx, infos.get("used_data"))
+        problems += used_problems
+        if "interpolation" in infos and infos["interpolation"] not in INTERPOLATIONS:
+            problems.append(f"type_infos.interpolation: must be one of {', '.join(INTERPOLATIONS)}")
+        if "styles" in infos:
+            if data.get("type") != "WMS-RASTER":
+                problems.append("type_infos.styles: only WMS-RASTER configurations have styles")
+            else:
+                problems += _style_problems(ctx, infos["styles"])
+    metadata = data.get("metadata", [])
+    if not isinstance(metadata, list) or not all(isinstance(m, dict) and isinstance(m.get("url"), str)
+                                                 for m in metadata):
+        problems.append("metadata: must be an array of {format, url, type}")
+    attribution = data.get("attribution")
+    if attribution is not None and not (isinstance(attribution, dict) and isinstance(attribution.get("title", ""), str)):
+        problems.append("attribution: must be an object {title, url, logo}")
+    if problems:
+        raise bad_request(*problems)
+    try:
+        layer = build_layer(data, pyramids)
+    except LayerError as exc:
+        raise bad_request(f"{exc.field}: {exc.message}") from None
+    _check_unique(ctx, data, replacing)
+    try:
+        await check_layer(layer, ctx.wh.runtime.pool)
+    except LayerError as exc:
+        raise bad_request(f"type_infos.used_data: {exc.message} ({exc.field})") from None
+    except StorageError as exc:
+        raise ApiError(503, f"storage unavailable: {exc}") from None
+    return layer
+
+
+def _check_unique(ctx: Ctx, data: dict[str, Any], replacing: str | None) -> None:
+    for other in ctx.wh.entities.list(KIND):
+        if other.id != replacing and other.body["layer_name"] == data["layer_name"]:
+            raise conflict(f"layer_name {data['layer_name']} is already used by configuration {other.id}"
+                           f" ({other.body['type']}): a layer name is unique on this server")
+    if replacing is None and ctx.wh.store.get_layer(data["layer_name"]) is not None:
+        raise conflict(f"layer_name {data['layer_name']} is already a published layer (ROK4 admin API)")
+
+
+# --- views ---------------------------------------------------------------------------------------------
+
+
+def offerings_of(ctx: Ctx, configuration_id: str) -> list[Entity]:
+    return ctx.wh.entities.find(OFFERING, "json_extract(body, '$.configuration._id') = ?", (configuration_id,))
+
+
+def configuration_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
+    body = entity.body
+    published = any(ctx.wh.store.get_offering(o.id) is not None for o in offerings_of(ctx, entity.id))
+    out = {"_id": entity.id, "type": body["type"], "name": body["name"], "layer_name": body["layer_name"],
+           "status": "PUBLISHED" if published else "UNPUBLISHED", "creation": entity.created_at,
+           "type_infos": body["type_infos"], "metadata": body.get("metadata", []), **annotations_view(body)}
+    for key in ("attribution", "getfeatureinfo"):
+        if key in body:
+            out[key] = body[key]
+    return out
+
+
+def foreign_views(ctx: Ctx) -> list[dict[str, Any]]:
+    """Layers of the ROK4 admin API (no configuration of their own), in the default datastore."""
+    if ctx.datastore.id != ctx.wh.accounts.default_datastore().id:
+        return []
+    owned = {e.body["layer_name"] for e in ctx.wh.entities.list(KIND)}
+    by_url = {s.descriptor_url: s.id for s in ctx.wh.store.list_stored_data()}
+    out = []
+    for layer in ctx.wh.store.list_layers():
+        if layer.id in owned:
+            continue
+        infos: dict[str, Any] = {"title": layer.title, "abstract": layer.abstract, "keywords": list(layer.keywords),
+                                 "used_data": [{"stored_data": by_url.get(p.path), "bottom_level": p.bottom_level,
+                                                "top_level": p.top_level} for p in layer.pyramids]}
+        if layer.bbox is not None:
+            infos["bbox"] = dict(zip(("west", "south", "east", "north"), layer.bbox, strict=True))
+        out.append({"_id": str(uuid.uuid5(_FOREIGN, layer.id)), "name": layer.id, "layer_name": layer.id,
+                    "type": "WMS-RASTER" if layer.services == ("wms",) else "WMTS-TMS", "status": "PUBLISHED",
+                    "type_infos": infos, "metadata": [dict(m) for m in layer.metadata], "tags": {}})
+    return out
+
+
+def get_configuration(ctx: Ctx, ident: str) -> Entity:
+    entity = ctx.wh.entities.get(KIND, ident.lower())
+    if entity is None or entity.datastore_id != ctx.datastore.id:
+        raise not_found("configuration", ident)
+    return entity
+
+
+def _uses(item: dict[str, Any], wanted: str) -> bool:
+    return any(u.get("stored_data") == wanted.lower() for u in item["type_infos"].get("used_data", []))
+
+
+# --- routes ---------------------------------------------------------------------------------------------
+
+
+@route
+async def list_configurations(ctx: Ctx) -> Response:
+    def views() -> list[dict[str, Any]]:
+        return [configuration_view(ctx, e) for e in ctx.wh.entities.list(KIND, ctx.datastore.id)] + foreign_views(ctx)
+
+    return list_response(ctx.request, await asyncio.to_thread(views), {"stored_data": _uses})
+
+
+def _stored_body(data: dict[str, Any]) -> dict[str, Any]:
+    body = {k: data[k] for k in _FIELDS if k in data}
+    body["type_infos"] = dict(body["type_infos"])
+    for item in body["type_infos"]["used_data"]:
+        item["stored_data"] = item["stored_data"].lower()
+        for key in ("bottom_level", "top_level"):
+            item[key] = str(item[key])
+    return body
+
+
+@route
+async def create_configuration(ctx: Ctx) -> Response:
+    data = await json_body(ctx.request)
+    await validate(ctx, data)
+    body = {**_stored_body(data), "tags": {}}
+    add_event(body, "Création", ctx.user)
+    entity = await asyncio.to_thread(ctx.wh.entities.create, KIND, ctx.datastore.id, body)
+    return json_response(configuration_view(ctx, entity), status=201)
+
+
+@route
+async def get_configuration_route(ctx: Ctx) -> Response:
+    ident = ctx.param("configuration").lower()
+    entity = ctx.wh.entities.get(KIND, ident)
+    if entity is None or entity.datastore_id != ctx.datastore.id:
+        foreign = next((v for v in foreign_views(ctx) if v["_id"] == ident), None)
+        if foreign is None:
+            raise not_found("configuration", ident)
+        return json_response(foreign)
+    return json_response(configuration_view(ctx, entity))
+
+
+@route
+async def replace_configuration(ctx: Ctx) -> Response:
+    """Full edit; a published configuration republishes its layer at once."""
+    entity = get_configuration(ctx, ctx.param("configuration"))
+    data = await json_body(ctx.request)
+    if data.get("type", entity.body["type"]) != entity.body["type"]:
+        raise bad_request("type: a configuration's type cannot change")
+    if data.get("layer_name", entity.body["layer_name"]) != entity.body["layer_name"] and offerings_of(ctx, entity.id):
+        raise conflict("layer_name: unpublish the configuration before renaming its layer")
+    layer = await validate(ctx, data, replacing=entity.id)
+    body = _stored_body(data)
+    await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, lambda b: b.update(body))
+    if ctx.wh.store.get_layer(layer.id) is not None and offerings_of(ctx, entity.id):
+        from dataclasses import replace
+
+        current = ctx.wh.store.get_layer(layer.id)
+        await asyncio.to_thread(ctx.wh.store.put_layer, replace(layer, restricted=current.restricted))
+        await ctx.wh.runtime.refresh()
+    return json_response(configuration_view(ctx, get_configuration(ctx, entity.id)))
+
+
+@route
+async def delete_configuration(ctx: Ctx) -> Response:
+    entity = get_configuration(ctx, ctx.param("configuration"))
+    if offerings_of(ctx, entity.id):
+        raise conflict(f"configuration {entity.id} is published: delete its offerings first")
+    await asyncio.to_thread(ctx.wh.entities.delete, entity.id)
+    return no_content()
+
+
+async def _ensure(ctx: Ctx, ident: str) -> str:
+    get_configuration(ctx, ident)
+    return KIND
+
+
+def routes() -> list[BaseRoute]:
+    item = PREFIX + "/{configuration}"
+    return [
+        Route(PREFIX, list_configurations, methods=["GET"]),
+        Route(PREFIX, create_configuration, methods=["POST"]),
+        Route(item, get_configuration_route, methods=["GET"]),
+        Route(item, replace_configuration, methods=["PUT"]),
+        Route(item, delete_configuration, methods=["DELETE"]),
+        *annotation_routes(PREFIX, "configuration", _ensure),
+    ]

@@ -1,0 +1,356 @@
+"""Processings and their executions: list the definitions; create an execution (validated against
+its processing, every problem listed; the output stored data created at once), launch it
+(WAITING → PROGRESS → SUCCESS | FAILURE, run by the scheduler's worker processes), abort it,
+read its logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from tileserver.rok4.tms import TMSError, load_tms
+
+from .accounts import now_iso
+from .annotations import add_event, annotations_view
+from .check_routes import logs_response
+from .entities import Entity
+from .errors import bad_request, conflict, not_found
+from .lifecycle import EXECUTION, FINAL, execution_ended, log_line
+from .processings import Processing, check_parameters, find, processings
+from .stored_data import KIND as STORED_DATA
+from .stored_data import get_stored, summary_view
+from .uploads import get_upload
+from .web import Ctx, json_body, json_response, list_response, no_content, route
+
+PREFIX = "/api/datastores/{datastore}/processings"
+
+
+def _processings(ctx: Ctx) -> tuple[Processing, ...]:
+    return processings(ctx.wh.settings.tms_directory)
+
+
+@route
+async def list_processings(ctx: Ctx) -> Response:
+    return list_response(ctx.request, [p.view() for p in _processings(ctx)])
+
+
+@route
+async def get_processing(ctx: Ctx) -> Response:
+    processing = find(ctx.wh.settings.tms_directory, ctx.param("processing"))
+    if processing is None:
+        raise not_found("processing", ctx.param("processing"))
+    return json_response(processing.view())
+
+
+# --- views -----------------------------------------------------------------------------------------
+
+
+def execution_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
+    body = entity.body
+    uploads = []
+    for ref in body["inputs"].get("upload", []):
+        upload = ctx.wh.entities.get("upload", ref["_id"])
+        uploads.append({"_id": ref["_id"], **({k: upload.body.get(k) for k in ("type", "name", "status", "srs")}
+                                              if upload else {"name": ref.get("name"), "status": "DELETED"})})
+    inputs_sd = []
+    for ref in body["inputs"].get("stored_data", []):
+        stored = ctx.wh.store.get_stored_data(ref["_id"])
+        inputs_sd.append(summary_view(stored) if stored else {**ref, "status": "DELETED"})
+    output = body["output"]["stored_data"]
+    stored = ctx.wh.store.get_stored_data(output["_id"])
+    out = {
+        "_id": entity.id,
+        "processing": body["processing"],
+        "status": body["status"],
+        "creation": entity.created_at,
+        "inputs": {"upload": uploads, "stored_data": inputs_sd},
+        "output": {"stored_data": summary_view(stored) if stored else {**output, "status": "DELETED"}},
+        "parameters": body["parameters"],
+        **annotations_view(body),
+    }
+    for key in ("launch", "start", "finish"):
+        if body.get(key):
+            out[key] = body[key]
+    return out
+
+
+def _ref_filter(section: str, kind: str):  # noqa: ANN202 - a web.Filter
+    def match(item: dict[str, Any], wanted: str) -> bool:
+        holder = item[section]
+        refs = holder.get(kind) if isinstance(holder, dict) else None
+        refs = refs if isinstance(refs, list) else [refs] if refs else []
+        return any(r.get("_id") == wanted.lower() for r in refs)
+
+    return match
+
+
+FILTERS = {
+    "input_upload": _ref_filter("inputs", "upload"),
+    "input_stored_data": _ref_filter("inputs", "stored_data"),
+    "output_stored_data": _ref_filter("output", "stored_data"),
+    "output_upload": lambda item, wanted: False,  # this warehouse's processings only make stored data
+}
+
+
+def get_execution(ctx: Ctx) -> Entity:
+    entity = ctx.wh.entities.get(EXECUTION, ctx.param("execution").lower())
+    if entity is None or entity.datastore_id != ctx.datastore.id:
+        raise not_found("processing execution", ctx.param("execution"))
+    return entity
+
+
+@route
+async def list_executions(ctx: Ctx) -> Response:
+    entities = await asyncio.to_thread(ctx.wh.entities.list, EXECUTION, ctx.datastore.id)
+    return list_response(ctx.request, [execution_view(ctx, e) for e in entities], FILTERS)
+
+
+@route
+async def get_execution_route(ctx: Ctx) -> Response:
+    return json_response(execution_view(ctx, get_execution(ctx)))
+
+
+# --- creation ---------------------------------------------------------------------------------------
+
+
+def _ids(value: Any, where: str, problems: list[str]) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(f"{where}: must be an array of identifiers")
+        return []
+    return [v.lower() for v in value]
+
+
+def _check_uploads(ctx: Ctx, processing: Processing, ids: list[str], problems: list[str]) -> list[Entity]:
+    if not processing.upload_types and ids:
+        problems.append(f"inputs.upload: processing '{processing.name}' takes no upload")
+        return []
+    if processing.upload_types and not ids:
+        problems.append(f"inputs.upload: processing '{processing.name}' needs at least one upload of type "
+                        f"{' or '.join(processing.upload_types)}")
+    found = []
+    for i, ident in enumerate(ids):
+        where = f"inputs.upload[{i}]"
+        try:
+            upload = get_upload(ctx, ident)
+        except Exception:
+            problems.append(f"{where}: upload {ident} not found in this datastore")
+            continue
+        if upload.body["type"] not in processing.upload_types:
+            problems.append(f"{where}: upload {ident} is of type {upload.body['type']}, expected "
+                            f"{' or '.join(processing.upload_types)}")
+        if upload.body["status"] != "CLOSED":
+            problems.append(f"{where}: upload {ident} is {upload.body['status']}; it must be CLOSED (checks passed)")
+        found.append(upload)
+    return found
+
+
+def _check_stored(ctx: Ctx, processing: Processing, ids: list[str], problems: list[str]) -> list[Any]:
+    if len(ids) > 1:
+        problems.append("inputs.stored_data: at most one pyramid to update")
+    found = []
+    for i, ident in enumerate(ids):
+        where = f"inputs.stored_data[{i}]"
+        try:
+            stored, _ = get_stored(ctx, ident)
+        except Exception:
+            problems.append(f"{where}: stored data {ident} not found in this datastore")
+            continue
+        if stored.type not in processing.stored_data_types:
+            problems.append(f"{where}: stored data {ident} is of type {stored.type}")
+        elif stored.status != "GENERATED":
+            problems.append(f"{where}: stored data {ident} is {stored.status}; it must be GENERATED")
+        found.append(stored)
+    if found and processing.key == "harvest":
+        problems.append("inputs.stored_data: updating a pyramid by harvesting is not supported here")
+    return found
+
+
+def _check_levels(ctx: Ctx, parameters: dict[str, Any], ancestors: list[Any], problems: list[str]) -> None:
+    """Level ids exist in the grid: the given `tms`, else the updated pyramid's."""
+    tms_id = parameters.get("tms")
+    if tms_id is None and ancestors:
+        tms_id = ancestors[0].summary.get("type_infos", {}).get("tms") or ancestors[0].summary.get("tile_matrix_set")
+    if tms_id is None:
+        if any(k in parameters for k in ("bottom", "top", "harvest_levels")) or not ancestors:
+            problems.append("parameters.tms: mandatory for an initial generation")
+        return
+    if not isinstance(tms_id, str):
+        return
+    try:
+        tms = load_tms(tms_id, ctx.wh.settings.tms_directory)
+    except (TMSError, ValueError, OSError):
+        problems.append(f"parameters.tms: unknown tile matrix set {tms_id}")
+        return
+    levels = [m.id for m in tms.matrices]
+    named = [(k, parameters[k]) for k in ("bottom", "top") if k in parameters]
+    named += [(f"harvest_levels[{i}]", v) for i, v in enumerate(parameters.get("harvest_levels") or [])]
+    for key, value in named:
+        if isinstance(value, str | int) and not isinstance(value, bool) and tms.get(str(value)) is None:
+            problems.append(f"parameters.{key}: level {value} is not in grid {tms_id}"
+                            + (f" (levels {levels[0]}…{levels[-1]})" if levels else ""))
+    bottom, top = tms.get(str(parameters.get("bottom", ""))), tms.get(str(parameters.get("top", "")))
+    if bottom is not None and top is not None and bottom.cell_size > top.cell_size:
+        problems.append(f"parameters.top: level {parameters['top']} is finer than the bottom level {parameters['bottom']}")
+
+
+def _harvest_problems(parameters: dict[str, Any]) -> list[str]:
+    """What the writer would refuse later: the area's WKT and the WMS URL."""
+    from tileserver.writer.errors import WriterError
+    from tileserver.writer.harvest import parse_wkt_polygons
+
+    problems = []
+    area = parameters.get("harvest_area")
+    if isinstance(area, str):
+        try:
+            parse_wkt_polygons(area)
+        except (WriterError, ValueError) as exc:
+            problems.append(f"parameters.harvest_area: {exc}")
+    url = parameters.get("harvest_url")
+    if isinstance(url, str) and not url.startswith(("http://", "https://")):
+        problems.append("parameters.harvest_url: an http(s) URL is required")
+    return problems
+
+
+def _check_output(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    output = data.get("output")
+    stored = output.get("stored_data") if isinstance(output, dict) else None
+    if not isinstance(stored, dict) or not isinstance(stored.get("name"), str) or not stored["name"].strip():
+        problems.append("output.stored_data.name: the name of the stored data to create is required")
+        return {}
+    tags = stored.get("storage_tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        problems.append("output.stored_data.storage_tags: must be an array of strings")
+    return stored
+
+
+@route
+async def create_execution(ctx: Ctx) -> Response:
+    data = await json_body(ctx.request)
+    problems: list[str] = [f"{k}: unknown field" for k in sorted(set(data) - {"processing", "inputs", "output",
+                                                                             "parameters"})]
+    ident = data.get("processing")
+    processing = find(ctx.wh.settings.tms_directory, ident) if isinstance(ident, str) else None
+    if processing is None:
+        raise bad_request(*problems, f"processing: unknown processing {ident!r} (GET …/processings lists them)")
+    inputs = data.get("inputs") or {}
+    if not isinstance(inputs, dict):
+        problems.append("inputs: must be an object {upload: [...], stored_data: [...]}")
+        inputs = {}
+    problems += [f"inputs.{k}: unknown input type" for k in inputs if k not in ("upload", "stored_data")]
+    uploads = _check_uploads(ctx, processing, _ids(inputs.get("upload"), "inputs.upload", problems), problems)
+    ancestors = _check_stored(ctx, processing, _ids(inputs.get("stored_data"), "inputs.stored_data", problems),
+                              problems)
+    parameters, parameter_problems = check_parameters(processing, data.get("parameters"))
+    problems += parameter_problems
+    if isinstance(data.get("parameters"), dict):
+        await asyncio.to_thread(_check_levels, ctx, parameters, ancestors, problems)
+    if processing.key == "harvest":
+        problems += _harvest_problems(parameters)
+    output = _check_output(data, problems)
+    if problems:
+        raise bad_request(*problems)
+
+    side: dict[str, Any] = {"tags": {}, "storage_tags": list(output.get("storage_tags", [])),
+                            "contact": ctx.user.email}
+    add_event(side, "Création", ctx.user)
+    stored = await asyncio.to_thread(ctx.wh.store.put_stored_data, ctx.wh.pyramid_url(str(uuid.uuid4())), {},
+                                     output["name"], "CREATED")
+    stored_id = stored.id
+    await asyncio.to_thread(ctx.wh.entities.create, STORED_DATA, ctx.datastore.id, side, stored_id)
+    body: dict[str, Any] = {
+        "processing": processing.summary_view(),
+        "status": "CREATED",
+        "inputs": {"upload": [{"_id": u.id, "name": u.body["name"]} for u in uploads],
+                   "stored_data": [{"_id": s.id, "name": s.name} for s in ancestors]},
+        "output": {"stored_data": {"_id": stored_id, "name": output["name"]}},
+        "parameters": parameters,
+        "tags": {},
+        "job": {"claim": None},
+    }
+    add_event(body, "Création", ctx.user)
+    entity = await asyncio.to_thread(ctx.wh.entities.create, EXECUTION, ctx.datastore.id, body)
+    return json_response(execution_view(ctx, entity), status=201)
+
+
+# --- life ---------------------------------------------------------------------------------------------
+
+
+@route
+async def launch(ctx: Ctx) -> Response:
+    entity = get_execution(ctx)
+    launched: list[bool] = []
+
+    def queue(body: dict[str, Any]) -> bool:
+        ok = body["status"] == "CREATED"
+        if ok:
+            body["status"] = "WAITING"
+            body["launch"] = now_iso()
+            body["job"] = {"claim": None}
+        launched.append(ok)
+        return ok
+
+    updated = await asyncio.to_thread(ctx.wh.entities.update, EXECUTION, entity.id, queue)
+    if not launched[0]:
+        raise conflict(f"processing execution {entity.id} is {updated.body['status']}: only a CREATED execution"
+                       " can be launched")
+    await asyncio.to_thread(ctx.wh.entities.append_logs, entity.id, [log_line("launched, waiting for a worker")])
+    ctx.wh.wake()
+    return json_response(execution_view(ctx, updated))
+
+
+@route
+async def abort(ctx: Ctx) -> Response:
+    entity = get_execution(ctx)
+    previous: list[str] = []
+
+    def stop(body: dict[str, Any]) -> bool:
+        previous.append(body["status"])
+        if body["status"] in FINAL:
+            return False
+        body["status"] = "ABORTED"
+        body["finish"] = now_iso()
+        return True
+
+    updated = await asyncio.to_thread(ctx.wh.entities.update, EXECUTION, entity.id, stop)
+    if previous[0] in FINAL:
+        raise conflict(f"processing execution {entity.id} already ended ({previous[0]})")
+    await asyncio.to_thread(ctx.wh.entities.append_logs, entity.id, [log_line(f"aborted by {ctx.user.id}")])
+    if previous[0] != "PROGRESS":  # a running worker notices at its next beat and stops itself
+        await asyncio.to_thread(execution_ended, ctx.wh.store, ctx.wh.entities, updated, ctx.wh.pyramids_dir)
+    return json_response(execution_view(ctx, updated))
+
+
+@route
+async def delete_execution(ctx: Ctx) -> Response:
+    entity = get_execution(ctx)
+    if entity.body["status"] in ("WAITING", "PROGRESS"):
+        raise conflict(f"processing execution {entity.id} is {entity.body['status']}: abort it first")
+    await asyncio.to_thread(ctx.wh.entities.delete, entity.id)
+    return no_content()
+
+
+@route
+async def execution_logs(ctx: Ctx) -> Response:
+    return await logs_response(ctx, get_execution(ctx).id)
+
+
+def routes() -> list[BaseRoute]:
+    item = PREFIX + "/executions/{execution}"
+    return [
+        Route(PREFIX, list_processings, methods=["GET"]),
+        Route(PREFIX + "/executions", list_executions, methods=["GET"]),
+        Route(PREFIX + "/executions", create_execution, methods=["POST"]),
+        Route(item, get_execution_route, methods=["GET"]),
+        Route(item, delete_execution, methods=["DELETE"]),
+        Route(item + "/launch", launch, methods=["POST"]),
+        Route(item + "/abort", abort, methods=["POST"]),
+        Route(item + "/logs", execution_logs, methods=["GET"]),
+        Route(PREFIX + "/{processing}", get_processing, methods=["GET"]),
+    ]

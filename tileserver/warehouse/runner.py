@@ -1,0 +1,105 @@
+"""What a processing execution does, in a worker process: the writer builds the output pyramid
+from the inputs (georeferenced images of uploads, an input pyramid to update by reference, or a
+WMS to harvest) and returns the stored data's summary.
+
+This is the one place that calls the writer: `build`, `update` (by reference) and `harvest`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from tileserver.publication.store import PublicationStore
+from tileserver.settings import Settings
+
+from .checks import IMAGE_EXTENSIONS
+from .entities import Entities, Entity
+from .processings import find, flag
+from .upload_files import UploadFiles
+
+
+class ExecutionError(Exception):
+    """The execution cannot run (inputs gone…): its message ends up in the logs."""
+
+
+def _sources(settings: Settings, entities: Entities, upload_ids: list[str]) -> tuple[list[str], str | None]:
+    files, srs = [], None
+    for upload_id in upload_ids:
+        upload = entities.get("upload", upload_id)
+        if upload is None:
+            raise ExecutionError(f"input upload {upload_id} no longer exists")
+        srs = srs or upload.body.get("srs")
+        root = UploadFiles(Path(settings.data_dir).resolve() / "uploads" / upload_id)
+        files += [str(f) for rel, f in root.files("data") if rel.lower().endswith(IMAGE_EXTENSIONS)]
+    return files, srs
+
+
+def _level(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _parallelization(parameters: dict[str, Any]) -> int:
+    return max(1, min(int(parameters.get("parallelization", 1)), os.cpu_count() or 1))
+
+
+def run_execution(settings: Settings, store: PublicationStore, entities: Entities, execution: Entity,
+                  descriptor_url: str) -> dict[str, Any]:
+    """Run the writer for an execution, writing the pyramid whose descriptor is `descriptor_url`
+    (a local file); the summary of the pyramid written."""
+    from tileserver.writer.build import build_async, run_with_storage
+    from tileserver.writer.options import BuildOptions
+    from tileserver.writer.progress import Progress
+
+    body = execution.body
+    processing = find(settings.tms_directory, body["processing"]["_id"])
+    if processing is None:
+        raise ExecutionError(f"unknown processing {body['processing']['_id']}")
+    parameters = body.get("parameters", {})
+    descriptor = Path(descriptor_url.removeprefix("file://"))
+    output_dir, name = str(descriptor.parent), descriptor.stem
+    progress = Progress(tty=False, interval=2.0)
+    inputs = body.get("inputs", {})
+    ancestors = [store.get_stored_data(s["_id"]) for s in inputs.get("stored_data", [])]
+    if any(a is None for a in ancestors):
+        raise ExecutionError("an input stored data no longer exists")
+    common = {"tms": parameters.get("tms") or "PM", "bottom": _level(parameters.get("bottom")),
+              "top": _level(parameters.get("top")), "compression": parameters.get("compression", "raw"),
+              "width": int(parameters.get("width", 16)), "height": int(parameters.get("height", 16)),
+              "mask": flag(parameters.get("mask", False)), "parallelization": _parallelization(parameters)}
+
+    if processing.key == "harvest":
+        from tileserver.writer.harvest import HarvestOptions, harvest_async
+
+        harvest = HarvestOptions.from_text(
+            url=parameters["harvest_url"], layers=parameters["harvest_layers"], format=parameters["harvest_format"],
+            area=parameters["harvest_area"], levels=",".join(parameters["harvest_levels"]),
+            dimensions=",".join(map(str, parameters["harvest_dimensions"])) if parameters.get("harvest_dimensions")
+            else None, extras=parameters.get("harvest_extras", ""), threshold=parameters.get("harvest_threshold", 0),
+            style="")
+        nodata = parameters.get("nodata")
+        options = BuildOptions(**common, samplesperpixel=parameters.get("samplesperpixel"),
+                               sampleformat=parameters.get("sampleformat"),
+                               nodata=tuple(float(v) for v in nodata) if nodata else None)
+        return run_with_storage(settings, lambda storage, s: harvest_async(
+            harvest, output_dir, name, options, storage, tms_directory=s.tms_directory, overwrite=True,
+            progress=progress))
+
+    sources, srs = _sources(settings, entities, [u["_id"] for u in inputs.get("upload", [])])
+    if not sources:
+        raise ExecutionError("the input uploads hold no image")
+    if ancestors:
+        from tileserver.writer.update import UpdateOptions, update_async
+
+        ancestor = ancestors[0]
+        assert ancestor is not None
+        update = UpdateOptions(interpolation=parameters.get("interpolation"),
+                               parallelization=common["parallelization"], srs=srs)
+        return run_with_storage(settings, lambda storage, s: update_async(
+            ancestor.descriptor_url, sources, output_dir, name, update, storage, tms_directory=s.tms_directory,
+            overwrite=True, progress=progress))
+    options = BuildOptions(**common, interpolation=parameters.get("interpolation", "bicubic"), srs=srs)
+    return run_with_storage(settings, lambda storage, s: build_async(
+        sources, output_dir, name, options, storage, tms_directory=s.tms_directory, overwrite=True,
+        progress=progress))

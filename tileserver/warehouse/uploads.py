@@ -1,0 +1,320 @@
+"""Uploads ("livraisons"): create, push data and md5 files, tree, close (→ checks), open, delete.
+
+Files are streamed to disk under the data directory, never past the datastore's quota; a push
+that fails or is refused leaves nothing. Closing starts the checks (CHECKING), which end the
+upload CLOSED or UNSTABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from .annotations import add_event, annotation_routes, annotations_view
+from .checks import checks_for
+from .entities import Entity
+from .errors import bad_request, conflict, not_found
+from .lifecycle import CHECK, EXECUTION
+from .multipart import receive
+from .upload_files import UploadFiles, checked_path
+from .usage import datastore_usage
+from .web import Ctx, json_body, json_response, list_response, no_content, route
+
+KIND = "upload"
+UPLOAD_TYPES = ("RASTER",)
+STATUSES = ("CREATED", "OPEN", "CLOSED", "CHECKING", "GENERATING", "MODIFYING", "UNSTABLE", "DELETED")
+PREFIX = "/api/datastores/{datastore}/uploads"
+
+
+def upload_view(entity: Entity) -> dict[str, Any]:
+    body = entity.body
+    out = {"_id": entity.id, "name": body["name"], "description": body.get("description", ""),
+           "type": body["type"], "srs": body.get("srs"), "status": body["status"], "size": body.get("size", 0),
+           "creation": entity.created_at, "contact": body.get("contact", ""), **annotations_view(body)}
+    for key in ("extent", "type_infos"):
+        if key in body:
+            out[key] = body[key]
+    return out
+
+
+def get_upload(ctx: Ctx, upload_id: str) -> Entity:
+    entity = ctx.wh.entities.get(KIND, upload_id.lower())
+    if entity is None or entity.datastore_id != ctx.datastore.id:
+        raise not_found("upload", upload_id)
+    return entity
+
+
+def files_of(ctx: Ctx, entity: Entity) -> UploadFiles:
+    return UploadFiles(ctx.wh.upload_dir(entity.id))
+
+
+def _check_srs(srs: Any) -> str | None:
+    if not isinstance(srs, str) or not srs:
+        return "srs: a coordinate reference system such as EPSG:2154 is required"
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(srs)
+    except CRSError:
+        return f"srs: unknown coordinate reference system {srs!r}"
+    return None
+
+
+@route
+async def list_uploads(ctx: Ctx) -> Response:
+    items = [upload_view(e) for e in ctx.wh.entities.list(KIND, ctx.datastore.id)]
+    return list_response(ctx.request, items)
+
+
+@route
+async def create_upload(ctx: Ctx) -> Response:
+    data = await json_body(ctx.request)
+    problems = []
+    unknown = set(data) - {"name", "description", "type", "srs", "contact", "type_infos"}
+    problems += [f"{k}: unknown field" for k in sorted(unknown)]
+    if not isinstance(data.get("name"), str) or not data["name"].strip():
+        problems.append("name: a non-empty string is required")
+    if not isinstance(data.get("description", ""), str):
+        problems.append("description: must be a string")
+    if data.get("type") not in UPLOAD_TYPES:
+        problems.append(f"type: must be one of {', '.join(UPLOAD_TYPES)} (got {data.get('type')!r})")
+    srs_problem = await asyncio.to_thread(_check_srs, data.get("srs"))
+    if srs_problem:
+        problems.append(srs_problem)
+    if problems:
+        raise bad_request(*problems)
+    body: dict[str, Any] = {"name": data["name"], "description": data.get("description", ""), "type": data["type"],
+                            "srs": data["srs"], "status": "OPEN", "size": 0, "round": 0, "tags": {},
+                            "contact": data.get("contact", ctx.user.email)}
+    add_event(body, "Création", ctx.user)
+    entity = await asyncio.to_thread(ctx.wh.entities.create, KIND, ctx.datastore.id, body)
+    return json_response(upload_view(entity), status=201)
+
+
+@route
+async def get_upload_route(ctx: Ctx) -> Response:
+    return json_response(upload_view(get_upload(ctx, ctx.param("upload"))))
+
+
+@route
+async def edit_upload(ctx: Ctx) -> Response:
+    entity = get_upload(ctx, ctx.param("upload"))
+    data = await json_body(ctx.request)
+    problems = [f"{k}: cannot be changed" for k in data if k not in ("name", "description")]
+    problems += [f"{k}: must be a non-empty string" for k in ("name", "description")
+                 if k in data and (not isinstance(data[k], str) or (k == "name" and not data[k].strip()))]
+    if problems:
+        raise bad_request(*problems)
+    updated = await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, lambda body: body.update(data))
+    return json_response(upload_view(updated))
+
+
+def _executions_using(ctx: Ctx, upload_id: str) -> list[Entity]:
+    return [e for e in ctx.wh.entities.list(EXECUTION, ctx.datastore.id)
+            if e.body.get("status") in ("WAITING", "PROGRESS")
+            and any(u["_id"] == upload_id for u in e.body.get("inputs", {}).get("upload", []))]
+
+
+@route
+async def delete_upload(ctx: Ctx) -> Response:
+    entity = get_upload(ctx, ctx.param("upload"))
+    if entity.body["status"] == "CHECKING":
+        raise conflict(f"upload {entity.id} is being checked; delete it once the checks ended")
+    if _executions_using(ctx, entity.id):
+        raise conflict(f"upload {entity.id} is the input of a running processing execution")
+    for check in ctx.wh.entities.find(CHECK, "json_extract(body, '$.upload._id') = ?", (entity.id,)):
+        await asyncio.to_thread(ctx.wh.entities.delete, check.id)
+    await asyncio.to_thread(ctx.wh.entities.delete, entity.id)
+    await asyncio.to_thread(files_of(ctx, entity).remove_all)
+    return no_content()
+
+
+def _require_open(entity: Entity) -> None:
+    if entity.body["status"] != "OPEN":
+        raise bad_request(f"upload {entity.id} is {entity.body['status']}: files can be changed only while it is"
+                          " OPEN (POST …/open)")
+
+
+async def _refresh_size(ctx: Ctx, entity: Entity) -> None:
+    size = await asyncio.to_thread(files_of(ctx, entity).size)
+    await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, lambda body: body.update(size=size))
+
+
+class _QuotaSink:
+    """Writes the pushed file, refusing to go past what the datastore may still use."""
+
+    def __init__(self, handle: Any, room: int) -> None:
+        self.handle = handle
+        self.room = room
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        if self.written > self.room:
+            raise bad_request(f"quota exceeded: the datastore may store {max(self.room, 0)} more bytes of uploads")
+        self.handle.write(data)
+
+
+async def _push(ctx: Ctx, section: str) -> Response:
+    entity = get_upload(ctx, ctx.param("upload"))
+    _require_open(entity)
+    files = files_of(ctx, entity)
+    query_path = ctx.request.query_params.get("path")
+    if section == "data":
+        rel = checked_path(query_path)
+    else:
+        rel = checked_path(query_path) if query_path else None
+    usage = await asyncio.to_thread(datastore_usage, ctx.wh, ctx.datastore)
+    room = ctx.datastore.quota - usage["uploads"]
+    temp, handle = files.open_temp()
+    sink = _QuotaSink(handle, room)
+    try:
+        received = await receive(ctx.request.stream(), ctx.request.headers.get("content-type", ""), "file",
+                                 lambda filename: sink)
+        handle.close()
+        if rel is None:
+            rel = checked_path(Path(received.filename or "").name, "filename")
+        target = files.target(section, rel)
+        if target.exists():
+            raise conflict(f"{rel} already exists in upload {entity.id}; delete it first")
+        files.commit(temp, target)
+    finally:
+        handle.close()
+        temp.unlink(missing_ok=True)
+    await _refresh_size(ctx, entity)
+    return json_response({"path": rel, "size": received.size})
+
+
+@route
+async def push_data(ctx: Ctx) -> Response:
+    return await _push(ctx, "data")
+
+
+@route
+async def push_md5(ctx: Ctx) -> Response:
+    return await _push(ctx, "md5")
+
+
+async def _delete_file(ctx: Ctx, section: str) -> Response:
+    entity = get_upload(ctx, ctx.param("upload"))
+    _require_open(entity)
+    rel = checked_path(ctx.request.query_params.get("path"))
+    if not await asyncio.to_thread(files_of(ctx, entity).delete, section, rel):
+        raise not_found("file", rel)
+    await _refresh_size(ctx, entity)
+    return no_content()
+
+
+@route
+async def delete_data(ctx: Ctx) -> Response:
+    return await _delete_file(ctx, "data")
+
+
+@route
+async def delete_md5(ctx: Ctx) -> Response:
+    return await _delete_file(ctx, "md5")
+
+
+@route
+async def tree(ctx: Ctx) -> Response:
+    entity = get_upload(ctx, ctx.param("upload"))
+    return json_response(await asyncio.to_thread(files_of(ctx, entity).tree))
+
+
+@route
+async def close(ctx: Ctx) -> Response:
+    """OPEN → CHECKING; one check execution per check of the upload's type, run in the background."""
+    entity = get_upload(ctx, ctx.param("upload"))
+    if entity.body["status"] != "OPEN":
+        raise conflict(f"upload {entity.id} is {entity.body['status']}, not OPEN")
+    rounds: list[int] = []
+
+    def start_checks(body: dict[str, Any]) -> bool:
+        if body["status"] != "OPEN":
+            return False
+        body["status"] = "CHECKING"
+        body["round"] = int(body.get("round", 0)) + 1
+        rounds.append(body["round"])
+        add_event(body, "Fermeture", ctx.user)
+        return True
+
+    updated = await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, start_checks)
+    if not rounds:
+        raise conflict(f"upload {entity.id} is {updated.body['status']}, not OPEN")
+    for check in checks_for(entity.body["type"]):
+        await asyncio.to_thread(ctx.wh.entities.create, CHECK, ctx.datastore.id, {
+            "check": {"_id": check.id, "name": check.name}, "upload": {"_id": entity.id, "name": entity.body["name"]},
+            "round": rounds[0], "status": "WAITING", "creation": updated.updated_at, "job": {"claim": None}})
+    ctx.wh.wake()
+    return json_response(upload_view(updated))
+
+
+@route
+async def reopen(ctx: Ctx) -> Response:
+    entity = get_upload(ctx, ctx.param("upload"))
+    if entity.body["status"] not in ("CLOSED", "UNSTABLE", "OPEN"):
+        raise conflict(f"upload {entity.id} is {entity.body['status']}: it can be opened once CLOSED or UNSTABLE")
+    if _executions_using(ctx, entity.id):
+        raise conflict(f"upload {entity.id} is the input of a running processing execution")
+
+    def open_(body: dict[str, Any]) -> None:
+        body["status"] = "OPEN"
+        add_event(body, "Ouverture", ctx.user)
+
+    updated = await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, open_)
+    return json_response(upload_view(updated))
+
+
+def check_execution_view(entity: Entity) -> dict[str, Any]:
+    body = entity.body
+    out = {"_id": entity.id, "check": body["check"], "status": body["status"], "creation": entity.created_at,
+           "upload": body["upload"]}
+    for key in ("start", "finish"):
+        if body.get(key):
+            out[key] = body[key]
+    return out
+
+
+@route
+async def upload_checks(ctx: Ctx) -> Response:
+    """The checks of the last close: `{asked, in_progress, passed, failed}`."""
+    entity = get_upload(ctx, ctx.param("upload"))
+    groups: dict[str, list[dict[str, Any]]] = {"asked": [], "in_progress": [], "passed": [], "failed": []}
+    where = {"WAITING": "asked", "PROGRESS": "in_progress", "SUCCESS": "passed", "FAILURE": "failed",
+             "ABORTED": "failed"}
+    for check in ctx.wh.entities.find(CHECK, "json_extract(body, '$.upload._id') = ?", (entity.id,)):
+        if check.body.get("round") == entity.body.get("round"):
+            groups[where[check.body["status"]]].append(check_execution_view(check))
+    return json_response(groups)
+
+
+async def _ensure(ctx: Ctx, upload_id: str) -> str:
+    get_upload(ctx, upload_id)
+    return KIND
+
+
+def routes() -> list[BaseRoute]:
+    item = PREFIX + "/{upload}"
+    return [
+        Route(PREFIX, list_uploads, methods=["GET"]),
+        Route(PREFIX, create_upload, methods=["POST"]),
+        Route(item, get_upload_route, methods=["GET"]),
+        Route(item, edit_upload, methods=["PATCH"]),
+        Route(item, delete_upload, methods=["DELETE"]),
+        Route(item + "/data", push_data, methods=["POST"]),
+        Route(item + "/data", delete_data, methods=["DELETE"]),
+        Route(item + "/md5", push_md5, methods=["POST"]),
+        Route(item + "/md5", delete_md5, methods=["DELETE"]),
+        Route(item + "/tree", tree, methods=["GET"]),
+        Route(item + "/close", close, methods=["POST"]),
+        Route(item + "/open", reopen, methods=["POST"]),
+        Route(item + "/checks", upload_checks, methods=["GET"]),
+        *annotation_routes(PREFIX, "upload", _ensure),
+    ]
+
+

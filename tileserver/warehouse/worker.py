@@ -1,0 +1,154 @@
+"""One job in its own process: `python -m tileserver.warehouse.worker KIND ID`, settings as JSON
+in `TILESERVER_WAREHOUSE_SETTINGS`.
+
+The worker takes the job (WAITING → PROGRESS), beats every few seconds, streams its log lines
+into the store, and ends it. It leads its own process group: when the job is aborted it kills the
+group, the writer's pool processes included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from tileserver.publication.store import PublicationStore
+from tileserver.settings import S3Cluster, Settings
+
+from . import lifecycle
+from .checks import BY_ID as CHECKS
+from .checks import run_check
+from .entities import Entities, Entity
+from .upload_files import UploadFiles
+
+SETTINGS_ENV = "TILESERVER_WAREHOUSE_SETTINGS"
+BEAT_EVERY = 2.0
+
+
+def settings_to_env(settings: Settings) -> str:
+    return json.dumps(asdict(settings))
+
+
+def settings_from_env(text: str) -> Settings:
+    data = json.loads(text)
+    data["s3_clusters"] = tuple(S3Cluster(**c) for c in data.get("s3_clusters", ()))
+    known = {f.name for f in fields(Settings)}
+    return Settings(**{k: v for k, v in data.items() if k in known})
+
+
+class StoreLog(logging.Handler):
+    """Collects log lines (the job's own and the writer's progress) until the next flush."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.add(record.getMessage())
+
+    def add(self, text: str) -> None:
+        with self._guard:
+            self.lines.append(lifecycle.log_line(text))
+
+    def take(self) -> list[str]:
+        with self._guard:
+            lines, self.lines = self.lines, []
+        return lines
+
+
+class Worker:
+    def __init__(self, settings: Settings, kind: str, job_id: str) -> None:
+        self.settings = settings
+        self.kind = kind
+        self.job_id = job_id
+        self.store = PublicationStore(settings.resolved_store_path)
+        self.entities = Entities(self.store)
+        self.log = StoreLog()
+        self.done = threading.Event()
+        self.pyramids_dir = Path(settings.data_dir).resolve() / "pyramids"
+
+    def flush(self) -> None:
+        self.entities.append_logs(self.job_id, self.log.take())
+
+    def _beat(self) -> None:
+        while not self.done.wait(BEAT_EVERY):
+            try:
+                self.flush()
+                status = lifecycle.beat(self.entities, self.kind, self.job_id)
+            except Exception:  # a busy store: try again at the next beat
+                continue
+            if status == "ABORTED":
+                self.log.add("aborted")
+                self.flush()
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    def run(self) -> int:
+        entity = lifecycle.begin(self.entities, self.kind, self.job_id, os.getpid())
+        if entity is None:
+            return 0
+        logging.getLogger().addHandler(self.log)
+        logging.getLogger().setLevel(logging.INFO)
+        threading.Thread(target=self._beat, daemon=True).start()
+        try:
+            status, result = self._work(entity)
+        except Exception as exc:
+            self.log.add(f"error: {exc}")
+            logging.getLogger("tileserver.warehouse").debug("%s", traceback.format_exc())
+            status, result = "FAILURE", {}
+        self.done.set()
+        lifecycle.finish(self.store, self.entities, self.kind, self.job_id, status, self.pyramids_dir, self.log.take(),
+                         result)
+        return 0
+
+    def _work(self, entity: Entity) -> tuple[str, dict[str, Any]]:
+        if self.kind == lifecycle.CHECK:
+            return self._check(entity)
+        return self._execution(entity)
+
+    def _check(self, entity: Entity) -> tuple[str, dict[str, Any]]:
+        check = CHECKS[entity.body["check"]["_id"]]
+        upload = self.entities.get("upload", entity.body["upload"]["_id"])
+        if upload is None:
+            self.log.add("the upload no longer exists")
+            return "FAILURE", {}
+        files = UploadFiles(Path(self.settings.data_dir).resolve() / "uploads" / upload.id)
+        self.log.add(f"{check.name} of upload {upload.body.get('name')}")
+        ok, found = run_check(check, files, upload.body.get("srs", ""), self.log.add)
+        self.log.add("passed" if ok else "failed")
+        return ("SUCCESS" if ok else "FAILURE"), found
+
+    def _execution(self, entity: Entity) -> tuple[str, dict[str, Any]]:
+        from .runner import run_execution
+
+        output = entity.body["output"]["stored_data"]
+        stored = self.store.get_stored_data(output["_id"])
+        if stored is None:
+            self.log.add("the output stored data no longer exists")
+            return "FAILURE", {}
+        self.store.put_stored_data(stored.descriptor_url, {}, stored.name, "GENERATING", stored.type)
+        self.log.add(f"{entity.body['processing']['name']}: output pyramid {stored.descriptor_url}")
+        summary = run_execution(self.settings, self.store, self.entities, entity, stored.descriptor_url)
+        self.log.add(f"pyramid written: levels {', '.join(summary.get('type_infos', {}).get('levels', []))},"
+                     f" {summary.get('size', 0)} bytes")
+        return "SUCCESS", {"summary": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] not in lifecycle.JOB_KINDS:
+        print("usage: python -m tileserver.warehouse.worker check_execution|processing_execution ID", file=sys.stderr)
+        return 2
+    settings = settings_from_env(os.environ[SETTINGS_ENV])
+    return Worker(settings, argv[0], argv[1]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
