@@ -321,7 +321,7 @@ async def test_capabilities_content(env):
     assert scan.findtext("ows:Title", namespaces=NS) == "SCAN1000 title"
     assert [k.text for k in scan.iterfind("ows:Keywords/ows:Keyword", NS)] == ["SCAN1000", "ROK4"]
     assert scan.find("w:Style", NS).get("isDefault") == "true"
-    assert [f.text for f in scan.iterfind("w:Format", NS)] == ["image/png"]
+    assert [f.text for f in scan.iterfind("w:Format", NS)] == ["image/png", "image/jpeg"]  # JPEG converted by the render pipeline
     assert [f.text for f in scan.iterfind("w:InfoFormat", NS)] == [
         "text/plain",
         "application/json",
@@ -625,7 +625,8 @@ TILE_ERRORS = [
     ({"LAYER": ""}, 400, "MissingParameterValue", "layer"),
     ({"LAYER": "NOPE"}, 400, "InvalidParameterValue", "layer"),
     ({"STYLE": "hypso"}, 400, "InvalidParameterValue", "style"),
-    ({"FORMAT": "image/jpeg"}, 400, "InvalidParameterValue", "format"),
+    ({"FORMAT": "image/gif"}, 400, "InvalidParameterValue", "format"),
+    ({"FORMAT": "image/x-bil;bits=32"}, 400, "InvalidParameterValue", "format"),
     ({"TILEMATRIXSET": "WebMercatorQuad"}, 400, "InvalidParameterValue", "TileMatrixSet"),
     ({"TILEMATRIXSET": "PM_0_9"}, 400, "InvalidParameterValue", "TileMatrixSet"),
     ({"TILEMATRIX": "99"}, 400, "InvalidParameterValue", "TileMatrix"),
@@ -652,7 +653,7 @@ async def test_get_tile_errors(env, change, status, code, locator):
 REST_ERRORS = [
     ("NOPE/normal/PM/10/363/516.png", "InvalidParameterValue", "layer"),
     ("SCAN1000/fancy/PM/10/363/516.png", "InvalidParameterValue", "style"),
-    ("SCAN1000/normal/PM/10/363/516.jpeg", "InvalidParameterValue", "format"),
+    ("SCAN1000/normal/PM/10/363/516.bil", "InvalidParameterValue", "format"),
     ("SCAN1000/normal/PM/10/363/516.webp", "InvalidParameterValue", "format"),
     ("SCAN1000/normal/XX/10/363/516.png", "InvalidParameterValue", "TileMatrixSet"),
     ("SCAN1000/normal/PM/x/363/516.png", "InvalidParameterValue", "TileMatrix"),

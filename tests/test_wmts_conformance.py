@@ -328,7 +328,7 @@ def test_owslib_over_http(tmp_path):
         wmts = WebMapTileService(f"{base}/wmts?SERVICE=WMTS&REQUEST=GetCapabilities")
         assert sorted(wmts.contents) == ["BDPARCELLAIRE", "SCAN1000"]
         layer = wmts.contents["SCAN1000"]
-        assert layer.formats == ["image/png"] and set(layer.tilematrixsetlinks) == {"PM", "PM_0_10"}
+        assert layer.formats == ["image/png", "image/jpeg"] and set(layer.tilematrixsetlinks) == {"PM", "PM_0_10"}
         assert wmts.tilematrixsets["PM"].tilematrix["10"].matrixwidth == 1024
         for tms in ("PM", "PM_0_10"):
             for col in (516, 517):

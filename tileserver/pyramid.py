@@ -19,6 +19,7 @@ from tileserver.rok4.codecs import decode_tile
 from tileserver.rok4.descriptor import Descriptor, DescriptorError, Level, check_against_tms, parse_descriptor
 from tileserver.rok4.slab import SlabIndex, index_size, parse_index
 from tileserver.rok4.tms import TileMatrix, TileMatrixSet, load_tms
+from tileserver.settings import load_settings
 from tileserver.storage import Storage
 
 
@@ -103,6 +104,7 @@ class Pyramid:
         self.root, self.name = split_descriptor_url(url)
         self.format = descriptor.format
         self._slab_base = self._compute_slab_base()
+        self.tms_directory = ""
 
     @classmethod
     async def open(
@@ -119,7 +121,9 @@ class Pyramid:
             check_against_tms(descriptor, tms)
         except (DescriptorError, ValueError) as exc:
             raise PyramidError(f"{url}: {exc}") from None
-        return cls(url, descriptor, tms, storage, cache if cache is not None else SlabIndexCache())
+        pyramid = cls(url, descriptor, tms, storage, cache if cache is not None else SlabIndexCache())
+        pyramid.tms_directory = tms_directory or load_settings().tms_directory  # where its extra grids are looked up
+        return pyramid
 
     # --- naming ---------------------------------------------------------------------------------
 

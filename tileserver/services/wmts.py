@@ -24,7 +24,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from tileserver.catalog import Catalog, PublishedLayer
-from tileserver.rok4.tms import TileMatrix, TileMatrixSet
+from tileserver.rok4.descriptor import TileLimits
+from tileserver.rok4.tms import TileMatrix, TileMatrixSet, TMSError, load_tms
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import (
     KVP,
@@ -126,6 +127,8 @@ class GridSet:
     id: str
     tms: TileMatrixSet
     matrices: tuple[TileMatrix, ...]
+    limits: Mapping[str, TileLimits]  # advertised limits per matrix id
+    native: bool = True  # False: an extra grid, tiles rendered (reprojected) on the fly
 
     def matrix(self, matrix_id: str) -> TileMatrix | None:
         return next((m for m in self.matrices if m.id == matrix_id), None)
@@ -142,10 +145,61 @@ def _grid_sets(published: PublishedLayer) -> tuple[GridSet, ...]:
         for m in ordered
         if bottom.cell_size * (1 - tolerance) <= m.cell_size <= top.cell_size * (1 + tolerance)
     )
-    return (
-        GridSet(f"{tms.id}_{published.top_level}_{published.bottom_level}", tms, subset),
-        GridSet(tms.id, tms, ordered),
+    native = (
+        GridSet(f"{tms.id}_{published.top_level}_{published.bottom_level}", tms, subset, published.limits),
+        GridSet(tms.id, tms, ordered, published.limits),
     )
+    extras = (_extra_grid(published, tms_id) for tms_id in published.layer.extra_tilematrixsets if tms_id != tms.id)
+    return native + tuple(grid for grid in extras if grid is not None)
+
+
+def _metres(tms: TileMatrixSet, matrix: TileMatrix) -> float:
+    return matrix.cell_size * tms.metres_per_unit
+
+
+@functools.lru_cache(maxsize=256)
+def _load_extra(tms_id: str, directory: str) -> TileMatrixSet | None:
+    try:
+        return load_tms(tms_id, directory)
+    except TMSError:
+        return None
+
+
+def _extra_grid(published: PublishedLayer, tms_id: str) -> GridSet | None:
+    """An extra grid (`extra_tilematrixsets`): the matrices whose resolution falls within the published
+    range (half the bottom's to twice the top's, in metres), limited to the layer's extent there."""
+    from pyproj import Transformer
+
+    owner = published.owners[published.bottom_level]
+    extra = _load_extra(tms_id, owner.tms_directory)
+    if extra is None:
+        return None
+    finest = _metres(published.tms, published.matrix(published.bottom_level)) / 2
+    coarsest = _metres(published.tms, published.matrix(published.top_level)) * 2
+    to_grid = Transformer.from_crs("EPSG:4326", extra.pyproj_crs, always_xy=True)
+    bbox = to_grid.transform_bounds(*published.wgs84_bbox, densify_pts=21)
+    if not all(math.isfinite(v) for v in bbox):
+        return None
+    matrices, limits = [], {}
+    for m in sorted(extra.matrices, key=lambda m: -m.cell_size):
+        if not finest <= _metres(extra, m) <= coarsest:
+            continue
+        tiles = m.bbox_to_tile_range(bbox)
+        if tiles is None:
+            continue
+        min_col, min_row, max_col, max_row = tiles
+        matrices.append(m)
+        limits[m.id] = TileLimits(min_col, max_col, min_row, max_row)
+    if not matrices:
+        return None
+    return GridSet(extra.id, extra, tuple(matrices), limits, native=False)
+
+
+def converted_formats(published: PublishedLayer) -> tuple[str, ...]:
+    """Formats offered besides the native one, produced by the render pipeline."""
+    if published.format.sample_format == "FLOAT32":
+        return ()  # a DEM becomes a picture only through a style, not offered on plain tiles
+    return tuple(f for f in ("image/png", "image/jpeg") if f != published.format.mime)
 
 
 def grid_sets(catalog: Catalog, published: PublishedLayer) -> dict[str, GridSet]:
@@ -181,6 +235,7 @@ class TileRequest:
     matrix: TileMatrix
     row: int
     col: int
+    mime: str = ""
 
     @property
     def level(self) -> str:
@@ -189,6 +244,11 @@ class TileRequest:
     @property
     def published_level(self) -> bool:
         return self.matrix.id in self.published.limits
+
+    @property
+    def rendered(self) -> bool:
+        """Not a stored tile: another grid or another format, made by the render pipeline."""
+        return not self.grid.native or self.mime != self.published.format.mime
 
 
 def _integer(value: str, locator: str) -> int:
@@ -228,27 +288,22 @@ def resolve_tile(
             "InvalidParameterValue", "style", f"unknown style {echo(style)} for layer {published.id}"
         )
     fmt = params["format"] or ""
-    if not _same_mime(fmt, published.format.mime):
-        # Hook: format conversion (render/) would answer here.
+    offered = (published.format.mime, *converted_formats(published))
+    mime = next((m for m in offered if _same_mime(fmt, m)), None)
+    if mime is None or (info and mime != published.format.mime):
         raise OWSException(
             "InvalidParameterValue",
             "format",
-            f"format {echo(fmt)} is not offered, use {published.format.mime}",
+            f"format {echo(fmt)} is not offered, use {' or '.join(offered)}",
         )
     sets = grid_sets(catalog, published)
     set_id = params["TileMatrixSet"] or ""
     grid = sets.get(set_id)
-    if grid is None:
-        # Hook: extra_tilematrixsets (reprojected tiles, render/) would be resolved here.
-        why = (
-            "is not available yet (reprojection)"
-            if set_id in published.layer.extra_tilematrixsets
-            else "is unknown"
-        )
+    if grid is None or (info and not grid.native):
         raise OWSException(
             "InvalidParameterValue",
             "TileMatrixSet",
-            f"TileMatrixSet {echo(set_id)} {why} for layer {published.id}",
+            f"TileMatrixSet {echo(set_id)} is unknown for layer {published.id}",
         )
     matrix = grid.matrix(params["TileMatrix"] or "")
     if matrix is None:
@@ -259,7 +314,7 @@ def resolve_tile(
         )
     row = _integer(params["TileRow"] or "", "TileRow")
     col = _integer(params["TileCol"] or "", "TileCol")
-    limits = published.limits.get(matrix.id)
+    limits = grid.limits.get(matrix.id)
     if limits is not None:
         rows, cols = (limits.min_row, limits.max_row), (limits.min_col, limits.max_col)
     else:  # listed in the set without limits: the whole matrix
@@ -270,7 +325,7 @@ def resolve_tile(
             raise OWSException(
                 code, locator, f"{locator} {value} is outside [{low}, {high}] at TileMatrix {matrix.id}"
             )
-    return TileRequest(published, grid, matrix, row, col)
+    return TileRequest(published, grid, matrix, row, col, mime)
 
 
 def _check_service(runtime: Any) -> None:
@@ -286,7 +341,27 @@ def _storage_failure(request: Request, error: TileStorageError) -> OWSException:
     return OWSException("NoApplicableCode", None, f"{reason} (request {request_id(request)})", error.status)
 
 
+async def _rendered_answer(request: Request, tile: TileRequest) -> TileAnswer:
+    from tileserver.render.pipeline import RenderError, gate_for, render_tile
+
+    runtime = get_runtime(request)
+    try:
+        body, content_type = await render_tile(
+            tile.published, tile.grid.tms, tile.level, tile.col, tile.row, None, tile.mime, gate=gate_for(runtime)
+        )
+    except RenderError as error:
+        status = error.status if error.status in (400, 503) else 500
+        if status == 400:
+            raise OWSException("InvalidParameterValue", None, error.message) from None
+        raise OWSException("NoApplicableCode", None, error.message, status) from None
+    except TileStorageError as error:
+        raise _storage_failure(request, error) from error
+    return TileAnswer(body, content_type, None, False)
+
+
 async def _tile_answer(request: Request, tile: TileRequest) -> TileAnswer:
+    if tile.rendered:
+        return await _rendered_answer(request, tile)
     try:
         answer = None
         if tile.published_level:
@@ -455,7 +530,8 @@ def _layer_node(
         style_node = etree.SubElement(node, _wmts("Style"), isDefault=str(style == DEFAULT_STYLE).lower())
         _text(style_node, _ows("Identifier"), style)
     mime = published.format.mime
-    _text(node, _wmts("Format"), mime)
+    for offered in (mime, *converted_formats(published)):
+        _text(node, _wmts("Format"), offered)
     infos = tuple(INFO_FORMATS) if queryable(published) else ()
     for info_format in infos:
         _text(node, _wmts("InfoFormat"), info_format)
@@ -464,7 +540,7 @@ def _layer_node(
         _text(link, _wmts("TileMatrixSet"), grid.id)
         limits_node = etree.SubElement(link, _wmts("TileMatrixSetLimits"))
         for m in grid.matrices:
-            limits = published.limits.get(m.id)
+            limits = grid.limits.get(m.id)
             if limits is None:
                 continue
             tml = etree.SubElement(limits_node, _wmts("TileMatrixLimits"))
@@ -479,13 +555,14 @@ def _layer_node(
     prefix = (
         f"{base}{REST_PREFIX}/{layer.id}/{{Style}}/{{TileMatrixSet}}/{{TileMatrix}}/{{TileRow}}/{{TileCol}}"
     )
-    etree.SubElement(
-        node,
-        _wmts("ResourceURL"),
-        format=mime,
-        resourceType="tile",
-        template=f"{prefix}.{CANONICAL_EXTENSION[mime]}{query}",
-    )
+    for offered in (mime, *converted_formats(published)):
+        etree.SubElement(
+            node,
+            _wmts("ResourceURL"),
+            format=offered,
+            resourceType="tile",
+            template=f"{prefix}.{CANONICAL_EXTENSION[offered]}{query}",
+        )
     for info_format in infos:
         etree.SubElement(
             node,

@@ -1,0 +1,81 @@
+"""WMTS tiles the pyramid cannot pass through: a layer's extra grids (reprojected) and other formats."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from apputil import app_client, layer_descriptor, make_settings
+from lxml import etree
+from PIL import Image
+from test_wmts import CAPABILITIES_SCHEMA, assert_valid
+
+from tileserver.publication.model import parse_layer
+from tileserver.render.georef import Grid
+from tileserver.rok4.tms import load_tms
+from tileserver.settings import load_settings
+
+NS = {"wmts": "http://www.opengis.net/wmts/1.0", "ows": "http://www.opengis.net/ows/1.1"}
+TMS_DIR = load_settings(env={}).tms_directory
+
+
+def get_tile(tms: str, level: str, row: int, col: int, fmt: str = "image/png") -> str:
+    return ("/wmts?SERVICE=WMTS&REQUEST=GetTile&VERSION=1.0.0&LAYER=M&STYLE=normal"
+            f"&TILEMATRIXSET={tms}&TILEMATRIX={level}&TILEROW={row}&TILECOL={col}&FORMAT={fmt}")
+
+
+async def test_extra_grid_and_format_conversion(tmp_path):
+    async with app_client(make_settings(tmp_path)) as client:
+        runtime = client.app.state.runtime
+        runtime.store.add_layer(parse_layer("M", layer_descriptor("MONTAGNE", extra_tilematrixsets=["4326"])))
+        await runtime.refresh()
+        published = runtime.catalog.layers["M"]
+        caps = await client.get("/wmts?SERVICE=WMTS&REQUEST=GetCapabilities")
+        root = assert_valid(CAPABILITIES_SCHEMA, caps.content)
+        layer = root.find(".//wmts:Contents/wmts:Layer", NS)
+        links = [e.text for e in layer.findall("wmts:TileMatrixSetLink/wmts:TileMatrixSet", NS)]
+        assert "4326" in links
+        assert {e.text for e in layer.findall("wmts:Format", NS)} == {"image/png", "image/jpeg"}
+        assert root.find(".//wmts:Contents/wmts:TileMatrixSet[ows:Identifier='4326']", NS) is not None
+        link = next(e for e in layer.findall("wmts:TileMatrixSetLink", NS)
+                    if e.findtext("wmts:TileMatrixSet", namespaces=NS) == "4326")
+        # the 4326 tile covering the layer's centre has data and the right size
+        grid = load_tms("4326", TMS_DIR)
+        west, south, east, north = published.wgs84_bbox
+        levels = [e.findtext("wmts:TileMatrix", namespaces=NS)
+                  for e in link.findall("wmts:TileMatrixSetLimits/wmts:TileMatrixLimits", NS)]
+        finest = grid.get(levels[-1])
+        col, row = finest.point_to_tile((west + east) / 2, (south + north) / 2)
+        answer = await client.get(get_tile("4326", finest.id, row, col))
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        pixels = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGBA"))
+        assert pixels.shape == (256, 256, 4) and pixels[..., 3].any()
+
+        # independent check: the tile's centre pixel equals the stored PM pixel at the same place
+        bbox = finest.tile_bbox(col, row)
+        g = Grid("EPSG:4326", bbox, 256, 256)
+        lon, lat = g.to_coords(128, 128)
+        import pyproj
+
+        x, y = pyproj.Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(lon, lat)
+        pm_level = published.bottom_level
+        tc, tr, i, j = published.matrix(pm_level).point_to_pixel(x, y)
+        stored = await published.owners[pm_level].get_tile_array(pm_level, tc, tr)
+        if stored is not None and stored[j, i, 3] == 255 and pixels[128, 128, 3] == 255:
+            assert np.abs(pixels[128, 128, :3].astype(int) - stored[j, i, :3].astype(int)).max() <= 40
+
+        # outside the extra grid's limits: TileOutOfRange; unknown grid: InvalidParameterValue
+        far = await client.get(get_tile("4326", finest.id, 0, 0))
+        assert far.status_code == 400 and b"TileOutOfRange" in far.content
+        unknown = await client.get(get_tile("LAMB93", "5", 0, 0))
+        assert unknown.status_code == 400 and b'locator="TileMatrixSet"' in unknown.content
+
+        # a JPEG from the PNG pyramid, in its own grid
+        pm = published.bottom_level
+        lim = published.limits[pm]
+        jpeg = await client.get(get_tile("PM", pm, lim.min_row, lim.min_col, "image/jpeg"))
+        assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(jpeg.content)).size == (256, 256)
+        bad = await client.get(get_tile("PM", pm, lim.min_row, lim.min_col, "image/gif"))
+        assert bad.status_code == 400 and b'locator="format"' in bad.content
+        assert etree.fromstring(bad.content) is not None
