@@ -115,7 +115,10 @@ def test_tileserver_serve_starts_with_no_configuration(tmp_path):
         proc.terminate()
         # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why it stopped
         assert proc.wait(15) in (0, -15)
-        assert "Application shutdown complete" in proc.stdout.read()
+        output = proc.stdout.read()
+        assert "Application shutdown complete" in output
+        # the access log (buffered) reached stderr with its request id
+        assert any("access" in line and "GET /healthcheck/info 200" in line for line in output.splitlines())
 
 
 def test_access_log_masks_keys(tmp_path, caplog):

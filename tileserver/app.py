@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
@@ -68,6 +69,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await runtime.refresh(force=True)
             runtime.start_watching()
             app.state.runtime = runtime
+            access = buffered_access_log()
+            flusher = asyncio.get_running_loop().create_task(flush_periodically(access)) if access else None
             warehouse = _optional("tileserver.warehouse.service")
             if warehouse is not None:
                 await warehouse.startup(runtime)  # queued executions resume without waiting for a request
@@ -76,10 +79,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
             finally:
                 if warehouse is not None:
                     await warehouse.shutdown(runtime)
+                if flusher is not None and access is not None:
+                    flusher.cancel()
+                    access.flush()
                 await runtime.stop()
                 store.close()
 
-    from tileserver.http import middleware
+    from tileserver.http import buffered_access_log, configure_server_logging, flush_periodically, middleware
+
+    configure_server_logging()
 
     app = Starlette(routes=collect_routes(), lifespan=lifespan, middleware=middleware(settings))
     app.state.settings = settings

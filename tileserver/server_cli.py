@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.no_demo:
         os.environ["TILESERVER_DEMO"] = "false"
     settings = load_settings(host=args.host, port=args.port, workers=args.workers)
+    os.environ["TILESERVER_LOG_LEVEL"] = args.log_level  # every worker configures its logging from it
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     print(f"tileserver: serving on http://{settings.host}:{settings.port}/ (data in {settings.data_dir})")
     uvicorn.run(
