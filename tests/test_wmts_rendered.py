@@ -79,3 +79,28 @@ async def test_extra_grid_and_format_conversion(tmp_path):
         bad = await client.get(get_tile("PM", pm, lim.min_row, lim.min_col, "image/gif"))
         assert bad.status_code == 400 and b'locator="format"' in bad.content
         assert etree.fromstring(bad.content) is not None
+
+
+async def test_ogcapi_serves_the_extra_grid(tmp_path):
+    async with app_client(make_settings(tmp_path)) as client:
+        runtime = client.app.state.runtime
+        runtime.store.add_layer(parse_layer("M", layer_descriptor("MONTAGNE", extra_tilematrixsets=["4326"])))
+        await runtime.refresh()
+        base = "/ogcapi/collections/M/map/tiles"
+        tilesets = (await client.get(base)).json()["tilesets"]
+        assert "4326" in [t["links"][0]["href"].rsplit("/", 1)[-1].split("?")[0] for t in tilesets]
+        tileset = (await client.get(f"{base}/4326")).json()
+        assert tileset["crs"] == "http://www.opengis.net/def/crs/EPSG/0/4326"
+        finest = tileset["tileMatrixSetLimits"][-1]
+        west, south, east, north = runtime.catalog.layers["M"].wgs84_bbox
+        m = load_tms("4326", TMS_DIR).get(finest["tileMatrix"])
+        col, row = m.point_to_tile((west + east) / 2, (south + north) / 2)
+        assert finest["minTileRow"] <= row <= finest["maxTileRow"]
+        answer = await client.get(f"{base}/4326/{m.id}/{row}/{col}")
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        assert np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGBA"))[..., 3].any()
+        outside = await client.get(f"{base}/4326/{m.id}/{finest['maxTileRow'] + 1}/{col}")
+        assert outside.status_code == 404
+        tms_doc = (await client.get("/ogcapi/tileMatrixSets/4326")).json()
+        assert tms_doc["tileMatrices"][0]["id"] == "0"
+        assert (await client.get(f"{base}/LAMB93")).status_code == 404

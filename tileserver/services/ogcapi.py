@@ -51,6 +51,7 @@ from tileserver.services.tiles import (
     tile_response,
 )
 from tileserver.services.tms import any_path_route, vector_tables
+from tileserver.services.wmts import extra_grids
 
 log = logging.getLogger("tileserver.ogcapi")
 
@@ -254,13 +255,27 @@ def registered_alias(tms: TileMatrixSet) -> str | None:
     return next((name for name in REGISTERED if _matches(tms, name)), None)
 
 
-def grid_ids(published: PublishedLayer) -> tuple[str, ...]:
-    """Ids a layer's tiles answer under: the ROK4 id, then the registered alias."""
+def native_grid_ids(published: PublishedLayer) -> tuple[str, ...]:
+    """Ids of the pyramid's own grid: the ROK4 id, then the registered alias."""
     alias = registered_alias(published.tms)
     return (published.tms.id, alias) if alias and alias != published.tms.id else (published.tms.id,)
 
 
+def grid_ids(published: PublishedLayer) -> tuple[str, ...]:
+    """Ids a layer's tiles answer under: its own grid's, then its extra (reprojected) grids."""
+    native = native_grid_ids(published)
+    return native + tuple(g for g in extra_grids(published) if g not in native)
+
+
+def extra_grid(published: PublishedLayer, grid_id: str) -> Any:
+    """The extra grid a tileset id names, or None for the pyramid's own grid."""
+    return None if grid_id in native_grid_ids(published) else extra_grids(published).get(grid_id)
+
+
 def grid_crs(published: PublishedLayer, grid_id: str) -> str:
+    extra = extra_grid(published, grid_id)
+    if extra is not None:
+        return crs_uri(extra.tms.crs)
     if grid_id in REGISTERED and grid_id != published.tms.id:
         return registered_definition(grid_id)["crs"]
     return crs_uri(published.tms.crs)
@@ -386,6 +401,14 @@ def _levels(layers: Iterable[PublishedLayer]) -> list[tuple[str, TileLimits]]:
     return [(level, merged[level]) for level in sorted(merged, key=lambda lv: -cells[lv])]
 
 
+def _grid_levels(layers: list[PublishedLayer], grid: str) -> list[tuple[str, TileLimits]]:
+    """Limits in a tileset's grid: the published ones, or those of an extra (reprojected) grid."""
+    extra = extra_grid(layers[0], grid)
+    if extra is None:
+        return _levels(layers)
+    return [(m.id, extra.limits[m.id]) for m in extra.matrices]
+
+
 def _vector_layers(published: PublishedLayer) -> list[dict[str, Any]]:
     """Tileset `layers` of a vector pyramid: one per table, with the tile matrices holding it."""
     found: dict[str, dict[str, Any]] = {}
@@ -446,7 +469,7 @@ def tileset_document(ctx: Ctx, scope: Scope, grid: str) -> dict[str, Any]:
                 "minTileCol": lim.min_col,
                 "maxTileCol": lim.max_col,
             }
-            for level, lim in _levels(layers)
+            for level, lim in _grid_levels(layers, grid)
         ],
         "links": [
             *self_links(ctx, path, "tileset"),
@@ -551,6 +574,29 @@ async def styled_tile(
     )
 
 
+async def reprojected_tile(
+    ctx: Ctx, published: PublishedLayer, grid: Any, level: str, tile_row: str, tile_col: str, style_name: str | None
+) -> Response:
+    """A tile of one of the layer's extra grids, rendered (reprojected) from the pyramid."""
+    limits = grid.limits.get(level)
+    if limits is None:
+        raise not_found(f"tile matrix {echo(level)} is not offered in {echo(grid.id)}")
+    row, col = _index(tile_row, "tileRow"), _index(tile_col, "tileCol")
+    if not limits.contains(col, row):
+        raise not_found(f"tile ({level}, {row}, {col}) is outside the limits of {echo(published.id)} in {grid.id}")
+    style = rendering_style(ctx, published, style_name)
+    mime, f_name = tile_type(ctx, published, style_name)
+    _check_tile_format(ctx, published, mime, f_name)
+    runtime = get_runtime(ctx.request)
+    try:
+        body, media_type = await render_tile(published, grid.tms, level, col, row, style, mime, gate=gate_for(runtime))
+    except RenderError as exc:
+        status = exc.status if exc.status in (400, 404, 502, 503) else 503
+        raise Problem(status, "InvalidParameter" if status == 400 else "RenderError", exc.message) from None
+    cache_control = published.layer.cache_control or runtime.settings.cache_control
+    return Response(body, media_type=media_type, headers={"Cache-Control": cache_control} if cache_control else {})
+
+
 async def tile(ctx: Ctx, scope: Scope, grid: str, tile_matrix: str, tile_row: str, tile_col: str) -> Response:
     if scope.collection is None:
         wanted = [c for c in (ctx.kvp.get("collections") or "").split(",") if c.strip()]
@@ -560,6 +606,9 @@ async def tile(ctx: Ctx, scope: Scope, grid: str, tile_matrix: str, tile_row: st
     published = scope.layers(ctx)[0]
     if grid not in grid_ids(published):
         raise not_found(f"collection {echo(published.id)} has no tiles in tile matrix set {echo(grid)}")
+    extra = extra_grid(published, grid)
+    if extra is not None:
+        return await reprojected_tile(ctx, published, extra, tile_matrix, tile_row, tile_col, scope.style)
     if tile_matrix not in published.limits:
         raise not_found(f"tile matrix {echo(tile_matrix)} is not published for {echo(published.id)}")
     row, col = _index(tile_row, "tileRow"), _index(tile_col, "tileCol")
@@ -612,7 +661,11 @@ def _grids(ctx: Ctx) -> dict[str, tuple[TileMatrixSet, str | None]]:
     out: dict[str, tuple[TileMatrixSet, str | None]] = {}
     for published in ctx.visible():
         for grid in grid_ids(published):
-            out.setdefault(grid, (published.tms, grid if grid != published.tms.id else None))
+            extra = extra_grid(published, grid)
+            if extra is not None:
+                out.setdefault(grid, (extra.tms, None))
+            else:
+                out.setdefault(grid, (published.tms, grid if grid != published.tms.id else None))
     return out
 
 

@@ -149,35 +149,34 @@ def _grid_sets(published: PublishedLayer) -> tuple[GridSet, ...]:
         GridSet(f"{tms.id}_{published.top_level}_{published.bottom_level}", tms, subset, published.limits),
         GridSet(tms.id, tms, ordered, published.limits),
     )
-    extras = (_extra_grid(published, tms_id) for tms_id in published.layer.extra_tilematrixsets if tms_id != tms.id)
-    return native + tuple(grid for grid in extras if grid is not None)
+    return native + tuple(extra_grids(published).values())
 
 
 def _metres(tms: TileMatrixSet, matrix: TileMatrix) -> float:
     return matrix.cell_size * tms.metres_per_unit
 
 
-@functools.lru_cache(maxsize=256)
-def _load_extra(tms_id: str, directory: str) -> TileMatrixSet | None:
-    try:
-        return load_tms(tms_id, directory)
-    except TMSError:
-        return None
-
-
 def _extra_grid(published: PublishedLayer, tms_id: str) -> GridSet | None:
     """An extra grid (`extra_tilematrixsets`): the matrices whose resolution falls within the published
     range (half the bottom's to twice the top's, in metres), limited to the layer's extent there."""
-    from pyproj import Transformer
-
-    owner = published.owners[published.bottom_level]
-    extra = _load_extra(tms_id, owner.tms_directory)
-    if extra is None:
-        return None
     finest = _metres(published.tms, published.matrix(published.bottom_level)) / 2
     coarsest = _metres(published.tms, published.matrix(published.top_level)) * 2
+    directory = published.owners[published.bottom_level].tms_directory
+    return _extra_grid_cached(tms_id, directory, tuple(published.wgs84_bbox), finest, coarsest)
+
+
+@functools.lru_cache(maxsize=256)
+def _extra_grid_cached(
+    tms_id: str, directory: str, wgs84_bbox: tuple[float, ...], finest: float, coarsest: float
+) -> GridSet | None:
+    from pyproj import Transformer
+
+    try:
+        extra = load_tms(tms_id, directory)
+    except TMSError:
+        return None
     to_grid = Transformer.from_crs("EPSG:4326", extra.pyproj_crs, always_xy=True)
-    bbox = to_grid.transform_bounds(*published.wgs84_bbox, densify_pts=21)
+    bbox = to_grid.transform_bounds(*wgs84_bbox, densify_pts=21)
     if not all(math.isfinite(v) for v in bbox):
         return None
     matrices, limits = [], {}
@@ -193,6 +192,14 @@ def _extra_grid(published: PublishedLayer, tms_id: str) -> GridSet | None:
     if not matrices:
         return None
     return GridSet(extra.id, extra, tuple(matrices), limits, native=False)
+
+
+def extra_grids(published: PublishedLayer) -> dict[str, GridSet]:
+    """A layer's extra grids that can be served (known grid, overlapping the layer), by id."""
+    if published.format.is_vector:
+        return {}
+    found = (_extra_grid(published, t) for t in published.layer.extra_tilematrixsets if t != published.tms.id)
+    return {g.id: g for g in found if g is not None}
 
 
 def converted_formats(published: PublishedLayer) -> tuple[str, ...]:
