@@ -104,3 +104,27 @@ async def test_ogcapi_serves_the_extra_grid(tmp_path):
         tms_doc = (await client.get("/ogcapi/tileMatrixSets/4326")).json()
         assert tms_doc["tileMatrices"][0]["id"] == "0"
         assert (await client.get(f"{base}/LAMB93")).status_code == 404
+
+
+async def test_tms_offers_the_extra_grid_as_its_own_tilemap(tmp_path):
+    async with app_client(make_settings(tmp_path)) as client:
+        runtime = client.app.state.runtime
+        runtime.store.add_layer(parse_layer("M", layer_descriptor("MONTAGNE", extra_tilematrixsets=["4326"])))
+        await runtime.refresh()
+        service = etree.fromstring((await client.get("/tms/1.0.0")).content)
+        hrefs = {t.get("href").rsplit("/", 1)[-1]: t.get("srs") for t in service.iter("TileMap")}
+        assert hrefs == {"M": "EPSG:3857", "M@4326": "EPSG:4326"}
+        tilemap = etree.fromstring((await client.get("/tms/1.0.0/M@4326")).content)
+        assert tilemap.findtext("SRS") == "EPSG:4326"
+        tileset = list(tilemap.iter("TileSet"))[-1]
+        level = tileset.get("href").rsplit("/", 1)[-1]
+        west, south, east, north = runtime.catalog.layers["M"].wgs84_bbox
+        m = load_tms("4326", TMS_DIR).get(level)
+        col, row = m.point_to_tile((west + east) / 2, (south + north) / 2)
+        assert int(tileset.get("mincol")) <= col <= int(tileset.get("maxcol"))
+        answer = await client.get(f"/tms/1.0.0/M@4326/{level}/{col}/{row}.png")
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        assert np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGBA"))[..., 3].any()
+        assert (await client.get(f"/tms/1.0.0/M@4326/{level}/0/0.png")).status_code == 404
+        assert (await client.get("/tms/1.0.0/M@LAMB93")).status_code == 400
+        assert (await client.get("/tms/1.0.0/M@4326/gdal.xml")).status_code == 404

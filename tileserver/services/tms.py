@@ -18,6 +18,7 @@ import html
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -30,12 +31,14 @@ from tileserver.catalog import Catalog, PublishedLayer
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import XML_DECLARATION, base_url, echo, key_hash, xml_text
 from tileserver.services.tiles import (
+    TileAnswer,
     TileNotFound,
     TileStorageError,
     log_storage_failure,
     native_tile,
     tile_response,
 )
+from tileserver.services.wmts import extra_grids
 from tileserver.settings import PROJECT_DIR
 
 VERSION = "1.0.0"
@@ -144,15 +147,17 @@ def service_document(request: Request, visible: list[PublishedLayer]) -> bytes:
     tilemaps = root.find("TileMaps")
     assert tilemaps is not None
     for published in sorted(visible, key=lambda p: p.id):
-        etree.SubElement(
-            tilemaps,
-            "TileMap",
-            title=xml_text(published.layer.title),
-            srs=published.tms.crs,
-            profile="none",
-            extension=published.format.tms_extension,
-            href=f"{base}/{published.id}",
-        )
+        for view in views(published):
+            title = published.layer.title + (f" ({view.grid.id})" if view.grid else "")
+            etree.SubElement(
+                tilemaps,
+                "TileMap",
+                title=xml_text(title),
+                srs=view.tms.crs,
+                profile="none",
+                extension=published.format.tms_extension,
+                href=f"{base}/{view.id}",
+            )
     return _serialise(root)
 
 
@@ -191,11 +196,57 @@ def _metadata_and_attribution(root: etree._Element, published: PublishedLayer) -
         _insert_after(root, anchors, node)
 
 
-def tilemap_document(request: Request, published: PublishedLayer) -> bytes:
+EXTRA_GRID_SEPARATOR = "@"  # `/tms/1.0.0/{layer}@{grid}`: a layer in one of its extra grids (never in layer ids)
+
+
+@dataclass(frozen=True)
+class TileMapView:
+    """What one TileMap describes: a layer in its own grid, or reprojected into an extra grid."""
+
+    published: PublishedLayer
+    grid: Any = None  # wmts.GridSet of an extra grid, None for the pyramid's own
+
+    @property
+    def id(self) -> str:
+        return self.published.id + (f"{EXTRA_GRID_SEPARATOR}{self.grid.id}" if self.grid else "")
+
+    @property
+    def tms(self) -> Any:
+        return self.grid.tms if self.grid else self.published.tms
+
+    @property
+    def level_ids(self) -> tuple[str, ...]:
+        return tuple(m.id for m in self.grid.matrices) if self.grid else self.published.level_ids
+
+    @property
+    def limits(self) -> Any:
+        return self.grid.limits if self.grid else self.published.limits
+
+    def matrix(self, level: str) -> Any:
+        return self.tms.get(level)
+
+    @property
+    def native_bbox(self) -> tuple[float, float, float, float]:
+        if not self.grid:
+            return self.published.native_bbox
+        bottom = self.level_ids[-1]
+        lim = self.limits[bottom]
+        return self.matrix(bottom).range_bbox(lim.min_col, lim.min_row, lim.max_col, lim.max_row)
+
+    def order(self, level: str) -> int:
+        return int(level) if level.isdigit() else self.level_ids.index(level)
+
+
+def views(published: PublishedLayer) -> list[TileMapView]:
+    return [TileMapView(published)] + [TileMapView(published, g) for g in extra_grids(published).values()]
+
+
+def tilemap_document(request: Request, view: TileMapView) -> bytes:
     """`/tms/1.0.0/{layer}`: grid, extent, format and one TileSet per published level."""
     base = service_url(request)
-    layer, tms, fmt = published.layer, published.tms, published.format
-    bottom = published.matrix(published.bottom_level)
+    published = view.published
+    layer, tms, fmt = published.layer, view.tms, published.format
+    bottom = view.matrix(view.level_ids[-1])
     root = _skeleton("tilemap")
     root.set("tilemapservice", base)
     _set_text(root, "Title", layer.title)
@@ -205,7 +256,7 @@ def tilemap_document(request: Request, published: PublishedLayer) -> bytes:
     _set_text(root, "SRS", tms.crs)
     bbox = root.find("BoundingBox")
     assert bbox is not None
-    for name, value in zip(("minx", "miny", "maxx", "maxy"), published.native_bbox, strict=True):
+    for name, value in zip(("minx", "miny", "maxx", "maxy"), view.native_bbox, strict=True):
         bbox.set(name, _num(value))
     origin = root.find("Origin")
     assert origin is not None
@@ -222,15 +273,15 @@ def tilemap_document(request: Request, published: PublishedLayer) -> bytes:
         tile_format.set(name, str(value))
     tilesets = root.find("TileSets")
     assert tilesets is not None
-    for level in published.level_ids:
-        limits = published.limits[level]
+    for level in view.level_ids:
+        limits = view.limits[level]
         etree.SubElement(
             tilesets,
             "TileSet",
             {
-                "href": f"{base}/{published.id}/{level}",
-                "units-per-pixel": _num(published.matrix(level).cell_size),
-                "order": str(level_order(published, level)),
+                "href": f"{base}/{view.id}/{level}",
+                "units-per-pixel": _num(view.matrix(level).cell_size),
+                "order": str(view.order(level)),
                 "minrow": str(limits.min_row),
                 "maxrow": str(limits.max_row),
                 "mincol": str(limits.min_col),
@@ -377,17 +428,20 @@ def _index(text: str, what: str) -> int:
     return int(text)
 
 
-async def tile(request: Request, published: PublishedLayer, level: str, x: str, y_ext: str) -> Response:
+async def tile(request: Request, view: TileMapView, level: str, x: str, y_ext: str) -> Response:
     """`{level}/{x}/{y}.{ext}`: the stored tile, its row counted from the top as WMTS and ROK4 do."""
+    published = view.published
     y, dot, ext = y_ext.rpartition(".")
     if not dot or not y:
         raise TMSError(400, "a tile is requested as {z}/{x}/{y}.{extension}")
-    if published.tms.get(level) is None or level not in published.limits:
-        raise TMSError(400, f"level {echo(level)} is not published by layer {echo(published.id)}")
+    if view.tms.get(level) is None or level not in view.limits:
+        raise TMSError(400, f"level {echo(level)} is not published by layer {echo(view.id)}")
     wanted = published.format.tms_extension
     if EXTENSION_ALIASES.get(ext, ext) != wanted:
         raise TMSError(400, f"extension {echo(ext)} is not the layer's ({wanted})")
     col, row = _index(x, "column"), _index(y, "row")
+    if view.grid is not None:
+        return await _reprojected_tile(request, view, level, col, row)
     try:
         answer = await native_tile(published, level, col, row)
     except TileNotFound:
@@ -398,6 +452,23 @@ async def tile(request: Request, published: PublishedLayer, level: str, x: str, 
     if answer is None:
         raise TMSError(404, "No data found")
     return tile_response(answer, published, get_runtime(request).settings)
+
+
+async def _reprojected_tile(request: Request, view: TileMapView, level: str, col: int, row: int) -> Response:
+    """A tile of an extra grid, rendered from the pyramid in the layer's own format."""
+    from tileserver.render.pipeline import RenderError, gate_for, render_tile
+
+    if not view.limits[level].contains(col, row):
+        raise TMSError(404, "No data found")
+    runtime = get_runtime(request)
+    try:
+        body, media_type = await render_tile(
+            view.published, view.tms, level, col, row, None, view.published.format.mime, gate=gate_for(runtime)
+        )
+    except RenderError as exc:
+        raise TMSError(exc.status if exc.status in (400, 502, 503) else 503, exc.message) from None
+    answer = TileAnswer(body, media_type, None, False)
+    return tile_response(answer, view.published, runtime.settings)
 
 
 # --- dispatch -----------------------------------------------------------------------------------
@@ -439,17 +510,26 @@ async def _dispatch(request: Request, parts: list[str]) -> Response:
         # keyed by what the caller sees, not by the key: random keys cannot grow the cache
         key = ("service", tuple(sorted(p.id for p in visible)))
         return _xml_bytes(_cached(request, catalog, key, lambda: service_document(request, visible)))
-    published = _layer(request, catalog, parts[1])
+    layer_id, _, grid_id = parts[1].partition(EXTRA_GRID_SEPARATOR)
+    published = _layer(request, catalog, layer_id)
+    view = TileMapView(published)
+    if grid_id:
+        grid = extra_grids(published).get(grid_id)
+        if grid is None:
+            raise TMSError(400, f"layer {echo(layer_id)} is not offered in grid {echo(grid_id)}")
+        view = TileMapView(published, grid)
     if len(parts) == 2:
         return _xml_bytes(
-            _cached(request, catalog, ("tilemap", published.id), lambda: tilemap_document(request, published))
+            _cached(request, catalog, ("tilemap", view.id), lambda: tilemap_document(request, view))
         )
+    if len(parts) == 5:
+        return await tile(request, view, parts[2], parts[3], parts[4])
+    if view.grid is not None:
+        raise TMSError(404, "no such TMS resource")
     if len(parts) == 3 and parts[2] in LAYER_DOCUMENTS:
         build, media_type = LAYER_DOCUMENTS[parts[2]]
         body = _cached(request, catalog, (parts[2], published.id), lambda: build(request, published))
         return Response(body, media_type=media_type, headers=KEYED)
-    if len(parts) == 5:
-        return await tile(request, published, parts[2], parts[3], parts[4])
     if len(parts) == 3 and parts[2] not in published.limits:
         raise TMSError(400, f"level {echo(parts[2])} is not published by layer {echo(published.id)}")
     raise TMSError(404, "no such TMS resource")
@@ -485,7 +565,7 @@ async def xyz_endpoint(request: Request) -> Response:
     p = request.path_params
     try:
         published = _layer(request, get_runtime(request).catalog, p["layer"])
-        return await tile(request, published, p["z"], p["x"], p["y"])
+        return await tile(request, TileMapView(published), p["z"], p["x"], p["y"])
     except TMSError as exc:
         return error_response(exc.status, exc.message)
 
