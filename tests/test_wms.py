@@ -466,9 +466,10 @@ async def test_busy_renderer_answers_503(tmp_path):
 
 
 async def test_too_many_tiles_is_a_client_error(client, monkeypatch):
-    from tileserver.services import wms
+    from dataclasses import replace
 
-    monkeypatch.setattr(wms, "MAX_TILES", 3)
+    runtime = client.app.state.runtime
+    monkeypatch.setattr(runtime, "settings", replace(runtime.settings, render_max_tiles=3))
     answer = await get_map(client, LAYERS="BDPARCELLAIRE", CRS="EPSG:4326", WIDTH=1600, HEIGHT=1200,
                            BBOX="47.6511383057,6.8376159668,47.6525115967,6.8396759033", FORMAT="image/png")
     assert answer.status_code == 400 and "source tiles" in answer.text

@@ -77,6 +77,12 @@ class Settings:
     render_max_height: int = 4096
     render_concurrency: int = 8
     request_timeout: float = 30.0
+    render_max_tiles: int = 1024  # source tiles one map may read
+    render_queue_wait: float = 5.0  # seconds a render waits for a slot before a 503
+    wms_crs: tuple[str, ...] = ()  # server-wide WMS CRS list (empty: the built-in list)
+    wms_layer_limit: int = 10  # LAYERS per GetMap
+    wms_root_title: str = ""
+    wms_root_abstract: str = ""
 
     @property
     def resolved_store_path(self) -> str:
@@ -108,6 +114,9 @@ def _coerce(name: str, value: Any) -> Any:
         return int(value)
     if current in ("float", float):
         return float(value)
+    if current == "tuple[str, ...]":
+        items = value.split(",") if isinstance(value, str) else value
+        return tuple(str(v).strip() for v in items if str(v).strip())
     return value
 
 

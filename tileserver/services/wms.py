@@ -78,8 +78,6 @@ DTD_111 = "http://schemas.opengis.net/wms/1.1.1/"
 
 # server-wide CRS list (settings.wms_crs overrides); CRS:84 is always offered
 DEFAULT_CRS = ("CRS:84", "EPSG:4326", "EPSG:3857", "EPSG:4258", "EPSG:2154", "IGNF:LAMB93", "EPSG:3035")
-DEFAULT_LAYER_LIMIT = 10
-MAX_TILES = 1024  # source tiles per map (settings.render_max_tiles overrides)
 GETMAP_FORMATS = ("image/png", "image/jpeg", "image/tiff", "image/geotiff", "image/x-bil;bits=32", "text/asc")
 PICTURE_FORMATS = ("image/png", "image/jpeg")
 INFO_FORMATS = ("text/plain", "text/html", "application/json", "text/xml")
@@ -170,7 +168,7 @@ def crs_info(code: str) -> CRSInfo | None:
 
 
 def server_crs(settings: Any) -> tuple[str, ...]:
-    listed = tuple(getattr(settings, "wms_crs", ()) or DEFAULT_CRS)
+    listed = tuple(settings.wms_crs or DEFAULT_CRS)
     codes = [normalise_crs(c) for c in ("CRS:84", *listed)]
     return tuple(c for c in dict.fromkeys(codes) if crs_info(c) is not None)
 
@@ -215,7 +213,7 @@ def _style_book(settings: Any, stored: Mapping[str, Any]) -> dict[str, Style]:
 
     A bad file is logged and skipped: one broken style must not take every layer's styles down."""
     book: dict[str, Style] = {}
-    directory = getattr(settings, "styles_directory", "")
+    directory = settings.styles_directory
     if directory and Path(directory).is_dir():
         for file in sorted(Path(directory).glob("*.json")):
             if file.name.endswith(".schema.json"):
@@ -420,7 +418,7 @@ def parse_map_request(kvp: KVP, runtime: Any, key: str | None, version: str, for
     names = [n.strip() for n in kvp.require("LAYERS", "layers").split(",")]
     if any(not n for n in names):
         raise _error("LayerNotDefined", "layers", "LAYERS has an empty entry")
-    limit = int(getattr(settings, "wms_layer_limit", DEFAULT_LAYER_LIMIT))
+    limit = settings.wms_layer_limit
     if len(names) > limit:
         raise _error("InvalidParameterValue", "layers", f"at most {limit} layers per request (LayerLimit)")
     published = [_layer(catalog, n, key) for n in names]
@@ -470,7 +468,7 @@ async def _render(request: Request, runtime: Any, req: MapRequest) -> tuple[byte
         async with asyncio.timeout(settings.request_timeout):
             raster = await render_map(req.layers, req.grid, picture=req.format in PICTURE_FORMATS,
                                       gate=gate_for(runtime),
-                                      max_tiles=int(getattr(settings, "render_max_tiles", MAX_TILES)))
+                                      max_tiles=settings.render_max_tiles)
             return await asyncio.to_thread(_encode, raster, req)
     except RenderBusy as exc:
         raise _error("NoApplicableCode", None, exc.message, 503, **{"Retry-After": "2"}) from None
@@ -851,11 +849,11 @@ def build_capabilities(runtime: Any, layers: list[PublishedLayer], base: str, ve
         "provider_name": settings.provider_name,
         "service_url": settings.provider_site or f"{base}/wms",
         "kvp_url": kvp_url,
-        "layer_limit": str(int(getattr(settings, "wms_layer_limit", DEFAULT_LAYER_LIMIT))),
+        "layer_limit": str(settings.wms_layer_limit),
         "max_width": str(settings.render_max_width),
         "max_height": str(settings.render_max_height),
-        "root_title": getattr(settings, "wms_root_title", "") or settings.service_title,
-        "root_abstract": getattr(settings, "wms_root_abstract", "") or settings.service_abstract,
+        "root_title": settings.wms_root_title or settings.service_title,
+        "root_abstract": settings.wms_root_abstract or settings.service_abstract,
     })
     b = _Builder(version)
     for operation, formats in (("GetMap", GETMAP_FORMATS), ("GetFeatureInfo", INFO_FORMATS)):
