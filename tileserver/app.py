@@ -89,6 +89,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     configure_server_logging()
 
-    app = Starlette(routes=collect_routes(), lifespan=lifespan, middleware=middleware(settings))
+    from starlette.middleware import Middleware
+
+    from tileserver.services.fastpath import FastTiles
+
+    stack = [*middleware(settings), Middleware(FastTiles)]  # inside HttpBehaviour: ETag, CORS, log still apply
+    app = Starlette(routes=collect_routes(), lifespan=lifespan, middleware=stack)
     app.state.settings = settings
     return app
