@@ -282,11 +282,11 @@ class PublicationStore:
     # --- connections and transactions -------------------------------------------------------
 
     def _db(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError("the publication store is closed")
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is not None:
             return db
-        if self._closed:
-            raise StoreError("the publication store is closed")
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE for writes)
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
@@ -342,10 +342,16 @@ class PublicationStore:
         return self._closed
 
     def close(self) -> None:
+        """Close this thread's connection; the others close when their threads let go of them.
+
+        Closing a connection another thread is executing on crashes sqlite (a segfault seen in CI
+        when a refresh still ran in an executor thread at shutdown), so only new use is refused."""
         with self._connections_lock:
             self._closed = True
-            connections, self._connections = self._connections, []
-        for db in connections:
+            self._connections = []
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None:
+            self._local.db = None
             db.close()
 
     # --- migrations -----------------------------------------------------------------------------
