@@ -128,3 +128,33 @@ async def test_tms_offers_the_extra_grid_as_its_own_tilemap(tmp_path):
         assert (await client.get(f"/tms/1.0.0/M@4326/{level}/0/0.png")).status_code == 404
         assert (await client.get("/tms/1.0.0/M@LAMB93")).status_code == 400
         assert (await client.get("/tms/1.0.0/M@4326/gdal.xml")).status_code == 404
+
+
+async def test_styled_tiles_of_a_dem(tmp_path):
+    from apputil import DATA
+
+    settings = make_settings(tmp_path, styles_directory=str(DATA / "styles"))
+    async with app_client(settings) as client:
+        runtime = client.app.state.runtime
+        runtime.store.add_layer(parse_layer("DEM", layer_descriptor("RGEALTI", styles=["normal", "hypso"])))
+        await runtime.refresh()
+        caps = await client.get("/wmts?SERVICE=WMTS&REQUEST=GetCapabilities")
+        root = assert_valid(CAPABILITIES_SCHEMA, caps.content)
+        layer = root.find(".//wmts:Contents/wmts:Layer", NS)
+        styles = [e.findtext("ows:Identifier", namespaces=NS) for e in layer.findall("wmts:Style", NS)]
+        assert styles[0] == "normal" and "hypso" in styles
+        published = runtime.catalog.layers["DEM"]
+        level = published.bottom_level
+        lim = published.limits[level]
+        base = (f"/wmts?SERVICE=WMTS&REQUEST=GetTile&VERSION=1.0.0&LAYER=DEM&TILEMATRIXSET=LAMB93_1M_MNT"
+                f"&TILEMATRIX={level}&TILEROW={lim.min_row}&TILECOL={lim.min_col}")
+        styled = await client.get(base + "&STYLE=hypso&FORMAT=image/png")
+        assert styled.status_code == 200 and styled.headers["content-type"] == "image/png"
+        pixels = np.asarray(Image.open(io.BytesIO(styled.content)).convert("RGBA"))
+        assert pixels.shape == (256, 256, 4) and len(np.unique(pixels.reshape(-1, 4), axis=0)) > 10
+        raw = await client.get(base + "&STYLE=normal&FORMAT=image/x-bil;bits=32")
+        assert raw.status_code == 200 and raw.headers["content-type"] == "image/x-bil;bits=32"
+        wrong = await client.get(base + "&STYLE=hypso&FORMAT=image/x-bil;bits=32")
+        assert wrong.status_code == 400 and b'locator="format"' in wrong.content
+        unknown = await client.get(base + "&STYLE=nope&FORMAT=image/png")
+        assert unknown.status_code == 400 and b'locator="style"' in unknown.content

@@ -214,9 +214,20 @@ def grid_sets(catalog: Catalog, published: PublishedLayer) -> dict[str, GridSet]
     return catalog.document(("wmts-grids", published.id), lambda: {g.id: g for g in _grid_sets(published)})
 
 
-def tile_styles(published: PublishedLayer) -> tuple[str, ...]:
-    """Styles a tile can be served in. Hook: styled tiles (palette on 1-band PNG) need render/."""
-    return (DEFAULT_STYLE,)
+def tile_styles(published: PublishedLayer, book: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Styles a tile can be served in: `normal` as stored, and the layer's styles that change pixels,
+    rendered (PNG/JPEG) by the render pipeline. `book`: the style definitions (wms.style_book)."""
+    styles: dict[str, Any] = {DEFAULT_STYLE: None}
+    if book and not published.format.is_vector:
+        from tileserver.services.wms import layer_styles
+
+        for style in layer_styles(published, book):
+            if not style.is_identity:
+                styles.setdefault(style.identifier, style)
+    return styles
+
+
+STYLED_FORMATS = ("image/png", "image/jpeg")  # what a style that changes pixels renders to
 
 
 def queryable(published: PublishedLayer) -> bool:
@@ -243,6 +254,7 @@ class TileRequest:
     row: int
     col: int
     mime: str = ""
+    style: Any = None  # a style that changes pixels, or None: as stored
 
     @property
     def level(self) -> str:
@@ -255,7 +267,7 @@ class TileRequest:
     @property
     def rendered(self) -> bool:
         """Not a stored tile: another grid or another format, made by the render pipeline."""
-        return not self.grid.native or self.mime != self.published.format.mime
+        return not self.grid.native or self.mime != self.published.format.mime or self.style is not None
 
 
 def _integer(value: str, locator: str) -> int:
@@ -281,7 +293,11 @@ def _layer(catalog: Catalog, layer_id: str, key: str | None) -> PublishedLayer:
 
 
 def resolve_tile(
-    catalog: Catalog, params: Mapping[str, str | None], key: str | None, info: bool = False
+    catalog: Catalog,
+    params: Mapping[str, str | None],
+    key: str | None,
+    info: bool = False,
+    book: Mapping[str, Any] | None = None,
 ) -> TileRequest:
     """Check GetTile (or the tile part of GetFeatureInfo) parameters, in the order the standard lists them."""
     _missing(params, TILE_PARAMETERS)
@@ -290,14 +306,16 @@ def resolve_tile(
         code, locator = POLICY["not_queryable"]
         raise OWSException(code, locator, f"layer {published.id} is not queryable")
     style = (params["style"] or "").strip() or DEFAULT_STYLE
-    if style not in tile_styles(published):
+    styles = tile_styles(published, book)
+    if style not in styles:
         raise OWSException(
             "InvalidParameterValue", "style", f"unknown style {echo(style)} for layer {published.id}"
         )
+    rendering = None if info else styles[style]
     fmt = params["format"] or ""
-    offered = (published.format.mime, *converted_formats(published))
+    offered = STYLED_FORMATS if rendering is not None else (published.format.mime, *converted_formats(published))
     mime = next((m for m in offered if _same_mime(fmt, m)), None)
-    if mime is None or (info and mime != published.format.mime):
+    if mime is None or (info and mime != published.format.mime and styles[style] is None):
         raise OWSException(
             "InvalidParameterValue",
             "format",
@@ -332,7 +350,7 @@ def resolve_tile(
             raise OWSException(
                 code, locator, f"{locator} {value} is outside [{low}, {high}] at TileMatrix {matrix.id}"
             )
-    return TileRequest(published, grid, matrix, row, col, mime)
+    return TileRequest(published, grid, matrix, row, col, mime, rendering)
 
 
 def _check_service(runtime: Any) -> None:
@@ -354,7 +372,7 @@ async def _rendered_answer(request: Request, tile: TileRequest) -> TileAnswer:
     runtime = get_runtime(request)
     try:
         body, content_type = await render_tile(
-            tile.published, tile.grid.tms, tile.level, tile.col, tile.row, None, tile.mime, gate=gate_for(runtime)
+            tile.published, tile.grid.tms, tile.level, tile.col, tile.row, tile.style, tile.mime, gate=gate_for(runtime)
         )
     except RenderError as error:
         status = error.status if error.status in (400, 503) else 500
@@ -382,7 +400,7 @@ async def _tile_answer(request: Request, tile: TileRequest) -> TileAnswer:
 
 async def get_tile(request: Request, params: Mapping[str, str | None], key: str | None) -> Response:
     runtime = get_runtime(request)
-    tile = resolve_tile(runtime.catalog, params, key)
+    tile = resolve_tile(runtime.catalog, params, key, book=_book(runtime))
     answer = await _tile_answer(request, tile)
     return tile_response(answer, tile.published, runtime.settings)
 
@@ -430,7 +448,7 @@ def _info_body(info_format: str, values: list[float] | None, tile: TileRequest, 
 async def get_feature_info(request: Request, params: Mapping[str, str | None], key: str | None) -> Response:
     runtime = get_runtime(request)
     _missing(params, TILE_PARAMETERS + ("InfoFormat", "J", "I"))
-    tile = resolve_tile(runtime.catalog, params, key, info=True)
+    tile = resolve_tile(runtime.catalog, params, key, info=True, book=_book(runtime))
     info_format = params["InfoFormat"] or ""
     info_format = next((f for f in INFO_FORMATS if _same_mime(f, info_format)), info_format)
     if info_format not in INFO_FORMATS:
@@ -514,8 +532,19 @@ def _tile_matrix_set(contents: etree._Element, grid: GridSet) -> None:
             _text(tm, _wmts(tag), str(value))
 
 
+def _book(runtime: Any) -> Mapping[str, Any]:
+    from tileserver.services.wms import style_book
+
+    return style_book(runtime)
+
+
 def _layer_node(
-    contents: etree._Element, published: PublishedLayer, grids: tuple[GridSet, ...], base: str, query: str
+    contents: etree._Element,
+    published: PublishedLayer,
+    grids: tuple[GridSet, ...],
+    base: str,
+    query: str,
+    book: Mapping[str, Any] | None = None,
 ) -> None:
     layer = published.layer
     node = etree.SubElement(contents, _wmts("Layer"))
@@ -533,11 +562,15 @@ def _layer_node(
     _text(node, _ows("Identifier"), layer.id)
     for metadata in layer.metadata:
         etree.SubElement(node, _ows("Metadata"), {f"{{{XLINK_NS}}}href": str(metadata.get("url", ""))})
-    for style in tile_styles(published):
+    styles = tile_styles(published, book)
+    for style in styles:
         style_node = etree.SubElement(node, _wmts("Style"), isDefault=str(style == DEFAULT_STYLE).lower())
         _text(style_node, _ows("Identifier"), style)
     mime = published.format.mime
-    for offered in (mime, *converted_formats(published)):
+    formats = (mime, *converted_formats(published))
+    if len(styles) > 1:
+        formats += tuple(f for f in STYLED_FORMATS if f not in formats)
+    for offered in formats:
         _text(node, _wmts("Format"), offered)
     infos = tuple(INFO_FORMATS) if queryable(published) else ()
     for info_format in infos:
@@ -562,7 +595,7 @@ def _layer_node(
     prefix = (
         f"{base}{REST_PREFIX}/{layer.id}/{{Style}}/{{TileMatrixSet}}/{{TileMatrix}}/{{TileRow}}/{{TileCol}}"
     )
-    for offered in (mime, *converted_formats(published)):
+    for offered in formats:
         etree.SubElement(
             node,
             _wmts("ResourceURL"),
@@ -581,7 +614,12 @@ def _layer_node(
 
 
 def build_capabilities(
-    catalog: Catalog, layers: list[PublishedLayer], base: str, settings: Any, url_key: str | None
+    catalog: Catalog,
+    layers: list[PublishedLayer],
+    base: str,
+    settings: Any,
+    url_key: str | None,
+    book: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The full document; sections and update sequences are cut from it afterwards."""
     query = f"?apikey={quote(url_key, safe='')}" if url_key else ""
@@ -604,7 +642,7 @@ def build_capabilities(
     used: dict[str, GridSet] = {}
     for published in layers:
         grids = tuple(grid_sets(catalog, published).values())
-        _layer_node(contents, published, grids, base, query)
+        _layer_node(contents, published, grids, base, query, book)
         for grid in grids:
             used.setdefault(grid.id, grid)
     for grid in used.values():
@@ -622,7 +660,7 @@ def capabilities_document(request: Request) -> bytes:
     cache_key = ("wmts-caps", base, tuple(p.id for p in layers), url_key)
 
     def build() -> bytes:
-        return build_capabilities(catalog, layers, base, runtime.settings, url_key)
+        return build_capabilities(catalog, layers, base, runtime.settings, url_key, _book(runtime))
 
     cached = sum(1 for k in catalog.documents if isinstance(k, tuple) and k[:1] == ("wmts-caps",))
     if cache_key not in catalog.documents and cached >= MAX_CACHED_DOCUMENTS:
