@@ -44,9 +44,11 @@ from tileserver.runtime import get_runtime
 from tileserver.services.ows import KVP, base_url, echo, key_hash
 from tileserver.services.tiles import (
     TileNotFound,
+    TileRenderError,
     TileStorageError,
     log_storage_failure,
     native_tile,
+    rendered_tile,
     request_id,
     tile_response,
 )
@@ -589,12 +591,10 @@ async def reprojected_tile(
     _check_tile_format(ctx, published, mime, f_name)
     runtime = get_runtime(ctx.request)
     try:
-        body, media_type = await render_tile(published, grid.tms, level, col, row, style, mime, gate=gate_for(runtime))
-    except RenderError as exc:
-        status = exc.status if exc.status in (400, 404, 502, 503) else 503
-        raise Problem(status, "InvalidParameter" if status == 400 else "RenderError", exc.message) from None
-    cache_control = published.layer.cache_control or runtime.settings.cache_control
-    return Response(body, media_type=media_type, headers={"Cache-Control": cache_control} if cache_control else {})
+        answer = await rendered_tile(runtime, published, grid.tms, level, col, row, style, mime)
+    except TileRenderError as exc:
+        raise Problem(exc.status, "InvalidParameter" if exc.status == 400 else "RenderError", exc.message) from None
+    return tile_response(answer, published, runtime.settings)
 
 
 async def tile(ctx: Ctx, scope: Scope, grid: str, tile_matrix: str, tile_row: str, tile_col: str) -> Response:

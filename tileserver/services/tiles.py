@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from starlette.requests import Request
@@ -189,3 +190,28 @@ async def feature_info(
     elif all(_same(v, float(n)) for v, n in zip(values, nodata, strict=True)):
         return None
     return values
+
+
+class TileRenderError(Exception):
+    """A tile the render pipeline could not make; `status` is what it deserves (400/404/502/503)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+async def rendered_tile(
+    runtime: Any, published: PublishedLayer, tms: Any, level: str, col: int, row: int, style: Any, mime: str
+) -> TileAnswer:
+    """A tile the pyramid cannot pass through (another grid, format or style), made by render/;
+    shared by WMTS, TMS and OGC API Tiles so they bound and report rendering the same way."""
+    from tileserver.render.pipeline import RenderError, gate_for, render_tile
+
+    try:
+        body, content_type = await render_tile(
+            published, tms, level, col, row, style, mime, gate=gate_for(runtime)
+        )
+    except RenderError as exc:
+        raise TileRenderError(exc.message, exc.status if exc.status in (400, 404, 502, 503) else 503) from None
+    return TileAnswer(body, content_type, None, False)

@@ -31,11 +31,12 @@ from tileserver.catalog import Catalog, PublishedLayer
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import XML_DECLARATION, base_url, echo, key_hash, xml_text
 from tileserver.services.tiles import (
-    TileAnswer,
     TileNotFound,
+    TileRenderError,
     TileStorageError,
     log_storage_failure,
     native_tile,
+    rendered_tile,
     tile_response,
 )
 from tileserver.services.wmts import extra_grids
@@ -456,18 +457,15 @@ async def tile(request: Request, view: TileMapView, level: str, x: str, y_ext: s
 
 async def _reprojected_tile(request: Request, view: TileMapView, level: str, col: int, row: int) -> Response:
     """A tile of an extra grid, rendered from the pyramid in the layer's own format."""
-    from tileserver.render.pipeline import RenderError, gate_for, render_tile
-
     if not view.limits[level].contains(col, row):
         raise TMSError(404, "No data found")
     runtime = get_runtime(request)
     try:
-        body, media_type = await render_tile(
-            view.published, view.tms, level, col, row, None, view.published.format.mime, gate=gate_for(runtime)
+        answer = await rendered_tile(
+            runtime, view.published, view.tms, level, col, row, None, view.published.format.mime
         )
-    except RenderError as exc:
-        raise TMSError(exc.status if exc.status in (400, 502, 503) else 503, exc.message) from None
-    answer = TileAnswer(body, media_type, None, False)
+    except TileRenderError as exc:
+        raise TMSError(exc.status, exc.message) from None
     return tile_response(answer, view.published, runtime.settings)
 
 

@@ -44,11 +44,13 @@ from tileserver.services.ows import (
 from tileserver.services.tiles import (
     TileAnswer,
     TileNotFound,
+    TileRenderError,
     TileStorageError,
     empty_tile,
     feature_info,
     log_storage_failure,
     native_tile,
+    rendered_tile,
     request_id,
     tile_response,
 )
@@ -367,21 +369,17 @@ def _storage_failure(request: Request, error: TileStorageError) -> OWSException:
 
 
 async def _rendered_answer(request: Request, tile: TileRequest) -> TileAnswer:
-    from tileserver.render.pipeline import RenderError, gate_for, render_tile
-
     runtime = get_runtime(request)
     try:
-        body, content_type = await render_tile(
-            tile.published, tile.grid.tms, tile.level, tile.col, tile.row, tile.style, tile.mime, gate=gate_for(runtime)
+        return await rendered_tile(
+            runtime, tile.published, tile.grid.tms, tile.level, tile.col, tile.row, tile.style, tile.mime
         )
-    except RenderError as error:
-        status = error.status if error.status in (400, 503) else 500
-        if status == 400:
+    except TileRenderError as error:
+        if error.status == 400:
             raise OWSException("InvalidParameterValue", None, error.message) from None
-        raise OWSException("NoApplicableCode", None, error.message, status) from None
+        raise OWSException("NoApplicableCode", None, error.message, error.status) from None
     except TileStorageError as error:
         raise _storage_failure(request, error) from error
-    return TileAnswer(body, content_type, None, False)
 
 
 async def _tile_answer(request: Request, tile: TileRequest) -> TileAnswer:
