@@ -33,3 +33,65 @@ async def test_fast_path_matches_the_routed_answer(tmp_path):
         assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
         head = await client.head(rest)
         assert head.status_code == 200 and head.content == b"" and head.headers["etag"] == fast.headers["etag"]
+
+
+def _kvp(layer: str, row: int, col: int, service: str = "WMTS", fmt: str = "image%2Fpng") -> str:
+    return (f"/wmts?SERVICE={service}&REQUEST=GetTile&VERSION=1.0.0&LAYER={layer}&STYLE=normal&TILEMATRIXSET=PM"
+            f"&TILEMATRIX=10&TILEROW={row}&TILECOL={col}&FORMAT={fmt}")
+
+
+async def test_kvp_and_conditional_requests_match_the_route(tmp_path):
+    async with app_client(make_settings(tmp_path)) as client:
+        runtime = client.app.state.runtime
+        runtime.store.add_layer(parse_layer("S", layer_descriptor("SCAN1000")))
+        await runtime.refresh()
+        lim = runtime.catalog.layers["S"].limits["10"]
+        fast = await client.get(_kvp("S", lim.min_row, lim.min_col))
+        # SERVICE=wmts (case-insensitive for the route) is not the plain form: it takes the full path
+        routed = await client.get(_kvp("S", lim.min_row, lim.min_col, service="wmts"))
+        rest = await client.get(f"/wmts/1.0.0/S/normal/PM/10/{lim.min_row}/{lim.min_col}.png")
+        assert fast.status_code == routed.status_code == rest.status_code == 200
+        assert fast.content == routed.content == rest.content
+        for header in ("content-type", "cache-control", "etag", "access-control-allow-origin", "content-length"):
+            assert fast.headers[header] == routed.headers[header] == rest.headers[header], header
+        assert fast.headers["x-request-id"] != routed.headers["x-request-id"]
+        # If-None-Match: 304 without body or Content-Type, the same from both paths
+        etag = fast.headers["etag"]
+        for url in (_kvp("S", lim.min_row, lim.min_col), _kvp("S", lim.min_row, lim.min_col, service="wmts"),
+                    f"/wmts/1.0.0/S/normal/PM/10/{lim.min_row}/{lim.min_col}.png"):
+            answer = await client.get(url, headers={"If-None-Match": f'"x", {etag}'})
+            assert answer.status_code == 304 and answer.content == b"", url
+            assert "content-type" not in answer.headers and answer.headers["etag"] == etag
+        # a tile elsewhere does not match that validator
+        other = await client.get(_kvp("S", lim.min_row, lim.min_col + 1), headers={"If-None-Match": etag})
+        assert other.status_code == 200 and other.headers["etag"] != etag
+        # errors keep the route's wording: out of range, missing parameter, bad format, repeated parameter
+        out = await client.get(_kvp("S", lim.max_row + 5, lim.min_col))
+        assert out.status_code == 400 and b"TileOutOfRange" in out.content
+        missing = await client.get(_kvp("S", lim.min_row, lim.min_col).replace("&TILECOL=", "&X="))
+        assert missing.status_code == 400 and b"MissingParameterValue" in missing.content
+        jpeg = await client.get(_kvp("S", lim.min_row, lim.min_col, fmt="image/jpeg"))
+        assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+        twice = await client.get(_kvp("S", lim.min_row, lim.min_col) + "&LAYER=S")
+        assert twice.status_code in (200, 400)  # the route decides; never a 500
+
+
+async def test_a_new_catalog_is_seen_by_the_next_tile(tmp_path):
+    async with app_client(make_settings(tmp_path)) as client:
+        runtime = client.app.state.runtime
+        runtime.store.add_layer(parse_layer("S", layer_descriptor("SCAN1000")))
+        await runtime.refresh()
+        lim = runtime.catalog.layers["S"].limits["10"]
+        url = f"/wmts/1.0.0/S/normal/PM/10/{lim.min_row}/{lim.min_col}.png"
+        first = await client.get(url)
+        assert first.status_code == 200
+        runtime.store.put_layer(parse_layer("S", layer_descriptor("SCAN1000", cache_control="max-age=7")))
+        await runtime.refresh()
+        assert (await client.get(url)).headers["cache-control"] == "max-age=7"
+        runtime.store.set_restricted("S", True)
+        await runtime.refresh()
+        assert (await client.get(url)).status_code == 400  # restricted: only the route answers, with a key
+        runtime.store.remove_layer("S")
+        await runtime.refresh()
+        gone = await client.get(url)
+        assert gone.status_code == 400 and b"unknown layer" in gone.content

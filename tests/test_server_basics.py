@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -111,6 +112,12 @@ def test_tileserver_serve_starts_with_no_configuration(tmp_path):
                 time.sleep(0.2)
         assert answer.json()["layers"] == ["SCAN1000"]
         assert (tmp_path / "data" / "store.sqlite").exists()
+        capabilities = httpx.get(f"http://127.0.0.1:{port}/wmts?SERVICE=WMTS&REQUEST=GetCapabilities").text
+        matrix, row, col = re.search(
+            r"<TileMatrixLimits>\s*<TileMatrix>([^<]+)</TileMatrix>\s*<MinTileRow>(\d+)</MinTileRow>"
+            r"\s*<MaxTileRow>\d+</MaxTileRow>\s*<MinTileCol>(\d+)</MinTileCol>", capabilities).groups()
+        tile_path = f"/wmts/1.0.0/SCAN1000/normal/PM/{matrix}/{row}/{col}.jpeg"
+        assert httpx.get(f"http://127.0.0.1:{port}{tile_path}").status_code == 200
     finally:
         proc.terminate()
         # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why it stopped
@@ -119,6 +126,9 @@ def test_tileserver_serve_starts_with_no_configuration(tmp_path):
         assert "Application shutdown complete" in output
         # the access log (buffered) reached stderr with its request id
         assert any("access" in line and "GET /healthcheck/info 200" in line for line in output.splitlines())
+        # the tile answered before the router is logged the same way
+        assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} access [0-9a-f]+-\d+ GET "
+                         + re.escape(tile_path) + r" 200 \d+B [\d.]+ms", output), output[-2000:]
 
 
 def test_access_log_masks_keys(tmp_path, caplog):

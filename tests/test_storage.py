@@ -486,3 +486,58 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# --- FILE descriptors kept open -----------------------------------------------------------------
+
+
+def _open_under(directory: Path) -> int:
+    """Descriptors of this process open on files under `directory`."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory))
+        except OSError:
+            pass
+    return count
+
+
+async def test_file_handles_are_bounded_and_follow_this_process_writes(tmp_path):
+    from tileserver.storage.file import FileBackend
+    from tileserver.storage.paths import parse_path
+
+    backend = FileBackend(handles=4, handle_ttl=0.2)
+    paths = []
+    for i in range(10):
+        (tmp_path / f"s{i}.tif").write_bytes(bytes([i]) * 64)
+        paths.append(parse_path(str(tmp_path / f"s{i}.tif")))
+    for p in paths:
+        assert await backend.read(p, 8, 4) == bytes([int(p.key[-5])]) * 4
+    assert len(backend.handles) == 4 and _open_under(tmp_path) == 4  # never more than the bound
+    # this process's write replaces the file: the next read sees it, not the old open file
+    await backend.write(paths[-1], b"new content")
+    assert await backend.read(paths[-1], 0, 3) == b"new"
+    await backend.delete(paths[-1])
+    assert await backend.read(paths[-1], 0, 3) is None
+    # another writer replaces a file: seen once the descriptor's time is up
+    assert await backend.read(paths[-2], 0, 2) == bytes([8, 8])
+    replacement = tmp_path / "other.tmp"
+    replacement.write_bytes(b"zz" * 8)
+    os.replace(replacement, tmp_path / "s8.tif")
+    await asyncio.sleep(0.25)
+    assert await backend.read(paths[-2], 0, 2) == b"zz"
+    # a short read at the end of a file comes back short, past the end empty
+    assert await backend.read(paths[0], 60, 10) == bytes([0]) * 4
+    assert await backend.read(paths[0], 100, 10) == b""
+    await backend.close()
+    assert len(backend.handles) == 0 and _open_under(tmp_path) == 0  # every descriptor closed
+
+
+async def test_file_handles_off_opens_at_each_read(tmp_path):
+    from tileserver.storage.file import FileBackend
+    from tileserver.storage.paths import parse_path
+
+    (tmp_path / "a").write_bytes(b"abcdef")
+    backend = FileBackend(handles=0)
+    assert await backend.read(parse_path(str(tmp_path / "a")), 2, 2) == b"cd"
+    assert len(backend.handles) == 0

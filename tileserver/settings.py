@@ -56,6 +56,10 @@ class Settings:
     # FILE reads up to this many bytes run in the event loop (page-cached pread: ~5 µs for 4 KiB
     # against ~80 µs through a thread); larger ones, or all when 0 (slow network disks), in threads
     file_inline_read_max: int = 1 << 20
+    # FILE descriptors kept open for inline reads (0: open and close at each read), and how long
+    # one lives: a slab replaced by another process is read from its new file after that
+    file_handles: int = 256
+    file_handle_ttl: float = 30.0
     s3_list_page_size: int = 1000  # keys per ListObjectsV2 page (S3's maximum)
     # slab-index cache
     index_cache_size: int = 10000

@@ -1,77 +1,219 @@
-"""The hot path: WMTS RESTful GetTile of a stored tile, answered without the router.
+"""The hot path: WMTS RESTful GetTile of a stored tile, answered before Starlette is entered.
 
-Under load the tile itself costs ~15 µs while routing over every service's routes, building
-Request/Response objects and parsing an empty query cost several times that (benchmarks/RESULTS.md).
-This middleware answers only the plain case — an open layer, its own grid and format, a tile the
-pyramid has or a nodata tile — and hands everything else (errors, keys, rendering, storage
-failures) to the ordinary route, which then does the full work and gives the protocol's answer.
+Under load a stored tile costs ~15 µs while the middleware stack, routing, Request/Response objects,
+validating every parameter again and a LogRecord cost several times that (benchmarks/RESULTS.md).
+This path answers only the plain case — an open layer, its own grid and format, no key, no query,
+a tile inside the advertised limits — with exactly the routed answer's bytes and headers (ETag and
+304, CORS, request id, Cache-Control, access log). Everything else (errors, keys, rendering, storage
+failures) goes to the ordinary route, which does the full work and gives the protocol's answer.
+
+The first request of a (layer, style, grid, matrix, extension) is checked by the route's own
+`resolve_tile`; what it settles is kept per catalog snapshot, so later tiles only check their
+row and column against the limits.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tileserver.http import CORS_HEADERS, etag_matches, etag_of, log_access, next_request_id
 from tileserver.services.ows import OWSException
 from tileserver.services.tiles import TileNotFound, TileStorageError, empty_tile, native_tile
-from tileserver.services.wmts import EXTENSIONS, REST_PREFIX, resolve_tile
+from tileserver.services.wmts import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
 
+log = logging.getLogger("tileserver.fastpath")
 _PREFIX = REST_PREFIX + "/"
 _SEGMENTS = 6  # layer / style / tms / z / row / col.ext
+_MAX_ROUTES = 4096  # settled routes kept per catalog snapshot (only valid ones are kept)
+_DIGITS = 12
+
+
+@dataclass(frozen=True)
+class _Route:
+    """What the first request of a tile route settled: the layer, the level, limits, fixed headers."""
+
+    published: Any
+    level: str
+    stored: bool  # a published level (else every tile is the nodata tile)
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    headers: tuple[tuple[bytes, bytes], ...]
+
+
+_ROUTED = object()  # a route that always needs the full path (rendered, restricted)
 
 
 class FastTiles:
-    def __init__(self, app: ASGIApp) -> None:
+    """Wraps the Starlette application; `app.state.runtime` is read at each request."""
+
+    def __init__(self, app: ASGIApp, state: Any) -> None:
         self.app = app
+        self.state = state
+        self._catalog: object = None
+        self._routes: dict[tuple[str, ...], _Route | object] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and scope["path"].startswith(_PREFIX):
-            if await self._answer(scope, send):
-                return
+        if (
+            scope["type"] == "http"
+            and scope["method"] in ("GET", "HEAD")
+            and (scope["path"] == _KVP_PATH or scope["path"].startswith(_PREFIX))
+            and await self._try(scope, send)
+        ):
+            return
         await self.app(scope, receive, send)
+
+    async def _try(self, scope: Scope, send: Send) -> bool:
+        try:
+            return await self._answer(scope, send)
+        except Exception:  # a bug here must not cost the request: the route answers it
+            log.exception("fast tile path failed on %s; the route answers", scope["path"])
+            return False
 
     async def _answer(self, scope: Scope, send: Send) -> bool:
         """True when the tile was sent; False hands the request to the ordinary route."""
-        if scope["query_string"] or any(k == b"x-api-key" for k, _ in scope["headers"]):
+        started = time.perf_counter()
+        if_none_match = None
+        for name, value in scope["headers"]:  # ASGI header names are lower case
+            if name == b"x-api-key":
+                return False
+            if name == b"if-none-match":
+                if_none_match = value
+        path: str = scope["path"]
+        query: bytes = scope["query_string"]
+        request = _kvp_request(query) if path == _KVP_PATH else _rest_request(path, scope.get("raw_path", b""), query)
+        if request is None:
             return False
-        parts = scope["path"][len(_PREFIX) :].split("/")
-        if len(parts) != _SEGMENTS or "%" in scope.get("raw_path", b"").decode("latin-1"):
+        layer, style, tms, matrix, fmt, row_text, col_text = request
+        if not (_is_index(row_text) and _is_index(col_text)):
             return False
-        last, dot, ext = parts[5].rpartition(".")
-        if not dot:
-            return False
-        app = scope.get("app")
-        runtime = getattr(getattr(app, "state", None), "runtime", None)
+        runtime = getattr(self.state, "runtime", None)
         if runtime is None or not runtime.enabled:
             return False
-        params = {
-            "layer": parts[0],
-            "style": parts[1],
-            "format": EXTENSIONS.get(ext.lower(), ""),
-            "TileMatrixSet": parts[2],
-            "TileMatrix": parts[3],
-            "TileRow": parts[4],
-            "TileCol": last,
-        }
-        try:
-            tile = resolve_tile(runtime.catalog, params, None)
-        except OWSException:
+        catalog = runtime.catalog
+        if catalog is not self._catalog:
+            self._catalog, self._routes = catalog, {}
+        row, col = int(row_text), int(col_text)
+        key = (layer, style, tms, matrix, fmt)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._settle(runtime, catalog, key, row, col)
+            if route is None:
+                return False
+            if len(self._routes) < _MAX_ROUTES:
+                self._routes[key] = route
+        if route is _ROUTED:
             return False
-        if tile.rendered or tile.published.restricted:
-            return False
+        assert isinstance(route, _Route)
+        if not (route.rows[0] <= row <= route.rows[1] and route.cols[0] <= col <= route.cols[1]):
+            return False  # TileOutOfRange: the route words it
         try:
-            answer = None
-            if tile.published_level:
-                answer = await native_tile(tile.published, tile.level, tile.col, tile.row)
-            answer = answer or empty_tile(tile.published, tile.level)
+            answer = await native_tile(route.published, route.level, col, row) if route.stored else None
+            answer = answer or empty_tile(route.published, route.level)
         except (TileNotFound, TileStorageError):
             return False
-        headers = [(b"content-type", answer.content_type.encode()), (b"content-length", str(len(answer.body)).encode())]
-        cache_control = tile.published.layer.cache_control or runtime.settings.cache_control
-        if cache_control:
-            headers.append((b"cache-control", cache_control.encode()))
+        body = answer.body
+        etag = etag_of(body)
+        method = scope["method"]
+        request_id = next_request_id()
+        headers = list(route.headers)
         if answer.content_encoding:
             headers.append((b"content-encoding", answer.content_encoding.encode()))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": answer.body})
+        if if_none_match is not None and etag_matches(if_none_match, etag):
+            status, body = 304, b""
+            headers = [h for h in headers if h[0] != b"content-type"]
+            headers.append((b"etag", etag))
+        else:
+            status = 200
+            headers += ((b"etag", etag), (b"content-length", b"%d" % len(body)))
+        headers.append((b"x-request-id", request_id.encode()))
+        headers += CORS_HEADERS
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+        log_access(request_id, method, path, query, status, len(body), started)
         return True
 
+    def _settle(self, runtime: Any, catalog: Any, key: tuple[str, ...], row: int, col: int) -> _Route | object | None:
+        """The route's own checks, once; None when this request is refused (the route words it)."""
+        layer, style, tms, matrix, fmt = key
+        params = {
+            "layer": layer,
+            "style": style,
+            "format": EXTENSIONS.get(fmt[1:].lower(), "") if fmt.startswith(".") else fmt,
+            "TileMatrixSet": tms,
+            "TileMatrix": matrix,
+            "TileRow": str(row),
+            "TileCol": str(col),
+        }
+        try:
+            tile = resolve_tile(catalog, params, None)
+        except OWSException:
+            return None
+        published = tile.published
+        if tile.rendered or published.restricted:
+            return _ROUTED
+        limits = tile.grid.limits.get(tile.matrix.id)
+        if limits is not None:
+            rows, cols = (limits.min_row, limits.max_row), (limits.min_col, limits.max_col)
+        else:
+            rows, cols = (0, tile.matrix.matrix_height - 1), (0, tile.matrix.matrix_width - 1)
+        headers = [(b"content-type", published.format.mime.encode())]
+        cache_control = published.layer.cache_control or runtime.settings.cache_control
+        if cache_control:
+            headers.append((b"cache-control", cache_control.encode()))
+        return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers))
+
+
+_Request = tuple[str, str, str, str, str, str, str]  # layer, style, tms, matrix, .ext or MIME, row, col
+_KVP_PATH = "/wmts"
+_KVP_NAMES = frozenset(
+    ("SERVICE", "REQUEST", "VERSION", "LAYER", "STYLE", "FORMAT", "TILEMATRIXSET", "TILEMATRIX", "TILEROW", "TILECOL")
+)
+_KVP_REQUIRED = _KVP_NAMES - {"VERSION"}
+
+
+def _rest_request(path: str, raw_path: bytes, query: bytes) -> _Request | None:
+    if query or b"%" in raw_path:
+        return None
+    parts = path[len(_PREFIX) :].split("/")
+    if len(parts) != _SEGMENTS:
+        return None
+    col, dot, ext = parts[5].rpartition(".")
+    if not dot:
+        return None
+    return parts[0], parts[1], parts[2], parts[3], "." + ext, parts[4], col
+
+
+def _kvp_request(query: bytes) -> _Request | None:
+    """A plain GetTile query: only its own parameters, each once; anything else goes to the route."""
+    try:
+        text = query.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    found: dict[str, str] = {}
+    for pair in text.split("&"):
+        name, _, value = pair.partition("=")
+        name = name.upper()
+        if name not in _KVP_NAMES or name in found:
+            return None
+        found[name] = unquote_plus(value) if ("%" in value or "+" in value) else value
+    if (
+        any(name not in found for name in _KVP_REQUIRED)
+        or found["SERVICE"] != "WMTS"
+        or found["REQUEST"] != "GetTile"
+        or found.get("VERSION", VERSION) != VERSION
+        or not found["FORMAT"]
+        or found["FORMAT"].startswith(".")
+    ):
+        return None
+    return (found["LAYER"], found["STYLE"], found["TILEMATRIXSET"], found["TILEMATRIX"], found["FORMAT"],
+            found["TILEROW"], found["TILECOL"])
+
+
+def _is_index(text: str) -> bool:
+    return 0 < len(text) <= _DIGITS and text.isascii() and text.isdigit()

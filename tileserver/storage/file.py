@@ -9,10 +9,13 @@ Small reads run in the event loop: a page-cached ``open + pread + close`` of a s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import tempfile
+import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
@@ -118,19 +121,103 @@ def _scan(directory: str) -> list[tuple[str, bool]]:
         _raise(exc, "list", directory)
 
 
+def _close_all(fds: dict[str, tuple[float, int]]) -> None:
+    for _, fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
+
+
+class FileHandles:
+    """Descriptors of recently read files kept open, so a tile read is one ``pread``.
+
+    ``open`` and ``close`` of a slab cost ~7 µs of system time a tile under load (benchmarks/RESULTS.md).
+    A descriptor lives at most `ttl` seconds: a file replaced by another process is seen after that
+    (like a cached slab index); this process's own writes, links and deletes drop it at once.
+    """
+
+    def __init__(self, maxsize: int = 256, ttl: float = 30.0) -> None:
+        self.maxsize = maxsize
+        self.ttl = ttl
+        self._fds: dict[str, tuple[float, int]] = {}
+        weakref.finalize(self, _close_all, self._fds)
+
+    def read(self, name: str, offset: int, size: int) -> bytes | None:
+        entry = self._fds.get(name)
+        now = time.monotonic()
+        if entry is not None and entry[0] > now:
+            try:
+                data = os.pread(entry[1], size, offset)
+            except OSError:
+                self.drop(name)
+            else:
+                if len(data) == size or len(data) == 0:
+                    return data
+                # short read (end of file or a slow filesystem): the generic path finishes it
+        elif entry is not None:
+            self.drop(name)
+        if self.maxsize <= 0:
+            return _pread(name, offset, size)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                return None
+            _raise(exc, "read", name)
+        if len(self._fds) >= self.maxsize:
+            self._evict(now)
+        self._fds[name] = (now + self.ttl, fd)
+        try:
+            data = os.pread(fd, size, offset)
+        except OSError as exc:
+            self.drop(name)
+            _raise(exc, "read", name)
+        if 0 < len(data) < size:
+            return _pread(name, offset, size)
+        return data
+
+    def _evict(self, now: float) -> None:
+        expired = [name for name, (expires, _) in self._fds.items() if expires <= now]
+        for name in expired or [next(iter(self._fds))]:  # else the oldest opened
+            self.drop(name)
+
+    def drop(self, name: str) -> None:
+        entry = self._fds.pop(name, None)
+        if entry is not None:
+            with contextlib.suppress(OSError):
+                os.close(entry[1])
+
+    def drop_under(self, name: str) -> None:
+        """Forget `name` and everything below it (a deleted directory)."""
+        for key in [k for k in self._fds if k == name or k.startswith(name.rstrip(os.sep) + os.sep)]:
+            self.drop(key)
+
+    def close(self) -> None:
+        _close_all(self._fds)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+
 class FileBackend(Backend):
     """Paths are used as given: which roots may be read is the caller's decision (`is_within`)."""
 
-    def __init__(self, inline_read_max: int = 1 << 20) -> None:
+    def __init__(self, inline_read_max: int = 1 << 20, handles: int = 256, handle_ttl: float = 30.0) -> None:
         self._inline_read_max = inline_read_max
+        self.handles = FileHandles(handles, handle_ttl)
 
     async def read(self, path: StoragePath, offset: int | None = None, size: int | None = None) -> bytes | None:
         if size is not None and size <= self._inline_read_max:
-            return _pread(path.key, offset or 0, size)
+            return self.handles.read(path.key, offset or 0, size)
         return await asyncio.to_thread(_pread, path.key, offset or 0, size)
 
     async def write(self, path: StoragePath, data: bytes) -> None:
+        self.handles.drop(path.key)
         await asyncio.to_thread(_write, path.key, data)
+        self.handles.drop(path.key)
+
+    async def close(self) -> None:
+        self.handles.close()
 
     async def exists(self, path: StoragePath) -> bool:
         return await self.size(path) is not None
@@ -144,6 +231,7 @@ class FileBackend(Backend):
             _raise(exc, "stat", path.key)
 
     async def delete(self, path: StoragePath) -> None:
+        self.handles.drop_under(path.key)
         try:
             os.unlink(path.key)
         except OSError as exc:
@@ -153,6 +241,7 @@ class FileBackend(Backend):
     async def link(self, target: StoragePath, link: StoragePath) -> None:
         if target.scheme is not Scheme.FILE:
             raise InvalidPathError(f"link {link}: a file link cannot point to {target}")
+        self.handles.drop(link.key)
         await asyncio.to_thread(_symlink, target.key, link.key)
 
     async def list(self, prefix: StoragePath) -> AsyncIterator[StoragePath]:

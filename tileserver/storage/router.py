@@ -28,7 +28,7 @@ class Storage:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._file = FileBackend(settings.file_inline_read_max)
+        self._file = FileBackend(settings.file_inline_read_max, settings.file_handles, settings.file_handle_ttl)
         self._policy = RetryPolicy(settings.storage_retries, settings.storage_retry_backoff, settings.storage_timeout)
         names = [c.name.lower() for c in settings.s3_clusters]
         if len(set(names)) != len(names):
@@ -64,6 +64,7 @@ class Storage:
         self._started = True
 
     async def close(self) -> None:
+        await self._file.close()
         for backend in self._s3.values():
             await backend.close()
         self._s3.clear()
