@@ -267,3 +267,29 @@ async def test_a_change_by_another_process_is_served_without_restart(client: htt
     assert runtime.catalog.layers["other"].restricted and runtime.catalog.get("other", "wmts") is None
     await asyncio.to_thread(cli, "layers", "remove", "other")
     await until(lambda: "other" not in runtime.catalog.layers)
+
+
+async def test_a_record_may_show_another_name_per_service(tmp_path):
+    """`name` (tileserver extension): the WMS record `S.wms` answers as `S` in WMS, beside the WMTS record `S`."""
+    headers = {"Authorization": "Bearer secret"}
+    async with app_client(make_settings(tmp_path, admin_token="secret")) as client:
+        wmts_only = layer_descriptor("SCAN1000", wms={"enabled": False}, title="tiles")
+        wms_only = {**layer_descriptor("SCAN1000", wmts={"enabled": False}, tms={"enabled": False},
+                                       ogcapi={"enabled": False}, title="map"), "name": "S"}
+        assert (await client.post("/admin/layers/S", json=wmts_only, headers=headers)).status_code in (201, 204)
+        assert (await client.post("/admin/layers/S.wms", json=wms_only, headers=headers)).status_code in (201, 204)
+        bad = await client.post("/admin/layers/X", json={**wms_only, "name": "../x"}, headers=headers)
+        assert_problem(bad, 400, "name")
+        await runtime_of(client).refresh()
+        wms = (await client.get("/wms?SERVICE=WMS&REQUEST=GetCapabilities")).text
+        wmts = (await client.get("/wmts?SERVICE=WMTS&REQUEST=GetCapabilities")).text
+        assert "<Name>S</Name>" in wms and "S.wms" not in wms and "<Title>map</Title>" in wms
+        assert "<ows:Identifier>S</ows:Identifier>" in wmts and "<ows:Title>tiles</ows:Title>" in wmts
+        assert "S.wms" not in wmts
+        # a second record showing the same name in the same service: the first record id keeps it
+        clash = {**layer_descriptor("SCAN1000", title="other"), "name": "S"}
+        assert (await client.post("/admin/layers/T", json=clash, headers=headers)).status_code in (201, 204)
+        await runtime_of(client).refresh()
+        wmts = (await client.get("/wmts?SERVICE=WMTS&REQUEST=GetCapabilities")).text
+        assert wmts.count("<ows:Identifier>S</ows:Identifier>") == 1 and "<ows:Title>tiles</ows:Title>" in wmts
+        assert (await client.get("/admin/layers/S.wms", headers=headers)).json()["name"] == "S"

@@ -275,8 +275,11 @@ async def test_execution_stored_data_configuration_offering(tmp_path: Path) -> N
         config["type_infos"]["used_data"][0]["bottom_level"] = "10"
         created = await client.post(f"{BASE}/configurations", json=config)
         assert created.status_code == 201 and created.json()["status"] == "UNPUBLISHED"
-        duplicate = await client.post(f"{BASE}/configurations", json={**config, "type": "WMS-RASTER", "name": "x"})
-        assert duplicate.status_code == 409
+        duplicate = await client.post(f"{BASE}/configurations", json={**config, "name": "x"})
+        assert duplicate.status_code == 409 and "unique per service" in _problems(duplicate)[0]
+        # a layer_name is unique per service: the same name as a WMS layer is another configuration
+        wms_config = await client.post(f"{BASE}/configurations", json={**config, "type": "WMS-RASTER", "name": "x"})
+        assert wms_config.status_code == 201, wms_config.text
         configuration = created.json()["_id"]
         wrong = await client.post(f"{BASE}/configurations/{configuration}/offerings",
                                   json={"endpoint": await _endpoint(client, WMS_R), "open": True})
@@ -313,6 +316,28 @@ async def test_execution_stored_data_configuration_offering(tmp_path: Path) -> N
         keyed = await client.get("/wmts", params={"SERVICE": "WMTS", "REQUEST": "GetCapabilities",
                                                   "apikey": "my-own-key-value"}, headers=anonymous)
         assert "scan_wmts" in keyed.text
+
+        # the WMS configuration of the same layer_name, offered open on the WMS endpoint: its own record
+        wms_offer = await client.post(f"{BASE}/configurations/{wms_config.json()['_id']}/offerings",
+                                      json={"endpoint": await _endpoint(client, WMS_R), "open": True})
+        assert wms_offer.status_code == 201 and wms_offer.json()["status"] == "PUBLISHED", wms_offer.text
+        record = await client.get("/admin/layers/scan_wmts.wms", headers={"Authorization": "Bearer secret"})
+        assert record.status_code == 200 and record.json()["name"] == "scan_wmts"
+        wms_capabilities = await client.get("/wms", params={"SERVICE": "WMS", "REQUEST": "GetCapabilities"},
+                                            headers=anonymous)
+        assert "<Name>scan_wmts</Name>" in wms_capabilities.text and "scan_wmts.wms" not in wms_capabilities.text
+        wms_map = await client.get("/wms", headers=anonymous, params={
+            "SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": "scan_wmts", "STYLES": "",
+            "CRS": "EPSG:3857", "BBOX": ",".join(map(str, client.app.state.runtime.catalog.layers["scan_wmts.wms"]
+                                                      .native_bbox)),
+            "WIDTH": "64", "HEIGHT": "64", "FORMAT": "image/png"})
+        assert wms_map.status_code == 200 and wms_map.content.startswith(b"\x89PNG"), wms_map.text[:300]
+        # the WMTS layer stays restricted: the open WMS record does not open it
+        assert "scan_wmts" not in (await client.get("/wmts", params={"SERVICE": "WMTS", "REQUEST": "GetCapabilities"},
+                                                    headers=anonymous)).text
+        assert (await client.get(tile, headers=anonymous)).status_code in (400, 404)
+        assert (await client.delete(f"{BASE}/offerings/{wms_offer.json()['_id']}")).status_code == 204
+        assert (await client.delete(f"{BASE}/configurations/{wms_config.json()['_id']}")).status_code == 204
 
         # in use: stored data and configuration cannot go; unpublished, they can
         assert (await client.delete(f"{BASE}/stored_data/{output['_id']}")).status_code == 409

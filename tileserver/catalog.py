@@ -41,6 +41,11 @@ class PublishedLayer:
 
     @property
     def id(self) -> str:
+        """The name services show and answer to (the record id unless the record names it otherwise)."""
+        return self.layer.public_name
+
+    @property
+    def record_id(self) -> str:
         return self.layer.id
 
     @property
@@ -85,15 +90,26 @@ class Catalog:
         return "*" in granted or published.id in granted
 
     def visible(self, service: str, key_hash: str | None = None) -> list[PublishedLayer]:
-        return [
-            p for p in self.layers.values() if p.layer.enabled(service) and self.allowed(p, key_hash)
-        ]
+        named = self.named(service)
+        return [p for p in self.layers.values() if named.get(p.id) is p and self.allowed(p, key_hash)]
 
-    def get(self, layer_id: str, service: str, key_hash: str | None = None) -> PublishedLayer | None:
-        published = self.layers.get(layer_id)
-        if published is None or not published.layer.enabled(service) or not self.allowed(published, key_hash):
+    def get(self, name: str, service: str, key_hash: str | None = None) -> PublishedLayer | None:
+        published = self.named(service).get(name)
+        if published is None or not self.allowed(published, key_hash):
             return None
         return published
+
+    def named(self, service: str) -> dict[str, PublishedLayer]:
+        """Layers of a service by the name it shows; a name taken twice goes to the first record id."""
+        def build() -> dict[str, PublishedLayer]:
+            out: dict[str, PublishedLayer] = {}
+            for record_id in sorted(self.layers):
+                published = self.layers[record_id]
+                if published.layer.enabled(service):
+                    out.setdefault(published.id, published)
+            return out
+
+        return self.document(("named", service), build)  # type: ignore[no-any-return]
 
     def document(self, key: Any, build: Callable[[], Any]) -> Any:
         """Build a derived document once per snapshot."""

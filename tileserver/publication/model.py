@@ -16,7 +16,7 @@ _KNOWN_KEYS = {
     "title", "abstract", "keywords", "pyramids", "styles", "resampling", "bbox", "wms", "wmts", "tms",
     "ogcapi", "extra_crs", "extra_tilematrixsets", "get_feature_info", "metadata", "attribution",
     # tileserver extensions
-    "empty_tile_404", "cache_control", "restricted",
+    "empty_tile_404", "cache_control", "restricted", "name",
 }  # fmt: skip
 
 
@@ -55,10 +55,17 @@ class Layer:
     empty_tile_404: bool = False  # restore ROK4's 404 for empty tiles inside the limits
     cache_control: str = ""  # per-layer Cache-Control; empty = server default
     restricted: bool = False  # served only with an API key granting it; never in anonymous capabilities
+    # the name services show and answer to, when it is not the record id: one name may then be a
+    # WMTS layer in one record and a WMS layer in another (the warehouse's layer_name per service)
+    name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys kept for round trips
 
     def enabled(self, service: str) -> bool:
         return service in self.services
+
+    @property
+    def public_name(self) -> str:
+        return self.name or self.id
 
     @property
     def queryable(self) -> bool:
@@ -94,6 +101,8 @@ class Layer:
             out["cache_control"] = self.cache_control
         if self.restricted:
             out["restricted"] = True
+        if self.name:
+            out["name"] = self.name
         return out
 
 
@@ -233,4 +242,12 @@ def parse_layer(layer_id: str, data: Any) -> Layer:
         empty_tile_404=empty_404,
         cache_control=_text(data, "cache_control", required=False),
         restricted=restricted,
+        name=_public_name(data),
     )
+
+
+def _public_name(data: dict[str, Any]) -> str:
+    name = _text(data, "name", required=False)
+    if name and not LAYER_ID.match(name):
+        raise LayerError("name", "1–128 letters, digits, '_', '-' or '.', starting with a letter or digit")
+    return name

@@ -27,6 +27,7 @@ from .web import Ctx, json_body, json_response, list_response, no_content, route
 
 KIND = "configuration"
 OFFERING = "offering"
+SUFFIX = {"WMTS-TMS": "wmts", "WMS-RASTER": "wms"}  # record id of a layer_name taken by the other service
 PREFIX = "/api/datastores/{datastore}/configurations"
 TYPES = ("WMTS-TMS", "WMS-RASTER")
 INTERPOLATIONS = {"NEAREST-NEIGHBOUR": "nn", "LINEAR": "linear", "BICUBIC": "bicubic", "LANCZOS": "lanczos"}
@@ -118,8 +119,9 @@ def _feature_info(data: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def build_layer(data: dict[str, Any], pyramids: list[LayerPyramid], restricted: bool = False) -> Layer:
-    """The shared store's Layer record a configuration publishes."""
+def build_layer(data: dict[str, Any], pyramids: list[LayerPyramid], restricted: bool = False,
+                record_id: str | None = None) -> Layer:
+    """The shared store's Layer record a configuration publishes (id `record_id`, shown as layer_name)."""
     infos = data["type_infos"]
     descriptor: dict[str, Any] = {
         "title": infos["title"], "abstract": infos["abstract"], "keywords": list(infos.get("keywords", [])),
@@ -141,7 +143,27 @@ def build_layer(data: dict[str, Any], pyramids: list[LayerPyramid], restricted: 
         descriptor["attribution"] = data["attribution"]
     if restricted:
         descriptor["restricted"] = True
-    return parse_layer(data["layer_name"], descriptor)
+    if record_id is not None and record_id != data["layer_name"]:
+        descriptor["name"] = data["layer_name"]
+    return parse_layer(record_id or data["layer_name"], descriptor)
+
+
+def record_id_for(ctx: Ctx, layer_name: str, type_: str) -> str:
+    """Store id of the layer a new offering publishes: the layer_name itself when free, else the name
+    with its service (`<name>.wms`, `<name>.wmts`), since a name is unique per service only."""
+    for candidate in (layer_name, f"{layer_name}.{SUFFIX[type_]}"):
+        if ctx.wh.store.get_layer(candidate) is None:
+            return candidate
+    raise conflict(f"layer_name {layer_name}: records {layer_name} and {layer_name}.{SUFFIX[type_]} both exist")
+
+
+def name_taken(ctx: Ctx, layer_name: str, type_: str, except_record: str | None = None) -> str | None:
+    """Id of a store layer already shown as `layer_name` by one of this type's services, if any."""
+    services = set(BY_TYPE[type_].services)
+    for layer in ctx.wh.store.list_layers():
+        if layer.id != except_record and layer.public_name == layer_name and services & set(layer.services):
+            return layer.id
+    return None
 
 
 async def validate(ctx: Ctx, data: dict[str, Any], replacing: str | None = None) -> Layer:
@@ -199,12 +221,24 @@ async def validate(ctx: Ctx, data: dict[str, Any], replacing: str | None = None)
 
 
 def _check_unique(ctx: Ctx, data: dict[str, Any], replacing: str | None) -> None:
+    """A layer_name is unique per service: one WMTS-TMS and one WMS-RASTER configuration may share it."""
     for other in ctx.wh.entities.list(KIND):
-        if other.id != replacing and other.body["layer_name"] == data["layer_name"]:
+        if (other.id != replacing and other.body["layer_name"] == data["layer_name"]
+                and other.body["type"] == data["type"]):
             raise conflict(f"layer_name {data['layer_name']} is already used by configuration {other.id}"
-                           f" ({other.body['type']}): a layer name is unique on this server")
-    if replacing is None and ctx.wh.store.get_layer(data["layer_name"]) is not None:
-        raise conflict(f"layer_name {data['layer_name']} is already a published layer (ROK4 admin API)")
+                           f" ({other.body['type']}): a layer name is unique per service")
+    own = published_record(ctx, replacing) if replacing is not None else None
+    taken = name_taken(ctx, data["layer_name"], data["type"], except_record=own)
+    if taken is not None:
+        raise conflict(f"layer_name {data['layer_name']} is already a published {data['type']} layer "
+                       f"(store record {taken})")
+
+
+def published_record(ctx: Ctx, configuration_id: str) -> str | None:
+    """Store id of the layer a configuration's offering publishes (None when unpublished)."""
+    for offering in offerings_of(ctx, configuration_id):
+        return str(offering.body.get("layer_id", offering.body["layer_name"]))
+    return None
 
 
 # --- views ---------------------------------------------------------------------------------------------
@@ -231,6 +265,7 @@ def foreign_views(ctx: Ctx) -> list[dict[str, Any]]:
     if ctx.datastore.id != ctx.wh.accounts.default_datastore().id:
         return []
     owned = {e.body["layer_name"] for e in ctx.wh.entities.list(KIND)}
+    owned |= {str(o.body.get("layer_id", o.body["layer_name"])) for o in ctx.wh.entities.list(OFFERING)}
     by_url = {s.descriptor_url: s.id for s in ctx.wh.store.list_stored_data()}
     out = []
     for layer in ctx.wh.store.list_layers():
@@ -313,10 +348,12 @@ async def replace_configuration(ctx: Ctx) -> Response:
     layer = await validate(ctx, data, replacing=entity.id)
     body = _stored_body(data)
     await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, lambda b: b.update(body))
-    if ctx.wh.store.get_layer(layer.id) is not None and offerings_of(ctx, entity.id):
+    record = published_record(ctx, entity.id)
+    if record is not None and ctx.wh.store.get_layer(record) is not None:
         from dataclasses import replace
 
-        current = ctx.wh.store.get_layer(layer.id)
+        layer = build_layer(data, list(layer.pyramids), record_id=record)
+        current = ctx.wh.store.get_layer(record)
         await asyncio.to_thread(ctx.wh.store.put_layer, replace(layer, restricted=current.restricted))
         await ctx.wh.runtime.refresh()
     return json_response(configuration_view(ctx, get_configuration(ctx, entity.id)))

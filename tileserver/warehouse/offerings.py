@@ -17,7 +17,7 @@ from tileserver.services.ows import base_url
 
 from .annotations import add_event, annotations_view
 from .configurations import KIND as CONFIGURATION
-from .configurations import OFFERING, build_layer, get_configuration, offerings_of
+from .configurations import OFFERING, build_layer, get_configuration, name_taken, offerings_of, record_id_for
 from .configurations import PREFIX as CONFIGURATIONS
 from .configurations import used_data as used_pyramids
 from .endpoints import find, layer_urls
@@ -35,7 +35,7 @@ def offering_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
     shared = ctx.wh.store.get_offering(entity.id)
     endpoint = find(body["endpoint"])
     layer = body["layer_name"]
-    published = ctx.wh.runtime.catalog.layers.get(layer)
+    published = ctx.wh.runtime.catalog.layers.get(record_of(body))
     if published is not None:
         extension, tms = published.format.tms_extension, published.tms.id
     else:
@@ -50,6 +50,11 @@ def offering_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
         "urls": layer_urls(endpoint, base_url(ctx.request), layer, extension, tms),
         **annotations_view(body),
     }
+
+
+def record_of(body: dict[str, Any]) -> str:
+    """Store id of the offering's layer (its layer_name unless the other service had that id)."""
+    return str(body.get("layer_id", body["layer_name"]))
 
 
 def get_offering(ctx: Ctx, ident: str) -> Entity:
@@ -90,21 +95,23 @@ async def create_offering(ctx: Ctx) -> Response:
         raise conflict(f"configuration {configuration.id} already has an offering")
     body = configuration.body
     layer_name = body["layer_name"]
-    if ctx.wh.store.get_layer(layer_name) is not None:
-        raise conflict(f"a layer {layer_name} is already published")
+    taken = name_taken(ctx, layer_name, body["type"])
+    if taken is not None:
+        raise conflict(f"a {body['type']} layer {layer_name} is already published (store record {taken})")
+    record = record_id_for(ctx, layer_name, body["type"])
     used_problems, pyramids = await asyncio.to_thread(used_pyramids, ctx, body["type_infos"]["used_data"])
     if used_problems:
         raise bad_request(*used_problems)
-    layer = build_layer(body, pyramids, restricted=not open_)
+    layer = build_layer(body, pyramids, restricted=not open_, record_id=record)
     await asyncio.to_thread(ctx.wh.store.add_layer, layer, not open_)
-    shared = await asyncio.to_thread(ctx.wh.store.put_offering, layer_name, endpoint.technical_name, open_,
+    shared = await asyncio.to_thread(ctx.wh.store.put_offering, record, endpoint.technical_name, open_,
                                      "PUBLISHING")
     side: dict[str, Any] = {"configuration": {"_id": configuration.id, "name": body["name"]},
-                            "endpoint": endpoint.technical_name, "layer_name": layer_name, "type": body["type"],
-                            "open": open_, "tags": {}}
+                            "endpoint": endpoint.technical_name, "layer_name": layer_name, "layer_id": record,
+                            "type": body["type"], "open": open_, "tags": {}}
     add_event(side, "Publication", ctx.user)
     entity = await asyncio.to_thread(ctx.wh.entities.create, OFFERING, ctx.datastore.id, side, shared.id)
-    await _publish(ctx, entity.id, layer_name, endpoint.technical_name, open_)
+    await _publish(ctx, entity.id, record, endpoint.technical_name, open_)
     return json_response(offering_view(ctx, entity), status=201)
 
 
@@ -144,15 +151,15 @@ async def edit_offering(ctx: Ctx) -> Response:
     data = await json_body(ctx.request)
     if set(data) - {"open", "visibility"} or not isinstance(data.get("open"), bool):
         raise bad_request("the body must be {\"open\": true|false}")
-    if ctx.wh.store.get_layer(entity.body["layer_name"]) is not None:
-        await asyncio.to_thread(ctx.wh.store.set_restricted, entity.body["layer_name"], not data["open"])
+    if ctx.wh.store.get_layer(record_of(entity.body)) is not None:
+        await asyncio.to_thread(ctx.wh.store.set_restricted, record_of(entity.body), not data["open"])
     await asyncio.to_thread(ctx.wh.entities.update, OFFERING, entity.id, lambda b: b.update(open=data["open"]))
     await ctx.wh.runtime.refresh()
     return json_response(offering_view(ctx, entity))
 
 
 async def unpublish(ctx: Ctx, entity: Entity) -> None:
-    layer = entity.body["layer_name"]
+    layer = record_of(entity.body)
     if ctx.wh.store.get_offering(entity.id) is not None:
         await asyncio.to_thread(ctx.wh.store.remove_offering, entity.id)
     if ctx.wh.store.get_layer(layer) is not None and not ctx.wh.store.list_offerings(layer):
