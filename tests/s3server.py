@@ -75,6 +75,12 @@ class MotoS3Server:
         except self.s3.exceptions.NoSuchKey:
             return None
 
+    def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        keys: list[str] = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [item["Key"] for item in page.get("Contents", [])]
+        return keys
+
     def iam_user(self, bucket_policy_resource: str = "*") -> tuple[str, str]:
         """Create an IAM user allowed s3:* and return its (key, secret), valid once auth is on."""
         iam = self.client("iam")

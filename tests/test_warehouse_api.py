@@ -404,3 +404,45 @@ async def test_cli_registers_a_pyramid_as_stored_data(tmp_path: Path, monkeypatc
         assert stored["name"] == "scan" and stored["status"] == "GENERATED"
         assert stored["type_infos"]["tms"] == "PM" and stored["type_infos"]["compression"] == "PNG"
         assert stored["extent"]["type"] == "Polygon"
+
+
+async def test_pyramids_on_s3(tmp_path: Path, s3_server, s3_bucket, s3_settings) -> None:
+    """`warehouse_pyramids = s3://bucket/prefix`: executions write there, offerings serve it, delete removes it."""
+    async with app_with_user(tmp_path, s3_clusters=s3_settings.s3_clusters,
+                             warehouse_pyramids=f"s3://{s3_bucket}/computed/") as client:
+        datastore = (await client.get(BASE)).json()
+        assert datastore["storages"]["data"][0]["storage"]["type"] == "S3"
+        upload = await closed_upload(client, scan_files())
+        execution = await _execute(client, upload["_id"], FAST)
+        output = execution["output"]["stored_data"]["_id"]
+        await client.post(f"{BASE}/processings/executions/{execution['_id']}/launch")
+        done = await poll(client, f"{BASE}/processings/executions/{execution['_id']}",
+                          lambda e: e["status"] in ("SUCCESS", "FAILURE"))
+        assert done["status"] == "SUCCESS", (await client.get(
+            f"{BASE}/processings/executions/{execution['_id']}/logs")).text
+        stored = (await client.get(f"{BASE}/stored_data/{output}")).json()
+        assert stored["status"] == "GENERATED" and stored["storage"]["type"] == "S3"
+        keys = s3_server.list_keys(s3_bucket)
+        [descriptor] = [k for k in keys if k.endswith(".json") and k.count("/") == 1]
+        name = descriptor.removeprefix("computed/").removesuffix(".json")
+        assert f"computed/{name}.list" in keys and any(k.startswith(f"computed/{name}/DATA_10_") for k in keys)
+        assert not (Path(client.settings.data_dir) / "pyramids").exists()
+
+        config = {"type": "WMTS-TMS", "name": "s3", "layer_name": "on_s3",
+                  "type_infos": {"title": "t", "abstract": "a",
+                                 "used_data": [{"stored_data": output, "bottom_level": "10", "top_level": "9"}]}}
+        created = await client.post(f"{BASE}/configurations", json=config)
+        assert created.status_code == 201, created.text
+        offer = await client.post(f"{BASE}/configurations/{created.json()['_id']}/offerings",
+                                  json={"endpoint": await _endpoint(client, WMTS_TMS), "open": True})
+        assert offer.status_code == 201 and offer.json()["status"] == "PUBLISHED", offer.text
+        published = client.app.state.runtime.catalog.layers["on_s3"]
+        limits = published.limits["10"]
+        stored_tile = await published.get_tile("10", limits.min_col, limits.min_row)
+        tile = await client.get(f"/wmts/1.0.0/on_s3/normal/PM/10/{limits.min_row}/{limits.min_col}.jpeg")
+        assert tile.status_code == 200 and stored_tile and tile.content == stored_tile
+
+        assert (await client.delete(f"{BASE}/offerings/{offer.json()['_id']}")).status_code == 204
+        assert (await client.delete(f"{BASE}/configurations/{created.json()['_id']}")).status_code == 204
+        assert (await client.delete(f"{BASE}/stored_data/{output}")).status_code == 204
+        assert s3_server.list_keys(s3_bucket) == []

@@ -61,6 +61,8 @@ class Settings:
     file_handles: int = 256
     file_handle_ttl: float = 30.0
     s3_list_page_size: int = 1000  # keys per ListObjectsV2 page (S3's maximum)
+    # warehouse: where computed pyramids go, a directory or s3://bucket[/prefix] ("": <data_dir>/pyramids)
+    warehouse_pyramids: str = ""
     # slab-index cache
     index_cache_size: int = 10000
     index_cache_ttl: float = 300.0

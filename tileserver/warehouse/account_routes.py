@@ -16,6 +16,7 @@ from tileserver.services.ows import base_url
 from .accounts import Datastore, User
 from .credentials import TOKEN_LIFETIME
 from .endpoints import ENDPOINTS
+from .pyramid_home import on_s3
 from .service import warehouse_of
 from .usage import datastore_usage
 from .web import Ctx, json_response, public, read_body, route
@@ -92,7 +93,8 @@ async def datastore(ctx: Ctx) -> Response:
         "creation": ds.created_at,
         "community": community_view(ds),
         "storages": {
-            "data": [{"storage": {"_id": ds.id, "name": "pyramids", "type": "FILESYSTEM"},
+            "data": [{"storage": {"_id": ds.id, "name": "pyramids",
+                                  "type": "S3" if on_s3(ctx.wh.settings) else "FILESYSTEM"},
                       "quota": ds.quota, "use": usage["pyramids"]}],
             "uploads": {"quota": ds.quota, "use": usage["uploads"]},
             "annexes": {"quota": 0, "use": 0},

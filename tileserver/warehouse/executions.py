@@ -323,7 +323,7 @@ async def abort(ctx: Ctx) -> Response:
         raise conflict(f"processing execution {entity.id} already ended ({previous[0]})")
     await asyncio.to_thread(ctx.wh.entities.append_logs, entity.id, [log_line(f"aborted by {ctx.user.id}")])
     if previous[0] != "PROGRESS":  # a running worker notices at its next beat and stops itself
-        await asyncio.to_thread(execution_ended, ctx.wh.store, ctx.wh.entities, updated, ctx.wh.pyramids_dir)
+        await asyncio.to_thread(execution_ended, ctx.wh.store, ctx.wh.entities, updated, ctx.wh.settings)
     return json_response(execution_view(ctx, updated))
 
 

@@ -78,11 +78,11 @@ class Scheduler:
             code = await process.wait()
             if code != 0:
                 await asyncio.to_thread(lifecycle.interrupt, self.wh.store, self.wh.entities, job,
-                                        f"worker process ended with status {code}", self.wh.pyramids_dir)
+                                        f"worker process ended with status {code}", self.wh.settings)
         except Exception:
             log.exception("job %s %s", job.kind, job.id)
             await asyncio.to_thread(lifecycle.interrupt, self.wh.store, self.wh.entities, job,
-                                    "the worker process could not run", self.wh.pyramids_dir)
+                                    "the worker process could not run", self.wh.settings)
         finally:
             self.running.pop(job.id, None)
             self.wake()
@@ -104,7 +104,7 @@ class Scheduler:
                         log.warning("%s %s: worker gone, job failed", kind, job.id)
                         lifecycle.interrupt(store, entities, job,
                                             "interrupted: its worker process stopped (server restart or crash)",
-                                            self.wh.pyramids_dir)
+                                            self.wh.settings)
                     continue
                 claim = state.get("claim")
                 if claim and ((claim.get("host") == lifecycle.HOST and claim.get("pid") != os.getpid()

@@ -10,16 +10,16 @@ becomes GENERATED only on SUCCESS, otherwise UNSTABLE with its partial pyramid r
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 from tileserver.publication.store import PublicationStore
+from tileserver.settings import Settings
 
 from .accounts import now_iso
 from .entities import Entities, Entity, Gone
+from .pyramid_home import remove_pyramid
 
 CHECK = "check_execution"
 EXECUTION = "processing_execution"
@@ -104,7 +104,7 @@ def beat(entities: Entities, kind: str, job_id: str) -> str:
     return status[0] if status else "ABORTED"
 
 
-def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, status: str, pyramids_dir: Path,
+def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, status: str, settings: Settings,
            lines: list[str] = (), result: dict[str, Any] | None = None, only_from: tuple[str, ...] = ("PROGRESS",),
            ) -> bool:
     """End a job with `status` if it is still in one of `only_from`; apply the consequences."""
@@ -128,12 +128,12 @@ def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, 
     if kind == CHECK:
         _check_ended(entities, entity)
     else:
-        execution_ended(store, entities, entity, pyramids_dir)
+        execution_ended(store, entities, entity, settings)
     return True
 
 
-def interrupt(store: PublicationStore, entities: Entities, entity: Entity, reason: str, pyramids_dir: Path) -> bool:
-    return finish(store, entities, entity.kind, entity.id, "FAILURE", pyramids_dir, [log_line(reason)],
+def interrupt(store: PublicationStore, entities: Entities, entity: Entity, reason: str, settings: Settings) -> bool:
+    return finish(store, entities, entity.kind, entity.id, "FAILURE", settings, [log_line(reason)],
                   only_from=("WAITING", "PROGRESS"))
 
 
@@ -162,7 +162,7 @@ def _check_ended(entities: Entities, check: Entity) -> None:
         pass
 
 
-def execution_ended(store: PublicationStore, entities: Entities, execution: Entity, pyramids_dir: Path) -> None:
+def execution_ended(store: PublicationStore, entities: Entities, execution: Entity, settings: Settings) -> None:
     """The output stored data follows its execution: GENERATED on success, else UNSTABLE and removed."""
     output = (execution.body.get("output") or {}).get("stored_data") or {}
     stored = store.get_stored_data(output.get("_id", ""))
@@ -172,25 +172,8 @@ def execution_ended(store: PublicationStore, entities: Entities, execution: Enti
         summary = dict((execution.body.get("result") or {}).get("summary") or {})
         store.put_stored_data(stored.descriptor_url, summary, stored.name, "GENERATED", stored.type)
     else:
-        remove_pyramid(stored.descriptor_url, pyramids_dir)
+        remove_pyramid(stored.descriptor_url, settings)
         store.put_stored_data(stored.descriptor_url, {}, stored.name, "UNSTABLE", stored.type)
-
-
-def remove_pyramid(descriptor_url: str, pyramids_dir: Path) -> None:
-    """Delete a pyramid this warehouse wrote (descriptor, list, slabs, journals, work files); one
-    registered from elsewhere is never touched."""
-    if not descriptor_url.startswith("file://"):
-        return
-    descriptor = Path(descriptor_url.removeprefix("file://"))
-    root = descriptor.parent
-    if root.resolve() != pyramids_dir.resolve() or not descriptor.name.endswith(".json"):
-        return
-    name = descriptor.name.removesuffix(".json")
-    for path in [root / name, root / f"{name}.work", *root.glob(f"{name}.*")]:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists() or path.is_symlink():
-            path.unlink(missing_ok=True)
 
 
 def release(entities: Entities, job: Entity) -> None:

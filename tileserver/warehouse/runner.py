@@ -17,6 +17,7 @@ from tileserver.settings import Settings
 from .checks import IMAGE_EXTENSIONS
 from .entities import Entities, Entity
 from .processings import find, flag
+from .pyramid_home import output_of
 from .upload_files import UploadFiles
 
 
@@ -47,7 +48,7 @@ def _parallelization(parameters: dict[str, Any]) -> int:
 def run_execution(settings: Settings, store: PublicationStore, entities: Entities, execution: Entity,
                   descriptor_url: str) -> dict[str, Any]:
     """Run the writer for an execution, writing the pyramid whose descriptor is `descriptor_url`
-    (a local file); the summary of the pyramid written."""
+    (on disk or S3); the summary of the pyramid written."""
     from tileserver.writer.build import build_async, run_with_storage
     from tileserver.writer.options import BuildOptions
     from tileserver.writer.progress import Progress
@@ -57,8 +58,7 @@ def run_execution(settings: Settings, store: PublicationStore, entities: Entitie
     if processing is None:
         raise ExecutionError(f"unknown processing {body['processing']['_id']}")
     parameters = body.get("parameters", {})
-    descriptor = Path(descriptor_url.removeprefix("file://"))
-    output_dir, name = str(descriptor.parent), descriptor.stem
+    output_dir, name = output_of(descriptor_url)
     progress = Progress(tty=False, interval=2.0)
     inputs = body.get("inputs", {})
     ancestors = [store.get_stored_data(s["_id"]) for s in inputs.get("stored_data", [])]

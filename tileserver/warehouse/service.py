@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .accounts import Accounts
 from .entities import Entities
+from .pyramid_home import pyramids_root
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -32,7 +33,6 @@ class Warehouse:
         self.entities = Entities(runtime.store)
         data = Path(self.settings.data_dir).resolve()
         self.uploads_dir = data / "uploads"
-        self.pyramids_dir = data / "pyramids"
         self.scheduler: Scheduler | None = None
 
     def upload_dir(self, upload_id: str) -> Path:
@@ -40,7 +40,7 @@ class Warehouse:
 
     def pyramid_url(self, name: str) -> str:
         """Descriptor of a pyramid this warehouse computes (stored data id = pyramid name)."""
-        return f"file://{self.pyramids_dir}/{name}.json"
+        return f"{pyramids_root(self.settings)}/{name}.json"
 
     def start(self) -> None:
         if self.scheduler is None:

@@ -17,7 +17,8 @@ from tileserver.publication.store import StoredData
 from .annotations import add_event, annotation_routes, annotations_view
 from .entities import Entity
 from .errors import conflict, not_found
-from .lifecycle import EXECUTION, remove_pyramid
+from .lifecycle import EXECUTION
+from .pyramid_home import remove_pyramid
 from .web import Ctx, json_response, list_response, no_content, route
 
 KIND = "stored_data"
@@ -138,7 +139,7 @@ async def delete_stored_data(ctx: Ctx) -> Response:
     await asyncio.to_thread(ctx.wh.store.remove_stored_data, stored.id)
     if side is not None:
         await asyncio.to_thread(ctx.wh.entities.delete, stored.id)
-    await asyncio.to_thread(remove_pyramid, stored.descriptor_url, ctx.wh.pyramids_dir)
+    await asyncio.to_thread(remove_pyramid, stored.descriptor_url, ctx.wh.settings)
     return no_content()
 
 

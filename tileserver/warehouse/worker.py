@@ -73,7 +73,6 @@ class Worker:
         self.entities = Entities(self.store)
         self.log = StoreLog()
         self.done = threading.Event()
-        self.pyramids_dir = Path(settings.data_dir).resolve() / "pyramids"
 
     def flush(self) -> None:
         self.entities.append_logs(self.job_id, self.log.take())
@@ -104,7 +103,7 @@ class Worker:
             logging.getLogger("tileserver.warehouse").debug("%s", traceback.format_exc())
             status, result = "FAILURE", {}
         self.done.set()
-        lifecycle.finish(self.store, self.entities, self.kind, self.job_id, status, self.pyramids_dir, self.log.take(),
+        lifecycle.finish(self.store, self.entities, self.kind, self.job_id, status, self.settings, self.log.take(),
                          result)
         return 0
 

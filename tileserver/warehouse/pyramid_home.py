@@ -1,0 +1,59 @@
+"""Where the warehouse writes the pyramids it computes: under the data directory, or on S3 when
+`warehouse_pyramids` names a bucket (``s3://bucket[/prefix]``), and how one is removed again."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+from tileserver.settings import Settings
+from tileserver.storage import Storage
+
+
+def pyramids_root(settings: Settings) -> str:
+    """Root URL of computed pyramids, without a trailing slash (``file:///abs/dir`` or ``s3://…``)."""
+    configured = settings.warehouse_pyramids.strip().rstrip("/")
+    if configured.startswith("s3://"):
+        return configured
+    directory = Path(configured.removeprefix("file://")) if configured else Path(settings.data_dir) / "pyramids"
+    return f"file://{directory.resolve()}"
+
+
+def on_s3(settings: Settings) -> bool:
+    return pyramids_root(settings).startswith("s3://")
+
+
+def output_of(descriptor_url: str) -> tuple[str, str]:
+    """(output root as the writer takes it, pyramid name) of a descriptor URL."""
+    root, _, file_name = descriptor_url.rpartition("/")
+    return root.removeprefix("file://"), file_name.removesuffix(".json")
+
+
+def remove_pyramid(descriptor_url: str, settings: Settings) -> None:
+    """Delete a pyramid this warehouse wrote (descriptor, list, slabs, journals, work files); one
+    registered from elsewhere (outside the root) is never touched. Blocking: run it in a thread."""
+    root, name = output_of(descriptor_url)
+    home = pyramids_root(settings)
+    if not descriptor_url.endswith(".json") or not name or "/" in name:
+        return
+    if home.startswith("s3://"):
+        if root == home:
+            asyncio.run(_remove_objects(f"{home}/{name}", settings))
+        return
+    directory = Path(root)
+    if not descriptor_url.startswith("file://") or directory.resolve() != Path(home.removeprefix("file://")):
+        return
+    for path in [directory / name, directory / f"{name}.work", *directory.glob(f"{name}.*")]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+async def _remove_objects(prefix: str, settings: Settings) -> None:
+    async with Storage(settings) as storage:
+        found = [p async for p in storage.list(prefix)]
+        for path in found:
+            if path[len(prefix):][:1] in ("/", "."):  # NAME/…, NAME.json, NAME.list: not NAMEother
+                await storage.delete(path)
