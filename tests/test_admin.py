@@ -182,6 +182,15 @@ async def test_restricted_layers_and_api_keys(client: httpx.AsyncClient) -> None
     assert (await client.get("/admin/layers/secret", headers=AUTH)).json()["restricted"] is True
     assert runtime.catalog.get("secret", "wmts") is None  # anonymous: as if it did not exist
     assert [p.id for p in runtime.catalog.visible("wmts")] == ["open"]
+    # a ROK4 descriptor says nothing of access: replacing the layer keeps it restricted
+    assert (await client.put("/admin/layers/secret", json={**SCAN, "title": "T2"}, headers=AUTH)).status_code == 204
+    assert (await client.get("/admin/layers/secret", headers=AUTH)).json()["restricted"] is True
+    assert runtime.catalog.get("secret", "wmts") is None and runtime.catalog.layers["secret"].layer.title == "T2"
+    # saying it opens (or closes) the layer
+    await client.put("/admin/layers/open", json={**SCAN, "restricted": True}, headers=AUTH)
+    assert runtime.catalog.get("open", "wmts") is None
+    await client.put("/admin/layers/open", json={**SCAN, "restricted": False}, headers=AUTH)
+    assert runtime.catalog.get("open", "wmts") is not None
 
     created = await client.post("/admin/keys", json={"name": "partner", "layers": ["secret"]}, headers=AUTH)
     assert created.status_code == 201
@@ -265,6 +274,10 @@ async def test_a_change_by_another_process_is_served_without_restart(client: htt
     await asyncio.to_thread(cli, "layers", "add", "other", str(descriptor), "--restricted")
     await until(lambda: "other" in runtime.catalog.layers)
     assert runtime.catalog.layers["other"].restricted and runtime.catalog.get("other", "wmts") is None
+    descriptor.write_text(json.dumps({**layer_descriptor("MONTAGNE"), "title": "updated"}))
+    await asyncio.to_thread(cli, "layers", "update", "other", str(descriptor))
+    await until(lambda: runtime.catalog.layers["other"].layer.title == "updated")
+    assert runtime.catalog.layers["other"].restricted  # the file does not say: access unchanged
     await asyncio.to_thread(cli, "layers", "remove", "other")
     await until(lambda: "other" not in runtime.catalog.layers)
 

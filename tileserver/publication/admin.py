@@ -134,9 +134,13 @@ async def _changed(runtime: Runtime) -> None:
 
 
 async def _layer_from_body(request: Request) -> Layer:
+    return (await _layer_and_body(request))[0]
+
+
+async def _layer_and_body(request: Request) -> tuple[Layer, Any]:
     data = await _json_body(request)
     try:
-        return parse_layer(request.path_params["layer_id"], data)
+        return parse_layer(request.path_params["layer_id"], data), data
     except LayerError as exc:
         raise Problem(400, exc.message, exc.field) from None
 
@@ -221,10 +225,11 @@ async def create_layer(request: Request, runtime: Runtime) -> Response:
 
 
 async def replace_layer(request: Request, runtime: Runtime) -> Response:
-    layer = await _layer_from_body(request)
+    layer, data = await _layer_and_body(request)
     _stored_layer(runtime, request)
     summaries = await _check(runtime, layer)
-    await _store_write(runtime, runtime.store.put_layer, layer, summaries)
+    keep_access = "restricted" not in data  # absent: the layer stays as open (or restricted) as it was
+    await _store_write(runtime, runtime.store.put_layer, layer, summaries, keep_access)
     log.info("admin: layer %s replaced", layer.id)
     return Response(status_code=204)
 

@@ -88,6 +88,15 @@ def load_layer(layer_id: str, path: Path) -> Layer:
     return parse_layer(layer_id, data)
 
 
+def _says_access(path: Path) -> bool:
+    """Whether a descriptor file sets `restricted` (else replacing keeps the stored access)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "restricted" in data
+
+
 async def _check_all(settings: Settings, layers: list[Layer]) -> dict[str, dict[str, dict] | LayerError]:
     """Open every layer's pyramids once: summaries by layer id, or the LayerError that refuses it."""
     from tileserver.catalog import PyramidPool
@@ -138,7 +147,7 @@ def _add(args: argparse.Namespace) -> int:
 def _update(args: argparse.Namespace) -> int:
     layer, summaries = _checked_layer(args)
     with _store(args) as store:
-        store.put_layer(layer, summaries)
+        store.put_layer(layer, summaries, keep_access=not _says_access(Path(args.descriptor)))
     print(f"layer {layer.id} updated")
     return 0
 
@@ -201,7 +210,7 @@ def _import(args: argparse.Namespace) -> int:
                 if not args.replace:
                     failures.append(f"{path}: id: layer {layer_id} already exists (--replace replaces it)")
                     continue
-                store.put_layer(layer, summaries)
+                store.put_layer(layer, summaries, keep_access=not _says_access(path))
             imported += 1
             print(f"{path}: layer {layer_id} imported")
     for failure in failures:

@@ -447,13 +447,24 @@ class PublicationStore:
             )
             self._link_layer(db, layer, summaries)
 
-    def put_layer(self, layer: Layer, summaries: dict[str, dict[str, Any]] | None = None) -> None:
-        """Replace a layer, access flag included: the descriptor is the whole record, as in ROK4."""
+    def put_layer(
+        self, layer: Layer, summaries: dict[str, dict[str, Any]] | None = None, keep_access: bool = False
+    ) -> None:
+        """Replace a layer: the descriptor is the whole record, as in ROK4. `keep_access` keeps the
+        stored access flag (a ROK4 descriptor says nothing of it: replacing must not open a layer);
+        otherwise the layer's flag is set, and its offerings follow it."""
         with self._write() as db:
-            updated = db.execute(
-                "UPDATE layers SET descriptor = ?, restricted = ?, updated_at = ? WHERE id = ?",
-                (_stored_descriptor(layer), int(layer.restricted), _now(), layer.id),
-            ).rowcount
+            if keep_access:
+                updated = db.execute(
+                    "UPDATE layers SET descriptor = ?, updated_at = ? WHERE id = ?",
+                    (_stored_descriptor(layer), _now(), layer.id),
+                ).rowcount
+            else:
+                updated = db.execute(
+                    "UPDATE layers SET descriptor = ?, restricted = ?, updated_at = ? WHERE id = ?",
+                    (_stored_descriptor(layer), int(layer.restricted), _now(), layer.id),
+                ).rowcount
+                db.execute("UPDATE offerings SET open = ? WHERE layer_id = ?", (int(not layer.restricted), layer.id))
             if not updated:
                 raise LayerNotFound(f"no layer {layer.id}", "id")
             self._link_layer(db, layer, summaries)
