@@ -135,7 +135,7 @@ class FastTiles:
         headers += CORS_HEADERS
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
-        log_access(request_id, method, path, query, status, len(body), started)
+        log_access(request_id, method, path, query, status, len(body), started, secret_free=True)
         return True
 
     def _settle(self, runtime: Any, catalog: Any, key: tuple[str, ...], row: int, col: int) -> _Route | object | None:
@@ -175,6 +175,9 @@ _KVP_NAMES = frozenset(
     ("SERVICE", "REQUEST", "VERSION", "LAYER", "STYLE", "FORMAT", "TILEMATRIXSET", "TILEMATRIX", "TILEROW", "TILECOL")
 )
 _KVP_REQUIRED = _KVP_NAMES - {"VERSION"}
+_KVP_SPELLINGS = {spelling: name for name in _KVP_NAMES
+                  for spelling in (name, name.lower(), name.title(), name.title().replace("matrix", "Matrix")
+                                   .replace("set", "Set").replace("row", "Row").replace("col", "Col"))}
 
 
 def _rest_request(path: str, raw_path: bytes, query: bytes) -> _Request | None:
@@ -195,24 +198,30 @@ def _kvp_request(query: bytes) -> _Request | None:
         text = query.decode("ascii")
     except UnicodeDecodeError:
         return None
+    pairs = text.split("&")
+    if not len(_KVP_REQUIRED) <= len(pairs) <= len(_KVP_NAMES):
+        return None
     found: dict[str, str] = {}
-    for pair in text.split("&"):
+    for pair in pairs:
         name, _, value = pair.partition("=")
-        name = name.upper()
+        name = _KVP_SPELLINGS.get(name) or name.upper()
         if name not in _KVP_NAMES or name in found:
             return None
-        found[name] = unquote_plus(value) if ("%" in value or "+" in value) else value
+        found[name] = value
     if (
-        any(name not in found for name in _KVP_REQUIRED)
+        len(found) < len(_KVP_REQUIRED) + ("VERSION" in found)
         or found["SERVICE"] != "WMTS"
         or found["REQUEST"] != "GetTile"
         or found.get("VERSION", VERSION) != VERSION
-        or not found["FORMAT"]
-        or found["FORMAT"].startswith(".")
     ):
         return None
-    return (found["LAYER"], found["STYLE"], found["TILEMATRIXSET"], found["TILEMATRIX"], found["FORMAT"],
-            found["TILEROW"], found["TILECOL"])
+    fmt = found["FORMAT"].replace("%2F", "/")
+    if "%" in fmt or "+" in fmt:
+        fmt = unquote_plus(fmt)
+    layer, style = found["LAYER"], found["STYLE"]
+    if not fmt or fmt.startswith(".") or "%" in layer or "+" in layer or "%" in style or "+" in style:
+        return None  # encoded names: the route decodes them
+    return layer, style, found["TILEMATRIXSET"], found["TILEMATRIX"], fmt, found["TILEROW"], found["TILECOL"]
 
 
 def _is_index(text: str) -> bool:
