@@ -406,13 +406,43 @@ async def test_cli_registers_a_pyramid_as_stored_data(tmp_path: Path, monkeypatc
         assert stored["extent"]["type"] == "Polygon"
 
 
-async def test_pyramids_on_s3(tmp_path: Path, s3_server, s3_bucket, s3_settings) -> None:
-    """`warehouse_pyramids = s3://bucket/prefix`: executions write there, offerings serve it, delete removes it."""
+async def test_uploads_and_pyramids_on_s3(tmp_path: Path, s3_server, s3_bucket, s3_settings) -> None:
+    """`warehouse_uploads` and `warehouse_pyramids` on S3: files pushed there are checked and built
+    from, executions write there, offerings serve it, deletes remove the objects."""
     async with app_with_user(tmp_path, s3_clusters=s3_settings.s3_clusters,
+                             warehouse_uploads=f"s3://{s3_bucket}/uploads",
                              warehouse_pyramids=f"s3://{s3_bucket}/computed/") as client:
         datastore = (await client.get(BASE)).json()
         assert datastore["storages"]["data"][0]["storage"]["type"] == "S3"
-        upload = await closed_upload(client, scan_files())
+        files = {**scan_files(), "extra/readme.txt": SOURCES / "SCAN1000.tfw"}
+        md5 = "".join(f"{hashlib.md5(p.read_bytes()).hexdigest()}  {rel}\n" for rel, p in scan_files().items())
+        upload = (await client.post(f"{BASE}/uploads", json={"name": "up", "description": "d", "srs": "EPSG:2154",
+                                                             "type": "RASTER"})).json()
+        for rel, local in files.items():
+            pushed = await client.post(f"{BASE}/uploads/{upload['_id']}/data", params={"path": rel},
+                                       files={"file": (local.name, local.read_bytes())})
+            assert pushed.status_code == 200, pushed.text
+        pushed = await client.post(f"{BASE}/uploads/{upload['_id']}/md5", files={"file": ("x.md5", md5.encode())})
+        assert pushed.status_code == 200, pushed.text
+        keys = s3_server.list_keys(s3_bucket, "uploads/")
+        assert f"uploads/{upload['_id']}/data/ain/scan1000.tif" in keys
+        assert s3_server.get(s3_bucket, f"uploads/{upload['_id']}/data/ain/scan1000.tif") == (
+            SOURCES / "SCAN1000.tif").read_bytes()
+        tree = (await client.get(f"{BASE}/uploads/{upload['_id']}/tree")).json()
+        ain = next(entry for entry in tree if entry["name"] == "ain")
+        assert {c["name"] for c in ain["children"]} == {"scan1000.tif", "scan1000.tfw"}
+        assert ain["size"] == sum(p.stat().st_size for p in scan_files().values())
+        again = await client.post(f"{BASE}/uploads/{upload['_id']}/data", params={"path": "ain/scan1000.tfw"},
+                                  files={"file": ("x", b"1")})
+        assert again.status_code == 409
+        gone = await client.delete(f"{BASE}/uploads/{upload['_id']}/data", params={"path": "extra/readme.txt"})
+        assert gone.status_code == 204
+        assert f"uploads/{upload['_id']}/data/extra/readme.txt" not in s3_server.list_keys(s3_bucket, "uploads/")
+        assert (await client.post(f"{BASE}/uploads/{upload['_id']}/close")).status_code == 200
+        closed = await poll(client, f"{BASE}/uploads/{upload['_id']}", lambda u: u["status"] not in ("OPEN", "CHECKING"))
+        checks = (await client.get(f"{BASE}/uploads/{upload['_id']}/checks")).json()
+        assert closed["status"] == "CLOSED", checks
+        assert len(checks["passed"]) == 2 and not checks["failed"]  # md5 and raster checks on the S3 files
         execution = await _execute(client, upload["_id"], FAST)
         output = execution["output"]["stored_data"]["_id"]
         await client.post(f"{BASE}/processings/executions/{execution['_id']}/launch")
@@ -445,4 +475,6 @@ async def test_pyramids_on_s3(tmp_path: Path, s3_server, s3_bucket, s3_settings)
         assert (await client.delete(f"{BASE}/offerings/{offer.json()['_id']}")).status_code == 204
         assert (await client.delete(f"{BASE}/configurations/{created.json()['_id']}")).status_code == 204
         assert (await client.delete(f"{BASE}/stored_data/{output}")).status_code == 204
+        assert s3_server.list_keys(s3_bucket, "computed/") == []
+        assert (await client.delete(f"{BASE}/uploads/{upload['_id']}")).status_code == 204
         assert s3_server.list_keys(s3_bucket) == []

@@ -63,6 +63,8 @@ class Settings:
     s3_list_page_size: int = 1000  # keys per ListObjectsV2 page (S3's maximum)
     # warehouse: where computed pyramids go, a directory or s3://bucket[/prefix] ("": <data_dir>/pyramids)
     warehouse_pyramids: str = ""
+    # warehouse: where upload files go, a directory or s3://bucket[/prefix] ("": <data_dir>/uploads)
+    warehouse_uploads: str = ""
     # slab-index cache
     index_cache_size: int = 10000
     index_cache_ttl: float = 300.0

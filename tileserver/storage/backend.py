@@ -36,6 +36,24 @@ class Backend(ABC):
     async def write(self, path: StoragePath, data: bytes) -> None:
         """Create or replace the object atomically: readers see the old bytes or the new ones."""
 
+    async def put_file(self, path: StoragePath, local: str) -> None:
+        """Store a local file at `path` (backends stream it where they can)."""
+        import asyncio
+        from pathlib import Path
+
+        await self.write(path, await asyncio.to_thread(Path(local).read_bytes))
+
+    async def get_file(self, path: StoragePath, local: str) -> bool:
+        """Copy `path` to a local file; False when absent."""
+        import asyncio
+        from pathlib import Path
+
+        data = await self.read(path)
+        if data is None:
+            return False
+        await asyncio.to_thread(Path(local).write_bytes, data)
+        return True
+
     @abstractmethod
     async def exists(self, path: StoragePath) -> bool: ...
 

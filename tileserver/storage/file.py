@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -88,6 +89,27 @@ def _write(name: str, data: bytes) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _copy(source: str, name: str) -> None:
+    """Copy a file into place atomically (a temporary file renamed over `name`)."""
+    directory, base = os.path.split(name)
+    directory = directory or "."
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, name)
+        tmp = None
+    except OSError as exc:
+        _raise(exc, "copy", name)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _symlink(target: str, link: str) -> None:
@@ -218,6 +240,16 @@ class FileBackend(Backend):
 
     async def close(self) -> None:
         self.handles.close()
+
+    async def put_file(self, path: StoragePath, local: str) -> None:
+        self.handles.drop(path.key)
+        await asyncio.to_thread(_copy, local, path.key)
+
+    async def get_file(self, path: StoragePath, local: str) -> bool:
+        if not os.path.isfile(path.key):
+            return False
+        await asyncio.to_thread(_copy, path.key, local)
+        return True
 
     async def exists(self, path: StoragePath) -> bool:
         return await self.size(path) is not None

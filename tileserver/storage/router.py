@@ -148,6 +148,16 @@ class Storage:
         p = parse_path(path)
         await self.backend(p).write(p, data)
 
+    async def put_file(self, path: PathLike, local: str) -> None:
+        """Store a local file at `path` without holding it in memory (disk: copy; S3: streamed PUT)."""
+        p = parse_path(path)
+        await self.backend(p).put_file(p, local)
+
+    async def get_file(self, path: PathLike, local: str) -> bool:
+        """Copy `path` into a local file, streamed; False when absent."""
+        p = parse_path(path)
+        return await self.backend(p).get_file(p, local)
+
     async def exists(self, path: PathLike) -> bool:
         p = parse_path(path)
         return await self.backend(p).exists(p)

@@ -240,6 +240,29 @@ class S3Backend(Backend):
     async def write(self, path: StoragePath, data: bytes) -> None:
         await self._call(f"PUT {path}", self._client.put_object, Bucket=path.bucket, Key=path.key, Body=data)
 
+    async def put_file(self, path: StoragePath, local: str) -> None:
+        """One PUT streamed from the file (S3 takes up to 5 GB so), reopened at each attempt."""
+        async def put(**kwargs: Any) -> dict[str, Any]:
+            with open(local, "rb") as body:  # noqa: ASYNC230 - opening is instant; the body is streamed
+                return await self._client.put_object(Body=body, **kwargs)
+
+        await self._call(f"PUT {path}", put, Bucket=path.bucket, Key=path.key)
+
+    async def get_file(self, path: StoragePath, local: str) -> bool:
+        if await self.size(path) is None:
+            return False
+
+        async def get(**kwargs: Any) -> dict[str, Any]:
+            response = await self._client.get_object(**kwargs)
+            async with response["Body"] as stream:
+                with open(local, "wb") as out:  # noqa: ASYNC230
+                    while chunk := await stream.read(1 << 20):
+                        out.write(chunk)
+            return response
+
+        await self._call(f"GET {path}", get, Bucket=path.bucket, Key=path.key)
+        return True
+
     async def delete(self, path: StoragePath) -> None:
         await self._call(f"DELETE {path}", self._client.delete_object, Bucket=path.bucket, Key=path.key)
 

@@ -7,8 +7,8 @@ This is the one place that calls the writer: `build`, `update` (by reference) an
 
 from __future__ import annotations
 
+import contextlib
 import os
-from pathlib import Path
 from typing import Any
 
 from tileserver.publication.store import PublicationStore
@@ -18,21 +18,23 @@ from .checks import IMAGE_EXTENSIONS
 from .entities import Entities, Entity
 from .processings import find, flag
 from .pyramid_home import output_of
-from .upload_files import UploadFiles
+from .upload_files import upload_files
 
 
 class ExecutionError(Exception):
     """The execution cannot run (inputs gone…): its message ends up in the logs."""
 
 
-def _sources(settings: Settings, entities: Entities, upload_ids: list[str]) -> tuple[list[str], str | None]:
+def _sources(settings: Settings, entities: Entities, upload_ids: list[str],
+             stack: contextlib.ExitStack) -> tuple[list[str], str | None]:
+    """Image files of the input uploads, local for the time of `stack` (S3 uploads are copied)."""
     files, srs = [], None
     for upload_id in upload_ids:
         upload = entities.get("upload", upload_id)
         if upload is None:
             raise ExecutionError(f"input upload {upload_id} no longer exists")
         srs = srs or upload.body.get("srs")
-        root = UploadFiles(Path(settings.data_dir).resolve() / "uploads" / upload_id)
+        root = stack.enter_context(upload_files(settings, upload_id).local())
         files += [str(f) for rel, f in root.files("data") if rel.lower().endswith(IMAGE_EXTENSIONS)]
     return files, srs
 
@@ -49,6 +51,12 @@ def run_execution(settings: Settings, store: PublicationStore, entities: Entitie
                   descriptor_url: str) -> dict[str, Any]:
     """Run the writer for an execution, writing the pyramid whose descriptor is `descriptor_url`
     (on disk or S3); the summary of the pyramid written."""
+    with contextlib.ExitStack() as stack:
+        return _run(settings, store, entities, execution, descriptor_url, stack)
+
+
+def _run(settings: Settings, store: PublicationStore, entities: Entities, execution: Entity,
+         descriptor_url: str, stack: contextlib.ExitStack) -> dict[str, Any]:
     from tileserver.writer.build import build_async, run_with_storage
     from tileserver.writer.options import BuildOptions
     from tileserver.writer.progress import Progress
@@ -86,7 +94,7 @@ def run_execution(settings: Settings, store: PublicationStore, entities: Entitie
             harvest, output_dir, name, options, storage, tms_directory=s.tms_directory, overwrite=True,
             progress=progress))
 
-    sources, srs = _sources(settings, entities, [u["_id"] for u in inputs.get("upload", [])])
+    sources, srs = _sources(settings, entities, [u["_id"] for u in inputs.get("upload", [])], stack)
     if not sources:
         raise ExecutionError("the input uploads hold no image")
     if ancestors:

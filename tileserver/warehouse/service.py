@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .accounts import Accounts
@@ -31,12 +30,7 @@ class Warehouse:
         self.store = runtime.store
         self.accounts = Accounts(runtime.store)
         self.entities = Entities(runtime.store)
-        data = Path(self.settings.data_dir).resolve()
-        self.uploads_dir = data / "uploads"
         self.scheduler: Scheduler | None = None
-
-    def upload_dir(self, upload_id: str) -> Path:
-        return self.uploads_dir / upload_id
 
     def pyramid_url(self, name: str) -> str:
         """Descriptor of a pyramid this warehouse computes (stored data id = pyramid name)."""

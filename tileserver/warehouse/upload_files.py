@@ -1,5 +1,9 @@
-"""An upload's files on disk: `<uploads>/<id>/data/<path>` for data, `<id>/md5/<name>` for the
-md5 files, written through a temporary file so a refused or interrupted push leaves nothing.
+"""An upload's files: `<uploads>/<id>/data/<path>` for data, `<id>/md5/<name>` for the md5 files,
+under the data directory or on S3 (`warehouse_uploads = s3://bucket/prefix`). A push is received
+into a local temporary file first, so a refused or interrupted push leaves nothing.
+
+Checks and executions read images as local files: `local()` gives them (on S3, a copy downloaded
+for the time of the work).
 
 Paths come from clients: they are checked to stay inside the upload's root (no `..`, no absolute
 path, no backslash or control character).
@@ -7,11 +11,17 @@ path, no backslash or control character).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from tileserver.settings import Settings
 
 from .errors import bad_request
 
@@ -55,6 +65,16 @@ class UploadFiles:
     def commit(self, temp: Path, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, target)
+
+    def exists(self, section: str, rel: str) -> bool:
+        return self.target(section, rel).exists()
+
+    def store(self, temp: Path, section: str, rel: str) -> None:
+        self.commit(temp, self.target(section, rel))
+
+    @contextlib.contextmanager
+    def local(self) -> Iterator[UploadFiles]:
+        yield self
 
     def delete(self, section: str, rel: str) -> bool:
         target = self.target(section, rel)
@@ -105,3 +125,122 @@ def _tree(directory: Path) -> list[dict[str, Any]]:
         elif entry.is_file():
             out.append({"name": entry.name, "type": "file", "size": entry.stat().st_size})
     return out
+
+
+class S3UploadFiles:
+    """The same operations on objects `<root>/data/<path>` and `<root>/md5/<name>`; blocking (each
+    runs its own short-lived storage client): call them from a thread, as the routes do."""
+
+    def __init__(self, settings: Settings, root: str, staging: Path) -> None:
+        self.settings = settings
+        self.root = root.rstrip("/")
+        self.tmp = staging / "tmp"
+        self._staging = staging
+
+    def _run(self, action: Any) -> Any:
+        from tileserver.storage import Storage
+
+        async def main() -> Any:
+            async with Storage(self.settings) as storage:
+                return await action(storage)
+
+        return asyncio.run(main())
+
+    def _url(self, section: str, rel: str = "") -> str:
+        return f"{self.root}/{'data' if section == 'data' else 'md5'}/{rel}"
+
+    def open_temp(self) -> tuple[Path, Any]:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        temp = self.tmp / uuid.uuid4().hex
+        return temp, open(temp, "wb")  # noqa: SIM115 - closed by the caller
+
+    def exists(self, section: str, rel: str) -> bool:
+        return bool(self._run(lambda storage: storage.exists(self._url(section, rel))))
+
+    def store(self, temp: Path, section: str, rel: str) -> None:
+        self._run(lambda storage: storage.put_file(self._url(section, rel), str(temp)))
+
+    def delete(self, section: str, rel: str) -> bool:
+        async def action(storage: Any) -> bool:
+            url = self._url(section, rel)
+            if not await storage.exists(url):
+                return False
+            await storage.delete(url)
+            return True
+
+        return bool(self._run(action))
+
+    def remove_all(self) -> None:
+        async def action(storage: Any) -> None:
+            for url in [u async for u in storage.list(self.root + "/")]:
+                await storage.delete(url)
+
+        self._run(action)
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+    def listing(self, section: str = "data") -> list[tuple[str, int]]:
+        """(relative path, size) of every file, sorted."""
+        async def action(storage: Any) -> list[tuple[str, int]]:
+            prefix = self._url(section)
+            out = []
+            async for url in storage.list(prefix):
+                out.append((url[len(prefix):], await storage.size(url) or 0))
+            return sorted(out)
+
+        return list(self._run(action))
+
+    def size(self) -> int:
+        return sum(size for section in ("data", "md5") for _, size in self.listing(section))
+
+    def tree(self) -> list[dict[str, Any]]:
+        root: dict[str, Any] = {}
+        for rel, size in self.listing("data"):
+            *dirs, name = rel.split("/")
+            node = root
+            for part in dirs:
+                node = node.setdefault(part, {})
+            node[name] = size
+        return _tree_of(root) + [{"name": rel, "type": "file", "size": size} for rel, size in self.listing("md5")]
+
+    @contextlib.contextmanager
+    def local(self) -> Iterator[UploadFiles]:
+        """A local copy of every file, removed afterwards."""
+        directory = Path(tempfile.mkdtemp(prefix="upload-"))
+        copy = UploadFiles(directory)
+
+        async def download(storage: Any) -> None:
+            for section in ("data", "md5"):
+                prefix = self._url(section)
+                async for url in storage.list(prefix):
+                    target = copy.target(section, checked_path(url[len(prefix):]))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    await storage.get_file(url, str(target))
+
+        try:
+            self._run(download)
+            yield copy
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _tree_of(node: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for name in sorted(node):
+        value = node[name]
+        if isinstance(value, dict):
+            children = _tree_of(value)
+            out.append({"name": name, "type": "directory", "size": sum(c["size"] for c in children),
+                        "children": children})
+        else:
+            out.append({"name": name, "type": "file", "size": value})
+    return out
+
+
+def upload_files(settings: Settings, upload_id: str) -> UploadFiles | S3UploadFiles:
+    """An upload's files where the settings keep them."""
+    data = Path(settings.data_dir).resolve()
+    configured = settings.warehouse_uploads.strip().rstrip("/")
+    if configured.startswith("s3://"):
+        return S3UploadFiles(settings, f"{configured}/{upload_id}", data / "uploads-staging" / upload_id)
+    base = Path(configured.removeprefix("file://")) if configured else data / "uploads"
+    return UploadFiles(base.resolve() / upload_id)

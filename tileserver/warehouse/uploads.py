@@ -20,7 +20,7 @@ from .entities import Entity
 from .errors import bad_request, conflict, not_found
 from .lifecycle import CHECK, EXECUTION
 from .multipart import receive
-from .upload_files import UploadFiles, checked_path
+from .upload_files import S3UploadFiles, UploadFiles, checked_path, upload_files
 from .usage import datastore_usage
 from .web import Ctx, json_body, json_response, list_response, no_content, route
 
@@ -48,8 +48,8 @@ def get_upload(ctx: Ctx, upload_id: str) -> Entity:
     return entity
 
 
-def files_of(ctx: Ctx, entity: Entity) -> UploadFiles:
-    return UploadFiles(ctx.wh.upload_dir(entity.id))
+def files_of(ctx: Ctx, entity: Entity) -> UploadFiles | S3UploadFiles:
+    return upload_files(ctx.wh.settings, entity.id)
 
 
 def _check_srs(srs: Any) -> str | None:
@@ -179,10 +179,9 @@ async def _push(ctx: Ctx, section: str) -> Response:
         handle.close()
         if rel is None:
             rel = checked_path(Path(received.filename or "").name, "filename")
-        target = files.target(section, rel)
-        if target.exists():
+        if await asyncio.to_thread(files.exists, section, rel):
             raise conflict(f"{rel} already exists in upload {entity.id}; delete it first")
-        files.commit(temp, target)
+        await asyncio.to_thread(files.store, temp, section, rel)
     finally:
         handle.close()
         temp.unlink(missing_ok=True)

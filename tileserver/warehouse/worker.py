@@ -16,7 +16,6 @@ import sys
 import threading
 import traceback
 from dataclasses import asdict, fields
-from pathlib import Path
 from typing import Any
 
 from tileserver.publication.store import PublicationStore
@@ -26,7 +25,7 @@ from . import lifecycle
 from .checks import BY_ID as CHECKS
 from .checks import run_check
 from .entities import Entities, Entity
-from .upload_files import UploadFiles
+from .upload_files import upload_files
 
 SETTINGS_ENV = "TILESERVER_WAREHOUSE_SETTINGS"
 BEAT_EVERY = 2.0
@@ -118,9 +117,9 @@ class Worker:
         if upload is None:
             self.log.add("the upload no longer exists")
             return "FAILURE", {}
-        files = UploadFiles(Path(self.settings.data_dir).resolve() / "uploads" / upload.id)
         self.log.add(f"{check.name} of upload {upload.body.get('name')}")
-        ok, found = run_check(check, files, upload.body.get("srs", ""), self.log.add)
+        with upload_files(self.settings, upload.id).local() as files:
+            ok, found = run_check(check, files, upload.body.get("srs", ""), self.log.add)
         self.log.add("passed" if ok else "failed")
         return ("SUCCESS" if ok else "FAILURE"), found
 
