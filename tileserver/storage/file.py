@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
 from .backend import Backend
@@ -67,49 +67,38 @@ def _pread(name: str, offset: int, size: int | None) -> bytes | None:
         os.close(fd)
 
 
-def _write(name: str, data: bytes) -> None:
+def _replace_with(name: str, op: str, fill: Callable[[str], None]) -> None:
+    """Make `name` atomically: `fill` writes a temporary file beside it, which is renamed over it.
+    os.replace swaps the directory entry: a symlink at `name` is replaced, never written through
+    (its target may belong to the pyramid this one was updated from)."""
     directory, base = os.path.split(name)
-    directory = directory or "."
     tmp = None
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            os.fchmod(out.fileno(), _FILE_MODE)
-        # os.replace swaps the directory entry: a symlink at `name` is replaced, never written
-        # through (its target may belong to the pyramid this one was updated from)
-        os.replace(tmp, name)
-        tmp = None
-    except OSError as exc:
-        _raise(exc, "write", name)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _copy(source: str, name: str) -> None:
-    """Copy a file into place atomically (a temporary file renamed over `name`)."""
-    directory, base = os.path.split(name)
-    directory = directory or "."
-    tmp = None
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+        os.makedirs(directory or ".", exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory or ".")
         os.close(fd)
-        shutil.copyfile(source, tmp)
+        fill(tmp)
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, name)
         tmp = None
     except OSError as exc:
-        _raise(exc, "copy", name)
+        _raise(exc, op, name)
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _write(name: str, data: bytes) -> None:
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as out:
+            out.write(data)
+
+    _replace_with(name, "write", fill)
+
+
+def _copy(source: str, name: str) -> None:
+    _replace_with(name, "copy", lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _symlink(target: str, link: str) -> None:
