@@ -477,7 +477,7 @@ def s3_paragraph(pairs: list[tuple[Run, Run]]) -> str:
                  f"is the figure to compare")
     return textwrap.fill(
         f"**What bounds the S3 figure.** Each S3 tile costs the worker one SigV4-signed ranged GET to "
-        f"nginx (slab index cached) over its shared aiohttp session: {s3_cpu:,.0f} µs of CPU per tile "
+        f"nginx (slab index cached) over kept-alive connections (storage/http1.py): {s3_cpu:,.0f} µs of CPU per tile "
         f"against {file_cpu:,.0f} µs on FILE, so the storage client adds {s3_cpu - file_cpu:,.0f} µs a tile; "
         f"nginx itself spends {nginx_cpu:,.0f} µs. At that cost one worker core tops out near "
         f"{1e6 / s3_cpu:,.0f} tiles/s on S3 ({1e6 / file_cpu:,.0f} on FILE). In this run {limit}; S3 "

@@ -3,7 +3,7 @@
     python benchmarks/bench_storage.py [--server nginx|moto|both] [-n 4000] [-c 32] [--size 4096]
 
 Clients compared, each doing `n` random `size`-byte ranged reads of one 4 MiB object with `c`
-concurrent tasks: `Storage.read` (signed SigV4 over aiohttp), aiobotocore `get_object` (signed),
+concurrent tasks: `Storage.read` (signed SigV4 over its own HTTP/1.1 client, storage/http1.py), aiobotocore `get_object` (signed),
 plain aiohttp (unsigned: the HTTP ceiling for Python), and `Storage.read` on a local file. Servers
 run in their own processes so they do not share this process's CPU: nginx (read-only stand-in,
 path-style GET + Range, `/usr/sbin/nginx`) and moto (``python -m moto.server``; slow, ~1-2k req/s).
@@ -111,7 +111,7 @@ async def bench_server(label: str, url: str, args: argparse.Namespace, plain: bo
                         storage_max_connections=args.c)
     path = f"s3://{BUCKET}/{KEY}"
     async with Storage(settings) as storage:
-        await run("Storage.read (SigV4 + aiohttp)", args.n, args.c,
+        await run("Storage.read (SigV4 + http1.py)", args.n, args.c,
                   lambda off: storage.read(path, off, args.size), args.size)
 
     config = AioConfig(s3={"addressing_style": "path"}, max_pool_connections=args.c,

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from types import TracebackType
 
-import aiohttp
-
 from ..settings import Settings
 from .backend import Backend
 from .errors import InvalidPathError, LinkLoopError, StorageError
@@ -35,7 +33,6 @@ class Storage:
             raise InvalidPathError(f"S3 clusters must have distinct host[:port]: {', '.join(names)}")
         self._s3: dict[str, S3Backend] = {}
         self._default_s3: S3Backend | None = None
-        self._http: aiohttp.ClientSession | None = None
         self._started = False
 
     async def start(self) -> None:
@@ -43,18 +40,9 @@ class Storage:
             return
         s = self.settings
         if s.s3_clusters:
-            connector = aiohttp.TCPConnector(
-                limit=s.storage_max_connections, limit_per_host=0, ttl_dns_cache=300,
-                ssl=bool(s.s3_ssl_verify),  # False: ROK4_SSL_NO_VERIFY
-            )
-            self._http = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=s.storage_timeout, sock_connect=s.storage_connect_timeout),
-                auto_decompress=False,
-            )
             try:
                 for cluster in s.s3_clusters:
-                    backend = S3Backend(cluster, s, self._http, self._policy)
+                    backend = S3Backend(cluster, s, self._policy)
                     await backend.start()
                     self._s3[cluster.name.lower()] = backend
             except BaseException:
@@ -69,9 +57,6 @@ class Storage:
             await backend.close()
         self._s3.clear()
         self._default_s3 = None
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
         self._started = False
 
     async def __aenter__(self) -> Storage:

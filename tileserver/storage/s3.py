@@ -30,11 +30,11 @@ from botocore.exceptions import (
     SSLError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from yarl import URL
 
 from ..settings import S3Cluster, Settings
 from .backend import Backend
 from .errors import InvalidPathError, StorageError
+from .http1 import Http1Client, HttpError
 from .links import encode_link
 from .paths import Scheme, StoragePath
 from .retry import RetryPolicy, TransientError
@@ -85,7 +85,7 @@ def _transport_failure(exc: BaseException, what: str) -> NoReturn:
         raise StorageError(f"{what}: TLS failure ({exc.__class__.__name__})") from exc
     if isinstance(exc, (TimeoutError, ReadTimeoutError, ConnectTimeoutError)):
         raise TransientError("timed out", timeout=True) from exc
-    if isinstance(exc, (aiohttp.ClientError, OSError, HTTPClientError, BotoConnectionError)):
+    if isinstance(exc, (aiohttp.ClientError, OSError, HttpError, HTTPClientError, BotoConnectionError)):
         raise TransientError(f"connection failed ({exc.__class__.__name__}: {exc})") from exc
     raise exc
 
@@ -95,11 +95,9 @@ class S3Backend(Backend):
 
     object_links = True
 
-    def __init__(self, cluster: S3Cluster, settings: Settings, http: aiohttp.ClientSession,
-                 policy: RetryPolicy) -> None:
+    def __init__(self, cluster: S3Cluster, settings: Settings, policy: RetryPolicy) -> None:
         self.cluster = cluster
         self._settings = settings
-        self._http = http
         self._policy = policy
         parts = urlsplit(cluster.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -116,6 +114,11 @@ class S3Backend(Backend):
         self._credentials: Credentials | None = None
         self._recheck_at = float("inf")
         self._target = lru_cache(maxsize=4096)(self._make_target)
+        self._reads = Http1Client(
+            parts.scheme, parts.hostname, parts.port or default_port, limit=settings.storage_max_connections,
+            timeout=settings.storage_timeout, connect_timeout=settings.storage_connect_timeout,
+            verify_tls=settings.s3_ssl_verify,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -144,6 +147,7 @@ class S3Backend(Backend):
         )
 
     async def close(self) -> None:
+        await self._reads.close()
         await self._exit.aclose()
         self._client = None
 
@@ -158,15 +162,14 @@ class S3Backend(Backend):
         self._recheck_at = time.monotonic() + _CREDENTIALS_RECHECK if refreshable else float("inf")
         return self._credentials
 
-    # -- the hot path: signed GET/HEAD over the shared aiohttp session ---------------------------
+    # -- the hot path: signed GET/HEAD over this cluster's kept-alive connections (http1.py) ---------------------------
 
-    def _make_target(self, bucket: str, key: str) -> tuple[URL, str]:
-        uri = self._uri_prefix + canonical_uri(bucket, key)
-        return URL(self._origin + uri, encoded=True), uri
+    def _make_target(self, bucket: str, key: str) -> str:
+        return self._uri_prefix + canonical_uri(bucket, key)
 
     async def _send(self, method: str, path: StoragePath, range_header: str | None,
                     what: str) -> tuple[int, bytes, Mapping[str, str]]:
-        url, uri = self._target(path.bucket, path.key)
+        uri = self._target(path.bucket, path.key)
         credentials = self._credentials
         if time.monotonic() >= self._recheck_at:
             credentials = await self._refresh_credentials()
@@ -176,8 +179,7 @@ class S3Backend(Backend):
             headers = {"Range": range_header} if range_header else {}
         headers["Accept-Encoding"] = "identity"
         try:
-            async with self._http.request(method, url, headers=headers, allow_redirects=False) as response:
-                return response.status, await response.read(), response.headers
+            return await self._reads.request(method, uri, headers)
         except Exception as exc:  # classified right here
             _transport_failure(exc, what)
 
