@@ -133,3 +133,37 @@ async def test_at_most_limit_connections_at_once():
         assert all(a[1] == b"1" for a in answers)
         await http.close()
     assert server.connections <= 3
+
+
+async def test_tls(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        unverified = Http1Client("https", "127.0.0.1", port, verify_tls=False)
+        assert (await unverified.request("GET", "/x", {}))[:2] == (200, b"secret")
+        with pytest.raises(ssl.SSLError):  # self-signed: refused when verifying (ROK4_SSL_NO_VERIFY unset)
+            await Http1Client("https", "127.0.0.1", port).request("GET", "/x", {})
+    finally:
+        server.close()
