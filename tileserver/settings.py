@@ -6,6 +6,7 @@ ROK4_STYLES_DIRECTORY) are honoured so a ROK4 installation can point tileserver 
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import tomllib
@@ -17,11 +18,17 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
 
 
+def data_directory(name: str) -> Path:
+    """A data folder tileserver ships (`tms_definitions`, `capabilities_templates`): the source tree
+    keeps it at the top, an installed wheel inside the package (pyproject maps one onto the other)."""
+    source = PROJECT_DIR / name
+    if source.is_dir():
+        return source
+    return Path(str(importlib.resources.files("tileserver") / name))
+
+
 def _default_tms_directory() -> str:
-    for candidate in (PROJECT_DIR / "tms_definitions", PACKAGE_DIR / "tms_definitions"):
-        if candidate.is_dir():
-            return str(candidate)
-    return str(PROJECT_DIR / "tms_definitions")
+    return str(data_directory("tms_definitions"))
 
 
 @dataclass(frozen=True)

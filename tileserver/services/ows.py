@@ -251,13 +251,13 @@ OPTIONAL_MARK = "data-optional"
 
 
 def template_path(name: str) -> Path:
-    """A skeleton from `capabilities_templates/` (source tree), or its copy inside the package."""
-    from tileserver.settings import PACKAGE_DIR, PROJECT_DIR
+    """A skeleton from `capabilities_templates/` (source tree, or inside an installed package)."""
+    from tileserver.settings import data_directory
 
-    for directory in (PROJECT_DIR / "capabilities_templates", PACKAGE_DIR / "capabilities_templates"):
-        if (directory / name).is_file():
-            return directory / name
-    raise FileNotFoundError(f"capabilities template {name} not found")
+    path = data_directory("capabilities_templates") / name
+    if not path.is_file():
+        raise FileNotFoundError(f"capabilities template {name} not found")
+    return path
 
 
 @functools.lru_cache(maxsize=16)

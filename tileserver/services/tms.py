@@ -40,10 +40,10 @@ from tileserver.services.tiles import (
     tile_response,
 )
 from tileserver.services.wmts import extra_grids
-from tileserver.settings import PROJECT_DIR
+from tileserver.settings import data_directory
 
 VERSION = "1.0.0"
-TEMPLATES = PROJECT_DIR / "capabilities_templates"
+TEMPLATES = data_directory("capabilities_templates")
 XML_TYPE = "text/xml"
 EXTENSION_ALIASES = {"jpg": "jpeg"}  # accepted besides the pyramid's own extension
 MAX_CACHED_BASES = 8  # distinct public URLs whose documents are cached per snapshot
