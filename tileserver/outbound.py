@@ -10,12 +10,13 @@ cannot swap it: DNS rebinding); IP literals, which aiohttp never resolves, are c
 each request; redirects are followed by hand, each hop checked, at most `outbound_max_redirects`.
 
 The operator's own requests (admin API layers, `tileserver pyramid harvest`) pass no policy and
-keep reaching any host; only the redirect cap and body limits apply to them.
+keep reaching any host; only the redirect cap (and a relayed GetFeatureInfo's size limit) apply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -34,6 +35,7 @@ log = logging.getLogger("tileserver.outbound")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+RESOLVE_TIMEOUT = 5.0  # seconds a store-time check waits for DNS before accepting the name
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 _METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
@@ -137,13 +139,7 @@ class OutboundPolicy:
         entries: Iterable[str] = settings.outbound_allow
         if isinstance(entries, str):
             entries = entries.split(",")
-        rules = []
-        for entry in (e for e in entries if e.strip()):
-            try:
-                rules.append(AllowRule.parse(entry))
-            except ValueError as exc:  # skipped: a bad entry admits nothing
-                log.warning("%s", exc)
-        return cls(tuple(rules), bool(settings.outbound_allow_public), int(settings.outbound_max_redirects))
+        return _policy(tuple(entries), bool(settings.outbound_allow_public), int(settings.outbound_max_redirects))
 
     def host_allowed(self, host: str, port: int) -> bool:
         """The operator named this host: every address it resolves to is accepted, private or not."""
@@ -188,11 +184,23 @@ class OutboundPolicy:
             return
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(parsed.host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
+            infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+                parsed.host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT)
+        except (OSError, UnicodeError, TimeoutError):
             return
         for *_, sockaddr in infos:
             self.check_address(parsed.host or "", port, str(sockaddr[0]))
+
+
+@functools.lru_cache(maxsize=8)
+def _policy(entries: tuple[str, ...], allow_public: bool, max_redirects: int) -> OutboundPolicy:
+    rules = []
+    for entry in (e for e in entries if e.strip()):
+        try:
+            rules.append(AllowRule.parse(entry))
+        except ValueError as exc:  # skipped (said once): a bad entry admits nothing
+            log.warning("%s", exc)
+    return OutboundPolicy(tuple(rules), allow_public, max_redirects)
 
 
 class GuardedResolver(AbstractResolver):
