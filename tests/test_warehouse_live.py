@@ -58,7 +58,9 @@ def _ended(client: httpx.Client, execution_id: str, timeout: float = 60) -> dict
 
 
 def test_harvest_own_wms(tmp_path: Path) -> None:
-    with warehouse_server(tmp_path) as (url, _settings):
+    # the harvested WMS is this server on loopback: the operator allows it (outbound requests of /api
+    # users go to public hosts only by default)
+    with warehouse_server(tmp_path, outbound_allow=("127.0.0.1",)) as (url, _settings):
         admin = httpx.put(f"{url}/admin/layers/SCAN1000", json=layer_descriptor("SCAN1000"),
                           headers={"Authorization": "Bearer secret"})
         if admin.status_code == 404:

@@ -98,6 +98,13 @@ class Settings:
     wms_layer_limit: int = 10  # LAYERS per GetMap
     wms_root_title: str = ""
     wms_root_abstract: str = ""
+    # --- outbound requests on behalf of /api users (issue 11)
+    # hosts (`wms.example.org`, `*.example.org`, `host:port`) or networks (`10.0.0.0/8`, `127.0.0.1:8080`,
+    # `[::1]:8080`) those requests may reach even when private or loopback; env: comma-separated
+    outbound_allow: tuple[str, ...] = ()
+    outbound_allow_public: bool = True  # False: only the hosts outbound_allow names
+    outbound_max_redirects: int = 3
+    outbound_max_bytes: int = 1 << 20  # a relayed GetFeatureInfo answer
 
     @property
     def resolved_store_path(self) -> str:

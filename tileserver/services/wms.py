@@ -605,9 +605,21 @@ INFO_WRITERS: dict[str, Callable[[list[PixelInfo], Grid, int, int], bytes]] = {
 
 async def _external_info(request: Request, published: PublishedLayer, req: MapRequest, kvp: KVP, i: int, j: int,
                          info_format: str) -> Response:
-    """Relay a GetFeatureInfo to the WMS the layer names (always asked in 1.3.0 axis order)."""
+    """Relay a GetFeatureInfo to the WMS the layer names (always asked in 1.3.0 axis order).
+
+    A layer made through the warehouse `/api` (its get_feature_info carries `guarded`, set by
+    warehouse.configurations; a record with a warehouse offering counts too, for records made before
+    that flag) is fetched under the outbound policy: its user cannot make us reach our own network.
+    Admin API and CLI layers are the operator's and may name any host. Either way only an answer of
+    the requested info format is relayed, capped in size, with `nosniff` and a `sandbox` CSP: even a
+    declared text/html (or XML that a browser renders as XHTML) from another host would otherwise
+    run scripts on our origin."""
     import aiohttp
 
+    from tileserver import outbound
+
+    runtime = get_runtime(request)
+    settings = runtime.settings
     gfi = published.layer.get_feature_info or {}
     box = axis_ordered(req.grid.bbox, req.crs, V130)
     params = {
@@ -625,20 +637,30 @@ async def _external_info(request: Request, published: PublishedLayer, req: MapRe
     url += ("&" if "?" in url else "?") + urlencode(params)
     if isinstance(extra, str) and extra.strip():
         url += "&" + extra.strip().lstrip("&?")
-    timeout = min(EXTERNAL_TIMEOUT, float(get_runtime(request).settings.request_timeout))
+    guarded = gfi.get("guarded") is True or bool(
+        await asyncio.to_thread(runtime.store.list_offerings, published.record_id))
+    policy = outbound.OutboundPolicy.from_settings(settings) if guarded else None
+    timeout = min(EXTERNAL_TIMEOUT, float(settings.request_timeout))
+    remote = f"the remote WMS of layer {echo(published.id)}"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            async with session.get(url) as upstream:
-                body = await upstream.read()
-                if upstream.status != 200:
-                    raise _error("NoApplicableCode", None, f"the remote WMS of layer {echo(published.id)} "
-                                 f"answered HTTP {upstream.status}", 502)
-                content_type = upstream.headers.get("Content-Type", info_format)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        async with outbound.client_session(policy, timeout) as session:
+            answer = await outbound.fetch(session, url, policy, max_redirects=settings.outbound_max_redirects,
+                                          max_bytes=settings.outbound_max_bytes)
+    except outbound.OutboundRefused as exc:
+        log.warning("%s external GetFeatureInfo of layer %s refused: %s", request_id(request), published.id, exc)
+        raise _error("NoApplicableCode", None, f"{remote} is not an allowed host", 502) from None
+    except (outbound.OutboundError, aiohttp.ClientError, TimeoutError) as exc:
         log.warning("%s external GetFeatureInfo %s failed: %s", request_id(request), gfi["url"], exc)
-        raise _error("NoApplicableCode", None, f"the remote WMS of layer {echo(published.id)} did not answer",
-                     502) from None
-    return Response(body, headers={"Content-Type": content_type})
+        raise _error("NoApplicableCode", None, f"{remote} did not answer", 502) from None
+    if answer.status != 200:
+        raise _error("NoApplicableCode", None, f"{remote} answered HTTP {answer.status}", 502)
+    if INFO_ALIASES.get(answer.media_type, answer.media_type) != info_format:
+        log.warning("%s external GetFeatureInfo of layer %s: %s instead of %s", request_id(request), published.id,
+                    answer.describe(), info_format)
+        raise _error("NoApplicableCode", None, f"{remote} did not answer in {info_format}", 502)
+    content_type = answer.media_type + (f"; charset={answer.charset}" if answer.charset else "")
+    return Response(answer.body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff",
+                                          "Content-Security-Policy": "sandbox"})
 
 
 async def get_feature_info(request: Request, kvp: KVP, version: str) -> Response:

@@ -114,9 +114,29 @@ def _feature_info(data: dict[str, Any]) -> dict[str, Any] | None:
     if isinstance(gfi, dict) and gfi.get("stored_data") is True:
         return {"type": "PYRAMID"}
     if isinstance(gfi, dict) and isinstance(gfi.get("server_url"), str):
+        # guarded: the WMS relay fetches it under the outbound policy (an /api user's URL, not the operator's)
         return {"type": "EXTERNALWMS", "url": gfi["server_url"], "layers": gfi.get("layers", ""),
-                "query_layers": gfi.get("query_layers", gfi.get("layers", ""))}
+                "query_layers": gfi.get("query_layers", gfi.get("layers", "")), "guarded": True}
     return None
+
+
+async def _server_url_problems(ctx: Ctx, data: dict[str, Any]) -> list[str]:
+    """The GetFeatureInfo server must be a host the outbound policy allows, checked on the addresses
+    its name resolves to now (a name that does not resolve yet is accepted: each relay checks again)."""
+    from tileserver.outbound import OutboundPolicy, OutboundRefused
+
+    infos = data.get("type_infos") if isinstance(data.get("type_infos"), dict) else {}
+    where = "getfeatureinfo" if "getfeatureinfo" in data else "type_infos.getfeatureinfo"
+    gfi = data.get("getfeatureinfo", infos.get("getfeatureinfo"))
+    if not isinstance(gfi, dict) or "server_url" not in gfi:
+        return []
+    if not isinstance(gfi["server_url"], str):
+        return [f"{where}.server_url: an http(s) URL is required"]
+    try:
+        await OutboundPolicy.from_settings(ctx.wh.settings).check_resolved(gfi["server_url"])
+    except OutboundRefused as exc:
+        return [f"{where}.server_url: {exc}"]
+    return []
 
 
 def build_layer(data: dict[str, Any], pyramids: list[LayerPyramid], restricted: bool = False,
@@ -204,6 +224,7 @@ async def validate(ctx: Ctx, data: dict[str, Any], replacing: str | None = None)
     attribution = data.get("attribution")
     if attribution is not None and not (isinstance(attribution, dict) and isinstance(attribution.get("title", ""), str)):
         problems.append("attribution: must be an object {title, url, logo}")
+    problems += await _server_url_problems(ctx, data)
     if problems:
         raise bad_request(*problems)
     try:

@@ -200,8 +200,11 @@ def _check_levels(ctx: Ctx, parameters: dict[str, Any], ancestors: list[Any], pr
         problems.append(f"parameters.top: level {parameters['top']} is finer than the bottom level {parameters['bottom']}")
 
 
-def _harvest_problems(parameters: dict[str, Any]) -> list[str]:
-    """What the writer would refuse later: the area's WKT and the WMS URL."""
+async def _harvest_problems(ctx: Ctx, parameters: dict[str, Any]) -> list[str]:
+    """What the writer would refuse later: the area's WKT and the WMS URL, which must be a host the
+    outbound policy allows (checked on its addresses now; a name that does not resolve yet is
+    accepted, since the worker checks every connection again)."""
+    from tileserver.outbound import OutboundPolicy, OutboundRefused
     from tileserver.writer.errors import WriterError
     from tileserver.writer.harvest import parse_wkt_polygons
 
@@ -215,6 +218,11 @@ def _harvest_problems(parameters: dict[str, Any]) -> list[str]:
     url = parameters.get("harvest_url")
     if isinstance(url, str) and not url.startswith(("http://", "https://")):
         problems.append("parameters.harvest_url: an http(s) URL is required")
+    elif isinstance(url, str):
+        try:
+            await OutboundPolicy.from_settings(ctx.wh.settings).check_resolved(url)
+        except OutboundRefused as exc:
+            problems.append(f"parameters.harvest_url: {exc}")
     return problems
 
 
@@ -252,7 +260,7 @@ async def create_execution(ctx: Ctx) -> Response:
     if isinstance(data.get("parameters"), dict):
         await asyncio.to_thread(_check_levels, ctx, parameters, ancestors, problems)
     if processing.key == "harvest":
-        problems += _harvest_problems(parameters)
+        problems += await _harvest_problems(ctx, parameters)
     output = _check_output(data, problems)
     if problems:
         raise bad_request(*problems)

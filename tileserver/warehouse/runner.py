@@ -78,6 +78,7 @@ def _run(settings: Settings, store: PublicationStore, entities: Entities, execut
               "mask": flag(parameters.get("mask", False)), "parallelization": _parallelization(parameters)}
 
     if processing.key == "harvest":
+        from tileserver.outbound import OutboundPolicy
         from tileserver.writer.harvest import HarvestOptions, harvest_async
 
         harvest = HarvestOptions.from_text(
@@ -85,7 +86,7 @@ def _run(settings: Settings, store: PublicationStore, entities: Entities, execut
             area=parameters["harvest_area"], levels=",".join(parameters["harvest_levels"]),
             dimensions=",".join(map(str, parameters["harvest_dimensions"])) if parameters.get("harvest_dimensions")
             else None, extras=parameters.get("harvest_extras", ""), threshold=parameters.get("harvest_threshold", 0),
-            style="")
+            style="", outbound=OutboundPolicy.from_settings(settings))  # the URL is an /api user's
         nodata = parameters.get("nodata")
         options = BuildOptions(**common, samplesperpixel=parameters.get("samplesperpixel"),
                                sampleformat=parameters.get("sampleformat"),

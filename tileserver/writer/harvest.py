@@ -5,6 +5,11 @@ pixels (they must divide the slab), in the grid's CRS so no resampling happens h
 harvested are computed from the level below as in a build. Timeouts, 5xx answers and XML
 exceptions in place of an image are retried with exponential back-off, then the run stops with
 an error naming the slab; what was finished is journaled, so rerunning resumes there.
+
+A harvest run for an `/api` user (an execution) carries an outbound policy: its URL, each redirect
+and each resolved address must be allowed, answers are capped in size, and its errors give the
+status, content type and length of an answer, never its text (they end in the execution's logs).
+The operator's CLI passes none and reaches any host, with the remote exception text in errors.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from tileserver.outbound import OutboundError, OutboundPolicy, client_session, fetch
 from tileserver.render.georef import get_crs, get_transformer
 from tileserver.rok4.tms import TileMatrix
 from tileserver.storage import Storage
@@ -55,6 +61,7 @@ class HarvestOptions:
     retries: int = 5
     backoff: float = 1.0  # seconds before the first retry, doubled each time (capped at 60 s)
     area_wkt: str = field(default="", compare=False)
+    outbound: OutboundPolicy | None = field(default=None, compare=False)  # None: the operator's run
 
     @classmethod
     def from_text(cls, *, url: str, layers: str, format: str, area: str, levels: str | Sequence[str],
@@ -205,7 +212,7 @@ class WmsClient:
         self.requests = 0
 
     async def __aenter__(self) -> WmsClient:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.options.timeout))
+        self.session = client_session(self.options.outbound, self.options.timeout)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -233,6 +240,9 @@ class WmsClient:
         """The image bytes; WriterError after the retries are spent."""
         assert self.session is not None
         url = self.url(bbox, width, height)
+        policy = self.options.outbound
+        # for a user's run, no answer larger than the image as float32 RGBA plus room for headers
+        max_bytes = width * height * 16 + (1 << 20) if policy is not None else None
         delay = self.options.backoff
         reason = ""
         for attempt in range(self.options.retries + 1):
@@ -241,16 +251,19 @@ class WmsClient:
                 delay *= 2
             self.requests += 1
             try:
-                async with self.session.get(url) as response:
-                    body = await response.read()
-                    kind = response.headers.get("Content-Type", "").lower()
-                    if response.status == 200 and not _is_exception(kind, body):
-                        return body
-                    reason = f"HTTP {response.status}"
-                    if _is_exception(kind, body):
-                        reason += f": {_exception_text(body)}"
-                    if response.status != 200 and response.status not in _RETRY_STATUS:
-                        break  # a client error (bad layer, bad CRS…) will not go away
+                answer = await fetch(self.session, url, policy, max_redirects=10, max_bytes=max_bytes)
+                if answer.status == 200 and not _is_exception(answer.media_type, answer.body):
+                    return answer.body
+                if policy is not None:
+                    reason = answer.describe()  # the body of a user-named host never reaches the logs
+                else:
+                    reason = f"HTTP {answer.status}"
+                    if _is_exception(answer.media_type, answer.body):
+                        reason += f": {_exception_text(answer.body)}"
+                if answer.status != 200 and answer.status not in _RETRY_STATUS:
+                    break  # a client error (bad layer, bad CRS…) will not go away
+            except OutboundError as exc:
+                raise WriterError(f"harvest_url: {exc}") from None  # refused or too large: retrying cannot help
             except TimeoutError:
                 reason = f"timed out after {self.options.timeout:g} s"
             except aiohttp.ClientError as exc:
