@@ -330,3 +330,14 @@ def test_trickled_headers_are_dropped(served: tuple[str, Path, Path]) -> None:
             if select.select([sock], [], [], HEADER_TIMEOUT / 5)[0]:
                 closed = closed_by_server(sock, 1)
         assert closed
+
+
+def test_oversized_headers_are_refused(served: tuple[str, Path, Path]) -> None:
+    """Within the timeout a fast client could still send megabytes of headers: 431 past 64 KiB."""
+    from tileserver.server_cli import MAX_HEADER_BYTES
+
+    address = host_port(served[0])
+    for size, status in ((MAX_HEADER_BYTES - 1024, b"200"), (MAX_HEADER_BYTES + 1024, b"431")):
+        with socket.create_connection(address) as sock:
+            sock.sendall(b"GET /healthcheck HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n")
+            assert read_response(sock).startswith(b"HTTP/1.1 " + status), size

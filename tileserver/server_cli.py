@@ -21,6 +21,15 @@ from tileserver.settings import Settings, load_settings
 log = logging.getLogger("tileserver.server")
 
 
+# request line and headers of one request; httptools has no limit (8 MB were measured accepted)
+MAX_HEADER_BYTES = 64 << 10
+_TOO_LARGE = b"request line and headers exceed %d bytes" % MAX_HEADER_BYTES
+
+
+class _HeadersTooLarge(Exception):
+    pass
+
+
 class HeaderTimeoutProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request headers are not complete in time.
 
@@ -28,12 +37,41 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     first byte of the next one: a client sending a request line and then nothing (slowloris) would
     hold its connection, and a file descriptor, for ever. The timer runs from the connection (or
     the first byte of each next request) to the end of the headers; bodies are the app's business.
+    Headers are also bounded in size (431), or a fast client could fill memory within the timeout.
     """
 
     def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        self._oversized = False
+
+    def _count(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._oversized = True
+            raise _HeadersTooLarge  # httptools stops parsing; uvicorn answers through send_400_response
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._oversized:
+            super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._oversized:
+            super().send_400_response(msg)
+            return
+        head = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        self.transport.write(head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_TOO_LARGE) + _TOO_LARGE)
+        self.transport.close()
 
     def _arm(self) -> None:
         if self._header_timer is None and self._header_timeout > 0:
@@ -56,6 +94,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._header_bytes = 0
         self._arm()
 
     def on_headers_complete(self) -> None:
