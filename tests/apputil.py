@@ -24,7 +24,8 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
     """Settings isolated in tmp_path, ignoring the developer's environment."""
     base = load_settings(env={})
     values = {"data_dir": str(tmp_path / "data"), "demo": False, "admin_token": "secret",
-              "store_poll_interval": 0.2}
+              "store_poll_interval": 0.2,
+              "admin_roots": ("*",)}  # fixtures live anywhere; tests/test_server_security.py checks the roots
     values.update(overrides)
     return replace(base, **values)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +16,7 @@ if TYPE_CHECKING:
     from tileserver.runtime import Runtime
 
 DEMO_SOURCE = PACKAGE_DIR / "demo" / "pyramids"
+ADMIN_TOKEN_FILE = "admin-token"
 DEMO_NAME = "SCAN1000"
 DEMO_LAYER = {
     "title": "SCAN 1000 (demo)",
@@ -49,3 +52,29 @@ async def ensure_demo(runtime: Runtime) -> None:
     if runtime.store.get_layer(layer.id) is None:
         runtime.store.add_layer(layer)
     marker.write_text("the demo layer was published once; delete this file to publish it again\n")
+
+
+def demo_admin_token(data_dir: str | Path) -> tuple[str, bool]:
+    """The demo's admin token, generated once per data directory into a 0600 file; (token, created now).
+
+    `tileserver serve` calls it when no token is configured, so even the demo never runs an admin
+    API that trusts the network (or a browser page, or a local proxy) to be only its operator.
+    """
+    path = Path(data_dir) / ADMIN_TOKEN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{ADMIN_TOKEN_FILE}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+        try:
+            os.link(temporary, path)  # complete or absent: a concurrent start reads the winner's token
+            created = True
+        except FileExistsError:
+            created = False
+    finally:
+        temporary.unlink(missing_ok=True)
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"{path} is empty: delete it to generate a new admin token")
+    return token, created

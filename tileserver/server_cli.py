@@ -1,13 +1,123 @@
-"""`tileserver serve`: run the server with uvicorn (several worker processes share one store)."""
+"""`tileserver serve`: run the server with uvicorn (several worker processes share one store).
+
+The server process's own defences live here: the demo's admin token, the header timeout of every
+connection and which proxies' forwarded headers are believed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
-from tileserver.settings import load_settings
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tileserver.settings import Settings, load_settings
+
+log = logging.getLogger("tileserver.server")
+
+
+# request line and headers of one request; httptools has no limit (8 MB were measured accepted)
+MAX_HEADER_BYTES = 64 << 10
+_TOO_LARGE = b"request line and headers exceed %d bytes" % MAX_HEADER_BYTES
+
+
+class _HeadersTooLarge(Exception):
+    pass
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, closing a connection whose request headers are not complete in time.
+
+    uvicorn arms no timer before the first request, and its keep-alive timer is cancelled by the
+    first byte of the next one: a client sending a request line and then nothing (slowloris) would
+    hold its connection, and a file descriptor, for ever. The timer runs from the connection (or
+    the first byte of each next request) to the end of the headers; bodies are the app's business.
+    Headers are also bounded in size (431), or a fast client could fill memory within the timeout.
+    """
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        self._oversized = False
+
+    def _count(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._oversized = True
+            raise _HeadersTooLarge  # httptools stops parsing; uvicorn answers through send_400_response
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._oversized:
+            super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._oversized:
+            super().send_400_response(msg)
+            return
+        head = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        self.transport.write(head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_TOO_LARGE) + _TOO_LARGE)
+        self.transport.close()
+
+    def _arm(self) -> None:
+        if self._header_timer is None and self._header_timeout > 0:
+            self._header_timer = self.loop.call_later(self._header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            log.debug("connection from %s closed: headers not complete in %s s", self.client, self._header_timeout)
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = 0
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn.run/Config arguments the settings decide (tests run the app with the same ones)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "workers": settings.workers,
+        "http": functools.partial(HeaderTimeoutProtocol, header_timeout=settings.header_timeout),
+        # X-Forwarded-For/-Proto rewrite the client address and scheme only when sent by these
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+        "timeout_graceful_shutdown": 10,
+    }
 
 
 def register(subparsers: Any) -> None:
@@ -22,6 +132,21 @@ def register(subparsers: Any) -> None:
     serve.set_defaults(handler=_serve)
 
 
+def _demo_token(settings: Settings) -> None:
+    """The demo without a configured token gets its own, printed once; every worker reads it from the env."""
+    from tileserver.demo import ADMIN_TOKEN_FILE, demo_admin_token
+
+    token, created = demo_admin_token(settings.data_dir)
+    os.environ["TILESERVER_ADMIN_TOKEN"] = token
+    path = Path(settings.data_dir) / ADMIN_TOKEN_FILE
+    if created:
+        print(f"tileserver: demo admin token (shown once, kept in {path}): {token}")
+    else:
+        print(f"tileserver: demo admin token in {path}")
+        if path.stat().st_mode & 0o077:
+            print(f"tileserver: warning: {path} is readable by other users (chmod 600 it)")
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -34,17 +159,16 @@ def _serve(args: argparse.Namespace) -> int:
     if args.no_demo:
         os.environ["TILESERVER_DEMO"] = "false"
     settings = load_settings(host=args.host, port=args.port, workers=args.workers)
+    if settings.demo and not settings.admin_token:
+        _demo_token(settings)
     os.environ["TILESERVER_LOG_LEVEL"] = args.log_level  # every worker configures its logging from it
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     print(f"tileserver: serving on http://{settings.host}:{settings.port}/ (data in {settings.data_dir})")
     uvicorn.run(
         "tileserver.app:create_app",
         factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
         log_level=args.log_level,
         access_log=False,  # tileserver.access logs every request with its id
-        timeout_graceful_shutdown=10,
+        **uvicorn_options(settings),
     )
     return 0

@@ -105,10 +105,28 @@ class Settings:
     outbound_allow_public: bool = True  # False: only the hosts outbound_allow names
     outbound_max_redirects: int = 3
     outbound_max_bytes: int = 1 << 20  # a relayed GetFeatureInfo answer
+    # --- server process and admin entry (issue 11)
+    # where pyramid descriptors published through the admin API may live: directories and
+    # s3://bucket[@cluster][/prefix] ("*": anywhere, ROK4's behaviour); empty: `publish_roots`' default
+    admin_roots: tuple[str, ...] = ()
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers (0: no limit)
+    forwarded_allow_ips: str = "127.0.0.1"  # proxies whose X-Forwarded-For/-Proto are believed ("*": any)
 
     @property
     def resolved_store_path(self) -> str:
         return self.store_path or str(Path(self.data_dir) / "store.sqlite")
+
+    @property
+    def publish_roots(self) -> tuple[str, ...]:
+        """Where the admin API may publish from: `admin_roots`, else the pyramid homes this configuration
+        names: <data_dir>/pyramids (demo copy, warehouse default), the bundled demo, `warehouse_pyramids`.
+        Not all of data_dir: uploads written by /api users, the store and the admin token live there."""
+        if self.admin_roots:
+            return self.admin_roots
+        roots = [str(Path(self.data_dir) / "pyramids"), str(PACKAGE_DIR / "demo" / "pyramids")]
+        if self.warehouse_pyramids:
+            roots.append(self.warehouse_pyramids)
+        return tuple(roots)
 
 
 def parse_s3_clusters(urls: str, keys: str, secrets: str) -> tuple[S3Cluster, ...]:

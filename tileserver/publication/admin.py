@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -30,7 +31,9 @@ from tileserver.publication.model import Layer, LayerError, parse_layer
 from tileserver.publication.store import Conflict, NotFound, StoreError, grant
 from tileserver.pyramid import PyramidError
 from tileserver.runtime import Runtime, get_runtime
-from tileserver.storage import StorageError
+from tileserver.settings import Settings
+from tileserver.storage import InvalidPathError, StorageError
+from tileserver.storage.paths import is_within
 
 log = logging.getLogger("tileserver.admin")
 
@@ -67,13 +70,28 @@ def _presented_secret(request: Request) -> str | None:
     return request.headers.get("x-rok4-secret")
 
 
+def _is_local(request: Request) -> bool:
+    """The client is this machine (after uvicorn applied the forwarded headers of trusted proxies)."""
+    client = request.scope.get("client")
+    try:
+        address = ipaddress.ip_address(client[0]) if client else None
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address is not None and address.is_loopback
+
+
 def _authorize(runtime: Runtime, request: Request) -> None:
-    """Bearer token or ROK4's X-Rok4-Secret; open only in the demo when no token is configured."""
+    """Bearer token or ROK4's X-Rok4-Secret. Without a token, only the demo opens it, and only to local
+    clients (`tileserver serve` always has one in the demo: it generates it)."""
     token = runtime.settings.admin_token
     if not token:
-        if runtime.settings.demo:
-            return
-        raise Problem(403, "admin API disabled: set TILESERVER_ADMIN_TOKEN")
+        if not runtime.settings.demo:
+            raise Problem(403, "admin API disabled: set TILESERVER_ADMIN_TOKEN")
+        if not _is_local(request):
+            raise Problem(403, "without an admin token the demo's admin API answers local clients only")
+        return
     presented = _presented_secret(request)
     if presented is None:
         raise Problem(
@@ -177,7 +195,46 @@ async def check_layer(layer: Layer, pool: PyramidPool) -> dict[str, dict[str, An
     return summaries
 
 
+def _outside(settings: Settings, paths: list[tuple[str, str]]) -> Problem | None:
+    """The problem for the first (path, field) outside the publish roots, if any."""
+    roots = settings.publish_roots
+    if "*" in roots:
+        return None
+    default_cluster = settings.s3_clusters[0].name if settings.s3_clusters else None
+    for path, field in paths:
+        try:
+            if not is_within(path, roots, default_cluster):
+                return Problem(400, f"{path} is outside the roots the admin API publishes from (setting admin_roots)", field)
+        except InvalidPathError as exc:
+            return Problem(400, str(exc), field)
+    return None
+
+
+async def _confine(runtime: Runtime, layer: Layer) -> None:
+    """Refuse pyramids outside the publish roots: the token holder may publish pyramids, not make the
+    server open any file or bucket it can reach. Descriptors are checked before they are read, then
+    where each level's slabs live (a descriptor names its data directories or buckets)."""
+    descriptors = [(ref.path, f"pyramids[{i}].path") for i, ref in enumerate(layer.pyramids)]
+    # resolving symlinks touches the disk
+    if (problem := await asyncio.to_thread(_outside, runtime.settings, descriptors)) is not None:
+        raise problem
+    data: list[tuple[str, str]] = []
+    for path, field in descriptors:
+        try:
+            pyramid = await runtime.pool.get(path, refresh=True)
+        except (PyramidError, ValueError, StorageError):
+            continue  # check_layer reports what cannot be opened, with its field
+        for level in pyramid.descriptor.levels:
+            data.append((pyramid.slab_path(level, 0, 0), field))
+            if level.storage.mask_directory or level.storage.mask_prefix:
+                data.append((pyramid.slab_path(level, 0, 0, mask=True), field))
+    if (problem := await asyncio.to_thread(_outside, runtime.settings, data)) is not None:
+        problem.detail = f"its slabs are outside the publish roots: {problem.detail}"
+        raise problem
+
+
 async def _check(runtime: Runtime, layer: Layer) -> dict[str, dict[str, Any]]:
+    await _confine(runtime, layer)
     try:
         return await check_layer(layer, runtime.pool)
     except LayerError as exc:
