@@ -279,7 +279,9 @@ def test_key_hash_matches_the_store():
         ({"x-forwarded-proto": "gopher", "x-forwarded-host": 'evil"><x'}, "", "http://testserver"),
     ],
 )
-def test_base_url(headers, public_url, expected):
+@pytest.mark.parametrize("peer", ["127.0.0.1", "203.0.113.7"])
+def test_base_url(headers, public_url, expected, peer):
+    """Forwarded headers count only from a trusted proxy (loopback by default), never from any client."""
     from starlette.requests import Request
 
     class State:
@@ -296,7 +298,10 @@ def test_base_url(headers, public_url, expected):
         "headers": raw,
         "query_string": b"",
         "app": app,
+        "client": (peer, 40000),
     }
+    if peer != "127.0.0.1" and not public_url:
+        expected = "http://testserver"
     assert base_url(Request(scope)) == expected
 
 

@@ -91,6 +91,10 @@ class Settings:
     wms_layer_limit: int = 10  # LAYERS per GetMap
     wms_root_title: str = ""
     wms_root_abstract: str = ""
+    # --- services policy layer (issue 11)
+    # peers whose X-Forwarded-Proto/Host build public URLs (comma-separated addresses or networks,
+    # "*" for any), as uvicorn's --forwarded-allow-ips; ignored when public_url is set
+    forwarded_allow_ips: str = "127.0.0.1"
 
     @property
     def resolved_store_path(self) -> str:
