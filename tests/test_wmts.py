@@ -279,8 +279,12 @@ def test_key_hash_matches_the_store():
         ({"x-forwarded-proto": "gopher", "x-forwarded-host": 'evil"><x'}, "", "http://testserver"),
     ],
 )
-def test_base_url(headers, public_url, expected):
+@pytest.mark.parametrize("peer", ["127.0.0.1", "203.0.113.7"])
+def test_base_url(headers, public_url, expected, peer):
+    """Forwarded headers count only from a trusted proxy (loopback by default), never from any client."""
     from starlette.requests import Request
+
+    from tileserver.services.policy import apply_forwarded
 
     class State:
         settings = type("S", (), {"public_url": public_url})()
@@ -296,7 +300,11 @@ def test_base_url(headers, public_url, expected):
         "headers": raw,
         "query_string": b"",
         "app": app,
+        "client": (peer, 40000),
     }
+    if peer != "127.0.0.1" and not public_url:
+        expected = "http://testserver"
+    apply_forwarded(scope, State.settings)  # what the application does first with every request
     assert base_url(Request(scope)) == expected
 
 

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
+from tileserver.services.policy import apply_forwarded
 from tileserver.settings import Settings, load_settings
 
 log = logging.getLogger("tileserver.app")
@@ -62,6 +63,8 @@ class TileServerApp(Starlette):
         self._fast = FastTiles(super().__call__, self.state)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            apply_forwarded(scope, self.state.settings)
         await self._fast(scope, receive, send)
 
 

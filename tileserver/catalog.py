@@ -77,17 +77,18 @@ class Catalog:
     revision: int
     layers: dict[str, PublishedLayer]
     styles: dict[str, Any] = field(default_factory=dict)
-    key_access: dict[str, frozenset[str]] = field(default_factory=dict)  # key hash → layer ids ("*" = all)
+    key_access: dict[str, frozenset[str]] = field(default_factory=dict)  # key hash → record ids ("*" = all)
     errors: dict[str, str] = field(default_factory=dict)  # layer id → why it is not served
     documents: dict[Any, Any] = field(default_factory=dict)  # per-snapshot cache (capabilities…)
 
     def allowed(self, published: PublishedLayer, key_hash: str | None) -> bool:
+        """Grants name layer records, never public names: another tenant may show the same name."""
         if not published.restricted:
             return True
         if key_hash is None:
             return False
         granted = self.key_access.get(key_hash, frozenset())
-        return "*" in granted or published.id in granted
+        return "*" in granted or published.record_id in granted
 
     def visible(self, service: str, key_hash: str | None = None) -> list[PublishedLayer]:
         named = self.named(service)

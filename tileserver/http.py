@@ -263,4 +263,6 @@ async def flush_periodically(handler: BufferedAccessLog, interval: float = 1.0) 
 
 
 def middleware(settings: Settings) -> list[Middleware]:
-    return [Middleware(HttpBehaviour)]
+    from tileserver.services.policy import ServiceGate
+
+    return [Middleware(HttpBehaviour), Middleware(ServiceGate)]

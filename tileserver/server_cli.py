@@ -113,9 +113,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "port": settings.port,
         "workers": settings.workers,
         "http": functools.partial(HeaderTimeoutProtocol, header_timeout=settings.header_timeout),
-        # X-Forwarded-For/-Proto rewrite the client address and scheme only when sent by these
-        "proxy_headers": True,
-        "forwarded_allow_ips": settings.forwarded_allow_ips,
+        # the app applies X-Forwarded-* of trusted proxies itself (policy.apply_forwarded): it needs
+        # the proxy's address, which uvicorn's rewrite would hide
+        "proxy_headers": False,
         "timeout_graceful_shutdown": 10,
     }
 

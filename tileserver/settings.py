@@ -110,7 +110,9 @@ class Settings:
     # s3://bucket[@cluster][/prefix] ("*": anywhere, ROK4's behaviour); empty: `publish_roots`' default
     admin_roots: tuple[str, ...] = ()
     header_timeout: float = 10.0  # seconds a connection may take to send a request's headers (0: no limit)
-    forwarded_allow_ips: str = "127.0.0.1"  # proxies whose X-Forwarded-For/-Proto are believed ("*": any)
+    # proxies whose X-Forwarded-For/-Proto/-Host are believed (comma-separated addresses or networks,
+    # "*": any); ignored for public URLs when public_url is set
+    forwarded_allow_ips: str = "127.0.0.1"
 
     @property
     def resolved_store_path(self) -> str:

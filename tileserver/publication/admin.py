@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -31,6 +29,7 @@ from tileserver.publication.model import Layer, LayerError, parse_layer
 from tileserver.publication.store import Conflict, NotFound, StoreError, grant
 from tileserver.pyramid import PyramidError
 from tileserver.runtime import Runtime, get_runtime
+from tileserver.services.policy import is_operator
 from tileserver.settings import Settings
 from tileserver.storage import InvalidPathError, StorageError
 from tileserver.storage.paths import is_within
@@ -63,44 +62,22 @@ class Problem(Exception):
         return JSONResponse(body, status_code=self.status, media_type=PROBLEM_TYPE, headers=self.headers)
 
 
-def _presented_secret(request: Request) -> str | None:
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return request.headers.get("x-rok4-secret")
-
-
-def _is_local(request: Request) -> bool:
-    """The client is this machine (after uvicorn applied the forwarded headers of trusted proxies)."""
-    client = request.scope.get("client")
-    try:
-        address = ipaddress.ip_address(client[0]) if client else None
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address is not None and address.is_loopback
-
-
 def _authorize(runtime: Runtime, request: Request) -> None:
-    """Bearer token or ROK4's X-Rok4-Secret. Without a token, only the demo opens it, and only to local
-    clients (`tileserver serve` always has one in the demo: it generates it)."""
-    token = runtime.settings.admin_token
-    if not token:
-        if not runtime.settings.demo:
-            raise Problem(403, "admin API disabled: set TILESERVER_ADMIN_TOKEN")
-        if not _is_local(request):
-            raise Problem(403, "without an admin token the demo's admin API answers local clients only")
+    """Bearer token or ROK4's X-Rok4-Secret; with no token configured, only the demo's local clients."""
+    allowed = is_operator(runtime.settings, request)
+    if allowed:
         return
-    presented = _presented_secret(request)
-    if presented is None:
+    if not runtime.settings.admin_token:
+        if runtime.settings.demo:
+            raise Problem(403, "without an admin token the demo's admin API answers local clients only")
+        raise Problem(403, "admin API disabled: set TILESERVER_ADMIN_TOKEN")
+    if allowed is None:
         raise Problem(
             401,
             "the admin API needs the admin token: 'Authorization: Bearer <token>' or 'X-Rok4-Secret: <token>'",
             headers={"WWW-Authenticate": 'Bearer realm="tileserver admin"'},
         )
-    if not hmac.compare_digest(presented.encode(), token.encode()):
-        raise Problem(403, "wrong admin token")
+    raise Problem(403, "wrong admin token")
 
 
 Handler = Callable[[Request, Runtime], Awaitable[Response]]

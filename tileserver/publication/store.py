@@ -224,10 +224,17 @@ def _migrate_3(db: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_4(db: sqlite3.Connection) -> None:
+    """Warehouse keys granted the public *names* of their offerings' layers, which another tenant's
+    layer could share; their grants are now their offerings (resolved to records in `snapshot`)."""
+    db.execute("UPDATE api_keys SET layers = '[]' WHERE id IN (SELECT key_id FROM wh_key_owners)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "layers, API keys, revision counter (ROK4 admin API)", _migrate_1),
     Migration(2, "stored data, offerings, styles, layer → pyramid links (shared with the warehouse)", _migrate_2),
     Migration(3, "warehouse API: accounts, datastores, entities, logs, user keys", _migrate_3),
+    Migration(4, "warehouse keys grant offerings, not layer names", _migrate_4),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -399,10 +406,7 @@ class PublicationStore:
             revision = db.execute("SELECT value FROM revision WHERE id = 1").fetchone()[0]
             layers = self._layers(db)
             closed = {row[0] for row in db.execute("SELECT DISTINCT layer_id FROM offerings WHERE open = 0")}
-            key_access = {
-                key_hash: frozenset(json.loads(granted))
-                for key_hash, granted in db.execute("SELECT key_hash, layers FROM api_keys WHERE revoked_at IS NULL")
-            }
+            key_access = self._key_access(db)
             styles = {sid: json.loads(style) for sid, style in db.execute("SELECT id, style FROM styles")}
         restricted = frozenset(layer.id for layer in layers if layer.restricted) | closed
         return StoreSnapshot(revision, tuple(layers), restricted, key_access, styles)
@@ -485,6 +489,13 @@ class PublicationStore:
         with self._write() as db:
             if not db.execute("DELETE FROM layers WHERE id = ?", (layer_id,)).rowcount:
                 raise LayerNotFound(f"no layer {layer_id}", "id")
+            # record ids are reused (the warehouse names a record after its layer_name when free):
+            # a grant must not pass to the next layer stored under this id
+            db.execute(
+                "UPDATE api_keys SET layers = (SELECT json_group_array(value) FROM json_each(api_keys.layers)"
+                " WHERE value != ?1) WHERE EXISTS (SELECT 1 FROM json_each(api_keys.layers) WHERE value = ?1)",
+                (layer_id,),
+            )
 
     def set_restricted(self, layer_id: str, restricted: bool) -> None:
         """Set the layer's access flag and open or close every offering of it accordingly."""
@@ -504,6 +515,27 @@ class PublicationStore:
         return [row[0] for row in rows]
 
     # --- API keys -----------------------------------------------------------------------------
+
+    # A warehouse key opens the layer record of each offering its owner granted it, while that
+    # offering exists and its owner is still a member of the offering's datastore.
+    _OFFERING_GRANTS = """
+        SELECT k.key_hash, o.layer_id FROM api_keys k
+        JOIN wh_key_owners w ON w.key_id = k.id
+        JOIN json_each(w.body, '$.offerings') g
+        JOIN offerings o ON o.id = g.value
+        JOIN wh_entities e ON e.id = o.id
+        JOIN wh_members m ON m.user_id = w.user_id AND m.datastore_id = e.datastore_id
+        WHERE k.revoked_at IS NULL"""
+
+    def _key_access(self, db: sqlite3.Connection) -> dict[str, frozenset[str]]:
+        """Key hash → granted layer record ids ("*" = all): admin grants name records, warehouse
+        grants name offerings; never a public layer name."""
+        granted: dict[str, set[str]] = {}
+        for key_hash, layers in db.execute("SELECT key_hash, layers FROM api_keys WHERE revoked_at IS NULL"):
+            granted.setdefault(key_hash, set()).update(json.loads(layers))
+        for key_hash, layer_id in db.execute(self._OFFERING_GRANTS):
+            granted[key_hash].add(layer_id)
+        return {key_hash: frozenset(layers) for key_hash, layers in granted.items()}
 
     @staticmethod
     def hash_key(secret: str) -> str:

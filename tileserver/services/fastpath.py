@@ -23,8 +23,8 @@ from urllib.parse import unquote_plus
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tileserver.http import CORS_HEADERS, etag_matches, etag_of, log_access, next_request_id
-from tileserver.services.ows import OWSException
-from tileserver.services.tiles import TileNotFound, TileStorageError, empty_tile, native_tile
+from tileserver.services.policy import ServiceError, tile_headers
+from tileserver.services.tiles import empty_tile, native_tile
 from tileserver.services.wmts import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
 
 log = logging.getLogger("tileserver.fastpath")
@@ -115,7 +115,7 @@ class FastTiles:
         try:
             answer = await native_tile(route.published, route.level, col, row) if route.stored else None
             answer = answer or empty_tile(route.published, route.level)
-        except (TileNotFound, TileStorageError):
+        except ServiceError:  # no data (404 layers), storage failures: the route words them
             return False
         body = answer.body
         etag = etag_of(body)
@@ -152,7 +152,7 @@ class FastTiles:
         }
         try:
             tile = resolve_tile(catalog, params, None)
-        except OWSException:
+        except ServiceError:
             return None
         published = tile.published
         if tile.rendered or published.restricted:
@@ -163,9 +163,8 @@ class FastTiles:
         else:
             rows, cols = (0, tile.matrix.matrix_height - 1), (0, tile.matrix.matrix_width - 1)
         headers = [(b"content-type", published.format.mime.encode())]
-        cache_control = published.layer.cache_control or runtime.settings.cache_control
-        if cache_control:
-            headers.append((b"cache-control", cache_control.encode()))
+        # the routed answer's own headers (content encoding is added per answer)
+        headers += [(k.lower().encode(), v.encode()) for k, v in tile_headers(published, runtime.settings).items()]
         return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers))
 
 

@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver import __version__
 from tileserver.runtime import get_runtime
+from tileserver.services.policy import is_operator
 from tileserver.storage import StorageError
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -34,10 +35,23 @@ async def health(request: Request) -> Response:
     )
 
 
+def _operator(request: Request) -> bool:
+    """Layer names (restricted ones too), storage paths and buckets are for the operator only."""
+    return bool(is_operator(get_runtime(request).settings, request))
+
+
 async def info(request: Request) -> Response:
     runtime = get_runtime(request)
     catalog = runtime.catalog
     cache = runtime.index_cache
+    if not _operator(request):
+        return _json(
+            {
+                "catalog_revision": catalog.revision,
+                "layers": len(catalog.layers),
+                "layers_not_served": len(catalog.errors),
+            }
+        )
     return _json(
         {
             "catalog_revision": catalog.revision,
@@ -85,8 +99,12 @@ async def depends(request: Request) -> Response:
         bucket = storages.setdefault(kind, {"ok": 0, "failing": 0})
         bucket["ok" if state == "OK" else "failing"] += 1
     healthy = all(state == "OK" for state in results.values())
-    return _json({"status": "OK" if healthy else "DEGRADED", "storage": storages, "pyramids": results},
-                 200 if healthy else 503)
+    status = 200 if healthy else 503
+    if not _operator(request):
+        failing = sum(1 for state in results.values() if state != "OK")
+        return _json({"status": "OK" if healthy else "DEGRADED", "pyramids": len(results), "failing": failing},
+                     status)
+    return _json({"status": "OK" if healthy else "DEGRADED", "storage": storages, "pyramids": results}, status)
 
 
 def routes() -> list[BaseRoute]:

@@ -42,14 +42,13 @@ from tileserver.rok4.descriptor import TileLimits
 from tileserver.rok4.tms import TileMatrixSet, crs_uri
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import KVP, base_url, echo, key_hash
+from tileserver.services.policy import ServiceError, document_headers, error_response, register
 from tileserver.services.tiles import (
+    TileAnswer,
     TileNotFound,
     TileRenderError,
-    TileStorageError,
-    log_storage_failure,
     native_tile,
     rendered_tile,
-    request_id,
     tile_response,
 )
 from tileserver.services.tms import any_path_route, vector_tables
@@ -106,8 +105,8 @@ TILE_F = {
 # --- errors ---------------------------------------------------------------------------------------
 
 
-class Problem(Exception):
-    """An RFC 7807 answer; `kind` is ROK4's problem type name."""
+class Problem(ServiceError):
+    """An RFC 7807 answer of OGC API's own; `kind` is ROK4's problem type name."""
 
     TITLES = {
         400: "Bad Request",
@@ -118,19 +117,19 @@ class Problem(Exception):
     }
 
     def __init__(self, status: int, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
+        super().__init__(detail, status=status)
         self.kind = kind
-        self.detail = detail
 
-    def response(self) -> Response:
-        body = {
-            "type": self.kind,
-            "title": self.TITLES.get(self.status, "Error"),
-            "status": self.status,
-            "detail": self.detail,
-        }
-        return Response(orjson.dumps(body), self.status, media_type=PROBLEM)
+
+def render_problem(request: Request, error: ServiceError) -> Response:
+    """The OGC API error handler's format: any service error as an RFC 7807 problem."""
+    body = {
+        "type": error.kind,
+        "title": Problem.TITLES.get(error.status, "Error"),
+        "status": error.status,
+        "detail": error.message,
+    }
+    return Response(orjson.dumps(body), error.status, media_type=PROBLEM)
 
 
 def not_found(detail: str) -> Problem:
@@ -566,14 +565,8 @@ async def styled_tile(
             published, published.tms, level, col, row, style, STYLED_MIME, gate=gate_for(runtime)
         )
     except RenderError as exc:
-        status = exc.status if exc.status in (400, 404, 502, 503) else 503
-        if status >= 500:
-            log.error("%s styled tile failed (%d): %s", request_id(ctx.request), status, exc.message)
-        raise Problem(status, "InvalidParameter" if status == 400 else "RenderError", exc.message) from None
-    cache_control = published.layer.cache_control or runtime.settings.cache_control
-    return Response(
-        body, media_type=media_type, headers={"Cache-Control": cache_control} if cache_control else {}
-    )
+        raise TileRenderError(exc.message, exc.status if exc.status in (400, 404, 502, 503) else 503) from None
+    return tile_response(TileAnswer(body, media_type, None, False), published, runtime.settings)
 
 
 async def reprojected_tile(
@@ -590,10 +583,7 @@ async def reprojected_tile(
     mime, f_name = tile_type(ctx, published, style_name)
     _check_tile_format(ctx, published, mime, f_name)
     runtime = get_runtime(ctx.request)
-    try:
-        answer = await rendered_tile(runtime, published, grid.tms, level, col, row, style, mime)
-    except TileRenderError as exc:
-        raise Problem(exc.status, "InvalidParameter" if exc.status == 400 else "RenderError", exc.message) from None
+    answer = await rendered_tile(runtime, published, grid.tms, level, col, row, style, mime)
     return tile_response(answer, published, runtime.settings)
 
 
@@ -620,10 +610,6 @@ async def tile(ctx: Ctx, scope: Scope, grid: str, tile_matrix: str, tile_row: st
         answer = await native_tile(published, tile_matrix, col, row)
     except TileNotFound:  # the layer asks for ROK4's 404 on empty tiles
         raise not_found(f"no data at tile ({tile_matrix}, {row}, {col}) of {echo(published.id)}") from None
-    except TileStorageError as exc:
-        log_storage_failure(ctx.request, exc)
-        kind = "StorageUnavailable" if exc.status == 503 else "StorageError"
-        raise Problem(exc.status, kind, "the tile storage failed; retry later") from None
     if answer is None:
         raise not_found(f"tile ({tile_matrix}, {row}, {col}) is outside the limits of {echo(published.id)}")
     return tile_response(answer, published, get_runtime(ctx.request).settings)
@@ -1001,7 +987,8 @@ def _html_value(value: Any) -> str:
             label = html.escape(str(value.get("title") or value["rel"]))
             href = html.escape(str(value["href"]))
             rel = html.escape(str(value["rel"]))
-            target = f"<code>{href}</code>" if value.get("templated") else f'<a href="{href}">{href}</a>'
+            linkable = str(value["href"]).lower().startswith(("http://", "https://")) and not value.get("templated")
+            target = f'<a href="{href}">{href}</a>' if linkable else f"<code>{href}</code>"
             return f"{label} <small>({rel})</small>: {target}"
         items = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{_html_value(v)}</dd>" for k, v in value.items())
         return f"<dl>{items}</dl>"
@@ -1030,13 +1017,13 @@ def _endpoint(op: Operation, prefix: str) -> Callable[[Request], Awaitable[Respo
             ctx.fmt = negotiate(request, ctx.kvp, offers)
             doc = op.handler(ctx, **request.path_params)
             assert isinstance(doc, dict)
-            headers = {"Vary": "Accept, X-Api-Key"}  # what is listed depends on the key too
+            headers = document_headers(request, vary=("Accept",))  # what is listed depends on the key too
             if ctx.fmt == "html":
                 return Response(html_page(doc, op.summary), media_type=HTML, headers=headers)
             media_type = OPENAPI if op.operation_id == "getAPI" else JSON
             return Response(orjson.dumps(doc), media_type=media_type, headers=headers)
-        except Problem as problem:
-            return problem.response()
+        except ServiceError as error:
+            return error_response(request, error, render_problem)
 
     endpoint.__name__ = op.operation_id
     return endpoint
@@ -1051,10 +1038,11 @@ async def _unknown(request: Request) -> Response:
     if path.endswith("/") and path.rstrip("/"):
         query = request.url.query
         return RedirectResponse(path.rstrip("/") + (f"?{query}" if query else ""), status_code=307)
-    return not_found("no such resource in this API").response()
+    return error_response(request, not_found("no such resource in this API"), render_problem)
 
 
 def routes() -> list[BaseRoute]:
+    register("ogcapi", render_problem)
     out: list[BaseRoute] = []
     for prefix in PREFIXES:
         for op in OPERATIONS:

@@ -7,7 +7,6 @@ not) and the same rules for echoing client input into XML (never a raw `<`, neve
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -19,6 +18,16 @@ from lxml import etree
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tileserver.services.policy import (
+    MAX_QUERY_FIELDS,
+    ServiceError,
+    error_response,
+    hash_key,  # noqa: F401  (re-exported: services compare keys with it)
+    presented_key,
+    trusted_proxy,
+)
+from tileserver.services.policy import key_hash as policy_key_hash
+
 log = logging.getLogger("tileserver.ows")
 
 OWS_NS = "http://www.opengis.net/ows/1.1"
@@ -28,7 +37,7 @@ XML_NS = "http://www.w3.org/XML/1998/namespace"
 OWS_EXCEPTION_SCHEMA = "http://schemas.opengis.net/ows/1.1.0/owsExceptionReport.xsd"
 XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>\n'
 
-MAX_KVP_FIELDS = 200  # more parameters than any OGC request needs: refuse, do not parse
+MAX_KVP_FIELDS = MAX_QUERY_FIELDS  # more parameters than any OGC request needs: refuse, do not parse
 MAX_ECHO = 80  # characters of a client value quoted back in a message
 _RAW_BYTES = re.compile(rb"[\x80-\xff]")
 
@@ -127,7 +136,7 @@ def xml_text(value: str) -> str:
 # --- exception reports --------------------------------------------------------------------------
 
 
-class OWSException(Exception):
+class OWSException(ServiceError):
     """An OWS 1.1 exception: `code`, `locator` (the parameter name, or None) and the HTTP status."""
 
     def __init__(
@@ -138,12 +147,11 @@ class OWSException(Exception):
         status: int | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(
+            message, locator=locator, status=status if status is not None else DEFAULT_STATUS.get(code, 400),
+            headers=headers,
+        )
         self.code = code
-        self.locator = locator
-        self.message = message
-        self.status = status if status is not None else DEFAULT_STATUS.get(code, 400)
-        self.headers = headers or {}
 
     def __repr__(self) -> str:
         return f"OWSException({self.code!r}, {self.locator!r}, {self.message!r}, {self.status})"
@@ -157,7 +165,7 @@ class OWSException(Exception):
         )
 
 
-def exception_report(exceptions: list[OWSException], version: str = "1.0.0", lang: str = "en") -> bytes:
+def exception_report(exceptions: list[ServiceError], version: str = "1.0.0", lang: str = "en") -> bytes:
     """`ows:ExceptionReport` valid against owsExceptionReport.xsd; text is escaped by lxml."""
     nsmap = {None: OWS_NS, "xsi": XSI_NS}
     root = etree.Element(f"{{{OWS_NS}}}ExceptionReport", nsmap=nsmap)
@@ -175,15 +183,20 @@ def exception_report(exceptions: list[OWSException], version: str = "1.0.0", lan
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+def render_report(request: Request, error: ServiceError) -> Response:
+    """Any service error as an OWS 1.1 exception report (WMTS)."""
+    return Response(exception_report([error]), status_code=error.status, media_type="application/xml")
+
+
 def ows_endpoint(handler: Endpoint) -> Endpoint:
-    """Turn OWSException raised anywhere in a handler into its exception report."""
+    """The WMTS error handler: any ServiceError raised in a handler becomes its exception report."""
 
     @functools.wraps(handler)
     async def wrapper(request: Request) -> Response:
         try:
             return await handler(request)
-        except OWSException as exc:
-            return exc.response()
+        except ServiceError as exc:
+            return error_response(request, exc, render_report)
 
     return wrapper
 
@@ -206,16 +219,19 @@ def base_url(request: Request) -> str:
     """Public root URL of this server, without trailing slash.
 
     `settings.public_url` wins; otherwise X-Forwarded-Proto/Host (first hop only, validated so a
-    forged header cannot inject markup), else the request's own scheme and Host.
+    forged header cannot inject markup) when the peer is a trusted proxy (`forwarded_allow_ips`),
+    else the request's own scheme and Host. Documents built so vary on those headers
+    (`policy.document_headers`).
     """
     settings = getattr(request.app.state, "settings", None)
     public = getattr(settings, "public_url", "") if settings is not None else ""
     if public:
         return public.rstrip("/")
-    proto = _first(request.headers.get("x-forwarded-proto"))
+    forwarded = trusted_proxy(request, settings)
+    proto = _first(request.headers.get("x-forwarded-proto")) if forwarded else None
     if proto not in ("http", "https"):
         proto = request.url.scheme if request.url.scheme in ("http", "https") else "http"
-    host = _first(request.headers.get("x-forwarded-host"))
+    host = _first(request.headers.get("x-forwarded-host")) if forwarded else None
     if host is None or not _HOST.match(host):
         host = request.headers.get("host", "")
         if not _HOST.match(host):
@@ -227,21 +243,12 @@ def base_url(request: Request) -> str:
 
 def api_key(request: Request, kvp: KVP | None = None) -> str | None:
     """The API key presented: `X-Api-Key` header, else the `apikey` query parameter (any case)."""
-    key = request.headers.get("x-api-key")
-    if not key:
-        key = (kvp or KVP.from_request(request)).get("apikey")
-    return key or None
-
-
-def hash_key(secret: str) -> str:
-    """Same digest as PublicationStore.hash_key: the store never sees or keeps the key itself."""
-    return hashlib.sha256(secret.encode()).hexdigest()
+    return presented_key(request.scope)
 
 
 def key_hash(request: Request, kvp: KVP | None = None) -> str | None:
     """Hash of the presented API key (what Catalog.get/visible expect), None without a key."""
-    key = api_key(request, kvp)
-    return hash_key(key) if key else None
+    return policy_key_hash(request)
 
 
 # --- capabilities skeletons ---------------------------------------------------------------------

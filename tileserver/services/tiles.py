@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from starlette.requests import Request
 from starlette.responses import Response
 
 from tileserver.catalog import PublishedLayer
 from tileserver.rok4.codecs import CodecError, encode_tile
 from tileserver.rok4.formats import PyramidFormat
 from tileserver.rok4.slab import NotASlabError, tiff_wrap
+from tileserver.services.policy import NotFound, ServiceError, check_payload, storage_failure, tile_headers
 from tileserver.settings import Settings
 from tileserver.storage import StorageError
 
@@ -36,41 +36,12 @@ class TileAnswer:
     empty: bool  # a synthesized nodata tile, not stored data
 
 
-class TileNotFound(Exception):
+class TileNotFound(NotFound):
     """No data here and the layer asks for ROK4's 404 instead of a nodata tile."""
 
 
-class TileStorageError(Exception):
-    """The storage failed or holds something that is not a slab: 503 (unavailable) or 502 (corrupt)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-def request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", "-"))
-
-
-def log_storage_failure(request: Request, error: TileStorageError) -> None:
-    """One line per failure with the request id, so an operator can tie a 502/503 to its cause."""
-    log.error(
-        "%s storage failure (%d): %s",
-        request_id(request),
-        error.status,
-        error.message,
-        exc_info=error.__cause__,
-    )
-
-
-def _storage_error(
-    published: PublishedLayer, level: str, col: int, row: int, exc: Exception
-) -> TileStorageError:
-    where = f"layer {published.id} level {level} tile ({col}, {row})"
-    if isinstance(exc, NotASlabError | CodecError):
-        return TileStorageError(f"{where}: stored data is unreadable ({exc})", 502)
-    return TileStorageError(f"{where}: storage unavailable ({exc})", 503)
+def _where(published: PublishedLayer, level: str, col: int, row: int) -> str:
+    return f"layer {published.id} level {level} tile ({col}, {row})"
 
 
 # --- stored bytes → HTTP payload ----------------------------------------------------------------
@@ -129,28 +100,18 @@ async def native_tile(published: PublishedLayer, level: str, col: int, row: int)
     try:
         data = await published.owners[level].get_tile(level, col, row)
     except (StorageError, NotASlabError) as exc:
-        raise _storage_error(published, level, col, row, exc) from exc
+        raise storage_failure(exc, _where(published, level, col, row)) from exc
     if data is None:
         return empty_tile(published, level)
     fmt, matrix = published.format, published.matrix(level)
+    check_payload(fmt.compression, data, _where(published, level, col, row))
     body = _payload(fmt, matrix.tile_width, matrix.tile_height, published.channels, data)
     return TileAnswer(body, fmt.mime, fmt.content_encoding, False)
 
 
 def tile_response(answer: TileAnswer, published: PublishedLayer, settings: Settings) -> Response:
-    """HTTP response of a tile: Content-Type, Content-Encoding, Cache-Control (layer's or server's)."""
-    headers = {}
-    cache_control = published.layer.cache_control or settings.cache_control
-    if published.restricted:  # a shared cache must never hand a restricted tile to someone without the key
-        directives = [d.strip() for d in cache_control.split(",") if d.strip()]
-        cache_control = ", ".join(
-            ["private"] + [d for d in directives if d.lower() not in ("public", "private")]
-        )
-        headers["Vary"] = "X-Api-Key"
-    if cache_control:
-        headers["Cache-Control"] = cache_control
-    if answer.content_encoding:
-        headers["Content-Encoding"] = answer.content_encoding
+    """HTTP response of a tile: its Content-Type, and the headers `policy.tile_headers` gives it."""
+    headers = tile_headers(published, settings, answer.content_encoding)
     return Response(answer.body, media_type=answer.content_type, headers=headers)
 
 
@@ -177,7 +138,7 @@ async def feature_info(
             return None
         pixels = owner.decode(level, data)
     except (StorageError, NotASlabError, CodecError) as exc:
-        raise _storage_error(published, level, col, row, exc) from exc
+        raise storage_failure(exc, _where(published, level, col, row)) from exc
     raw = pixels[j, i, :]
     if raw.dtype == np.float32:
         values = [float(str(v)) for v in raw]  # shortest decimal that reads back as the float32
@@ -192,13 +153,13 @@ async def feature_info(
     return values
 
 
-class TileRenderError(Exception):
+class TileRenderError(ServiceError):
     """A tile the render pipeline could not make; `status` is what it deserves (400/404/502/503)."""
 
     def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
+        super().__init__(message, status=status, logged=message if status >= 500 else None)
+        if status != 400:
+            self.code, self.kind = "NoApplicableCode", "RenderError"
 
 
 async def rendered_tile(

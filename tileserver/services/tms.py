@@ -30,15 +30,8 @@ from starlette.routing import BaseRoute, Route
 from tileserver.catalog import Catalog, PublishedLayer
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import XML_DECLARATION, base_url, echo, key_hash, xml_text
-from tileserver.services.tiles import (
-    TileNotFound,
-    TileRenderError,
-    TileStorageError,
-    log_storage_failure,
-    native_tile,
-    rendered_tile,
-    tile_response,
-)
+from tileserver.services.policy import ServiceError, document_headers, error_response, register
+from tileserver.services.tiles import TileNotFound, native_tile, rendered_tile, tile_response
 from tileserver.services.wmts import extra_grids
 from tileserver.settings import data_directory
 
@@ -51,19 +44,18 @@ MAX_INDEX_DIGITS = 12  # longer col/row/level numbers are absurd: 404 without ar
 _INDEX = re.compile(r"^[+-]?\d+$")
 
 
-class TMSError(Exception):
-    """An answer other than 200, rendered as ROK4's TileMapServerError."""
+class TMSError(ServiceError):
+    """An answer other than 200 of TMS's own, rendered as ROK4's TileMapServerError."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(message, status=status)
 
 
-def error_response(status: int, message: str) -> Response:
+def render_error(request: Request, error: ServiceError) -> Response:
+    """The TMS error handler's format: any service error as ROK4's TileMapServerError."""
     root = etree.Element("TileMapServerError")
-    etree.SubElement(root, "Message").text = xml_text(message)
-    return Response(XML_DECLARATION + etree.tostring(root, encoding="UTF-8"), status, media_type=XML_TYPE)
+    etree.SubElement(root, "Message").text = xml_text(error.message)
+    return Response(XML_DECLARATION + etree.tostring(root, encoding="UTF-8"), error.status, media_type=XML_TYPE)
 
 
 def _serialise(root: etree._Element) -> bytes:
@@ -447,9 +439,6 @@ async def tile(request: Request, view: TileMapView, level: str, x: str, y_ext: s
         answer = await native_tile(published, level, col, row)
     except TileNotFound:
         answer = None
-    except TileStorageError as exc:
-        log_storage_failure(request, exc)
-        raise TMSError(exc.status, "the tile storage failed; retry later") from None
     if answer is None:
         raise TMSError(404, "No data found")
     return tile_response(answer, published, get_runtime(request).settings)
@@ -460,12 +449,7 @@ async def _reprojected_tile(request: Request, view: TileMapView, level: str, col
     if not view.limits[level].contains(col, row):
         raise TMSError(404, "No data found")
     runtime = get_runtime(request)
-    try:
-        answer = await rendered_tile(
-            runtime, view.published, view.tms, level, col, row, None, view.published.format.mime
-        )
-    except TileRenderError as exc:
-        raise TMSError(exc.status, exc.message) from None
+    answer = await rendered_tile(runtime, view.published, view.tms, level, col, row, None, view.published.format.mime)
     return tile_response(answer, view.published, runtime.settings)
 
 
@@ -500,14 +484,15 @@ def _cached(request: Request, catalog: Catalog, key: tuple[Any, ...], build: Cal
 async def _dispatch(request: Request, parts: list[str]) -> Response:
     catalog = get_runtime(request).catalog  # one snapshot for the whole request
     if not parts:
-        return _xml_bytes(_cached(request, catalog, ("services",), lambda: services_document(request)))
+        return _xml_bytes(request, _cached(request, catalog, ("services",), lambda: services_document(request)))
     if parts[0] != VERSION:
         raise TMSError(400, f"TMS version {echo(parts[0])} is not supported (only {VERSION})")
     if len(parts) == 1:
         visible = catalog.visible("tms", key_hash(request))
         # keyed by what the caller sees, not by the key: random keys cannot grow the cache
         key = ("service", tuple(sorted(p.id for p in visible)))
-        return _xml_bytes(_cached(request, catalog, key, lambda: service_document(request, visible)))
+        body = _cached(request, catalog, key, lambda: service_document(request, visible))
+        return _xml_bytes(request, body, visible)
     layer_id, _, grid_id = parts[1].partition(EXTRA_GRID_SEPARATOR)
     published = _layer(request, catalog, layer_id)
     view = TileMapView(published)
@@ -517,9 +502,8 @@ async def _dispatch(request: Request, parts: list[str]) -> Response:
             raise TMSError(400, f"layer {echo(layer_id)} is not offered in grid {echo(grid_id)}")
         view = TileMapView(published, grid)
     if len(parts) == 2:
-        return _xml_bytes(
-            _cached(request, catalog, ("tilemap", view.id), lambda: tilemap_document(request, view))
-        )
+        body = _cached(request, catalog, ("tilemap", view.id), lambda: tilemap_document(request, view))
+        return _xml_bytes(request, body, [published])
     if len(parts) == 5:
         return await tile(request, view, parts[2], parts[3], parts[4])
     if view.grid is not None:
@@ -527,17 +511,14 @@ async def _dispatch(request: Request, parts: list[str]) -> Response:
     if len(parts) == 3 and parts[2] in LAYER_DOCUMENTS:
         build, media_type = LAYER_DOCUMENTS[parts[2]]
         body = _cached(request, catalog, (parts[2], published.id), lambda: build(request, published))
-        return Response(body, media_type=media_type, headers=KEYED)
+        return Response(body, media_type=media_type, headers=document_headers(request, [published]))
     if len(parts) == 3 and parts[2] not in published.limits:
         raise TMSError(400, f"level {echo(parts[2])} is not published by layer {echo(published.id)}")
     raise TMSError(404, "no such TMS resource")
 
 
-KEYED = {"Vary": "X-Api-Key"}  # restricted layers appear with a key: shared caches must tell them apart
-
-
-def _xml_bytes(body: bytes) -> Response:
-    return Response(body, media_type=XML_TYPE, headers=KEYED)
+def _xml_bytes(request: Request, body: bytes, layers: Iterable[PublishedLayer] = ()) -> Response:
+    return Response(body, media_type=XML_TYPE, headers=document_headers(request, layers))
 
 
 def _segments(path: str) -> list[str] | None:
@@ -550,12 +531,12 @@ def _segments(path: str) -> list[str] | None:
 
 async def tms_endpoint(request: Request) -> Response:
     parts = _segments(request.path_params.get("path", ""))
-    if parts is None or any(p == "" for p in parts):
-        return error_response(404, "no such TMS resource")
     try:
+        if parts is None or any(p == "" for p in parts):
+            raise TMSError(404, "no such TMS resource")
         return await _dispatch(request, parts)
-    except TMSError as exc:
-        return error_response(exc.status, exc.message)
+    except ServiceError as exc:
+        return error_response(request, exc, render_error)
 
 
 async def xyz_endpoint(request: Request) -> Response:
@@ -564,8 +545,8 @@ async def xyz_endpoint(request: Request) -> Response:
     try:
         published = _layer(request, get_runtime(request).catalog, p["layer"])
         return await tile(request, TileMapView(published), p["z"], p["x"], p["y"])
-    except TMSError as exc:
-        return error_response(exc.status, exc.message)
+    except ServiceError as exc:
+        return error_response(request, exc, render_error)
 
 
 def any_path_route(path: str, endpoint: Callable[[Request], Any]) -> Route:
@@ -577,6 +558,7 @@ def any_path_route(path: str, endpoint: Callable[[Request], Any]) -> Route:
 
 
 def routes() -> list[BaseRoute]:
+    register("tms", render_error)
     return [
         any_path_route("/tms{path:path}", tms_endpoint),
         Route("/xyz/{layer}/{z}/{x}/{y}", xyz_endpoint, methods=["GET"]),

@@ -61,7 +61,15 @@ from tileserver.services.ows import (
     load_template,
     xml_text,
 )
-from tileserver.services.tiles import TileStorageError, feature_info, log_storage_failure, request_id
+from tileserver.services.policy import (
+    ServiceError,
+    document_headers,
+    error_response,
+    map_headers,
+    register,
+    request_id,
+)
+from tileserver.services.tiles import feature_info
 
 log = logging.getLogger("tileserver.wms")
 
@@ -95,7 +103,7 @@ CODES_111 = {"InvalidCRS": "InvalidSRS"}
 # --------------------------------------------------------------------------- exceptions
 
 
-def exception_report(exc: OWSException, version: str) -> bytes:
+def exception_report(exc: ServiceError, version: str) -> bytes:
     """ServiceExceptionReport of `version` (1.3.0 namespaced and schema-located, 1.1.1 with DTD)."""
     if version == V111:
         root = etree.Element("ServiceExceptionReport", version=V111)
@@ -114,9 +122,13 @@ def exception_report(exc: OWSException, version: str) -> bytes:
     return XML_DECLARATION + etree.tostring(root, encoding="UTF-8", pretty_print=True, doctype=doctype)
 
 
-def _exception_response(exc: OWSException, version: str) -> Response:
-    return Response(exception_report(exc, version), status_code=exc.status, media_type=EXCEPTION_MIME[version],
-                    headers=exc.headers)
+def _exception_response(exc: ServiceError, version: str) -> Response:
+    return Response(exception_report(exc, version), status_code=exc.status, media_type=EXCEPTION_MIME[version])
+
+
+def render_report(request: Request, error: ServiceError) -> Response:
+    """The WMS error handler's format when the version is not known yet (the gate): 1.3.0."""
+    return _exception_response(error, V130)
 
 
 def _error(code: str, locator: str | None, message: str, status: int = 400, **headers: str) -> OWSException:
@@ -489,14 +501,12 @@ async def get_map(request: Request, kvp: KVP, version: str) -> Response:
     runtime = get_runtime(request)
     req = parse_map_request(kvp, runtime, key_hash(request), version, format_required=True)
     body, content_type = await _render(request, runtime, req)
-    cache_control = req.layers[0].published.layer.cache_control or runtime.settings.cache_control
     headers = {"Content-Type": content_type}  # exact: no charset appended to text/asc
-    if cache_control:
-        headers["Cache-Control"] = cache_control
+    headers.update(map_headers((layer.published for layer in req.layers), runtime.settings))
     return Response(body, headers=headers)
 
 
-def _image_exception(exc: OWSException, frame: ImageFrame) -> Response:
+def _image_exception(exc: ServiceError, frame: ImageFrame) -> Response:
     assert frame.format is not None
     if frame.mode == "BLANK":
         body, mime = blank_image(frame.width, frame.height, frame.format, transparent=frame.transparent,
@@ -686,15 +696,13 @@ async def get_feature_info(request: Request, kvp: KVP, version: str) -> Response
         if len(queried) > 1:
             raise _error("InvalidParameterValue", "query_layers",
                          f"layer {echo(external[0].id)} is answered by another WMS and must be queried alone")
-        return await _external_info(request, external[0], req, kvp, i, j, info_format)
-    try:
-        infos = list(await asyncio.gather(*(pixel_info(p, req.grid, i, j) for p in queried)))
-    except TileStorageError as error:
-        log_storage_failure(request, error)
-        raise _error("NoApplicableCode", None, f"storage failure (request {request_id(request)})", error.status) from None
+        relayed = await _external_info(request, external[0], req, kvp, i, j, info_format)
+        relayed.headers.update(map_headers(queried, runtime.settings))
+        return relayed
+    infos = list(await asyncio.gather(*(pixel_info(p, req.grid, i, j) for p in queried)))
     body = INFO_WRITERS[info_format](infos, req.grid, i, j)
     content_type = info_format + ("; charset=utf-8" if info_format.startswith("text/") else "")
-    return Response(body, headers={"Content-Type": content_type})
+    return Response(body, headers={"Content-Type": content_type, **map_headers(queried, runtime.settings)})
 
 
 # --------------------------------------------------------------------------- GetLegendGraphic
@@ -725,7 +733,7 @@ async def get_legend_graphic(request: Request, kvp: KVP) -> Response:
     width = _positive_int(kvp, "WIDTH", 2048) if kvp.get("WIDTH") else default_w
     height = _positive_int(kvp, "HEIGHT", 2048) if kvp.get("HEIGHT") else default_h
     body = await asyncio.to_thread(legend_image, style, width, height)
-    return Response(body, media_type="image/png")
+    return Response(body, media_type="image/png", headers=map_headers((published,), runtime.settings))
 
 
 # --------------------------------------------------------------------------- GetCapabilities
@@ -909,12 +917,17 @@ def _union(boxes: list[tuple[float, float, float, float]]) -> tuple[float, float
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
+def visible_layers(request: Request) -> list[PublishedLayer]:
+    catalog = get_runtime(request).catalog
+    return sorted((p for p in catalog.visible(SERVICE, key_hash(request)) if not p.format.is_vector),
+                  key=lambda p: p.id)
+
+
 def capabilities_document(request: Request, version: str) -> bytes:
     """Cached per catalog snapshot, version, base URL and the layers the caller may see."""
     runtime = get_runtime(request)
     catalog = runtime.catalog
-    layers = sorted((p for p in catalog.visible(SERVICE, key_hash(request)) if not p.format.is_vector),
-                    key=lambda p: p.id)
+    layers = visible_layers(request)
     base = base_url(request)
     url_key = _url_key(request, catalog)
     cache_key = ("wms-caps", version, base, tuple(p.id for p in layers), url_key)
@@ -952,7 +965,7 @@ async def get_capabilities(request: Request, kvp: KVP) -> Response:
             raise _error("InvalidUpdateSequence", "updatesequence", f"updateSequence {echo(sequence)} is newer than {revision}")
     body = capabilities_document(request, version)
     return Response(body, media_type=CAPABILITIES_MIME[version],
-                    headers={"Cache-Control": "no-cache", "Vary": "X-Api-Key"})
+                    headers=document_headers(request, visible_layers(request)))
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -970,8 +983,6 @@ async def endpoint(request: Request) -> Response:
     try:
         kvp = KVP.from_request(request)
         runtime = get_runtime(request)
-        if not runtime.enabled:
-            raise _error("NoApplicableCode", None, "the service is switched off", 503, **{"Retry-After": "60"})
         try:
             version = _version_of(kvp) or V130
         except OWSException:
@@ -999,11 +1010,12 @@ async def endpoint(request: Request) -> Response:
             frame = image_frame(kvp, runtime.settings)
             return await get_map(request, kvp, version)
         return await get_feature_info(request, kvp, version)
-    except OWSException as exc:
+    except ServiceError as exc:
         if frame.mode != "XML" and exc.status < 500:
-            return _image_exception(exc, frame)
-        return _exception_response(exc, version)
+            return error_response(request, exc, lambda _, error: _image_exception(error, frame))
+        return error_response(request, exc, lambda _, error: _exception_response(error, version))
 
 
 def routes() -> list[BaseRoute]:
+    register(SERVICE, render_report)
     return [Route("/wms", endpoint, methods=["GET"])]

@@ -40,18 +40,16 @@ from tileserver.services.ows import (
     key_hash,
     load_template,
     ows_endpoint,
+    render_report,
 )
+from tileserver.services.policy import document_headers, map_headers, register
 from tileserver.services.tiles import (
     TileAnswer,
     TileNotFound,
-    TileRenderError,
-    TileStorageError,
     empty_tile,
     feature_info,
-    log_storage_failure,
     native_tile,
     rendered_tile,
-    request_id,
     tile_response,
 )
 
@@ -355,36 +353,12 @@ def resolve_tile(
     return TileRequest(published, grid, matrix, row, col, mime, rendering)
 
 
-def _check_service(runtime: Any) -> None:
-    if not runtime.enabled:
-        raise OWSException(
-            "NoApplicableCode", None, "the service is switched off", 503, {"Retry-After": "60"}
-        )
-
-
-def _storage_failure(request: Request, error: TileStorageError) -> OWSException:
-    log_storage_failure(request, error)
-    reason = "stored data is unreadable" if error.status == 502 else "storage is unavailable"
-    return OWSException("NoApplicableCode", None, f"{reason} (request {request_id(request)})", error.status)
-
-
-async def _rendered_answer(request: Request, tile: TileRequest) -> TileAnswer:
-    runtime = get_runtime(request)
-    try:
+async def _tile_answer(request: Request, tile: TileRequest) -> TileAnswer:
+    if tile.rendered:
+        runtime = get_runtime(request)
         return await rendered_tile(
             runtime, tile.published, tile.grid.tms, tile.level, tile.col, tile.row, tile.style, tile.mime
         )
-    except TileRenderError as error:
-        if error.status == 400:
-            raise OWSException("InvalidParameterValue", None, error.message) from None
-        raise OWSException("NoApplicableCode", None, error.message, error.status) from None
-    except TileStorageError as error:
-        raise _storage_failure(request, error) from error
-
-
-async def _tile_answer(request: Request, tile: TileRequest) -> TileAnswer:
-    if tile.rendered:
-        return await _rendered_answer(request, tile)
     try:
         answer = None
         if tile.published_level:
@@ -392,8 +366,6 @@ async def _tile_answer(request: Request, tile: TileRequest) -> TileAnswer:
         return answer or empty_tile(tile.published, tile.level)
     except TileNotFound:
         raise OWSException("Not Found", None, "No data found", 404) from None
-    except TileStorageError as error:
-        raise _storage_failure(request, error) from error
 
 
 async def get_tile(request: Request, params: Mapping[str, str | None], key: str | None) -> Response:
@@ -467,12 +439,10 @@ async def get_feature_info(request: Request, params: Mapping[str, str | None], k
     i, j = point["I"], point["J"]
     values = None
     if tile.published_level:
-        try:
-            values = await feature_info(tile.published, tile.level, tile.col, tile.row, i, j)
-        except TileStorageError as error:
-            raise _storage_failure(request, error) from error
+        values = await feature_info(tile.published, tile.level, tile.col, tile.row, i, j)
     media_type = "application/json" if info_format == "application/json" else info_format
-    return Response(_info_body(info_format, values, tile, i, j), media_type=media_type)
+    headers = map_headers((tile.published,), runtime.settings)
+    return Response(_info_body(info_format, values, tile, i, j), media_type=media_type, headers=headers)
 
 
 # --- GetCapabilities ----------------------------------------------------------------------------
@@ -648,11 +618,16 @@ def build_capabilities(
     return XML_DECLARATION + etree.tostring(root, encoding="UTF-8", pretty_print=True)
 
 
+def visible_layers(request: Request) -> list[PublishedLayer]:
+    catalog = get_runtime(request).catalog
+    return sorted((p for p in catalog.visible(SERVICE, key_hash(request)) if served(p)), key=lambda p: p.id)
+
+
 def capabilities_document(request: Request) -> bytes:
     """Cached per catalog snapshot, base URL and the set of layers the caller may see."""
     runtime = get_runtime(request)
     catalog = runtime.catalog
-    layers = sorted((p for p in catalog.visible(SERVICE, key_hash(request)) if served(p)), key=lambda p: p.id)
+    layers = visible_layers(request)
     base = base_url(request)
     url_key = _url_key(request, catalog)
     cache_key = ("wmts-caps", base, tuple(p.id for p in layers), url_key)
@@ -709,10 +684,8 @@ def _trimmed(document: bytes, keep: set[str] | None, sequence: str) -> bytes:
     return XML_DECLARATION + etree.tostring(root, encoding="UTF-8", pretty_print=True)
 
 
-def _capabilities_response(document: bytes, media_type: str = "application/xml") -> Response:
-    return Response(
-        document, media_type=media_type, headers={"Cache-Control": "no-cache", "Vary": "X-Api-Key"}
-    )
+def _capabilities_response(request: Request, document: bytes, media_type: str = "application/xml") -> Response:
+    return Response(document, media_type=media_type, headers=document_headers(request, visible_layers(request)))
 
 
 async def get_capabilities(request: Request, kvp: KVP) -> Response:
@@ -723,7 +696,7 @@ async def get_capabilities(request: Request, kvp: KVP) -> Response:
     sequence = _update_sequence(kvp.get("UpdateSequence"), get_runtime(request).catalog.revision)
     formats = [f.strip() for f in (kvp.get("AcceptFormats") or "").split(",")]
     media_type = next((f for f in formats if f in CAPABILITIES_FORMATS), "application/xml")
-    return _capabilities_response(_trimmed(capabilities_document(request), keep, sequence), media_type)
+    return _capabilities_response(request, _trimmed(capabilities_document(request), keep, sequence), media_type)
 
 
 # --- endpoints ----------------------------------------------------------------------------------
@@ -735,7 +708,6 @@ def _kvp_params(kvp: KVP, names: tuple[str, ...]) -> dict[str, str | None]:
 
 @ows_endpoint
 async def kvp_endpoint(request: Request) -> Response:
-    _check_service(get_runtime(request))
     kvp = KVP.from_request(request)
     service = kvp.require("SERVICE", "service")
     if service.strip().lower() != SERVICE:
@@ -773,10 +745,9 @@ def _accepts_xml(accept: str | None) -> bool:
 
 @ows_endpoint
 async def rest_capabilities(request: Request) -> Response:
-    _check_service(get_runtime(request))
     if not _accepts_xml(request.headers.get("accept")):
         raise OWSException("InvalidParameterValue", "Accept", "capabilities are only available as XML", 406)
-    return _capabilities_response(capabilities_document(request))
+    return _capabilities_response(request, capabilities_document(request))
 
 
 def _rest_params(request: Request) -> dict[str, str | None]:
@@ -796,7 +767,6 @@ def _rest_params(request: Request) -> dict[str, str | None]:
 
 @ows_endpoint
 async def rest_tile(request: Request) -> Response:
-    _check_service(get_runtime(request))
     params = _rest_params(request)
     del params["ext"]
     return await get_tile(request, params, key_hash(request))
@@ -804,7 +774,6 @@ async def rest_tile(request: Request) -> Response:
 
 @ows_endpoint
 async def rest_feature_info(request: Request) -> Response:
-    _check_service(get_runtime(request))
     path = request.path_params
     params = _rest_params(request)
     # REST FeatureInfo URLs carry no tile format: take the layer's (an unknown layer fails on `layer` first)
@@ -817,6 +786,7 @@ async def rest_feature_info(request: Request) -> Response:
 
 
 def routes() -> list[BaseRoute]:
+    register(SERVICE, render_report)
     return [
         Route("/wmts", kvp_endpoint, methods=["GET"]),
         Route(CAPABILITIES_PATH, rest_capabilities, methods=["GET"]),

@@ -140,7 +140,13 @@ class Accounts:
         return user
 
     def remove_user(self, login: str) -> None:
-        with self.store.transaction(publish=False) as db:
+        """The user goes, and their API keys are revoked with them (a new catalog revision)."""
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE revoked_at IS NULL AND id IN (SELECT o.key_id"
+                " FROM wh_key_owners o JOIN wh_users u ON u.id = o.user_id WHERE u.login = ?)",
+                (now_iso(), login),
+            )
             if not db.execute("DELETE FROM wh_users WHERE login = ?", (login,)).rowcount:
                 raise NotFound(f"no user {login}", "login")
 

@@ -2,7 +2,7 @@
 
 A key is the shared store's API key (what the services check, by hash); `HASH` keys take their
 value from `type_infos.hash` (generated when absent and shown once). An access grants the key
-the layers of offerings in the user's datastores.
+the offerings (by id) of the user's datastores: the services resolve them to layer records.
 """
 
 from __future__ import annotations
@@ -101,13 +101,9 @@ async def delete_key(ctx: Ctx) -> Response:
 
 
 def _grant(ctx: Ctx, key_id: str, offering_ids: list[str]) -> None:
-    layers = []
-    for ident in offering_ids:
-        offering = ctx.wh.entities.get(OFFERING, ident)
-        if offering is not None:
-            layers.append(offering.body["layer_name"])
+    """A key's grants are offering ids (never layer names, which another tenant may reuse); the store
+    resolves them to layer records while the offering exists and the owner is a member of its datastore."""
     with ctx.wh.store.transaction() as db:
-        db.execute("UPDATE api_keys SET layers = ? WHERE id = ?", (json.dumps(sorted(set(layers))), key_id))
         db.execute("UPDATE wh_key_owners SET body = ? WHERE key_id = ?",
                    (json.dumps({"type": "HASH", "offerings": offering_ids}), key_id))
 
