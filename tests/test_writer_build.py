@@ -186,7 +186,7 @@ async def test_bilevel_source_and_world_file(tmp_path):
         assert total > 0.9 * 1000 * 1000 * (0.1 / (pyramid.matrix("19").cell_size * 80000)) ** 2 / 2
         assert bad <= total * 0.002
         fixture = parse_descriptor((FIXTURES / "BDPARCELLAIRE.json").read_bytes())
-        for level in ("16", "17", "18"):
+        for level in ("16", "17", "18", "19"):  # 19: be4's footprint, 2 % wider east and west
             assert pyramid.level(level).tile_limits == fixture.level(level).tile_limits
     finally:
         await storage.close()
@@ -196,12 +196,17 @@ async def test_bilevel_source_and_world_file(tmp_path):
 
 
 @pytest.mark.parametrize(("fixture", "source", "crs", "options"), [
-    ("SCAN1000", "SCAN1000.tif", "EPSG:2154", {"tms": "PM", "top": "8", "compression": "png"}),
-    ("RGEALTI", "RGEALTI.tif", "EPSG:2154", {"tms": "LAMB93_1M_MNT", "top": "6", "compression": "zip",
+    ("SCAN1000", "SCAN1000.tif", "EPSG:2154", {"tms": "PM", "top": "0", "compression": "png"}),
+    ("BDPARCELLAIRE", "BDPARCELLAIRE.tif", "EPSG:2154", {"tms": "4326", "top": "0", "compression": "png",
+                                                         "interpolation": "nn", "nodata": (255,)}),
+    ("RGEALTI", "RGEALTI.tif", "EPSG:2154", {"tms": "LAMB93_1M_MNT", "top": "0", "compression": "zip",
                                              "interpolation": "nn"}),
+    # MONTAGNE is RGEALTI drawn with the `montagne` style (RGBA): its layout is RGEALTI's in PM
+    ("MONTAGNE", "RGEALTI.tif", "EPSG:2154", {"tms": "PM", "top": "0", "compression": "zip", "interpolation": "nn"}),
 ])
 async def test_descriptor_and_list_shaped_like_rok4(tmp_path, fixture, source, crs, options):
-    """Default bottom (nearest the source resolution), limits, slab names and list lines as ROK4's."""
+    """Default bottom (nearest the source resolution), limits of every level, slab names and the
+    whole list as be4's for the same source, up to the fixture's top level."""
     pyramid, _, storage = await build(tmp_path, [source], srs=crs, **options)
     try:
         ours = json.loads((tmp_path / "P.json").read_text())
@@ -221,10 +226,33 @@ async def test_descriptor_and_list_shaped_like_rok4(tmp_path, fixture, source, c
         our_list = parse_list((tmp_path / "P.list").read_text())
         their_list = parse_list((FIXTURES / f"{fixture}.list").read_text())
         assert our_list.roots == {0: str(tmp_path / "P")}
-        assert {s for _, s, _ in our_list.entries} == {
-            s for _, s, _ in their_list.entries if parse_slab_name(s).level in ids}
+        assert sorted(ids) == sorted(by_id)
+        assert sorted(s for _, s, _ in our_list.entries) == sorted(s for _, s, _ in their_list.entries)
         for _, slab, _ in our_list.entries:
             assert (tmp_path / "P" / slab).is_file()
+    finally:
+        await storage.close()
+
+
+async def test_limits_claim_the_tile_past_an_edge_like_be4(tmp_path):
+    """A source ending exactly on a tile edge: be4 (`bboxToIndices`) puts that edge in the tile
+    after it, so the limits reach one tile further east and south (inside the one written slab)."""
+    tifffile.imwrite(tmp_path / "a.tif", np.full((256, 256, 3), 7, np.uint8))
+    # LAMB93_12.5m level 10: origin (0, 12000000), 100 m pixels; the image is exactly tile (24, 212)
+    (tmp_path / "a.tfw").write_text("100\n0\n0\n-100\n614450\n6572750\n")
+    storage = Storage(SETTINGS)
+    await storage.start()
+    try:
+        await build_async([str(tmp_path / "a.tif")], str(tmp_path / "out"), "E",
+                          BuildOptions(tms="LAMB93_12.5m", bottom="10", top="10", interpolation="nn", srs="EPSG:2154",
+                                       width=2, height=2, compression="zip"), storage)
+        pyramid = await Pyramid.open(str(tmp_path / "out" / "E.json"), storage)
+        tiles = await level_tiles(pyramid, "10")
+        assert {key for key, tile in tiles.items() if data_mask(tile, pyramid.descriptor.nodata).any()} == {(24, 212)}
+        limits = pyramid.level("10").tile_limits
+        assert (limits.min_col, limits.max_col, limits.min_row, limits.max_row) == (24, 25, 212, 213)
+        entries = [s for _, s, _ in parse_list((tmp_path / "out" / "E.list").read_text()).entries]
+        assert [(parse_slab_name(s).col, parse_slab_name(s).row) for s in entries] == [(12, 106)]
     finally:
         await storage.close()
 

@@ -29,6 +29,7 @@ from .encode import EncodedSlab, SlabLayout
 from .errors import WriterError
 from .journal import Journal, SlabRecord
 from .options import BuildOptions
+from .plan import footprint_tiles
 from .progress import Progress
 from .summary import pyramid_summary
 from .target import PyramidTarget
@@ -252,12 +253,13 @@ class PyramidWriter:
                           MASK_FORMAT if o.mask else None)
 
     def _bbox_limits(self, matrix: TileMatrix, data: TileLimits) -> TileLimits:
-        """ROK4's limits: the tiles the processed area touches, within the written slabs (the data
-        tiles are always included, even where the area and a reprojection disagree by a sliver)."""
+        """ROK4's limits: the tiles the processed area claims (be4's rule, `footprint_tiles`),
+        within the written slabs (the data tiles are always included, even where the area and a
+        reprojection disagree by a sliver)."""
         tpw, tph = self.options.width, self.options.height
         area = None
         for bbox in self.footprints:
-            found = matrix.bbox_to_tile_range(bbox)
+            found = footprint_tiles(matrix, bbox)
             if found is not None:
                 rect = TileLimits(found[0], found[2], found[1], found[3])
                 area = rect if area is None else area.union(rect)

@@ -4,6 +4,10 @@ Levels run bottom (finest) → top (coarsest). The bottom level's slabs are thos
 source's footprint reprojected into the grid; each upper level's are those covering a slab
 written in the level below. Shards take a deterministic share of a level's slabs, by blocks of
 neighbouring slabs so a shard's upper-level parents stay few.
+
+The footprint and the tiles it claims follow ROK4's be4 (`ROK4::Core::ProxyGDAL::convertBBox`,
+`ROK4::Core::TileMatrix::bboxToIndices`, `ROK4::Core::LevelRaster::updateLimitsFromBbox`), so the
+same sources give the same tile limits as a be4 pyramid, which an update may be built upon.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from tileserver.render.georef import get_transformer, reproject_bbox
+from tileserver.render.georef import crs_equal, get_transformer, reproject_bbox
 from tileserver.rok4.tms import TileMatrix, TileMatrixSet
 
 from .errors import WriterError
@@ -22,6 +26,9 @@ from .sources import SourceInfo
 BBox = tuple[float, float, float, float]
 Slab = tuple[int, int]
 _SHARD_BLOCK = 8  # slabs per side of a shard block
+_BE4_EDGE_CUTS = 10  # be4 (ProxyGDAL.geometryFromBbox) cuts each edge of the image in 10 to reproject it
+_BE4_X_MARGIN = 0.02  # be4 (ProxyGDAL.convertBBox) widens a reprojected envelope by 2 % of its width
+_EDGE_TOLERANCE = 1e-9  # relative: a float this close to a tile edge is on it (be4 computes in decimals)
 
 
 def source_resolution(source: SourceInfo, crs: str) -> float:
@@ -64,11 +71,47 @@ def _matrix(tms: TileMatrixSet, level: str, option: str) -> TileMatrix:
 
 
 def source_footprint(source: SourceInfo, crs: str) -> BBox:
-    """The source's extent in `crs` (edges densified: reprojected rectangles bend)."""
+    """The source's extent in the grid's `crs`, as be4 computes it (`convertBBox`).
+
+    In its own CRS: the image's corners, unchanged. Reprojected: the envelope of the rectangle
+    with each edge cut in 10, widened west and east by 2 % of its width, which covers edges that
+    bend between the cuts. Not north and south: be4 computes that margin as `ymax - ymax`, zero,
+    and its limits depend on it. be4 compares the two CRS names as strings; equivalent CRSs
+    (EPSG:2154 and IGNF:LAMB93) count as one here, so no margin where nothing is reprojected.
+    """
+    if crs_equal(source.crs, crs):
+        return tuple(float(v) for v in source.bbox)  # type: ignore[return-value]
     try:
-        return reproject_bbox(source.bbox, source.crs, crs)
+        xmin, ymin, xmax, ymax = reproject_bbox(source.bbox, source.crs, crs, densify=_BE4_EDGE_CUTS + 1)
     except ValueError:
         raise WriterError(f"{source.path}: its extent cannot be expressed in {crs}") from None
+    margin = (xmax - xmin) * _BE4_X_MARGIN
+    return xmin - margin, ymin, xmax + margin, ymax
+
+
+def footprint_tiles(matrix: TileMatrix, bbox: BBox) -> tuple[int, int, int, int] | None:
+    """Inclusive (min_col, min_row, max_col, max_row) of the tiles a footprint claims (clipped to
+    the matrix), by be4's rule (`bboxToIndices`, `updateLimitsFromBbox`): each edge of the
+    footprint falls in the tile whose span holds it, a coordinate on a tile edge in the tile after
+    it, so a footprint ending exactly on an edge also claims the next column or row."""
+    xmin, ymin, xmax, ymax = bbox
+    min_col = _tile_index(xmin - matrix.origin_x, matrix.tile_span_x)
+    max_col = _tile_index(xmax - matrix.origin_x, matrix.tile_span_x)
+    min_row = _tile_index(matrix.origin_y - ymax, matrix.tile_span_y)
+    max_row = _tile_index(matrix.origin_y - ymin, matrix.tile_span_y)
+    min_col, min_row = max(min_col, 0), max(min_row, 0)
+    max_col, max_row = min(max_col, matrix.matrix_width - 1), min(max_row, matrix.matrix_height - 1)
+    if min_col > max_col or min_row > max_row:
+        return None
+    return min_col, min_row, max_col, max_row
+
+
+def _tile_index(offset: float, span: float) -> int:
+    position = offset / span
+    nearest = round(position)
+    if abs(position - nearest) <= _EDGE_TOLERANCE * max(1.0, abs(position)):
+        return nearest
+    return math.floor(position)
 
 
 def slabs_for_bbox(matrix: TileMatrix, bbox: BBox, tpw: int, tph: int) -> set[Slab]:
