@@ -77,6 +77,8 @@ class Scheduler:
                 sys.executable, "-m", "tileserver.warehouse.worker", job.kind, job.id, env=env,
                 stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
             code = await process.wait()
+            if self.wh.store.closed:  # the application shut down meanwhile: recovery settles it later
+                return
             if code != 0:
                 await asyncio.to_thread(lifecycle.interrupt, self.wh.store, self.wh.entities, job,
                                         f"worker process ended with status {code}", self.wh.settings)

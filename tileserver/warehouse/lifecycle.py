@@ -26,7 +26,7 @@ from .entities import Entities, Entity, Gone
 from .pyramid_home import remove_pyramid
 from .status import FINAL as _FINAL
 from .status import RUNNING, Status
-from .usage import PYRAMIDS, release_holder, reserve
+from .usage import PYRAMIDS, holds, release_holder, reserve
 
 CHECK = "check_execution"
 EXECUTION = "processing_execution"
@@ -282,9 +282,12 @@ def settle(store: PublicationStore, entities: Entities, kind: str, job_id: str, 
         return
     output = (execution.body.get("output") or {}).get("stored_data") or {}
     stored = store.get_stored_data(output.get("_id", ""))
-    if stored is None or stored.status in ("CREATED", "GENERATING"):
+    if stored is not None and stored.status in ("CREATED", "GENERATING"):
         execution_ended(store, entities, execution, settings)
-    else:
+        return
+    with store.reading() as db:
+        held = holds(db, execution.id)
+    if held:  # checked first: recovery calls this for every ended execution, writes only when needed
         release_holder(store, execution.id)
 
 
