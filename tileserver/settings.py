@@ -113,6 +113,12 @@ class Settings:
     # proxies whose X-Forwarded-For/-Proto/-Host are believed (comma-separated addresses or networks,
     # "*": any); ignored for public URLs when public_url is set
     forwarded_allow_ips: str = "127.0.0.1"
+    # --- warehouse security and quotas (issue 11)
+    warehouse_hash_threads: int = 1  # threads hashing passwords (scrypt), apart from the default pool
+    warehouse_hash_queue: int = 8  # logins waiting for those threads beyond which /api/token answers 503
+    warehouse_login_failures: int = 10  # failed /api/token attempts per login per window before 429
+    warehouse_address_failures: int = 30  # failed /api/token attempts per client address per window
+    warehouse_login_window: float = 60.0  # seconds those failures are remembered
 
     @property
     def resolved_store_path(self) -> str:

@@ -229,12 +229,33 @@ def _migrate_4(db: sqlite3.Connection) -> None:
     layer could share; their grants are now their offerings (resolved to records in `snapshot`)."""
     db.execute("UPDATE api_keys SET layers = '[]' WHERE id IN (SELECT key_id FROM wh_key_owners)")
 
+def _migrate_5(db: sqlite3.Connection) -> None:
+    """A warehouse configuration's layer_name is unique per service (its type: WMTS-TMS or
+    WMS-RASTER), enforced by the store so racing creations cannot both pass a check-then-insert.
+    Duplicates an older version let through keep their names on the oldest; the later ones get
+    `<layer_name>.<8 first characters of their id>` and a warning."""
+    rows = db.execute("SELECT id, body FROM wh_entities WHERE kind = 'configuration' ORDER BY created_at, id").fetchall()
+    seen: set[tuple[str, str]] = set()
+    for entity_id, text in rows:
+        body = json.loads(text)
+        key = (str(body.get("layer_name")), str(body.get("type")))
+        if key in seen:
+            body["layer_name"] = f"{key[0]}.{entity_id[:8]}"
+            log.warning("configuration %s: duplicate layer_name %s (%s) renamed %s", entity_id, key[0], key[1],
+                        body["layer_name"])
+            db.execute("UPDATE wh_entities SET body = ? WHERE id = ?", (json.dumps(body, ensure_ascii=False),
+                                                                       entity_id))
+        seen.add((str(body.get("layer_name")), key[1]))
+    db.execute("CREATE UNIQUE INDEX wh_configurations_layer_name ON wh_entities"
+               " (json_extract(body, '$.layer_name'), json_extract(body, '$.type')) WHERE kind = 'configuration'")
+
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "layers, API keys, revision counter (ROK4 admin API)", _migrate_1),
     Migration(2, "stored data, offerings, styles, layer → pyramid links (shared with the warehouse)", _migrate_2),
     Migration(3, "warehouse API: accounts, datastores, entities, logs, user keys", _migrate_3),
     Migration(4, "warehouse keys grant offerings, not layer names", _migrate_4),
+    Migration(5, "warehouse: a configuration's layer_name unique per service (type)", _migrate_5),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

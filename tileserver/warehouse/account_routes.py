@@ -16,6 +16,7 @@ from tileserver.services.ows import base_url
 from .accounts import Datastore, User
 from .credentials import TOKEN_LIFETIME
 from .endpoints import ENDPOINTS
+from .logins import HashingBusy, TooManyAttempts
 from .pyramid_home import on_s3
 from .service import warehouse_of
 from .usage import datastore_usage
@@ -25,11 +26,11 @@ RIGHTS = ("community_rights", "uploads_rights", "processings_rights", "datastore
           "stored_data_rights", "broadcast_rights", "annexes_rights", "sheet_rights")
 
 
-def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
+def _oauth_error(status: int, error: str, description: str, extra: dict[str, str] | None = None) -> JSONResponse:
     """OAuth2 errors carry a string description (RFC 6749 §5.2), unlike the API's lists."""
     headers = {"WWW-Authenticate": 'Bearer realm="tileserver warehouse"'} if status == 401 else {}
     return JSONResponse({"error": error, "error_description": description}, status_code=status,
-                        headers={"Cache-Control": "no-store", **headers})
+                        headers={"Cache-Control": "no-store", **headers, **(extra or {})})
 
 
 @public
@@ -50,7 +51,15 @@ async def token(request: Request) -> Response:
         return _oauth_error(400, "unsupported_grant_type", "grant_type must be password or client_credentials")
     if not login or not password:
         return _oauth_error(401, "invalid_grant", "Invalid user credentials")
-    user = await asyncio.to_thread(wh.accounts.authenticate, login, password)
+    address = request.client.host if request.client else ""
+    try:
+        user = await wh.logins.authenticate(wh.accounts, login[:256], password, address)
+    except TooManyAttempts as exc:
+        return _oauth_error(429, "too_many_attempts", f"{exc}: retry in {exc.retry_after} s",
+                            {"Retry-After": str(exc.retry_after)})
+    except HashingBusy:
+        return _oauth_error(503, "temporarily_unavailable", "too many logins at once: retry in a second",
+                            {"Retry-After": "1"})
     if user is None:
         return _oauth_error(401, "invalid_grant", "Invalid user credentials")
     access_token = await asyncio.to_thread(wh.accounts.issue_token, user.id)

@@ -50,12 +50,15 @@ def _checked_tags(data: Any) -> dict[str, str]:
 def annotation_routes(prefix: str, param: str, ensure: Ensure) -> list[BaseRoute]:
     """`{prefix}/{param}/tags|comments|events` for one entity type."""
 
+    def ident(ctx: Ctx) -> str:
+        return ctx.param(param).lower()  # ids are lowercase UUIDs; clients may send them upper-case
+
     async def entity(ctx: Ctx) -> str:
-        return await ensure(ctx, ctx.param(param))
+        return await ensure(ctx, ident(ctx))
 
     async def update(ctx: Ctx, change: Callable[[dict[str, Any]], Any]) -> Any:
         kind = await entity(ctx)
-        return await asyncio.to_thread(ctx.wh.entities.update, kind, ctx.param(param), change)
+        return await asyncio.to_thread(ctx.wh.entities.update, kind, ident(ctx), change)
 
     @route
     async def add_tags(ctx: Ctx) -> Response:
@@ -73,7 +76,7 @@ def annotation_routes(prefix: str, param: str, ensure: Ensure) -> list[BaseRoute
     @route
     async def list_comments(ctx: Ctx) -> Response:
         kind = await entity(ctx)
-        current = ctx.wh.entities.get(kind, ctx.param(param))
+        current = ctx.wh.entities.get(kind, ident(ctx))
         return list_response(ctx.request, (current.body.get("comments", []) if current else []))
 
     @route
@@ -90,7 +93,7 @@ def annotation_routes(prefix: str, param: str, ensure: Ensure) -> list[BaseRoute
 
     @route
     async def remove_comment(ctx: Ctx) -> Response:
-        comment_id = ctx.param("comment")
+        comment_id = ctx.param("comment").lower()
         found: list[bool] = []
 
         def drop(body: dict[str, Any]) -> bool:
@@ -107,7 +110,7 @@ def annotation_routes(prefix: str, param: str, ensure: Ensure) -> list[BaseRoute
     @route
     async def list_events(ctx: Ctx) -> Response:
         kind = await entity(ctx)
-        current = ctx.wh.entities.get(kind, ctx.param(param))
+        current = ctx.wh.entities.get(kind, ident(ctx))
         return list_response(ctx.request, (current.body.get("events", []) if current else []))
 
     base = f"{prefix}/{{{param}}}"

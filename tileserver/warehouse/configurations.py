@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -59,6 +60,44 @@ def _bbox_problems(bbox: Any) -> list[str]:
     return []
 
 
+def web_url(value: Any) -> bool:
+    """An absolute http(s) URL with a host: what capabilities may link to (no `javascript:`,
+    `data:`, `file:`…, which a client would follow or run)."""
+    if not isinstance(value, str) or len(value) > 2048 or any(ord(c) < 33 for c in value):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
+
+
+def _link_problems(metadata: Any, attribution: Any) -> list[str]:
+    problems = []
+    if isinstance(metadata, list):
+        problems += [f"metadata[{i}].url: an http(s) URL is required" for i, m in enumerate(metadata)
+                     if isinstance(m, dict) and "url" in m and not web_url(m["url"])]
+    if isinstance(attribution, dict):
+        if "url" in attribution and not web_url(attribution["url"]):
+            problems.append("attribution.url: an http(s) URL is required")
+        logo = attribution.get("logo")
+        if isinstance(logo, dict) and "url" in logo and not web_url(logo["url"]):
+            problems.append("attribution.logo.url: an http(s) URL is required")
+        elif isinstance(logo, str) and not web_url(logo):
+            problems.append("attribution.logo: an http(s) URL is required")
+    return problems
+
+
+def operator_restricted(ctx: Ctx, descriptor_url: str) -> bool:
+    """Whether a pyramid is served by a restricted layer of the operator (admin API): one that no
+    warehouse offering published. /api users must not republish its data as an open layer."""
+    own = {str(o.body.get("layer_id", o.body.get("layer_name"))) for o in ctx.wh.entities.list(OFFERING)}
+    for layer_id in ctx.wh.store.layers_using(descriptor_url):
+        if layer_id in own:
+            continue
+        layer = ctx.wh.store.get_layer(layer_id)
+        if layer is not None and layer.restricted:
+            return True
+    return False
+
+
 def used_data(ctx: Ctx, used: Any) -> tuple[list[str], list[LayerPyramid]]:
     if not isinstance(used, list) or not used:
         return ["type_infos.used_data: a non-empty array of {stored_data, bottom_level, top_level} is required"], []
@@ -83,6 +122,10 @@ def used_data(ctx: Ctx, used: Any) -> tuple[list[str], list[LayerPyramid]]:
             continue
         if stored.status != "GENERATED":
             problems.append(f"{where}.stored_data: stored data {stored.id} is {stored.status}; it must be GENERATED")
+            continue
+        if operator_restricted(ctx, stored.descriptor_url):
+            problems.append(f"{where}.stored_data: stored data {stored.id} is published by the operator as a"
+                            " restricted layer; it cannot be published again through this API")
             continue
         from .stored_data import pyramid_fields
 
@@ -225,6 +268,7 @@ async def validate(ctx: Ctx, data: dict[str, Any], replacing: str | None = None)
     if attribution is not None and not (isinstance(attribution, dict) and isinstance(attribution.get("title", ""), str)):
         problems.append("attribution: must be an object {title, url, logo}")
     problems += await _server_url_problems(ctx, data)
+    problems += _link_problems(metadata, attribution)
     if problems:
         raise bad_request(*problems)
     try:
@@ -246,13 +290,13 @@ def _check_unique(ctx: Ctx, data: dict[str, Any], replacing: str | None) -> None
     for other in ctx.wh.entities.list(KIND):
         if (other.id != replacing and other.body["layer_name"] == data["layer_name"]
                 and other.body["type"] == data["type"]):
-            raise conflict(f"layer_name {data['layer_name']} is already used by configuration {other.id}"
-                           f" ({other.body['type']}): a layer name is unique per service")
+            which = f" by configuration {other.id}" if other.datastore_id == ctx.datastore.id else ""
+            raise conflict(f"layer_name {data['layer_name']} is already used{which} ({other.body['type']}): a"
+                           " layer name is unique per service")
     own = published_record(ctx, replacing) if replacing is not None else None
     taken = name_taken(ctx, data["layer_name"], data["type"], except_record=own)
     if taken is not None:
-        raise conflict(f"layer_name {data['layer_name']} is already a published {data['type']} layer "
-                       f"(store record {taken})")
+        raise conflict(f"layer_name {data['layer_name']} is already a published {data['type']} layer")
 
 
 def published_record(ctx: Ctx, configuration_id: str) -> str | None:

@@ -9,12 +9,13 @@ revision unless asked: the services never read them.
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from tileserver.publication.store import PublicationStore
+from tileserver.publication.store import Conflict, PublicationStore
 
 from .accounts import now_iso
 
@@ -33,6 +34,13 @@ class Gone(Exception):
     """The entity disappeared between reading and updating it."""
 
 
+def _conflict_text(kind: str, exc: sqlite3.IntegrityError) -> str:
+    """The store's unique indexes as the API says them; never which other entity holds the value."""
+    if "layer_name" in str(exc) or kind == "configuration":
+        return "layer_name is already used by another configuration of this type: a layer name is unique per service"
+    return f"this {kind.replace('_', ' ')} already exists"
+
+
 _SELECT = "SELECT id, datastore_id, kind, body, created_at, updated_at FROM wh_entities"
 
 
@@ -49,10 +57,13 @@ class Entities:
                publish: bool = False) -> Entity:
         entity_id = entity_id or str(uuid.uuid4())
         now = now_iso()
-        with self.store.transaction(publish) as db:
-            db.execute("INSERT INTO wh_entities (id, datastore_id, kind, body, created_at, updated_at)"
-                       " VALUES (?, ?, ?, ?, ?, ?)",
-                       (entity_id, datastore_id, kind, json.dumps(body, ensure_ascii=False), now, now))
+        try:
+            with self.store.transaction(publish) as db:
+                db.execute("INSERT INTO wh_entities (id, datastore_id, kind, body, created_at, updated_at)"
+                           " VALUES (?, ?, ?, ?, ?, ?)",
+                           (entity_id, datastore_id, kind, json.dumps(body, ensure_ascii=False), now, now))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(_conflict_text(kind, exc)) from None
         return Entity(entity_id, datastore_id, kind, body, now, now)
 
     def get(self, kind: str, entity_id: str) -> Entity | None:
@@ -77,18 +88,24 @@ class Entities:
                                                    (kind, *args))]
 
     def update(self, kind: str, entity_id: str, change: Callable[[dict[str, Any]], Any],
-               publish: bool = False) -> Entity:
-        """Apply `change(body)` (mutating it) atomically; if it returns False nothing is written."""
+               publish: bool = False, guard: Callable[[sqlite3.Connection], None] | None = None) -> Entity:
+        """Apply `change(body)` (mutating it) atomically; if it returns False nothing is written.
+        `guard(db)` runs first in the same transaction and raises to refuse the change."""
         with self.store.transaction(publish) as db:
             row = db.execute(_SELECT + " WHERE id = ? AND kind = ?", (entity_id, kind)).fetchone()
             if row is None:
                 raise Gone(entity_id)
+            if guard is not None:
+                guard(db)
             entity = _entity(row)
             if change(entity.body) is False:
                 return entity
             now = now_iso()
-            db.execute("UPDATE wh_entities SET body = ?, updated_at = ? WHERE id = ?",
-                       (json.dumps(entity.body, ensure_ascii=False), now, entity_id))
+            try:
+                db.execute("UPDATE wh_entities SET body = ?, updated_at = ? WHERE id = ?",
+                           (json.dumps(entity.body, ensure_ascii=False), now, entity_id))
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(_conflict_text(kind, exc)) from None
         return Entity(entity.id, entity.datastore_id, kind, entity.body, entity.created_at, now)
 
     def delete(self, entity_id: str, publish: bool = False) -> bool:

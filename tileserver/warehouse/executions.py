@@ -15,16 +15,18 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver.rok4.tms import TMSError, load_tms
 
-from .accounts import now_iso
+from . import estimate, lifecycle
 from .annotations import add_event, annotations_view
 from .check_routes import logs_response
 from .entities import Entity
 from .errors import bad_request, conflict, not_found
-from .lifecycle import EXECUTION, FINAL, execution_ended, log_line
+from .lifecycle import EXECUTION
 from .processings import Processing, check_parameters, find, processings
+from .status import FINAL, RUNNING, Status
 from .stored_data import KIND as STORED_DATA
 from .stored_data import get_stored, summary_view
 from .uploads import get_upload
+from .usage import PYRAMIDS, room
 from .web import Ctx, json_body, json_response, list_response, no_content, route
 
 PREFIX = "/api/datastores/{datastore}/processings"
@@ -172,22 +174,22 @@ def _check_stored(ctx: Ctx, processing: Processing, ids: list[str], problems: li
     return found
 
 
-def _check_levels(ctx: Ctx, parameters: dict[str, Any], ancestors: list[Any], problems: list[str]) -> None:
-    """Level ids exist in the grid: the given `tms`, else the updated pyramid's."""
+def _check_levels(ctx: Ctx, parameters: dict[str, Any], ancestors: list[Any], problems: list[str]) -> Any:
+    """Level ids exist in the grid: the given `tms`, else the updated pyramid's. Returns the grid."""
     tms_id = parameters.get("tms")
     if tms_id is None and ancestors:
         tms_id = ancestors[0].summary.get("type_infos", {}).get("tms") or ancestors[0].summary.get("tile_matrix_set")
     if tms_id is None:
         if any(k in parameters for k in ("bottom", "top", "harvest_levels")) or not ancestors:
             problems.append("parameters.tms: mandatory for an initial generation")
-        return
+        return None
     if not isinstance(tms_id, str):
-        return
+        return None
     try:
         tms = load_tms(tms_id, ctx.wh.settings.tms_directory)
     except (TMSError, ValueError, OSError):
         problems.append(f"parameters.tms: unknown tile matrix set {tms_id}")
-        return
+        return None
     levels = [m.id for m in tms.matrices]
     named = [(k, parameters[k]) for k in ("bottom", "top") if k in parameters]
     named += [(f"harvest_levels[{i}]", v) for i, v in enumerate(parameters.get("harvest_levels") or [])]
@@ -198,6 +200,28 @@ def _check_levels(ctx: Ctx, parameters: dict[str, Any], ancestors: list[Any], pr
     bottom, top = tms.get(str(parameters.get("bottom", ""))), tms.get(str(parameters.get("top", "")))
     if bottom is not None and top is not None and bottom.cell_size > top.cell_size:
         problems.append(f"parameters.top: level {parameters['top']} is finer than the bottom level {parameters['bottom']}")
+    return tms
+
+
+def _estimate(ctx: Ctx, processing: Processing, parameters: dict[str, Any], uploads: list[Entity], tms: Any,
+              problems: list[str]) -> int:
+    """Bytes the output will take (0 when unknown); adds an oversampled bottom level to `problems`."""
+    if processing.key == "harvest":
+        area = parameters.get("harvest_area")
+        source = estimate.source_of_area(area) if isinstance(area, str) else None
+        channels = parameters.get("samplesperpixel") or 3
+        sample_bytes = 4 if parameters.get("sampleformat") == "FLOAT32" else 1
+    else:
+        source = estimate.source_of_uploads([u.body for u in uploads])
+        channels, sample_bytes = 3, 1
+    if tms is None:
+        return 0
+    bottom, top = tms.get(str(parameters.get("bottom", ""))), tms.get(str(parameters.get("top", "")))
+    if processing.key != "harvest":
+        problems += estimate.bottom_problems(tms, bottom, source)
+    levels = estimate.levels_built(tms, bottom, top, source)
+    return estimate.output_bytes(tms, levels, source, int(channels), sample_bytes,
+                                 str(parameters.get("compression", "raw")))
 
 
 async def _harvest_problems(ctx: Ctx, parameters: dict[str, Any]) -> list[str]:
@@ -256,14 +280,23 @@ async def create_execution(ctx: Ctx) -> Response:
     ancestors = _check_stored(ctx, processing, _ids(inputs.get("stored_data"), "inputs.stored_data", problems),
                               problems)
     parameters, parameter_problems = check_parameters(processing, data.get("parameters"))
-    problems += parameter_problems
+    problems += parameter_problems + estimate.slab_problems(parameters)
+    tms = None
     if isinstance(data.get("parameters"), dict):
-        await asyncio.to_thread(_check_levels, ctx, parameters, ancestors, problems)
+        tms = await asyncio.to_thread(_check_levels, ctx, parameters, ancestors, problems)
     if processing.key == "harvest":
         problems += await _harvest_problems(ctx, parameters)
     output = _check_output(data, problems)
     if problems:
         raise bad_request(*problems)
+    size = await asyncio.to_thread(_estimate, ctx, processing, parameters, uploads, tms, problems)
+    if problems:
+        raise bad_request(*problems)
+    free = await asyncio.to_thread(room, ctx.wh.store, ctx.datastore, PYRAMIDS)
+    if size > free:
+        raise bad_request(f"quota exceeded: the output pyramid is estimated at {size} bytes, the datastore's"
+                          f" pyramids may take {max(free, 0)} more bytes (quota {ctx.datastore.quota}); choose a"
+                          " coarser bottom level or free some room")
 
     side: dict[str, Any] = {"tags": {}, "storage_tags": list(output.get("storage_tags", [])),
                             "contact": ctx.user.email}
@@ -274,11 +307,12 @@ async def create_execution(ctx: Ctx) -> Response:
     await asyncio.to_thread(ctx.wh.entities.create, STORED_DATA, ctx.datastore.id, side, stored_id)
     body: dict[str, Any] = {
         "processing": processing.summary_view(),
-        "status": "CREATED",
+        "status": Status.CREATED,
         "inputs": {"upload": [{"_id": u.id, "name": u.body["name"]} for u in uploads],
                    "stored_data": [{"_id": s.id, "name": s.name} for s in ancestors]},
         "output": {"stored_data": {"_id": stored_id, "name": output["name"]}},
         "parameters": parameters,
+        "estimate": size,
         "tags": {},
         "job": {"claim": None},
     }
@@ -293,22 +327,11 @@ async def create_execution(ctx: Ctx) -> Response:
 @route
 async def launch(ctx: Ctx) -> Response:
     entity = get_execution(ctx)
-    launched: list[bool] = []
-
-    def queue(body: dict[str, Any]) -> bool:
-        ok = body["status"] == "CREATED"
-        if ok:
-            body["status"] = "WAITING"
-            body["launch"] = now_iso()
-            body["job"] = {"claim": None}
-        launched.append(ok)
-        return ok
-
-    updated = await asyncio.to_thread(ctx.wh.entities.update, EXECUTION, entity.id, queue)
-    if not launched[0]:
+    updated, launched = await asyncio.to_thread(lifecycle.launch, ctx.wh.store, ctx.wh.entities, entity,
+                                                ctx.datastore)
+    if not launched:
         raise conflict(f"processing execution {entity.id} is {updated.body['status']}: only a CREATED execution"
                        " can be launched")
-    await asyncio.to_thread(ctx.wh.entities.append_logs, entity.id, [log_line("launched, waiting for a worker")])
     ctx.wh.wake()
     return json_response(execution_view(ctx, updated))
 
@@ -316,29 +339,17 @@ async def launch(ctx: Ctx) -> Response:
 @route
 async def abort(ctx: Ctx) -> Response:
     entity = get_execution(ctx)
-    previous: list[str] = []
-
-    def stop(body: dict[str, Any]) -> bool:
-        previous.append(body["status"])
-        if body["status"] in FINAL:
-            return False
-        body["status"] = "ABORTED"
-        body["finish"] = now_iso()
-        return True
-
-    updated = await asyncio.to_thread(ctx.wh.entities.update, EXECUTION, entity.id, stop)
-    if previous[0] in FINAL:
-        raise conflict(f"processing execution {entity.id} already ended ({previous[0]})")
-    await asyncio.to_thread(ctx.wh.entities.append_logs, entity.id, [log_line(f"aborted by {ctx.user.id}")])
-    if previous[0] != "PROGRESS":  # a running worker notices at its next beat and stops itself
-        await asyncio.to_thread(execution_ended, ctx.wh.store, ctx.wh.entities, updated, ctx.wh.settings)
+    updated, previous = await asyncio.to_thread(lifecycle.abort, ctx.wh.store, ctx.wh.entities, entity, ctx.user.id,
+                                                ctx.wh.settings)
+    if previous in FINAL:
+        raise conflict(f"processing execution {entity.id} already ended ({previous})")
     return json_response(execution_view(ctx, updated))
 
 
 @route
 async def delete_execution(ctx: Ctx) -> Response:
     entity = get_execution(ctx)
-    if entity.body["status"] in ("WAITING", "PROGRESS"):
+    if entity.body["status"] in RUNNING:
         raise conflict(f"processing execution {entity.id} is {entity.body['status']}: abort it first")
     await asyncio.to_thread(ctx.wh.entities.delete, entity.id)
     return no_content()

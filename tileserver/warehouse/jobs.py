@@ -15,8 +15,9 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from . import lifecycle
+from . import lifecycle, usage
 from .entities import Entity
+from .status import FINAL, Status
 from .worker import SETTINGS_ENV, settings_to_env
 
 if TYPE_CHECKING:
@@ -76,9 +77,13 @@ class Scheduler:
                 sys.executable, "-m", "tileserver.warehouse.worker", job.kind, job.id, env=env,
                 stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
             code = await process.wait()
+            if self.wh.store.closed:  # the application shut down meanwhile: recovery settles it later
+                return
             if code != 0:
                 await asyncio.to_thread(lifecycle.interrupt, self.wh.store, self.wh.entities, job,
                                         f"worker process ended with status {code}", self.wh.settings)
+            await asyncio.to_thread(lifecycle.settle, self.wh.store, self.wh.entities, job.kind, job.id,
+                                    self.wh.settings)
         except Exception:
             log.exception("job %s %s", job.kind, job.id)
             await asyncio.to_thread(lifecycle.interrupt, self.wh.store, self.wh.entities, job,
@@ -88,15 +93,17 @@ class Scheduler:
             self.wake()
 
     def recover(self) -> None:
-        """Jobs whose worker is gone end FAILURE; claims of a dead server are released."""
+        """Jobs whose worker is gone end FAILURE; claims of a dead server are released; what a dead
+        worker or server left (an aborted output, a push's reservation) is cleared."""
         entities, store = self.wh.entities, self.wh.store
         now = time.time()
+        self._clear_orphans(now)
         for kind in lifecycle.JOB_KINDS:
             for job in entities.find(kind, "json_extract(body, '$.status') IN ('WAITING', 'PROGRESS')"):
                 state = job.body.get("job") or {}
                 if job.id in self.running:
                     continue
-                if job.body["status"] == "PROGRESS":
+                if job.body["status"] == Status.PROGRESS:
                     worker = state.get("worker") or {}
                     dead = (worker.get("host") == lifecycle.HOST and not lifecycle.pid_alive(worker.get("pid", 0))) \
                         or now - state.get("heartbeat", 0) > lifecycle.STALE_AFTER
@@ -111,3 +118,27 @@ class Scheduler:
                                and not lifecycle.pid_alive(claim.get("pid", 0)))
                               or now - claim.get("at", now) > lifecycle.STALE_AFTER * 5):
                     lifecycle.release(entities, job)
+
+    def _clear_orphans(self, now: float) -> None:
+        entities, store = self.wh.entities, self.wh.store
+        for job in entities.find(lifecycle.EXECUTION, "json_extract(body, '$.status') IN ('FAILURE', 'ABORTED')"
+                                                      " AND json_extract(body, '$.job.worker') IS NOT NULL"):
+            if job.id in self.running or not _gone((job.body.get("job") or {}).get("worker") or {},
+                                                   (job.body.get("job") or {}).get("heartbeat", 0), now):
+                continue
+            lifecycle.settle(store, entities, job.kind, job.id, self.wh.settings)
+        for reservation_id, body in usage.reservations(store):
+            holder = entities.get(lifecycle.EXECUTION, body.get("holder", ""))
+            if holder is not None:
+                if holder.body.get("status") in FINAL:
+                    usage.release(store, reservation_id)
+                continue
+            if _gone(body, body.get("at", now), now, usage.STALE_PUSH):  # a push whose server died
+                usage.release(store, reservation_id)
+
+
+def _gone(owner: dict, since: float, now: float, stale_after: float = lifecycle.STALE_AFTER) -> bool:
+    """Whether the process `owner` ({host, pid}) is dead (same host), or silent for `stale_after`."""
+    if owner.get("host") == lifecycle.HOST:
+        return not lifecycle.pid_alive(int(owner.get("pid", 0) or 0))
+    return now - float(since or 0) > stale_after

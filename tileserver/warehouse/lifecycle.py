@@ -1,10 +1,14 @@
 """Status transitions of the warehouse's jobs (check executions and processing executions), shared
-by the server (claims, recovery, aborts) and the worker processes (start, heartbeat, end).
+by the server (launch, claims, recovery, aborts) and the worker processes (start, heartbeat,
+end): every change of a job's status is made here (statuses: `status.Status`).
 
-A job is WAITING until a server process claims it and starts a worker, PROGRESS while the worker
-runs and beats, then SUCCESS, FAILURE or ABORTED. The end of a job updates what it works for:
-an upload becomes CLOSED or UNSTABLE once all its checks ended; an execution's output stored data
-becomes GENERATED only on SUCCESS, otherwise UNSTABLE with its partial pyramid removed.
+A processing execution is CREATED, WAITING once launched (its estimated output reserved in the
+datastore's quota), until a server process claims it and starts a worker, PROGRESS while the
+worker runs and beats, then SUCCESS, FAILURE or ABORTED. The end of a job updates what it works
+for: an upload becomes CLOSED or UNSTABLE once all its checks ended; an execution's output stored
+data becomes GENERATED only on SUCCESS, otherwise UNSTABLE with its partial pyramid removed, and
+its reservation is released. A worker killed mid-run (abort, quota crossed) cannot do that
+itself: `settle` does it once its process is gone.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from tileserver.settings import Settings
 from .accounts import now_iso
 from .entities import Entities, Entity, Gone
 from .pyramid_home import remove_pyramid
+from .status import FINAL as _FINAL
+from .status import RUNNING, Status
+from .usage import PYRAMIDS, holds, release_holder, reserve
 
 CHECK = "check_execution"
 EXECUTION = "processing_execution"
 JOB_KINDS = (CHECK, EXECUTION)
-FINAL = ("SUCCESS", "FAILURE", "ABORTED")
+FINAL = _FINAL
 HOST = socket.gethostname()
 STALE_AFTER = 60.0  # seconds without a heartbeat before another process declares a job dead
 
@@ -53,14 +60,14 @@ def claim_next(entities: Entities, pid: int) -> Entity | None:
             except Gone:
                 continue
             if (entity.body.get("job") or {}).get("claim", {}).get("pid") == pid \
-                    and entity.body["job"]["claim"].get("host") == HOST and entity.body.get("status") == "WAITING":
+                    and entity.body["job"]["claim"].get("host") == HOST and entity.body.get("status") == Status.WAITING:
                 return entity
     return None
 
 
 def _take(body: dict[str, Any], pid: int) -> bool:
     job = body.setdefault("job", {})
-    if body.get("status") != "WAITING" or job.get("claim"):
+    if body.get("status") != Status.WAITING or job.get("claim"):
         return False
     job["claim"] = {"host": HOST, "pid": pid, "at": time.time()}
     return True
@@ -71,9 +78,9 @@ def begin(entities: Entities, kind: str, job_id: str, pid: int) -> Entity | None
     started: list[bool] = []
 
     def start(body: dict[str, Any]) -> bool:
-        ok = body.get("status") == "WAITING"
+        ok = body.get("status") == Status.WAITING
         if ok:
-            body["status"] = "PROGRESS"
+            body["status"] = Status.PROGRESS
             body["start"] = now_iso()
             body.setdefault("job", {}).update(worker={"host": HOST, "pid": pid}, heartbeat=time.time())
         started.append(ok)
@@ -92,7 +99,7 @@ def beat(entities: Entities, kind: str, job_id: str) -> str:
 
     def touch(body: dict[str, Any]) -> bool:
         status.append(body.get("status", ""))
-        if body.get("status") != "PROGRESS":
+        if body.get("status") != Status.PROGRESS:
             return False
         body.setdefault("job", {})["heartbeat"] = time.time()
         return True
@@ -100,12 +107,12 @@ def beat(entities: Entities, kind: str, job_id: str) -> str:
     try:
         entities.update(kind, job_id, touch)
     except Gone:
-        return "ABORTED"
-    return status[0] if status else "ABORTED"
+        return Status.ABORTED
+    return status[0] if status else Status.ABORTED
 
 
 def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, status: str, settings: Settings,
-           lines: list[str] = (), result: dict[str, Any] | None = None, only_from: tuple[str, ...] = ("PROGRESS",),
+           lines: list[str] = (), result: dict[str, Any] | None = None, only_from: tuple[str, ...] = (Status.PROGRESS,),
            ) -> bool:
     """End a job with `status` if it is still in one of `only_from`; apply the consequences."""
     entities.append_logs(job_id, lines)
@@ -133,8 +140,8 @@ def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, 
 
 
 def interrupt(store: PublicationStore, entities: Entities, entity: Entity, reason: str, settings: Settings) -> bool:
-    return finish(store, entities, entity.kind, entity.id, "FAILURE", settings, [log_line(reason)],
-                  only_from=("WAITING", "PROGRESS"))
+    return finish(store, entities, entity.kind, entity.id, Status.FAILURE, settings, [log_line(reason)],
+                  only_from=RUNNING)
 
 
 def _check_ended(entities: Entities, check: Entity) -> None:
@@ -144,7 +151,7 @@ def _check_ended(entities: Entities, check: Entity) -> None:
                 if e.body.get("round") == check.body.get("round")]
     if any(e.body.get("status") not in FINAL for e in siblings):
         return
-    passed = all(e.body.get("status") == "SUCCESS" for e in siblings)
+    passed = all(e.body.get("status") == Status.SUCCESS for e in siblings)
     found: dict[str, Any] = {}
     for e in siblings:
         found.update(e.body.get("result") or {})
@@ -163,24 +170,132 @@ def _check_ended(entities: Entities, check: Entity) -> None:
 
 
 def execution_ended(store: PublicationStore, entities: Entities, execution: Entity, settings: Settings) -> None:
-    """The output stored data follows its execution: GENERATED on success, else UNSTABLE and removed."""
+    """The output stored data follows its execution: GENERATED on success, else UNSTABLE and removed;
+    either way the execution's quota reservation goes (a success's size counts instead)."""
     output = (execution.body.get("output") or {}).get("stored_data") or {}
     stored = store.get_stored_data(output.get("_id", ""))
-    if stored is None:
+    if stored is not None:
+        if execution.body["status"] == Status.SUCCESS:
+            summary = dict((execution.body.get("result") or {}).get("summary") or {})
+            store.put_stored_data(stored.descriptor_url, summary, stored.name, "GENERATED", stored.type)
+        else:
+            remove_pyramid(stored.descriptor_url, settings)
+            store.put_stored_data(stored.descriptor_url, {}, stored.name, "UNSTABLE", stored.type)
+    release_holder(store, execution.id)
+
+
+def launch(store: PublicationStore, entities: Entities, execution: Entity, datastore: Any) -> tuple[Entity, bool]:
+    """CREATED → WAITING, with the estimated output reserved in the datastore's pyramid quota
+    (400 when it no longer fits). Returns (execution, whether this call launched it)."""
+    size = int(execution.body.get("estimate") or 0)
+
+    def still_created(db: Any) -> None:
+        row = db.execute("SELECT json_extract(body, '$.status') FROM wh_entities WHERE id = ?",
+                         (execution.id,)).fetchone()
+        if row is None or row[0] != Status.CREATED:
+            raise _NotCreated()
+
+    try:
+        reservation = reserve(store, datastore, PYRAMIDS, size, execution.id, still_created)
+    except _NotCreated:
+        current = entities.get(EXECUTION, execution.id)
+        if current is None:
+            raise Gone(execution.id) from None
+        return current, False
+    launched: list[bool] = []
+
+    def queue(body: dict[str, Any]) -> bool:
+        ok = body["status"] == Status.CREATED
+        if ok:
+            body["status"] = Status.WAITING
+            body["launch"] = now_iso()
+            body["job"] = {"claim": None}
+        launched.append(ok)
+        return ok
+
+    try:
+        updated = entities.update(EXECUTION, execution.id, queue)
+    finally:
+        if not launched or not launched[0]:
+            from .usage import release as release_reservation
+
+            release_reservation(store, reservation)
+    if launched[0]:
+        entities.append_logs(execution.id, [log_line("launched, waiting for a worker")])
+    return updated, launched[0]
+
+
+class _NotCreated(Exception):
+    pass
+
+
+def abort(store: PublicationStore, entities: Entities, execution: Entity, by: str,
+          settings: Settings) -> tuple[Entity, str]:
+    """→ ABORTED from any unfinished status; returns (execution, previous status). A WAITING or
+    CREATED one ends at once (output removed); a running worker sees ABORTED at its next beat and
+    kills itself, and `settle` removes what it wrote once its process is gone."""
+    previous: list[str] = []
+
+    def stop(body: dict[str, Any]) -> bool:
+        previous.append(body["status"])
+        if body["status"] in FINAL:
+            return False
+        body["status"] = Status.ABORTED
+        body["finish"] = now_iso()
+        return True
+
+    updated = entities.update(EXECUTION, execution.id, stop)
+    if previous[0] in FINAL:
+        return updated, previous[0]
+    entities.append_logs(execution.id, [log_line(f"aborted by {by}")])
+    if previous[0] != Status.PROGRESS:
+        execution_ended(store, entities, updated, settings)
+    return updated, previous[0]
+
+
+def stop_running(entities: Entities, kind: str, job_id: str, reason: str) -> bool:
+    """Worker side, before it kills its process group: PROGRESS → FAILURE with `reason` logged; the
+    consequences are left to `settle` (the writer may still be writing until the kill)."""
+    entities.append_logs(job_id, [log_line(reason)])
+
+    def end(body: dict[str, Any]) -> bool:
+        if body.get("status") != Status.PROGRESS:
+            return False
+        body["status"] = Status.FAILURE
+        body["finish"] = now_iso()
+        return True
+
+    try:
+        return entities.update(kind, job_id, end).body.get("status") == Status.FAILURE
+    except Gone:
+        return False
+
+
+def settle(store: PublicationStore, entities: Entities, kind: str, job_id: str, settings: Settings) -> None:
+    """After a job's worker process is gone: an execution that ended without success but whose
+    output is still CREATED or GENERATING (killed on abort or past its quota) has its partial
+    pyramid removed, its stored data UNSTABLE and its reservation released."""
+    if kind != EXECUTION:
         return
-    if execution.body["status"] == "SUCCESS":
-        summary = dict((execution.body.get("result") or {}).get("summary") or {})
-        store.put_stored_data(stored.descriptor_url, summary, stored.name, "GENERATED", stored.type)
-    else:
-        remove_pyramid(stored.descriptor_url, settings)
-        store.put_stored_data(stored.descriptor_url, {}, stored.name, "UNSTABLE", stored.type)
+    execution = entities.get(EXECUTION, job_id)
+    if execution is None or execution.body.get("status") not in (Status.FAILURE, Status.ABORTED):
+        return
+    output = (execution.body.get("output") or {}).get("stored_data") or {}
+    stored = store.get_stored_data(output.get("_id", ""))
+    if stored is not None and stored.status in ("CREATED", "GENERATING"):
+        execution_ended(store, entities, execution, settings)
+        return
+    with store.reading() as db:
+        held = holds(db, execution.id)
+    if held:  # checked first: recovery calls this for every ended execution, writes only when needed
+        release_holder(store, execution.id)
 
 
 def release(entities: Entities, job: Entity) -> None:
     """Put a claimed job whose server died back in the queue (it never started)."""
 
     def unclaim(body: dict[str, Any]) -> bool:
-        if body.get("status") != "WAITING":
+        if body.get("status") != Status.WAITING:
             return False
         body.setdefault("job", {})["claim"] = None
         return True

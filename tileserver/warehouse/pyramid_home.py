@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -49,6 +51,26 @@ def remove_pyramid(descriptor_url: str, settings: Settings) -> None:
             shutil.rmtree(path, ignore_errors=True)
         elif path.exists() or path.is_symlink():
             path.unlink(missing_ok=True)
+
+
+def written_bytes(descriptor_url: str, settings: Settings) -> int | None:
+    """Bytes a pyramid being written takes so far on disk (its directory, descriptor, list and work
+    files); None on S3, where measuring means listing every object (the final size still counts)."""
+    root, name = output_of(descriptor_url)
+    if not descriptor_url.startswith("file://") or not name or "/" in name:
+        return None
+    directory = Path(root)
+    total = 0
+    for path in [directory / name, *directory.glob(f"{name}.*")]:
+        if path.is_dir():
+            for dirpath, _, names in os.walk(path):
+                for file_name in names:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(dirpath, file_name)).st_size
+        else:
+            with contextlib.suppress(OSError):
+                total += path.lstat().st_size
+    return total
 
 
 async def _remove_objects(prefix: str, settings: Settings) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .accounts import Accounts
 from .entities import Entities
+from .logins import LoginGate
 from .pyramid_home import pyramids_root
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class Warehouse:
         self.accounts = Accounts(runtime.store)
         self.entities = Entities(runtime.store)
         self.scheduler: Scheduler | None = None
+        self.logins = LoginGate(runtime.settings)
 
     def pyramid_url(self, name: str) -> str:
         """Descriptor of a pyramid this warehouse computes (stored data id = pyramid name)."""
@@ -81,3 +83,5 @@ async def shutdown(runtime: Runtime) -> None:
     wh = getattr(runtime, "warehouse", None)
     if wh is not None and wh.scheduler is not None:
         await wh.scheduler.stop()
+    if wh is not None:
+        wh.logins.close()

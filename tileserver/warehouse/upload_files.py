@@ -23,9 +23,10 @@ from typing import Any
 
 from tileserver.settings import Settings
 
-from .errors import bad_request
+from .errors import ApiError, bad_request, conflict
 
 MAX_PATH = 1024
+MAX_NAME = 255  # bytes of one path component (what file systems and S3 tools accept)
 
 
 def checked_path(path: str | None, what: str = "path") -> str:
@@ -33,7 +34,9 @@ def checked_path(path: str | None, what: str = "path") -> str:
     if not path or not isinstance(path, str):
         raise bad_request(f"{what}: a relative file path is required")
     if len(path) > MAX_PATH or any(ord(c) < 32 for c in path) or "\\" in path:
-        raise bad_request(f"{what}: {path!r} is not an acceptable file path")
+        raise bad_request(f"{what}: {path[:100]!r} is not an acceptable file path")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME for part in path.split("/")):
+        raise bad_request(f"{what}: a file or directory name has at most {MAX_NAME} bytes")
     pure = PurePosixPath(path)
     if pure.is_absolute() or any(part in ("..", "") for part in path.split("/")[:-1]) or ".." in pure.parts:
         raise bad_request(f"{what}: {path!r} must stay inside the upload (no '..', no absolute path)")
@@ -69,8 +72,23 @@ class UploadFiles:
     def exists(self, section: str, rel: str) -> bool:
         return self.target(section, rel).exists()
 
+    def ensure_free(self, section: str, rel: str) -> None:
+        """409 when `rel` is taken: by a file or a directory of that name, or by a file where one of
+        its directories would go (`a` then `a/b`, or `a/b` then `a`)."""
+        base = self.data if section == "data" else self.md5
+        if self.target(section, rel).exists():
+            raise _taken(rel)
+        parent = base
+        for part in rel.split("/")[:-1]:
+            parent = parent / part
+            if parent.exists() and not parent.is_dir():
+                raise _taken(rel, parent.relative_to(base).as_posix())
+
     def store(self, temp: Path, section: str, rel: str) -> None:
-        self.commit(temp, self.target(section, rel))
+        try:
+            self.commit(temp, self.target(section, rel))
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):  # a racing push took the name
+            raise _taken(rel) from None
 
     @contextlib.contextmanager
     def local(self) -> Iterator[UploadFiles]:
@@ -111,6 +129,12 @@ class UploadFiles:
         `children`)."""
         return _tree(self.data) + [{"name": rel, "type": "file", "size": f.stat().st_size}
                                    for rel, f in self.files("md5")]
+
+
+def _taken(rel: str, file: str | None = None) -> ApiError:
+    if file is None:
+        return conflict(f"{rel} already exists in the upload (as a file or a directory); delete it first")
+    return conflict(f"{rel}: {file} is a file of the upload, it cannot also be a directory; delete it first")
 
 
 def _tree(directory: Path) -> list[dict[str, Any]]:
@@ -156,6 +180,25 @@ class S3UploadFiles:
 
     def exists(self, section: str, rel: str) -> bool:
         return bool(self._run(lambda storage: storage.exists(self._url(section, rel))))
+
+    def ensure_free(self, section: str, rel: str) -> None:
+        """The same rule as on disk: objects `a` and `a/b` cannot both exist (a local copy could not
+        hold them)."""
+        async def action(storage: Any) -> str | None:
+            url = self._url(section, rel)
+            if await storage.exists(url):
+                return rel
+            async for _ in storage.list(url + "/"):
+                return rel
+            parts = rel.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                if await storage.exists(self._url(section, "/".join(parts[:i]))):
+                    return "/".join(parts[:i])
+            return None
+
+        clash = self._run(action)
+        if clash is not None:
+            raise _taken(rel, None if clash == rel else clash)
 
     def store(self, temp: Path, section: str, rel: str) -> None:
         self._run(lambda storage: storage.put_file(self._url(section, rel), str(temp)))

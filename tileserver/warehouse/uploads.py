@@ -8,6 +8,9 @@ upload CLOSED or UNSTABLE.
 from __future__ import annotations
 
 import asyncio
+import errno
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,11 @@ from starlette.routing import BaseRoute, Route
 from .annotations import add_event, annotation_routes, annotations_view
 from .checks import checks_for
 from .entities import Entity
-from .errors import bad_request, conflict, not_found
+from .errors import ApiError, bad_request, conflict, not_found
 from .lifecycle import CHECK, EXECUTION
 from .multipart import receive
 from .upload_files import S3UploadFiles, UploadFiles, checked_path, upload_files
-from .usage import datastore_usage
+from .usage import UPLOADS, holds, release, reserve
 from .web import Ctx, json_body, json_response, list_response, no_content, route
 
 KIND = "upload"
@@ -145,8 +148,8 @@ async def _refresh_size(ctx: Ctx, entity: Entity) -> None:
     await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, lambda body: body.update(size=size))
 
 
-class _QuotaSink:
-    """Writes the pushed file, refusing to go past what the datastore may still use."""
+class _ReservedSink:
+    """Writes the pushed file, never past the room reserved for it (its announced length)."""
 
     def __init__(self, handle: Any, room: int) -> None:
         self.handle = handle
@@ -156,8 +159,29 @@ class _QuotaSink:
     def write(self, data: bytes) -> None:
         self.written += len(data)
         if self.written > self.room:
-            raise bad_request(f"quota exceeded: the datastore may store {max(self.room, 0)} more bytes of uploads")
+            raise bad_request(f"the body is longer than its Content-Length ({self.room} bytes)")
         self.handle.write(data)
+
+
+def _still_open(upload_id: str) -> Callable[[sqlite3.Connection], None]:
+    """Reservation guard: a push may start only while the upload is OPEN (not once close began)."""
+
+    def guard(db: sqlite3.Connection) -> None:
+        row = db.execute("SELECT json_extract(body, '$.status') FROM wh_entities WHERE id = ? AND kind = ?",
+                         (upload_id, KIND)).fetchone()
+        if row is None:
+            raise not_found("upload", upload_id)
+        if row[0] != "OPEN":
+            raise bad_request(f"upload {upload_id} is {row[0]}: files can be pushed only while it is OPEN")
+
+    return guard
+
+
+def _disk_full(exc: OSError) -> ApiError | None:
+    """A full disk, a disk quota or a file size limit of the server: 507, the push left nothing."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ApiError(507, "the server has no room left to store this file; nothing was kept")
+    return None
 
 
 async def _push(ctx: Ctx, section: str) -> Response:
@@ -169,23 +193,34 @@ async def _push(ctx: Ctx, section: str) -> Response:
         rel = checked_path(query_path)
     else:
         rel = checked_path(query_path) if query_path else None
-    usage = await asyncio.to_thread(datastore_usage, ctx.wh, ctx.datastore)
-    room = ctx.datastore.quota - usage["uploads"]
-    temp, handle = files.open_temp()
-    sink = _QuotaSink(handle, room)
+    length = ctx.request.headers.get("content-length", "")
+    if not length.isdigit():
+        raise ApiError(411, "Content-Length is required: the upload quota is reserved before the file arrives")
+    # the announced length is reserved at once (atomically with the quota check and the upload
+    # being OPEN), so parallel pushes cannot overrun the quota; released however the push ends
+    reservation = await asyncio.to_thread(reserve, ctx.wh.store, ctx.datastore, UPLOADS, int(length), entity.id,
+                                          _still_open(entity.id))
     try:
-        received = await receive(ctx.request.stream(), ctx.request.headers.get("content-type", ""), "file",
-                                 lambda filename: sink)
-        handle.close()
-        if rel is None:
-            rel = checked_path(Path(received.filename or "").name, "filename")
-        if await asyncio.to_thread(files.exists, section, rel):
-            raise conflict(f"{rel} already exists in upload {entity.id}; delete it first")
-        await asyncio.to_thread(files.store, temp, section, rel)
+        temp, handle = files.open_temp()
+        try:
+            received = await receive(ctx.request.stream(), ctx.request.headers.get("content-type", ""), "file",
+                                     lambda filename: _ReservedSink(handle, int(length)))
+            handle.close()
+            if rel is None:
+                rel = checked_path(Path(received.filename or "").name, "filename")
+            await asyncio.to_thread(files.ensure_free, section, rel)
+            await asyncio.to_thread(files.store, temp, section, rel)
+        except OSError as exc:
+            full = _disk_full(exc)
+            if full is None:
+                raise
+            raise full from None
+        finally:
+            handle.close()
+            temp.unlink(missing_ok=True)
+        await _refresh_size(ctx, entity)
     finally:
-        handle.close()
-        temp.unlink(missing_ok=True)
-    await _refresh_size(ctx, entity)
+        await asyncio.to_thread(release, ctx.wh.store, reservation)
     return json_response({"path": rel, "size": received.size})
 
 
@@ -242,7 +277,11 @@ async def close(ctx: Ctx) -> Response:
         add_event(body, "Fermeture", ctx.user)
         return True
 
-    updated = await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, start_checks)
+    def no_push_running(db: sqlite3.Connection) -> None:
+        if holds(db, entity.id):
+            raise conflict(f"upload {entity.id}: a file is still being pushed; close it once the push ended")
+
+    updated = await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, start_checks, False, no_push_running)
     if not rounds:
         raise conflict(f"upload {entity.id} is {updated.body['status']}, not OPEN")
     for check in checks_for(entity.body["type"]):

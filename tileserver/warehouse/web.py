@@ -19,14 +19,18 @@ from starlette.responses import JSONResponse, Response
 from tileserver.publication.store import Conflict, NotFound, StoreError
 
 from .accounts import Datastore, User
+from .entities import Gone
 from .errors import ApiError, bad_request
 from .service import Warehouse, warehouse_of
 
 log = logging.getLogger("tileserver.warehouse")
 
 MAX_JSON_BODY = 1 << 20
+MAX_JSON_DEPTH = 32  # nesting of a JSON body (the platform's bodies nest 4 levels at most)
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 10000
+MAX_FILTER_VALUE = 256  # characters of one list filter's value (names are at most 100-255 anyway)
+MAX_FILTERS = 20  # filters in one list request
 RESERVED_PARAMS = {"page", "limit", "fields", "sort", "order"}
 _TAG_PARAM = re.compile(r"^tags\[(?P<key>[^\]]+)\]$")
 
@@ -94,6 +98,8 @@ def route(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return ApiError(404, str(exc)).response()
         except Conflict as exc:
             return ApiError(409, str(exc)).response()
+        except Gone:
+            return ApiError(404, "not found (it was deleted meanwhile)").response()
         except StoreError as exc:
             return ApiError(400, str(exc)).response()
 
@@ -131,13 +137,38 @@ async def json_body(request: Request, kind: type = dict) -> Any:
     raw = await read_body(request)
     if not raw.strip():
         raise bad_request("a JSON body is required")
+    if nesting(raw) > MAX_JSON_DEPTH:
+        raise bad_request(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"malformed JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise bad_request(f"malformed JSON: {str(exc)[:200]}") from None
     if not isinstance(data, kind):
         raise bad_request(f"the body must be a JSON {'object' if kind is dict else 'array'}")
     return data
+
+
+def nesting(raw: bytes) -> int:
+    """Deepest array/object nesting of a JSON text, in one pass (brackets inside strings skipped),
+    checked before parsing: the parser recurses once per level."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -174,6 +205,23 @@ def content_range(offset: int, count: int, total: int) -> str:
     return f"{offset}-{offset + count - 1}/{total}"
 
 
+def like(text: str, pattern: str) -> bool:
+    """`%` wildcard match, case-insensitive, in linear time: the literal pieces between `%` are found
+    left to right, each at its first place after the previous one (greedy is exact for `%`-only
+    patterns), so no input can make it backtrack the way a regular expression does."""
+    text, pieces = text.casefold(), pattern.casefold().split("%")
+    first, *middle, last = pieces
+    if not text.startswith(first):
+        return False
+    at = len(first)
+    for piece in middle:
+        found = text.find(piece, at)
+        if found < 0:
+            return False
+        at = found + len(piece)
+    return len(text) - at >= len(last) and text.endswith(last)
+
+
 def _matches(value: Any, wanted: str) -> bool:
     """Field filter: exact, or a `%` wildcard pattern (case-insensitive); objects match on their
     `_id`, arrays when one element matches."""
@@ -185,8 +233,7 @@ def _matches(value: Any, wanted: str) -> bool:
         return False
     text = str(value).lower() if isinstance(value, bool) else str(value)
     if "%" in wanted:
-        pattern = ".*".join(re.escape(part) for part in wanted.split("%"))
-        return re.fullmatch(pattern, text, re.IGNORECASE | re.DOTALL) is not None
+        return like(text, wanted)
     return text == wanted
 
 
@@ -199,6 +246,11 @@ def filter_items(request: Request, items: Iterable[dict[str, Any]],
     special = special or {}
     criteria: list[tuple[str, str]] = [(k, v) for k, v in request.query_params.multi_items()
                                        if k not in RESERVED_PARAMS]
+    if len(criteria) > MAX_FILTERS:
+        raise bad_request(f"at most {MAX_FILTERS} filters per list request")
+    for key, wanted in criteria:
+        if len(wanted) > MAX_FILTER_VALUE or len(key) > MAX_FILTER_VALUE:
+            raise bad_request(f"{key[:50]}: a filter value has at most {MAX_FILTER_VALUE} characters")
     out = []
     for item in items:
         keep = True

@@ -22,10 +22,14 @@ from tileserver.publication.store import PublicationStore
 from tileserver.settings import S3Cluster, Settings
 
 from . import lifecycle
+from .accounts import Accounts
 from .checks import BY_ID as CHECKS
 from .checks import run_check
 from .entities import Entities, Entity
+from .pyramid_home import written_bytes
+from .status import Status
 from .upload_files import upload_files
+from .usage import PYRAMIDS, room
 
 SETTINGS_ENV = "TILESERVER_WAREHOUSE_SETTINGS"
 BEAT_EVERY = 2.0
@@ -72,6 +76,8 @@ class Worker:
         self.entities = Entities(self.store)
         self.log = StoreLog()
         self.done = threading.Event()
+        self.output_url: str | None = None
+        self.datastore_id: str | None = None
 
     def flush(self) -> None:
         self.entities.append_logs(self.job_id, self.log.take())
@@ -81,12 +87,39 @@ class Worker:
             try:
                 self.flush()
                 status = lifecycle.beat(self.entities, self.kind, self.job_id)
+                over = self.over_quota() if status == Status.PROGRESS else None
             except Exception:  # a busy store: try again at the next beat
                 continue
-            if status == "ABORTED":
+            if status == Status.ABORTED:
                 self.log.add("aborted")
                 self.flush()
-                os.killpg(os.getpgid(0), signal.SIGKILL)
+                self.kill()
+            elif over is not None and not self.done.is_set():
+                self.flush()
+                if lifecycle.stop_running(self.entities, self.kind, self.job_id, over):
+                    self.kill()
+
+    def kill(self) -> None:
+        """The writer's pool processes and this worker at once; the server's scheduler settles the
+        rest (removes the partial output, frees the reservation) once this process is gone."""
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    def over_quota(self, written: int | None = None) -> str | None:
+        """Why this execution must stop: its output so far is past what the datastore may still
+        take (its own reservation aside); None while it fits or cannot be measured."""
+        if self.kind != lifecycle.EXECUTION or self.output_url is None or self.datastore_id is None:
+            return None
+        if written is None:
+            written = written_bytes(self.output_url, self.settings)
+        datastore = Accounts(self.store).get_datastore(self.datastore_id)  # the operator may change its quota
+        if written is None or datastore is None:
+            return None
+        free = room(self.store, datastore, PYRAMIDS, except_holder=self.job_id)
+        if written <= free:
+            return None
+        return (f"quota exceeded: the output pyramid reached {written} bytes, the datastore's pyramids may take"
+                f" {max(free, 0)} more bytes (quota {datastore.quota}): execution stopped, partial output"
+                " removed")
 
     def run(self) -> int:
         entity = lifecycle.begin(self.entities, self.kind, self.job_id, os.getpid())
@@ -100,7 +133,7 @@ class Worker:
         except Exception as exc:
             self.log.add(f"error: {exc}")
             logging.getLogger("tileserver.warehouse").debug("%s", traceback.format_exc())
-            status, result = "FAILURE", {}
+            status, result = Status.FAILURE, {}
         self.done.set()
         lifecycle.finish(self.store, self.entities, self.kind, self.job_id, status, self.settings, self.log.take(),
                          result)
@@ -116,12 +149,12 @@ class Worker:
         upload = self.entities.get("upload", entity.body["upload"]["_id"])
         if upload is None:
             self.log.add("the upload no longer exists")
-            return "FAILURE", {}
+            return Status.FAILURE, {}
         self.log.add(f"{check.name} of upload {upload.body.get('name')}")
         with upload_files(self.settings, upload.id).local() as files:
             ok, found = run_check(check, files, upload.body.get("srs", ""), self.log.add)
         self.log.add("passed" if ok else "failed")
-        return ("SUCCESS" if ok else "FAILURE"), found
+        return (Status.SUCCESS if ok else Status.FAILURE), found
 
     def _execution(self, entity: Entity) -> tuple[str, dict[str, Any]]:
         from .runner import run_execution
@@ -130,13 +163,19 @@ class Worker:
         stored = self.store.get_stored_data(output["_id"])
         if stored is None:
             self.log.add("the output stored data no longer exists")
-            return "FAILURE", {}
+            return Status.FAILURE, {}
         self.store.put_stored_data(stored.descriptor_url, {}, stored.name, "GENERATING", stored.type)
+        self.datastore_id = entity.datastore_id
+        self.output_url = stored.descriptor_url
         self.log.add(f"{entity.body['processing']['name']}: output pyramid {stored.descriptor_url}")
         summary = run_execution(self.settings, self.store, self.entities, entity, stored.descriptor_url)
+        over = self.over_quota(int(summary.get("size", 0) or 0))
+        if over is not None:  # finished between two beats: still refused
+            self.log.add(over)
+            return Status.FAILURE, {}
         self.log.add(f"pyramid written: levels {', '.join(summary.get('type_infos', {}).get('levels', []))},"
                      f" {summary.get('size', 0)} bytes")
-        return "SUCCESS", {"summary": summary}
+        return Status.SUCCESS, {"summary": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
