@@ -91,6 +91,16 @@ class Settings:
     wms_layer_limit: int = 10  # LAYERS per GetMap
     wms_root_title: str = ""
     wms_root_abstract: str = ""
+    # --- storage faults (issue 11)
+    # one attempt of a read (tile, slab index, descriptor) may take this long (and never more than
+    # storage_timeout): a stalled storage costs a tile this, not storage_timeout × attempts
+    storage_read_timeout: float = 2.0
+    storage_deadline: float = 6.0  # one storage operation, retries included: no attempt starts past it
+    storage_breaker_failures: int = 5  # failed attempts in a row that open an S3 cluster's circuit (0: never)
+    storage_breaker_cooldown: float = 5.0  # seconds an open circuit fails fast before letting one probe through
+    file_threads: int = 16  # threads for FILE work that may block (opens, reads not in memory, stats)
+    layer_retry_interval: float = 5.0  # first retry of layers whose storage failed; doubled each time…
+    layer_retry_max_interval: float = 300.0  # …up to this
 
     @property
     def resolved_store_path(self) -> str:

@@ -26,8 +26,10 @@ class Storage:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._file = FileBackend(settings.file_inline_read_max, settings.file_handles, settings.file_handle_ttl)
-        self._policy = RetryPolicy(settings.storage_retries, settings.storage_retry_backoff, settings.storage_timeout)
+        self._file = FileBackend(settings.file_inline_read_max, settings.file_handles, settings.file_handle_ttl,
+                                 settings.file_threads, settings.storage_deadline)
+        self._policy = RetryPolicy(settings.storage_retries, settings.storage_retry_backoff,
+                                   min(settings.storage_read_timeout, settings.storage_timeout), settings.storage_deadline)
         names = [c.name.lower() for c in settings.s3_clusters]
         if len(set(names)) != len(names):
             raise InvalidPathError(f"S3 clusters must have distinct host[:port]: {', '.join(names)}")
