@@ -234,3 +234,45 @@ def test_layers_dark_at_start_up_are_served_once_s3_recovers(
         answer = client.get("/wmts", params=wmts_tile("S3", *TILE))
         assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
 
+
+
+# --- the store file deleted or made read-only under a running server ---------------------------------
+
+
+def test_writes_to_a_deleted_store_fail_loudly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tmp_path)
+    store_file = Path(settings.resolved_store_path)
+    descriptor = layer_descriptor("SCAN1000")
+    with live_server(settings) as base, httpx.Client(base_url=base, timeout=10) as client:
+        assert client.post("/admin/layers/KEPT", json=descriptor, headers=AUTH).status_code == 204
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{store_file}{suffix}").unlink(missing_ok=True)
+        lost = client.post("/admin/layers/LOST", json=descriptor, headers=AUTH)
+        assert lost.status_code == 503, lost.text
+        assert lost.headers["content-type"] == "application/problem+json" and "deleted" in lost.json()["detail"]
+        assert client.delete("/admin/layers/KEPT", headers=AUTH).status_code == 503
+        assert client.get("/healthcheck").status_code == 200  # reading goes on from what is open
+        assert client.get("/wmts", params=wmts_tile("KEPT", *TILE)).status_code == 200
+    assert any("was deleted or moved" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    assert not store_file.exists()  # a new connection did not make an empty store in its place
+
+
+def test_writes_to_a_read_only_store_fail_loudly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tmp_path)
+    store_file = Path(settings.resolved_store_path)
+    descriptor = layer_descriptor("SCAN1000")
+    with live_server(settings) as base, httpx.Client(base_url=base, timeout=10) as client:
+        assert client.post("/admin/layers/A", json=descriptor, headers=AUTH).status_code == 204
+        store_file.chmod(0o444)
+        try:
+            refused = client.post("/admin/layers/B", json=descriptor, headers=AUTH)
+            assert refused.status_code == 503 and "read-only" in refused.json()["detail"]
+        finally:
+            store_file.chmod(0o644)
+        assert client.post("/admin/layers/C", json=descriptor, headers=AUTH).status_code == 204
+    assert any("is read-only" in r.getMessage() for r in caplog.records)
+    store = PublicationStore(str(store_file))  # what a restart sees: exactly what was answered 204
+    try:
+        assert sorted(layer.id for layer in store.list_layers()) == ["A", "C"]
+    finally:
+        store.close()
