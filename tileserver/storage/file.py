@@ -298,25 +298,27 @@ class FileBackend(Backend):
     """Paths are used as given: which roots may be read is the caller's decision (`is_within`)."""
 
     def __init__(self, inline_read_max: int = 1 << 20, handles: int = 256, handle_ttl: float = 30.0,
-                 threads: int = 16, deadline: float = 6.0) -> None:
+                 threads: int = 16, deadline: float = 6.0, bulk_deadline: float = 40.0) -> None:
         self._inline_read_max = inline_read_max
         self.handles = FileHandles(handles, handle_ttl)
         self._threads = max(1, threads)
-        self._deadline = deadline
+        self._deadline = deadline  # tile and index reads, stats
+        self._bulk_deadline = max(deadline, bulk_deadline)  # whole files and large ranges (writer, lists)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    async def _in_thread(self, what: str, function: Callable[..., T], *args: Any) -> T:
-        """`function(*args)` in a file thread, waited for at most the deadline."""
+    async def _in_thread(self, what: str, function: Callable[..., T], *args: Any, deadline: float = 0.0) -> T:
+        """`function(*args)` in a file thread, waited for at most the deadline (default: the short one)."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="tileserver-file")
+        deadline = deadline or self._deadline
         future = self._pool.submit(function, *args)
         try:
-            async with asyncio.timeout(self._deadline):
+            async with asyncio.timeout(deadline):
                 return await asyncio.wrap_future(future)
         except BaseException as exc:
             future.add_done_callback(_close_late)  # a descriptor it opens after all is closed
             if isinstance(exc, TimeoutError):
-                raise StorageTimeout(f"{what}: no answer from the filesystem within {self._deadline:g} s") from None
+                raise StorageTimeout(f"{what}: no answer from the filesystem within {deadline:g} s") from None
             raise
 
     async def read(self, path: StoragePath, offset: int | None = None, size: int | None = None) -> bytes | None:
@@ -338,7 +340,9 @@ class FileBackend(Backend):
                     return None
                 handles.adopt(name, kept[0])
                 return kept[1]
-        result = await self._in_thread(f"read {name}", _read_path, name, start, size, False)
+        small = size is not None and size <= self._inline_read_max
+        result = await self._in_thread(f"read {name}", _read_path, name, start, size, False,
+                                       deadline=0.0 if small else self._bulk_deadline)
         return None if result is None else result[1]
 
     async def write(self, path: StoragePath, data: bytes) -> None:

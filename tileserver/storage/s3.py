@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -99,7 +100,10 @@ class S3Backend(Backend):
     def __init__(self, cluster: S3Cluster, settings: Settings, policy: RetryPolicy) -> None:
         self.cluster = cluster
         self._settings = settings
-        self._policy = policy
+        self._policy = policy  # whole objects, control plane
+        # ranged reads (tiles, slab indexes) and HEADs: short attempts, the whole read within the deadline
+        self._read_policy = replace(policy, timeout=min(settings.storage_read_timeout, policy.timeout),
+                                    deadline=settings.storage_deadline)
         parts = urlsplit(cluster.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidPathError(f"S3 cluster url {cluster.url!r}: expected http(s)://host[:port]")
@@ -208,7 +212,8 @@ class S3Backend(Backend):
                 return b""
             raise _status_failure(status, _error_code(body), what)
 
-        return await self._policy.run(what, attempt, self.breaker)
+        policy = self._policy if size is None else self._read_policy
+        return await policy.run(what, attempt, self.breaker)
 
     async def size(self, path: StoragePath) -> int | None:
         what = f"HEAD {path}"
@@ -221,7 +226,7 @@ class S3Backend(Backend):
                 return None
             raise _status_failure(status, _error_code(body), what)
 
-        return await self._policy.run(what, attempt, self.breaker)
+        return await self._read_policy.run(what, attempt, self.breaker)
 
     async def exists(self, path: StoragePath) -> bool:
         return await self.size(path) is not None
