@@ -8,6 +8,7 @@ taken by the next matching requests, in order:
     proxy.fail_next(2, 503)          # answer 503 SlowDown twice, then forward again
     proxy.stall_next(1, 5.0)         # hold the next request 5 s before forwarding it
     proxy.reset_next(1)              # drop the next connection with a TCP RST
+    proxy.hold() / proxy.release()   # a stalled S3: every request waits (recorded) until released
     proxy.count("GET", "/bucket/key", "bytes=0-2047")
 """
 
@@ -124,6 +125,7 @@ class S3Proxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._thread: threading.Thread | None = None
+        self._holding = False
 
     @property
     def name(self) -> str:
@@ -148,11 +150,20 @@ class S3Proxy:
         """Drop the next `n` matching requests' connections with a TCP reset, answering nothing."""
         self._add(_Fault("reset", n, method=method, path=path))
 
+    def hold(self) -> None:
+        """Stall the storage: every request from now on is recorded, then waits until `release`."""
+        self._holding = True
+
+    def release(self) -> None:
+        """Let held and new requests through again (held ones are then forwarded)."""
+        self._holding = False
+
     def clear(self) -> None:
-        """Forget recorded requests and pending faults."""
+        """Forget recorded requests and pending faults; release a hold."""
         with self._lock:
             self.requests.clear()
             self._faults.clear()
+        self._holding = False
 
     def count(self, method: str | None = None, path: str | None = None, range: str | None = None) -> int:
         """Requests received matching every given field (`path` is the raw URL path)."""
@@ -240,6 +251,8 @@ class S3Proxy:
                 request = ProxiedRequest(method, target.path, target.query, message.header("Range"),
                                          dict(message.headers))
                 fault = self._take_fault(request)
+                while self._holding:
+                    await asyncio.sleep(0.02)
                 if fault is not None:
                     request.fault = fault.kind
                 if fault is not None and fault.kind == "reset":

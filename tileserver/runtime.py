@@ -1,7 +1,9 @@
 """Process-wide state of a running server: settings, storage, store, and the current Catalog.
 
 The Catalog is rebuilt when the store's revision changes (a write here, or another process
-writing the same SQLite file, seen by polling) and swapped in one assignment.
+writing the same SQLite file, seen by polling) and swapped in one assignment. While some layers
+cannot be served (their storage failed, a mount is missing…), the watcher rebuilds it again with
+back-off, so they come back by themselves once their storage answers; requests never wait for it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class Runtime:
         self.started_at = time.time()
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._dark_catalog: Catalog | None = None  # the catalog whose unserved layers are being retried
+        self._dark_retry_at = 0.0
+        self._dark_delay = 0.0
         self.enabled = True  # PUT /admin/on|off
 
     async def refresh(self, force: bool = False) -> Catalog:
@@ -61,8 +66,38 @@ class Runtime:
             await asyncio.sleep(self.settings.store_poll_interval)
             try:
                 await self.refresh()
+                await self.retry_dark_layers()
             except Exception:  # a bad store state must not kill the watcher
                 log.exception("catalog refresh failed")
+
+    async def retry_dark_layers(self, now: float | None = None) -> bool:
+        """Rebuild the catalog when layers are not served and their retry is due; True if it ran.
+
+        The first retry comes `layer_retry_interval` after the catalog was built, then the delay
+        doubles up to `layer_retry_max_interval` while some layers stay dark."""
+        catalog = self.catalog
+        if not catalog.errors:
+            self._dark_catalog = None
+            return False
+        now = time.monotonic() if now is None else now
+        s = self.settings
+        if catalog is not self._dark_catalog:  # built by a store change (or by the last retry)
+            if self._dark_catalog is None or set(catalog.errors) != set(self._dark_catalog.errors):
+                self._dark_delay = s.layer_retry_interval
+            self._dark_catalog, self._dark_retry_at = catalog, now + self._dark_delay
+            return False
+        if now < self._dark_retry_at:
+            return False
+        dark = len(catalog.errors)
+        rebuilt = await self.refresh(force=True)
+        if rebuilt.errors:
+            self._dark_delay = min(self._dark_delay * 2, s.layer_retry_max_interval)
+            self._dark_catalog, self._dark_retry_at = rebuilt, time.monotonic() + self._dark_delay
+            log.info("%d of %d layers still not served; next retry in %g s", len(rebuilt.errors), dark,
+                     self._dark_delay)
+        else:
+            log.info("every layer is served again")
+        return True
 
     def start_watching(self) -> None:
         self._watcher = asyncio.get_running_loop().create_task(self._watch())

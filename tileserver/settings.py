@@ -119,6 +119,16 @@ class Settings:
     warehouse_login_failures: int = 10  # failed /api/token attempts per login per window before 429
     warehouse_address_failures: int = 30  # failed /api/token attempts per client address per window
     warehouse_login_window: float = 60.0  # seconds those failures are remembered
+    # --- storage faults (issue 11)
+    # one attempt of a read (tile, slab index, descriptor) may take this long (and never more than
+    # storage_timeout): a stalled storage costs a tile this, not storage_timeout × attempts
+    storage_read_timeout: float = 2.0
+    storage_deadline: float = 6.0  # one storage operation, retries included: no attempt starts past it
+    storage_breaker_failures: int = 5  # failed attempts in a row that open an S3 cluster's circuit (0: never)
+    storage_breaker_cooldown: float = 5.0  # seconds an open circuit fails fast before letting one probe through
+    file_threads: int = 16  # threads for FILE work that may block (opens, reads not in memory, stats)
+    layer_retry_interval: float = 5.0  # first retry of layers whose storage failed; doubled each time…
+    layer_retry_max_interval: float = 300.0  # …up to this
 
     @property
     def resolved_store_path(self) -> str:

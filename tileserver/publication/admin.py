@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver.catalog import PyramidPool, publish_layer
 from tileserver.publication.model import Layer, LayerError, parse_layer
-from tileserver.publication.store import Conflict, NotFound, StoreError, grant
+from tileserver.publication.store import Conflict, NotFound, StoreError, StoreUnavailable, grant
 from tileserver.pyramid import PyramidError
 from tileserver.runtime import Runtime, get_runtime
 from tileserver.services.policy import is_operator
@@ -284,6 +284,8 @@ async def _store_write(runtime: Runtime, write: Callable[..., Any], *args: Any, 
         raise Problem(missing, str(exc), exc.field) from None
     except Conflict as exc:
         raise Problem(409, str(exc), exc.field) from None
+    except StoreUnavailable as exc:
+        raise Problem(503, str(exc)) from None
     except StoreError as exc:
         raise Problem(400, str(exc), exc.field) from None
     await _changed(runtime)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -31,6 +32,9 @@ from tileserver.publication.model import LAYER_ID, Layer, LayerError, parse_laye
 log = logging.getLogger("tileserver.store")
 
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's write lock
+# SQLite result codes meaning "cannot write now" rather than a bad request: BUSY, READONLY, IOERR,
+# FULL, CANTOPEN
+_UNAVAILABLE = frozenset({5, 8, 10, 13, 14})
 ALL_LAYERS = "*"  # key grant meaning every restricted layer
 RASTER_PYRAMID = "ROK4-PYRAMID-RASTER"  # the warehouse's stored data type
 
@@ -41,6 +45,11 @@ class StoreError(Exception):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class StoreUnavailable(StoreError):
+    """The store file cannot take writes now (deleted, replaced or made read-only under the server,
+    disk full, I/O error): nothing was saved. A 503, never a 4xx: the request was fine."""
 
 
 class NotFound(StoreError):
@@ -229,6 +238,7 @@ def _migrate_4(db: sqlite3.Connection) -> None:
     layer could share; their grants are now their offerings (resolved to records in `snapshot`)."""
     db.execute("UPDATE api_keys SET layers = '[]' WHERE id IN (SELECT key_id FROM wh_key_owners)")
 
+
 def _migrate_5(db: sqlite3.Connection) -> None:
     """A warehouse configuration's layer_name is unique per service (its type: WMTS-TMS or
     WMS-RASTER), enforced by the store so racing creations cannot both pass a check-then-insert.
@@ -301,8 +311,11 @@ class PublicationStore:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._closed = False
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connections use
         try:
             self._migrate()
+            stat = os.stat(self.path)
+            self._identity = (stat.st_dev, stat.st_ino)
         except BaseException:
             self.close()
             raise
@@ -315,6 +328,8 @@ class PublicationStore:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is not None:
             return db
+        if self._identity is not None:
+            self._check_file("open")  # else sqlite would create an empty store in place of a deleted one
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE for writes)
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
@@ -333,16 +348,42 @@ class PublicationStore:
         `bump=False` is for records the services never read (job progress, logs): they must not
         make every server process rebuild its catalog."""
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock with readers
+        self._check_file("write")
         try:
+            db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock with readers
             yield db
             if bump:
                 db.execute("UPDATE revision SET value = value + 1 WHERE id = 1")
+            self._check_file("write")  # deleted meanwhile: the commit would go to a file nobody reopens
             db.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF in _UNAVAILABLE:
+                log.error("store %s: write failed, nothing saved: %s", self.path, exc)
+                raise StoreUnavailable(f"the store cannot save changes now ({exc})") from exc
             raise
+
+    def _check_file(self, doing: str) -> None:
+        """Refuse to write unless the file at the path is the one the connections opened, writable.
+
+        A connection keeps writing to a deleted (or replaced) file's inode, so without this a write
+        would answer success and vanish at the next restart; a file made read-only (even for root:
+        the operator's intent) or on a read-only mount must refuse writes too, loudly."""
+        try:
+            stat = os.stat(self.path)
+            if (stat.st_dev, stat.st_ino) != self._identity:
+                problem = "was replaced by another file (restart the server to use it)"
+            elif not stat.st_mode & 0o222 or not os.access(self.path, os.W_OK):
+                problem = "is read-only"
+            else:
+                return
+        except FileNotFoundError:
+            problem = "was deleted or moved"
+        except OSError as exc:
+            problem = f"cannot be checked ({exc.strerror or exc})"
+        log.error("store %s %s while the server runs: %s refused, nothing saved", self.path, problem, doing)
+        raise StoreUnavailable(f"the store file {problem}; nothing was saved")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

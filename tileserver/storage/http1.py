@@ -208,8 +208,12 @@ class Http1Client:
         self._idle: list[_Connection] = []
         self._slots: asyncio.Semaphore | None = None
 
-    async def request(self, method: str, target: str, headers: Mapping[str, str]) -> tuple[int, bytes, Headers]:
-        """(status, body, headers) of one GET or HEAD; OSError/HttpError/TimeoutError on failure."""
+    async def request(self, method: str, target: str, headers: Mapping[str, str],
+                      timeout: float | None = None) -> tuple[int, bytes, Headers]:
+        """(status, body, headers) of one GET or HEAD; OSError/HttpError/TimeoutError on failure.
+
+        `timeout` (default: the client's) bounds everything: waiting for a connection slot,
+        connecting (itself within the connect timeout) and the whole answer."""
         lines = [f"{method} {target} HTTP/1.1\r\n"]
         if not any(name.lower() == "host" for name in headers):  # a signer may have set it already
             lines.append(f"Host: {self._host_header}\r\n")
@@ -218,7 +222,7 @@ class Http1Client:
         raw = "".join(lines).encode("latin-1")
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._limit)
-        async with self._slots, asyncio.timeout(self._timeout):
+        async with asyncio.timeout(self._timeout if timeout is None else timeout), self._slots:
             for attempt in (1, 2):
                 connection = self._take_idle()
                 reused = connection is not None

@@ -26,8 +26,13 @@ class Storage:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._file = FileBackend(settings.file_inline_read_max, settings.file_handles, settings.file_handle_ttl)
-        self._policy = RetryPolicy(settings.storage_retries, settings.storage_retry_backoff, settings.storage_timeout)
+        # whole objects and the control plane (writer, lists, uploads): storage_timeout per attempt, any
+        # number of them within the retries; tile and index reads: the short policy S3Backend derives
+        bulk_deadline = settings.storage_timeout * (settings.storage_retries + 1)
+        self._file = FileBackend(settings.file_inline_read_max, settings.file_handles, settings.file_handle_ttl,
+                                 settings.file_threads, settings.storage_deadline, bulk_deadline)
+        self._policy = RetryPolicy(settings.storage_retries, settings.storage_retry_backoff, settings.storage_timeout,
+                                   float("inf"))
         names = [c.name.lower() for c in settings.s3_clusters]
         if len(set(names)) != len(names):
             raise InvalidPathError(f"S3 clusters must have distinct host[:port]: {', '.join(names)}")

@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -33,6 +34,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..settings import S3Cluster, Settings
 from .backend import Backend
+from .breaker import CircuitBreaker
 from .errors import InvalidPathError, StorageError
 from .http1 import Http1Client, HttpError
 from .links import encode_link
@@ -98,7 +100,10 @@ class S3Backend(Backend):
     def __init__(self, cluster: S3Cluster, settings: Settings, policy: RetryPolicy) -> None:
         self.cluster = cluster
         self._settings = settings
-        self._policy = policy
+        self._policy = policy  # whole objects, control plane
+        # ranged reads (tiles, slab indexes) and HEADs: short attempts, the whole read within the deadline
+        self._read_policy = replace(policy, timeout=min(settings.storage_read_timeout, policy.timeout),
+                                    deadline=settings.storage_deadline)
         parts = urlsplit(cluster.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidPathError(f"S3 cluster url {cluster.url!r}: expected http(s)://host[:port]")
@@ -114,6 +119,8 @@ class S3Backend(Backend):
         self._credentials: Credentials | None = None
         self._recheck_at = float("inf")
         self._target = lru_cache(maxsize=4096)(self._make_target)
+        self.breaker = CircuitBreaker(f"S3 cluster {cluster.name}", settings.storage_breaker_failures,
+                                      settings.storage_breaker_cooldown)
         self._reads = Http1Client(
             parts.scheme, parts.hostname, parts.port or default_port, limit=settings.storage_max_connections,
             timeout=settings.storage_timeout, connect_timeout=settings.storage_connect_timeout,
@@ -168,7 +175,7 @@ class S3Backend(Backend):
         return self._uri_prefix + canonical_uri(bucket, key)
 
     async def _send(self, method: str, path: StoragePath, range_header: str | None,
-                    what: str) -> tuple[int, bytes, Mapping[str, str]]:
+                    what: str, budget: float) -> tuple[int, bytes, Mapping[str, str]]:
         uri = self._target(path.bucket, path.key)
         credentials = self._credentials
         if time.monotonic() >= self._recheck_at:
@@ -179,7 +186,7 @@ class S3Backend(Backend):
             headers = {"Range": range_header} if range_header else {}
         headers["Accept-Encoding"] = "identity"
         try:
-            return await self._reads.request(method, uri, headers)
+            return await self._reads.request(method, uri, headers, budget)
         except Exception as exc:  # classified right here
             _transport_failure(exc, what)
 
@@ -193,8 +200,8 @@ class S3Backend(Backend):
             range_header = f"bytes={start}-" if start else None
         what = f"GET {path}"
 
-        async def attempt() -> bytes | None:
-            status, body, _ = await self._send("GET", path, range_header, what)
+        async def attempt(budget: float) -> bytes | None:
+            status, body, _ = await self._send("GET", path, range_header, what, budget)
             if status == 206:
                 return body
             if status == 200:  # whole object: no Range asked, or a server that ignores it
@@ -205,20 +212,21 @@ class S3Backend(Backend):
                 return b""
             raise _status_failure(status, _error_code(body), what)
 
-        return await self._policy.run(what, attempt)
+        policy = self._policy if size is None else self._read_policy
+        return await policy.run(what, attempt, self.breaker)
 
     async def size(self, path: StoragePath) -> int | None:
         what = f"HEAD {path}"
 
-        async def attempt() -> int | None:
-            status, body, headers = await self._send("HEAD", path, None, what)
+        async def attempt(budget: float) -> int | None:
+            status, body, headers = await self._send("HEAD", path, None, what, budget)
             if status == 200:
                 return int(headers.get("Content-Length", 0))
             if status == 404:
                 return None
             raise _status_failure(status, _error_code(body), what)
 
-        return await self._policy.run(what, attempt)
+        return await self._read_policy.run(what, attempt, self.breaker)
 
     async def exists(self, path: StoragePath) -> bool:
         return await self.size(path) is not None
@@ -227,7 +235,7 @@ class S3Backend(Backend):
 
     async def _call(self, what: str, operation: Callable[..., Awaitable[dict[str, Any]]],
                     **kwargs: Any) -> dict[str, Any]:
-        async def attempt() -> dict[str, Any]:
+        async def attempt(budget: float) -> dict[str, Any]:  # aiobotocore's own socket timeouts apply
             try:
                 return await operation(**kwargs)
             except ClientError as exc:
@@ -237,7 +245,7 @@ class S3Backend(Backend):
             except Exception as exc:  # classified right here
                 _transport_failure(exc, what)
 
-        return await self._policy.run(what, attempt)
+        return await self._policy.run(what, attempt, self.breaker)
 
     async def write(self, path: StoragePath, data: bytes) -> None:
         await self._call(f"PUT {path}", self._client.put_object, Bucket=path.bucket, Key=path.key, Body=data)
