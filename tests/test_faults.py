@@ -105,7 +105,9 @@ async def test_special_files_are_refused_not_read(tmp_path: Path) -> None:
             release_fifo(fifo)
 
 
-def test_fifo_where_a_slab_should_be_fails_the_tile_not_the_server(tmp_path: Path) -> None:
+def test_fifo_where_a_slab_should_be_fails_the_tile_not_the_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = copy_scan1000(tmp_path / "p")
     slab = asyncio.run(slab_file(root / "SCAN1000.json", *TILE))
     slab.unlink()
@@ -118,11 +120,16 @@ def test_fifo_where_a_slab_should_be_fails_the_tile_not_the_server(tmp_path: Pat
                 tile = pool.submit(client.get, "/wmts", params=wmts_tile("S", *TILE))
                 time.sleep(0.3)  # the tile request is in (and would block the event loop on the FIFO)
                 assert client.get("/healthcheck").status_code == 200
-                assert tile.result(timeout=20).status_code in (502, 503)
+                failed = tile.result(timeout=20)
+                assert failed.status_code in (502, 503)
             other = client.get("/wmts", params=wmts_tile("S", "9", 258, 181))  # another slab still serves
             assert other.status_code == 200 and other.headers["content-type"] == "image/png"
     finally:
         release_fifo(slab)
+    # the failure is one log line naming the request id and the cause, without a traceback
+    request_id = failed.headers["x-request-id"]
+    lines = [r for r in caplog.records if r.name == "tileserver.policy" and request_id in r.getMessage()]
+    assert len(lines) == 1 and "regular file" in lines[0].getMessage() and lines[0].exc_info is None
 
 
 # --- S3: a stalled storage answers 503 fast; the circuit breaker --------------------------------------

@@ -143,7 +143,11 @@ def error_response(request: Request, error: ServiceError, render: Renderer | Non
     no error answer is ever stored by a shared cache."""
     if error.status >= 500 and error.logged is not None:
         rid = request_id(request)
-        log.error("%s %s (%d): %s", rid, type(error).__name__, error.status, error.logged, exc_info=error.__cause__)
+        # a storage failure is an operational fact: one line with its cause; anything else keeps its traceback
+        cause = error.__cause__
+        known = isinstance(error, StorageUnavailable | BadGateway)
+        log.error("%s %s (%d): %s", rid, type(error).__name__, error.status, error.logged,
+                  exc_info=None if known else cause)
         if "(request " not in error.message:
             error.message = f"{error.message} (request {rid})"
     chosen = render or _RENDERERS[service or ""]

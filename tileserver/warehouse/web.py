@@ -16,7 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tileserver.publication.store import Conflict, NotFound, StoreError
+from tileserver.publication.store import Conflict, NotFound, StoreError, StoreUnavailable
 
 from .accounts import Datastore, User
 from .entities import Gone
@@ -100,6 +100,8 @@ def route(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return ApiError(409, str(exc)).response()
         except Gone:
             return ApiError(404, "not found (it was deleted meanwhile)").response()
+        except StoreUnavailable as exc:  # the store file vanished or turned read-only: loud, and retryable
+            return ApiError(503, str(exc)).response()
         except StoreError as exc:
             return ApiError(400, str(exc)).response()
 
