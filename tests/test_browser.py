@@ -25,7 +25,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
-from apputil import DATA, PYRAMIDS, layer_descriptor, live_server, make_settings
+from apputil import DATA, PYRAMIDS, app_client, layer_descriptor, live_server, make_settings
+from lxml import html as lxml_html
 from PIL import Image
 from pyproj import Transformer
 
@@ -40,9 +41,6 @@ FIXTURES = ("SCAN1000", "MONTAGNE", "BDPARCELLAIRE", "RGEALTI")
 TRICKY_TITLE = 'SCAN1000 <img src=x onerror="window.pwned=1"> & co'  # must show as text
 WAIT_MS = 30_000  # ceiling for the browser to settle (not a speed assertion)
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).is_file(), reason=f"no chromium at {CHROMIUM} (Debian: apt-get install chromium)"
-)
 
 
 # --- the server and the references read without it ------------------------------------------------
@@ -87,6 +85,8 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 async def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no chromium at {CHROMIUM} (Debian: apt-get install chromium)")
     try:
         from playwright.async_api import async_playwright
     except ImportError:  # the `test` extra installs it: missing is a broken setup, not a skip
@@ -436,3 +436,36 @@ async def test_openlayers_draws_our_wmts_layers(browser, served):
     finally:
         await page.close()
 
+
+
+# --- what the page says of layers it cannot draw as tiles (no browser needed) ---------------------
+
+
+async def test_page_data_for_layers_not_drawn_as_tiles(tmp_path):
+    """A DEM without a rendered style and a vector layer are listed, not drawn; a PM layer that 404s
+    its empty tiles is drawn through WMS (which never answers 404) instead of WMTS tiles."""
+    from test_tms_service import built_pyramids, descriptor_for
+
+    roads = built_pyramids(tmp_path / "built")["ROADS"]
+    layers = {
+        "DEMRAW": layer_descriptor("RGEALTI", styles=["normal"]),
+        "ROADS": descriptor_for(roads, styles=["normal"]),
+        "EMPTY404": layer_descriptor("MONTAGNE", empty_tile_404=True),
+        "SCAN1000": layer_descriptor("SCAN1000"),
+    }
+    async with app_client(make_settings(tmp_path, styles_directory=str(DATA / "styles"))) as client:
+        for name, desc in layers.items():
+            answer = await client.post(f"/admin/layers/{name}", json=desc, headers={"Authorization": "Bearer secret"})
+            assert answer.status_code == 204, answer.text
+        page = await client.get("/")
+    assert page.status_code == 200
+    doc = lxml_html.fromstring(page.text)
+    data = {layer["id"]: layer for layer in json.loads(doc.get_element_by_id("layer-data").text)["layers"]}
+    assert set(data) == set(layers)
+    assert data["DEMRAW"]["draw"] is None and data["ROADS"]["draw"] is None
+    assert data["EMPTY404"]["draw"]["kind"] == "wms" and data["SCAN1000"]["draw"]["kind"] == "wmts"
+    assert data["SCAN1000"]["draw"]["limits"]["10"] == list(descriptor_levels("SCAN1000")["10"])
+    items = {li.get("data-id"): li for li in doc.xpath("//ol[@id='layers']/li")}
+    assert "no style rendering them" in items["DEMRAW"].text_content()
+    assert "vector tiles" in items["ROADS"].text_content()
+    assert not items["DEMRAW"].xpath(".//input") and items["SCAN1000"].xpath(".//input[@class='opacity']")
