@@ -157,7 +157,7 @@ def test_warehouse_grants_by_layer_name_are_migrated(tmp_path):
     finally:
         store_module.MIGRATIONS = current
     store = PublicationStore(path)
-    assert store.schema_version() == 4
+    assert store.schema_version() == store_module.SCHEMA_VERSION
     assert store.snapshot().key_access == {"h": frozenset()}
     store.close()
 
@@ -178,3 +178,25 @@ def test_health_details_are_for_the_operator(tmp_path):
             operator = http.get(path, headers={"Authorization": "Bearer secret"})
             assert b"SCAN1000" in operator.content, path
         assert http.get("/healthcheck/info").json()["layers"] == 1
+
+
+def test_key_values_are_never_confirmed(tmp_path):
+    """A taken key value is refused exactly like a weak one: no answer tells another user's key exists."""
+    settings = make_settings(tmp_path)
+    Path(settings.data_dir).mkdir(parents=True)
+    accounts = Accounts(PublicationStore(settings.resolved_store_path))
+    accounts.add_datastore("alpha")
+    accounts.add_datastore("beta")
+    accounts.add_user("usera", "password-a", datastores=("alpha",))
+    accounts.add_user("userb", "password-b", datastores=("beta",))
+    with live_server(settings) as url:
+        a_api, b_api = api_client(url, "usera", "password-a"), api_client(url, "userb", "password-b")
+
+        def create(api: httpx.Client, value: str) -> httpx.Response:
+            return api.post("/api/users/me/keys", json={"name": "k", "type": "HASH", "type_infos": {"hash": value}})
+
+        assert create(a_api, A_KEY).status_code == 201
+        taken, weak = create(b_api, A_KEY), create(b_api, "aaaaaaaaaaaaaaaaaaaa")
+        assert taken.status_code == weak.status_code == 400
+        assert taken.json() == weak.json()
+        assert create(b_api, B_KEY).status_code == 201

@@ -21,7 +21,7 @@ from tileserver.publication.store import PublicationStore
 
 from .accounts import now_iso
 from .configurations import OFFERING
-from .errors import bad_request, conflict, not_found
+from .errors import bad_request, not_found
 from .web import Ctx, json_body, json_response, list_response, no_content, route
 
 PREFIX = "/api/users/me/keys"
@@ -53,6 +53,17 @@ async def list_keys(ctx: Ctx) -> Response:
     return list_response(ctx.request, [key_view(k) for k in await asyncio.to_thread(_keys, ctx.wh.store, ctx.user.id)])
 
 
+_UNUSABLE = ("type_infos.hash: this value cannot be used; give at least 16 characters, 6 of them"
+             " different, or omit it to have one generated")
+
+
+def _strong(value: Any) -> bool:
+    """A chosen key value must be hard to guess: key values are global (a service finds a key by its
+    digest alone), so a taken value has to be refused, and that refusal only tells an attacker what
+    they already hold when values cannot be guessed."""
+    return isinstance(value, str) and len(value) >= 16 and len(set(value)) >= 6
+
+
 @route
 async def create_key(ctx: Ctx) -> Response:
     data = await json_body(ctx.request)
@@ -63,8 +74,8 @@ async def create_key(ctx: Ctx) -> Response:
         problems.append("type: only HASH keys are offered here")
     infos = data.get("type_infos") or {}
     value = infos.get("hash") if isinstance(infos, dict) else None
-    if value is not None and (not isinstance(value, str) or len(value) < 8):
-        problems.append("type_infos.hash: the key value must be a string of at least 8 characters")
+    if value is not None and not _strong(value):
+        problems.append(_UNUSABLE)
     if problems:
         raise bad_request(*problems)
     value = value or secrets.token_urlsafe(24)
@@ -81,7 +92,8 @@ async def create_key(ctx: Ctx) -> Response:
     try:
         await asyncio.to_thread(write)
     except sqlite3.IntegrityError:
-        raise conflict("a key with this value already exists") from None
+        # the same answer as a weak value: never "exists" (a 409 would confirm another user's key)
+        raise bad_request(_UNUSABLE) from None
     view = key_view({"_id": key_id, "name": data["name"].strip(), "creation": created})
     view["type_infos"] = {"hash": value}  # shown once: only its digest is kept
     return json_response(view, status=201)
