@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from test_writer_util import FIXTURES, SETTINGS, SOURCES, Reference, data_mask, level_tiles, psnr
 
-from tests.test_writer_util import FIXTURES, SETTINGS, SOURCES, Reference, data_mask, level_tiles, psnr
 from tileserver.pyramid import Pyramid
 from tileserver.rok4.descriptor import parse_descriptor
 from tileserver.rok4.listfile import parse_list

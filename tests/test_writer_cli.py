@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from s3server import KEY, SECRET
+from test_writer_util import SOURCES
 
-from tests.s3server import KEY, SECRET
-from tests.test_writer_util import SOURCES
 from tileserver.cli import main
 
 SCAN = str(SOURCES / "SCAN1000.tif")

@@ -12,9 +12,9 @@ import pyproj
 import pytest
 from aiohttp import web
 from PIL import Image
+from test_writer_build import _tree
+from test_writer_util import SETTINGS, Reference, level_tiles
 
-from tests.test_writer_build import _tree
-from tests.test_writer_util import SETTINGS, Reference, level_tiles
 from tileserver.cli import main
 from tileserver.pyramid import Pyramid
 from tileserver.storage import Storage

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from test_writer_util import SETTINGS, SOURCES, level_tiles
 
-from tests.test_writer_util import SETTINGS, SOURCES, level_tiles
 from tileserver.pyramid import Pyramid
 from tileserver.rok4.listfile import parse_list
 from tileserver.rok4.naming import parse_slab_name

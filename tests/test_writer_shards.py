@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from test_writer_build import _tree
+from test_writer_util import SETTINGS, SOURCES
 
-from tests.test_writer_build import _tree
-from tests.test_writer_util import SETTINGS, SOURCES
 from tileserver.cli import main
 from tileserver.storage import Storage
 from tileserver.writer.build import build_async

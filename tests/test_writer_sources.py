@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from test_writer_util import SOURCES
 
-from tests.test_writer_util import SOURCES
 from tileserver.writer import sources
 from tileserver.writer.errors import WriterError
 from tileserver.writer.sources import open_source

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from test_writer_util import SETTINGS, SOURCES, Reference, level_tiles
 
-from tests.test_writer_util import SETTINGS, SOURCES, Reference, level_tiles
 from tileserver.pyramid import Pyramid
 from tileserver.rok4.listfile import parse_list
 from tileserver.storage import Storage
