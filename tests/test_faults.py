@@ -227,7 +227,8 @@ def test_layers_dark_at_start_up_are_served_once_s3_recovers(
     store.add_layer(parse_layer("S3", layer_descriptor("SCAN1000", root=url.rpartition("/")[0])))
     store.close()
     s3_proxy.fail_next(1_000_000, 503)  # S3 is down when the server starts
-    with live_server(settings) as base, httpx.Client(base_url=base, timeout=10) as client:
+    # layer names in /healthcheck/info are for the operator
+    with live_server(settings) as base, httpx.Client(base_url=base, timeout=10, headers=AUTH) as client:
         info = client.get("/healthcheck/info").json()
         assert info["layers"] == [] and "S3" in info["layers_not_served"]
         time.sleep(1.5)  # retries run, and fail
