@@ -91,6 +91,13 @@ class Settings:
     wms_layer_limit: int = 10  # LAYERS per GetMap
     wms_root_title: str = ""
     wms_root_abstract: str = ""
+    # --- memory and time limits of renders and source reads (issue 11)
+    # bytes all renders in flight in one worker process may hold together, by their estimate
+    # (render.pipeline.estimate_memory): renders wait for room, a map larger than it alone is a 400
+    render_memory_budget: int = 1 << 30
+    render_timeout: float = 20.0  # seconds one admitted render may take (fetch, draw, encode): then 503
+    # pixels (width x height) a source image may declare: larger ones fail the raster check and builds
+    source_max_pixels: int = 1 << 28
 
     @property
     def resolved_store_path(self) -> str:
