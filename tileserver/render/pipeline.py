@@ -931,13 +931,13 @@ def _output_bytes_per_pixel(layers: Sequence[MapLayer], picture: bool) -> int:
 def estimate_memory(layers: Sequence[MapLayer], plans: Sequence[SourcePlan], target: Grid, picture: bool) -> int:
     """Bytes a render may hold at once besides its stored tiles (the caller adds those).
 
-    The output (samples and validity) and its encoding (an encoder's copy and the encoded body,
-    at most the raw size), one strip's working set, and the largest strip mosaic of a layer (decoded
+    The output (samples and validity) and its encoding (an encoder's flattened copy, its palette
+    or Pillow copy and the encoded body, each at most the raw size), one strip's working set, and the largest strip mosaic of a layer (decoded
     tiles under one strip, as float32 planes for warp plus a copy): strips are drawn one layer at a
     time, so the number of layers adds tiles, not working memory."""
     pixels = target.width * target.height
     per_pixel = _output_bytes_per_pixel(layers, picture)
-    output = pixels * (per_pixel + 1) + 2 * pixels * per_pixel
+    output = pixels * (per_pixel + 1) + 3 * pixels * per_pixel
     rows = _strip_rows(target)
     strip = min(pixels, rows * target.width)
     mosaic_bytes = 0
