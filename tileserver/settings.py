@@ -129,6 +129,13 @@ class Settings:
     file_threads: int = 16  # threads for FILE work that may block (opens, reads not in memory, stats)
     layer_retry_interval: float = 5.0  # first retry of layers whose storage failed; doubled each time…
     layer_retry_max_interval: float = 300.0  # …up to this
+    # --- memory and time limits of renders and source reads (issue 11)
+    # bytes all renders in flight in one worker process may hold together, by their estimate
+    # (render.pipeline.estimate_memory): renders wait for room, a map larger than it alone is a 400
+    render_memory_budget: int = 1 << 30
+    render_timeout: float = 20.0  # seconds one admitted render may take (fetch, draw, encode): then 503
+    # pixels (width x height) a source image may declare: larger ones fail the raster check and builds
+    source_max_pixels: int = 1 << 28
 
     @property
     def resolved_store_path(self) -> str:

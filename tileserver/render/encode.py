@@ -71,6 +71,14 @@ def _nodata_mask(array: np.ndarray, nodata: tuple[float, ...] | None) -> np.ndar
     return mask
 
 
+BAND_PIXELS = 1 << 20  # pixels per band of rows in whole-image arithmetic (bounded temporaries)
+
+
+def _row_bands(array: np.ndarray) -> list[slice]:
+    rows = max(1, BAND_PIXELS // max(1, array.shape[1]))
+    return [slice(r, min(r + rows, array.shape[0])) for r in range(0, array.shape[0], rows)]
+
+
 def _flatten(array: np.ndarray, opts: _Options) -> np.ndarray:
     """Opaque uint8 image: alpha composited onto bgcolor, nodata pixels painted bgcolor."""
     bands = array.shape[2]
@@ -81,10 +89,13 @@ def _flatten(array: np.ndarray, opts: _Options) -> np.ndarray:
     if colour.shape[2] == 1 and not grey_bg and (has_alpha or (nodata is not None and nodata.any())):
         colour = np.repeat(colour, 3, axis=2)
     bg = np.asarray(opts.bgcolor[: colour.shape[2]], dtype=np.float32)
-    if has_alpha:
-        a = array[..., -1:].astype(np.float32) / 255.0
-        out = colour.astype(np.float32) * a + bg * (1.0 - a)
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if has_alpha:  # in bands of rows: float32 temporaries of a whole 4096² map would be ~1 GB
+        out = np.empty(colour.shape, dtype=np.uint8)
+        for rows in _row_bands(array):
+            a = array[rows, :, -1:].astype(np.float32) / 255.0
+            part = colour[rows].astype(np.float32) * a + bg * (1.0 - a)
+            out[rows] = np.clip(np.rint(part), 0, 255)
+        return out
     if nodata is not None and nodata.any():
         colour = colour.copy()
         colour[nodata] = bg.astype(np.uint8)
@@ -134,9 +145,11 @@ def _as_palette(image: Image.Image, array: np.ndarray) -> Image.Image | None:
         return None
     bands = array.shape[2]
     weights = np.array([1 << 24, 1 << 16, 1 << 8, 1][4 - bands:], dtype=np.uint32)
-    codes = (array.astype(np.uint32) * weights).sum(axis=2, dtype=np.uint32)
     table = np.array(sorted(np.dot(np.asarray(c, dtype=np.uint32), weights) for _, c in colours), dtype=np.uint32)
-    index = np.searchsorted(table, codes).astype(np.uint8)
+    index = np.empty(array.shape[:2], dtype=np.uint8)
+    for rows in _row_bands(array):  # uint32 codes and int64 positions a band at a time
+        codes = (array[rows].astype(np.uint32) * weights).sum(axis=2, dtype=np.uint32)
+        index[rows] = np.searchsorted(table, codes)
     rgba = ((table[:, None] >> (8 * np.arange(bands - 1, -1, -1, dtype=np.uint32))) & 255).astype(np.uint8)
     pal = Image.fromarray(index, "P")
     pal.putpalette(rgba[:, :3].tobytes(), rawmode="RGB")

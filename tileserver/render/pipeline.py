@@ -21,16 +21,27 @@ format. The shape of one render, and why:
   box resize, or a mesh of exact pyproj nodes checked to 1/8 pixel) — 3–5× faster than warp.py
   and within one grey level of it (tested); opaque data stays RGB/L with no alpha band, and at the
   pyramid's own resolution a picture is its pixels snapped to the nearest pixel (SNAP_NATIVE).
-* **Guards**: a per-process concurrency gate (a short wait, then `RenderBusy` → 503) held until
-  the worker thread finishes, even when the request is cancelled; a tile budget per request
-  (`RenderTooLarge` → 400).
+* **Strips**: a map larger than `STRIP_PIXELS` is drawn layer after layer, strip after strip of
+  rows, into one output array (`draw`): each strip reads the map's level with the map's kernel
+  (so strips join exactly), decodes only the tiles under it, and composites per pixel, so the
+  working memory of a render is one strip's and the number of layers does not multiply it.
+* **Guards**: a per-process gate (`RenderGate`) admits a render by count *and* by its estimated
+  memory (`estimate_memory` plus the stored tiles' raw size, trimmed to their real size once
+  fetched) against a byte budget shared by all renders in flight; a short wait, then
+  `RenderBusy` → 503; a map whose estimate alone exceeds the budget, or that needs more tiles
+  than allowed, is `RenderTooLarge` → 400. Both are held until the worker thread finishes, even
+  when the request is cancelled. A deadline per admitted render (`Deadline`), checked by the
+  thread between strips and layers, stops it with `RenderTimeout` → 503 (also when the caller
+  left). Encoding runs in the same thread (`finish`), inside the budget and the deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -52,6 +63,14 @@ T = TypeVar("T")
 LEVEL_TOLERANCE = 1.2  # accept a level up to 20 % coarser than asked (ROK4 accepts 25 %)
 DEFAULT_MAX_TILES = 1024  # source tiles one render may read
 DEFAULT_GATE_WAIT = 5.0  # seconds a render waits for a free slot before 503
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes all renders in flight in one process may use together
+DEFAULT_RENDER_TIMEOUT = 20.0  # seconds one admitted render may take (fetch, draw, encode)
+# Maps are drawn in horizontal strips of about this many pixels, layer after layer, into one
+# output array: the working memory of a render is one strip's, whatever the map's size.
+STRIP_PIXELS = 1 << 20
+# Bytes per strip pixel the drawing of one strip may hold besides its source mosaic: float32
+# planes and coordinates of warp, Pillow copies, alpha compositing temporaries (measured, rounded up).
+STRIP_BYTES_PER_PIXEL = 96
 # Beyond this downsampling factor (a target far coarser than the layer's top level) a stretched
 # kernel would need thousands of taps per pixel for data smaller than a pixel: nearest instead.
 MAX_STRETCH = 8.0
@@ -79,8 +98,12 @@ class RenderBusy(RenderError):
     status = 503
 
 
+class RenderTimeout(RenderBusy):
+    """The render ran past its deadline (or its caller left): stopped at the next strip, 503."""
+
+
 class RenderTooLarge(RenderError):
-    """The request needs more source tiles than one render may read: a client mistake."""
+    """The request needs more source tiles or memory than one render may use: a client mistake."""
 
     status = 400
 
@@ -89,37 +112,127 @@ class RenderStorageError(RenderError):
     """Storage unavailable (503) or holding unreadable tiles (502)."""
 
 
-# --------------------------------------------------------------------------- concurrency gate
+# --------------------------------------------------------------------------- concurrency and memory gate
 
 
 class RenderGate:
-    """Bounds concurrent renders; a slot is held until the worker thread ends, not the request."""
+    """Admits renders by count and by estimated memory; both are held until the worker thread ends.
 
-    def __init__(self, concurrency: int, wait: float = DEFAULT_GATE_WAIT) -> None:
+    `memory_budget` bytes are shared by every render in flight in this process: a render waits
+    (FIFO, so a large map is not starved by small ones) until its estimate fits, at most `wait`
+    seconds in all, then RenderBusy (503). A map whose estimate alone exceeds the budget can never
+    run: RenderTooLarge (400). `timeout` is each admitted render's deadline (see `Deadline`)."""
+
+    def __init__(self, concurrency: int, wait: float = DEFAULT_GATE_WAIT, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 timeout: float | None = DEFAULT_RENDER_TIMEOUT) -> None:
         self.concurrency = max(1, int(concurrency))
         self.wait = wait
+        self.memory_budget = max(1, int(memory_budget))
+        self.timeout = timeout if timeout and timeout > 0 else None
         self._semaphore = asyncio.Semaphore(self.concurrency)
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self.bytes_in_use = 0
         self.busy_refusals = 0
 
     @property
     def in_use(self) -> int:
         return self.concurrency - self._semaphore._value  # noqa: SLF001 - read-only gauge
 
-    async def acquire(self) -> None:
+    async def acquire(self, nbytes: int = 0) -> None:
+        """A slot and `nbytes` of the memory budget, within `wait` seconds."""
+        if nbytes > self.memory_budget:
+            raise RenderTooLarge(f"the map needs about {_mib(nbytes)} MiB to render, more than the "
+                                 f"{_mib(self.memory_budget)} MiB a render may use; ask fewer pixels or fewer layers")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.wait
+        await self._take_bytes(nbytes, end)
         try:
-            await asyncio.wait_for(self._semaphore.acquire(), self.wait)
+            await asyncio.wait_for(self._semaphore.acquire(), max(0.0, end - loop.time()))
         except TimeoutError:
+            self.release_bytes(nbytes)
             self.busy_refusals += 1
             raise RenderBusy(f"all {self.concurrency} render slots busy for {self.wait:g} s; retry later") from None
+        except BaseException:
+            self.release_bytes(nbytes)
+            raise
 
-    def release(self) -> None:
+    async def _take_bytes(self, nbytes: int, end: float) -> None:
+        if not self._waiters and self.bytes_in_use + nbytes <= self.memory_budget:
+            self.bytes_in_use += nbytes
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (nbytes, granted)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(granted), max(0.0, end - asyncio.get_running_loop().time()))
+        except BaseException as exc:
+            if granted.done() and not granted.cancelled():
+                self.release_bytes(nbytes)  # granted just as we gave up: give it back
+            else:
+                granted.cancel()
+                self._waiters.remove(entry)
+                self._wake()  # the head may have been us, blocking smaller renders behind
+            if isinstance(exc, TimeoutError):
+                self.busy_refusals += 1
+                raise RenderBusy(f"renders in flight hold {_mib(self.bytes_in_use)} of the {_mib(self.memory_budget)} "
+                                 f"MiB render memory for {self.wait:g} s; retry later") from None
+            raise
+
+    def _wake(self) -> None:
+        while self._waiters and self.bytes_in_use + self._waiters[0][0] <= self.memory_budget:
+            nbytes, granted = self._waiters.popleft()
+            self.bytes_in_use += nbytes
+            granted.set_result(None)
+
+    def release_bytes(self, nbytes: int) -> None:
+        """Give back part of the memory budget (a render that needs less than it reserved, or ended)."""
+        if nbytes:
+            self.bytes_in_use -= nbytes
+            self._wake()
+
+    def release(self, nbytes: int = 0) -> None:
         self._semaphore.release()
+        self.release_bytes(nbytes)
 
-    async def run_in_thread(self, func: Callable[[], T]) -> T:
-        """Run CPU work in the default executor; the caller holds a slot, released when it ends."""
+    async def run_in_thread(self, func: Callable[[], T], nbytes: int = 0, deadline: Deadline | None = None) -> T:
+        """Run CPU work in the default executor; the caller holds a slot and `nbytes`, released
+        when the thread ends (not when the request does). A cancelled caller cancels `deadline`,
+        so the thread stops at its next check instead of finishing for nobody."""
         future = asyncio.get_running_loop().run_in_executor(None, func)
-        future.add_done_callback(lambda _f: self.release())
-        return await asyncio.shield(future)
+        future.add_done_callback(lambda _f: self.release(nbytes))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if deadline is not None:
+                deadline.cancel()
+            raise
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.0f}"
+
+
+class Deadline:
+    """When a render must stop. The work runs in a thread, which cannot be interrupted: it calls
+    `check` between strips and layers, and stops there once the time is up or the caller left."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds if seconds else math.inf
+        self.cancelled = False
+
+    def remaining(self) -> float | None:
+        return None if self.end == math.inf else max(0.0, self.end - time.monotonic())
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise RenderTimeout("the render was abandoned")
+        if time.monotonic() > self.end:
+            raise RenderTimeout(f"the map took longer than {self.seconds:g} s to render; "
+                                f"ask fewer pixels, fewer layers or a smaller area")
 
 
 _GATES: weakref.WeakKeyDictionary[Any, RenderGate] = weakref.WeakKeyDictionary()
@@ -133,6 +246,8 @@ def gate_for(owner: Any, concurrency: int | None = None, wait: float | None = No
         gate = RenderGate(
             concurrency or getattr(settings, "render_concurrency", 8),
             wait if wait is not None else getattr(settings, "render_queue_wait", DEFAULT_GATE_WAIT),
+            getattr(settings, "render_memory_budget", DEFAULT_MEMORY_BUDGET),
+            getattr(settings, "render_timeout", DEFAULT_RENDER_TIMEOUT),
         )
         _GATES[owner] = gate
     return gate
@@ -201,6 +316,8 @@ class SourcePlan:
     tiles: tuple[int, int, int, int] | None  # min_col, min_row, max_col, max_row; None = nothing to read
     grid: Grid | None
     kernel: str = "nn"  # the interpolation actually used (see MAX_STRETCH)
+    overlap: tuple[float, float, float, float] | None = None  # the target's part with data (target CRS)
+    pad: float = 0.0  # grid-CRS margin around the footprint: the kernel's reach and the style border
 
     @property
     def tile_count(self) -> int:
@@ -288,7 +405,34 @@ def plan_source(published: PublishedLayer, target: Grid, kernel_name: str, borde
         return SourcePlan(level, matrix, None, None)
     grid = Grid(grid_crs, matrix.range_bbox(c0, r0, c1, r1), (c1 - c0 + 1) * matrix.tile_width,
                 (r1 - r0 + 1) * matrix.tile_height)
-    return SourcePlan(level, matrix, (c0, r0, c1, r1), grid, kernel_name)
+    return SourcePlan(level, matrix, (c0, r0, c1, r1), grid, kernel_name, overlap, pad)
+
+
+def strip_plan(published: PublishedLayer, plan: SourcePlan, strip: Grid) -> SourcePlan:
+    """The part of a map's plan one strip of the map reads: same level and kernel (a strip must
+    not choose its own, or strips would not join), tiles under the strip's footprint only."""
+    if plan.tiles is None or plan.overlap is None:
+        return plan
+    overlap = _intersection(strip.bbox, plan.overlap)
+    if overlap is None:
+        return SourcePlan(plan.level, plan.matrix, None, None, plan.kernel)
+    try:
+        footprint = reproject_bbox(overlap, strip.crs, published.tms.crs, densify=33)
+    except ValueError:
+        return plan
+    pad = plan.pad
+    tiles = plan.matrix.bbox_to_tile_range((footprint[0] - pad, footprint[1] - pad, footprint[2] + pad,
+                                            footprint[3] + pad))
+    if tiles is None:
+        return SourcePlan(plan.level, plan.matrix, None, None, plan.kernel)
+    c0, r0 = max(tiles[0], plan.tiles[0]), max(tiles[1], plan.tiles[1])
+    c1, r1 = min(tiles[2], plan.tiles[2]), min(tiles[3], plan.tiles[3])
+    if c0 > c1 or r0 > r1:
+        return SourcePlan(plan.level, plan.matrix, None, None, plan.kernel)
+    m = plan.matrix
+    grid = Grid(plan.grid.crs if plan.grid else published.tms.crs, m.range_bbox(c0, r0, c1, r1),
+                (c1 - c0 + 1) * m.tile_width, (r1 - r0 + 1) * m.tile_height)
+    return SourcePlan(plan.level, m, (c0, r0, c1, r1), grid, plan.kernel, plan.overlap, pad)
 
 
 # --------------------------------------------------------------------------- fetch
@@ -312,22 +456,29 @@ async def fetch_tiles(published: PublishedLayer, plan: SourcePlan) -> dict[tuple
 # --------------------------------------------------------------------------- CPU work (worker thread)
 
 
-def mosaic(published: PublishedLayer, plan: SourcePlan, tiles: dict[tuple[int, int], bytes]) -> np.ndarray:
-    """One array from the plan's tiles; absent tiles are the pyramid's nodata."""
+def mosaic(published: PublishedLayer, plan: SourcePlan, tiles: dict[tuple[int, int], bytes],
+           decoded: dict[tuple[int, int], np.ndarray] | None = None) -> np.ndarray:
+    """One array from the plan's tiles (`tiles` may hold more); absent tiles are the pyramid's
+    nodata. `decoded` keeps decoded tiles for the next strip, which shares a row of them."""
     assert plan.tiles is not None and plan.grid is not None
     owner = published.owners[plan.level]
     m = plan.matrix
     dtype = np.dtype(published.format.dtype)
+    c0, r0, c1, r1 = plan.tiles
+    present = [(c, r) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1) if (c, r) in tiles]
     out = np.empty((plan.grid.height, plan.grid.width, published.channels), dtype=dtype)
-    if len(tiles) < plan.tile_count:  # some absent: nodata under them (a full mosaic skips this pass)
+    if len(present) < plan.tile_count:  # some absent: nodata under them (a full mosaic skips this pass)
         out[...] = np.asarray(published.nodata, dtype=dtype) if published.nodata else 0
-    c0, r0 = plan.tiles[0], plan.tiles[1]
-    for (c, r), blob in tiles.items():
-        try:
-            pixels = owner.decode(plan.level, blob)
-        except (CodecError, ValueError) as exc:
-            raise RenderStorageError(f"layer {published.id} level {plan.level} tile ({c}, {r}): "
-                                     f"unreadable tile ({exc})", 502) from exc
+    for c, r in present:
+        pixels = decoded.get((c, r)) if decoded is not None else None
+        if pixels is None:
+            try:
+                pixels = owner.decode(plan.level, tiles[(c, r)])
+            except (CodecError, ValueError) as exc:
+                raise RenderStorageError(f"layer {published.id} level {plan.level} tile ({c}, {r}): "
+                                         f"unreadable tile ({exc})", 502) from exc
+            if decoded is not None:
+                decoded[(c, r)] = pixels
         y, x = (r - r0) * m.tile_height, (c - c0) * m.tile_width
         out[y:y + m.tile_height, x:x + m.tile_width] = pixels
     return out
@@ -554,15 +705,17 @@ def _picture_layer(src: np.ndarray, src_grid: Grid, work: Grid, kernel: str, nod
 
 
 def render_layer_sync(layer: MapLayer, target: Grid, plan: SourcePlan, tiles: dict[tuple[int, int], bytes],
-                      picture: bool) -> Raster:
-    """Mosaic, warp, style one layer onto `target` (thread-safe, no I/O)."""
+                      picture: bool, resolution: tuple[float, float] | None = None,
+                      decoded: dict[tuple[int, int], np.ndarray] | None = None) -> Raster:
+    """Mosaic, warp, style one layer onto `target` (thread-safe, no I/O). `resolution`: ground
+    metres per pixel for bordered styles, the whole map's when `target` is one of its strips."""
     published = layer.published
     style = layer.active_style
     border = style.border if style else 0
     nodata = tuple(published.nodata) if published.nodata else None
     if plan.tiles is None or not tiles:
         return _blank_layer(layer, target, picture)
-    src = mosaic(published, plan, tiles)
+    src = mosaic(published, plan, tiles, decoded)
     src_grid = plan.grid
     assert src_grid is not None
     work = target.subgrid(-border, -border, target.width + 2 * border, target.height + 2 * border) if border else target
@@ -575,7 +728,10 @@ def render_layer_sync(layer: MapLayer, target: Grid, plan: SourcePlan, tiles: di
     pixels, valid = warp(src, src_grid, work, nodata, kernel, return_mask=True)
     out_nodata = nodata
     if style is not None:
-        res_x, res_y = ground_resolution(work) if border else (work.res_x, work.res_y)
+        if resolution is not None:
+            res_x, res_y = resolution
+        else:
+            res_x, res_y = ground_resolution(work) if border else (work.res_x, work.res_y)
         pixels = apply_style(style, pixels, nodata, res_x, res_y)
         if border:
             valid = _erode3(valid)
@@ -625,7 +781,23 @@ def to_rgba(raster: Raster) -> np.ndarray:
 
 
 def alpha_over(below: np.ndarray, above: np.ndarray) -> np.ndarray:
-    """`above` composited over `below`, both RGBA uint8 with straight (unpremultiplied) alpha."""
+    """`above` composited over `below`, both RGBA uint8 with straight (unpremultiplied) alpha.
+
+    Map layers are mostly opaque or empty: those pixels are copied (what the formula gives them
+    exactly: `above`, or `below` with no colour where nothing is left), the formula runs on the others."""
+    top = above[..., 3]
+    out = below.copy()
+    opaque = top == 255
+    out[opaque] = above[opaque]
+    out[(top == 0) & (below[..., 3] == 0), :3] = 0
+    partial = (top != 0) & ~opaque
+    if partial.any():
+        out[partial] = _alpha_over(below[partial], above[partial])
+    return out
+
+
+def _alpha_over(below: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """Porter-Duff "over" of (..., 4) uint8 pixels, in float32."""
     a_top = above[..., 3:4].astype(np.float32) / 255.0
     a_bot = below[..., 3:4].astype(np.float32) / 255.0
     a_out = a_top + a_bot * (1.0 - a_top)
@@ -682,11 +854,15 @@ async def render_map(
     picture: bool = True,
     gate: RenderGate | None = None,
     max_tiles: int = DEFAULT_MAX_TILES,
-) -> Raster:
-    """Render layers (first at the bottom) onto `target`.
+    finish: Callable[[Raster], Any] | None = None,
+) -> Any:
+    """Render layers (first at the bottom) onto `target`; with `finish` (e.g. encoding), its
+    result, computed in the same worker thread under the same memory budget and deadline.
 
     `picture`: RGBA composite for PNG/JPEG, else the data values (TIFF/BIL/ASC, feature info).
-    Raises RenderTooLarge (too many tiles), RenderBusy (no slot), RenderStorageError, RenderError."""
+    Raises RenderTooLarge (too many tiles, or more memory than the gate's budget), RenderBusy (no
+    slot or memory within the wait), RenderTimeout (past the gate's deadline), RenderStorageError,
+    RenderError."""
     if not layers:
         raise RenderError("no layer to render", 400)
     map_layers = _as_map_layers(layers, interpolation)
@@ -698,26 +874,195 @@ async def render_map(
     if total > max_tiles:
         raise RenderTooLarge(f"the request needs {total} source tiles, more than the {max_tiles} allowed; "
                              f"ask a smaller BBOX or fewer pixels")
-    if total == 0:  # nothing to read: no slot, no thread
-        return composite([_blank_layer(layer, target, picture) for layer in map_layers], target, picture)
+    stored_bound = sum(_tile_bytes(layer.published, plan) * plan.tile_count
+                       for layer, plan in zip(map_layers, plans, strict=True))
+    reserved = estimate_memory(map_layers, plans, target, picture) + stored_bound
     if gate is not None:
-        await gate.acquire()
+        await gate.acquire(reserved)
+    deadline = Deadline(gate.timeout if gate is not None else None)  # from admission: the queue has its own wait
     try:
-        fetched = await asyncio.gather(*(fetch_tiles(layer.published, plan)
-                                         for layer, plan in zip(map_layers, plans, strict=True)))
+        fetches = asyncio.gather(*(fetch_tiles(layer.published, plan)
+                                   for layer, plan in zip(map_layers, plans, strict=True)))
+        try:
+            fetched = list(await asyncio.wait_for(fetches, deadline.remaining()))
+        except TimeoutError:
+            deadline.check()
+            raise
+        if gate is not None:  # stored tiles are usually far smaller than their raw size: free the rest
+            held = sum(len(blob) for tiles in fetched for blob in tiles.values())
+            gate.release_bytes(max(0, stored_bound - held))
+            reserved -= max(0, stored_bound - held)
     except BaseException:
         if gate is not None:
-            gate.release()
+            gate.release(reserved)
         raise
 
-    def work() -> Raster:
-        rasters = [render_layer_sync(layer, target, plan, tiles, picture)
-                   for layer, plan, tiles in zip(map_layers, plans, fetched, strict=True)]
-        return composite(rasters, target, picture)
+    def work() -> Any:
+        raster = draw(map_layers, plans, fetched, target, picture, deadline)
+        if finish is None:
+            return raster
+        deadline.check()
+        return finish(raster)
 
     if gate is not None:
-        return await gate.run_in_thread(work)
+        return await gate.run_in_thread(work, reserved, deadline)
     return await asyncio.to_thread(work)
+
+
+def _tile_bytes(published: PublishedLayer, plan: SourcePlan) -> int:
+    """Raw bytes of one tile of the plan's level."""
+    m = plan.matrix
+    return m.tile_width * m.tile_height * published.channels * np.dtype(published.format.dtype).itemsize
+
+
+def _output_bytes_per_pixel(layers: Sequence[MapLayer], picture: bool) -> int:
+    if picture:
+        return 4
+    out = 1
+    for layer in layers:
+        published, style = layer.published, layer.active_style
+        channels, dtype = published.channels, np.dtype(published.format.dtype)
+        if style is not None:
+            channels, dtype = style.output_channels(channels), style.output_dtype(dtype, published.channels)
+        out = max(out, channels * np.dtype(dtype).itemsize)
+    return out
+
+
+def estimate_memory(layers: Sequence[MapLayer], plans: Sequence[SourcePlan], target: Grid, picture: bool) -> int:
+    """Bytes a render may hold at once besides its stored tiles (the caller adds those).
+
+    The output (samples and validity) and its encoding (an encoder's flattened copy, its palette
+    or Pillow copy and the encoded body, each at most the raw size), one strip's working set, and the largest strip mosaic of a layer (decoded
+    tiles under one strip, as float32 planes for warp plus a copy): strips are drawn one layer at a
+    time, so the number of layers adds tiles, not working memory."""
+    pixels = target.width * target.height
+    per_pixel = _output_bytes_per_pixel(layers, picture)
+    output = pixels * (per_pixel + 1) + 3 * pixels * per_pixel
+    rows = _strip_rows(target)
+    strip = min(pixels, rows * target.width)
+    mosaic_bytes = 0
+    for layer, plan in zip(layers, plans, strict=True):
+        if plan.tiles is None:
+            continue
+        m = plan.matrix
+        cols = plan.tiles[2] - plan.tiles[0] + 1
+        # tile rows under one strip: its share of the map's rows, plus the two it straddles
+        share = math.ceil((plan.tiles[3] - plan.tiles[1] + 1) * rows / target.height) + 2
+        tiles = min(plan.tile_count, cols * share)
+        mosaic_bytes = max(mosaic_bytes, tiles * m.tile_width * m.tile_height * (layer.published.channels + 1) * 4 * 2)
+    return output + strip * STRIP_BYTES_PER_PIXEL + mosaic_bytes
+
+
+def _strip_rows(target: Grid, strip_pixels: int = STRIP_PIXELS) -> int:
+    return max(1, min(target.height, strip_pixels // max(1, target.width)))
+
+
+def draw(layers: Sequence[MapLayer], plans: Sequence[SourcePlan], fetched: list[dict[tuple[int, int], bytes]],
+         target: Grid, picture: bool, deadline: Deadline | None = None, strip_pixels: int = STRIP_PIXELS) -> Raster:
+    """The map from its fetched tiles (worker thread): layer after layer, strip after strip, into one
+    output, so its working memory is one strip's. The same result as `composite` of the layers
+    drawn whole (per-pixel operations; a strip reads the map's level with the map's kernel);
+    `fetched` is emptied layer by layer to free the stored tiles as soon as they are drawn."""
+    deadline = deadline or Deadline(None)
+    rows = _strip_rows(target, strip_pixels)
+    if rows >= target.height:
+        rasters = []
+        for layer, plan, tiles in zip(layers, plans, fetched, strict=True):
+            deadline.check()
+            rasters.append(render_layer_sync(layer, target, plan, tiles, picture))
+        return composite(rasters, target, picture)
+    canvas = _Canvas(target, picture, len(layers))
+    for index, (layer, plan) in enumerate(zip(layers, plans, strict=True)):
+        style = layer.active_style
+        border = style.border if style else 0
+        resolution = None
+        if border:
+            resolution = ground_resolution(target.subgrid(-border, -border, target.width + 2 * border,
+                                                          target.height + 2 * border))
+        decoded: dict[tuple[int, int], np.ndarray] = {}
+        for row0 in range(0, target.height, rows):
+            deadline.check()
+            strip = target.subgrid(0, row0, target.width, min(rows, target.height - row0))
+            sub = strip_plan(layer.published, plan, strip)
+            if sub.tiles is not None:  # keep decoded tiles the strip shares with the previous one
+                c0, r0, c1, r1 = sub.tiles
+                for c, r in [k for k in decoded if not (c0 <= k[0] <= c1 and r0 <= k[1] <= r1)]:
+                    del decoded[(c, r)]
+            raster = render_layer_sync(layer, strip, sub, fetched[index], picture, resolution, decoded)
+            canvas.paint(index, row0, raster)
+        fetched[index] = {}
+    return canvas.raster()
+
+
+class _Canvas:
+    """The output of a map drawn in strips: `composite`'s rules, applied strip by strip."""
+
+    def __init__(self, target: Grid, picture: bool, layer_count: int) -> None:
+        self.target, self.picture, self.layer_count = target, picture, layer_count
+        self.data: np.ndarray | None = None
+        self.valid = np.zeros(target.shape, dtype=bool)
+        self.nodata: tuple[float, ...] | None = None
+        self.own_bands = False  # a single unstyled 8-bit picture layer keeps its bands (L, LA, RGB, RGBA)
+        self.levels: dict[str, str] = {}
+
+    def _allocate(self, channels: int, dtype: np.dtype) -> np.ndarray:
+        self.data = np.zeros(self.target.shape + (channels,), dtype=dtype)
+        return self.data
+
+    def paint(self, index: int, row0: int, raster: Raster) -> None:
+        rows = slice(row0, row0 + raster.data.shape[0])
+        self.levels.update(raster.levels)
+        if self.picture and self.layer_count == 1 and raster.picture:
+            self._paint_own_bands(rows, raster)
+        elif self.picture:
+            rgba = to_rgba(raster)
+            out = self.data if self.data is not None else self._allocate(4, np.dtype(np.uint8))
+            out[rows] = rgba if index == 0 else alpha_over(out[rows], rgba)
+        else:
+            if self.data is None:
+                self._allocate(raster.data.shape[2], raster.data.dtype)
+                self.nodata = raster.nodata
+            out = self.data
+            assert out is not None
+            if raster.data.shape[2] != out.shape[2] or raster.data.dtype != out.dtype:
+                raise RenderError(f"layers of {out.shape[2]} {out.dtype} and {raster.data.shape[2]} "
+                                  f"{raster.data.dtype} bands cannot be merged in this format", 400)
+            if index == 0:
+                out[rows] = raster.data
+            else:
+                view = out[rows]
+                view[raster.valid] = raster.data[raster.valid]
+            self.valid[rows] |= raster.valid
+
+    def _paint_own_bands(self, rows: slice, raster: Raster) -> None:
+        """Strips of one picture layer may differ in alpha (opaque here, nodata there): the map
+        gets an alpha band if any strip has one, opaque strips at 255."""
+        pixels = raster.data
+        if self.data is None:
+            self._allocate(pixels.shape[2], pixels.dtype)
+        out = self.data
+        assert out is not None
+        if pixels.shape[2] == out.shape[2] + 1:
+            widened = np.empty(out.shape[:2] + (pixels.shape[2],), dtype=out.dtype)
+            widened[..., :-1] = out
+            widened[..., -1] = 255
+            self.data = out = widened
+        if pixels.shape[2] + 1 == out.shape[2]:
+            out[rows, :, :-1] = pixels
+            out[rows, :, -1] = 255
+        else:
+            out[rows] = pixels
+        self.valid[rows] = raster.valid
+        self.own_bands = True
+
+    def raster(self) -> Raster:
+        data = self.data
+        assert data is not None
+        if self.own_bands:
+            return Raster(data, self.valid, None, self.target, picture=True, levels=self.levels)
+        if self.picture:
+            return Raster(data, data[..., 3] > 0, None, self.target, picture=True, levels=self.levels)
+        return Raster(data, self.valid, self.nodata, self.target, levels=self.levels)
 
 
 # --------------------------------------------------------------------------- tiles in other grids
@@ -766,7 +1111,10 @@ async def render_tile(
         raise RenderError(f"format {fmt!r} cannot be produced for tiles", 400)
     kind = TILE_FORMATS[fmt]
     target = Grid(tms.crs, matrix.tile_bbox(col, row), matrix.tile_width, matrix.tile_height)
-    raster = await render_map([MapLayer(published, style)], target, picture=kind.picture, gate=gate)
-    if kind.picture:
-        return encode_image(raster.data, fmt, transparent=kind.transparent, bgcolor=background)
-    return encode_image(raster.data, fmt, nodata=raster.nodata, grid=target)
+
+    def encode(raster: Raster) -> tuple[bytes, str]:
+        if kind.picture:
+            return encode_image(raster.data, fmt, transparent=kind.transparent, bgcolor=background)
+        return encode_image(raster.data, fmt, nodata=raster.nodata, grid=target)
+
+    return await render_map([MapLayer(published, style)], target, picture=kind.picture, gate=gate, finish=encode)

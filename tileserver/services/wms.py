@@ -478,10 +478,9 @@ async def _render(request: Request, runtime: Any, req: MapRequest) -> tuple[byte
     settings = runtime.settings
     try:
         async with asyncio.timeout(settings.request_timeout):
-            raster = await render_map(req.layers, req.grid, picture=req.format in PICTURE_FORMATS,
-                                      gate=gate_for(runtime),
-                                      max_tiles=settings.render_max_tiles)
-            return await asyncio.to_thread(_encode, raster, req)
+            return await render_map(req.layers, req.grid, picture=req.format in PICTURE_FORMATS,
+                                    gate=gate_for(runtime), max_tiles=settings.render_max_tiles,
+                                    finish=lambda raster: _encode(raster, req))  # inside budget and deadline
     except RenderBusy as exc:
         raise _error("NoApplicableCode", None, exc.message, 503, **{"Retry-After": "2"}) from None
     except TimeoutError:

@@ -1,9 +1,13 @@
 """The checks an upload goes through once closed, and what each one does (in a worker process).
 
-`Vérification standard` verifies every md5 the producer gave; `Vérification raster` opens every
+`Vérification standard` verifies every md5 the producer gave; `Vérification raster` decodes every
 image fully (TIFF/GeoTIFF with tifffile, JPEG/PNG with Pillow, through the writer's readers),
 reads its georeferencing (GeoTIFF keys or world file; CRS from the file, else the upload's `srs`)
 and records extent and resolution. Logs name each bad file and why.
+
+Uploads are untrusted: an image is read in windows of at most `CHECK_READ_PIXELS`, so the check's
+memory does not grow with the size an image declares, and an image declaring more than the
+setting `source_max_pixels` is refused by name before any pixel is read.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tileserver.settings import Settings
+
 from .upload_files import UploadFiles
 
 Log = Callable[[str], None]
+CHECK_READ_PIXELS = 1 << 22  # pixels decoded at once by the raster check (16 MiB of RGBA)
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 COMPANION_EXTENSIONS = (".tfw", ".tifw", ".tiffw", ".jgw", ".jpgw", ".jpegw", ".pgw", ".pngw", ".wld", ".prj",
                         ".aux.xml", ".ovr", ".md5")
@@ -93,11 +100,15 @@ def standard_check(files: UploadFiles, log: Log) -> tuple[bool, dict[str, Any]]:
     return ok, {}
 
 
-def raster_check(files: UploadFiles, srs: str, log: Log) -> tuple[bool, dict[str, Any]]:
-    """Open and decode every image; record each one's georeferencing and the upload's extent."""
+def raster_check(files: UploadFiles, srs: str, log: Log,
+                 max_pixels: int | None = None) -> tuple[bool, dict[str, Any]]:
+    """Open and decode every image; record each one's georeferencing and the upload's extent.
+    `max_pixels`: the largest image accepted (default: the default of `source_max_pixels`)."""
     from tileserver.render.georef import crs_equal, reproject_bbox
     from tileserver.writer.errors import WriterError
-    from tileserver.writer.sources import close_readers, open_source
+    from tileserver.writer.sources import SOURCE_MAX_PIXELS, SourceTooLarge, close_readers, open_source
+
+    max_pixels = SOURCE_MAX_PIXELS if max_pixels is None else max_pixels
 
     ok = True
     images = []
@@ -111,17 +122,19 @@ def raster_check(files: UploadFiles, srs: str, log: Log) -> tuple[bool, dict[str
             continue
         try:
             try:
-                info = open_source(path)
+                info = open_source(path, max_pixels=max_pixels)
+            except SourceTooLarge:
+                raise
             except WriterError as exc:
                 if "coordinate reference system" not in str(exc):
                     raise
-                info = open_source(path, srs)  # no CRS in the file: the upload's applies
+                info = open_source(path, srs, max_pixels=max_pixels)  # no CRS in the file: the upload's applies
             if not crs_equal(info.crs, srs):
                 raise WriterError(f"its CRS {info.crs} is not the upload's {srs}")
-            info.read(0, 0, info.width, info.height)  # decode every strip or tile
+            _decode_all(info)
         except Exception as exc:  # any decoder failure is the file's fault, reported by name
             reason = str(exc).replace(str(path), rel).removeprefix(f"{rel}: ")
-            log(f"{rel}: unreadable raster: {reason}")
+            log(f"{rel}: {'too large' if isinstance(exc, SourceTooLarge) else 'unreadable raster'}: {reason}")
             ok = False
             continue
         finally:
@@ -142,7 +155,17 @@ def raster_check(files: UploadFiles, srs: str, log: Log) -> tuple[bool, dict[str
     return ok, {"extent": extent, "type_infos": {"resolution": resolution, "images": len(images)}}
 
 
-def run_check(check: Check, files: UploadFiles, srs: str, log: Log) -> tuple[bool, dict[str, Any]]:
+def _decode_all(info: Any) -> None:
+    """Decode every strip or tile of a source, one window of at most CHECK_READ_PIXELS at a time."""
+    cols = min(info.width, CHECK_READ_PIXELS)
+    rows = max(1, CHECK_READ_PIXELS // cols)
+    for row in range(0, info.height, rows):
+        for col in range(0, info.width, cols):
+            info.read(col, row, min(info.width, col + cols), min(info.height, row + rows))
+
+
+def run_check(check: Check, files: UploadFiles, srs: str, log: Log,
+              settings: Settings | None = None) -> tuple[bool, dict[str, Any]]:
     if check is STANDARD:
         return standard_check(files, log)
-    return raster_check(files, srs, log)
+    return raster_check(files, srs, log, settings.source_max_pixels if settings is not None else None)

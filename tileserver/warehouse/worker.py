@@ -152,7 +152,7 @@ class Worker:
             return Status.FAILURE, {}
         self.log.add(f"{check.name} of upload {upload.body.get('name')}")
         with upload_files(self.settings, upload.id).local() as files:
-            ok, found = run_check(check, files, upload.body.get("srs", ""), self.log.add)
+            ok, found = run_check(check, files, upload.body.get("srs", ""), self.log.add, self.settings)
         self.log.add("passed" if ok else "failed")
         return (Status.SUCCESS if ok else Status.FAILURE), found
 

@@ -4,6 +4,12 @@
 windows (`SourceInfo.read`) through a per-process cache of open readers, so worker processes
 reopen files themselves and a large striped or tiled TIFF is never decoded whole: only the
 strips/tiles under the window are.
+
+Memory is bounded whatever an image declares: an image may have at most `source_max_pixels`
+(setting; `SOURCE_MAX_PIXELS` by default), absent (sparse) strips/tiles cost nothing, a decimated
+read (`step`) keeps only the samples it returns, uncompressed strips are read row by row, a
+compressed strip or tile may decode to at most `SEGMENT_MAX_BYTES`, and decoded segments share one
+`_SEGMENT_CACHE_BYTES` cache per process.
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ _KEY_GEOGRAPHIC = 2048
 _KEY_PROJECTED = 3072
 _USER_DEFINED = 32767
 _PIXEL_IS_POINT = 2
-_SEGMENT_CACHE_BYTES = 256 << 20
+_SEGMENT_CACHE_BYTES = 256 << 20  # decoded strips/tiles kept per process, all readers together
+SEGMENT_MAX_BYTES = 256 << 20  # one compressed strip or tile decodes whole: at most this much
+_RAW_BAND_BYTES = 16 << 20  # uncompressed rows read from the file at once
+SOURCE_MAX_PIXELS = 1 << 28  # default of the setting source_max_pixels (16384 x 16384)
 _PILLOW_MAX_PIXELS = 1 << 30
 
 
@@ -98,10 +107,11 @@ class SourceInfo:
         return col0, row0, col1, row1
 
     def read(self, col0: int, row0: int, col1: int, row1: int, step: int = 1) -> np.ndarray:
-        """Pixels of a window as (h, w, channels) uint8 or float32, every `step`-th pixel."""
+        """Pixels of a window as (h, w, channels) uint8 or float32, every `step`-th pixel (only
+        those are held: a decimated read costs the memory of its result, not of its window)."""
         if not (0 <= col0 < col1 <= self.width and 0 <= row0 < row1 <= self.height):
             raise ValueError(f"{self.path}: window {col0},{row0},{col1},{row1} outside the image")
-        return _reader(self).read(row0, row1, col0, col1)[::step, ::step]
+        return _reader(self).read(row0, row1, col0, col1, max(1, int(step)))
 
     def validity(self, pixels: np.ndarray) -> np.ndarray:
         """Which pixels hold data: not all channels at the source nodata, alpha not 0, not NaN."""
@@ -120,9 +130,10 @@ class SourceInfo:
 
 
 def open_source(path: str | os.PathLike[str], srs: str | None = None,
-                nodata: tuple[float, ...] | None = None) -> SourceInfo:
+                nodata: tuple[float, ...] | None = None, max_pixels: int | None = SOURCE_MAX_PIXELS) -> SourceInfo:
     """Metadata and georeferencing of one image; `srs` overrides (or supplies) its CRS and
-    `nodata` its nodata value. Raises WriterError naming the file on anything unusable."""
+    `nodata` its nodata value. Raises WriterError naming the file on anything unusable, and on
+    an image of more than `max_pixels` pixels (None or 0: no limit)."""
     path = str(path)
     if not os.path.isfile(path):
         raise WriterError(f"{path}: no such image")
@@ -135,6 +146,7 @@ def open_source(path: str | os.PathLike[str], srs: str | None = None,
         meta = _pillow_metadata(path)
     else:
         raise WriterError(f"{path}: unsupported image type {ext or '(no extension)'} (TIFF, JPEG or PNG)")
+    check_size(path, meta["width"], meta["height"], max_pixels)
     transform = meta.pop("transform") or _world_file(path)
     if transform is None:
         raise WriterError(f"{path}: no georeferencing (no GeoTIFF tags and no world file)")
@@ -148,6 +160,18 @@ def open_source(path: str | os.PathLike[str], srs: str | None = None,
     return SourceInfo(path=path, crs=crs, x0=x0, y0=y0, res_x=res_x, res_y=res_y,
                       nodata=_nodata_for(nodata if nodata is not None else file_nodata, meta["channels"], path),
                       **meta)
+
+
+class SourceTooLarge(WriterError):
+    """An image declaring more pixels than a source may have."""
+
+
+def check_size(path: str, width: int, height: int, max_pixels: int | None) -> None:
+    """The one place that says how large a source may be (what it declares, not its file size:
+    a sparse TIFF of a few kilobytes may declare billions of pixels)."""
+    if max_pixels and width * height > max_pixels:
+        raise SourceTooLarge(f"{path}: {width}x{height} pixels, more than the {max_pixels} a source image may "
+                          f"have (setting source_max_pixels); cut it into smaller images")
 
 
 def check_crs(crs: str, where: str = "") -> str:
@@ -340,6 +364,25 @@ def _pillow_metadata(path: str) -> dict[str, Any]:
 # --- pixel readers (one cache per process) ------------------------------------------------------
 
 
+_SEGMENTS: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # (id(reader), index) -> pixels
+_segment_bytes = 0
+
+
+def _cache_put(key: tuple[int, int], seg: np.ndarray) -> None:
+    global _segment_bytes
+    _SEGMENTS[key] = seg
+    _segment_bytes += seg.nbytes
+    while _segment_bytes > _SEGMENT_CACHE_BYTES and len(_SEGMENTS) > 1:
+        _, old = _SEGMENTS.popitem(last=False)
+        _segment_bytes -= old.nbytes
+
+
+def _cache_drop(owner: int) -> None:
+    global _segment_bytes
+    for key in [k for k in _SEGMENTS if k[0] == owner]:
+        _segment_bytes -= _SEGMENTS.pop(key).nbytes
+
+
 class _TiffReader:
     """Windowed reads of the first page: decodes only the strips/tiles under a window (LRU-cached)."""
 
@@ -358,56 +401,99 @@ class _TiffReader:
         self.across = -(-info.width // self.seg_w)
         self.down = -(-info.height // self.seg_h)
         self.per_plane = self.across * self.down
-        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.cached_bytes = 0
+        self.samples = 1 if self.planar else int(page.samplesperpixel)
+        self.dtype = np.dtype(page.dtype)
+        # large uncompressed segments of whole-byte samples: rows are read straight from the file
+        # (a band at a time), never a whole strip (small ones are decoded whole and cached)
+        self.raw_rows = (int(page.compression) == 1 and int(page.bitspersample) == self.dtype.itemsize * 8
+                         and int(getattr(page, "fillorder", 1)) == 1
+                         and self.seg_h * self.seg_w * self.samples * self.dtype.itemsize > _RAW_BAND_BYTES)
+        self.file_dtype = self.dtype.newbyteorder(self.tif.byteorder)
+        self.zeros = np.zeros((1, 1, self.samples), dtype=self.dtype)
 
-    def _segment(self, index: int) -> np.ndarray:
-        seg = self.cache.get(index)
-        if seg is not None:
-            self.cache.move_to_end(index)
-            return seg
+    def _rows(self, index: int, r0: int, r1: int) -> tuple[np.ndarray, int]:
+        """Rows [r0, r1) of a segment, or all of it: (pixels, first row of `pixels` in the segment).
+        Uncompressed segments are read row by row from the file, others decoded whole."""
         page = self.page
         count = page.databytecounts[index]
-        if count == 0:  # sparse TIFF: an absent segment reads as zeros
-            samples = 1 if self.planar else page.samplesperpixel
-            seg = np.zeros((self.seg_h, self.seg_w, samples), dtype=page.dtype)
-        else:
-            fh = self.tif.filehandle
-            fh.seek(page.dataoffsets[index])
-            data = fh.read(count)
-            try:
-                decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-            except Exception as exc:  # codecs raise their own types
-                raise WriterError(f"{self.info.path}: cannot decode image data ({exc})") from None
-            if decoded is None:
-                raise WriterError(f"{self.info.path}: cannot decode image data")
-            seg = decoded.reshape(decoded.shape[-3:])
-        self.cache[index] = seg
-        self.cached_bytes += seg.nbytes
-        while self.cached_bytes > _SEGMENT_CACHE_BYTES and len(self.cache) > 1:
-            _, old = self.cache.popitem(last=False)
-            self.cached_bytes -= old.nbytes
+        if not self.raw_rows or count == 0:
+            return self._segment(index), 0
+        row_bytes = self.seg_w * self.samples * self.dtype.itemsize
+        r1 = min(r1, count // row_bytes)
+        fh = self.tif.filehandle
+        fh.seek(page.dataoffsets[index] + r0 * row_bytes)
+        data = fh.read((r1 - r0) * row_bytes)
+        rows = np.frombuffer(data, dtype=self.file_dtype).reshape(-1, self.seg_w, self.samples)
+        return rows.astype(self.dtype, copy=False), r0
+
+    def _segment(self, index: int) -> np.ndarray:
+        """One whole strip or tile, decoded (cached)."""
+        page = self.page
+        count = page.databytecounts[index]
+        if count == 0:  # sparse TIFF: an absent segment reads as zeros, and costs nothing
+            return np.broadcast_to(self.zeros, (self.seg_h, self.seg_w, self.samples))
+        key = (id(self), index)
+        seg = _SEGMENTS.get(key)
+        if seg is not None:
+            _SEGMENTS.move_to_end(key)
+            return seg
+        if self.seg_h * self.seg_w * self.samples * self.dtype.itemsize > SEGMENT_MAX_BYTES:
+            raise WriterError(f"{self.info.path}: compressed strips or tiles of {self.seg_w}x{self.seg_h} pixels, too "
+                              f"large to decode in bounded memory; rewrite it as a tiled TIFF "
+                              f"(e.g. gdal_translate -co TILED=YES)")
+        fh = self.tif.filehandle
+        fh.seek(page.dataoffsets[index])
+        data = fh.read(count)
+        try:
+            decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        except Exception as exc:  # codecs raise their own types
+            raise WriterError(f"{self.info.path}: cannot decode image data ({exc})") from None
+        if decoded is None:
+            raise WriterError(f"{self.info.path}: cannot decode image data")
+        seg = decoded.reshape(decoded.shape[-3:])
+        _cache_put(key, seg)
         return seg
 
-    def read(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
+    def read(self, row0: int, row1: int, col0: int, col1: int, step: int = 1) -> np.ndarray:
         page = self.page
         samples = int(page.samplesperpixel)
-        out = np.zeros((row1 - row0, col1 - col0, samples), dtype=page.dtype)
+        out = np.zeros((len(range(row0, row1, step)), len(range(col0, col1, step)), samples), dtype=page.dtype)
         planes = range(samples) if self.planar else range(1)
         for ty in range(row0 // self.seg_h, (row1 - 1) // self.seg_h + 1):
-            for tx in range(col0 // self.seg_w, (col1 - 1) // self.seg_w + 1):
-                sy, sx = ty * self.seg_h, tx * self.seg_w
-                r0, r1 = max(row0, sy), min(row1, sy + self.seg_h)
-                c0, c1 = max(col0, sx), min(col1, sx + self.seg_w)
-                for plane in planes:
-                    seg = self._segment(plane * self.per_plane + ty * self.across + tx)
-                    part = seg[r0 - sy : r1 - sy, c0 - sx : c1 - sx]
-                    target = out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0]
-                    if self.planar:
-                        target[..., plane] = part[..., 0]
-                    else:
-                        target[...] = part
+            sy = ty * self.seg_h
+            # rows of this segment in the window, cut in bands when read raw from the file
+            top, bottom = max(row0, sy), min(row1, sy + self.seg_h)
+            band = self.seg_h
+            if self.raw_rows:
+                row_bytes = self.seg_w * self.samples * self.dtype.itemsize
+                band = max(step, _RAW_BAND_BYTES // row_bytes // step * step)
+            for start in range(top, bottom, band):
+                self._read_band(out, row0, col0, col1, step, ty, start, min(bottom, start + band), planes)
         return self._normalise(out)
+
+    def _read_band(self, out: np.ndarray, row0: int, col0: int, col1: int, step: int, ty: int, top: int,
+                   bottom: int, planes: range) -> None:
+        """Rows [top, bottom) of segment row `ty` into `out` (the window from row0, col0)."""
+        sy = ty * self.seg_h
+        r0 = row0 + -(-(top - row0) // step) * step  # first row of the step lattice in the band
+        r1 = bottom
+        if r0 >= r1:
+            return
+        for tx in range(col0 // self.seg_w, (col1 - 1) // self.seg_w + 1):
+            sx = tx * self.seg_w
+            c0 = col0 + -(-(max(col0, sx) - col0) // step) * step
+            c1 = min(col1, sx + self.seg_w)
+            if c0 >= c1:
+                continue
+            for plane in planes:
+                seg, first = self._rows(plane * self.per_plane + ty * self.across + tx, r0 - sy, r1 - sy)
+                part = seg[r0 - sy - first : r1 - sy - first : step, c0 - sx : c1 - sx : step]
+                target = out[(r0 - row0) // step : (r0 - row0) // step + part.shape[0],
+                             (c0 - col0) // step : (c0 - col0) // step + part.shape[1]]
+                if self.planar:
+                    target[..., plane] = part[..., 0]
+                else:
+                    target[...] = part
 
     def _normalise(self, pixels: np.ndarray) -> np.ndarray:
         """Bilevel → 0/255, MinIsWhite inverted, palette → RGB, other numbers → float32."""
@@ -425,6 +511,7 @@ class _TiffReader:
         return pixels.astype(np.uint8, copy=False)
 
     def close(self) -> None:
+        _cache_drop(id(self))
         self.tif.close()
 
 
@@ -447,8 +534,8 @@ class _PillowReader:
             pixels = pixels[..., None]
         self.pixels = pixels.astype(np.float32 if info.sample_format == "FLOAT32" else np.uint8, copy=False)
 
-    def read(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
-        return self.pixels[row0:row1, col0:col1]
+    def read(self, row0: int, row1: int, col0: int, col1: int, step: int = 1) -> np.ndarray:
+        return self.pixels[row0:row1:step, col0:col1:step]
 
     def close(self) -> None:
         self.pixels = np.empty((0, 0, 1))
