@@ -163,8 +163,9 @@ class _Translator:
         return self._condition(node)
 
     def _bind(self, value: Any) -> str:
+        """A numbered placeholder: the text may be assembled in any order (`?` counts on from these)."""
         self.params.append(value)
-        return "?"
+        return f"?{len(self.params)}"
 
     def _attribute(self, name: str) -> str:
         if name not in self.columns:

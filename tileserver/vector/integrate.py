@@ -187,16 +187,21 @@ def rtree_name(table: str, geometry: str) -> str:
 
 
 def build_rtree(con: sqlite3.Connection, table: str, geometry: str = GEOMETRY, key: str = KEY,
-                batch: int = 50_000) -> None:
-    """Bulk-load the GeoPackage R-tree of `table` and install its triggers (inside the caller's transaction)."""
+                batch: int = 50_000) -> tuple[float, float, float, float] | None:
+    """Bulk-load the GeoPackage R-tree of `table` and install its triggers (inside the caller's
+    transaction); the table's exact extent (the R-tree's is rounded outwards to float32)."""
     r = rtree_name(table, geometry)
     con.execute(f"CREATE VIRTUAL TABLE {quote(r)} USING rtree(id, minx, maxx, miny, maxy)")
     cur = con.execute(f"SELECT {quote(key)}, {quote(geometry)} FROM {quote(table)} WHERE {quote(geometry)} IS NOT NULL")
+    extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
     while rows := cur.fetchmany(batch):
         ids = np.array([row[0] for row in rows], dtype="int64")
         geoms = gpkgbinary.decode_many([row[1] for row in rows])
         keep = ~shapely.is_empty(geoms) & ~shapely.is_missing(geoms)
         b = shapely.bounds(geoms[keep])
+        if len(b):
+            extent = np.concatenate([np.minimum(extent[:2], b[:, :2].min(axis=0)),
+                                     np.maximum(extent[2:], b[:, 2:].max(axis=0))])
         con.executemany(f"INSERT INTO {quote(r)} VALUES (?, ?, ?, ?, ?)",
                         zip(ids[keep].tolist(), b[:, 0].tolist(), b[:, 2].tolist(), b[:, 1].tolist(),
                             b[:, 3].tolist(), strict=True))
@@ -209,11 +214,15 @@ def build_rtree(con: sqlite3.Connection, table: str, geometry: str = GEOMETRY, k
     con.execute("INSERT INTO gpkg_extensions (table_name, column_name, extension_name, definition, scope) "
                 "VALUES (?, ?, 'gpkg_rtree_index', 'http://www.geopackage.org/spec120/#extension_rtree', "
                 "'write-only')", (table, geometry))
+    return tuple(float(v) for v in extent) if np.isfinite(extent).all() else None
 
 
-def _refresh_extent(con: sqlite3.Connection, table: str, geometry: str = GEOMETRY) -> None:
-    """gpkg_contents' bounds from the R-tree (GeoPackage readers trust them for the layer's extent)."""
-    row = con.execute(f"SELECT min(minx), min(miny), max(maxx), max(maxy) FROM {quote(rtree_name(table, geometry))}").fetchone()
+def _refresh_extent(con: sqlite3.Connection, table: str, geometry: str = GEOMETRY,
+                    extent: tuple[float, float, float, float] | None = None) -> None:
+    """gpkg_contents' bounds (readers take them as the layer's extent): exact after a build, from
+    the R-tree after changes (float32, rounded outwards: never smaller than the data)."""
+    row = extent or con.execute(f"SELECT min(minx), min(miny), max(maxx), max(maxy) "
+                                f"FROM {quote(rtree_name(table, geometry))}").fetchone()
     con.execute("UPDATE gpkg_contents SET min_x = ?, min_y = ?, max_x = ?, max_y = ?, "
                 "last_change = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE table_name = ?", (*row, table))
 
@@ -276,8 +285,7 @@ def _finish(path: Path, spatial: list[Layer]) -> None:
         gpkgbinary.register_functions(con)
         con.execute("BEGIN")
         for layer in spatial:
-            build_rtree(con, layer.table)
-            _refresh_extent(con, layer.table)
+            _refresh_extent(con, layer.table, extent=build_rtree(con, layer.table))
         con.execute("COMMIT")
     finally:
         con.close()
@@ -324,8 +332,7 @@ def apply_changes(report: DeliveryReport, base_path: str | os.PathLike[str]) -> 
             con.execute("BEGIN")
             for layer in loads:
                 if layer.geometry_type:
-                    build_rtree(con, layer.table)
-                    _refresh_extent(con, layer.table)
+                    _refresh_extent(con, layer.table, extent=build_rtree(con, layer.table))
             changed = set()
             for layer in report.layers:
                 if layer.role == "update":
