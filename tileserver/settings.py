@@ -113,6 +113,8 @@ class Settings:
     # proxies whose X-Forwarded-For/-Proto/-Host are believed (comma-separated addresses or networks,
     # "*": any); ignored for public URLs when public_url is set
     forwarded_allow_ips: str = "127.0.0.1"
+    # --- vector services: WFS and OGC API Features (issue 13)
+    wfs_max_features: int = 1000  # default and maximum COUNT of a GetFeature; maximum OGC API `limit`
 
     @property
     def resolved_store_path(self) -> str:
