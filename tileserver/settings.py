@@ -136,6 +136,8 @@ class Settings:
     render_timeout: float = 20.0  # seconds one admitted render may take (fetch, draw, encode): then 503
     # pixels (width x height) a source image may declare: larger ones fail the raster check and builds
     source_max_pixels: int = 1 << 28
+    # --- vector services: WFS and OGC API Features (issue 13)
+    wfs_max_features: int = 1000  # default and maximum COUNT of a GetFeature; maximum OGC API `limit`
 
     @property
     def resolved_store_path(self) -> str:
