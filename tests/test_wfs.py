@@ -18,14 +18,13 @@ import shapely
 from apputil import live_server, make_settings
 from lxml import etree
 from pyogrio.raw import read as raw_read
-from vectorutil import install_base, make_gpkg
+from vectorutil import make_gpkg
 
 SCHEMAS = Path(__file__).parent / "schemas" / "ogc-wfs20"
 WFS = "http://www.opengis.net/wfs/2.0"
 GML = "http://www.opengis.net/gml/3.2"
 OWS = "http://www.opengis.net/ows/1.1"
 NS = {"wfs": WFS, "gml": GML, "ows": OWS}
-BASE_IMPL = install_base()
 
 _LOCAL = {
     "http://www.w3.org/2001/xml.xsd": "xml.xsd",

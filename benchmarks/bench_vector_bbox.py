@@ -1,6 +1,6 @@
 """Measure (not a test): a bbox of ~1000 features in a 1,000,000-point GeoPackage, GeoPackageBase vs ogr2ogr -spat.
 
-    PYTHONPATH=$PWD python tests/vector_bbox_bench.py [workdir]
+    .venv/bin/python benchmarks/bench_vector_bbox.py [workdir]
 """
 
 from __future__ import annotations
