@@ -143,3 +143,19 @@ def test_access_log_masks_keys(tmp_path, caplog):
         with live_server(make_settings(tmp_path)) as base:
             httpx.get(f"{base}/healthcheck?apikey=TOPSECRET")
     assert "TOPSECRET" not in caplog.text and "/healthcheck?apikey=***" in caplog.text
+
+
+def test_a_users_scan1000_takes_the_name_over_from_the_demo(tmp_path):
+    """The demo borrows ROK4's sample name: publishing one's own SCAN1000 replaces it (no 409), once
+    only — a user's SCAN1000 is then protected like any layer, and a restart does not bring the demo back."""
+    settings = make_settings(tmp_path, demo=True)
+    mine = layer_descriptor("SCAN1000", title="my SCAN1000")
+    with live_server(settings) as base:
+        assert httpx.get(f"{base}/admin/layers/SCAN1000", headers=OPERATOR).json()["title"] == "SCAN 1000 (demo)"
+        created = httpx.post(f"{base}/admin/layers/SCAN1000", json=mine, headers=OPERATOR)
+        assert created.status_code == 204, created.text
+        assert httpx.get(f"{base}/admin/layers/SCAN1000", headers=OPERATOR).json()["title"] == "my SCAN1000"
+        again = httpx.post(f"{base}/admin/layers/SCAN1000", json=mine, headers=OPERATOR)
+        assert again.status_code == 409
+    with live_server(settings) as base:
+        assert httpx.get(f"{base}/admin/layers/SCAN1000", headers=OPERATOR).json()["title"] == "my SCAN1000"

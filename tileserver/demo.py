@@ -13,6 +13,7 @@ from tileserver.publication.model import parse_layer
 from tileserver.settings import PACKAGE_DIR
 
 if TYPE_CHECKING:
+    from tileserver.publication.model import Layer
     from tileserver.runtime import Runtime
 
 DEMO_SOURCE = PACKAGE_DIR / "demo" / "pyramids"
@@ -52,6 +53,14 @@ async def ensure_demo(runtime: Runtime) -> None:
     if runtime.store.get_layer(layer.id) is None:
         runtime.store.add_layer(layer)
     marker.write_text("the demo layer was published once; delete this file to publish it again\n")
+
+
+def is_demo_layer(layer: Layer | None, data_dir: str | Path) -> bool:
+    """The record is the demo as `ensure_demo` published it (not a user's layer of the same name)."""
+    if layer is None or layer.id != DEMO_NAME or len(layer.pyramids) != 1:
+        return False
+    demo_path = f"file://{Path(data_dir).resolve() / 'pyramids' / DEMO_NAME}.json"
+    return layer.pyramids[0].path == demo_path and layer.title == DEMO_LAYER["title"]
 
 
 def demo_admin_token(data_dir: str | Path) -> tuple[str, bool]:

@@ -273,12 +273,21 @@ async def get_layer(request: Request, runtime: Runtime) -> Response:
 
 
 async def create_layer(request: Request, runtime: Runtime) -> Response:
+    from tileserver.demo import is_demo_layer
+
     layer = await _layer_from_body(request)
-    if runtime.store.get_layer(layer.id) is not None:
+    existing = runtime.store.get_layer(layer.id)
+    # the demo borrows ROK4's sample name SCAN1000: a user's own layer of that name takes it over
+    replaces_demo = is_demo_layer(existing, runtime.settings.data_dir)
+    if existing is not None and not replaces_demo:
         raise Problem(409, f"layer {layer.id} already exists (PUT replaces it)", "id")
     summaries = await _check(runtime, layer)
-    await _store_write(runtime, runtime.store.add_layer, layer, False, summaries)
-    log.info("admin: layer %s added", layer.id)
+    if replaces_demo:
+        await _store_write(runtime, runtime.store.put_layer, layer, summaries, False)
+        log.info("admin: layer %s added in place of the demo layer", layer.id)
+    else:
+        await _store_write(runtime, runtime.store.add_layer, layer, False, summaries)
+        log.info("admin: layer %s added", layer.id)
     return Response(status_code=204)
 
 
