@@ -441,7 +441,7 @@ async def tile(request: Request, view: TileMapView, level: str, x: str, y_ext: s
         answer = None
     if answer is None:
         raise TMSError(404, "No data found")
-    return tile_response(answer, published, get_runtime(request).settings)
+    return tile_response(answer, published, get_runtime(request).settings, request.headers.get("accept-encoding"))
 
 
 async def _reprojected_tile(request: Request, view: TileMapView, level: str, col: int, row: int) -> Response:

@@ -452,7 +452,7 @@ async def get_tile(request: Request, params: Mapping[str, str | None], key: str 
     runtime = get_runtime(request)
     tile = resolve_tile(runtime.catalog, params, key, book=_book(runtime))
     answer = await _tile_answer(request, tile)
-    return tile_response(answer, tile.published, runtime.settings)
+    return tile_response(answer, tile.published, runtime.settings, request.headers.get("accept-encoding"))
 
 
 # --- GetFeatureInfo -----------------------------------------------------------------------------
