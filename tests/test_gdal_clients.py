@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -49,10 +50,11 @@ def bottom_extent(name: str) -> tuple[str, tuple[int, int, int, int], tuple[floa
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    """A GDAL tool without any cache or config of the developer's: every run asks the server."""
-    env = {**os.environ, "GDAL_DEFAULT_WMS_CACHE_PATH": "/nonexistent", "GDAL_ENABLE_WMS_CACHE": "NO",
-           "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/", "GDAL_HTTP_TIMEOUT": "60"}
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, check=False)
+    """A GDAL tool run in a fresh directory: its WMS block cache (./gdalwmscache) starts empty and
+    stays out of the source tree, so every run asks the server."""
+    with tempfile.TemporaryDirectory(prefix="gdal-") as work:
+        env = {**os.environ, "GDAL_DEFAULT_WMS_CACHE_PATH": f"{work}/cache", "GDAL_HTTP_TIMEOUT": "60"}
+        return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=work, check=False)
 
 
 def translate(source: str, out: Path, *options: str) -> np.ndarray:
