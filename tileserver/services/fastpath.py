@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tileserver.http import CORS_HEADERS, etag_matches, etag_of, log_access, next_request_id
 from tileserver.services.policy import ServiceError, tile_headers
-from tileserver.services.tiles import empty_tile, native_tile
+from tileserver.services.tiles import empty_tile, for_client, native_tile
 from tileserver.services.wmts import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
 
 log = logging.getLogger("tileserver.fastpath")
@@ -78,12 +78,14 @@ class FastTiles:
     async def _answer(self, scope: Scope, send: Send) -> bool:
         """True when the tile was sent; False hands the request to the ordinary route."""
         started = time.perf_counter()
-        if_none_match = None
+        if_none_match = accept_encoding = None
         for name, value in scope["headers"]:  # ASGI header names are lower case
             if name == b"x-api-key":
                 return False
             if name == b"if-none-match":
                 if_none_match = value
+            elif name == b"accept-encoding":
+                accept_encoding = value.decode("latin-1")
         path: str = scope["path"]
         query: bytes = scope["query_string"]
         request = _kvp_request(query) if path == _KVP_PATH else _rest_request(path, scope.get("raw_path", b""), query)
@@ -114,7 +116,7 @@ class FastTiles:
             return False  # TileOutOfRange: the route words it
         try:
             answer = await native_tile(route.published, route.level, col, row) if route.stored else None
-            answer = answer or empty_tile(route.published, route.level)
+            answer = for_client(answer or empty_tile(route.published, route.level), accept_encoding)
         except ServiceError:  # no data (404 layers), storage failures: the route words them
             return False
         body = answer.body

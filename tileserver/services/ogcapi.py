@@ -616,7 +616,7 @@ async def tile(ctx: Ctx, scope: Scope, grid: str, tile_matrix: str, tile_row: st
         raise not_found(f"no data at tile ({tile_matrix}, {row}, {col}) of {echo(published.id)}") from None
     if answer is None:
         raise not_found(f"tile ({tile_matrix}, {row}, {col}) is outside the limits of {echo(published.id)}")
-    return tile_response(answer, published, get_runtime(ctx.request).settings)
+    return tile_response(answer, published, get_runtime(ctx.request).settings, ctx.request.headers.get("accept-encoding"))
 
 
 # --- metadata documents ---------------------------------------------------------------------------

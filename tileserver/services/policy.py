@@ -302,8 +302,12 @@ def _private(cache_control: str) -> str:
 
 def tile_headers(published: PublishedLayer, settings: Any, content_encoding: str | None = None) -> dict[str, str]:
     """Cache-Control (the layer's or the server's; `private` for a restricted layer) and Vary of a tile,
-    for the routed path and the fast path alike."""
-    return map_headers((published,), settings, content_encoding)
+    for the routed path and the fast path alike. A format stored deflated (ZIP FLOAT32) is sent
+    deflated or inflated after Accept-Encoding: a shared cache must keep both apart."""
+    headers = map_headers((published,), settings, content_encoding)
+    if published.format.content_encoding:
+        headers["Vary"] = ", ".join(v for v in (headers.get("Vary"), "Accept-Encoding") if v)
+    return headers
 
 
 def map_headers(

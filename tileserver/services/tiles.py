@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass
+import re
+import zlib
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -109,8 +111,40 @@ async def native_tile(published: PublishedLayer, level: str, col: int, row: int)
     return TileAnswer(body, fmt.mime, fmt.content_encoding, False)
 
 
-def tile_response(answer: TileAnswer, published: PublishedLayer, settings: Settings) -> Response:
-    """HTTP response of a tile: its Content-Type, and the headers `policy.tile_headers` gives it."""
+def accepts_encoding(accept_encoding: str | None, coding: str) -> bool:
+    """Whether a client's Accept-Encoding names `coding` (or `*`) with a non-zero quality. No header
+    counts as no: RFC 9110 would allow any coding then, but a client that asked for nothing (curl
+    without --compressed, a plain socket) cannot read a deflated BIL, and identity is always allowed."""
+    for item in (accept_encoding or "").split(","):
+        name, _, params = item.partition(";")
+        if name.strip().lower() not in (coding, "*"):
+            continue
+        quality = re.search(r"q\s*=\s*([0-9.]+)", params.lower())
+        try:
+            return quality is None or float(quality.group(1)) > 0
+        except ValueError:
+            return False
+    return False
+
+
+def for_client(answer: TileAnswer, accept_encoding: str | None) -> TileAnswer:
+    """The stored deflate stream (ZIP FLOAT32, ROK4's Content-Encoding: deflate) passed through to a
+    client that accepts deflate, inflated for any other: the fast path and every route use this."""
+    if answer.content_encoding != "deflate" or accepts_encoding(accept_encoding, "deflate"):
+        return answer
+    try:
+        body = zlib.decompress(answer.body)
+    except zlib.error as exc:
+        raise storage_failure(CodecError(f"not a zlib stream: {exc}"), "deflated tile") from exc
+    return replace(answer, body=body, content_encoding=None)
+
+
+def tile_response(
+    answer: TileAnswer, published: PublishedLayer, settings: Settings, accept_encoding: str | None = None
+) -> Response:
+    """HTTP response of a tile: its Content-Type, the headers `policy.tile_headers` gives it, and its
+    body in a coding the client accepts (`accept_encoding`: the request's Accept-Encoding)."""
+    answer = for_client(answer, accept_encoding)
     headers = tile_headers(published, settings, answer.content_encoding)
     return Response(answer.body, media_type=answer.content_type, headers=headers)
 

@@ -31,7 +31,7 @@ from tileserver.catalog import Catalog, PublishedLayer
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import XML_DECLARATION, base_url, echo, key_hash, xml_text
 from tileserver.services.policy import ServiceError, document_headers, error_response, register
-from tileserver.services.tiles import TileNotFound, native_tile, rendered_tile, tile_response
+from tileserver.services.tiles import TileNotFound, empty_tile, native_tile, rendered_tile, tile_response
 from tileserver.services.wmts import extra_grids
 from tileserver.settings import data_directory
 
@@ -103,6 +103,13 @@ def service_url(request: Request) -> str:
     return f"{base_url(request)}/tms/{VERSION}"
 
 
+OSGEO = "osgeo"  # `/tms/osgeo/1.0.0/…`: TMS 1.0.0 to the letter, rows counted from the bottom
+
+
+def osgeo_url(request: Request) -> str:
+    return f"{base_url(request)}/tms/{OSGEO}/{VERSION}"
+
+
 def level_order(published: PublishedLayer, level: str) -> int:
     """The zoom a client uses in URLs: the level id when numeric (ROK4 grids), else its rank from the top."""
     return int(level) if level.isdigit() else published.level_ids.index(level)
@@ -111,8 +118,8 @@ def level_order(published: PublishedLayer, level: str) -> int:
 # --- documents ----------------------------------------------------------------------------------
 
 
-def services_document(request: Request) -> bytes:
-    """`/tms`: the TMS root resource listing the one service version."""
+def services_document(request: Request, osgeo: bool = False) -> bytes:
+    """`/tms` (`/tms/osgeo`): the TMS root resource listing the one service version."""
     runtime = get_runtime(request)
     root = etree.Element("Services")
     etree.SubElement(
@@ -120,17 +127,17 @@ def services_document(request: Request) -> bytes:
         "TileMapService",
         title=xml_text(runtime.settings.service_title),
         version=VERSION,
-        href=f"{service_url(request)}/",
+        href=f"{osgeo_url(request) if osgeo else service_url(request)}/",
     )
     return _serialise(root)
 
 
-def service_document(request: Request, visible: list[PublishedLayer]) -> bytes:
-    """`/tms/1.0.0`: one TileMap per layer the caller may see."""
+def service_document(request: Request, visible: list[PublishedLayer], osgeo: bool = False) -> bytes:
+    """`/tms/1.0.0`: one TileMap per layer the caller may see (`/tms/osgeo/1.0.0`: per quad-tree layer)."""
     settings = get_runtime(request).settings
-    base = service_url(request)
+    base = osgeo_url(request) if osgeo else service_url(request)
     root = _skeleton("service")
-    root.set("services", f"{base_url(request)}/tms")
+    root.set("services", f"{base_url(request)}/tms" + (f"/{OSGEO}" if osgeo else ""))
     _set_text(root, "Title", settings.service_title)
     _set_text(root, "Abstract", settings.service_abstract)
     _keywords(root, ("TMS", "ROK4", "tiles"))
@@ -140,6 +147,14 @@ def service_document(request: Request, visible: list[PublishedLayer]) -> bytes:
     tilemaps = root.find("TileMaps")
     assert tilemaps is not None
     for published in sorted(visible, key=lambda p: p.id):
+        if osgeo:
+            if osgeo_matrices(published) is not None:
+                etree.SubElement(
+                    tilemaps, "TileMap", title=xml_text(published.layer.title), srs=published.tms.crs,
+                    profile=osgeo_profile(published), extension=published.format.tms_extension,
+                    href=f"{base}/{published.id}",
+                )
+            continue
         for view in views(published):
             title = published.layer.title + (f" ({view.grid.id})" if view.grid else "")
             etree.SubElement(
@@ -406,7 +421,143 @@ def gdal_document(request: Request, published: PublishedLayer) -> bytes:
         ("ZeroBlockHttpCodes", "204,404"),
     ):
         etree.SubElement(root, tag).text = text
+    # no XML declaration: GDAL (and QGIS through it) recognises the file only when it starts with <GDAL_WMS>
+    return etree.tostring(root, encoding="unicode", pretty_print=True).encode()
+
+
+# --- TMS 1.0.0 to the letter (`/tms/osgeo/1.0.0`) ------------------------------------------------
+#
+# ROK4's TileMap counts rows from the top and gives the data's extent as BoundingBox. Readers of the
+# standard (GDAL's TileMap reader, hence QGIS) count rows from the bottom of the BoundingBox, take
+# it as the origin of the tile indices, and take `order` as the zoom from 0. This flavour is what
+# they read: the grid's whole extent, Origin at its lower-left corner, TileSets z = 0 … bottom,
+# rows from the bottom. It exists for quad-tree grids whose level ids are their zoom (PM, 4326).
+
+
+def osgeo_matrices(published: PublishedLayer) -> list[Any] | None:
+    """Matrices z = 0 … bottom when the grid is a quad tree numbered by zoom from one top matrix
+    covering the grid, None otherwise (the TMS 1.0.0 reading would be wrong)."""
+    if not published.tms.is_quadtree or not _gdal_zoom_chain(published):
+        return None
+    matrices = [published.tms.get(str(z)) for z in range(int(published.bottom_level) + 1)]
+    top = matrices[0]
+    if top is None or any(
+        m is None or (m.matrix_width, m.matrix_height) != (top.matrix_width << z, top.matrix_height << z)
+        for z, m in enumerate(matrices)
+    ):
+        return None
+    return matrices
+
+
+def osgeo_profile(published: PublishedLayer) -> str:
+    """The TMS profile the grid is: global-mercator (1 tile at z 0), global-geodetic (2 × 1), or local."""
+    top = published.tms.get("0")
+    size = (top.matrix_width, top.matrix_height) if top else None
+    if published.tms.crs == "EPSG:3857" and size == (1, 1):
+        return "global-mercator"
+    if published.tms.crs == "EPSG:4326" and size == (2, 1):
+        return "global-geodetic"
+    return "local"
+
+
+def _osgeo_layer(published: PublishedLayer) -> list[Any]:
+    matrices = osgeo_matrices(published)
+    if matrices is None:
+        raise TMSError(
+            400,
+            f"the grid {echo(published.tms.id)} of layer {echo(published.id)} is not a quad tree numbered "
+            f"by zoom: use /tms/{VERSION}/{published.id}",
+        )
+    return matrices
+
+
+def osgeo_tilemap(request: Request, published: PublishedLayer) -> bytes:
+    """`/tms/osgeo/1.0.0/{layer}`: the grid's extent, lower-left Origin, one TileSet per zoom 0 … bottom."""
+    matrices = _osgeo_layer(published)
+    base = osgeo_url(request)
+    layer, fmt = published.layer, published.format
+    root = _skeleton("tilemap")
+    root.set("tilemapservice", f"{base}/")
+    _set_text(root, "Title", layer.title)
+    _set_text(root, "Abstract", layer.abstract)
+    _keywords(root, layer.keywords)
+    _metadata_and_attribution(root, published)
+    _set_text(root, "SRS", published.tms.crs)
+    minx, miny, maxx, maxy = matrices[0].bbox
+    bbox = root.find("BoundingBox")
+    assert bbox is not None
+    for name, value in zip(("minx", "miny", "maxx", "maxy"), (minx, miny, maxx, maxy), strict=True):
+        bbox.set(name, _num(value))
+    origin = root.find("Origin")
+    assert origin is not None
+    origin.set("x", _num(minx))
+    origin.set("y", _num(miny))
+    tile_format = root.find("TileFormat")
+    assert tile_format is not None
+    bottom = matrices[-1]
+    for name, value in (
+        ("width", bottom.tile_width),
+        ("height", bottom.tile_height),
+        ("mime-type", fmt.mime),
+        ("extension", fmt.tms_extension),
+    ):
+        tile_format.set(name, str(value))
+    tilesets = root.find("TileSets")
+    assert tilesets is not None
+    tilesets.set("profile", osgeo_profile(published))
+    for z, matrix in enumerate(matrices):
+        etree.SubElement(
+            tilesets,
+            "TileSet",
+            {"href": f"{base}/{published.id}/{z}", "units-per-pixel": _num(matrix.cell_size), "order": str(z)},
+        )
     return _serialise(root)
+
+
+async def osgeo_tile(request: Request, published: PublishedLayer, z: str, x: str, y_ext: str) -> Response:
+    """`{z}/{x}/{y}.{ext}` with y from the bottom. Anywhere in the grid the answer is an image
+    (a nodata tile outside the data): the TileMap covers the whole grid, and GDAL's reader takes only
+    204 as "no tile"."""
+    matrices = _osgeo_layer(published)
+    y, dot, ext = y_ext.rpartition(".")
+    if not dot or not y:
+        raise TMSError(400, "a tile is requested as {z}/{x}/{y}.{extension}")
+    if not z.isdigit() or z != str(int(z)) or int(z) >= len(matrices):
+        raise TMSError(400, f"level {echo(z)} is not published by layer {echo(published.id)}")
+    wanted = published.format.tms_extension
+    if EXTENSION_ALIASES.get(ext, ext) != wanted:
+        raise TMSError(400, f"extension {echo(ext)} is not the layer's ({wanted})")
+    matrix = matrices[int(z)]
+    col, from_bottom = _index(x, "column"), _index(y, "row")
+    if not (0 <= col < matrix.matrix_width and 0 <= from_bottom < matrix.matrix_height):
+        raise TMSError(404, "No data found")
+    row = matrix.matrix_height - 1 - from_bottom
+    try:
+        answer = await native_tile(published, z, col, row) if z in published.limits else None
+        answer = answer or empty_tile(published, z)
+    except TileNotFound:
+        raise TMSError(404, "No data found") from None
+    return tile_response(answer, published, get_runtime(request).settings, request.headers.get("accept-encoding"))
+
+
+async def _dispatch_osgeo(request: Request, catalog: Catalog, parts: list[str]) -> Response:
+    if not parts:
+        body = _cached(request, catalog, (OSGEO, "services"), lambda: services_document(request, osgeo=True))
+        return _xml_bytes(request, body)
+    if parts[0] != VERSION:
+        raise TMSError(400, f"TMS version {echo(parts[0])} is not supported (only {VERSION})")
+    if len(parts) == 1:
+        visible = catalog.visible("tms", key_hash(request))
+        key = (OSGEO, "service", tuple(sorted(p.id for p in visible)))
+        body = _cached(request, catalog, key, lambda: service_document(request, visible, osgeo=True))
+        return _xml_bytes(request, body, visible)
+    published = _layer(request, catalog, parts[1])
+    if len(parts) == 2:
+        body = _cached(request, catalog, (OSGEO, "tilemap", published.id), lambda: osgeo_tilemap(request, published))
+        return _xml_bytes(request, body, [published])
+    if len(parts) == 5:
+        return await osgeo_tile(request, published, parts[2], parts[3], parts[4])
+    raise TMSError(404, "no such TMS resource")
 
 
 # --- tiles --------------------------------------------------------------------------------------
@@ -441,7 +592,7 @@ async def tile(request: Request, view: TileMapView, level: str, x: str, y_ext: s
         answer = None
     if answer is None:
         raise TMSError(404, "No data found")
-    return tile_response(answer, published, get_runtime(request).settings)
+    return tile_response(answer, published, get_runtime(request).settings, request.headers.get("accept-encoding"))
 
 
 async def _reprojected_tile(request: Request, view: TileMapView, level: str, col: int, row: int) -> Response:
@@ -485,6 +636,8 @@ async def _dispatch(request: Request, parts: list[str]) -> Response:
     catalog = get_runtime(request).catalog  # one snapshot for the whole request
     if not parts:
         return _xml_bytes(request, _cached(request, catalog, ("services",), lambda: services_document(request)))
+    if parts[0] == OSGEO:
+        return await _dispatch_osgeo(request, catalog, parts[1:])
     if parts[0] != VERSION:
         raise TMSError(400, f"TMS version {echo(parts[0])} is not supported (only {VERSION})")
     if len(parts) == 1:

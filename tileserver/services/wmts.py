@@ -129,6 +129,7 @@ class GridSet:
     matrices: tuple[TileMatrix, ...]
     limits: Mapping[str, TileLimits]  # advertised limits per matrix id
     native: bool = True  # False: an extra grid, tiles rendered (reprojected) on the fly
+    extent: tuple[float, float, float, float] | None = None  # the layer's extent in this grid's CRS
 
     def matrix(self, matrix_id: str) -> TileMatrix | None:
         return next((m for m in self.matrices if m.id == matrix_id), None)
@@ -145,11 +146,40 @@ def _grid_sets(published: PublishedLayer) -> tuple[GridSet, ...]:
         for m in ordered
         if bottom.cell_size * (1 - tolerance) <= m.cell_size <= top.cell_size * (1 + tolerance)
     )
+    limits = advertised_limits(published)
+    extent = published.native_bbox
     native = (
-        GridSet(f"{tms.id}_{published.top_level}_{published.bottom_level}", tms, subset, published.limits),
-        GridSet(tms.id, tms, ordered, published.limits),
+        GridSet(f"{tms.id}_{published.top_level}_{published.bottom_level}", tms, subset, limits, extent=extent),
+        GridSet(tms.id, tms, ordered, limits, extent=extent),
     )
     return native + tuple(extra_grids(published).values())
+
+
+def tile_range(matrix: TileMatrix, bbox: tuple[float, float, float, float]) -> TileLimits | None:
+    """Tiles of a matrix with a positive-area overlap with bbox, within the matrix; None if none.
+    The tolerance is a fraction of a tile (not of a CRS unit): a bbox edge on a tile edge stays out."""
+    xmin, ymin, xmax, ymax = bbox
+    eps = 1e-9
+    min_col = max(math.floor((xmin - matrix.origin_x) / matrix.tile_span_x + eps), 0)
+    max_col = min(math.ceil((xmax - matrix.origin_x) / matrix.tile_span_x - eps) - 1, matrix.matrix_width - 1)
+    min_row = max(math.floor((matrix.origin_y - ymax) / matrix.tile_span_y + eps), 0)
+    max_row = min(math.ceil((matrix.origin_y - ymin) / matrix.tile_span_y - eps) - 1, matrix.matrix_height - 1)
+    if min_col > max_col or min_row > max_row:
+        return None
+    return TileLimits(min_col, max_col, min_row, max_row)
+
+
+def advertised_limits(published: PublishedLayer) -> dict[str, TileLimits]:
+    """Each published level's limits widened to every tile touching the layer's extent (the bottom
+    level's limits). A client such as GDAL reads the extent from the layer's BoundingBox and asks,
+    at every level, for the tiles covering it: those must be inside the limits (else 400
+    TileOutOfRange, which GDAL takes as a failure). A pyramid whose upper levels were cut tighter
+    than its bottom one (RGEALTI level 7) gets nodata tiles there, as any tile without a slab."""
+    out: dict[str, TileLimits] = {}
+    for level, lim in published.limits.items():
+        cover = tile_range(published.matrix(level), published.native_bbox)
+        out[level] = lim if cover is None else lim.union(cover)
+    return out
 
 
 def _metres(tms: TileMatrixSet, matrix: TileMatrix) -> float:
@@ -179,19 +209,19 @@ def _extra_grid_cached(
     bbox = to_grid.transform_bounds(*wgs84_bbox, densify_pts=21)
     if not all(math.isfinite(v) for v in bbox):
         return None
+    bbox = tuple(float(v) for v in bbox)
     matrices, limits = [], {}
     for m in sorted(extra.matrices, key=lambda m: -m.cell_size):
         if not finest <= _metres(extra, m) <= coarsest:
             continue
-        tiles = m.bbox_to_tile_range(bbox)
+        tiles = tile_range(m, bbox)  # type: ignore[arg-type]
         if tiles is None:
             continue
-        min_col, min_row, max_col, max_row = tiles
         matrices.append(m)
-        limits[m.id] = TileLimits(min_col, max_col, min_row, max_row)
+        limits[m.id] = tiles
     if not matrices:
         return None
-    return GridSet(extra.id, extra, tuple(matrices), limits, native=False)
+    return GridSet(extra.id, extra, tuple(matrices), limits, native=False, extent=bbox)  # type: ignore[arg-type]
 
 
 def extra_grids(published: PublishedLayer) -> dict[str, GridSet]:
@@ -230,6 +260,30 @@ def tile_styles(published: PublishedLayer, book: Mapping[str, Any] | None = None
 STYLED_FORMATS = ("image/png", "image/jpeg")  # what a style that changes pixels renders to
 
 
+def tile_formats(published: PublishedLayer, styles: Mapping[str, Any]) -> tuple[str, ...]:
+    """Formats a layer's tiles are advertised in, whatever the style: the capabilities list them
+    per layer, so `resolve_tile` must answer every style in every one of them. A DEM lists its
+    pictures first: GDAL reads tiles through the first ResourceURL, and cannot decode BIL."""
+    formats = (published.format.mime, *converted_formats(published))
+    if len(styles) > 1:
+        formats += tuple(f for f in STYLED_FORMATS if f not in formats)
+    if published.format.sample_format == "FLOAT32":
+        formats = tuple(sorted(formats, key=lambda f: f not in STYLED_FORMATS))
+    return formats
+
+
+def drawing_style(published: PublishedLayer, styles: Mapping[str, Any], style: str, mime: str) -> Any:
+    """The style a tile is drawn with, None for the stored values. A style draws pictures (PNG,
+    JPEG): in a data format (BIL, TIFF) every style is the stored values. A DEM has no picture
+    of its own, so `normal` in PNG/JPEG is drawn with the layer's first style that draws one."""
+    if mime not in STYLED_FORMATS:
+        return None
+    chosen = styles[style]
+    if chosen is None and published.format.sample_format == "FLOAT32":
+        chosen = next((s for s in styles.values() if s is not None), None)
+    return chosen
+
+
 def queryable(published: PublishedLayer) -> bool:
     """GetFeatureInfo on pixel values. Hook: EXTERNALWMS (proxying a WMS) is not done yet."""
     gfi = published.layer.get_feature_info
@@ -265,9 +319,29 @@ class TileRequest:
         return self.matrix.id in self.published.limits
 
     @property
+    def below_bottom(self) -> bool:
+        """A matrix of the full grid finer than the published bottom level."""
+        bottom = self.published.matrix(self.published.bottom_level)
+        return self.grid.native and not self.published_level and self.matrix.cell_size < bottom.cell_size
+
+    @property
     def rendered(self) -> bool:
-        """Not a stored tile: another grid or another format, made by the render pipeline."""
-        return not self.grid.native or self.mime != self.published.format.mime or self.style is not None
+        """Not a stored tile: another grid, format or style, or a level below the bottom one (the
+        bottom level's data magnified, as WMS draws it), made by the render pipeline."""
+        return (
+            not self.grid.native
+            or self.mime != self.published.format.mime
+            or self.style is not None
+            or self.below_bottom
+        )
+
+    def outside_extent(self) -> bool:
+        """The tile does not overlap the layer's extent in its grid: nothing to render there."""
+        extent = self.grid.extent
+        if extent is None:
+            return False
+        xmin, ymin, xmax, ymax = self.matrix.tile_bbox(self.col, self.row)
+        return xmin >= extent[2] or xmax <= extent[0] or ymin >= extent[3] or ymax <= extent[1]
 
 
 def _integer(value: str, locator: str) -> int:
@@ -311,9 +385,8 @@ def resolve_tile(
         raise OWSException(
             "InvalidParameterValue", "style", f"unknown style {echo(style)} for layer {published.id}"
         )
-    rendering = None if info else styles[style]
     fmt = params["format"] or ""
-    offered = STYLED_FORMATS if rendering is not None else (published.format.mime, *converted_formats(published))
+    offered = tile_formats(published, styles)
     mime = next((m for m in offered if _same_mime(fmt, m)), None)
     if mime is None or (info and mime != published.format.mime and styles[style] is None):
         raise OWSException(
@@ -350,10 +423,17 @@ def resolve_tile(
             raise OWSException(
                 code, locator, f"{locator} {value} is outside [{low}, {high}] at TileMatrix {matrix.id}"
             )
+    rendering = None if info else drawing_style(published, styles, style, mime)
     return TileRequest(published, grid, matrix, row, col, mime, rendering)
 
 
 async def _tile_answer(request: Request, tile: TileRequest) -> TileAnswer:
+    as_stored = tile.mime == tile.published.format.mime and tile.style is None
+    if tile.below_bottom and as_stored and tile.outside_extent():  # nothing to magnify: no render
+        try:
+            return empty_tile(tile.published, tile.level)
+        except TileNotFound:
+            raise OWSException("Not Found", None, "No data found", 404) from None
     if tile.rendered:
         runtime = get_runtime(request)
         return await rendered_tile(
@@ -372,7 +452,7 @@ async def get_tile(request: Request, params: Mapping[str, str | None], key: str 
     runtime = get_runtime(request)
     tile = resolve_tile(runtime.catalog, params, key, book=_book(runtime))
     answer = await _tile_answer(request, tile)
-    return tile_response(answer, tile.published, runtime.settings)
+    return tile_response(answer, tile.published, runtime.settings, request.headers.get("accept-encoding"))
 
 
 # --- GetFeatureInfo -----------------------------------------------------------------------------
@@ -506,6 +586,35 @@ def _book(runtime: Any) -> Mapping[str, Any]:
     return style_book(runtime)
 
 
+# GDAL snaps the BoundingBox to pixels of the finest matrix with floor/ceil and a 1e-10 pixel
+# tolerance; at 1e8 pixels from the origin (4326 level 19) float error alone moves an edge one pixel
+# out, then one tile out of the limits. The advertised box is the extent inset by this many pixels.
+BBOX_INSET_PIXELS = 1e-3
+
+
+def _bounding_boxes(node: etree._Element, grids: tuple[GridSet, ...]) -> None:
+    """One ows:BoundingBox per CRS the layer is offered in: its extent there, in the CRS's axis order.
+    Clients that size a layer from it (GDAL) then never ask for a tile outside the limits."""
+    finest: dict[str, float] = {}  # per CRS: the finest matrix any of its sets offers
+    for grid in grids:
+        cell = min(m.cell_size for m in grid.matrices)
+        finest[grid.tms.crs] = min(finest.get(grid.tms.crs, cell), cell)
+    done: set[str] = set()
+    for grid in grids:
+        crs = _crs_urn(grid.tms.crs)
+        if grid.extent is None or crs in done:
+            continue
+        done.add(crs)
+        inset = finest[grid.tms.crs] * BBOX_INSET_PIXELS
+        x0, y0, x1, y1 = grid.extent
+        lower, upper = (x0 + inset, y0 + inset), (x1 - inset, y1 - inset)
+        if _northing_first(grid.tms.crs):
+            lower, upper = lower[::-1], upper[::-1]
+        bbox = etree.SubElement(node, _ows("BoundingBox"), crs=crs)
+        _text(bbox, _ows("LowerCorner"), " ".join(_num(v) for v in lower))
+        _text(bbox, _ows("UpperCorner"), " ".join(_num(v) for v in upper))
+
+
 def _layer_node(
     contents: etree._Element,
     published: PublishedLayer,
@@ -528,16 +637,14 @@ def _layer_node(
     _text(bbox, _ows("LowerCorner"), f"{_num(west)} {_num(south)}")
     _text(bbox, _ows("UpperCorner"), f"{_num(east)} {_num(north)}")
     _text(node, _ows("Identifier"), layer.id)
+    _bounding_boxes(node, grids)
     for metadata in layer.metadata:
         etree.SubElement(node, _ows("Metadata"), {f"{{{XLINK_NS}}}href": str(metadata.get("url", ""))})
     styles = tile_styles(published, book)
     for style in styles:
         style_node = etree.SubElement(node, _wmts("Style"), isDefault=str(style == DEFAULT_STYLE).lower())
         _text(style_node, _ows("Identifier"), style)
-    mime = published.format.mime
-    formats = (mime, *converted_formats(published))
-    if len(styles) > 1:
-        formats += tuple(f for f in STYLED_FORMATS if f not in formats)
+    formats = tile_formats(published, styles)
     for offered in formats:
         _text(node, _wmts("Format"), offered)
     infos = tuple(INFO_FORMATS) if queryable(published) else ()
