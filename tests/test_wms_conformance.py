@@ -294,6 +294,8 @@ EXCEPTION_CASES = [
     ("i = width", _with(GFI, I="64"), "InvalidPoint", 400),
     ("j beyond height", _with(GFI, J="32"), "InvalidPoint", 400),
     ("word j", _with(GFI, J="x"), "InvalidPoint", 400),
+    ("GetMap of another service", _with(MAP, SERVICE="WFS"), "InvalidParameterValue", 400),
+    ("GetMap without service, unknown layer", _with(MAP, SERVICE=None, LAYERS="NOPE"), "LayerNotDefined", 400),
     ("legend of unknown layer", {"SERVICE": "WMS", "REQUEST": "GetLegendGraphic", "LAYER": "NOPE"}, "LayerNotDefined", 400),
     ("legend of unknown style", {"SERVICE": "WMS", "REQUEST": "GetLegendGraphic", "LAYER": "RGEALTI", "STYLE": "x"},
      "StyleNotDefined", 400),
@@ -310,6 +312,26 @@ def test_exception_cases(http, exception_schema, name, params, code, status):
     found = report.findall("ogc:ServiceException", NS)
     assert [e.get("code") for e in found] == [code]
     assert "<" not in found[0].text and "script" not in found[0].text or "?script" in found[0].text
+
+
+SERVICELESS = {
+    "1.3.0 GetMap": MAP,
+    "1.1.1 GetMap": _with(MAP, VERSION="1.1.1", CRS=None, SRS="EPSG:3857"),
+    "1.3.0 GetFeatureInfo": GFI,
+    "1.1.1 GetFeatureInfo": _with(GFI, VERSION="1.1.1", CRS=None, SRS="EPSG:3857", I=None, J=None, X="1", Y="1"),
+    "GetLegendGraphic": {"REQUEST": "GetLegendGraphic", "LAYER": "RGEALTI", "STYLE": "hypso", "FORMAT": "image/png"},
+}
+
+
+@pytest.mark.parametrize("name", SERVICELESS)
+def test_service_is_not_required_but_by_get_capabilities(http, name):
+    """06-042 §7.3-7.4 list GetMap's and GetFeatureInfo's parameters without SERVICE (only GetCapabilities
+    asks it, §7.2.2): OGC's suite and some clients send none, and must get the very answer sent with it."""
+    params = SERVICELESS[name]
+    without = wms(http, **_with(params, SERVICE=None))
+    assert without.status_code == 200, without.text
+    assert not without.headers["content-type"].startswith(("text/xml", "application/vnd.ogc.se"))
+    assert without.content == wms(http, **{**params, "SERVICE": "WMS"}).content
 
 
 V111_CASES = [

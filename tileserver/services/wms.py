@@ -185,10 +185,29 @@ def server_crs(settings: Any) -> tuple[str, ...]:
     return tuple(c for c in dict.fromkeys(codes) if crs_info(c) is not None)
 
 
+@lru_cache(maxsize=1024)
+def transformable(src: str, dst: str) -> bool:
+    """Whether PROJ can join two CRS it knows. Some pairs it cannot (IGNF:UTM20W84MART → IGNF:WGS84G:
+    "Missing required parameter values in transformation"): such a CRS is unusable for that layer,
+    and must cost the layer's BoundingBox there, never the capabilities document. Logged once."""
+    try:
+        get_transformer(src, dst)
+    except Exception as exc:  # pyproj's ProjError, CRSError
+        log.warning("no transformation from %s to %s, that CRS is not offered for its layers: %s", src, dst, exc)
+        return False
+    return True
+
+
+def usable_crs(published: PublishedLayer, code: str) -> bool:
+    """A CRS a layer can be drawn in: PROJ knows it and reaches it from the layer's own CRS."""
+    info = crs_info(code)
+    return info is not None and transformable(published.tms.crs, info.grid_crs)
+
+
 def layer_crs(published: PublishedLayer) -> tuple[str, ...]:
-    """A layer's own CRS (native first, then extra_crs), those PROJ knows."""
+    """A layer's own CRS (native first, then extra_crs), those PROJ knows and can reach."""
     codes = [normalise_crs(published.tms.crs), *(normalise_crs(c) for c in published.layer.extra_crs)]
-    return tuple(c for c in dict.fromkeys(codes) if crs_info(c) is not None)
+    return tuple(c for c in dict.fromkeys(codes) if usable_crs(published, c))
 
 
 def layer_bbox(published: PublishedLayer, code: str) -> tuple[float, float, float, float] | None:
@@ -198,6 +217,8 @@ def layer_bbox(published: PublishedLayer, code: str) -> tuple[float, float, floa
         return None
     if code == "CRS:84":
         return published.wgs84_bbox
+    if not transformable(published.tms.crs, info.grid_crs):
+        return None
     try:
         box = reproject_bbox(published.native_bbox, published.tms.crs, info.grid_crs)
     except ValueError:
@@ -447,7 +468,7 @@ def parse_map_request(kvp: KVP, runtime: Any, key: str | None, version: str, for
     code = normalise_crs(raw_crs)
     offered = set(server_crs(settings))
     for p in published:  # membership first: PROJ is never asked to parse arbitrary client text
-        if code not in offered.union(layer_crs(p)):
+        if code not in offered.union(layer_crs(p)) or not usable_crs(p, code):
             raise _error("InvalidCRS", crs_name.lower(), f"{crs_name} {echo(raw_crs)} is not offered for layer {echo(p.id)}")
     info = crs_info(code)
     assert info is not None  # offered codes are known to PROJ
@@ -569,21 +590,24 @@ def _number(value: float) -> str:
 
 
 def _lonlat(grid: Grid, i: int, j: int) -> list[float] | None:
+    if not transformable(grid.crs, "EPSG:4326"):
+        return None
     x, y = grid.to_coords(i, j)
     lon, lat = get_transformer(grid.crs, "EPSG:4326").transform(float(x), float(y), errcheck=False)
     return [lon, lat] if math.isfinite(lon) and math.isfinite(lat) else None
 
 
 def _info_plain(infos: list[PixelInfo], grid: Grid, i: int, j: int) -> bytes:
-    lines = [f"{p.layer}: " + (",".join(_number(v) for v in p.values) if p.values is not None else "no data")
-             for p in infos]
-    return ("\n".join(lines) + "\n").encode()
+    """ROK4's text/plain: the bare band values, comma-joined, nothing else (its suite matches the whole
+    body against a number); one line per queried layer, in QUERY_LAYERS order; no data is an empty line."""
+    return "\n".join(",".join(_number(v) for v in p.values or ()) for p in infos).encode()
 
 
 def _info_html(infos: list[PixelInfo], grid: Grid, i: int, j: int) -> bytes:
-    parts = ["<html><body>"]
+    """ROK4's text/html opening (its suite checks it), then the values of each queried layer."""
+    parts = ["<html><body><b>FeatureInfo :</b><br>"]
     for p in infos:
-        parts.append(f"<h3>{html.escape(p.layer)}</h3><p><b>Pixel value :</b></p><ul>")
+        parts.append(f"<h3>{html.escape(p.layer)}</h3><ul>")
         parts += [f"<li>{_number(v)}</li>" for v in p.values or ()] or ["<li>no data</li>"]
         parts.append("</ul>")
     parts.append("</body></html>")
@@ -992,9 +1016,12 @@ async def endpoint(request: Request) -> Response:
         name = OPERATIONS.get(operation.lower())
         if name == "GetCapabilities":
             version = negotiate(kvp.get("VERSION") or kvp.get("WMTVER"))
+        # 06-042 §7.2.2 asks SERVICE of GetCapabilities only; §7.3-7.4 list GetMap's and
+        # GetFeatureInfo's parameters without it, and OGC's suite and some clients send none
         if service is None or not service.strip():
-            raise _error("MissingParameterValue", "service", "parameter SERVICE is required")
-        if service.strip().upper() != "WMS":
+            if name == "GetCapabilities":
+                raise _error("MissingParameterValue", "service", "parameter SERVICE is required")
+        elif service.strip().upper() != "WMS":
             raise _error("InvalidParameterValue", "service", f"SERVICE must be WMS, not {echo(service)}")
         if name is None:
             raise _error("OperationNotSupported", "request", f"unknown operation {echo(operation)}", 501)
