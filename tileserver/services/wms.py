@@ -637,9 +637,12 @@ INFO_WRITERS: dict[str, Callable[[list[PixelInfo], Grid, int, int], bytes]] = {
 }
 
 
-async def _external_info(request: Request, published: PublishedLayer, req: MapRequest, kvp: KVP, i: int, j: int,
-                         info_format: str) -> Response:
-    """Relay a GetFeatureInfo to the WMS the layer names (always asked in 1.3.0 axis order).
+async def relay_feature_info(request: Request, published: PublishedLayer, crs: str, box: tuple[float, ...],
+                             size: tuple[int, int], i: int, j: int, info_format: str,
+                             extra: Mapping[str, str] | None = None) -> Response:
+    """Relay a GetFeatureInfo to the WMS the layer names (asked in 1.3.0 axis order), as ROK4 does for a
+    layer whose get_feature_info is EXTERNALWMS; WMS and WMTS alike (a tile is a map of its bbox).
+    `box` is x/y ordered in `crs`; `extra` overrides parameters (the client's own INFO_FORMAT spelling…).
 
     A layer made through the warehouse `/api` (its get_feature_info carries `guarded`, set by
     warehouse.configurations; a record with a warehouse offering counts too, for records made before
@@ -655,22 +658,23 @@ async def _external_info(request: Request, published: PublishedLayer, req: MapRe
     runtime = get_runtime(request)
     settings = runtime.settings
     gfi = published.layer.get_feature_info or {}
-    box = axis_ordered(req.grid.bbox, req.crs, V130)
+    info = crs_info(normalise_crs(crs))
+    if info is None:
+        raise _error("NoApplicableCode", None, f"{echo(crs)} cannot be named to a WMS", 502)
     params = {
         "SERVICE": "WMS", "VERSION": V130, "REQUEST": "GetFeatureInfo", "LAYERS": gfi["layers"],
-        "QUERY_LAYERS": gfi.get("query_layers") or gfi["layers"], "STYLES": "", "CRS": req.crs.code,
-        "BBOX": req.bbox_text if req.version == V130 else ",".join(repr(v) for v in box),
-        "WIDTH": str(req.grid.width), "HEIGHT": str(req.grid.height), "I": str(i), "J": str(j),
-        "INFO_FORMAT": kvp.get("INFO_FORMAT") or info_format, "FEATURE_COUNT": kvp.get("FEATURE_COUNT") or "1",
-        "FORMAT": "image/png",
+        "QUERY_LAYERS": gfi.get("query_layers") or gfi["layers"], "STYLES": "", "CRS": info.code,
+        "BBOX": ",".join(repr(float(v)) for v in axis_ordered(tuple(box), info, V130)),  # type: ignore[arg-type]
+        "WIDTH": str(size[0]), "HEIGHT": str(size[1]), "I": str(i), "J": str(j),
+        "INFO_FORMAT": info_format, "FEATURE_COUNT": "1", "FORMAT": "image/png", **(extra or {}),
     }
-    extra = gfi.get("extra_query_params")
-    if isinstance(extra, dict):
-        params.update({str(k): str(v) for k, v in extra.items()})
+    configured = gfi.get("extra_query_params")
+    if isinstance(configured, dict):
+        params.update({str(k): str(v) for k, v in configured.items()})
     url = gfi["url"]
     url += ("&" if "?" in url else "?") + urlencode(params)
-    if isinstance(extra, str) and extra.strip():
-        url += "&" + extra.strip().lstrip("&?")
+    if isinstance(configured, str) and configured.strip():
+        url += "&" + configured.strip().lstrip("&?")
     guarded = gfi.get("guarded") is True or bool(
         await asyncio.to_thread(runtime.store.list_offerings, published.record_id))
     policy = outbound.OutboundPolicy.from_settings(settings) if guarded else None
@@ -720,7 +724,11 @@ async def get_feature_info(request: Request, kvp: KVP, version: str) -> Response
         if len(queried) > 1:
             raise _error("InvalidParameterValue", "query_layers",
                          f"layer {echo(external[0].id)} is answered by another WMS and must be queried alone")
-        relayed = await _external_info(request, external[0], req, kvp, i, j, info_format)
+        asked = {"FEATURE_COUNT": kvp.get("FEATURE_COUNT") or "1", "INFO_FORMAT": kvp.get("INFO_FORMAT") or info_format}
+        if req.version == V130:
+            asked["BBOX"] = req.bbox_text  # verbatim: the client's digits, its axis order
+        relayed = await relay_feature_info(request, external[0], req.crs.code, req.grid.bbox,
+                                           (req.grid.width, req.grid.height), i, j, info_format, asked)
         relayed.headers.update(map_headers(queried, runtime.settings))
         return relayed
     infos = list(await asyncio.gather(*(pixel_info(p, req.grid, i, j) for p in queried)))
