@@ -78,11 +78,12 @@ CONFORMANCE = (
     "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/tilesets-list",
     "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/geodata-tilesets",
     "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/oas30",
-    "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/png",
-    "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/jpeg",
-    "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/tiff",
-    "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/mvt",
 )
+# tile encodings: a class is declared only while some tileset serves it (PyramidFormat.ogc_f → class)
+ENCODING_CLASSES = {
+    f: f"http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/{name}"
+    for f, name in (("png", "png"), ("jpg", "jpeg"), ("tiff", "tiff"), ("mvt", "mvt"))
+}
 
 # OGC-registered grids we may alias, in the 2D-TMS 2.0 definitions morecantile ships
 REGISTERED = ("WebMercatorQuad", "WorldCRS84Quad")
@@ -638,8 +639,31 @@ def landing_document(ctx: Ctx) -> dict[str, Any]:
     }
 
 
+def served_encodings(ctx: Ctx) -> set[str]:
+    """OGC `f` names of the tiles the caller's tilesets serve: each layer's stored format, and PNG where
+    one of its styles changes pixels (rendered). OGC's suite tests every encoding class declared."""
+    from tileserver.services.wms import style_book
+
+    book = style_book(get_runtime(ctx.request))
+    by_identifier = {s.identifier: s for s in book.values()}
+    out: set[str] = set()
+    for published in ctx.visible():
+        out.add(published.format.ogc_f)
+        if published.format.is_vector:
+            continue
+        for name in published.layer.styles:
+            style = book.get(name) or by_identifier.get(name)
+            if style is not None and not style.is_identity and style_usable(
+                style, published.channels, published.format.sample_format
+            ):
+                out.add(STYLED_F)
+    return out
+
+
 def conformance_document(ctx: Ctx) -> dict[str, Any]:
-    return {"conformsTo": list(CONFORMANCE), "links": self_links(ctx, "/conformance", "conformance")}
+    encodings = served_encodings(ctx)
+    classes = [*CONFORMANCE, *(uri for f, uri in ENCODING_CLASSES.items() if f in encodings)]
+    return {"conformsTo": classes, "links": self_links(ctx, "/conformance", "conformance")}
 
 
 def _grids(ctx: Ctx) -> dict[str, tuple[TileMatrixSet, str | None]]:
