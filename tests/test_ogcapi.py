@@ -22,7 +22,7 @@ import jsonschema
 import morecantile
 import numpy as np
 import pytest
-from apputil import app_client, live_server, make_settings
+from apputil import app_client, layer_descriptor, live_server, make_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -254,7 +254,9 @@ async def test_landing_and_conformance(client):
     assert any(r.startswith(REL + "tilesets-") for r in rels)
     conformance = (await client.get("/ogcapi/conformance")).json()
     validate(conformance, "conformance")
-    assert CORE in conformance["conformsTo"] and set(conformance["conformsTo"]) == set(CONFORMANCE)
+    encodings = {f"http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/{n}" for n in ("png", "jpeg", "mvt")}
+    # the world serves PNG, JPEG, BIL (DEMs: no class) and MVT tiles
+    assert CORE in conformance["conformsTo"] and set(conformance["conformsTo"]) == set(CONFORMANCE) | encodings
     for suffix in ("core", "landing-page", "json", "html", "oas30"):
         assert f"http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/{suffix}" in conformance["conformsTo"]
     assert (
@@ -265,6 +267,34 @@ async def test_landing_and_conformance(client):
     assert (await client.get("/ogcapitiles")).json()["links"][0][
         "href"
     ] == "http://testserver/ogcapitiles?f=json"
+
+
+async def test_conformance_declares_only_the_encodings_tilesets_serve(tmp_path):
+    """OGC's suite tests each encoding class declared: one PNG layer declares PNG alone (no JPEG that
+    `?f=jpeg` would refuse, no TIFF or MVT); a DEM (BIL tiles, no class) declares nothing until one of
+    its styles renders PNG tiles."""
+    conf = "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/"
+
+    async def encodings(client) -> set[str]:
+        classes = (await client.get("/ogcapi/conformance")).json()["conformsTo"]
+        assert CORE in classes
+        return {c.removeprefix(conf) for c in classes if c.removeprefix(conf) in ("png", "jpeg", "tiff", "mvt")}
+
+    settings = make_settings(tmp_path, styles_directory=str(Path(__file__).parent / "data" / "styles"))
+    async with app_client(settings) as client:
+        assert await encodings(client) == set()  # nothing published, nothing served
+        assert (await client.post("/admin/layers/SCAN", json=layer_descriptor("SCAN1000"), headers=AUTH)).status_code == 204
+        assert await encodings(client) == {"png"}
+        refused = await client.get("/ogcapi/collections/SCAN/map/tiles/PM/10/363/516?f=jpeg")
+        assert refused.status_code == 400
+        await client.delete("/admin/layers/SCAN", headers=AUTH)
+        await client.post("/admin/layers/DEM", json=layer_descriptor("RGEALTI", styles=["normal"]), headers=AUTH)
+        assert await encodings(client) == set()
+        await client.put("/admin/layers/DEM", json=layer_descriptor("RGEALTI", styles=["normal", "hypso"]),
+                         headers=AUTH)
+        assert await encodings(client) == {"png"}  # hypso renders PNG tiles
+        hypso = await client.get("/ogcapi/collections/DEM/styles/hypso/map/tiles/LAMB93_1M_MNT/8/22363/2242")
+        assert hypso.status_code == 200 and hypso.headers["content-type"] == "image/png"
 
 
 async def test_every_link_resolves_and_every_document_has_the_required_members(client):

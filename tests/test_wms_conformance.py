@@ -294,6 +294,8 @@ EXCEPTION_CASES = [
     ("i = width", _with(GFI, I="64"), "InvalidPoint", 400),
     ("j beyond height", _with(GFI, J="32"), "InvalidPoint", 400),
     ("word j", _with(GFI, J="x"), "InvalidPoint", 400),
+    ("GetMap of another service", _with(MAP, SERVICE="WFS"), "InvalidParameterValue", 400),
+    ("GetMap without service, unknown layer", _with(MAP, SERVICE=None, LAYERS="NOPE"), "LayerNotDefined", 400),
     ("legend of unknown layer", {"SERVICE": "WMS", "REQUEST": "GetLegendGraphic", "LAYER": "NOPE"}, "LayerNotDefined", 400),
     ("legend of unknown style", {"SERVICE": "WMS", "REQUEST": "GetLegendGraphic", "LAYER": "RGEALTI", "STYLE": "x"},
      "StyleNotDefined", 400),
@@ -310,6 +312,26 @@ def test_exception_cases(http, exception_schema, name, params, code, status):
     found = report.findall("ogc:ServiceException", NS)
     assert [e.get("code") for e in found] == [code]
     assert "<" not in found[0].text and "script" not in found[0].text or "?script" in found[0].text
+
+
+SERVICELESS = {
+    "1.3.0 GetMap": MAP,
+    "1.1.1 GetMap": _with(MAP, VERSION="1.1.1", CRS=None, SRS="EPSG:3857"),
+    "1.3.0 GetFeatureInfo": GFI,
+    "1.1.1 GetFeatureInfo": _with(GFI, VERSION="1.1.1", CRS=None, SRS="EPSG:3857", I=None, J=None, X="1", Y="1"),
+    "GetLegendGraphic": {"REQUEST": "GetLegendGraphic", "LAYER": "RGEALTI", "STYLE": "hypso", "FORMAT": "image/png"},
+}
+
+
+@pytest.mark.parametrize("name", SERVICELESS)
+def test_service_is_not_required_but_by_get_capabilities(http, name):
+    """06-042 §7.3-7.4 list GetMap's and GetFeatureInfo's parameters without SERVICE (only GetCapabilities
+    asks it, §7.2.2): OGC's suite and some clients send none, and must get the very answer sent with it."""
+    params = SERVICELESS[name]
+    without = wms(http, **_with(params, SERVICE=None))
+    assert without.status_code == 200, without.text
+    assert not without.headers["content-type"].startswith(("text/xml", "application/vnd.ogc.se"))
+    assert without.content == wms(http, **{**params, "SERVICE": "WMS"}).content
 
 
 V111_CASES = [
@@ -405,3 +427,79 @@ def test_fuzzed_requests_never_fail_on_the_server(http, pairs):
     assert answer.status_code < 500 or answer.status_code in (501, 503), (query, answer.text)
     if answer.headers.get("content-type", "").startswith("text/xml") and answer.status_code >= 400:
         etree.fromstring(answer.content)  # always well-formed
+
+
+# --------------------------------------------------------------------------- header names on the wire
+
+
+def _raw_head(base: str, path: str, extra: str = "") -> tuple[str, list[tuple[str, str]]]:
+    """Status line and header lines exactly as they came over the socket."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status, *lines = data.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    return status, [(line.split(":", 1)[0], line.split(":", 1)[1].strip()) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def h11_server(tmp_path_factory) -> Iterator[str]:
+    """uvicorn's h11 protocol writes header names as the app gives them (its httptools protocol, the
+    default, lowers them all: uvicorn 0.54 httptools_impl)."""
+    import threading
+    import time
+
+    import uvicorn
+    from apputil import free_port
+
+    from tileserver.app import create_app
+
+    settings = make_settings(tmp_path_factory.mktemp("wms-h11"), styles_directory=str(DATA / "styles"))
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
+                                       http="h11"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base) as admin:
+        for layer_id in ("SCAN1000", "RGEALTI"):
+            answer = admin.post(f"/admin/layers/{layer_id}", json=LAYERS[layer_id], headers={"Authorization": "Bearer secret"})
+            assert answer.status_code == 204, answer.text
+    yield base
+    uv.should_exit = True
+    thread.join(10)
+
+
+_CANONICAL_NAME = r"(ETag|[A-Z][a-z0-9]*(-[A-Z][a-z0-9]*)*)"
+
+
+def test_header_names_are_canonically_spelt(h11_server):
+    """QGIS's identify with application/json looks for `Content-Type` (case-sensitively, as ROK4 spells
+    it): the app spells every name canonically, on the routed path, the fast tile path, its 304, errors
+    and CORS preflights."""
+    import re
+
+    gfi = ("/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetFeatureInfo&LAYERS=RGEALTI&QUERY_LAYERS=RGEALTI&STYLES="
+           "&CRS=CRS:84&BBOX=1.4402,43.5589,1.4436,43.5636&WIDTH=50&HEIGHT=50&I=25&J=25&INFO_FORMAT=application/json")
+    status, headers = _raw_head(h11_server, gfi)
+    assert status.startswith("HTTP/1.1 200") and ("Content-Type", "application/json") in headers, headers
+    tile = "/wmts/1.0.0/SCAN1000/normal/PM/10/363/516.png"  # the fast path answers it
+    status, fast = _raw_head(h11_server, tile)
+    assert status.startswith("HTTP/1.1 200") and ("Content-Type", "image/png") in fast, fast
+    etag = dict(fast)["ETag"]
+    answers = [headers, fast, _raw_head(h11_server, tile, f"If-None-Match: {etag}\r\n")[1],
+               _raw_head(h11_server, "/wms?SERVICE=WMS&REQUEST=GetBogus")[1],
+               _raw_head(h11_server, "/wmts/1.0.0/SCAN1000/normal/PM/10/0/0.png")[1]]
+    for names in answers:
+        ours = [n for n, _ in names if n.lower() not in ("date", "server", "connection", "transfer-encoding")]
+        assert ours and all(re.fullmatch(_CANONICAL_NAME, n) for n in ours), ours

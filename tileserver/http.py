@@ -46,6 +46,28 @@ def _set(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> None:
     headers.append((name, value))
 
 
+# Field names are case-insensitive (RFC 9110 §5.1) and ASGI hands them over in lower case, which uvicorn
+# writes as given; yet some clients look them up by their usual spelling (QGIS's identify with
+# application/json wants `Content-Type`, as ROK4 sends). Answers go out canonically spelt.
+_CANONICAL: dict[bytes, bytes] = {b"etag": b"ETag", b"www-authenticate": b"WWW-Authenticate",
+                                  b"content-md5": b"Content-MD5", b"dnt": b"DNT"}
+_MAX_CANONICAL = 1024  # names a response can carry are few; never let odd ones grow the table
+
+
+def canonical(name: bytes) -> bytes:
+    """`content-type` → `Content-Type`, `etag` → `ETag`; one dict lookup once a name was seen."""
+    spelt = _CANONICAL.get(name)
+    if spelt is None:
+        spelt = b"-".join(part[:1].upper() + part[1:] for part in name.lower().split(b"-"))
+        if len(_CANONICAL) < _MAX_CANONICAL:
+            _CANONICAL[name] = spelt
+    return spelt
+
+
+def canonical_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(canonical(name), value) for name, value in headers]
+
+
 _SECRET_PARAMS = re.compile(rb"(?i)((?:^|&)(?:apikey|api_key|key|token|access_token)=)[^&]*")
 
 
@@ -69,8 +91,8 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
 
 # CORS for every answer: public read-only services, any origin (credentials are headers, not cookies)
 CORS_HEADERS = [
-    (b"access-control-allow-origin", b"*"),
-    (b"access-control-expose-headers", b"ETag, Content-Range, X-Request-Id"),
+    (b"Access-Control-Allow-Origin", b"*"),
+    (b"Access-Control-Expose-Headers", b"ETag, Content-Range, X-Request-Id"),
 ]
 _ALLOWED_METHODS = b"GET, HEAD, OPTIONS, POST, PUT, DELETE"
 
@@ -78,13 +100,13 @@ _ALLOWED_METHODS = b"GET, HEAD, OPTIONS, POST, PUT, DELETE"
 async def _preflight(headers: list[tuple[bytes, bytes]], send: Send) -> None:
     asked = _header(headers, b"access-control-request-headers")
     answer = [
-        (b"access-control-allow-origin", b"*"),
-        (b"access-control-allow-methods", _ALLOWED_METHODS),
-        (b"access-control-max-age", b"600"),
-        (b"content-length", b"0"),
+        (b"Access-Control-Allow-Origin", b"*"),
+        (b"Access-Control-Allow-Methods", _ALLOWED_METHODS),
+        (b"Access-Control-Max-Age", b"600"),
+        (b"Content-Length", b"0"),
     ]
     if asked:
-        answer.append((b"access-control-allow-headers", asked))
+        answer.append((b"Access-Control-Allow-Headers", asked))
     await send({"type": "http.response.start", "status": 200, "headers": answer})
     await send({"type": "http.response.body", "body": b""})
 
@@ -139,6 +161,7 @@ class HttpBehaviour:
             if status != 304 and not bodiless_head:
                 _set(headers, b"content-length", str(len(body)).encode())
             _set(headers, b"x-request-id", request_id.encode())
+            headers = canonical_headers(headers)
             headers.extend(CORS_HEADERS)
             outcome["status"], outcome["size"] = status, len(body)
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -162,7 +185,8 @@ class HttpBehaviour:
                 if sum(len(c) for c in start["chunks"]) > 8 << 20:  # large download: stream it
                     start["streaming"] = True
                     outcome["status"] = start["message"]["status"]
-                    await send(start["message"])
+                    message_start = start["message"]
+                    await send({**message_start, "headers": canonical_headers(list(message_start.get("headers", [])))})
                     await send({"type": "http.response.body", "body": b"".join(start.pop("chunks")), "more_body": True})
                 return
             await send(message)

@@ -22,7 +22,7 @@ from urllib.parse import unquote_plus
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tileserver.http import CORS_HEADERS, etag_matches, etag_of, log_access, next_request_id
+from tileserver.http import CORS_HEADERS, canonical, etag_matches, etag_of, log_access, next_request_id
 from tileserver.services.policy import ServiceError, tile_headers
 from tileserver.services.tiles import empty_tile, for_client, native_tile
 from tileserver.services.wmts import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
@@ -125,15 +125,15 @@ class FastTiles:
         request_id = next_request_id()
         headers = list(route.headers)
         if answer.content_encoding:
-            headers.append((b"content-encoding", answer.content_encoding.encode()))
+            headers.append((b"Content-Encoding", answer.content_encoding.encode()))
         if if_none_match is not None and etag_matches(if_none_match, etag):
             status, body = 304, b""
-            headers = [h for h in headers if h[0] != b"content-type"]
-            headers.append((b"etag", etag))
+            headers = [h for h in headers if h[0] != b"Content-Type"]
+            headers.append((b"ETag", etag))
         else:
             status = 200
-            headers += ((b"etag", etag), (b"content-length", b"%d" % len(body)))
-        headers.append((b"x-request-id", request_id.encode()))
+            headers += ((b"ETag", etag), (b"Content-Length", b"%d" % len(body)))
+        headers.append((b"X-Request-Id", request_id.encode()))
         headers += CORS_HEADERS
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
@@ -164,9 +164,9 @@ class FastTiles:
             rows, cols = (limits.min_row, limits.max_row), (limits.min_col, limits.max_col)
         else:
             rows, cols = (0, tile.matrix.matrix_height - 1), (0, tile.matrix.matrix_width - 1)
-        headers = [(b"content-type", published.format.mime.encode())]
-        # the routed answer's own headers (content encoding is added per answer)
-        headers += [(k.lower().encode(), v.encode()) for k, v in tile_headers(published, runtime.settings).items()]
+        headers = [(b"Content-Type", published.format.mime.encode())]
+        # the routed answer's own headers (content encoding is added per answer), spelt as http.py sends them
+        headers += [(canonical(k.encode()), v.encode()) for k, v in tile_headers(published, runtime.settings).items()]
         return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers))
 
 

@@ -78,11 +78,12 @@ CONFORMANCE = (
     "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/tilesets-list",
     "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/geodata-tilesets",
     "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/oas30",
-    "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/png",
-    "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/jpeg",
-    "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/tiff",
-    "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/mvt",
 )
+# tile encodings: a class is declared only while some tileset serves it (PyramidFormat.ogc_f → class)
+ENCODING_CLASSES = {
+    f: f"http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/{name}"
+    for f, name in (("png", "png"), ("jpg", "jpeg"), ("tiff", "tiff"), ("mvt", "mvt"))
+}
 
 # other modules' collections and conformance classes (OGC API – Features adds its vector layers):
 # objects with `conformance(ctx) -> [uri]`, `collections(ctx, bbox) -> [doc]`, `collection(ctx, id) -> doc | None`
@@ -642,9 +643,32 @@ def landing_document(ctx: Ctx) -> dict[str, Any]:
     }
 
 
+def served_encodings(ctx: Ctx) -> set[str]:
+    """OGC `f` names of the tiles the caller's tilesets serve: each layer's stored format, and PNG where
+    one of its styles changes pixels (rendered). OGC's suite tests every encoding class declared."""
+    from tileserver.services.wms import style_book
+
+    book = style_book(get_runtime(ctx.request))
+    by_identifier = {s.identifier: s for s in book.values()}
+    out: set[str] = set()
+    for published in ctx.visible():
+        out.add(published.format.ogc_f)
+        if published.format.is_vector:
+            continue
+        for name in published.layer.styles:
+            style = book.get(name) or by_identifier.get(name)
+            if style is not None and not style.is_identity and style_usable(
+                style, published.channels, published.format.sample_format
+            ):
+                out.add(STYLED_F)
+    return out
+
+
 def conformance_document(ctx: Ctx) -> dict[str, Any]:
+    encodings = served_encodings(ctx)
     extra = [c for provider in PROVIDERS for c in provider.conformance(ctx)]
-    return {"conformsTo": list(dict.fromkeys([*CONFORMANCE, *extra])), "links": self_links(ctx, "/conformance", "conformance")}
+    classes = [*CONFORMANCE, *(uri for f, uri in ENCODING_CLASSES.items() if f in encodings), *extra]
+    return {"conformsTo": list(dict.fromkeys(classes)), "links": self_links(ctx, "/conformance", "conformance")}
 
 
 def _grids(ctx: Ctx) -> dict[str, tuple[TileMatrixSet, str | None]]:

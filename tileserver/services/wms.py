@@ -185,10 +185,29 @@ def server_crs(settings: Any) -> tuple[str, ...]:
     return tuple(c for c in dict.fromkeys(codes) if crs_info(c) is not None)
 
 
+@lru_cache(maxsize=1024)
+def transformable(src: str, dst: str) -> bool:
+    """Whether PROJ can join two CRS it knows. Some pairs it cannot (IGNF:UTM20W84MART → IGNF:WGS84G:
+    "Missing required parameter values in transformation"): such a CRS is unusable for that layer,
+    and must cost the layer's BoundingBox there, never the capabilities document. Logged once."""
+    try:
+        get_transformer(src, dst)
+    except Exception as exc:  # pyproj's ProjError, CRSError
+        log.warning("no transformation from %s to %s, that CRS is not offered for its layers: %s", src, dst, exc)
+        return False
+    return True
+
+
+def usable_crs(published: PublishedLayer, code: str) -> bool:
+    """A CRS a layer can be drawn in: PROJ knows it and reaches it from the layer's own CRS."""
+    info = crs_info(code)
+    return info is not None and transformable(published.tms.crs, info.grid_crs)
+
+
 def layer_crs(published: PublishedLayer) -> tuple[str, ...]:
-    """A layer's own CRS (native first, then extra_crs), those PROJ knows."""
+    """A layer's own CRS (native first, then extra_crs), those PROJ knows and can reach."""
     codes = [normalise_crs(published.tms.crs), *(normalise_crs(c) for c in published.layer.extra_crs)]
-    return tuple(c for c in dict.fromkeys(codes) if crs_info(c) is not None)
+    return tuple(c for c in dict.fromkeys(codes) if usable_crs(published, c))
 
 
 def layer_bbox(published: PublishedLayer, code: str) -> tuple[float, float, float, float] | None:
@@ -198,6 +217,8 @@ def layer_bbox(published: PublishedLayer, code: str) -> tuple[float, float, floa
         return None
     if code == "CRS:84":
         return published.wgs84_bbox
+    if not transformable(published.tms.crs, info.grid_crs):
+        return None
     try:
         box = reproject_bbox(published.native_bbox, published.tms.crs, info.grid_crs)
     except ValueError:
@@ -447,7 +468,7 @@ def parse_map_request(kvp: KVP, runtime: Any, key: str | None, version: str, for
     code = normalise_crs(raw_crs)
     offered = set(server_crs(settings))
     for p in published:  # membership first: PROJ is never asked to parse arbitrary client text
-        if code not in offered.union(layer_crs(p)):
+        if code not in offered.union(layer_crs(p)) or not usable_crs(p, code):
             raise _error("InvalidCRS", crs_name.lower(), f"{crs_name} {echo(raw_crs)} is not offered for layer {echo(p.id)}")
     info = crs_info(code)
     assert info is not None  # offered codes are known to PROJ
@@ -568,21 +589,24 @@ def _number(value: float) -> str:
 
 
 def _lonlat(grid: Grid, i: int, j: int) -> list[float] | None:
+    if not transformable(grid.crs, "EPSG:4326"):
+        return None
     x, y = grid.to_coords(i, j)
     lon, lat = get_transformer(grid.crs, "EPSG:4326").transform(float(x), float(y), errcheck=False)
     return [lon, lat] if math.isfinite(lon) and math.isfinite(lat) else None
 
 
 def _info_plain(infos: list[PixelInfo], grid: Grid, i: int, j: int) -> bytes:
-    lines = [f"{p.layer}: " + (",".join(_number(v) for v in p.values) if p.values is not None else "no data")
-             for p in infos]
-    return ("\n".join(lines) + "\n").encode()
+    """ROK4's text/plain: the bare band values, comma-joined, nothing else (its suite matches the whole
+    body against a number); one line per queried layer, in QUERY_LAYERS order; no data is an empty line."""
+    return "\n".join(",".join(_number(v) for v in p.values or ()) for p in infos).encode()
 
 
 def _info_html(infos: list[PixelInfo], grid: Grid, i: int, j: int) -> bytes:
-    parts = ["<html><body>"]
+    """ROK4's text/html opening (its suite checks it), then the values of each queried layer."""
+    parts = ["<html><body><b>FeatureInfo :</b><br>"]
     for p in infos:
-        parts.append(f"<h3>{html.escape(p.layer)}</h3><p><b>Pixel value :</b></p><ul>")
+        parts.append(f"<h3>{html.escape(p.layer)}</h3><ul>")
         parts += [f"<li>{_number(v)}</li>" for v in p.values or ()] or ["<li>no data</li>"]
         parts.append("</ul>")
     parts.append("</body></html>")
@@ -612,9 +636,12 @@ INFO_WRITERS: dict[str, Callable[[list[PixelInfo], Grid, int, int], bytes]] = {
 }
 
 
-async def _external_info(request: Request, published: PublishedLayer, req: MapRequest, kvp: KVP, i: int, j: int,
-                         info_format: str) -> Response:
-    """Relay a GetFeatureInfo to the WMS the layer names (always asked in 1.3.0 axis order).
+async def relay_feature_info(request: Request, published: PublishedLayer, crs: str, box: tuple[float, ...],
+                             size: tuple[int, int], i: int, j: int, info_format: str,
+                             extra: Mapping[str, str] | None = None) -> Response:
+    """Relay a GetFeatureInfo to the WMS the layer names (asked in 1.3.0 axis order), as ROK4 does for a
+    layer whose get_feature_info is EXTERNALWMS; WMS and WMTS alike (a tile is a map of its bbox).
+    `box` is x/y ordered in `crs`; `extra` overrides parameters (the client's own INFO_FORMAT spelling…).
 
     A layer made through the warehouse `/api` (its get_feature_info carries `guarded`, set by
     warehouse.configurations; a record with a warehouse offering counts too, for records made before
@@ -630,22 +657,23 @@ async def _external_info(request: Request, published: PublishedLayer, req: MapRe
     runtime = get_runtime(request)
     settings = runtime.settings
     gfi = published.layer.get_feature_info or {}
-    box = axis_ordered(req.grid.bbox, req.crs, V130)
+    info = crs_info(normalise_crs(crs))
+    if info is None:
+        raise _error("NoApplicableCode", None, f"{echo(crs)} cannot be named to a WMS", 502)
     params = {
         "SERVICE": "WMS", "VERSION": V130, "REQUEST": "GetFeatureInfo", "LAYERS": gfi["layers"],
-        "QUERY_LAYERS": gfi.get("query_layers") or gfi["layers"], "STYLES": "", "CRS": req.crs.code,
-        "BBOX": req.bbox_text if req.version == V130 else ",".join(repr(v) for v in box),
-        "WIDTH": str(req.grid.width), "HEIGHT": str(req.grid.height), "I": str(i), "J": str(j),
-        "INFO_FORMAT": kvp.get("INFO_FORMAT") or info_format, "FEATURE_COUNT": kvp.get("FEATURE_COUNT") or "1",
-        "FORMAT": "image/png",
+        "QUERY_LAYERS": gfi.get("query_layers") or gfi["layers"], "STYLES": "", "CRS": info.code,
+        "BBOX": ",".join(repr(float(v)) for v in axis_ordered(tuple(box), info, V130)),  # type: ignore[arg-type]
+        "WIDTH": str(size[0]), "HEIGHT": str(size[1]), "I": str(i), "J": str(j),
+        "INFO_FORMAT": info_format, "FEATURE_COUNT": "1", "FORMAT": "image/png", **(extra or {}),
     }
-    extra = gfi.get("extra_query_params")
-    if isinstance(extra, dict):
-        params.update({str(k): str(v) for k, v in extra.items()})
+    configured = gfi.get("extra_query_params")
+    if isinstance(configured, dict):
+        params.update({str(k): str(v) for k, v in configured.items()})
     url = gfi["url"]
     url += ("&" if "?" in url else "?") + urlencode(params)
-    if isinstance(extra, str) and extra.strip():
-        url += "&" + extra.strip().lstrip("&?")
+    if isinstance(configured, str) and configured.strip():
+        url += "&" + configured.strip().lstrip("&?")
     guarded = gfi.get("guarded") is True or bool(
         await asyncio.to_thread(runtime.store.list_offerings, published.record_id))
     policy = outbound.OutboundPolicy.from_settings(settings) if guarded else None
@@ -695,7 +723,11 @@ async def get_feature_info(request: Request, kvp: KVP, version: str) -> Response
         if len(queried) > 1:
             raise _error("InvalidParameterValue", "query_layers",
                          f"layer {echo(external[0].id)} is answered by another WMS and must be queried alone")
-        relayed = await _external_info(request, external[0], req, kvp, i, j, info_format)
+        asked = {"FEATURE_COUNT": kvp.get("FEATURE_COUNT") or "1", "INFO_FORMAT": kvp.get("INFO_FORMAT") or info_format}
+        if req.version == V130:
+            asked["BBOX"] = req.bbox_text  # verbatim: the client's digits, its axis order
+        relayed = await relay_feature_info(request, external[0], req.crs.code, req.grid.bbox,
+                                           (req.grid.width, req.grid.height), i, j, info_format, asked)
         relayed.headers.update(map_headers(queried, runtime.settings))
         return relayed
     infos = list(await asyncio.gather(*(pixel_info(p, req.grid, i, j) for p in queried)))
@@ -991,9 +1023,12 @@ async def endpoint(request: Request) -> Response:
         name = OPERATIONS.get(operation.lower())
         if name == "GetCapabilities":
             version = negotiate(kvp.get("VERSION") or kvp.get("WMTVER"))
+        # 06-042 §7.2.2 asks SERVICE of GetCapabilities only; §7.3-7.4 list GetMap's and
+        # GetFeatureInfo's parameters without it, and OGC's suite and some clients send none
         if service is None or not service.strip():
-            raise _error("MissingParameterValue", "service", "parameter SERVICE is required")
-        if service.strip().upper() != "WMS":
+            if name == "GetCapabilities":
+                raise _error("MissingParameterValue", "service", "parameter SERVICE is required")
+        elif service.strip().upper() != "WMS":
             raise _error("InvalidParameterValue", "service", f"SERVICE must be WMS, not {echo(service)}")
         if name is None:
             raise _error("OperationNotSupported", "request", f"unknown operation {echo(operation)}", 501)

@@ -52,6 +52,7 @@ from tileserver.services.tiles import (
     rendered_tile,
     tile_response,
 )
+from tileserver.services.wms import relay_feature_info
 
 SERVICE = "wmts"
 VERSION = "1.0.0"
@@ -285,9 +286,9 @@ def drawing_style(published: PublishedLayer, styles: Mapping[str, Any], style: s
 
 
 def queryable(published: PublishedLayer) -> bool:
-    """GetFeatureInfo on pixel values. Hook: EXTERNALWMS (proxying a WMS) is not done yet."""
+    """GetFeatureInfo on pixel values (PYRAMID) or relayed to the WMS the layer names (EXTERNALWMS)."""
     gfi = published.layer.get_feature_info
-    return gfi is not None and gfi.get("type") == "PYRAMID"
+    return gfi is not None and gfi.get("type") in ("PYRAMID", "EXTERNALWMS")
 
 
 def served(published: PublishedLayer) -> bool:
@@ -388,7 +389,7 @@ def resolve_tile(
     fmt = params["format"] or ""
     offered = tile_formats(published, styles)
     mime = next((m for m in offered if _same_mime(fmt, m)), None)
-    if mime is None or (info and mime != published.format.mime and styles[style] is None):
+    if mime is None:
         raise OWSException(
             "InvalidParameterValue",
             "format",
@@ -517,6 +518,12 @@ async def get_feature_info(request: Request, params: Mapping[str, str | None], k
             )
         point[locator] = value
     i, j = point["I"], point["J"]
+    if (tile.published.layer.get_feature_info or {}).get("type") == "EXTERNALWMS":  # ROK4: the tile as a map
+        box = tile.matrix.tile_bbox(tile.col, tile.row)
+        size = (tile.matrix.tile_width, tile.matrix.tile_height)
+        relayed = await relay_feature_info(request, tile.published, tile.grid.tms.crs, box, size, i, j, info_format)
+        relayed.headers.update(map_headers((tile.published,), runtime.settings))
+        return relayed
     values = None
     if tile.published_level:
         values = await feature_info(tile.published, tile.level, tile.col, tile.row, i, j)
@@ -821,16 +828,17 @@ async def kvp_endpoint(request: Request) -> Response:
         raise OWSException("InvalidParameterValue", "service", f"SERVICE must be WMTS, not {echo(service)}")
     operation = kvp.require("REQUEST", "request").strip()
     name = operation.lower()
-    if name == "getcapabilities":
-        return await get_capabilities(request, kvp)
-    if name not in ("gettile", "getfeatureinfo"):
+    if name not in ("getcapabilities", "gettile", "getfeatureinfo"):
         code, locator = POLICY["unknown_request"]
         raise OWSException(code, locator, f"unknown operation {echo(operation)}")
+    # AcceptVersions negotiates; a VERSION naming another one is refused, GetCapabilities included (ROK4)
     version = kvp.get("VERSION")
     if version is not None and version.strip() != VERSION:
         raise OWSException(
             "InvalidParameterValue", "version", f"VERSION must be {VERSION}, not {echo(version)}"
         )
+    if name == "getcapabilities":
+        return await get_capabilities(request, kvp)
     key = key_hash(request, kvp)
     if name == "gettile":
         return await get_tile(request, _kvp_params(kvp, TILE_PARAMETERS), key)
