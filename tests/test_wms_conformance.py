@@ -450,9 +450,9 @@ def _raw_head(base: str, path: str, extra: str = "") -> tuple[str, list[tuple[st
 
 
 @pytest.fixture(scope="module")
-def h11_server(tmp_path_factory) -> Iterator[str]:
-    """uvicorn's h11 protocol writes header names as the app gives them (its httptools protocol, the
-    default, lowers them all: uvicorn 0.54 httptools_impl)."""
+def served(tmp_path_factory) -> Iterator[str]:
+    """The server as `tileserver serve` runs it (its own httptools protocol, whose heads leave with
+    canonical names where uvicorn's would lower them all)."""
     import threading
     import time
 
@@ -463,8 +463,11 @@ def h11_server(tmp_path_factory) -> Iterator[str]:
 
     settings = make_settings(tmp_path_factory.mktemp("wms-h11"), styles_directory=str(DATA / "styles"))
     port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
-                                       http="h11"))
+    from tileserver.server_cli import uvicorn_options
+
+    options = {**uvicorn_options(settings), "host": "127.0.0.1", "port": port}
+    options.pop("workers", None)
+    uv = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", **options))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -483,7 +486,7 @@ def h11_server(tmp_path_factory) -> Iterator[str]:
 _CANONICAL_NAME = r"(ETag|[A-Z][a-z0-9]*(-[A-Z][a-z0-9]*)*)"
 
 
-def test_header_names_are_canonically_spelt(h11_server):
+def test_header_names_are_canonically_spelt(served):
     """QGIS's identify with application/json looks for `Content-Type` (case-sensitively, as ROK4 spells
     it): the app spells every name canonically, on the routed path, the fast tile path, its 304, errors
     and CORS preflights."""
@@ -491,15 +494,15 @@ def test_header_names_are_canonically_spelt(h11_server):
 
     gfi = ("/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetFeatureInfo&LAYERS=RGEALTI&QUERY_LAYERS=RGEALTI&STYLES="
            "&CRS=CRS:84&BBOX=1.4402,43.5589,1.4436,43.5636&WIDTH=50&HEIGHT=50&I=25&J=25&INFO_FORMAT=application/json")
-    status, headers = _raw_head(h11_server, gfi)
+    status, headers = _raw_head(served, gfi)
     assert status.startswith("HTTP/1.1 200") and ("Content-Type", "application/json") in headers, headers
     tile = "/wmts/1.0.0/SCAN1000/normal/PM/10/363/516.png"  # the fast path answers it
-    status, fast = _raw_head(h11_server, tile)
+    status, fast = _raw_head(served, tile)
     assert status.startswith("HTTP/1.1 200") and ("Content-Type", "image/png") in fast, fast
     etag = dict(fast)["ETag"]
-    answers = [headers, fast, _raw_head(h11_server, tile, f"If-None-Match: {etag}\r\n")[1],
-               _raw_head(h11_server, "/wms?SERVICE=WMS&REQUEST=GetBogus")[1],
-               _raw_head(h11_server, "/wmts/1.0.0/SCAN1000/normal/PM/10/0/0.png")[1]]
+    answers = [headers, fast, _raw_head(served, tile, f"If-None-Match: {etag}\r\n")[1],
+               _raw_head(served, "/wms?SERVICE=WMS&REQUEST=GetBogus")[1],
+               _raw_head(served, "/wmts/1.0.0/SCAN1000/normal/PM/10/0/0.png")[1]]
     for names in answers:
         ours = [n for n, _ in names if n.lower() not in ("date", "server", "connection", "transfer-encoding")]
         assert ours and all(re.fullmatch(_CANONICAL_NAME, n) for n in ours), ours

@@ -16,6 +16,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from tileserver.http import canonical
 from tileserver.settings import Settings, load_settings
 
 log = logging.getLogger("tileserver.server")
@@ -28,6 +29,38 @@ _TOO_LARGE = b"request line and headers exceed %d bytes" % MAX_HEADER_BYTES
 
 class _HeadersTooLarge(Exception):
     pass
+
+
+def canonical_head(data: bytes) -> bytes:
+    """A response head with its header names spelt canonically (`Content-Type`, `ETag`)."""
+    head, blank, rest = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    for i in range(1, len(lines)):
+        name, colon, value = lines[i].partition(b":")
+        lines[i] = canonical(name) + colon + value
+    return b"\r\n".join(lines) + blank + rest
+
+
+class _CanonicalHeads:
+    """The transport as uvicorn's protocol sees it. uvicorn's httptools protocol lower-cases every
+    header name it writes, and some clients match names case-sensitively (QGIS's identify looks for
+    `Content-Type`, as ROK4 spells it): the head of each response leaves with canonical names. A head
+    is the first write starting with the status line after a request's headers were read."""
+
+    __slots__ = ("_transport", "pending")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.pending = 0
+
+    def write(self, data: bytes) -> None:
+        if self.pending and data.startswith(b"HTTP/1."):
+            self.pending -= 1
+            data = canonical_head(data)
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -90,6 +123,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._heads = _CanonicalHeads(transport)
+        self.transport = self._heads  # type: ignore[assignment]
         self._arm()
 
     def on_message_begin(self) -> None:
@@ -99,6 +134,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._heads.pending += 1
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
