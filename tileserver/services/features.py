@@ -24,7 +24,7 @@ from tileserver.catalog import FeatureType
 from tileserver.runtime import get_runtime
 from tileserver.services import ogcapi, wfs
 from tileserver.services.ogcapi import HTML, JSON, Ctx, Problem, invalid, link, not_found, render_problem
-from tileserver.services.ows import OWSException, echo
+from tileserver.services.ows import OWSException, bbox_values, echo
 from tileserver.services.policy import ServiceError, error_response, map_headers
 from tileserver.vector import crs as crslib
 from tileserver.vector import geojson
@@ -138,15 +138,10 @@ def _bbox(ctx: Ctx, t: FeatureType) -> tuple[float, float, float, float] | None:
     raw = ctx.kvp.get("bbox")
     if raw is None:
         return None
-    try:
-        values = [float(v) for v in raw.split(",")]
-    except ValueError:
-        values = []
-    if len(values) == 6:
-        values = [values[0], values[1], values[3], values[4]]
-    if len(values) != 4 or values[1] > values[3]:
+    values = bbox_values(raw)
+    if values is None:
         raise invalid(f"bbox={echo(raw)}: expected minx,miny,maxx,maxy")
-    return wfs.bbox_in(t.relation, values, _crs(ctx, t, "bbox-crs"))
+    return wfs.bbox_in(t.relation, list(values), _crs(ctx, t, "bbox-crs"))
 
 
 def _properties(ctx: Ctx, t: FeatureType) -> tuple[str, ...] | None:

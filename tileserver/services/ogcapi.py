@@ -41,7 +41,7 @@ from tileserver.render.styles import Style
 from tileserver.rok4.descriptor import TileLimits
 from tileserver.rok4.tms import TileMatrixSet, crs_uri
 from tileserver.runtime import get_runtime
-from tileserver.services.ows import KVP, base_url, echo, key_hash
+from tileserver.services.ows import KVP, base_url, bbox_values, echo, key_hash
 from tileserver.services.policy import ServiceError, document_headers, error_response, register
 from tileserver.services.tiles import (
     TileAnswer,
@@ -765,15 +765,10 @@ def _bbox_filter(ctx: Ctx) -> tuple[float, float, float, float] | None:
     raw = ctx.kvp.get("bbox")
     if raw is None:
         return None
-    try:
-        values = [float(v) for v in raw.split(",")]
-    except ValueError:
-        values = []
-    if len(values) == 6:
-        values = [values[0], values[1], values[3], values[4]]
-    if len(values) != 4 or not all(abs(v) < 1e9 for v in values) or values[1] > values[3]:
+    values = bbox_values(raw)
+    if values is None:
         raise invalid(f"bbox={echo(raw)}: expected west,south,east,north in CRS84")
-    return (values[0], values[1], values[2], values[3])
+    return values
 
 
 def collections_document(ctx: Ctx) -> dict[str, Any]:

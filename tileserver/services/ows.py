@@ -112,6 +112,20 @@ class KVP:
         return list(self._values)
 
 
+def bbox_values(raw: str) -> tuple[float, float, float, float] | None:
+    """An OGC API `bbox` parameter (4 numbers, or 6 with heights dropped) as minx, miny, maxx, maxy;
+    None when malformed (not numbers, absurd magnitudes, or south above north)."""
+    try:
+        values = [float(v) for v in raw.split(",")]
+    except ValueError:
+        return None
+    if len(values) == 6:
+        values = [values[0], values[1], values[3], values[4]]
+    if len(values) != 4 or not all(abs(v) < 1e9 for v in values) or values[1] > values[3]:
+        return None
+    return (values[0], values[1], values[2], values[3])
+
+
 # --- echoing client input -----------------------------------------------------------------------
 
 _NOT_XML = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
