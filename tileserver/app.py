@@ -26,6 +26,8 @@ SERVICE_MODULES = (
     "tileserver.services.health",
     "tileserver.services.wmts",
     "tileserver.services.tms",
+    "tileserver.services.wfs",
+    "tileserver.services.features",  # before ogcapi: its /ogcapi/{rest:path} catches what is left
     "tileserver.services.ogcapi",
     "tileserver.services.wms",
     "tileserver.publication.admin",

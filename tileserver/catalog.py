@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tileserver.publication.model import Layer
+from tileserver.publication.model import Layer, WfsRelation
 from tileserver.pyramid import Pyramid, PyramidError, SlabIndexCache
 from tileserver.rok4.descriptor import TileLimits
 from tileserver.rok4.formats import PyramidFormat
@@ -72,6 +72,44 @@ class PublishedLayer:
         return await self.owners[level_id].get_tile(level_id, col, row)
 
 
+@dataclass(frozen=True)
+class FeatureType:
+    """A relation of a vector base published as `<layer public name>:<public_name>`."""
+
+    published: VectorLayer
+    public: WfsRelation
+    relation: Any  # tileserver.vector.base.Relation
+    wgs84_bbox: tuple[float, float, float, float] | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.published.id}:{self.public.public_name}"
+
+    @property
+    def base(self) -> Any:
+        return self.published.base
+
+
+@dataclass(frozen=True)
+class VectorLayer:
+    """A layer record publishing relations of a vector base (WFS, OGC API Features); the base is opened
+    once per snapshot. Shares PublishedLayer's `layer`, `restricted` and `record_id`, which is all access
+    and cache-header policy reads."""
+
+    layer: Layer
+    base: Any  # tileserver.vector.base.VectorBase
+    types: tuple[FeatureType, ...] = ()
+    restricted: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.layer.public_name
+
+    @property
+    def record_id(self) -> str:
+        return self.layer.id
+
+
 @dataclass
 class Catalog:
     revision: int
@@ -80,6 +118,24 @@ class Catalog:
     key_access: dict[str, frozenset[str]] = field(default_factory=dict)  # key hash → record ids ("*" = all)
     errors: dict[str, str] = field(default_factory=dict)  # layer id → why it is not served
     documents: dict[Any, Any] = field(default_factory=dict)  # per-snapshot cache (capabilities…)
+    vector_layers: dict[str, VectorLayer] = field(default_factory=dict)  # record id → WFS layer
+
+    def feature_types(self, key_hash: str | None = None, service: str = "wfs") -> list[FeatureType]:
+        """Feature types the caller may see, by name; a name taken twice goes to the first record id."""
+        def build() -> dict[str, FeatureType]:
+            out: dict[str, FeatureType] = {}
+            for record_id in sorted(self.vector_layers):
+                published = self.vector_layers[record_id]
+                if service == "wfs" or published.layer.enabled(service):
+                    for feature_type in published.types:
+                        out.setdefault(feature_type.name, feature_type)
+            return out
+
+        named: dict[str, FeatureType] = self.document(("feature_types", service), build)
+        return [t for t in named.values() if self.allowed(t.published, key_hash)]  # type: ignore[arg-type]
+
+    def feature_type(self, name: str, key_hash: str | None = None, service: str = "wfs") -> FeatureType | None:
+        return next((t for t in self.feature_types(key_hash, service) if t.name == name), None)
 
     def allowed(self, published: PublishedLayer, key_hash: str | None) -> bool:
         """Grants name layer records, never public names: another tenant may show the same name."""
@@ -240,7 +296,9 @@ async def build_catalog(
     restricted_ids = set(restricted)
     published: dict[str, PublishedLayer] = {}
     errors: dict[str, str] = {}
-    layer_list = list(layers)
+    every = list(layers)
+    layer_list = [layer for layer in every if layer.wfs is None]
+    vector = await publish_vector_layers([layer for layer in every if layer.wfs is not None], restricted_ids, errors)
     for layer in layer_list:
         try:
             published[layer.id] = await publish_layer(layer, pool, layer.id in restricted_ids)
@@ -248,4 +306,67 @@ async def build_catalog(
             errors[layer.id] = str(exc)
             log.warning("layer %s not served: %s", layer.id, exc)
     pool.forget_except(p.path for layer in layer_list for p in layer.pyramids)
-    return Catalog(revision, published, styles or {}, key_access or {}, errors)
+    return Catalog(revision, published, styles or {}, key_access or {}, errors, vector_layers=vector)
+
+
+# --- vector layers --------------------------------------------------------------------------------
+
+
+def base_path(url: str) -> str:
+    """A vector base's local path (`file://` URLs and plain paths; object storage comes later)."""
+    from urllib.parse import unquote, urlparse
+
+    if url.startswith("file://"):
+        return unquote(urlparse(url).path)
+    if "://" in url:
+        raise ValueError(f"{url}: only local vector bases (path or file:// URL) are served")
+    return url
+
+
+def open_vector_base(url: str) -> Any:
+    """The base behind a `wfs.base` (blocking: call in a thread)."""
+    from tileserver.vector.geopackage import GeoPackageBase
+
+    return GeoPackageBase(base_path(url))
+
+
+def vector_layer(layer: Layer, base: Any, restricted: bool = False) -> VectorLayer:
+    """Match a record's relations with the base's; ValueError names what the base lacks."""
+    from tileserver.vector import crs
+
+    assert layer.wfs is not None
+    types: list[FeatureType] = []
+    holder = VectorLayer(layer, base, (), restricted)
+    for i, public in enumerate(layer.wfs.relations):
+        relation = base.relation(public.native_name)
+        if relation is None:
+            raise ValueError(f"wfs.relations[{i}].native_name: the base has no relation {public.native_name}")
+        bbox = layer.wfs.bbox
+        if bbox is None and relation.extent is not None:
+            bbox = crs.transform_bbox(relation.extent, relation.srs, "OGC:CRS84")
+            bbox = tuple(float(v) for v in bbox) if all(math.isfinite(v) for v in bbox) else None
+        types.append(FeatureType(holder, public, relation, bbox))  # type: ignore[arg-type]
+    object.__setattr__(holder, "types", tuple(types))  # the types point back at their layer
+    return holder
+
+
+async def publish_vector_layers(
+    layers: list[Layer], restricted_ids: set[str], errors: dict[str, str]
+) -> dict[str, VectorLayer]:
+    """Open each base once (layers sharing a file share it); a layer that cannot be served is logged."""
+    import asyncio
+
+    opened: dict[str, Any] = {}
+    out: dict[str, VectorLayer] = {}
+    for layer in layers:
+        assert layer.wfs is not None
+        try:
+            if layer.wfs.base not in opened:
+                opened[layer.wfs.base] = await asyncio.to_thread(open_vector_base, layer.wfs.base)
+            out[layer.id] = await asyncio.to_thread(
+                vector_layer, layer, opened[layer.wfs.base], layer.id in restricted_ids
+            )
+        except Exception as exc:  # an unreadable base must not take the other layers down
+            errors[layer.id] = str(exc)
+            log.warning("layer %s not served: %s", layer.id, exc)
+    return out

@@ -129,6 +129,8 @@ class Settings:
     file_threads: int = 16  # threads for FILE work that may block (opens, reads not in memory, stats)
     layer_retry_interval: float = 5.0  # first retry of layers whose storage failed; doubled each time…
     layer_retry_max_interval: float = 300.0  # …up to this
+    # --- vector services: WFS and OGC API Features (issue 13)
+    wfs_max_features: int = 1000  # default and maximum COUNT of a GetFeature; maximum OGC API `limit`
 
     @property
     def resolved_store_path(self) -> str:

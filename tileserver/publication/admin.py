@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tileserver.catalog import PyramidPool, publish_layer
+from tileserver.catalog import PyramidPool, base_path, open_vector_base, publish_layer, vector_layer
 from tileserver.publication.model import Layer, LayerError, parse_layer
 from tileserver.publication.store import Conflict, NotFound, StoreError, StoreUnavailable, grant
 from tileserver.pyramid import PyramidError
@@ -150,6 +150,9 @@ async def check_layer(layer: Layer, pool: PyramidPool) -> dict[str, dict[str, An
     storage itself failing, not the layer's fault) propagates.
     """
     summaries: dict[str, dict[str, Any]] = {}
+    if layer.wfs is not None:
+        await check_vector_layer(layer)
+        return summaries
     for i, ref in enumerate(layer.pyramids):
         where = f"pyramids[{i}]"
         try:
@@ -172,6 +175,22 @@ async def check_layer(layer: Layer, pool: PyramidPool) -> dict[str, dict[str, An
     return summaries
 
 
+async def check_vector_layer(layer: Layer) -> None:
+    """Open a WFS layer's base as the catalog will; LayerError when it or a relation is missing."""
+    assert layer.wfs is not None
+    try:
+        base = await asyncio.to_thread(open_vector_base, layer.wfs.base)
+    except Exception as exc:  # whatever the reader raises on a missing or unreadable file
+        raise LayerError("wfs.base", f"cannot open the vector base: {exc}") from None
+    try:
+        await asyncio.to_thread(vector_layer, layer, base)
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise LayerError(field, message) from None
+    finally:
+        base.close()
+
+
 def _outside(settings: Settings, paths: list[tuple[str, str]]) -> Problem | None:
     """The problem for the first (path, field) outside the publish roots, if any."""
     roots = settings.publish_roots
@@ -192,6 +211,11 @@ async def _confine(runtime: Runtime, layer: Layer) -> None:
     server open any file or bucket it can reach. Descriptors are checked before they are read, then
     where each level's slabs live (a descriptor names its data directories or buckets)."""
     descriptors = [(ref.path, f"pyramids[{i}].path") for i, ref in enumerate(layer.pyramids)]
+    if layer.wfs is not None:  # a vector base is confined as a pyramid descriptor is
+        try:
+            descriptors.append((base_path(layer.wfs.base), "wfs.base"))
+        except ValueError as exc:
+            raise Problem(400, str(exc), "wfs.base") from None
     # resolving symlinks touches the disk
     if (problem := await asyncio.to_thread(_outside, runtime.settings, descriptors)) is not None:
         raise problem

@@ -16,8 +16,10 @@ _KNOWN_KEYS = {
     "title", "abstract", "keywords", "pyramids", "styles", "resampling", "bbox", "wms", "wmts", "tms",
     "ogcapi", "extra_crs", "extra_tilematrixsets", "get_feature_info", "metadata", "attribution",
     # tileserver extensions
-    "empty_tile_404", "cache_control", "restricted", "name",
+    "empty_tile_404", "cache_control", "restricted", "name", "wfs",
 }  # fmt: skip
+# a WFS feature type's local name and its prefix (the record's public name) must be XML names
+NCNAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,127}$")
 
 
 class LayerError(ValueError):
@@ -34,6 +36,33 @@ class LayerPyramid:
     path: str  # descriptor URL: file:///abs/NAME.json, /abs/NAME.json or s3://bucket/NAME.json
     bottom_level: str
     top_level: str
+
+
+@dataclass(frozen=True)
+class WfsRelation:
+    """One table of a vector base published as a feature type `<layer public name>:<public_name>`."""
+
+    native_name: str
+    public_name: str
+    title: str = ""
+    abstract: str = ""
+    keywords: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WfsSource:
+    """A vector base (a GeoPackage file: path or file:// URL) and the relations it publishes."""
+
+    base: str
+    relations: tuple[WfsRelation, ...]
+    bbox: tuple[float, float, float, float] | None = None  # WGS84 west, south, east, north
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"base": self.base, "relations": [
+            {**asdict(r), "keywords": list(r.keywords)} for r in self.relations]}
+        if self.bbox is not None:
+            out["bbox"] = list(self.bbox)
+        return out
 
 
 @dataclass(frozen=True)
@@ -59,6 +88,7 @@ class Layer:
     # WMTS layer in one record and a WMS layer in another (the warehouse's layer_name per service)
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys kept for round trips
+    wfs: WfsSource | None = None  # a vector layer (WFS, OGC API Features) instead of pyramids
 
     def enabled(self, service: str) -> bool:
         return service in self.services
@@ -81,6 +111,9 @@ class Layer:
             "styles": list(self.styles),
             "resampling": self.resampling,
         }
+        if self.wfs is not None:
+            del out["pyramids"]
+            out["wfs"] = self.wfs.to_dict()
         for service in SERVICES:
             out[service] = {"enabled": service in self.services}
         if self.extra_crs:
@@ -221,6 +254,12 @@ def parse_layer(layer_id: str, data: Any) -> Layer:
     if attribution is not None and not (isinstance(attribution, dict) and isinstance(attribution.get("title", ""), str)):
         raise LayerError("attribution", "must be an object {title, url, logo}")
     empty_404, restricted = (data.get(key, False) for key in ("empty_tile_404", "restricted"))
+    wfs = _wfs(data["wfs"]) if "wfs" in data else None
+    if wfs is not None and "pyramids" in data:
+        raise LayerError("wfs", "a layer publishes either pyramids or a vector base, not both")
+    if wfs is not None and not NCNAME.match(_public_name(data) or layer_id):
+        raise LayerError("name", "a WFS layer's name prefixes its feature types: it must start with a letter"
+                         " or '_' and hold only letters, digits, '_' and '-'")
     for key, value in (("empty_tile_404", empty_404), ("restricted", restricted)):
         if not isinstance(value, bool):
             raise LayerError(key, "must be true or false")
@@ -229,7 +268,7 @@ def parse_layer(layer_id: str, data: Any) -> Layer:
         title=_text(data, "title", required=True),
         abstract=_text(data, "abstract", required=True),
         keywords=_strings(data["keywords"], "keywords") if "keywords" in data else (),
-        pyramids=_pyramids(data.get("pyramids")),
+        pyramids=() if wfs is not None else _pyramids(data.get("pyramids")),
         styles=styles or ("normal",),
         resampling=resampling,
         bbox=_bbox(data["bbox"]) if "bbox" in data else None,
@@ -243,7 +282,50 @@ def parse_layer(layer_id: str, data: Any) -> Layer:
         cache_control=_text(data, "cache_control", required=False),
         restricted=restricted,
         name=_public_name(data),
+        wfs=wfs,
     )
+
+
+def _wfs(value: Any) -> WfsSource:
+    """`{"base", "relations": [{native_name, public_name?, title?, keywords?, abstract?}], "bbox"?}`."""
+    if not isinstance(value, dict):
+        raise LayerError("wfs", "must be an object {base, relations, bbox?}")
+    unknown = sorted(set(value) - {"base", "relations", "bbox"})
+    if unknown:
+        raise LayerError(f"wfs.{unknown[0]}", "unknown key")
+    base = value.get("base")
+    if not isinstance(base, str) or not base.strip():
+        raise LayerError("wfs.base", "must be the path or file:// URL of the vector base")
+    items = value.get("relations")
+    if not isinstance(items, list) or not items:
+        raise LayerError("wfs.relations", "must be a non-empty array")
+    relations: list[WfsRelation] = []
+    for i, item in enumerate(items):
+        where = f"wfs.relations[{i}]"
+        if not isinstance(item, dict):
+            raise LayerError(where, "must be an object")
+        native = item.get("native_name")
+        if not isinstance(native, str) or not native:
+            raise LayerError(f"{where}.native_name", "is required")
+        public = item.get("public_name") or native
+        if not isinstance(public, str) or not NCNAME.match(public):
+            raise LayerError(f"{where}.public_name", "must start with a letter or '_' and hold only letters,"
+                             " digits, '_' and '-'")
+        if any(r.public_name == public for r in relations):
+            raise LayerError(f"{where}.public_name", f"{public} is published twice")
+        texts = {key: _text(item, key, required=False) for key in ("title", "abstract")}
+        keywords = _strings(item["keywords"], f"{where}.keywords") if item.get("keywords") is not None else ()
+        relations.append(WfsRelation(native, public, texts["title"], texts["abstract"], keywords))
+    bbox = None
+    if value.get("bbox") is not None:
+        raw = value["bbox"]
+        if isinstance(raw, list) and len(raw) == 4:
+            raw = dict(zip(("west", "south", "east", "north"), raw, strict=True))
+        try:
+            bbox = _bbox(raw)
+        except LayerError as exc:
+            raise LayerError("wfs.bbox", exc.message) from None
+    return WfsSource(base.strip(), tuple(relations), bbox)
 
 
 def _public_name(data: dict[str, Any]) -> str:

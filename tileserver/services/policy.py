@@ -339,7 +339,8 @@ def document_headers(request: Request, layers: Iterable[PublishedLayer] = (), va
 # --- the gate -----------------------------------------------------------------------------------
 
 # first path segment → service whose renderer answers for it
-SERVICES = {"wmts": "wmts", "wms": "wms", "tms": "tms", "xyz": "tms", "ogcapi": "ogcapi", "ogcapitiles": "ogcapi"}
+SERVICES = {"wmts": "wmts", "wms": "wms", "tms": "tms", "xyz": "tms", "ogcapi": "ogcapi", "ogcapitiles": "ogcapi",
+            "wfs": "wfs"}
 
 
 def service_of(path: str) -> str | None:
