@@ -64,6 +64,12 @@ class UnknownRelation(KeyError):
     """The base holds no relation of that name."""
 
 
+class QueryError(ValueError):
+    """A query the base cannot answer as asked: unknown attribute, unsupported filter operator,
+    literal of the wrong kind. The message is safe to show to the client (services map it to their
+    protocol's "invalid parameter" error)."""
+
+
 class VectorBase(Protocol):
     def relations(self) -> list[Relation]: ...
 
