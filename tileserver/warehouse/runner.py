@@ -149,8 +149,9 @@ def base_summary(integration: Any) -> dict[str, Any]:
 
 def _integrate(settings: Settings, entities: Entities, execution: Entity, base_url: str,
                stack: contextlib.ExitStack) -> dict[str, Any]:
-    """Check the delivered files again (headers only: the integration reads every feature) and write
-    a new base at `base_url`, or apply them to the existing one."""
+    """Check the delivered files again and write a new base at `base_url`, or apply them to the
+    existing one. Every feature is read by the check: from headers alone, a CSV's geometry type is
+    "Unknown" and its table would be written without geometries."""
     import dataclasses
     import logging
     import tempfile
@@ -175,7 +176,7 @@ def _integrate(settings: Settings, entities: Entities, execution: Entity, base_u
             files.append(path)
             names.append(rel)
     workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="vector-integration-"))
-    report = check_delivery(files, srs, workdir, names=names, read_features=False)
+    report = check_delivery(files, srs, workdir, names=names)
     if not report.ok:
         raise ExecutionError("the delivery cannot be read: " + "; ".join(report.problems))
     target = base_path(base_url)
