@@ -482,3 +482,44 @@ def test_update_and_delete_an_existing_base(tmp_path: Path) -> None:
         assert any("inconnue" in line for line in failed["logs"]), failed["logs"]
         after = client.get(f"{BASE}/stored_data/{stored['_id']}").json()
         assert after["status"] == "GENERATED" and base.read_bytes() == before
+
+
+def test_wfs_configuration_is_validated(tmp_path: Path) -> None:
+    geoms, fields = cantons()
+    gpkg = tmp_path / "canton.gpkg"
+    write_layer(gpkg, geoms, fields, layer="canton")
+    with warehouse_server(tmp_path) as (url, _settings):
+        client = api_client(url)
+        stored = integrate(client, upload(client, {"canton.gpkg": gpkg})["_id"])
+        unknown_table = client.post(f"{BASE}/configurations", json=wfs_configuration(stored["_id"], "a", "communes"))
+        assert unknown_table.status_code == 400
+        assert "relations[0].native_name: the stored data has no table communes (tables: canton)" in unknown_table.text
+        body = wfs_configuration("0b0e0f00-0000-4000-8000-000000000000", "a")
+        missing = client.post(f"{BASE}/configurations", json=body)
+        assert missing.status_code == 400 and "not found in this datastore" in missing.text
+        untitled = wfs_configuration(stored["_id"], "a")
+        del untitled["type_infos"]["used_data"][0]["relations"][0]["title"]
+        assert "title: a non-empty string" in client.post(f"{BASE}/configurations", json=untitled).text
+        bad_name = client.post(f"{BASE}/configurations", json=wfs_configuration(stored["_id"], "1a"))
+        assert bad_name.status_code == 400 and "layer_name" in bad_name.text
+        first = _ok(client.post(f"{BASE}/configurations", json=wfs_configuration(stored["_id"], "cantons")), 201)
+        assert first["type"] == "WFS" and first["status"] == "UNPUBLISHED"
+        again = client.post(f"{BASE}/configurations", json=wfs_configuration(stored["_id"], "cantons"))
+        assert again.status_code == 409 and "already used" in again.text
+        # a WFS endpoint takes WFS configurations only; the stored data is in use while configured
+        raster = client.post(f"{BASE}/configurations/{first['_id']}/offerings",
+                             json={"endpoint": endpoint_id(client, "gpf-rok4-server-wmts-tms")})
+        assert raster.status_code == 400 and "publishes WMTS-TMS configurations" in raster.text
+        assert client.delete(f"{BASE}/stored_data/{stored['_id']}").status_code == 409
+        offering = _ok(client.post(f"{BASE}/configurations/{first['_id']}/offerings",
+                                   json={"endpoint": endpoint_id(client, "gpf-geoserver-wfs")}), 201)
+        urls = {u["type"]: u["url"] for u in offering["urls"]}
+        assert urls["WFS"].endswith("/wfs?SERVICE=WFS&VERSION=2.0.0&REQUEST=GetCapabilities")
+        assert urls["OGCAPI-FEATURES"].endswith("/ogcapi/collections/cantons:canton/items")
+        assert client.get(urls["WFS"]).status_code == 200 and "cantons:canton" in client.get(urls["WFS"]).text
+        # unpublished and deconfigured, the base can go: its file is removed
+        assert client.delete(f"{BASE}/offerings/{offering['_id']}").status_code == 204
+        assert client.delete(f"{BASE}/configurations/{first['_id']}").status_code == 204
+        path = base_file(_settings, stored["_id"])
+        assert client.delete(f"{BASE}/stored_data/{stored['_id']}").status_code == 204
+        assert not path.exists()
