@@ -401,17 +401,30 @@ def test_switched_off(server, http):
         http.put("/admin/on", headers=ADMIN)
 
 
-def test_publication_confines_the_base(server, http, tmp_path):
+def test_publication_checks_relations(server, http, tmp_path):
     outside = make_gpkg(tmp_path / "elsewhere.gpkg")
-    settings_roots = server["tmp"]  # the module server publishes from anywhere ("*"): check the refusal here
-    del settings_roots
-    from tileserver.publication.model import parse_layer
-
-    layer = parse_layer("x", wfs_descriptor(outside))
-    assert layer.wfs.base.endswith("elsewhere.gpkg")
     r = http.post("/admin/layers/bad", json={**wfs_descriptor(outside), "wfs": {
         "base": str(outside), "relations": [{"native_name": "nope"}]}}, headers=ADMIN)
     assert r.status_code == 400 and r.json()["field"] == "wfs.relations[0].native_name"
+
+
+def test_publication_confines_the_base_to_the_publish_roots(tmp_path):
+    import asyncio
+
+    from apputil import app_client
+
+    root = tmp_path / "published"
+    root.mkdir()
+    inside, outside = make_gpkg(root / "in.gpkg"), make_gpkg(tmp_path / "out.gpkg")
+
+    async def run():
+        async with app_client(make_settings(tmp_path, admin_roots=(str(root),))) as client:
+            r = await client.post("/admin/layers/out", json=wfs_descriptor(outside), headers=ADMIN)
+            assert r.status_code == 400 and r.json()["field"] == "wfs.base"
+            r = await client.post("/admin/layers/in", json=wfs_descriptor(inside), headers=ADMIN)
+            assert r.status_code == 204, r.text
+
+    asyncio.run(run())
 
 
 # --- GDAL's own clients ---------------------------------------------------------------------------

@@ -84,6 +84,10 @@ CONFORMANCE = (
     "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/mvt",
 )
 
+# other modules' collections and conformance classes (OGC API – Features adds its vector layers):
+# objects with `conformance(ctx) -> [uri]`, `collections(ctx, bbox) -> [doc]`, `collection(ctx, id) -> doc | None`
+PROVIDERS: list[Any] = []
+
 # OGC-registered grids we may alias, in the 2D-TMS 2.0 definitions morecantile ships
 REGISTERED = ("WebMercatorQuad", "WorldCRS84Quad")
 
@@ -639,7 +643,8 @@ def landing_document(ctx: Ctx) -> dict[str, Any]:
 
 
 def conformance_document(ctx: Ctx) -> dict[str, Any]:
-    return {"conformsTo": list(CONFORMANCE), "links": self_links(ctx, "/conformance", "conformance")}
+    extra = [c for provider in PROVIDERS for c in provider.conformance(ctx)]
+    return {"conformsTo": list(dict.fromkeys([*CONFORMANCE, *extra])), "links": self_links(ctx, "/conformance", "conformance")}
 
 
 def _grids(ctx: Ctx) -> dict[str, tuple[TileMatrixSet, str | None]]:
@@ -759,6 +764,7 @@ def collections_document(ctx: Ctx) -> dict[str, Any]:
 
         layers = [p for p in layers if overlaps(p)]
     collections = [collection_document(ctx, p, full_links=False) for p in layers]
+    collections += [doc for provider in PROVIDERS for doc in provider.collections(ctx, bbox)]
     return {
         "links": self_links(ctx, "/collections", "collections"),
         "numberMatched": len(collections),
@@ -861,7 +867,9 @@ def _operations() -> tuple[Operation, ...]:
             "/collections/{collectionId}",
             "getCollection",
             "One collection",
-            lambda ctx, collectionId: collection_document(ctx, ctx.layer(collectionId)),
+            lambda ctx, collectionId: next(
+                (d for p in PROVIDERS if (d := p.collection(ctx, collectionId)) is not None), None
+            ) or collection_document(ctx, ctx.layer(collectionId)),
         ),
     ]
     for path, stem, make, tile_query in SCOPES:

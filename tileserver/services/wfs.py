@@ -191,13 +191,11 @@ def capabilities(ctx: Ctx) -> bytes:
         _el(provider, _ows("ProviderSite"), **{f"{{{XLINK_NS}}}href": settings.provider_site})
     _el(provider, _ows("ServiceContact"))
     ops = _el(root, _ows("OperationsMetadata"))
-    names = [t.name for t in types]
     _operation(ops, ctx, "GetCapabilities", {"AcceptVersions": VERSIONS, "AcceptFormats": ("text/xml",)})
     _operation(ops, ctx, "DescribeFeatureType", {"outputFormat": (GML32,)})
     _operation(ops, ctx, "GetFeature", {"outputFormat": ADVERTISED_FORMATS, "resultType": ("results", "hits")})
     _operation(ops, ctx, "ListStoredQueries")
     _operation(ops, ctx, "DescribeStoredQueries")
-    del names
     for name, value in (
         ("ImplementsBasicWFS", "TRUE"), ("ImplementsTransactionalWFS", "FALSE"), ("ImplementsLockingWFS", "FALSE"),
         ("KVPEncoding", "TRUE"), ("XMLEncoding", "FALSE"), ("SOAPEncoding", "FALSE"),
@@ -461,7 +459,6 @@ def parse_filter(raw: str, relation: Relation) -> Any:
         raise invalid("FILTER", f"the filter is not well-formed XML: {xml_text(str(exc))[:200]}") from None
     if etree.QName(root).namespace != FES_NS or etree.QName(root).localname != "Filter":
         raise invalid("FILTER", "expected a fes:Filter (FES 2.0)")
-    srs_names = [e.get("srsName") for e in root.iter() if e.get("srsName")]
     _envelopes_to_polygons(root)
     try:
         tree = parse_fes(root)
@@ -469,7 +466,6 @@ def parse_filter(raw: str, relation: Relation) -> Any:
         raise
     except Exception as exc:  # pygeofilter raises bare errors on what it does not know
         raise invalid("FILTER", f"cannot read the filter: {type(exc).__name__}") from None
-    del srs_names
     return _rewrite(tree, relation)
 
 
