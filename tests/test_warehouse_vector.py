@@ -516,6 +516,8 @@ def test_wfs_configuration_is_validated(tmp_path: Path) -> None:
         urls = {u["type"]: u["url"] for u in offering["urls"]}
         assert urls["WFS"].endswith("/wfs?SERVICE=WFS&VERSION=2.0.0&REQUEST=GetCapabilities")
         assert urls["OGCAPI-FEATURES"].endswith("/ogcapi/collections/cantons:canton/items")
+        items = client.get(urls["OGCAPI-FEATURES"], params={"f": "json"})
+        assert items.status_code == 200 and len(items.json()["features"]) == len(geoms)
         assert client.get(urls["WFS"]).status_code == 200 and "cantons:canton" in client.get(urls["WFS"]).text
         # unpublished and deconfigured, the base can go: its file is removed
         assert client.delete(f"{BASE}/offerings/{offering['_id']}").status_code == 204
