@@ -18,8 +18,13 @@ from test_warehouse_support import (
     write_geotiff,
 )
 
-from tileserver.warehouse.endpoints import WMS_R, WMTS_TMS
-from tileserver.warehouse.processings import RASTER_TO_PYRAMID, RASTER_TO_PYRAMID_OR_UPDATE, WMS_TO_PYRAMID
+from tileserver.warehouse.endpoints import WFS, WFS_PRIVATE, WMS_R, WMTS_TMS
+from tileserver.warehouse.processings import (
+    RASTER_TO_PYRAMID,
+    RASTER_TO_PYRAMID_OR_UPDATE,
+    VECTOR_TO_BASE,
+    WMS_TO_PYRAMID,
+)
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 FAST = {"tms": "PM", "bottom": "10", "top": "9", "compression": "jpg", "width": 2, "height": 2}
@@ -78,7 +83,7 @@ async def test_token_and_identity(tmp_path: Path) -> None:
         datastore = (await client.get(f"/api/datastores/{member['community']['datastore']}")).json()
         assert datastore["name"] == "default"
         names = {e["endpoint"]["technical_name"] for e in datastore["endpoints"]}
-        assert names == {WMTS_TMS, WMS_R}
+        assert names == {WMTS_TMS, WMS_R, WFS, WFS_PRIVATE}
         assert {"quota", "use"} <= set(datastore["storages"]["uploads"])
 
 
@@ -118,7 +123,7 @@ def test_cli_users_and_datastores(tmp_path: Path, capsys, monkeypatch) -> None:
 
 async def test_upload_paths_quota_and_conventions(tmp_path: Path) -> None:
     async with app_with_user(tmp_path) as client:
-        bad = await client.post(f"{BASE}/uploads", json={"name": "", "type": "VECTOR", "srs": "EPSG:0"})
+        bad = await client.post(f"{BASE}/uploads", json={"name": "", "type": "ARCHIVE", "srs": "EPSG:0"})
         assert bad.status_code == 400 and len(_problems(bad)) == 3
         assert (await client.post(f"{BASE}/uploads", content=b"{nope")).status_code == 400
         upload = (await client.post(f"{BASE}/uploads", json={"name": "u", "srs": "EPSG:2154", "type": "RASTER"})).json()
@@ -196,7 +201,13 @@ async def test_checks_name_bad_files(tmp_path: Path) -> None:
 async def test_processings_are_the_seeds(tmp_path: Path) -> None:
     async with app_with_user(tmp_path) as client:
         listed = (await client.get(f"{BASE}/processings")).json()
-        assert {p["name"] for p in listed} == {RASTER_TO_PYRAMID, RASTER_TO_PYRAMID_OR_UPDATE, WMS_TO_PYRAMID}
+        assert {p["name"] for p in listed} == {RASTER_TO_PYRAMID, RASTER_TO_PYRAMID_OR_UPDATE, WMS_TO_PYRAMID,
+                                               VECTOR_TO_BASE}
+        vector = await _processing(client, VECTOR_TO_BASE)
+        assert vector["input_types"] == {"upload": ["VECTOR"], "stored_data": []}
+        assert vector["output_type"] == {"stored_data": "VECTOR-DB", "storage": ["POSTGRESQL"]}
+        assert [p["name"] for p in vector["parameters"]] == ["srs", "update", "delete"]
+        assert {c["name"] for c in vector["required_checks"]} == {"Vérification vecteur", "Vérification standard"}
         raster = (await client.get(f"{BASE}/processings/{(await _processing(client, RASTER_TO_PYRAMID))['_id']}")).json()
         assert raster["input_types"] == {"upload": ["RASTER"], "stored_data": ["ROK4-PYRAMID-RASTER"]}
         assert [p["name"] for p in raster["parameters"]] == ["bottom", "tms", "width", "compression", "interpolation",

@@ -37,6 +37,7 @@ BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's write lock
 _UNAVAILABLE = frozenset({5, 8, 10, 13, 14})
 ALL_LAYERS = "*"  # key grant meaning every restricted layer
 RASTER_PYRAMID = "ROK4-PYRAMID-RASTER"  # the warehouse's stored data type
+VECTOR_DB = "VECTOR-DB"  # a vector base: one GeoPackage file (its URL ends with .gpkg)
 
 
 class StoreError(Exception):
@@ -287,7 +288,7 @@ def grant(layers: Any) -> list[str]:
 
 
 def _default_name(descriptor_url: str) -> str:
-    return descriptor_url.rsplit("/", 1)[-1].removesuffix(".json")
+    return descriptor_url.rsplit("/", 1)[-1].removesuffix(".json").removesuffix(".gpkg")
 
 
 def _now() -> str:
@@ -684,8 +685,10 @@ class PublicationStore:
         type: str = RASTER_PYRAMID,
     ) -> StoredData:
         """Register or update a pyramid by its descriptor URL; its id stays stable across updates."""
-        if not isinstance(descriptor_url, str) or not descriptor_url.endswith(".json"):
-            raise InvalidRecord("must be a pyramid descriptor path ending with .json", "descriptor_url")
+        suffix = ".gpkg" if type == VECTOR_DB else ".json"
+        if not isinstance(descriptor_url, str) or not descriptor_url.endswith(suffix):
+            raise InvalidRecord(f"must be a {'vector base' if type == VECTOR_DB else 'pyramid descriptor'} path"
+                                f" ending with {suffix}", "descriptor_url")
         name = name or _default_name(descriptor_url)
         now = _now()
         with self._write() as db:

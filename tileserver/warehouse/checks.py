@@ -3,7 +3,10 @@
 `Vérification standard` verifies every md5 the producer gave; `Vérification raster` decodes every
 image fully (TIFF/GeoTIFF with tifffile, JPEG/PNG with Pillow, through the writer's readers),
 reads its georeferencing (GeoTIFF keys or world file; CRS from the file, else the upload's `srs`)
-and records extent and resolution. Logs name each bad file and why.
+and records extent and resolution. `Vérification vecteur` reads every feature of every layer of
+a VECTOR upload (GeoPackage, Shapefile, GeoJSON, CSV, zips of these; `vector/delivery.py`) and
+records the extent; the layers, their tables and feature counts go to the logs. Logs name each bad
+file and why.
 
 Uploads are untrusted: an image is read in windows of at most `CHECK_READ_PIXELS`, so the check's
 memory does not grow with the size an image declares, and an image declaring more than the
@@ -49,11 +52,14 @@ class Check:
 
 
 STANDARD = Check("standard", "Vérification standard", "La vérification standard contrôle les signatures MD5 fournies",
-                 ("RASTER",))
+                 ("RASTER", "VECTOR"))
 RASTER = Check("raster", "Vérification raster",
                "La vérification raster contrôle que les fichiers sont bien lisibles et en extraie le géoréférencement",
                ("RASTER",))
-CHECKS = (STANDARD, RASTER)
+VECTOR = Check("vector", "Vérification vecteur",
+               "La vérification vecteur contrôle que les fichiers sont bien lisibles et en extraie l'étendue",
+               ("VECTOR",))
+CHECKS = (STANDARD, RASTER, VECTOR)
 BY_ID = {c.id: c for c in CHECKS}
 
 
@@ -164,8 +170,47 @@ def _decode_all(info: Any) -> None:
             info.read(col, row, min(info.width, col + cols), min(info.height, row + rows))
 
 
+def extent_polygon(west: float, south: float, east: float, north: float) -> dict[str, Any]:
+    """A lon/lat bbox as the platform's `extent` (a GeoJSON polygon)."""
+    ring = [[west, north], [east, north], [east, south], [west, south], [west, north]]
+    return {"type": "Polygon", "coordinates": [[[round(x, 8), round(y, 8)] for x, y in ring]]}
+
+
+def vector_data(files: UploadFiles) -> list[tuple[str, Path]]:
+    """The delivered files a vector check or integration reads (md5 files are the standard check's)."""
+    return [(rel, path) for rel, path in files.files("data") if not rel.lower().endswith(".md5")]
+
+
+def vector_check(files: UploadFiles, srs: str, log: Log) -> tuple[bool, dict[str, Any]]:
+    """Read every feature of every delivered layer; log each layer (table, count, extent) and each problem."""
+    import tempfile
+
+    from tileserver.vector.delivery import check_delivery
+
+    data = vector_data(files)
+    with tempfile.TemporaryDirectory(prefix="vector-check-") as workdir:
+        report = check_delivery([p for _, p in data], srs or None, workdir, names=[rel for rel, _ in data])
+    for layer in report.layers:
+        extent = ",".join(f"{v:.6g}" for v in layer.extent) if layer.extent else "none"
+        role = "" if layer.role == "load" else f" ({layer.role} of table {layer.table})"
+        log(f"{layer.source}: layer {layer.name} → table {layer.table}{role}: {layer.count} feature(s), "
+            f"{layer.geometry_type or 'no geometry'}, {layer.srs[:80]}, extent {extent}, attributes "
+            f"{', '.join(f'{a.name} ({a.type})' for a in layer.attributes) or 'none'}")
+    for problem in report.problems:
+        log(problem)
+    if not report.ok:
+        return False, {}
+    log(f"{len(report.layers)} layer(s), {sum(layer.count for layer in report.layers)} feature(s)")
+    if report.extent is None:
+        return True, {}
+    log("extent (EPSG:4326) " + ",".join(f"{v:.6f}" for v in report.extent))
+    return True, {"extent": extent_polygon(*report.extent)}
+
+
 def run_check(check: Check, files: UploadFiles, srs: str, log: Log,
               settings: Settings | None = None) -> tuple[bool, dict[str, Any]]:
     if check is STANDARD:
         return standard_check(files, log)
+    if check is VECTOR:
+        return vector_check(files, srs, log)
     return raster_check(files, srs, log, settings.source_max_pixels if settings is not None else None)

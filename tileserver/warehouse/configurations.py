@@ -1,5 +1,6 @@
-"""Configurations (`WMTS-TMS`, `WMS-RASTER`): a layer's description, validated against the stored
-data it uses, and turned into the shared store's Layer record when offered.
+"""Configurations (`WMTS-TMS`, `WMS-RASTER`, `WFS`): a layer's description, validated against the
+stored data it uses, and turned into the shared store's Layer record when offered (WFS ones in
+`wfs_configurations`).
 
 Layers created through the ROK4 admin API show here too (default datastore, read-only), so both
 APIs see the same layers.
@@ -28,9 +29,9 @@ from .web import Ctx, json_body, json_response, list_response, no_content, route
 
 KIND = "configuration"
 OFFERING = "offering"
-SUFFIX = {"WMTS-TMS": "wmts", "WMS-RASTER": "wms"}  # record id of a layer_name taken by the other service
+SUFFIX = {"WMTS-TMS": "wmts", "WMS-RASTER": "wms", "WFS": "wfs"}  # record id of a layer_name taken by the other service
 PREFIX = "/api/datastores/{datastore}/configurations"
-TYPES = ("WMTS-TMS", "WMS-RASTER")
+TYPES = ("WMTS-TMS", "WMS-RASTER", "WFS")
 INTERPOLATIONS = {"NEAREST-NEIGHBOUR": "nn", "LINEAR": "linear", "BICUBIC": "bicubic", "LANCZOS": "lanczos"}
 _FIELDS = {"type", "name", "layer_name", "type_infos", "attribution", "metadata", "getfeatureinfo"}
 _TYPE_INFOS = {"title", "abstract", "keywords", "bbox", "used_data", "interpolation", "styles", "getfeatureinfo"}
@@ -221,10 +222,13 @@ def record_id_for(ctx: Ctx, layer_name: str, type_: str) -> str:
 
 
 def name_taken(ctx: Ctx, layer_name: str, type_: str, except_record: str | None = None) -> str | None:
-    """Id of a store layer already shown as `layer_name` by one of this type's services, if any."""
+    """Id of a store layer already shown as `layer_name` by one of this type's services, if any
+    (vector layers, WFS, apart from raster ones: their names live in other services' lists)."""
     services = set(BY_TYPE[type_].services)
     for layer in ctx.wh.store.list_layers():
-        if layer.id != except_record and layer.public_name == layer_name and services & set(layer.services):
+        if layer.id == except_record or layer.public_name != layer_name or (layer.wfs is not None) != (type_ == "WFS"):
+            continue
+        if type_ == "WFS" or services & set(layer.services):
             return layer.id
     return None
 
@@ -232,6 +236,10 @@ def name_taken(ctx: Ctx, layer_name: str, type_: str, except_record: str | None 
 async def validate(ctx: Ctx, data: dict[str, Any], replacing: str | None = None) -> Layer:
     """Every problem of a configuration body (400), then its uniqueness (409), then whether its
     layer can be served (the same check as the admin API). Returns the layer it publishes."""
+    if data.get("type") == "WFS":
+        from .wfs_configurations import validate_wfs
+
+        return await validate_wfs(ctx, data, replacing)
     problems = [f"{k}: unknown field" for k in sorted(set(data) - _FIELDS)]
     if data.get("type") not in TYPES:
         problems.append(f"type: must be one of {', '.join(TYPES)} (got {data.get('type')!r})")
@@ -341,8 +349,9 @@ def foreign_views(ctx: Ctx) -> list[dict[str, Any]]:
                                                 "top_level": p.top_level} for p in layer.pyramids]}
         if layer.bbox is not None:
             infos["bbox"] = dict(zip(("west", "south", "east", "north"), layer.bbox, strict=True))
+        kind = "WFS" if layer.wfs is not None else "WMS-RASTER" if layer.services == ("wms",) else "WMTS-TMS"
         out.append({"_id": str(uuid.uuid5(_FOREIGN, layer.id)), "name": layer.id, "layer_name": layer.id,
-                    "type": "WMS-RASTER" if layer.services == ("wms",) else "WMTS-TMS", "status": "PUBLISHED",
+                    "type": kind, "status": "PUBLISHED",
                     "type_infos": infos, "metadata": [dict(m) for m in layer.metadata], "tags": {}})
     return out
 
@@ -372,10 +381,12 @@ async def list_configurations(ctx: Ctx) -> Response:
 def _stored_body(data: dict[str, Any]) -> dict[str, Any]:
     body = {k: data[k] for k in _FIELDS if k in data}
     body["type_infos"] = dict(body["type_infos"])
+    body["type_infos"]["used_data"] = [dict(item) for item in body["type_infos"]["used_data"]]
     for item in body["type_infos"]["used_data"]:
         item["stored_data"] = item["stored_data"].lower()
         for key in ("bottom_level", "top_level"):
-            item[key] = str(item[key])
+            if key in item:
+                item[key] = str(item[key])
     return body
 
 
@@ -417,7 +428,12 @@ async def replace_configuration(ctx: Ctx) -> Response:
     if record is not None and ctx.wh.store.get_layer(record) is not None:
         from dataclasses import replace
 
-        layer = build_layer(data, list(layer.pyramids), record_id=record)
+        if data["type"] == "WFS":
+            from .wfs_configurations import wfs_layer
+
+            layer = await asyncio.to_thread(wfs_layer, ctx, data, False, record)
+        else:
+            layer = build_layer(data, list(layer.pyramids), record_id=record)
         current = ctx.wh.store.get_layer(record)
         await asyncio.to_thread(ctx.wh.store.put_layer, replace(layer, restricted=current.restricted))
         await ctx.wh.runtime.refresh()

@@ -1,5 +1,6 @@
-"""The two endpoints every datastore offers, named as on the Géoplateforme, and the URLs an
-offering of a layer lists for each protocol the endpoint serves."""
+"""The endpoints every datastore offers, named as on the Géoplateforme, and the URLs an offering of
+a layer lists for each protocol the endpoint serves. WFS has an open and a private endpoint, as on
+the platform: offerings on the private one are restricted to keys granted access."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 WMTS_TMS = "gpf-rok4-server-wmts-tms"
 WMS_R = "gpf-rok4-server-wms-r"
+WFS = "gpf-geoserver-wfs"
+WFS_PRIVATE = "gpf-geoserver-wfs-private"
 _NAMESPACE = uuid.UUID("9d3c4e2a-5b0f-4c61-9f4e-1f2a7d0c6b11")
 
 
@@ -18,6 +21,7 @@ class Endpoint:
     name: str
     type: str  # the configuration type it publishes
     services: tuple[str, ...]  # tileserver services serving its layers
+    open: bool = True  # False: its offerings are restricted (`open: false`)
 
     @property
     def id(self) -> str:
@@ -29,8 +33,8 @@ class Endpoint:
             "name": self.name,
             "technical_name": self.technical_name,
             "type": self.type,
-            "open": True,
-            "public": True,
+            "open": self.open,
+            "public": self.open,
             "urls": [{"type": kind, "url": url} for kind, url in service_urls(self, base)],
         }
 
@@ -38,9 +42,11 @@ class Endpoint:
 ENDPOINTS = (
     Endpoint(WMTS_TMS, "Diffusion WMTS, TMS et OGC API Tiles", "WMTS-TMS", ("wmts", "tms", "ogcapi")),
     Endpoint(WMS_R, "Diffusion WMS raster", "WMS-RASTER", ("wms",)),
+    Endpoint(WFS, "Diffusion WFS et OGC API Features", "WFS", ("wfs", "ogcapi")),
+    Endpoint(WFS_PRIVATE, "Diffusion WFS et OGC API Features privée", "WFS", ("wfs", "ogcapi"), open=False),
 )
 BY_ID = {e.id: e for e in ENDPOINTS}
-BY_TYPE = {e.type: e for e in ENDPOINTS}
+BY_TYPE = {e.type: e for e in ENDPOINTS if e.open}
 
 
 def find(ident: str) -> Endpoint | None:
@@ -49,6 +55,9 @@ def find(ident: str) -> Endpoint | None:
 
 
 def service_urls(endpoint: Endpoint, base: str) -> list[tuple[str, str]]:
+    if endpoint.type == "WFS":
+        return [("WFS", f"{base}/wfs?SERVICE=WFS&VERSION=2.0.0&REQUEST=GetCapabilities"),
+                ("OGCAPI-FEATURES", f"{base}/ogcapi/collections")]
     if endpoint.type == "WMS-RASTER":
         return [("WMS", f"{base}/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetCapabilities")]
     return [
@@ -58,8 +67,14 @@ def service_urls(endpoint: Endpoint, base: str) -> list[tuple[str, str]]:
     ]
 
 
-def layer_urls(endpoint: Endpoint, base: str, layer: str, extension: str, tms: str) -> list[dict[str, str]]:
-    """What an offering lists: capabilities, then the layer's own URLs (tile templates)."""
+def layer_urls(endpoint: Endpoint, base: str, layer: str, extension: str, tms: str,
+               feature_types: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """What an offering lists: capabilities, then the layer's own URLs (tile templates; a WFS
+    layer's feature types, `layer:public_name`, as OGC API Features items)."""
+    if endpoint.type == "WFS":
+        return [{"type": "WFS", "url": f"{base}/wfs?SERVICE=WFS&VERSION=2.0.0&REQUEST=GetCapabilities"},
+                *({"type": "OGCAPI-FEATURES", "url": f"{base}/ogcapi/collections/{layer}:{name}/items"}
+                  for name in feature_types)]
     if endpoint.type == "WMS-RASTER":
         return [{"type": "WMS", "url": f"{base}/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetCapabilities"}]
     return [

@@ -21,7 +21,8 @@ from .check_routes import logs_response
 from .entities import Entity
 from .errors import bad_request, conflict, not_found
 from .lifecycle import EXECUTION
-from .processings import Processing, check_parameters, find, processings
+from .processings import VECTOR_DB, Processing, check_parameters, find, processings
+from .pyramid_home import base_url
 from .status import FINAL, RUNNING, Status
 from .stored_data import KIND as STORED_DATA
 from .stored_data import get_stored, summary_view
@@ -250,9 +251,15 @@ async def _harvest_problems(ctx: Ctx, parameters: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _check_output(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+def _check_output(data: dict[str, Any], problems: list[str], allow_id: bool = False) -> dict[str, Any]:
+    """`output.stored_data`: the new stored data's name (or, when `allow_id`, the id of one to change)."""
     output = data.get("output")
     stored = output.get("stored_data") if isinstance(output, dict) else None
+    if allow_id and isinstance(stored, dict) and "id" in stored:
+        return stored
+    if isinstance(stored, dict) and "id" in stored:
+        problems.append("output.stored_data.id: this processing makes a new stored data; give its name")
+        return {}
     if not isinstance(stored, dict) or not isinstance(stored.get("name"), str) or not stored["name"].strip():
         problems.append("output.stored_data.name: the name of the stored data to create is required")
         return {}
@@ -260,6 +267,55 @@ def _check_output(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         problems.append("output.stored_data.storage_tags: must be an array of strings")
     return stored
+
+
+def _vector_problems(ctx: Ctx, parameters: dict[str, Any], uploads: list[Entity], output: dict[str, Any],
+                     problems: list[str]) -> Any:
+    """An integration: its target CRS, and the existing base it updates (returned) when
+    `output.stored_data.id` names one."""
+    srs = parameters.get("srs")
+    if isinstance(srs, str):
+        from pyproj import CRS
+        from pyproj.exceptions import CRSError
+
+        try:
+            CRS.from_user_input(srs)
+        except CRSError:
+            problems.append(f"parameters.srs: unknown coordinate reference system {srs!r}")
+    if len({u.body.get("srs") for u in uploads}) > 1:
+        problems.append("inputs.upload: the uploads declare different srs; integrate them one at a time")
+    ident = output.get("id")
+    changes = [k for k in ("update", "delete") if parameters.get(k) is True]
+    if ident is None:
+        problems += [f"parameters.{k}: needs output.stored_data.id, the base to change" for k in changes]
+        return None
+    if not isinstance(ident, str):
+        problems.append("output.stored_data.id: a stored data identifier is required")
+        return None
+    if "srs" in parameters:
+        problems.append("parameters.srs: only for a new base (an existing base keeps its CRS)")
+    try:
+        stored, _ = get_stored(ctx, ident)
+    except Exception:
+        problems.append(f"output.stored_data.id: stored data {ident} not found in this datastore")
+        return None
+    if stored.type != VECTOR_DB:
+        problems.append(f"output.stored_data.id: stored data {ident} is of type {stored.type}, not {VECTOR_DB}")
+    elif stored.status != "GENERATED":
+        problems.append(f"output.stored_data.id: stored data {ident} is {stored.status}; it must be GENERATED")
+    elif _outputs_of_running(ctx, stored.id):
+        problems.append(f"output.stored_data.id: stored data {ident} is already being changed by a processing"
+                        " execution")
+    return stored
+
+
+def _outputs_of_running(ctx: Ctx, stored_id: str) -> list[Entity]:
+    return [e for e in ctx.wh.entities.find(EXECUTION, "json_extract(body, '$.status') IN ('CREATED', 'WAITING',"
+                                                      " 'PROGRESS') AND json_extract(body, '$.output.stored_data._id')"
+                                                      " = ?", (stored_id,))]
+
+
+VECTOR_GROWTH = 2  # a base's bytes per delivered byte, at most (GeoPackage with R-trees vs shapefiles/CSV)
 
 
 @route
@@ -280,37 +336,54 @@ async def create_execution(ctx: Ctx) -> Response:
     ancestors = _check_stored(ctx, processing, _ids(inputs.get("stored_data"), "inputs.stored_data", problems),
                               problems)
     parameters, parameter_problems = check_parameters(processing, data.get("parameters"))
-    problems += parameter_problems + estimate.slab_problems(parameters)
+    problems += parameter_problems
+    vector = processing.key == "vector"
+    existing = None
     tms = None
-    if isinstance(data.get("parameters"), dict):
-        tms = await asyncio.to_thread(_check_levels, ctx, parameters, ancestors, problems)
-    if processing.key == "harvest":
-        problems += await _harvest_problems(ctx, parameters)
-    output = _check_output(data, problems)
+    if vector:
+        output = _check_output(data, problems, allow_id=True)
+        existing = await asyncio.to_thread(_vector_problems, ctx, parameters, uploads, output, problems)
+    else:
+        problems += estimate.slab_problems(parameters)
+        if isinstance(data.get("parameters"), dict):
+            tms = await asyncio.to_thread(_check_levels, ctx, parameters, ancestors, problems)
+        if processing.key == "harvest":
+            problems += await _harvest_problems(ctx, parameters)
+        output = _check_output(data, problems)
     if problems:
         raise bad_request(*problems)
-    size = await asyncio.to_thread(_estimate, ctx, processing, parameters, uploads, tms, problems)
+    if vector:
+        size = VECTOR_GROWTH * sum(int(u.body.get("size", 0)) for u in uploads)
+    else:
+        size = await asyncio.to_thread(_estimate, ctx, processing, parameters, uploads, tms, problems)
     if problems:
         raise bad_request(*problems)
     free = await asyncio.to_thread(room, ctx.wh.store, ctx.datastore, PYRAMIDS)
     if size > free:
-        raise bad_request(f"quota exceeded: the output pyramid is estimated at {size} bytes, the datastore's"
-                          f" pyramids may take {max(free, 0)} more bytes (quota {ctx.datastore.quota}); choose a"
-                          " coarser bottom level or free some room")
+        what = "base" if vector else "pyramid"
+        raise bad_request(f"quota exceeded: the output {what} is estimated at {size} bytes, the datastore's"
+                          f" {'stored data' if vector else 'pyramids'} may take {max(free, 0)} more bytes (quota {ctx.datastore.quota});"
+                          + (" deliver less data" if vector else " choose a coarser bottom level")
+                          + " or free some room")
 
-    side: dict[str, Any] = {"tags": {}, "storage_tags": list(output.get("storage_tags", [])),
-                            "contact": ctx.user.email}
-    add_event(side, "Création", ctx.user)
-    stored = await asyncio.to_thread(ctx.wh.store.put_stored_data, ctx.wh.pyramid_url(str(uuid.uuid4())), {},
-                                     output["name"], "CREATED")
-    stored_id = stored.id
-    await asyncio.to_thread(ctx.wh.entities.create, STORED_DATA, ctx.datastore.id, side, stored_id)
+    if existing is not None:
+        stored_id, stored_name = existing.id, existing.name
+    else:
+        side: dict[str, Any] = {"tags": {}, "storage_tags": list(output.get("storage_tags", [])),
+                                "contact": ctx.user.email}
+        add_event(side, "Création", ctx.user)
+        url = base_url(ctx.wh.settings, str(uuid.uuid4())) if vector else ctx.wh.pyramid_url(str(uuid.uuid4()))
+        stored = await asyncio.to_thread(ctx.wh.store.put_stored_data, url, {}, output["name"], "CREATED",
+                                         processing.output)
+        stored_id, stored_name = stored.id, stored.name
+        await asyncio.to_thread(ctx.wh.entities.create, STORED_DATA, ctx.datastore.id, side, stored_id)
     body: dict[str, Any] = {
         "processing": processing.summary_view(),
         "status": Status.CREATED,
         "inputs": {"upload": [{"_id": u.id, "name": u.body["name"]} for u in uploads],
                    "stored_data": [{"_id": s.id, "name": s.name} for s in ancestors]},
-        "output": {"stored_data": {"_id": stored_id, "name": output["name"]}},
+        "output": {"stored_data": {"_id": stored_id, "name": stored_name,
+                                   **({"existing": True} if existing is not None else {})}},
         "parameters": parameters,
         "estimate": size,
         "tags": {},

@@ -6,7 +6,8 @@ A processing execution is CREATED, WAITING once launched (its estimated output r
 datastore's quota), until a server process claims it and starts a worker, PROGRESS while the
 worker runs and beats, then SUCCESS, FAILURE or ABORTED. The end of a job updates what it works
 for: an upload becomes CLOSED or UNSTABLE once all its checks ended; an execution's output stored
-data becomes GENERATED only on SUCCESS, otherwise UNSTABLE with its partial pyramid removed, and
+data becomes GENERATED only on SUCCESS, otherwise UNSTABLE with its partial pyramid removed (an
+existing vector base changed in place goes back to GENERATED: its changes are one transaction), and
 its reservation is released. A worker killed mid-run (abort, quota crossed) cannot do that
 itself: `settle` does it once its process is gone.
 """
@@ -178,6 +179,8 @@ def execution_ended(store: PublicationStore, entities: Entities, execution: Enti
         if execution.body["status"] == Status.SUCCESS:
             summary = dict((execution.body.get("result") or {}).get("summary") or {})
             store.put_stored_data(stored.descriptor_url, summary, stored.name, "GENERATED", stored.type)
+        elif output.get("existing"):  # a base changed in place: its transaction rolled back, it is as it was
+            store.put_stored_data(stored.descriptor_url, stored.summary, stored.name, "GENERATED", stored.type)
         else:
             remove_pyramid(stored.descriptor_url, settings)
             store.put_stored_data(stored.descriptor_url, {}, stored.name, "UNSTABLE", stored.type)

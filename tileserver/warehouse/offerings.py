@@ -24,6 +24,7 @@ from .endpoints import find, layer_urls
 from .entities import Entity
 from .errors import bad_request, conflict, not_found
 from .web import Ctx, json_body, json_response, list_response, no_content, route
+from .wfs_configurations import wfs_layer
 
 log = logging.getLogger("tileserver.warehouse")
 PREFIX = "/api/datastores/{datastore}/offerings"
@@ -40,6 +41,11 @@ def offering_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
         extension, tms = published.format.tms_extension, published.tms.id
     else:
         extension, tms = "tif", "PM"
+    feature_types: tuple[str, ...] = ()
+    if body["type"] == "WFS":
+        configuration = ctx.wh.entities.get(CONFIGURATION, body["configuration"]["_id"])
+        used = configuration.body["type_infos"]["used_data"] if configuration is not None else []
+        feature_types = tuple(r.get("public_name") or r["native_name"] for u in used for r in u.get("relations", []))
     status = shared.status if shared is not None else "UNPUBLISHED"
     assert endpoint is not None
     return {
@@ -47,7 +53,7 @@ def offering_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
         "open": shared.open if shared is not None else body.get("open", True), "available": status == "PUBLISHED",
         "endpoint": {"_id": endpoint.id, "name": endpoint.name, "technical_name": endpoint.technical_name},
         "configuration": body["configuration"], "creation": entity.created_at,
-        "urls": layer_urls(endpoint, base_url(ctx.request), layer, extension, tms),
+        "urls": layer_urls(endpoint, base_url(ctx.request), layer, extension, tms, feature_types),
         **annotations_view(body),
     }
 
@@ -68,7 +74,7 @@ async def _publish(ctx: Ctx, offering_id: str, layer_id: str, endpoint: str, ope
     """Wait for this process's catalog to serve the layer; PUBLISHED, or UNSTABLE with the reason."""
     await ctx.wh.runtime.refresh()
     catalog = ctx.wh.runtime.catalog
-    status = "PUBLISHED" if layer_id in catalog.layers else "UNSTABLE"
+    status = "PUBLISHED" if layer_id in catalog.layers or layer_id in catalog.vector_layers else "UNSTABLE"
     if status == "UNSTABLE":
         log.warning("offering %s: layer %s not served: %s", offering_id, layer_id, catalog.errors.get(layer_id))
     await asyncio.to_thread(ctx.wh.store.put_offering, layer_id, endpoint, open_, status)
@@ -88,6 +94,9 @@ async def create_offering(ctx: Ctx) -> Response:
     open_ = data.get("open", True)
     if not isinstance(open_, bool):
         problems.append("open: must be true or false")
+    elif open_ and endpoint is not None and not endpoint.open:
+        problems.append(f"open: {endpoint.technical_name} is a private endpoint: its offerings are restricted"
+                        " (open: false)")
     if problems:
         raise bad_request(*problems)
     assert endpoint is not None
@@ -99,10 +108,13 @@ async def create_offering(ctx: Ctx) -> Response:
     if taken is not None:
         raise conflict(f"a {body['type']} layer {layer_name} is already published (store record {taken})")
     record = record_id_for(ctx, layer_name, body["type"])
-    used_problems, pyramids = await asyncio.to_thread(used_pyramids, ctx, body["type_infos"]["used_data"])
-    if used_problems:
-        raise bad_request(*used_problems)
-    layer = build_layer(body, pyramids, restricted=not open_, record_id=record)
+    if body["type"] == "WFS":
+        layer = await asyncio.to_thread(wfs_layer, ctx, body, not open_, record)
+    else:
+        used_problems, pyramids = await asyncio.to_thread(used_pyramids, ctx, body["type_infos"]["used_data"])
+        if used_problems:
+            raise bad_request(*used_problems)
+        layer = build_layer(body, pyramids, restricted=not open_, record_id=record)
     await asyncio.to_thread(ctx.wh.store.add_layer, layer, not open_)
     shared = await asyncio.to_thread(ctx.wh.store.put_offering, record, endpoint.technical_name, open_,
                                      "PUBLISHING")
@@ -151,6 +163,9 @@ async def edit_offering(ctx: Ctx) -> Response:
     data = await json_body(ctx.request)
     if set(data) - {"open", "visibility"} or not isinstance(data.get("open"), bool):
         raise bad_request("the body must be {\"open\": true|false}")
+    endpoint = find(entity.body["endpoint"])
+    if data["open"] and endpoint is not None and not endpoint.open:
+        raise bad_request(f"open: {endpoint.technical_name} is a private endpoint: its offerings are restricted")
     if ctx.wh.store.get_layer(record_of(entity.body)) is not None:
         await asyncio.to_thread(ctx.wh.store.set_restricted, record_of(entity.body), not data["open"])
     await asyncio.to_thread(ctx.wh.entities.update, OFFERING, entity.id, lambda b: b.update(open=data["open"]))

@@ -25,7 +25,7 @@ class _Body(BaseModel):
 class UploadCreate(_Body):
     name: str
     description: str = ""
-    type: Literal["RASTER"]
+    type: Literal["RASTER", "VECTOR"]
     srs: str = Field(examples=["EPSG:2154"])
     contact: str | None = None
 
@@ -41,8 +41,10 @@ class ExecutionInputs(_Body):
 
 
 class StoredDataOutput(_Body):
-    name: str
+    name: str | None = None  # a new stored data…
+    id: str | None = None  # …or the vector base an integration changes
     storage_tags: list[str] = []
+    storage_type: str | None = None
 
 
 class ExecutionOutput(_Body):
@@ -80,11 +82,30 @@ class TypeInfos(_Body):
     getfeatureinfo: dict[str, Any] | None = None
 
 
+class WfsRelation(_Body):
+    native_name: str
+    public_name: str | None = None
+    title: str
+    keywords: list[str] = []
+    abstract: str
+
+
+class WfsUsedData(_Body):
+    stored_data: str
+    relations: list[WfsRelation]
+    expose_primary_key: bool | None = None
+
+
+class WfsTypeInfos(_Body):
+    bbox: BBox | None = None
+    used_data: list[WfsUsedData]
+
+
 class ConfigurationCreate(_Body):
-    type: Literal["WMTS-TMS", "WMS-RASTER"]
+    type: Literal["WMTS-TMS", "WMS-RASTER", "WFS"]
     name: str
     layer_name: str
-    type_infos: TypeInfos
+    type_infos: TypeInfos | WfsTypeInfos
     attribution: dict[str, Any] | None = None
     metadata: list[dict[str, Any]] = []
     getfeatureinfo: dict[str, Any] | None = None

@@ -1,4 +1,4 @@
-"""The processings this warehouse offers, defined as the platform's (seeds 001 and 002), and the
+"""The processings this warehouse offers, defined as the platform's (seeds 001 to 003), and the
 validation of an execution's parameters against a definition: every problem is listed at once.
 """
 
@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checks import RASTER, STANDARD
+from .checks import RASTER, STANDARD, VECTOR
 
 PYRAMID = "ROK4-PYRAMID-RASTER"
+VECTOR_DB = "VECTOR-DB"
+VECTOR_TO_BASE = "Intégration de données vecteur livrées en base"
 RASTER_TO_PYRAMID = "Calcul de pyramide raster"
 RASTER_TO_PYRAMID_OR_UPDATE = "Calcul ou mise à jour de pyramide raster"
 WMS_TO_PYRAMID = "Calcul ou mise à jour de pyramide raster par moissonnage WMS"
@@ -88,15 +90,29 @@ def _harvest_parameters(tms: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+def _vector_parameters() -> list[dict[str, Any]]:
+    """Seed 003's parameters."""
+    return [
+        _p("srs", "Projection des données en base (par défaut celle de la livraison) ; seulement pour une nouvelle "
+           "base", constraints=_TEXT),
+        _p("update", "Mise à jour d'une base existante (output.stored_data.id) : les tables livrées qui y existent "
+           "déjà sont mises à jour par leur clé fid", constraints={"type": "boolean"}),
+        _p("delete", "Suppression dans une base existante (output.stored_data.id) : les objets des tables livrées "
+           "qui y existent déjà sont supprimés par leur clé fid", constraints={"type": "boolean"}),
+    ]
+
+
 @dataclass(frozen=True)
 class Processing:
-    key: str  # what the runner does: "build" (with update by reference) or "harvest"
+    key: str  # what the runner does: "build" (with update by reference), "harvest" or "vector"
     name: str
     description: str
     upload_types: tuple[str, ...]
     stored_data_types: tuple[str, ...]
     parameters: tuple[dict[str, Any], ...]
     required_checks: tuple[str, ...]  # check keys
+    output: str = PYRAMID
+    storage: str = "FILESYSTEM"
 
     @property
     def id(self) -> str:
@@ -107,13 +123,13 @@ class Processing:
         return bool(self.upload_types)
 
     def view(self) -> dict[str, Any]:
-        checks = {c.key: c for c in (RASTER, STANDARD)}
+        checks = {c.key: c for c in (RASTER, STANDARD, VECTOR)}
         return {
             "_id": self.id,
             "name": self.name,
             "description": self.description,
             "input_types": {"upload": list(self.upload_types), "stored_data": list(self.stored_data_types)},
-            "output_type": {"stored_data": PYRAMID, "storage": ["FILESYSTEM"]},
+            "output_type": {"stored_data": self.output, "storage": [self.storage]},
             "parameters": [dict(p) for p in self.parameters],
             "required_checks": [checks[k].view() for k in self.required_checks],
         }
@@ -139,6 +155,11 @@ def processings(tms_directory: str) -> tuple[Processing, ...]:
                    "Il n'y a pas besoin de donnée en entrée. Sont fournis en paramètres toutes les informations sur "
                    "le service WMS et le jeu de données à moissonner, ainsi que la zone sur laquelle faire le "
                    "moissonnage", (), (PYRAMID,), tuple(_harvest_parameters(tms)), ()),
+        # the platform names the storage POSTGRESQL; here a base is one GeoPackage file
+        Processing("vector", VECTOR_TO_BASE,
+                   "Intégration en base de données vecteur livrées (GeoPackage, Shapefile, GeoJSON, CSV), ou mise à "
+                   "jour d'une base existante (output.stored_data.id) avec des fichiers .update et .delete",
+                   ("VECTOR",), (), tuple(_vector_parameters()), ("vector", "standard"), VECTOR_DB, "POSTGRESQL"),
     )
 
 

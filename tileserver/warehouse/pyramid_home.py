@@ -1,5 +1,9 @@
 """Where the warehouse writes the pyramids it computes: under the data directory, or on S3 when
-`warehouse_pyramids` names a bucket (``s3://bucket[/prefix]``), and how one is removed again."""
+`warehouse_pyramids` names a bucket (``s3://bucket[/prefix]``), and how one is removed again.
+
+Vector bases (VECTOR-DB stored data) are GeoPackage files, `<id>.gpkg`, beside the pyramids when
+those are on disk, else under `<data dir>/bases`: SQLite needs a local file to read and update in
+place, so a base never goes to S3 (WFS serves local bases only)."""
 
 from __future__ import annotations
 
@@ -26,6 +30,33 @@ def on_s3(settings: Settings) -> bool:
     return pyramids_root(settings).startswith("s3://")
 
 
+def bases_root(settings: Settings) -> Path:
+    """Directory of the vector bases this warehouse writes."""
+    home = pyramids_root(settings)
+    if home.startswith("file://"):
+        return Path(home.removeprefix("file://"))
+    return (Path(settings.data_dir) / "bases").resolve()
+
+
+def base_url(settings: Settings, ident: str) -> str:
+    """`file://` URL of a new vector base named `ident`."""
+    return f"file://{bases_root(settings) / ident}.gpkg"
+
+
+def base_path(url: str) -> Path:
+    return Path(url.removeprefix("file://"))
+
+
+def _base_files(url: str, settings: Settings) -> list[Path]:
+    """A base of this warehouse and its work files (`.part.gpkg`, SQLite journals); [] for a base
+    registered from elsewhere."""
+    path = base_path(url)
+    if not url.startswith("file://") or path.parent.resolve() != bases_root(settings) or "/" in path.stem:
+        return []
+    stem = path.name.removesuffix(".gpkg")
+    return [*path.parent.glob(f"{stem}.gpkg*"), *path.parent.glob(f"{stem}.part.gpkg*")]
+
+
 def output_of(descriptor_url: str) -> tuple[str, str]:
     """(output root as the writer takes it, pyramid name) of a descriptor URL."""
     root, _, file_name = descriptor_url.rpartition("/")
@@ -35,6 +66,10 @@ def output_of(descriptor_url: str) -> tuple[str, str]:
 def remove_pyramid(descriptor_url: str, settings: Settings) -> None:
     """Delete a pyramid this warehouse wrote (descriptor, list, slabs, journals, work files); one
     registered from elsewhere (outside the root) is never touched. Blocking: run it in a thread."""
+    if descriptor_url.endswith(".gpkg"):
+        for path in _base_files(descriptor_url, settings):
+            path.unlink(missing_ok=True)
+        return
     root, name = output_of(descriptor_url)
     home = pyramids_root(settings)
     if not descriptor_url.endswith(".json") or not name or "/" in name:

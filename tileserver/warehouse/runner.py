@@ -1,8 +1,10 @@
 """What a processing execution does, in a worker process: the writer builds the output pyramid
 from the inputs (georeferenced images of uploads, an input pyramid to update by reference, or a
-WMS to harvest) and returns the stored data's summary.
+WMS to harvest), or the vector integration writes (or changes) a base from a VECTOR upload; either
+returns the stored data's summary.
 
-This is the one place that calls the writer: `build`, `update` (by reference) and `harvest`.
+This is the one place that calls the writer (`build`, `update` by reference, `harvest`) and the
+vector integration (`vector/integrate.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from tileserver.publication.store import PublicationStore
 from tileserver.settings import Settings
 
-from .checks import IMAGE_EXTENSIONS
+from .checks import IMAGE_EXTENSIONS, extent_polygon, vector_data
 from .entities import Entities, Entity
 from .processings import find, flag
 from .pyramid_home import output_of
@@ -65,6 +67,8 @@ def _run(settings: Settings, store: PublicationStore, entities: Entities, execut
     processing = find(settings.tms_directory, body["processing"]["_id"])
     if processing is None:
         raise ExecutionError(f"unknown processing {body['processing']['_id']}")
+    if processing.key == "vector":
+        return _integrate(settings, entities, execution, descriptor_url, stack)
     parameters = body.get("parameters", {})
     output_dir, name = output_of(descriptor_url)
     progress = Progress(tty=False, interval=2.0)
@@ -112,3 +116,96 @@ def _run(settings: Settings, store: PublicationStore, entities: Entities, execut
     return run_with_storage(settings, lambda storage, s: build_async(
         sources, output_dir, name, options, storage, tms_directory=s.tms_directory, overwrite=True,
         progress=progress))
+
+
+# --- vector bases --------------------------------------------------------------------------------
+
+# PostgreSQL's names for the base's attribute types, as the platform's relations show them
+_SQL_TYPES = {"integer": "integer", "real": "double precision", "string": "character varying",
+              "boolean": "boolean", "date": "date", "datetime": "timestamp with time zone", "binary": "bytea"}
+
+
+def relation_view(relation: Any) -> dict[str, Any]:
+    """A base table as the platform's `type_infos.relations[]` item (attributes: name → type)."""
+    attributes: dict[str, str] = {}
+    for key in relation.primary_key:
+        attributes[key] = "integer"
+    if relation.geometry_column:
+        epsg = relation.srs.split(":")[-1] if relation.srs.upper().startswith("EPSG:") else "0"
+        attributes[relation.geometry_column] = f"geometry({relation.geometry_type or 'Geometry'},{epsg})"
+    for attribute in relation.attributes:
+        attributes[attribute.name] = _SQL_TYPES.get(attribute.type, "character varying")
+    return {"name": relation.name, "type": relation.type, "attributes": attributes,
+            "primary_key": list(relation.primary_key)}
+
+
+def base_summary(integration: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"srs": integration.srs, "size": integration.size,
+                           "type_infos": {"relations": [relation_view(r) for r in integration.relations]}}
+    if integration.extent is not None:
+        out["extent"] = extent_polygon(*integration.extent)
+    return out
+
+
+def _integrate(settings: Settings, entities: Entities, execution: Entity, base_url: str,
+               stack: contextlib.ExitStack) -> dict[str, Any]:
+    """Check the delivered files again and write a new base at `base_url`, or apply them to the
+    existing one. Every feature is read by the check: from headers alone, a CSV's geometry type is
+    "Unknown" and its table would be written without geometries."""
+    import dataclasses
+    import logging
+    import tempfile
+
+    from tileserver.vector.delivery import check_delivery
+    from tileserver.vector.geopackage import GeoPackageBase
+    from tileserver.vector.integrate import IntegrationError, apply_changes, integrate
+
+    from .pyramid_home import base_path
+
+    log = logging.getLogger("tileserver.warehouse")
+    body = execution.body
+    parameters = body.get("parameters", {})
+    files, names, srs = [], [], None
+    for ref in body.get("inputs", {}).get("upload", []):
+        upload = entities.get("upload", ref["_id"])
+        if upload is None:
+            raise ExecutionError(f"input upload {ref['_id']} no longer exists")
+        srs = srs or upload.body.get("srs")
+        root = stack.enter_context(upload_files(settings, upload.id).local())
+        for rel, path in vector_data(root):
+            files.append(path)
+            names.append(rel)
+    workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="vector-integration-"))
+    report = check_delivery(files, srs, workdir, names=names)
+    if not report.ok:
+        raise ExecutionError("the delivery cannot be read: " + "; ".join(report.problems))
+    target = base_path(base_url)
+    existing = bool(body["output"]["stored_data"].get("existing"))
+    try:
+        if not existing:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            log.info("integrating %d layer(s) into a new base%s", len(report.layers),
+                     f" reprojected to {parameters['srs']}" if parameters.get("srs") else "")
+            result = integrate(report, target, srs=parameters.get("srs"))
+        else:
+            base = GeoPackageBase(target)
+            try:
+                tables = {r.name for r in base.relations()}
+            finally:
+                base.close()
+            role = "update" if parameters.get("update") is True else "delete" if parameters.get("delete") is True \
+                else None
+            if role is not None:  # delivered tables the base has are changed rather than added
+                report.layers = [dataclasses.replace(layer, role=role)
+                                 if layer.role == "load" and layer.table in tables else layer
+                                 for layer in report.layers]
+            for layer in report.layers:
+                log.info("%s: %s table %s", layer.source, {"load": "new", "update": "updates", "delete":
+                                                           "deletes from"}[layer.role], layer.table)
+            result = apply_changes(report, target)
+    except IntegrationError as exc:
+        raise ExecutionError(str(exc)) from None
+    for relation in result.relations:
+        log.info("table %s: %d feature(s), %s, %s", relation.name, relation.count,
+                 relation.geometry_type or "no geometry", relation.srs)
+    return base_summary(result)

@@ -1,5 +1,6 @@
 """Stored data: the pyramids of the shared store, seen with the fields of the platform's
-`ROK4-PYRAMID-RASTER` entries (seed 002). The warehouse's side (datastore, tags, comments) lives
+`ROK4-PYRAMID-RASTER` entries (seed 002), and the vector bases (`VECTOR-DB`, seed 003:
+`type_infos.relations`, `srs`, `extent`, `size`). The warehouse's side (datastore, tags, comments) lives
 in its entity of the same id; a pyramid registered by the ROK4 admin API or the CLI has none
 and belongs to the default datastore.
 """
@@ -12,7 +13,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from tileserver.publication.store import StoredData
+from tileserver.publication.store import VECTOR_DB, StoredData
 
 from .annotations import add_event, annotation_routes, annotations_view
 from .entities import Entity
@@ -73,6 +74,13 @@ def pyramid_fields(summary: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _storage_type(stored: StoredData) -> str:
+    """As the platform names it: a VECTOR-DB is POSTGRESQL there, even though here it is a GeoPackage file."""
+    if stored.type == VECTOR_DB:
+        return "POSTGRESQL"
+    return "S3" if stored.descriptor_url.startswith("s3://") else "FILESYSTEM"
+
+
 def stored_data_view(stored: StoredData, side: Entity | None) -> dict[str, Any]:
     body = side.body if side is not None else {}
     out: dict[str, Any] = {
@@ -83,7 +91,7 @@ def stored_data_view(stored: StoredData, side: Entity | None) -> dict[str, Any]:
         "srs": None,
         "contact": body.get("contact", ""),
         "creation": stored.created_at,
-        "storage": {"type": "S3" if stored.descriptor_url.startswith("s3://") else "FILESYSTEM",
+        "storage": {"type": _storage_type(stored),
                     "labels": list(body.get("storage_tags", []))},
         "size": 0,
         **annotations_view(body),

@@ -28,7 +28,7 @@ from .usage import UPLOADS, holds, release, reserve
 from .web import Ctx, json_body, json_response, list_response, no_content, route
 
 KIND = "upload"
-UPLOAD_TYPES = ("RASTER",)
+UPLOAD_TYPES = ("RASTER", "VECTOR")
 STATUSES = ("CREATED", "OPEN", "CLOSED", "CHECKING", "GENERATING", "MODIFYING", "UNSTABLE", "DELETED")
 PREFIX = "/api/datastores/{datastore}/uploads"
 

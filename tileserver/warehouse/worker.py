@@ -18,7 +18,7 @@ import traceback
 from dataclasses import asdict, fields
 from typing import Any
 
-from tileserver.publication.store import PublicationStore
+from tileserver.publication.store import VECTOR_DB, PublicationStore
 from tileserver.settings import S3Cluster, Settings
 
 from . import lifecycle
@@ -164,17 +164,27 @@ class Worker:
         if stored is None:
             self.log.add("the output stored data no longer exists")
             return Status.FAILURE, {}
-        self.store.put_stored_data(stored.descriptor_url, {}, stored.name, "GENERATING", stored.type)
+        existing = bool(output.get("existing"))  # a base being changed keeps its summary meanwhile
+        self.store.put_stored_data(stored.descriptor_url, stored.summary if existing else {}, stored.name,
+                                   "GENERATING", stored.type)
         self.datastore_id = entity.datastore_id
-        self.output_url = stored.descriptor_url
-        self.log.add(f"{entity.body['processing']['name']}: output pyramid {stored.descriptor_url}")
+        if not existing:  # a base changed in place is measured once done, by its growth
+            self.output_url = stored.descriptor_url
+        what = "base" if stored.type == VECTOR_DB else "pyramid"
+        self.log.add(f"{entity.body['processing']['name']}: output {what} {stored.descriptor_url}")
         summary = run_execution(self.settings, self.store, self.entities, entity, stored.descriptor_url)
-        over = self.over_quota(int(summary.get("size", 0) or 0))
+        size = int(summary.get("size", 0) or 0)
+        self.output_url = stored.descriptor_url
+        over = self.over_quota(size - (int(stored.summary.get("size", 0) or 0) if existing else 0))
         if over is not None:  # finished between two beats: still refused
             self.log.add(over)
             return Status.FAILURE, {}
-        self.log.add(f"pyramid written: levels {', '.join(summary.get('type_infos', {}).get('levels', []))},"
-                     f" {summary.get('size', 0)} bytes")
+        if stored.type == VECTOR_DB:
+            tables = [r["name"] for r in summary.get("type_infos", {}).get("relations", [])]
+            self.log.add(f"base written: tables {', '.join(tables)}, {size} bytes")
+        else:
+            self.log.add(f"pyramid written: levels {', '.join(summary.get('type_infos', {}).get('levels', []))},"
+                         f" {size} bytes")
         return Status.SUCCESS, {"summary": summary}
 
 
