@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -259,6 +261,30 @@ def test_sdk_generic_vecteur_workflow_and_owslib(tmp_path: Path) -> None:
         hits = client.get("/wfs", params={"SERVICE": "WFS", "VERSION": "2.0.0", "REQUEST": "GetFeature",
                                           "TYPENAMES": type_name, "RESULTTYPE": "hits"})
         assert hits.status_code == 200 and 'numberMatched="5"' in hits.text
+        if shutil.which("ogr2ogr") is not None:  # GDAL's WFS and OAPIF drivers on the same published layer
+            _gdal_reads(url, type_name, source, tmp_path)
+
+
+def _gdal_reads(url: str, type_name: str, source: list[dict], tmp_path: Path) -> None:
+    """ogrinfo -so (count) and ogr2ogr to GeoPackage (count and extent) through WFS 2.0 and OGC API Features."""
+    from pyogrio.raw import read as raw_read
+    from pyproj import Transformer
+
+    native = shapely.union_all([r["geometry"] for r in source])
+    to_crs84 = Transformer.from_crs("EPSG:2154", "OGC:CRS84", always_xy=True).transform
+    crs84 = shapely.transform(native, lambda xy: np.column_stack(to_crs84(xy[:, 0], xy[:, 1])))
+    # WFS answers in the table's own CRS (EPSG:2154), OGC API Features in CRS84 by default
+    for i, (dataset, expected, tolerance) in enumerate(((f"WFS:{url}/wfs?VERSION=2.0.0", native.bounds, 1e-6),
+                                                         (f"OAPIF:{url}/ogcapi", crs84.bounds, 1e-7))):
+        info = subprocess.run(["ogrinfo", "-ro", "-so", dataset, type_name], capture_output=True, text=True, timeout=120)
+        assert info.returncode == 0 and f"Feature Count: {len(source)}" in info.stdout, info.stdout + info.stderr
+        out = tmp_path / f"gdal-{i}.gpkg"
+        run = subprocess.run(["ogr2ogr", "-f", "GPKG", str(out), dataset, type_name],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        _meta, fids, geometry, _fields = raw_read(out, return_fids=True)
+        assert len(fids) == len(source)
+        assert shapely.union_all(shapely.from_wkb(geometry)).bounds == pytest.approx(expected, abs=tolerance)
 
 
 def test_restricted_wfs_offering_needs_a_key(tmp_path: Path) -> None:
