@@ -1,6 +1,6 @@
 """WFS GetFeature (GeoJSON, a bbox of ~1000 features) through tileserver against ogr2ogr on the same GeoPackage.
 
-    .venv/bin/python benchmarks/bench_wfs.py [--seconds 6] [--concurrency 2] [--workers 2]
+    .venv/bin/python benchmarks/bench_wfs.py [--seconds 8] [--concurrency 2] [--workers 2]
 
 One run:
 
@@ -15,7 +15,7 @@ One run:
    &OUTPUTFORMAT=application/json`` (aiohttp, random bboxes holding ~1000 features) and
    ``ogr2ogr -f GeoJSON /vsistdout/ base.gpkg <table> -spat …`` with the same bboxes (a process per
    request, as a CGI-style export would run): time per request and time to the first byte with one
-   request in flight, requests/s with `concurrency` in flight;
+   request in flight, requests/s with `concurrency` in flight; tileserver also with gzip asked for;
 4. prints a Markdown table and writes it into the "## WFS GetFeature (issue 13)" section of
    benchmarks/RESULTS.md (``--no-results`` not to).
 
@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -57,6 +57,7 @@ from common import (  # noqa: E402
     free_port,
     machine_summary,
     merge_results,
+    percentile,
     update_results,
     wait_for_port,
 )
@@ -213,11 +214,13 @@ async def check(session: aiohttp.ClientSession, server: Server, gpkg: Path, tabl
     return round(sum(counts) / len(counts))
 
 
-async def measure_server(url: str, paths: list[str], seconds: float, concurrency: int) -> LoadResult:
+async def measure_server(url: str, paths: list[str], seconds: float, concurrency: int, gzip: bool = False) -> LoadResult:
+    """`gzip`: ask for a gzip answer (aiohttp inflates it); else identity, the bytes ogr2ogr writes."""
     first_bytes: list[float] = []
     sizes: list[int] = []
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    headers = {"Accept-Encoding": "gzip" if gzip else "identity"}
+    async with aiohttp.ClientSession(connector=connector, headers=headers, auto_decompress=True) as session:
         async def op(path: str) -> None:
             t0 = time.perf_counter()
             async with session.get(url + path) as answer:
@@ -232,9 +235,7 @@ async def measure_server(url: str, paths: list[str], seconds: float, concurrency
         first_bytes.clear()
         sizes.clear()
         result = await closed_loop(op, paths, seconds, concurrency)
-    first_bytes.sort()
-    result.extra = {"first_byte": first_bytes[len(first_bytes) // 2] if first_bytes else math.nan,
-                    "bytes": sum(sizes) / len(sizes) if sizes else math.nan}
+    result.extra = {"first_bytes": first_bytes, "sizes": sizes}
     return result
 
 
@@ -258,15 +259,16 @@ async def measure_ogr(args_of: list[list[str]], seconds: float, concurrency: int
     first_bytes.clear()
     sizes.clear()
     result = await closed_loop(op, args_of, seconds, concurrency)
-    first_bytes.sort()
-    result.extra = {"first_byte": first_bytes[len(first_bytes) // 2] if first_bytes else math.nan,
-                    "bytes": sum(sizes) / len(sizes) if sizes else math.nan}
+    result.extra = {"first_bytes": first_bytes, "sizes": sizes}
     return result
 
 
 def _merged(results: list[LoadResult]) -> LoadResult:
-    merged = merge_results(results)
-    merged.extra = {k: sum(r.extra[k] for r in results) / len(results) for k in results[0].extra}
+    """The rounds as one: latency percentiles, median first byte and mean size over all requests."""
+    merged = merge_results([replace(r, extra={}) for r in results])
+    first_bytes = sorted(x for r in results for x in r.extra["first_bytes"])
+    sizes = [x for r in results for x in r.extra["sizes"]]
+    merged.extra = {"first_byte": percentile(first_bytes, 50), "bytes": sum(sizes) / len(sizes) if sizes else math.nan}
     return merged
 
 
@@ -285,25 +287,30 @@ async def compare(args: argparse.Namespace, server: Server, gpkg: Path) -> str:
                 runs.setdefault(("ts", concurrency), []).append(
                     await measure_server(server.url, paths, share, concurrency))
                 runs.setdefault(("ogr", concurrency), []).append(await measure_ogr(commands, share, concurrency))
+            runs.setdefault(("gzip", 1), []).append(
+                await measure_server(server.url, paths, args.seconds / args.rounds / 2, 1, gzip=True))
         r = {key: _merged(value) for key, value in runs.items()}
         ts1, ogr1, tsn, ogrn = r["ts", 1], r["ogr", 1], r["ts", args.concurrency], r["ogr", args.concurrency]
+        gz = r["gzip", 1]
         print(f"{table.name}: tileserver {ts1.p(50) * 1000:.1f} ms, ogr2ogr {ogr1.p(50) * 1000:.1f} ms; "
               f"{tsn.rate:.1f}/s against {ogrn.rate:.1f}/s", file=sys.stderr)
         rows.append([
             f"{table.rows:,} {table.name}, ~{counts[table.name]:,} per bbox ({ts1.extra['bytes'] / 1024:,.0f} KiB)",
-            fmt(ts1.p(50) * 1000), fmt(ts1.extra["first_byte"] * 1000), fmt(tsn.rate),
+            fmt(ts1.p(50) * 1000), fmt(ts1.extra["first_byte"] * 1000), fmt(tsn.rate), fmt(gz.p(50) * 1000),
             fmt(ogr1.p(50) * 1000), fmt(ogr1.extra["first_byte"] * 1000), fmt(ogrn.rate),
             f"{ogr1.p(50) / ts1.p(50):.2f}×", f"{tsn.rate / ogrn.rate:.2f}×" if ogrn.rate else "—",
         ])
     headers = ["table, features per answer", "tileserver ms/request (p50)", "first byte ms", "requests/s",
+               "gzip ms/request",
                "ogr2ogr ms/request (p50)", "first byte ms", "requests/s", "time ratio ogr2ogr ÷ tileserver",
                "throughput ratio tileserver ÷ ogr2ogr"]
-    command = "PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_wfs.py " + " ".join(args.argv)
+    command = ".venv/bin/python benchmarks/bench_wfs.py " + " ".join(args.argv)
     return (f"Command: `{command.strip()}` — tileserver `serve --workers {args.workers}` on loopback (aiohttp "
             f"client in the same run) against `ogr2ogr -f GeoJSON /vsistdout/ base.gpkg <table> -spat …` "
             f"(GDAL {ogr_version()}, a process per request), the same GeoPackage and the same random bboxes, "
             f"GeoJSON in EPSG:2154 with every attribute; ms/request and first byte with one request in flight, "
-            f"requests/s with {args.concurrency} in flight; {args.seconds:g} s per cell in {args.rounds} "
+            f"requests/s with {args.concurrency} in flight; tileserver answers uncompressed as ogr2ogr writes (`Accept-"
+            f"Encoding: identity`), the gzip column asks for gzip; {args.seconds:g} s per cell in {args.rounds} "
             f"alternating rounds. {machine_summary()}.\n\n" + format_table(headers, rows))
 
 
@@ -319,7 +326,6 @@ async def profile(args: argparse.Namespace, workdir: Path, gpkg: Path) -> None:
     """cProfile of GetFeature GeoJSON answers served in-process (no network, no other worker)."""
     import cProfile
     import pstats
-    from dataclasses import replace
 
     import httpx
 
@@ -364,7 +370,7 @@ async def profile(args: argparse.Namespace, workdir: Path, gpkg: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per table, tool and concurrency")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per table, tool and concurrency")
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight for requests/s")
     parser.add_argument("--workers", type=int, default=2, help="tileserver worker processes")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two per cell")
