@@ -469,3 +469,96 @@ async def test_page_data_for_layers_not_drawn_as_tiles(tmp_path):
     assert "no style rendering them" in items["DEMRAW"].text_content()
     assert "vector tiles" in items["ROADS"].text_content()
     assert not items["DEMRAW"].xpath(".//input") and items["SCAN1000"].xpath(".//input[@class='opacity']")
+
+
+def _vector_fixture(tmp_path: Path) -> dict[str, dict]:
+    """A raster layer, a public WFS layer (two tables) and a restricted one, as admin descriptors."""
+    from vectorutil import make_gpkg
+
+    gpkg = make_gpkg(tmp_path / "base.gpkg")
+
+    def wfs(restricted: bool = False) -> dict:
+        return {"title": "BD TOPO <extract>", "abstract": "two tables", **({"restricted": True} if restricted else {}),
+                "wfs": {"base": f"file://{gpkg}", "relations": [
+                    {"native_name": "communes", "public_name": "commune"},
+                    {"native_name": "gares", "public_name": "gare"}]}}
+
+    return {"SCAN1000": layer_descriptor("SCAN1000"), "bdtopo": wfs(), "hidden": wfs(restricted=True)}
+
+
+def _union(boxes: list[tuple[float, float, float, float]]) -> tuple[float, float, float, float]:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+async def test_page_lists_vector_layers_with_their_links(tmp_path):
+    """A WFS layer is listed (not drawn yet) with its extent and the URLs of WFS and OGC API Features,
+    every one of which answers; a restricted one is not on the public page."""
+    from owslib.wfs import WebFeatureService
+
+    layers = _vector_fixture(tmp_path)
+    async with app_client(make_settings(tmp_path)) as client:
+        for name, desc in layers.items():
+            answer = await client.post(f"/admin/layers/{name}", json=desc, headers={"Authorization": "Bearer secret"})
+            assert answer.status_code == 204, answer.text
+        page = await client.get("/")
+        assert page.status_code == 200
+        doc = lxml_html.fromstring(page.text)
+        data = json.loads(doc.get_element_by_id("layer-data").text)["layers"]
+        assert [(d["id"], d["kind"]) for d in data] == [("SCAN1000", "raster"), ("bdtopo", "vector")]
+        vector = data[1]
+        assert vector["draw"] is None and vector["title"] == "BD TOPO <extract>"
+        # the extent: the union of the feature types' WGS84 boxes, as the WFS capabilities give them
+        capabilities = (await client.get("/wfs", params={"SERVICE": "WFS", "REQUEST": "GetCapabilities"})).content
+        wfs = WebFeatureService("http://testserver/wfs", version="2.0.0", xml=capabilities)
+        assert set(wfs.contents) == {"bdtopo:commune", "bdtopo:gare"}
+        west, south, east, north = _union([wfs.contents[n].boundingBoxWGS84 for n in wfs.contents])
+        assert [*vector["bounds"][0], *vector["bounds"][1]] == pytest.approx([south, west, north, east])
+
+        items = {li.get("data-id"): li for li in doc.xpath("//ol[@id='layers']/li")}
+        assert set(items) == {"SCAN1000", "bdtopo"}  # "hidden" is restricted
+        item = items["bdtopo"]
+        assert "vector" in item.get("class") and item.get("data-index") == "1"
+        text = item.text_content()
+        assert "not drawn yet" in text and "commune (Polygon, 37 features)" in text and "gare (Point, 12" in text
+        assert "BD TOPO <extract>" in item.xpath(".//b")[0].text_content()  # text, not markup
+        assert not item.xpath(".//input") and item.xpath(".//button[@class='zoom-to']")
+        links = {a.getparent().text.rstrip(": "): a.get("href") for a in item.xpath(".//a[@class='url']")}
+        assert set(links) == {
+            "WFS capabilities",
+            *(f"{kind} (bdtopo:{t})" for kind in ("WFS GetFeature", "OGC API collection", "OGC API items")
+              for t in ("commune", "gare")),
+        }
+        for label, url in links.items():
+            assert url.startswith("http://testserver/"), url
+            answer = await client.get(url.removeprefix("http://testserver"))
+            assert answer.status_code == 200, (label, url, answer.text[:300])
+            if label.startswith(("WFS GetFeature", "OGC API items")):
+                assert answer.json()["type"] == "FeatureCollection" and answer.json()["features"], label
+            elif label.startswith("OGC API collection"):
+                assert answer.json()["id"] == label.split("(")[1].rstrip(")"), label
+            else:
+                assert b"bdtopo:commune" in answer.content
+
+
+async def test_vector_layers_on_the_map_page_fail_no_request(browser, tmp_path):
+    """The page with a WFS layer: outlined, zoom-to works, and no request, script or console error."""
+    layers = _vector_fixture(tmp_path)
+    with live_server(make_settings(tmp_path)) as base:
+        with httpx.Client(base_url=base, headers={"Authorization": "Bearer secret"}, timeout=30) as http:
+            for name, desc in layers.items():
+                answer = http.post(f"/admin/layers/{name}", json=desc)
+                assert answer.status_code == 204, answer.text
+        async with open_page(browser, base + "/") as (page, seen):
+            item = page.locator('li.layer.vector[data-id="bdtopo"]')
+            assert "not drawn yet" in await item.inner_text()
+            hrefs = await item.locator("a.url").evaluate_all("links => links.map(a => a.href)")
+            assert any("/ogcapi/collections/bdtopo:commune/items" in h for h in hrefs)
+            outlines = await page.evaluate(
+                "() => { let n = 0; tileserverMap.eachLayer(l => { if (l instanceof L.Rectangle) n++; }); return n; }")
+            assert outlines == 2  # the raster layer's and the vector layer's
+            await moved(page, item.locator(".zoom-to").click())
+            await settle(page)
+            bounds = json.loads(await page.locator("#layer-data").text_content())["layers"][1]["bounds"]
+            (south, west), (north, east) = bounds
+            assert await map_contains(page, (west, south, east, north))
+            seen.assert_clean()

@@ -166,9 +166,11 @@ def _query(ctx: Ctx, t: FeatureType, **extra: Any) -> Query:
     )
 
 
-def _feature_json(t: FeatureType, item: Feature, out: crslib.RequestCrs, names: Any, ctx: Ctx) -> bytes:
-    geom = wfs.written(item.geometry, t.relation, out)
-    return geojson.feature(item.id, item.properties, geom, names)
+def _features_json(t: FeatureType, batch: list[Feature], out: crslib.RequestCrs, names: Any) -> bytes:
+    """A batch of features, comma-separated (geometries encoded in one call)."""
+    geoms = geojson.geometries([wfs.written(item.geometry, t.relation, out) for item in batch])
+    return b",".join(geojson.feature(item.id, item.properties, geom, names)
+                     for item, geom in zip(batch, geoms, strict=True))
 
 
 async def items(request: Request) -> Response:
@@ -205,7 +207,7 @@ async def items(request: Request) -> Response:
             yield orjson.dumps(head)[:-1] + b',"features":['
             sep = b""
             async for batch in wfs._batches(stream, first):
-                yield sep + b",".join(_feature_json(t, f, out, query.properties, ctx) for f in batch)
+                yield sep + _features_json(t, batch, out, query.properties)
                 sep = b","
             yield b"]}"
 

@@ -5,7 +5,9 @@ view to them, outlines each layer's extent so a layer too small for the current 
 where it is, lists every layer with zoom-to, opacity and the URLs to use it elsewhere, and asks
 the server only for tiles that exist: a tile layer knows each level's tile limits, a WMS layer its
 bounds, so the browser log stays free of 404s. A DEM (non-8-bit samples) is no picture until a
-style renders it, so it is drawn through one of its rendered styles or not at all.
+style renders it, so it is drawn through one of its rendered styles or not at all. Vector layers
+(WFS, OGC API Features) are listed with their extent and service URLs; the map does not draw their
+features yet.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from tileserver.catalog import Catalog, PublishedLayer
+from tileserver.catalog import Catalog, FeatureType, PublishedLayer, VectorLayer
 from tileserver.render.georef import get_transformer
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import base_url
@@ -36,6 +38,8 @@ PAST_BOTTOM = 3  # zooms past a layer's finest level the map still goes (its til
 ABOVE_TOP = 4
 RENDERED_OPACITY = 0.6  # a rendered DEM (hypsometry, hillshade) covers what lies under it otherwise
 NATIVE_TILE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg"}  # what a browser draws as stored
+VECTOR_FIT_ZOOM = 16  # zoom-to of a vector layer stops here (a single point would go to the deepest zoom)
+NOT_DRAWN_VECTOR = "not drawn yet (vector features: drawing comes with a later version)"
 OUTLINE_COLOURS = ("#d7191c", "#2b83ba", "#1a9641", "#7b3294", "#fdae61", "#008080", "#e7298a", "#636363")
 
 PAGE = """<!DOCTYPE html>
@@ -48,7 +52,8 @@ PAGE = """<!DOCTYPE html>
 <body><div id="map"></div><div id="side"><h1>{title}</h1>
 <p class="services"><a href="wmts?SERVICE=WMTS&amp;REQUEST=GetCapabilities">WMTS</a> ·
 <a href="tms/1.0.0">TMS</a> · <a href="ogcapi">OGC API Tiles</a> ·
-<a href="wms?SERVICE=WMS&amp;REQUEST=GetCapabilities">WMS</a> · <a href="healthcheck/info">health</a></p>
+<a href="wms?SERVICE=WMS&amp;REQUEST=GetCapabilities">WMS</a> ·
+<a href="wfs?SERVICE=WFS&amp;REQUEST=GetCapabilities">WFS</a> · <a href="healthcheck/info">health</a></p>
 <p class="hint">{summary}</p>
 <ol id="layers">{items}</ol></div>
 <script type="application/json" id="layer-data">{layers}</script>
@@ -177,11 +182,92 @@ def page_layers(catalog: Catalog, settings: Any, book: dict[str, Any]) -> list[P
     return catalog.document(("home", "layers"), build)  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class VectorEntry:
+    """A public vector layer: its feature types (all served by WFS) and those OGC API Features serves."""
+
+    published: VectorLayer
+    types: tuple[FeatureType, ...]
+    ogcapi: frozenset[str]  # names of the types OGC API Features serves
+    wgs84_bbox: tuple[float, float, float, float] | None  # union of the types' extents; None: all empty
+
+
+def vector_entries(catalog: Catalog) -> list[VectorEntry]:
+    """The public vector layers by name; computed once per catalog snapshot."""
+
+    def build() -> list[VectorEntry]:
+        ogcapi = frozenset(t.name for t in catalog.feature_types(None, service="ogcapi"))
+        by_layer: dict[str, list[FeatureType]] = {}
+        for feature_type in catalog.feature_types(None, service="wfs"):
+            by_layer.setdefault(feature_type.published.record_id, []).append(feature_type)
+        out = []
+        for types in by_layer.values():
+            boxes = [t.wgs84_bbox for t in types if t.wgs84_bbox is not None]
+            union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                     max(b[3] for b in boxes)) if boxes else None
+            out.append(VectorEntry(types[0].published, tuple(types), ogcapi, union))
+        out.sort(key=lambda entry: entry.published.id)
+        return out
+
+    return catalog.document(("home", "vector"), build)  # type: ignore[no-any-return]
+
+
+def vector_urls(base: str, entry: VectorEntry) -> list[tuple[str, str]]:
+    """(label, URL): the WFS capabilities, then per feature type a GetFeature example and, where OGC
+    API Features serves it, its collection and items."""
+    out = [("WFS capabilities", f"{base}/wfs?SERVICE=WFS&REQUEST=GetCapabilities")]
+    for t in entry.types:
+        query = {"SERVICE": "WFS", "VERSION": "2.0.0", "REQUEST": "GetFeature", "TYPENAMES": t.name, "COUNT": "10",
+                 "OUTPUTFORMAT": "application/json"}
+        out.append((f"WFS GetFeature ({t.name})", f"{base}/wfs?{urlencode(query, safe=':')}"))
+        if t.name in entry.ogcapi:
+            collection = f"{base}/ogcapi/collections/{quote(t.name, safe=':')}"
+            out.append((f"OGC API collection ({t.name})", collection))
+            out.append((f"OGC API items ({t.name})", f"{collection}/items"))
+    return out
+
+
+def vector_data(entry: VectorEntry, index: int, max_zoom: int) -> dict[str, Any]:
+    """A vector layer for the page script: its extent outlined, nothing drawn."""
+    box = entry.wgs84_bbox
+    return {
+        "id": entry.published.id,
+        "kind": "vector",
+        "title": entry.published.layer.title or entry.published.id,
+        "bounds": [[box[1], box[0]], [box[3], box[2]]] if box is not None else None,
+        "colour": OUTLINE_COLOURS[index % len(OUTLINE_COLOURS)],
+        "fitZoom": min(max_zoom, VECTOR_FIT_ZOOM),
+        "draw": None,
+    }
+
+
+def _vector_item(entry: VectorEntry, index: int, data: dict[str, Any], urls: list[tuple[str, str]]) -> str:
+    e = html.escape
+    published = entry.published
+    links = "".join(
+        f'<li>{e(label)}: <a class="url" href="{e(url)}"><code>{e(url)}</code></a></li>' for label, url in urls
+    )
+    types = ", ".join(
+        f"{t.public.public_name} ({t.relation.geometry_type or 'no geometry'}, {t.relation.count:,} features)"
+        for t in entry.types
+    )
+    services = "WFS and OGC API Features" if entry.ogcapi & {t.name for t in entry.types} else "WFS"
+    zoom = ' <button type="button" class="zoom-to">zoom to</button>' if data["bounds"] is not None else ""
+    return (
+        f'<li class="layer vector" data-id="{e(published.id)}" data-index="{index}">'
+        f'<div class="head"><span class="swatch" style="border-color:{data["colour"]}"></span>'
+        f"<b>{e(published.layer.title or published.id)}</b> <code>{e(published.id)}</code>{zoom}</div>"
+        f'<div class="meta">vector ({e(services)}): {e(types)}; drawn: {e(NOT_DRAWN_VECTOR)}</div>'
+        f'<ul class="urls">{links}</ul></li>'
+    )
+
+
 def layer_data(entry: PageLayer, index: int, max_zoom: int) -> dict[str, Any]:
     """What the page script needs of a layer (text goes through textContent or Leaflet escapes)."""
     west, south, east, north = entry.published.wgs84_bbox
     data: dict[str, Any] = {
         "id": entry.published.id,
+        "kind": "raster",
         "title": entry.published.layer.title or entry.published.id,
         "bounds": [[south, west], [north, east]],
         "colour": OUTLINE_COLOURS[index % len(OUTLINE_COLOURS)],
@@ -213,7 +299,7 @@ def layer_data(entry: PageLayer, index: int, max_zoom: int) -> dict[str, Any]:
     return data
 
 
-def _item(entry: PageLayer, data: dict[str, Any], urls: list[tuple[str, str]]) -> str:
+def _item(entry: PageLayer, index: int, data: dict[str, Any], urls: list[tuple[str, str]]) -> str:
     published = entry.published
     e = html.escape
     links = "".join(
@@ -230,7 +316,7 @@ def _item(entry: PageLayer, data: dict[str, Any], urls: list[tuple[str, str]]) -
         else ""
     )
     return (
-        f'<li class="layer" data-id="{e(published.id)}">'
+        f'<li class="layer" data-id="{e(published.id)}" data-index="{index}">'
         f'<div class="head"><span class="swatch" style="border-color:{data["colour"]}"></span>'
         f"<b>{e(published.layer.title or published.id)}</b> <code>{e(published.id)}</code>"
         f' <button type="button" class="zoom-to">zoom to</button></div>'
@@ -245,16 +331,22 @@ async def home(request: Request) -> Response:
     catalog = runtime.catalog
     entries = page_layers(catalog, runtime.settings, style_book(runtime))
     max_zoom = min(24, max((round(e.bottom_zoom) + PAST_BOTTOM for e in entries), default=18))
+    vectors = vector_entries(catalog)
     data = [layer_data(entry, i, max_zoom) for i, entry in enumerate(entries)]
+    data += [vector_data(entry, len(entries) + i, max_zoom) for i, entry in enumerate(vectors)]
     base = base_url(request)
     items = "".join(
-        _item(entry, d, service_urls(base, entry.published, entry.drawing.style if entry.drawing else ""))
-        for entry, d in zip(entries, data, strict=True)
+        _item(entry, i, d, service_urls(base, entry.published, entry.drawing.style if entry.drawing else ""))
+        for i, (entry, d) in enumerate(zip(entries, data, strict=False))
+    ) + "".join(
+        _vector_item(entry, len(entries) + i, d, vector_urls(base, entry))
+        for i, (entry, d) in enumerate(zip(vectors, data[len(entries):], strict=True))
     )
     drawn = sum(1 for d in data if d["draw"] is not None)
+    vector_note = f" ({len(vectors)} vector, listed after the others)" if vectors else ""
     summary = (
-        f"{len(entries)} layers, {drawn} drawn, topmost (smallest) first; outlines show each extent."
-        if entries
+        f"{len(data)} layers{vector_note}, {drawn} drawn, topmost (smallest) first; outlines show each extent."
+        if data
         else "No public layer is published."
     )
     # JSON inside <script>: '<' escaped so no value can close the element

@@ -791,11 +791,10 @@ async def _json_body(ctx: Ctx, plan: Plan, matched: int, returned: int, links: d
     yield orjson.dumps(head)[:-1] + b',"features":['
     sep = b""
     async for batch in _batches(stream, first):
-        chunk = []
-        for item in batch:
-            geom = written(item.geometry, t.relation, plan.out_crs)
-            chunk.append(geojson.feature(item.id, item.properties, geom, plan.query.properties))
-        yield sep + b",".join(chunk)
+        geoms = geojson.geometries([written(item.geometry, t.relation, plan.out_crs) for item in batch])
+        names = plan.query.properties
+        yield sep + b",".join(geojson.feature(item.id, item.properties, geom, names)
+                              for item, geom in zip(batch, geoms, strict=True))
         sep = b","
     yield b"]}"
 

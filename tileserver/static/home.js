@@ -34,22 +34,26 @@
       layers: layer.id, styles: d.style, format: 'image/png', transparent: true, version: '1.3.0'}));
   }
 
-  // the view first: vector layers (outlines) need one when they are added
-  if (data.layers.length) {
-    const all = L.latLngBounds(data.layers[0].bounds);
-    data.layers.forEach(function (layer) { all.extend(L.latLngBounds(layer.bounds)); });
-    const finest = Math.max.apply(null, data.layers.map(function (l) { return l.fitZoom; }));
+  // the view first: vector layers (outlines) need one when they are added. A layer with no extent
+  // (a WFS layer whose tables are empty) is listed but has nothing to outline.
+  const placed = data.layers.filter(function (layer) { return layer.bounds; });
+  if (placed.length) {
+    const all = L.latLngBounds(placed[0].bounds);
+    placed.forEach(function (layer) { all.extend(L.latLngBounds(layer.bounds)); });
+    const finest = Math.max.apply(null, placed.map(function (l) { return l.fitZoom; }));
     map.fitBounds(all, {padding: [20, 20], maxZoom: finest});
   } else {
     map.setView([46.5, 2.5], 5);
   }
 
-  const byId = {};
+  const byIndex = {};  // by position in data.layers (a raster and a vector layer may share a name)
   const n = data.layers.length;
   data.layers.forEach(function (layer, i) {
+    if (!layer.bounds) return;
     const bounds = L.latLngBounds(layer.bounds);
     // the extent outline: a layer too small for the zoom still shows where it is
-    const outline = L.rectangle(bounds, {color: layer.colour, weight: 2, fill: false});
+    const outline = L.rectangle(bounds, {color: layer.colour, weight: 2, fill: false,
+                                         dashArray: layer.kind === 'vector' ? '6 4' : null});  // not drawn
     outline.bindTooltip(text(layer.title));
     outline.addTo(map);
     // ... and a marker while the outline is too small to see
@@ -57,12 +61,12 @@
     marker.bindTooltip(text(layer.title));
     const tiles = layer.draw ? mapLayer(layer, n - i) : null;  // first = smallest = on top
     if (tiles) tiles.addTo(map);
-    byId[layer.id] = {layer: layer, bounds: bounds, outline: outline, marker: marker, tiles: tiles, shown: true};
+    byIndex[i] = {layer: layer, bounds: bounds, outline: outline, marker: marker, tiles: tiles, shown: true};
   });
 
   const MARKER_BELOW = 12;  // pixels: an extent smaller than this on screen gets a marker
   function updateMarkers() {
-    Object.values(byId).forEach(function (entry) {
+    Object.values(byIndex).forEach(function (entry) {
       const sw = map.latLngToLayerPoint(entry.bounds.getSouthWest());
       const ne = map.latLngToLayerPoint(entry.bounds.getNorthEast());
       const small = Math.max(Math.abs(ne.x - sw.x), Math.abs(ne.y - sw.y)) < MARKER_BELOW;
@@ -76,7 +80,7 @@
   }
 
   document.querySelectorAll('#layers > li.layer').forEach(function (item) {
-    const entry = byId[item.dataset.id];
+    const entry = byIndex[item.dataset.index];
     if (!entry) return;
     item.querySelector('.zoom-to').addEventListener('click', function () { zoomTo(entry); });
     entry.outline.on('click', function () { zoomTo(entry); });
@@ -85,7 +89,10 @@
     if (visible) {
       visible.addEventListener('change', function () {
         entry.shown = visible.checked;
-        [entry.tiles, entry.outline].forEach(function (l) { if (entry.shown) l.addTo(map); else map.removeLayer(l); });
+        [entry.tiles, entry.outline].forEach(function (l) {
+          if (!l) return;
+          if (entry.shown) l.addTo(map); else map.removeLayer(l);
+        });
         updateMarkers();
       });
     }
