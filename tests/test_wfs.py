@@ -448,3 +448,22 @@ def test_gdal_wfs_client_reads_the_same_count_and_extent(server, tmp_path):
     original = shapely.union_all([g for _, g in expected.values()]).bounds
     assert copied == pytest.approx(original, abs=1e-6)
     assert sorted(fields[list(meta["fields"]).index("nom")]) == sorted(p["nom"] for p, _ in expected.values())
+
+
+def test_get_feature_streams_without_waiting_for_the_end(server):
+    """A GetFeature answer leaves as it is made: no Content-Length or ETag (which would need the
+    whole body first), the request id and CORS like any answer, and gzip applied on the fly."""
+    import gzip
+    import json
+
+    params = {"SERVICE": "WFS", "VERSION": "2.0.0", "REQUEST": "GetFeature", "TYPENAMES": "bdtopo:commune",
+              "OUTPUTFORMAT": "application/json"}
+    with httpx.Client(base_url=server["url"], timeout=30) as client:
+        plain = client.get("/wfs", params=params, headers={"Accept-Encoding": "identity"})
+        with client.stream("GET", "/wfs", params=params, headers={"Accept-Encoding": "gzip"}) as zipped:
+            raw = b"".join(zipped.iter_raw())
+            headers = zipped.headers
+    assert plain.status_code == 200 and "content-length" not in plain.headers and "etag" not in plain.headers
+    assert plain.headers["x-request-id"] and plain.headers["access-control-allow-origin"] == "*"
+    assert headers["content-encoding"] == "gzip" and "Accept-Encoding" in headers["vary"]
+    assert json.loads(gzip.decompress(raw))["features"] == plain.json()["features"]

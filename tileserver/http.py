@@ -23,7 +23,8 @@ from tileserver.settings import Settings
 
 access_log = logging.getLogger("tileserver.access")
 
-_GZIP_TYPES = ("text/", "application/xml", "application/json", "application/problem+json", "application/vnd.oai")
+_GZIP_TYPES = ("text/", "application/xml", "application/json", "application/problem+json", "application/vnd.oai",
+               "application/geo+json", "application/gml+xml", "application/schema+json")
 _GZIP_MIN = 1024
 _ids = itertools.count(1)
 _PREFIX = f"{os.getpid():x}"
@@ -131,6 +132,26 @@ class HttpBehaviour:
         start: dict[str, Any] = {}
         outcome = {"status": 0, "size": 0}
 
+        def final_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+            _set(headers, b"x-request-id", request_id.encode())
+            headers = canonical_headers(headers)
+            headers.extend(CORS_HEADERS)
+            return headers
+
+        def gzip_wanted(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+            content_type = (_header(headers, b"content-type") or b"").decode("latin-1")
+            return (
+                status == 200
+                and content_type.startswith(_GZIP_TYPES)
+                and _header(headers, b"content-encoding") is None
+                and b"gzip" in request_headers.get(b"accept-encoding", b"")
+            )
+
+        def mark_gzip(headers: list[tuple[bytes, bytes]]) -> None:
+            _set(headers, b"content-encoding", b"gzip")
+            vary = _header(headers, b"vary")
+            _set(headers, b"vary", vary + b", Accept-Encoding" if vary else b"Accept-Encoding")
+
         async def finish(message: Message, body: bytes) -> None:
             headers = list(message.get("headers", []))
             status = message["status"]
@@ -145,49 +166,58 @@ class HttpBehaviour:
                 if if_none_match is not None and etag_matches(if_none_match, etag):
                     status, body = 304, b""
                     headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"content-type")]
-            content_type = (_header(headers, b"content-type") or b"").decode("latin-1")
-            if (
-                status == 200
-                and not bodiless_head
-                and len(body) >= _GZIP_MIN
-                and content_type.startswith(_GZIP_TYPES)
-                and _header(headers, b"content-encoding") is None
-                and b"gzip" in request_headers.get(b"accept-encoding", b"")
-            ):
+            if not bodiless_head and len(body) >= _GZIP_MIN and gzip_wanted(status, headers):
                 body = gzip.compress(body, compresslevel=5, mtime=0)
-                _set(headers, b"content-encoding", b"gzip")
-                vary = _header(headers, b"vary")
-                _set(headers, b"vary", vary + b", Accept-Encoding" if vary else b"Accept-Encoding")
+                mark_gzip(headers)
             if status != 304 and not bodiless_head:
                 _set(headers, b"content-length", str(len(body)).encode())
-            _set(headers, b"x-request-id", request_id.encode())
-            headers = canonical_headers(headers)
-            headers.extend(CORS_HEADERS)
             outcome["status"], outcome["size"] = status, len(body)
-            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.start", "status": status, "headers": final_headers(headers)})
             await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+        async def begin_stream(first: bytes, compress: bool) -> None:
+            """Send the head now and the body as it comes: a stream (WFS GetFeature, OGC API items)
+            is not held back for an ETag; text is gzipped on the fly, flushed at each chunk."""
+            message = start["message"]
+            headers = list(message.get("headers", []))
+            if compress and gzip_wanted(message["status"], headers):
+                mark_gzip(headers)
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+                start["gzip"] = zlib.compressobj(5, zlib.DEFLATED, 31)
+            start["streaming"] = True
+            outcome["status"] = message["status"]
+            await send({**message, "headers": final_headers(headers)})
+            await stream(first, True)
+
+        async def stream(body: bytes, more: bool) -> None:
+            compressor = start.get("gzip")
+            if compressor is not None:
+                body = compressor.compress(body) + compressor.flush(zlib.Z_SYNC_FLUSH if more else zlib.Z_FINISH)
+            outcome["size"] += len(body)
+            await send({"type": "http.response.body", "body": body, "more_body": more})
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 start["message"] = message
                 return
             if message["type"] == "http.response.body":
+                body, more = message.get("body", b""), message.get("more_body", False)
                 if "streaming" in start:
-                    await send(message)
+                    await stream(body, more)
                     return
-                if not message.get("more_body", False) and "chunks" not in start:
-                    await finish(start["message"], message.get("body", b""))
+                if not more and "chunks" not in start:
+                    await finish(start["message"], body)
                     return
-                start.setdefault("chunks", []).append(message.get("body", b""))
-                if not message.get("more_body", False):
+                if more and "chunks" not in start and _header(start["message"].get("headers", []), b"content-length") is None:
+                    await begin_stream(body, compress=method != "HEAD")  # a stream of unknown length
+                    return
+                # a body of known length in parts (files): gathered for its ETag and gzip, up to 8 MiB
+                start.setdefault("chunks", []).append(body)
+                if not more:
                     await finish(start["message"], b"".join(start.pop("chunks")))
                     return
-                if sum(len(c) for c in start["chunks"]) > 8 << 20:  # large download: stream it
-                    start["streaming"] = True
-                    outcome["status"] = start["message"]["status"]
-                    message_start = start["message"]
-                    await send({**message_start, "headers": canonical_headers(list(message_start.get("headers", [])))})
-                    await send({"type": "http.response.body", "body": b"".join(start.pop("chunks")), "more_body": True})
+                if sum(len(c) for c in start["chunks"]) > 8 << 20:  # large download: stream it as it is
+                    await begin_stream(b"".join(start.pop("chunks")), compress=False)
                 return
             await send(message)
 
