@@ -258,7 +258,7 @@ class _Parser:
         for i, kw in enumerate(keywords):
             if not isinstance(kw, str):
                 raise self.fail(f"keywords[{i}]", "must be a string")
-        kinds = {k: top[k] for k in ("estompage", "pente", "exposition", "terrainrgb", "colorize") if k in top}
+        kinds: dict[str, Any] = {k: top[k] for k in ("estompage", "pente", "exposition", "terrainrgb", "colorize") if k in top}
         self.check_combination(kinds, "palette" in top)
         return Style(
             id=style_id,
@@ -318,7 +318,8 @@ class _Parser:
         d = self.object(doc, _ESTOMPAGE, "estompage")
         if not 0 <= d.get("zenith", 45) <= 90:
             raise self.fail("estompage.zenith", "must be within 0..90 degrees")
-        return Estompage(**{k: float(v) if k != "interpolation" else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: float(v) if k != "interpolation" else v for k, v in d.items()}
+        return Estompage(**fields)
 
     def pente(self, doc: Any) -> Pente:
         d = self.object(doc, _PENTE, "pente")
@@ -328,13 +329,15 @@ class _Parser:
             if d["unit"] not in _UNITS:
                 raise self.fail("pente.unit", f"must be degree or pourcent/percent, got {d['unit']!r}")
             d["unit"] = _UNITS[d["unit"]]
-        return Pente(**{k: float(v) if isinstance(v, int | float) else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: float(v) if isinstance(v, int | float) else v for k, v in d.items()}
+        return Pente(**fields)
 
     def exposition(self, doc: Any) -> Exposition:
         d = self.object(doc, _EXPOSITION, "exposition")
         if "algo" in d:
             d["algo"] = self.algo(d["algo"], "exposition.algo")
-        return Exposition(**{k: float(v) if isinstance(v, int | float) else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: float(v) if isinstance(v, int | float) else v for k, v in d.items()}
+        return Exposition(**fields)
 
     def terrainrgb(self, doc: Any) -> Terrainrgb:
         d = self.object(doc, _TERRAINRGB, "terrainrgb")
