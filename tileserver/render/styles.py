@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,7 +258,7 @@ class _Parser:
         for i, kw in enumerate(keywords):
             if not isinstance(kw, str):
                 raise self.fail(f"keywords[{i}]", "must be a string")
-        kinds: dict[str, Any] = {k: top[k] for k in ("estompage", "pente", "exposition", "terrainrgb", "colorize") if k in top}
+        kinds = {k: top[k] for k in ("estompage", "pente", "exposition", "terrainrgb", "colorize") if k in top}
         self.check_combination(kinds, "palette" in top)
         return Style(
             id=style_id,
@@ -276,7 +276,7 @@ class _Parser:
             source=self.source,
         )
 
-    def check_combination(self, kinds: Mapping[str, Any], has_palette: bool) -> None:
+    def check_combination(self, kinds: Collection[str], has_palette: bool) -> None:
         """ROK4's rules: one computation at most; terrainrgb and colorize exclude the palette."""
         if len(kinds) > 1:
             raise self.fail(sorted(kinds)[1], f"cannot be combined with {sorted(kinds)[0]}")

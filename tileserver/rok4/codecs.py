@@ -131,14 +131,14 @@ def _inflate(data: bytes, expected: int) -> bytes:
 
 def _lzw_decode(data: bytes, expected: int) -> bytes:
     try:
-        return bytes(imagecodecs.lzw_decode(data, out=expected))  # bytes already: no copy
+        return bytes(imagecodecs.lzw_decode(data, out=expected))  # bytes(b) is b for bytes: no copy
     except Exception as exc:  # imagecodecs raises its own error types
         raise CodecError(f"corrupt LZW stream: {exc}") from exc
 
 
 def _packbits_decode(data: bytes, expected: int) -> bytes:
     try:
-        return bytes(imagecodecs.packbits_decode(data, out=expected))  # bytes already: no copy
+        return bytes(imagecodecs.packbits_decode(data, out=expected))  # bytes(b) is b for bytes: no copy
     except Exception as exc:
         raise CodecError(f"corrupt PackBits stream: {exc}") from exc
 

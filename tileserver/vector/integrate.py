@@ -50,7 +50,8 @@ from tileserver.vector.delivery import (
 from tileserver.vector.geopackage import GeoPackageBase, quote
 
 _EMPTY_DTYPES: dict[str, DTypeLike] = {"integer": "int64", "real": "float64", "string": object, "boolean": "bool",
-                                       "date": "datetime64[D]", "datetime": "datetime64[ms]", "binary": object}
+                                       "date": "datetime64[D]", "datetime": "datetime64[ms]",
+                                       "binary": object}
 
 
 class IntegrationError(Exception):

@@ -57,7 +57,8 @@ def _bbox_problems(bbox: Any) -> list[str]:
     bad = [k for k in values if k not in numbers]
     if bad:
         return [f"type_infos.bbox.{k}: must be a number" for k in bad]
-    if not (-180 <= numbers["west"] < numbers["east"] <= 180 and -90 <= numbers["south"] < numbers["north"] <= 90):
+    west, south, east, north = (numbers[k] for k in ("west", "south", "east", "north"))
+    if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
         return ["type_infos.bbox: needs -180 ≤ west < east ≤ 180 and -90 ≤ south < north ≤ 90 (degrees)"]
     return []
 
