@@ -166,7 +166,7 @@ class Catalog:
                     out.setdefault(published.id, published)
             return out
 
-        return self.document(("named", service), build)  # type: ignore[no-any-return]
+        return self.document(("named", service), build)
 
     def document(self, key: Any, build: Callable[[], Any]) -> Any:
         """Build a derived document once per snapshot."""
@@ -175,7 +175,8 @@ class Catalog:
         return self.documents[key]
 
 
-def _limits_within_bbox(pub_tms: TileMatrixSet, level_id: str, limits: TileLimits, bbox: Any) -> TileLimits | None:
+def _limits_within_bbox(pub_tms: TileMatrixSet, level_id: str, limits: TileLimits,
+                        bbox: tuple[float, float, float, float]) -> TileLimits | None:
     """Restrict a level's limits to a WGS84 bbox given by the layer, as ROK4 does."""
     from pyproj import Transformer
 
@@ -343,9 +344,10 @@ def vector_layer(layer: Layer, base: Any, restricted: bool = False) -> VectorLay
             raise ValueError(f"wfs.relations[{i}].native_name: the base has no relation {public.native_name}")
         bbox = layer.wfs.bbox
         if bbox is None and relation.extent is not None:
-            bbox = crs.transform_bbox(relation.extent, relation.srs, "OGC:CRS84")
-            bbox = tuple(float(v) for v in bbox) if all(math.isfinite(v) for v in bbox) else None
-        types.append(FeatureType(holder, public, relation, bbox))  # type: ignore[arg-type]
+            degrees = crs.transform_bbox(relation.extent, relation.srs, "OGC:CRS84")
+            west, south, east, north = (float(v) for v in degrees)
+            bbox = (west, south, east, north) if all(map(math.isfinite, (west, south, east, north))) else None
+        types.append(FeatureType(holder, public, relation, bbox))
     object.__setattr__(holder, "types", tuple(types))  # the types point back at their layer
     return holder
 

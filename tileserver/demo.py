@@ -7,7 +7,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tileserver.publication.model import parse_layer
 from tileserver.settings import PACKAGE_DIR
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 DEMO_SOURCE = PACKAGE_DIR / "demo" / "pyramids"
 ADMIN_TOKEN_FILE = "admin-token"
 DEMO_NAME = "SCAN1000"
-DEMO_LAYER = {
+DEMO_LAYER: dict[str, Any] = {
     "title": "SCAN 1000 (demo)",
     "abstract": "IGN SCAN 1000 sample, a real ROK4 pyramid (PM grid, PNG RGBA), bundled with tileserver",
     "keywords": ["demo", "SCAN1000", "ROK4"],

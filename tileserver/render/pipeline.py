@@ -243,8 +243,9 @@ def gate_for(owner: Any, concurrency: int | None = None, wait: float | None = No
     gate = _GATES.get(owner)
     if gate is None:
         settings = getattr(owner, "settings", None)
+        configured: int = getattr(settings, "render_concurrency", 8)
         gate = RenderGate(
-            concurrency or getattr(settings, "render_concurrency", 8),
+            concurrency or configured,
             wait if wait is not None else getattr(settings, "render_queue_wait", DEFAULT_GATE_WAIT),
             getattr(settings, "render_memory_budget", DEFAULT_MEMORY_BUDGET),
             getattr(settings, "render_timeout", DEFAULT_RENDER_TIMEOUT),
@@ -1020,10 +1021,10 @@ class _Canvas:
             out[rows] = rgba if index == 0 else alpha_over(out[rows], rgba)
         else:
             if self.data is None:
-                self._allocate(raster.data.shape[2], raster.data.dtype)
+                out = self._allocate(raster.data.shape[2], raster.data.dtype)
                 self.nodata = raster.nodata
-            out = self.data
-            assert out is not None
+            else:
+                out = self.data
             if raster.data.shape[2] != out.shape[2] or raster.data.dtype != out.dtype:
                 raise RenderError(f"layers of {out.shape[2]} {out.dtype} and {raster.data.shape[2]} "
                                   f"{raster.data.dtype} bands cannot be merged in this format", 400)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,7 +276,7 @@ class _Parser:
             source=self.source,
         )
 
-    def check_combination(self, kinds: Mapping[str, Any], has_palette: bool) -> None:
+    def check_combination(self, kinds: Collection[str], has_palette: bool) -> None:
         """ROK4's rules: one computation at most; terrainrgb and colorize exclude the palette."""
         if len(kinds) > 1:
             raise self.fail(sorted(kinds)[1], f"cannot be combined with {sorted(kinds)[0]}")
@@ -318,7 +318,8 @@ class _Parser:
         d = self.object(doc, _ESTOMPAGE, "estompage")
         if not 0 <= d.get("zenith", 45) <= 90:
             raise self.fail("estompage.zenith", "must be within 0..90 degrees")
-        return Estompage(**{k: float(v) if k != "interpolation" else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: float(v) if k != "interpolation" else v for k, v in d.items()}
+        return Estompage(**fields)
 
     def pente(self, doc: Any) -> Pente:
         d = self.object(doc, _PENTE, "pente")
@@ -328,13 +329,15 @@ class _Parser:
             if d["unit"] not in _UNITS:
                 raise self.fail("pente.unit", f"must be degree or pourcent/percent, got {d['unit']!r}")
             d["unit"] = _UNITS[d["unit"]]
-        return Pente(**{k: float(v) if isinstance(v, int | float) else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: float(v) if isinstance(v, int | float) else v for k, v in d.items()}
+        return Pente(**fields)
 
     def exposition(self, doc: Any) -> Exposition:
         d = self.object(doc, _EXPOSITION, "exposition")
         if "algo" in d:
             d["algo"] = self.algo(d["algo"], "exposition.algo")
-        return Exposition(**{k: float(v) if isinstance(v, int | float) else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: float(v) if isinstance(v, int | float) else v for k, v in d.items()}
+        return Exposition(**fields)
 
     def terrainrgb(self, doc: Any) -> Terrainrgb:
         d = self.object(doc, _TERRAINRGB, "terrainrgb")

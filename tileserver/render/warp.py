@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 
@@ -431,6 +432,16 @@ def _finish(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: in
     out = values.astype(dtype, copy=False)
     out[~valid] = fill.astype(dtype) if dtype.kind != "f" else fill
     return out, valid
+
+
+@overload
+def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
+         interpolation: str = "linear", *, max_error: float = 0.125, min_coverage: float = 0.5,
+         return_mask: Literal[False] = False) -> np.ndarray: ...
+@overload
+def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
+         interpolation: str = "linear", *, max_error: float = 0.125, min_coverage: float = 0.5,
+         return_mask: Literal[True]) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,

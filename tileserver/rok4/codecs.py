@@ -131,14 +131,14 @@ def _inflate(data: bytes, expected: int) -> bytes:
 
 def _lzw_decode(data: bytes, expected: int) -> bytes:
     try:
-        return imagecodecs.lzw_decode(data, out=expected)
+        return bytes(imagecodecs.lzw_decode(data, out=expected))  # bytes(b) is b for bytes: no copy
     except Exception as exc:  # imagecodecs raises its own error types
         raise CodecError(f"corrupt LZW stream: {exc}") from exc
 
 
 def _packbits_decode(data: bytes, expected: int) -> bytes:
     try:
-        return imagecodecs.packbits_decode(data, out=expected)
+        return bytes(imagecodecs.packbits_decode(data, out=expected))  # bytes(b) is b for bytes: no copy
     except Exception as exc:
         raise CodecError(f"corrupt PackBits stream: {exc}") from exc
 
@@ -160,7 +160,7 @@ def _encode_png(pixels: np.ndarray) -> bytes:
         (
             _PNG_SIGNATURE,
             _png_chunk(b"IHDR", ihdr),
-            _png_chunk(b"IDAT", zlib.compress(scanlines, _PNG_ZLIB_LEVEL)),
+            _png_chunk(b"IDAT", zlib.compress(scanlines.data, _PNG_ZLIB_LEVEL)),
             _png_chunk(b"IEND", b""),
         )
     )
@@ -272,8 +272,8 @@ def _jpeg_codec(quality: int) -> _Codec:
 
 _CODECS: dict[str, _Codec] = {
     "raw": _stream_codec(lambda rows: rows.tobytes(), lambda data, _expected: data),
-    "zip": _stream_codec(lambda rows: zlib.compress(rows, _ZIP_ZLIB_LEVEL), _inflate),
-    "lzw": _stream_codec(lambda rows: imagecodecs.lzw_encode(rows.tobytes()), _lzw_decode),
+    "zip": _stream_codec(lambda rows: zlib.compress(rows.data, _ZIP_ZLIB_LEVEL), _inflate),
+    "lzw": _stream_codec(lambda rows: bytes(imagecodecs.lzw_encode(rows.tobytes())), _lzw_decode),
     "pkb": _stream_codec(_packbits_rows, _packbits_decode),
     "png": _Codec(
         encode=_encode_png, decode=lambda data, shape, _dtype: _decode_png(data, *shape), uint8_only=True

@@ -149,7 +149,7 @@ def _close_late(future: concurrent.futures.Future[Any]) -> None:
             os.close(result[0])
 
 
-def _replace_with(name: str, op: str, fill: Callable[[str], None]) -> None:
+def _replace_with(name: str, op: str, fill: Callable[[str], object]) -> None:
     """Make `name` atomically: `fill` writes a temporary file beside it, which is renamed over it.
     os.replace swaps the directory entry: a symlink at `name` is replaced, never written through
     (its target may belong to the pyramid this one was updated from)."""

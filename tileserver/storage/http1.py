@@ -25,7 +25,7 @@ class HttpError(ConnectionError):
 class Headers(dict[str, str]):
     """Response headers, looked up without regard to case (keys are stored lower-case)."""
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
 
     def __getitem__(self, key: str) -> str:
@@ -165,7 +165,7 @@ class _Connection(asyncio.Protocol):
 
 def _dechunk(buffer: bytearray, start: int) -> bytes | None:
     """The body of a complete chunked message, or None while more is to come."""
-    parts = []
+    parts: list[bytes] = []
     at = start
     while True:
         eol = buffer.find(b"\r\n", at)

@@ -352,12 +352,13 @@ def _scan_layer(layer: Layer, declared: CRS | None, read_features: bool) -> Laye
     if info.get("geometry_type") is None and not seen:
         geometry_type = None
 
-    extent = tuple(float(v) for v in bounds) if np.isfinite(bounds).all() else None
-    extent_4326 = None
-    if extent is not None:
+    extent = extent_4326 = None
+    if np.isfinite(bounds).all():
+        minx, miny, maxx, maxy = (float(v) for v in bounds)
+        extent = (minx, miny, maxx, maxy)
         try:
             t = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-            extent_4326 = tuple(float(v) for v in t.transform_bounds(*extent, densify_pts=21))
+            extent_4326 = t.transform_bounds(minx, miny, maxx, maxy, densify_pts=21)
         except Exception as e:  # pyproj raises ProjError and plain errors alike for impossible transforms
             raise DeliveryError(f"{layer.source}: layer {layer.name!r}: extent cannot be expressed in "
                                 f"EPSG:4326 ({e})") from e
@@ -437,8 +438,9 @@ def check_delivery(files: Sequence[str | os.PathLike[str]], srs: str | None, wor
     extents = [layer.extent_4326 for layer in layers if layer.extent_4326 is not None]
     extent = None
     if extents:
-        e = np.array(extents)
-        extent = (float(e[:, 0].min()), float(e[:, 1].min()), float(e[:, 2].max()), float(e[:, 3].max()))
+        boxes = np.array(extents)
+        extent = (float(boxes[:, 0].min()), float(boxes[:, 1].min()), float(boxes[:, 2].max()),
+                  float(boxes[:, 3].max()))
     return DeliveryReport(not problems, problems, layers, extent, srs)
 
 

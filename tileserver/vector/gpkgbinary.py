@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+from typing import overload
 
 import numpy as np
 import shapely
@@ -36,6 +37,12 @@ def wkb_offset(blob: bytes) -> int:
 
 def is_empty_flag(blob: bytes) -> bool:
     return bool(blob[3] & 0x10)
+
+
+@overload
+def decode(blob: bytes) -> shapely.Geometry: ...
+@overload
+def decode(blob: None) -> None: ...
 
 
 def decode(blob: bytes | None) -> shapely.Geometry | None:

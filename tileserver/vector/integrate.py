@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyogrio.raw
 import shapely
+from numpy.typing import DTypeLike
 from pyproj import CRS, Transformer
 
 from tileserver.vector import gpkgbinary
@@ -48,8 +49,9 @@ from tileserver.vector.delivery import (
 )
 from tileserver.vector.geopackage import GeoPackageBase, quote
 
-_EMPTY_DTYPES = {"integer": "int64", "real": "float64", "string": object, "boolean": "bool",
-                 "date": "datetime64[D]", "datetime": "datetime64[ms]", "binary": object}
+_EMPTY_DTYPES: dict[str, DTypeLike] = {"integer": "int64", "real": "float64", "string": object, "boolean": "bool",
+                                       "date": "datetime64[D]", "datetime": "datetime64[ms]",
+                                       "binary": object}
 
 
 class IntegrationError(Exception):
@@ -214,7 +216,10 @@ def build_rtree(con: sqlite3.Connection, table: str, geometry: str = GEOMETRY, k
     con.execute("INSERT INTO gpkg_extensions (table_name, column_name, extension_name, definition, scope) "
                 "VALUES (?, ?, 'gpkg_rtree_index', 'http://www.geopackage.org/spec120/#extension_rtree', "
                 "'write-only')", (table, geometry))
-    return tuple(float(v) for v in extent) if np.isfinite(extent).all() else None
+    if not np.isfinite(extent).all():
+        return None
+    minx, miny, maxx, maxy = (float(v) for v in extent)
+    return minx, miny, maxx, maxy
 
 
 def _refresh_extent(con: sqlite3.Connection, table: str, geometry: str = GEOMETRY,

@@ -97,7 +97,7 @@ class Accounts:
 
     _USERS = "SELECT id, login, first_name, last_name, email, created_at FROM wh_users"
 
-    def _user(self, db: sqlite3.Connection, row: tuple) -> User:
+    def _user(self, db: sqlite3.Connection, row: tuple[str, str, str, str, str, str]) -> User:
         datastores = tuple(r[0] for r in db.execute(
             "SELECT datastore_id FROM wh_members WHERE user_id = ? ORDER BY datastore_id", (row[0],)))
         return User(*row, datastores=datastores)

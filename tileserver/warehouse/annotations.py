@@ -63,8 +63,12 @@ def annotation_routes(prefix: str, param: str, ensure: Ensure) -> list[BaseRoute
     @route
     async def add_tags(ctx: Ctx) -> Response:
         tags = _checked_tags(await json_body(ctx.request))
-        updated = await update(ctx, lambda body: (body.setdefault("tags", {}).update(tags),
-                                                  add_event(body, "Ajout de tags", ctx.user)))
+
+        def change(body: dict[str, Any]) -> None:
+            body.setdefault("tags", {}).update(tags)
+            add_event(body, "Ajout de tags", ctx.user)
+
+        updated = await update(ctx, change)
         return json_response(updated.body.get("tags", {}))
 
     @route

@@ -53,10 +53,12 @@ def _bbox_problems(bbox: Any) -> list[str]:
     if not isinstance(bbox, dict):
         return ["type_infos.bbox: must be an object {west, south, east, north}"]
     values = {k: bbox.get(k) for k in ("west", "south", "east", "north")}
-    bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int | float)]
+    numbers = {k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    bad = [k for k in values if k not in numbers]
     if bad:
         return [f"type_infos.bbox.{k}: must be a number" for k in bad]
-    if not (-180 <= values["west"] < values["east"] <= 180 and -90 <= values["south"] < values["north"] <= 90):
+    west, south, east, north = (numbers[k] for k in ("west", "south", "east", "north"))
+    if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
         return ["type_infos.bbox: needs -180 ≤ west < east ≤ 180 and -90 ≤ south < north ≤ 90 (degrees)"]
     return []
 
@@ -169,7 +171,9 @@ async def _server_url_problems(ctx: Ctx, data: dict[str, Any]) -> list[str]:
     its name resolves to now (a name that does not resolve yet is accepted: each relay checks again)."""
     from tileserver.outbound import OutboundPolicy, OutboundRefused
 
-    infos = data.get("type_infos") if isinstance(data.get("type_infos"), dict) else {}
+    infos = data.get("type_infos")
+    if not isinstance(infos, dict):
+        infos = {}
     where = "getfeatureinfo" if "getfeatureinfo" in data else "type_infos.getfeatureinfo"
     gfi = data.get("getfeatureinfo", infos.get("getfeatureinfo"))
     if not isinstance(gfi, dict) or "server_url" not in gfi:
@@ -435,8 +439,9 @@ async def replace_configuration(ctx: Ctx) -> Response:
         else:
             layer = build_layer(data, list(layer.pyramids), record_id=record)
         current = ctx.wh.store.get_layer(record)
-        await asyncio.to_thread(ctx.wh.store.put_layer, replace(layer, restricted=current.restricted))
-        await ctx.wh.runtime.refresh()
+        if current is not None:  # else unpublished while the layer was built: not published again
+            await asyncio.to_thread(ctx.wh.store.put_layer, replace(layer, restricted=current.restricted))
+            await ctx.wh.runtime.refresh()
     return json_response(configuration_view(ctx, get_configuration(ctx, entity.id)))
 
 

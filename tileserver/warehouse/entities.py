@@ -8,6 +8,7 @@ revision unless asked: the services never read them.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import uuid
@@ -71,6 +72,7 @@ class Entities:
             row = db.execute(_SELECT + " WHERE id = ? AND kind = ?", (entity_id, kind)).fetchone()
         return None if row is None else _entity(row)
 
+    # below this method, `list` in an annotation names the method: later ones spell `builtins.list`
     def list(self, kind: str | Iterable[str], datastore_id: str | None = None) -> list[Entity]:
         kinds = [kind] if isinstance(kind, str) else list(kind)
         marks = ",".join("?" * len(kinds))
@@ -81,7 +83,7 @@ class Entities:
         with self.store.reading() as db:
             return [_entity(r) for r in db.execute(query + " ORDER BY created_at, id", args)]
 
-    def find(self, kind: str, where: str, args: tuple = ()) -> list[Entity]:
+    def find(self, kind: str, where: str, args: tuple = ()) -> builtins.list[Entity]:
         """Entities whose JSON matches an SQL condition on `body` (json_extract), e.g. pending jobs."""
         with self.store.reading() as db:
             return [_entity(r) for r in db.execute(_SELECT + f" WHERE kind = ? AND ({where}) ORDER BY created_at",
@@ -125,7 +127,8 @@ class Entities:
             db.executemany("INSERT INTO wh_logs (entity_id, line, text) VALUES (?, ?, ?)",
                            [(entity_id, start + i + 1, text) for i, text in enumerate(lines)])
 
-    def logs(self, entity_id: str, offset: int = 0, limit: int | None = None) -> tuple[list[str], int]:
+    def logs(self, entity_id: str, offset: int = 0,
+             limit: int | None = None) -> tuple[builtins.list[str], int]:
         """Lines [offset, offset+limit) and the total number of lines."""
         with self.store.reading() as db:
             total = db.execute("SELECT COUNT(*) FROM wh_logs WHERE entity_id = ?", (entity_id,)).fetchone()[0]

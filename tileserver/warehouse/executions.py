@@ -192,7 +192,7 @@ def _check_levels(ctx: Ctx, parameters: dict[str, Any], ancestors: list[Any], pr
         problems.append(f"parameters.tms: unknown tile matrix set {tms_id}")
         return None
     levels = [m.id for m in tms.matrices]
-    named = [(k, parameters[k]) for k in ("bottom", "top") if k in parameters]
+    named: list[tuple[str, Any]] = [(k, parameters[k]) for k in ("bottom", "top") if k in parameters]
     named += [(f"harvest_levels[{i}]", v) for i, v in enumerate(parameters.get("harvest_levels") or [])]
     for key, value in named:
         if isinstance(value, str | int) and not isinstance(value, bool) and tms.get(str(value)) is None:

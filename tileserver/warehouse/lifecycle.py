@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from tileserver.publication.store import PublicationStore
@@ -113,7 +114,7 @@ def beat(entities: Entities, kind: str, job_id: str) -> str:
 
 
 def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, status: str, settings: Settings,
-           lines: list[str] = (), result: dict[str, Any] | None = None, only_from: tuple[str, ...] = (Status.PROGRESS,),
+           lines: Iterable[str] = (), result: dict[str, Any] | None = None, only_from: tuple[str, ...] = (Status.PROGRESS,),
            ) -> bool:
     """End a job with `status` if it is still in one of `only_from`; apply the consequences."""
     entities.append_logs(job_id, lines)

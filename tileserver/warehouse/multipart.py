@@ -20,7 +20,7 @@ _PARAM = re.compile(r';\s*([A-Za-z*]+)="?([^";]*)"?')
 
 
 class Sink(Protocol):
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> object: ...  # what it returns is ignored
 
 
 @dataclass

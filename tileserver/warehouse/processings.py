@@ -169,7 +169,7 @@ def find(tms_directory: str, ident: str) -> Processing | None:
 
 # --- parameter validation -------------------------------------------------------------------------
 
-_TYPES = {"string": str, "integer": int, "array": list, "number": (int, float), "boolean": bool}
+_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "array": list, "number": (int, float), "boolean": bool}
 _POSITIVE = ("width", "height", "parallelization")
 
 

@@ -189,6 +189,7 @@ async def _push(ctx: Ctx, section: str) -> Response:
     _require_open(entity)
     files = files_of(ctx, entity)
     query_path = ctx.request.query_params.get("path")
+    rel: str | None
     if section == "data":
         rel = checked_path(query_path)
     else:

@@ -178,8 +178,8 @@ async def build_async(sources: Sequence[str], output: str, name: str, options: B
     bottom = matrices[0]
     footprints = [source_footprint(s, tms.crs) for s in infos]
     slabs: set[tuple[int, int]] = set()
-    for fp in footprints:
-        slabs |= slabs_for_bbox(bottom, fp, options.width, options.height)
+    for footprint in footprints:
+        slabs |= slabs_for_bbox(bottom, footprint, options.width, options.height)
     if not slabs:
         raise WriterError(f"the sources lie outside the grid {tms.id} at level {bottom.id}")
     target = PyramidTarget.make(output, name, options.path_depth)

@@ -158,7 +158,8 @@ def decode_image(data: bytes, mime: str, width: int, height: int) -> np.ndarray:
     else:
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as opened:
+            image: Image.Image = opened  # or its conversion below
             if image.mode == "P":
                 image = image.convert("RGBA")
             elif image.mode not in ("L", "LA", "RGB", "RGBA", "F", "I"):

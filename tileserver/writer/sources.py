@@ -524,7 +524,8 @@ class _PillowReader:
         self.info = info
         if info.width * info.height > _PILLOW_MAX_PIXELS:
             raise WriterError(f"{info.path}: too large for a JPEG/PNG source; convert it to a tiled TIFF")
-        with Image.open(info.path) as image:
+        with Image.open(info.path) as opened:
+            image: Image.Image = opened  # or its conversion below
             if image.mode == "1":
                 image = image.convert("L")
             elif image.mode == "P":

@@ -181,8 +181,8 @@ async def update_async(ancestor_url: str, sources: Sequence[str], output: str, n
     bottom = matrices[0]
     footprints = [source_footprint(s, tms.crs) for s in infos]
     recomputed: dict[str, set[tuple[int, int]]] = {bottom.id: set()}
-    for fp in footprints:
-        recomputed[bottom.id] |= slabs_for_bbox(bottom, fp, build_options.width, build_options.height)
+    for footprint in footprints:
+        recomputed[bottom.id] |= slabs_for_bbox(bottom, footprint, build_options.width, build_options.height)
     if not recomputed[bottom.id]:
         raise WriterError(f"the new images lie outside the grid {tms.id} at level {bottom.id}")
     for child, parent in zip(matrices, matrices[1:], strict=False):
@@ -232,8 +232,8 @@ def _prepare_state(writer: PyramidWriter, ancestor: Ancestor, recomputed: dict[s
         if (col, row) in recomputed.get(level, set()) or slab.data is None:
             continue
         state.linked[(level, col, row)] = LinkedSlab(index_of[slab.root], slab.data, slab.mask)
-    for level in ancestor.pyramid.descriptor.levels:
-        state.ancestor_limits[level.id] = level.tile_limits
+    for descriptor_level in ancestor.pyramid.descriptor.levels:
+        state.ancestor_limits[descriptor_level.id] = descriptor_level.tile_limits
 
 
 def ancestor_list_root(ancestor: Ancestor) -> str:
