@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyproj
+import pytest
 import tifffile
 
 from tileserver.pyramid import Pyramid
@@ -101,3 +102,14 @@ def data_mask(tile: np.ndarray, nodata: tuple[float, ...]) -> np.ndarray:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+@pytest.mark.parametrize("status", ["DE", "EL", "", "X"])
+def test_journal_refuses_unknown_slab_statuses(status):
+    """A journal line is trusted on resume: only D(ata), E(mpty) and L(ink) are statuses."""
+    from tileserver.writer.journal import SlabRecord
+
+    line = f"{status} 12 3 4 100 0 0 15 15"
+    with pytest.raises(ValueError):
+        SlabRecord.parse(line)
+    assert SlabRecord.parse("D 12 3 4 100 0 0 15 15").status == "D"

@@ -41,7 +41,7 @@ class SlabRecord:
     @classmethod
     def parse(cls, line: str) -> SlabRecord:
         status, level, col, row, size, *tiles = line.split()
-        if status not in "DEL" or len(tiles) != 4:
+        if status not in ("D", "E", "L") or len(tiles) != 4:  # not a substring test: "DE" is corrupt
             raise ValueError(line)
         limits = None if tiles[0] == "-" else tuple(int(v) for v in tiles)
         return cls(level, int(col), int(row), status, int(size), limits)  # type: ignore[arg-type]
