@@ -224,8 +224,14 @@ class _Translator:
                 f"maxx <= {self._bind(float(maxx))} AND miny >= {self._bind(float(miny))} AND "
                 f"maxy <= {self._bind(float(maxy))})")
 
+    def _geometry(self) -> str:
+        """The quoted geometry column; a spatial filter on a table without one is the client's error."""
+        if self.relation.geometry_column is None:
+            raise QueryError(f"{self.relation.name} has no geometry: spatial filters do not apply")
+        return quote(self.relation.geometry_column)
+
     def spatial(self, op: str, geom: Any) -> str:
-        g = quote(self.relation.geometry_column)
+        g = self._geometry()
         wkb = shapely.to_wkb(geom)
         test = f"ts_spatial({g}, {self._bind(op)}, {self._bind(wkb)})"
         if op == "disjoint" or geom.is_empty:
@@ -288,7 +294,7 @@ class _Translator:
         if isinstance(node, ast.SpatialDistancePredicate):
             _, geom = self._spatial_operands(node, "intersects")
             d = float(node.distance)
-            g = quote(self.relation.geometry_column)
+            g = self._geometry()
             test = f"ts_dwithin({g}, {self._bind(shapely.to_wkb(geom))}, {self._bind(d)})"
             if node.op == ast.SpatialDistanceOp.BEYOND:
                 return f"(NOT {test})"
@@ -298,7 +304,7 @@ class _Translator:
             _, geom = self._spatial_operands(node, "intersects")
             if not re.fullmatch(r"[TF012*]{9}", str(node.pattern)):
                 raise QueryError(f"invalid RELATE pattern {node.pattern!r}")
-            return (f"ts_relate({quote(self.relation.geometry_column)}, {self._bind(shapely.to_wkb(geom))}, "
+            return (f"ts_relate({self._geometry()}, {self._bind(shapely.to_wkb(geom))}, "
                     f"{self._bind(str(node.pattern))})")
         raise QueryError(f"unsupported filter operator: {type(node).__name__}")
 

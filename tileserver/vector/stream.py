@@ -73,7 +73,7 @@ class FeatureStream:
             return None
         if isinstance(item, BaseException):
             raise item
-        return item  # type: ignore[no-any-return]
+        return item
 
     async def first(self) -> list[Feature]:
         """The first batch (empty at the end); raises what the base raises."""
