@@ -271,8 +271,8 @@ async def test_landing_and_conformance(client):
 
 async def test_conformance_declares_only_the_encodings_tilesets_serve(tmp_path):
     """OGC's suite tests each encoding class declared: one PNG layer declares PNG alone (no JPEG that
-    `?f=jpeg` would refuse, no TIFF or MVT); a DEM (BIL tiles, no class) declares nothing until one of
-    its styles renders PNG tiles."""
+    `?f=jpeg` would refuse, no TIFF or MVT); a DEM's own tiles are BIL (no class), but the dataset's map
+    tiles without `collections` draw it to PNG, as does a style that changes pixels."""
     conf = "http://www.opengis.net/spec/ogcapi-tiles-1/1.0/conf/"
 
     async def encodings(client) -> set[str]:
@@ -289,7 +289,10 @@ async def test_conformance_declares_only_the_encodings_tilesets_serve(tmp_path):
         assert refused.status_code == 400
         await client.delete("/admin/layers/SCAN", headers=AUTH)
         await client.post("/admin/layers/DEM", json=layer_descriptor("RGEALTI", styles=["normal"]), headers=AUTH)
-        assert await encodings(client) == set()
+        assert await encodings(client) == {"png"}  # the dataset's map tiles (no `collections`) are drawn
+        dataset = await client.get("/ogcapi/map/tiles/LAMB93_1M_MNT/8/22363/2242")
+        assert dataset.status_code == 200 and dataset.headers["content-type"] == "image/png"
+        assert (await client.get("/ogcapi/collections/DEM/map/tiles/LAMB93_1M_MNT/8/22363/2242?f=png")).status_code == 400
         await client.put("/admin/layers/DEM", json=layer_descriptor("RGEALTI", styles=["normal", "hypso"]),
                          headers=AUTH)
         assert await encodings(client) == {"png"}  # hypso renders PNG tiles
@@ -558,7 +561,8 @@ async def test_a_style_that_changes_pixels_is_rendered(world):
         refused = {
             f"/ogcapi/collections/DEM/styles/hypso/map/tiles/{tile}?f=bil": 400,  # renders PNG only
             "/ogcapi/collections/DEM/styles/hypso/map/tiles/LAMB93_1M_MNT/8/0/0": 404,
-            "/ogcapi/collections/PICTURE/styles/hypso/map/tiles/PM/10/363/516": 400,  # a palette on RGBA
+            # a palette on RGBA: not a style PICTURE offers (its collection does not list it)
+            "/ogcapi/collections/PICTURE/styles/hypso/map/tiles/PM/10/363/516": 404,
         }
         for url, status in refused.items():
             answer = await c.get(url)
@@ -647,7 +651,7 @@ ERRORS = [
     ("/ogcapi/collections/SCAN1000/styles/nope/map/tiles", {}, 404),
     ("/ogcapi/collections/SCAN1000/styles/nope/map/tiles/PM/10/363/516", {}, 404),
     ("/ogcapi/styles/nope/map/tiles", {}, 404),
-    ("/ogcapi/map/tiles/PM/10/363/516", {}, 400),
+    ("/ogcapi/map/tiles/PM/10/363/516?f=jpeg", {}, 400),  # the dataset's tiles are drawn to PNG
     ("/ogcapi/map/tiles/PM/10/363/516?collections=SCAN1000,MONTAGNE", {}, 400),
     ("/ogcapi/map/tiles/PM/10/363/516?collections=NOPE", {}, 404),
     ("/ogcapi/map/tiles/PM/10/363/516?collections=ROADS", {}, 404),

@@ -51,6 +51,16 @@ def test_bbox_to_tile_range_is_inclusive_and_clamped():
     assert m.bbox_to_tile_range((x0, y0, x1, y1)) == (1, 1, 2, 3)
 
 
+def test_bbox_to_tile_range_tolerance_is_in_tiles():
+    """SCAN1000's extent lies within 1 % of a tile past PM level 1's middle column: it is in tile (1, 0);
+    a tolerance of 1e-9 × the tile span in metres (0.02 tile there) lost it."""
+    level1 = load_tms("PM", TMS_DIR).get("1")
+    scan1000 = (156543.0339281484, 5792092.2553374255, 234814.5508921717, 5831228.013819436)
+    assert level1.bbox_to_tile_range(scan1000) == (1, 0, 1, 0)
+    edge = level1.tile_bbox(1, 0)
+    assert level1.bbox_to_tile_range((edge[0] - 1, edge[1], edge[0], edge[3])) == (0, 0, 0, 0)  # edge: out
+
+
 @pytest.mark.parametrize("tms_id,quadtree", [("PM", True), ("4326", True), ("WGS84G", True),
                                               ("LAMB93_1M_MNT", False), ("LAMB93", False)])
 def test_quadtree_detection(tms_id, quadtree):

@@ -71,9 +71,11 @@ class TileMatrix:
     def bbox_to_tile_range(
         self, bbox: tuple[float, float, float, float], clamp: bool = True
     ) -> tuple[int, int, int, int] | None:
-        """Inclusive (min_col, min_row, max_col, max_row) of tiles touching a bbox; None if none."""
+        """Inclusive (min_col, min_row, max_col, max_row) of tiles touching a bbox; None if none.
+        The tolerance is a fraction of a tile (a bbox edge on a tile edge stays out), not of a CRS
+        unit: 1e-9 × a tile span in metres was 0.02 tile at PM level 1, enough to lose a tile."""
         xmin, ymin, xmax, ymax = bbox
-        eps = 1e-9 * max(self.tile_span_x, self.tile_span_y)
+        eps = 1e-9
         min_col = math.floor((xmin - self.origin_x) / self.tile_span_x + eps)
         max_col = math.ceil((xmax - self.origin_x) / self.tile_span_x - eps) - 1
         min_row = math.floor((self.origin_y - ymax) / self.tile_span_y + eps)

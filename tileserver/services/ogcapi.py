@@ -24,7 +24,7 @@ import html
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -42,7 +42,7 @@ from tileserver.rok4.descriptor import TileLimits
 from tileserver.rok4.tms import TileMatrixSet, crs_uri
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import KVP, base_url, bbox_values, echo, key_hash
-from tileserver.services.policy import ServiceError, document_headers, error_response, register
+from tileserver.services.policy import ServiceError, document_headers, error_response, map_headers, register
 from tileserver.services.tiles import (
     TileAnswer,
     TileNotFound,
@@ -375,17 +375,33 @@ class Scope:
         if self.collection is not None:
             if data_type(self.collection) != self.kind:
                 raise not_found(f"collection {echo(self.collection.id)} has no {self.kind} tiles")
-            if self.style is not None and self.style not in self.collection.layer.styles:
+            if self.style is not None and self.style not in collection_styles(ctx, self.collection):
                 raise not_found(
                     f"style {echo(self.style)} is not a style of collection {echo(self.collection.id)}"
                 )
             return [self.collection]
         layers = [p for p in ctx.visible() if data_type(p) == self.kind]
         if self.style is not None:
-            layers = [p for p in layers if self.style in p.layer.styles]
+            layers = [p for p in layers if self.style in collection_styles(ctx, p)]
             if not layers:
                 raise not_found(f"style {echo(self.style)} is not a style of any collection")
         return layers
+
+
+def collection_styles(ctx: Ctx, published: PublishedLayer) -> list[str]:
+    """The layer's styles its data can take: a style segment is advertised only where its tiles are
+    served (hypso on an RGB picture would answer 400 for every tile of the tileset). A name without
+    a definition (ROK4's `normal`) passes the tiles through, so it stays."""
+    from tileserver.services.wms import style_book
+
+    book = style_book(get_runtime(ctx.request))
+    by_identifier = {s.identifier: s for s in book.values()}
+    out = []
+    for name in published.layer.styles:
+        style = book.get(name) or by_identifier.get(name)
+        if style is None or style_usable(style, published.channels, published.format.sample_format):
+            out.append(name)
+    return out
 
 
 def _scope(ctx: Ctx, kind: str, collection_id: str | None = None, style_id: str | None = None) -> Scope:
@@ -395,24 +411,22 @@ def _scope(ctx: Ctx, kind: str, collection_id: str | None = None, style_id: str 
     return scope
 
 
-def _levels(layers: Iterable[PublishedLayer]) -> list[tuple[str, TileLimits]]:
-    """Union of the published limits per level, top (coarsest) → bottom."""
+def _grid_levels(layers: list[PublishedLayer], grid: str) -> list[tuple[str, TileLimits]]:
+    """Union of the limits per matrix in a tileset's grid, coarsest first: each layer's published
+    ones where the grid is its own, those of its extra (reprojected) grid otherwise. A dataset
+    tileset mixes both (`4326` is BDPARCELLAIRE's own grid and an extra grid of MONTAGNE)."""
     merged: dict[str, TileLimits] = {}
     cells: dict[str, float] = {}
     for published in layers:
-        for level in published.level_ids:
-            limits = published.limits[level]
+        extra = extra_grid(published, grid)
+        if extra is None:
+            found = [(lv, published.limits[lv], published.matrix(lv).cell_size) for lv in published.level_ids]
+        else:
+            found = [(m.id, extra.limits[m.id], m.cell_size) for m in extra.matrices if m.id in extra.limits]
+        for level, limits, cell in found:
             merged[level] = merged[level].union(limits) if level in merged else limits
-            cells[level] = published.matrix(level).cell_size
+            cells[level] = cell
     return [(level, merged[level]) for level in sorted(merged, key=lambda lv: -cells[lv])]
-
-
-def _grid_levels(layers: list[PublishedLayer], grid: str) -> list[tuple[str, TileLimits]]:
-    """Limits in a tileset's grid: the published ones, or those of an extra (reprojected) grid."""
-    extra = extra_grid(layers[0], grid)
-    if extra is None:
-        return _levels(layers)
-    return [(m.id, extra.limits[m.id]) for m in extra.matrices]
 
 
 def _vector_layers(published: PublishedLayer) -> list[dict[str, Any]]:
@@ -460,7 +474,7 @@ def tileset_document(ctx: Ctx, scope: Scope, grid: str) -> dict[str, Any]:
         raise not_found(f"no tileset in tile matrix set {echo(grid)} here")
     first = layers[0]
     fmt = first.format
-    mimes = {tile_type(ctx, p, scope.style)[0] for p in layers}
+    mimes = {tile_type(ctx, p, scope.style)[0] for p in layers} if scope.collection else {STYLED_MIME}
     path = f"{scope.path()}/{grid}"
     template = ctx.url(f"{path}/{{tileMatrix}}/{{tileRow}}/{{tileCol}}")
     doc: dict[str, Any] = {
@@ -491,7 +505,9 @@ def tileset_document(ctx: Ctx, scope: Scope, grid: str) -> dict[str, Any]:
         if fmt.is_vector:
             doc["layers"] = _vector_layers(first) or [{"id": first.id, "dataType": "vector"}]
     else:
-        doc["description"] = "one collection per tile request: add ?collections=<collection id>"
+        doc["description"] = (
+            "the collections drawn together (PNG); ?collections=<collection id> for one collection's own tiles"
+        )
         doc["links"].append(link(ctx.url(""), REL + "dataset", JSON, "dataset"))
         doc["layers"] = [
             {
@@ -592,9 +608,43 @@ async def reprojected_tile(
     return tile_response(answer, published, runtime.settings)
 
 
+async def dataset_tile(ctx: Ctx, scope: Scope, grid: str, tile_matrix: str, tile_row: str, tile_col: str) -> Response:
+    """A dataset map tile without `collections` (what the dataset tileset's template gives): every
+    map collection of the scope offering the grid, drawn together (first at the bottom) to PNG."""
+    from tileserver.render.encode import encode_image
+    from tileserver.render.georef import Grid
+    from tileserver.render.pipeline import MapLayer, render_map
+
+    layers = [p for p in scope.layers(ctx) if grid in grid_ids(p)]
+    limits = dict(_grid_levels(layers, grid)).get(tile_matrix)
+    if limits is None:
+        raise not_found(f"tile matrix {echo(tile_matrix)} is not offered in {echo(grid)} here")
+    row, col = _index(tile_row, "tileRow"), _index(tile_col, "tileCol")
+    if not limits.contains(col, row):
+        raise not_found(f"tile ({tile_matrix}, {row}, {col}) is outside the limits of the dataset in {echo(grid)}")
+    _check_tile_format(ctx, layers[0], STYLED_MIME, STYLED_F)
+    extra = extra_grid(layers[0], grid)
+    tms = extra.tms if extra is not None else layers[0].tms
+    matrix = tms.get(tile_matrix)
+    assert matrix is not None
+    target = Grid(tms.crs, matrix.tile_bbox(col, row), matrix.tile_width, matrix.tile_height)
+    drawn = [MapLayer(p, rendering_style(ctx, p, scope.style)) for p in layers]
+    runtime = get_runtime(ctx.request)
+    try:
+        body, media_type = await render_map(
+            drawn, target, picture=True, gate=gate_for(runtime),
+            finish=lambda raster: encode_image(raster.data, STYLED_MIME, transparent=True),
+        )
+    except RenderError as exc:
+        raise TileRenderError(exc.message, exc.status if exc.status in (400, 404, 502, 503) else 503) from None
+    return Response(body, media_type=media_type, headers=map_headers(layers, runtime.settings))
+
+
 async def tile(ctx: Ctx, scope: Scope, grid: str, tile_matrix: str, tile_row: str, tile_col: str) -> Response:
     if scope.collection is None:
         wanted = [c for c in (ctx.kvp.get("collections") or "").split(",") if c.strip()]
+        if not wanted and scope.kind == "map":
+            return await dataset_tile(ctx, scope, grid, tile_matrix, tile_row, tile_col)
         if len(wanted) != 1:
             raise invalid("collections: exactly one collection id is required on this route")
         scope = Scope(scope.kind, ctx.layer(wanted[0].strip()), scope.style)
@@ -644,23 +694,14 @@ def landing_document(ctx: Ctx) -> dict[str, Any]:
 
 
 def served_encodings(ctx: Ctx) -> set[str]:
-    """OGC `f` names of the tiles the caller's tilesets serve: each layer's stored format, and PNG where
-    one of its styles changes pixels (rendered). OGC's suite tests every encoding class declared."""
-    from tileserver.services.wms import style_book
-
-    book = style_book(get_runtime(ctx.request))
-    by_identifier = {s.identifier: s for s in book.values()}
+    """OGC `f` names of the tiles the caller's tilesets serve: each layer's stored format, and PNG
+    wherever there is a map collection (dataset map tiles without `collections` are drawn to PNG, as
+    are a collection's tiles in a style that changes pixels). OGC's suite tests every class declared."""
     out: set[str] = set()
     for published in ctx.visible():
         out.add(published.format.ogc_f)
-        if published.format.is_vector:
-            continue
-        for name in published.layer.styles:
-            style = book.get(name) or by_identifier.get(name)
-            if style is not None and not style.is_identity and style_usable(
-                style, published.channels, published.format.sample_format
-            ):
-                out.add(STYLED_F)
+        if not published.format.is_vector:
+            out.add(STYLED_F)
     return out
 
 
@@ -724,9 +765,10 @@ def collection_document(ctx: Ctx, published: PublishedLayer, full_links: bool = 
         self_links(ctx, path, layer.title) if full_links else [link(ctx.url(path), "self", JSON, layer.title)]
     )
     tiles_scope = Scope(kind, published)
+    styles = collection_styles(ctx, published) if kind == "map" else []
     links.append(link(ctx.url(tiles_scope.path()), REL + f"tilesets-{kind}", JSON, f"{kind} tilesets"))
     if kind == "map":
-        for style in layer.styles:
+        for style in styles:
             styled = Scope(kind, published, style)
             links.append(
                 link(ctx.url(styled.path()), REL + "tilesets-map", JSON, f"map tilesets, style {style}")
@@ -753,9 +795,9 @@ def collection_document(ctx: Ctx, published: PublishedLayer, full_links: bool = 
         "maxCellSize": max(cells),
         "links": links,
     }
-    if kind == "map":
-        doc["styles"] = [{"id": s, "title": s} for s in layer.styles]
-        doc["defaultStyle"] = layer.styles[0]
+    if styles:
+        doc["styles"] = [{"id": s, "title": s} for s in styles]
+        doc["defaultStyle"] = styles[0]
     if layer.attribution and layer.attribution.get("title"):
         doc["attribution"] = str(layer.attribution["title"])
     return doc

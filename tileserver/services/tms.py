@@ -155,15 +155,16 @@ def service_document(request: Request, visible: list[PublishedLayer], osgeo: boo
                     href=f"{base}/{published.id}",
                 )
             continue
-        for view in views(published):
+        for view in views(request, published):
             title = published.layer.title + (f" ({view.grid.id})" if view.grid else "")
+            title += f" ({view.style.identifier})" if view.style else ""
             etree.SubElement(
                 tilemaps,
                 "TileMap",
                 title=xml_text(title),
                 srs=view.tms.crs,
                 profile="none",
-                extension=published.format.tms_extension,
+                extension=view.extension,
                 href=f"{base}/{view.id}",
             )
     return _serialise(root)
@@ -205,6 +206,8 @@ def _metadata_and_attribution(root: etree._Element, published: PublishedLayer) -
 
 
 EXTRA_GRID_SEPARATOR = "@"  # `/tms/1.0.0/{layer}@{grid}`: a layer in one of its extra grids (never in layer ids)
+STYLE_SEPARATOR = ":"  # `/tms/1.0.0/{layer}:{style}`: a layer drawn in one of its styles (never in layer ids)
+STYLED_MIME, STYLED_EXTENSION = "image/png", "png"  # what a style that changes pixels draws
 
 
 @dataclass(frozen=True)
@@ -213,10 +216,20 @@ class TileMapView:
 
     published: PublishedLayer
     grid: Any = None  # wmts.GridSet of an extra grid, None for the pyramid's own
+    style: Any = None  # a style that changes pixels (render.styles.Style): PNG tiles drawn with it
 
     @property
     def id(self) -> str:
-        return self.published.id + (f"{EXTRA_GRID_SEPARATOR}{self.grid.id}" if self.grid else "")
+        grid = f"{EXTRA_GRID_SEPARATOR}{self.grid.id}" if self.grid else ""
+        return self.published.id + grid + (f"{STYLE_SEPARATOR}{self.style.identifier}" if self.style else "")
+
+    @property
+    def mime(self) -> str:
+        return STYLED_MIME if self.style else self.published.format.mime
+
+    @property
+    def extension(self) -> str:
+        return STYLED_EXTENSION if self.style else self.published.format.tms_extension
 
     @property
     def tms(self) -> Any:
@@ -224,7 +237,9 @@ class TileMapView:
 
     @property
     def level_ids(self) -> tuple[str, ...]:
-        return tuple(m.id for m in self.grid.matrices) if self.grid else self.published.level_ids
+        if self.grid:  # an extra grid lists every matrix; a TileMap, those reaching the layer's extent
+            return tuple(m.id for m in self.grid.matrices if m.id in self.grid.limits)
+        return self.published.level_ids
 
     @property
     def limits(self) -> Any:
@@ -245,15 +260,31 @@ class TileMapView:
         return int(level) if level.isdigit() else self.level_ids.index(level)
 
 
-def views(published: PublishedLayer) -> list[TileMapView]:
-    return [TileMapView(published)] + [TileMapView(published, g) for g in extra_grids(published).values()]
+def drawing_styles(request: Request, published: PublishedLayer) -> dict[str, Any]:
+    """The layer's styles that change pixels and that its data can take, by identifier: each is a
+    TileMap of its own (`{layer}:{style}`, PNG tiles drawn by the render pipeline), since a TileMap
+    has one format and no style. A DEM is thus offered as pictures (hypso, hillshade…), not only BIL."""
+    from tileserver.services.wms import style_book
+    from tileserver.services.wmts import tile_styles
+
+    if published.format.is_vector:
+        return {}
+    styles = tile_styles(published, style_book(get_runtime(request)))
+    return {name: style for name, style in styles.items() if style is not None}
+
+
+def views(request: Request, published: PublishedLayer) -> list[TileMapView]:
+    """The TileMaps of a layer: as stored, in each drawing style, in each extra grid (as stored)."""
+    styled = [TileMapView(published, style=s) for s in drawing_styles(request, published).values()]
+    extra = [TileMapView(published, g) for g in extra_grids(published).values()]
+    return [TileMapView(published), *styled, *extra]
 
 
 def tilemap_document(request: Request, view: TileMapView) -> bytes:
     """`/tms/1.0.0/{layer}`: grid, extent, format and one TileSet per published level."""
     base = service_url(request)
     published = view.published
-    layer, tms, fmt = published.layer, view.tms, published.format
+    layer, tms = published.layer, view.tms
     bottom = view.matrix(view.level_ids[-1])
     root = _skeleton("tilemap")
     root.set("tilemapservice", base)
@@ -275,8 +306,8 @@ def tilemap_document(request: Request, view: TileMapView) -> bytes:
     for name, value in (
         ("width", bottom.tile_width),
         ("height", bottom.tile_height),
-        ("mime-type", fmt.mime),
-        ("extension", fmt.tms_extension),
+        ("mime-type", view.mime),
+        ("extension", view.extension),
     ):
         tile_format.set(name, str(value))
     tilesets = root.find("TileSets")
@@ -336,8 +367,9 @@ def _attribution_html(attribution: dict[str, Any] | None) -> str:
     )
 
 
-def tilejson(request: Request, published: PublishedLayer) -> bytes:
+def tilejson(request: Request, view: TileMapView) -> bytes:
     """TileJSON 3.0.0; zooms are the level ids (ROK4's grids number them), `crs` names the grid's CRS."""
+    published = view.published
     layer, fmt = published.layer, published.format
     zooms = [level_order(published, level) for level in published.level_ids]
     west, south, east, north = published.wgs84_bbox
@@ -349,12 +381,12 @@ def tilejson(request: Request, published: PublishedLayer) -> bytes:
         "version": "1.0.0",
         "attribution": _attribution_html(layer.attribution),
         "scheme": "xyz",
-        "tiles": [f"{service_url(request)}/{published.id}/{{z}}/{{x}}/{{y}}.{fmt.tms_extension}"],
+        "tiles": [f"{service_url(request)}/{view.id}/{{z}}/{{x}}/{{y}}.{view.extension}"],
         "minzoom": minzoom,
         "maxzoom": maxzoom,
         "bounds": [west, south, east, north],
         "center": [(west + east) / 2, (south + north) / 2, (minzoom + maxzoom) // 2],
-        "format": fmt.tms_extension,
+        "format": view.extension,
         "crs": published.tms.crs,
         "tilematrixset": published.tms.id,
         "quadtree": published.tms.is_quadtree,
@@ -381,8 +413,9 @@ def _gdal_zoom_chain(published: PublishedLayer) -> bool:
     return True
 
 
-def gdal_document(request: Request, published: PublishedLayer) -> bytes:
+def gdal_document(request: Request, view: TileMapView) -> bytes:
     """GDAL WMS driver description (TMS minidriver) for quad-tree raster layers, as ROK4 writes it."""
+    published = view.published
     if published.format.is_vector:
         raise TMSError(400, f"layer {echo(published.id)} is a vector layer: no GDAL description")
     if not published.tms.is_quadtree or not _gdal_zoom_chain(published):
@@ -397,7 +430,7 @@ def gdal_document(request: Request, published: PublishedLayer) -> bytes:
     ulx, lry, lrx, uly = (published.tms.get("0") or bottom).bbox
     root = etree.Element("GDAL_WMS")
     service = etree.SubElement(root, "Service", name="TMS")
-    template = f"{service_url(request)}/{published.id}/${{z}}/${{x}}/${{y}}.{published.format.tms_extension}"
+    template = f"{service_url(request)}/{view.id}/${{z}}/${{x}}/${{y}}.{view.extension}"
     etree.SubElement(service, "ServerUrl").text = xml_text(template)
     window = etree.SubElement(root, "DataWindow")
     fields = (
@@ -416,8 +449,8 @@ def gdal_document(request: Request, published: PublishedLayer) -> bytes:
         ("Projection", published.tms.crs),
         ("BlockSizeX", str(bottom.tile_width)),
         ("BlockSizeY", str(bottom.tile_height)),
-        ("BandsCount", str(published.channels)),
-        *((("DataType", "Float32"),) if published.format.sample_format == "FLOAT32" else ()),
+        ("BandsCount", "4" if view.style else str(published.channels)),  # a drawn tile is RGBA
+        *((("DataType", "Float32"),) if published.format.sample_format == "FLOAT32" and not view.style else ()),
         ("ZeroBlockHttpCodes", "204,404"),
     ):
         etree.SubElement(root, tag).text = text
@@ -580,12 +613,14 @@ async def tile(request: Request, view: TileMapView, level: str, x: str, y_ext: s
         raise TMSError(400, "a tile is requested as {z}/{x}/{y}.{extension}")
     if view.tms.get(level) is None or level not in view.limits:
         raise TMSError(400, f"level {echo(level)} is not published by layer {echo(view.id)}")
-    wanted = published.format.tms_extension
+    wanted = view.extension
     if EXTENSION_ALIASES.get(ext, ext) != wanted:
         raise TMSError(400, f"extension {echo(ext)} is not the layer's ({wanted})")
     col, row = _index(x, "column"), _index(y, "row")
     if view.grid is not None:
         return await _reprojected_tile(request, view, level, col, row)
+    if view.style is not None:
+        return await _styled_tile(request, view, level, col, row)
     try:
         answer = await native_tile(published, level, col, row)
     except TileNotFound:
@@ -604,9 +639,19 @@ async def _reprojected_tile(request: Request, view: TileMapView, level: str, col
     return tile_response(answer, view.published, runtime.settings)
 
 
+async def _styled_tile(request: Request, view: TileMapView, level: str, col: int, row: int) -> Response:
+    """A tile of a style TileMap: the stored tile drawn with the style to PNG (render pipeline), inside
+    the same limits as the stored tiles."""
+    if not view.published.in_limits(level, col, row):
+        raise TMSError(404, "No data found")
+    runtime = get_runtime(request)
+    answer = await rendered_tile(runtime, view.published, view.tms, level, col, row, view.style, STYLED_MIME)
+    return tile_response(answer, view.published, runtime.settings)
+
+
 # --- dispatch -----------------------------------------------------------------------------------
 
-LayerHandler = Callable[[Request, PublishedLayer], bytes]
+LayerHandler = Callable[[Request, TileMapView], bytes]
 LAYER_DOCUMENTS: dict[str, tuple[LayerHandler, str]] = {
     "metadata.json": (tilejson, "application/json"),
     "gdal.xml": (gdal_document, XML_TYPE),
@@ -646,10 +691,16 @@ async def _dispatch(request: Request, parts: list[str]) -> Response:
         key = ("service", tuple(sorted(p.id for p in visible)))
         body = _cached(request, catalog, key, lambda: service_document(request, visible))
         return _xml_bytes(request, body, visible)
-    layer_id, _, grid_id = parts[1].partition(EXTRA_GRID_SEPARATOR)
+    name, _, style_id = parts[1].partition(STYLE_SEPARATOR)
+    layer_id, _, grid_id = name.partition(EXTRA_GRID_SEPARATOR)
     published = _layer(request, catalog, layer_id)
     view = TileMapView(published)
-    if grid_id:
+    if style_id:
+        style = drawing_styles(request, published).get(style_id)
+        if style is None or grid_id:
+            raise TMSError(400, f"layer {echo(layer_id)} is not offered in style {echo(style_id)}")
+        view = TileMapView(published, style=style)
+    elif grid_id:
         grid = extra_grids(published).get(grid_id)
         if grid is None:
             raise TMSError(400, f"layer {echo(layer_id)} is not offered in grid {echo(grid_id)}")
@@ -663,7 +714,7 @@ async def _dispatch(request: Request, parts: list[str]) -> Response:
         raise TMSError(404, "no such TMS resource")
     if len(parts) == 3 and parts[2] in LAYER_DOCUMENTS:
         build, media_type = LAYER_DOCUMENTS[parts[2]]
-        body = _cached(request, catalog, (parts[2], published.id), lambda: build(request, published))
+        body = _cached(request, catalog, (parts[2], view.id), lambda: build(request, view))
         return Response(body, media_type=media_type, headers=document_headers(request, [published]))
     if len(parts) == 3 and parts[2] not in published.limits:
         raise TMSError(400, f"level {echo(parts[2])} is not published by layer {echo(published.id)}")

@@ -183,23 +183,17 @@ def advertised_limits(published: PublishedLayer) -> dict[str, TileLimits]:
     return out
 
 
-def _metres(tms: TileMatrixSet, matrix: TileMatrix) -> float:
-    return matrix.cell_size * tms.metres_per_unit
-
-
 def _extra_grid(published: PublishedLayer, tms_id: str) -> GridSet | None:
-    """An extra grid (`extra_tilematrixsets`): the matrices whose resolution falls within the published
-    range (half the bottom's to twice the top's, in metres), limited to the layer's extent there."""
-    finest = _metres(published.tms, published.matrix(published.bottom_level)) / 2
-    coarsest = _metres(published.tms, published.matrix(published.top_level)) * 2
+    """An extra grid (`extra_tilematrixsets`): every matrix of the grid, as the native full grid has
+    (a TileMatrixSet element is shared by every layer linking to its id, so each of its matrices must
+    be served), with limits wherever the layer's extent falls. Tiles finer than the bottom level are
+    the bottom level's data magnified, coarser than the top one its data reduced (render pipeline)."""
     directory = published.owners[published.bottom_level].tms_directory
-    return _extra_grid_cached(tms_id, directory, tuple(published.wgs84_bbox), finest, coarsest)
+    return _extra_grid_cached(tms_id, directory, tuple(published.wgs84_bbox))
 
 
 @functools.lru_cache(maxsize=256)
-def _extra_grid_cached(
-    tms_id: str, directory: str, wgs84_bbox: tuple[float, ...], finest: float, coarsest: float
-) -> GridSet | None:
+def _extra_grid_cached(tms_id: str, directory: str, wgs84_bbox: tuple[float, ...]) -> GridSet | None:
     from pyproj import Transformer
 
     try:
@@ -211,18 +205,11 @@ def _extra_grid_cached(
     if not all(math.isfinite(v) for v in bbox):
         return None
     bbox = tuple(float(v) for v in bbox)
-    matrices, limits = [], {}
-    for m in sorted(extra.matrices, key=lambda m: -m.cell_size):
-        if not finest <= _metres(extra, m) <= coarsest:
-            continue
-        tiles = tile_range(m, bbox)  # type: ignore[arg-type]
-        if tiles is None:
-            continue
-        matrices.append(m)
-        limits[m.id] = tiles
-    if not matrices:
+    matrices = tuple(sorted(extra.matrices, key=lambda m: -m.cell_size))
+    limits = {m.id: tiles for m in matrices if (tiles := tile_range(m, bbox)) is not None}  # type: ignore[arg-type]
+    if not limits:
         return None
-    return GridSet(extra.id, extra, tuple(matrices), limits, native=False, extent=bbox)  # type: ignore[arg-type]
+    return GridSet(extra.id, extra, matrices, limits, native=False, extent=bbox)  # type: ignore[arg-type]
 
 
 def extra_grids(published: PublishedLayer) -> dict[str, GridSet]:
