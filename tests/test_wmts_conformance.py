@@ -283,17 +283,18 @@ async def test_get_feature_info_derived_from_capabilities(env):
     ):
         missing = {k: v for k, v in valid.items() if k != name}
         assert_exception(await env.client.get("/wmts", params=missing), 400, "MissingParameterValue", name)
-    for name, value in (
-        ("J", height),
-        ("I", width),
-        ("TileRow", rows[1] + 1),
-        ("TileCol", cols[1] + 1),
-        ("InfoFormat", "bogus/xml"),
-        ("layer", "BogusForTest"),
-        ("TileMatrixSet", "BogusForTest"),
+    for name, value, code in (
+        ("J", height, "InvalidParameterValue"),
+        ("I", width, "InvalidParameterValue"),
+        # GetFeatureInfo carries GetTile's parameters and exceptions (ets-wmts10 wmtsFunctions.xml)
+        ("TileRow", rows[1] + 1, "TileOutOfRange"),
+        ("TileCol", cols[1] + 1, "TileOutOfRange"),
+        ("InfoFormat", "bogus/xml", "InvalidParameterValue"),
+        ("layer", "BogusForTest", "InvalidParameterValue"),
+        ("TileMatrixSet", "BogusForTest", "InvalidParameterValue"),
     ):
         response = await env.client.get("/wmts", params={**valid, name: str(value)})
-        assert_exception(response, 400, "InvalidParameterValue", name)
+        assert_exception(response, 400, code, name)
     plain = next(lay for lay in layers(env.caps) if lay.find("w:InfoFormat", NS) is None)
     plain_link = plain.find("w:TileMatrixSetLink", NS)
     tm_id, row, col, _, _ = next(

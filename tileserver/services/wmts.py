@@ -72,8 +72,10 @@ POLICY = {
     # GetFeatureInfo.NonQueryable.Layer → 501 OperationNotSupported "GetFeatureInfo"
     # (ROK4: InvalidParameterValue "layer").
     "not_queryable": ("OperationNotSupported", "GetFeatureInfo"),
-    # GetFeatureInfo with TileRow/TileCol outside the limits → InvalidParameterValue (GetTile: TileOutOfRange).
-    "gfi_tile_out_of_range": "InvalidParameterValue",
+    # GetFeatureInfo with TileRow/TileCol outside the limits → TileOutOfRange, as GetTile: 07-057r7
+    # §7.3 gives GetFeatureInfo GetTile's parameters and their exceptions (ROK4 and an earlier choice
+    # here: InvalidParameterValue).
+    "gfi_tile_out_of_range": "TileOutOfRange",
     # GetFeatureInfo.Invalid.I/J → InvalidParameterValue (07-057r7 table 28 and ROK4: PointIJOutOfRange).
     "point_out_of_range": "InvalidParameterValue",
 }
