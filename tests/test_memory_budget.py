@@ -21,19 +21,14 @@ from test_render_pipeline import fixture_layers, matched_target  # noqa: F401 - 
 
 from tileserver.publication.model import parse_layer
 from tileserver.publication.store import PublicationStore
+from tileserver.render.draw import draw
+from tileserver.render.errors import RenderBusy, RenderTimeout, RenderTooLarge
+from tileserver.render.fetch import fetch_tiles
+from tileserver.render.gate import DEFAULT_MEMORY_BUDGET, RenderGate
 from tileserver.render.georef import Grid
-from tileserver.render.pipeline import (
-    DEFAULT_MEMORY_BUDGET,
-    MapLayer,
-    RenderBusy,
-    RenderGate,
-    RenderTimeout,
-    RenderTooLarge,
-    draw,
-    fetch_tiles,
-    plan_source,
-    render_map,
-)
+from tileserver.render.levels import plan_source
+from tileserver.render.model import MapLayer
+from tileserver.render.pipeline import render_map
 from tileserver.render.styles import load_style
 from tileserver.settings import Settings
 

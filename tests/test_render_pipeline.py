@@ -25,19 +25,13 @@ from pyproj import Transformer
 from tileserver.catalog import PublishedLayer, PyramidPool, publish_layer
 from tileserver.publication.model import Layer, LayerPyramid, parse_layer
 from tileserver.pyramid import SlabIndexCache
+from tileserver.render.draw import alpha_over, composite, ground_resolution
+from tileserver.render.errors import RenderBusy, RenderStorageError, RenderTooLarge
+from tileserver.render.gate import RenderGate
 from tileserver.render.georef import Grid, reproject_bbox
-from tileserver.render.pipeline import (
-    MapLayer,
-    Raster,
-    RenderBusy,
-    RenderGate,
-    RenderStorageError,
-    RenderTooLarge,
-    alpha_over,
-    choose_level,
-    composite,
-    render_map,
-)
+from tileserver.render.levels import choose_level
+from tileserver.render.model import MapLayer, Raster
+from tileserver.render.pipeline import render_map
 from tileserver.render.styles import load_styles_directory
 from tileserver.rok4.descriptor import TileLimits
 from tileserver.rok4.formats import get_format
@@ -538,8 +532,6 @@ async def test_unreadable_tile_is_a_502():
 
 
 def test_metres_per_pixel_are_geodesic():
-    from tileserver.render.pipeline import ground_resolution
-
     # Web Mercator stretches by 1/cos(lat): at 60° a 10 m pixel covers 5 m on the ground
     y60 = 6378137.0 * math.log(math.tan(math.pi / 4 + math.radians(60) / 2))
     rx, ry = ground_resolution(Grid("EPSG:3857", (0, y60 - 50, 100, y60 + 50), 10, 10))

@@ -12,8 +12,10 @@ import tifffile
 from PIL import Image
 from test_render_pipeline import SETTINGS, STYLES, fixture_layers  # noqa: F401 - fixture
 
+from tileserver.render.errors import RenderError
 from tileserver.render.georef import Grid
-from tileserver.render.pipeline import MapLayer, RenderError, render_map, render_tile
+from tileserver.render.model import MapLayer
+from tileserver.render.pipeline import render_map, render_tile
 from tileserver.rok4.tms import load_tms
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from test_render_pipeline import level_mosaic
 
 from tileserver.publication.model import parse_layer
-from tileserver.render.pipeline import gate_for
+from tileserver.render.gate import gate_for
 
 NS = {"wms": "http://www.opengis.net/wms", "xlink": "http://www.w3.org/1999/xlink", "ogc": "http://www.opengis.net/ogc"}
 DEM_STYLES = ["normal", "estompage", "pente", "hypso", "montagne", "aspect", "terrainrgb"]

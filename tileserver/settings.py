@@ -131,7 +131,7 @@ class Settings:
     layer_retry_max_interval: float = 300.0  # …up to this
     # --- memory and time limits of renders and source reads (issue 11)
     # bytes all renders in flight in one worker process may hold together, by their estimate
-    # (render.pipeline.estimate_memory): renders wait for room, a map larger than it alone is a 400
+    # (render.draw.estimate_memory): renders wait for room, a map larger than it alone is a 400
     render_memory_budget: int = 1 << 30
     render_timeout: float = 20.0  # seconds one admitted render may take (fetch, draw, encode): then 503
     # pixels (width x height) a source image may declare: larger ones fail the raster check and builds

@@ -7,5 +7,13 @@ Pure, synchronous numpy building blocks (no I/O, no asyncio):
 - `styles`: ROK4 style files (`load_styles_directory`, `apply_style`, `legend_image`);
 - `encode`: map output formats (`encode_image`, `blank_image`, `exception_in_image`).
 
-`pipeline` assembles them (level choice, tile fetch, mosaic) for the services.
+A render of published layers, from the bottom up (each imports only those before it):
+
+- `errors`: `RenderError` and its kinds, each with the HTTP status it deserves;
+- `gate`: admission by count and memory (`RenderGate`, `gate_for`) and the render's `Deadline`;
+- `model`: `MapLayer` (what to draw) and `Raster` (what is drawn);
+- `levels`: the level and tile window to read (`plan_source`, `SourcePlan`);
+- `fetch`: the stored tiles, read concurrently (the only I/O);
+- `draw`: mosaic, resample, style, composite, in strips, in a worker thread;
+- `pipeline`: the entry points the services call (`render_map`, `render_tile`).
 """
