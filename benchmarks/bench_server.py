@@ -285,7 +285,8 @@ def _clean_env() -> dict[str, str]:
 def start_tileserver(tmp: Path, nginx: Nginx | None, log_level: str) -> Server:
     port = free_port(HOST)
     env = _clean_env()
-    env.update(TILESERVER_DATA_DIR=str(tmp / "data"), TILESERVER_ADMIN_TOKEN=TOKEN, TILESERVER_DEMO="false")
+    env.update(TILESERVER_DATA_DIR=str(tmp / "data"), TILESERVER_ADMIN_TOKEN=TOKEN, TILESERVER_DEMO="false",
+               TILESERVER_ADMIN_ROOTS="*")  # the benchmark's own pyramids, wherever --workdir puts them
     if nginx is not None:
         env.update(ROK4_S3_URL=nginx.url, ROK4_S3_KEY=S3_KEY, ROK4_S3_SECRETKEY=S3_SECRET)
     script = Path(sys.executable).parent / "tileserver"

@@ -213,7 +213,7 @@ class Server:
 
 def start_tileserver(workdir: Path, data: Data, workers: int) -> Server:
     port = free_port()
-    env = {**os.environ, "TILESERVER_DEMO": "false", "TILESERVER_ADMIN_TOKEN": ADMIN_TOKEN,
+    env = {**os.environ, "TILESERVER_DEMO": "false", "TILESERVER_ADMIN_TOKEN": ADMIN_TOKEN, "TILESERVER_ADMIN_ROOTS": "*",
            "TILESERVER_DATA_DIR": str(workdir / "tileserver-data"), "TILESERVER_PORT": str(port)}
     server = Server("tileserver", [str(PROJECT / ".venv" / "bin" / "tileserver"), "serve", "--workers", str(workers),
                                    "--port", str(port), "--no-demo", "--log-level", "warning"], port, env, workdir)

@@ -17,13 +17,14 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from tileserver.publication.admin import check_layer
-from tileserver.publication.model import LAYER_ID, Layer, LayerError, LayerPyramid, parse_layer
+from tileserver.publication.model import LAYER_ID, Layer, LayerError, LayerPyramid
 from tileserver.storage import StorageError
 
 from .annotations import add_event, annotation_routes, annotations_view
 from .endpoints import BY_TYPE
 from .entities import Entity
 from .errors import ApiError, bad_request, conflict, not_found
+from .layer_records import layer_record
 from .stored_data import get_stored
 from .web import Ctx, json_body, json_response, list_response, no_content, route
 
@@ -205,15 +206,7 @@ def build_layer(data: dict[str, Any], pyramids: list[LayerPyramid], restricted: 
     gfi = _feature_info(data)
     if gfi is not None:
         descriptor["get_feature_info"] = gfi
-    if data.get("metadata"):
-        descriptor["metadata"] = data["metadata"]
-    if data.get("attribution"):
-        descriptor["attribution"] = data["attribution"]
-    if restricted:
-        descriptor["restricted"] = True
-    if record_id is not None and record_id != data["layer_name"]:
-        descriptor["name"] = data["layer_name"]
-    return parse_layer(record_id or data["layer_name"], descriptor)
+    return layer_record(descriptor, data, restricted, record_id)
 
 
 def record_id_for(ctx: Ctx, layer_name: str, type_: str) -> str:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tileserver.publication.model import LAYER_ID, NCNAME, Layer, LayerError, parse_layer
+from tileserver.publication.model import LAYER_ID, NCNAME, Layer, LayerError
 from tileserver.publication.store import VECTOR_DB
 
 from .errors import ApiError, bad_request
+from .layer_records import layer_record
 from .web import Ctx
 
 _FIELDS = {"type", "name", "layer_name", "type_infos", "attribution", "metadata"}
@@ -103,15 +104,7 @@ def build_wfs_layer(data: dict[str, Any], base: str, restricted: bool = False, r
         "title": data["name"], "abstract": relations[0]["abstract"], "keywords": keywords, "wfs": wfs,
         **{s: {"enabled": s == "ogcapi"} for s in ("wms", "wmts", "tms", "ogcapi")},
     }
-    if data.get("metadata"):
-        descriptor["metadata"] = data["metadata"]
-    if data.get("attribution"):
-        descriptor["attribution"] = data["attribution"]
-    if restricted:
-        descriptor["restricted"] = True
-    if record_id is not None and record_id != data["layer_name"]:
-        descriptor["name"] = data["layer_name"]
-    return parse_layer(record_id or data["layer_name"], descriptor)
+    return layer_record(descriptor, data, restricted, record_id)
 
 
 def wfs_layer(ctx: Ctx, data: dict[str, Any], restricted: bool = False, record_id: str | None = None) -> Layer:
