@@ -300,6 +300,46 @@ async def test_an_execution_crossing_the_quota_is_stopped(tmp_path: Path) -> Non
             assert (await jean.get(f"{DEFAULT}/stored_data")).json() == []
 
 
+async def test_an_execution_on_s3_crossing_the_quota_is_stopped(tmp_path: Path, s3_server, s3_bucket,
+                                                                 s3_settings) -> None:
+    """On S3 too the worker measures its running output (one listing with sizes, every
+    `warehouse_s3_measure_every` seconds) and stops past the quota, before the build ends."""
+    with tenants(tmp_path, geo_quota=1 << 30, s3_clusters=s3_settings.s3_clusters,
+                 warehouse_pyramids=f"s3://{s3_bucket}/computed", warehouse_s3_measure_every=0.5) as (url, settings):
+        async with client_of(url, OTHER, OTHER_PASSWORD) as ana:
+            upload = await closed(ana, GEO)
+            created = await create_execution(ana, GEO, upload, {"tms": "PM", "bottom": "12", "top": "0",
+                                                                "compression": "png"})
+            assert created.status_code == 201, created.text
+            execution = created.json()
+            store = PublicationStore(settings.resolved_store_path)
+            try:  # the operator lowers the quota once the build is writing
+                assert (await ana.post(f"{GEO}/processings/executions/{execution['_id']}/launch")).status_code == 200
+                for _ in range(600):
+                    if s3_server.list_keys(s3_bucket, "computed/"):
+                        break
+                    await asyncio.sleep(0.05)
+                with store.transaction(publish=False) as db:
+                    db.execute("UPDATE wh_datastores SET quota = 1000 WHERE name = 'geo'")
+            finally:
+                store.close()
+            done = await ended(ana, GEO, execution["_id"])
+            logs = (await ana.get(f"{GEO}/processings/executions/{execution['_id']}/logs")).json()
+            assert done["status"] == "FAILURE", logs
+            assert any("quota exceeded" in line for line in logs), logs
+            # stopped while running (the build goes from the bottom level up: level 0 never ended),
+            # and nothing is left on S3
+            assert not any(" level 0: " in line and " slabs in " in line for line in logs), logs
+            stored_id = execution["output"]["stored_data"]["_id"]
+            for _ in range(300):
+                left = s3_server.list_keys(s3_bucket, f"computed/{stored_id}")
+                stored = (await ana.get(f"{GEO}/stored_data/{stored_id}")).json()
+                if stored["status"] == "UNSTABLE" and not left:
+                    break
+                await asyncio.sleep(0.1)
+            assert stored["status"] == "UNSTABLE" and not left, (stored["status"], left)
+
+
 async def _settled(client: httpx.AsyncClient, base: str, stored_id: str, settings: Settings) -> None:
     """The stored data ends UNSTABLE with no file left on disk."""
     pyramids = Path(settings.data_dir) / "pyramids"

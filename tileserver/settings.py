@@ -119,6 +119,9 @@ class Settings:
     warehouse_login_failures: int = 10  # failed /api/token attempts per login per window before 429
     warehouse_address_failures: int = 30  # failed /api/token attempts per client address per window
     warehouse_login_window: float = 60.0  # seconds those failures are remembered
+    # seconds between two listings of a running execution's output on S3 (its quota check; on disk
+    # the output is measured at every 2 s beat)
+    warehouse_s3_measure_every: float = 10.0
     # --- storage faults (issue 11)
     # one attempt of a read (tile, slab index, descriptor) may take this long (and never more than
     # storage_timeout): a stalled storage costs a tile this, not storage_timeout × attempts

@@ -72,3 +72,11 @@ class Backend(ABC):
     @abstractmethod
     def list(self, prefix: StoragePath) -> AsyncIterator[StoragePath]:
         """Every object whose path starts with `prefix` (recursively), in lexicographic order."""
+
+    async def sizes(self, prefix: StoragePath) -> AsyncIterator[tuple[StoragePath, int]]:
+        """Every object under `prefix` with its size (what a quota measures); backends that list
+        sizes for free override it."""
+        async for path in self.list(prefix):
+            size = await self.size(path)
+            if size is not None:
+                yield path, size

@@ -174,3 +174,9 @@ class Storage:
         p = parse_path(prefix)
         async for item in self.backend(p).list(p):
             yield str(item)
+
+    async def sizes(self, prefix: PathLike) -> AsyncIterator[tuple[str, int]]:
+        """(path, bytes) of every object/file starting with `prefix`."""
+        p = parse_path(prefix)
+        async for item, size in self.backend(p).sizes(p):
+            yield str(item), size

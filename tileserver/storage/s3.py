@@ -283,12 +283,17 @@ class S3Backend(Backend):
         await self.write(link, encode_link(target.bucket, target.key))
 
     async def list(self, prefix: StoragePath) -> AsyncIterator[StoragePath]:
+        async for path, _ in self.sizes(prefix):
+            yield path
+
+    async def sizes(self, prefix: StoragePath) -> AsyncIterator[tuple[StoragePath, int]]:
+        """Listed with their sizes: one request per page of keys, none per object."""
         kwargs: dict[str, Any] = {"Bucket": prefix.bucket, "Prefix": prefix.key,
                                   "MaxKeys": self._settings.s3_list_page_size}
         while True:
             page = await self._call(f"LIST {prefix}", self._client.list_objects_v2, **kwargs)
             for item in page.get("Contents", ()):
-                yield prefix.with_key(item["Key"])
+                yield prefix.with_key(item["Key"]), int(item.get("Size", 0))
             if not page.get("IsTruncated"):
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]

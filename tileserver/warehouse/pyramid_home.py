@@ -89,9 +89,11 @@ def remove_pyramid(descriptor_url: str, settings: Settings) -> None:
 
 
 def written_bytes(descriptor_url: str, settings: Settings) -> int | None:
-    """Bytes a pyramid being written takes so far on disk (its directory, descriptor, list and work
-    files); None on S3, where measuring means listing every object (the final size still counts)."""
+    """Bytes a pyramid being written takes so far (its directory, descriptor, list and work files),
+    on disk or on S3 (one listing, with sizes, of its objects); None when it cannot be measured."""
     root, name = output_of(descriptor_url)
+    if descriptor_url.startswith("s3://") and name and "/" not in name:
+        return asyncio.run(_object_bytes(f"{root}/{name}", settings))
     if not descriptor_url.startswith("file://") or not name or "/" in name:
         return None
     directory = Path(root)
@@ -106,6 +108,11 @@ def written_bytes(descriptor_url: str, settings: Settings) -> int | None:
             with contextlib.suppress(OSError):
                 total += path.lstat().st_size
     return total
+
+
+async def _object_bytes(prefix: str, settings: Settings) -> int:
+    async with Storage(settings) as storage:
+        return sum([size async for path, size in storage.sizes(prefix) if path[len(prefix):][:1] in ("/", ".")])
 
 
 async def _remove_objects(prefix: str, settings: Settings) -> None:

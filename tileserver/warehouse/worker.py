@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import asdict, fields
 from typing import Any
@@ -78,6 +79,7 @@ class Worker:
         self.done = threading.Event()
         self.output_url: str | None = None
         self.datastore_id: str | None = None
+        self._measured = float("-inf")  # when an output on S3 was last listed
 
     def flush(self) -> None:
         self.entities.append_logs(self.job_id, self.log.take())
@@ -87,7 +89,7 @@ class Worker:
             try:
                 self.flush()
                 status = lifecycle.beat(self.entities, self.kind, self.job_id)
-                over = self.over_quota() if status == Status.PROGRESS else None
+                over = self.over_quota() if status == Status.PROGRESS and self._measure_now() else None
             except Exception:  # a busy store: try again at the next beat
                 continue
             if status == Status.ABORTED:
@@ -98,6 +100,17 @@ class Worker:
                 self.flush()
                 if lifecycle.stop_running(self.entities, self.kind, self.job_id, over):
                     self.kill()
+
+    def _measure_now(self) -> bool:
+        """On disk the output is measured at every beat; on S3 measuring lists its objects, so at
+        most every `warehouse_s3_measure_every` seconds."""
+        if self.output_url is None or not self.output_url.startswith("s3://"):
+            return True
+        now = time.monotonic()
+        if now - self._measured < self.settings.warehouse_s3_measure_every:
+            return False
+        self._measured = now
+        return True
 
     def kill(self) -> None:
         """The writer's pool processes and this worker at once; the server's scheduler settles the
