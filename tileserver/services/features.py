@@ -26,6 +26,7 @@ from tileserver.services import ogcapi, wfs
 from tileserver.services.ogcapi import HTML, JSON, Ctx, Problem, invalid, link, not_found, render_problem
 from tileserver.services.ows import OWSException, bbox_values, echo
 from tileserver.services.policy import ServiceError, error_response, map_headers
+from tileserver.services.vectorquery import bbox_in, property_names
 from tileserver.vector import crs as crslib
 from tileserver.vector import geojson
 from tileserver.vector.base import Feature, Query
@@ -141,12 +142,12 @@ def _bbox(ctx: Ctx, t: FeatureType) -> tuple[float, float, float, float] | None:
     values = bbox_values(raw)
     if values is None:
         raise invalid(f"bbox={echo(raw)}: expected minx,miny,maxx,maxy")
-    return wfs.bbox_in(t.relation, list(values), _crs(ctx, t, "bbox-crs"))
+    return bbox_in(t.relation, list(values), _crs(ctx, t, "bbox-crs"))
 
 
 def _properties(ctx: Ctx, t: FeatureType) -> tuple[str, ...] | None:
     try:
-        return wfs.property_names(ctx.kvp.get("properties"), t.relation, "properties")
+        return property_names(ctx.kvp.get("properties"), t.relation, "properties")
     except OWSException as exc:
         raise invalid(exc.message) from None
 

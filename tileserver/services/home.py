@@ -27,8 +27,9 @@ from starlette.staticfiles import StaticFiles
 from tileserver.catalog import Catalog, FeatureType, PublishedLayer, VectorLayer
 from tileserver.render.georef import get_transformer
 from tileserver.runtime import get_runtime
+from tileserver.services.crs import layer_crs, server_crs
 from tileserver.services.ows import base_url
-from tileserver.services.wms import layer_crs, layer_styles, server_crs, style_book
+from tileserver.services.stylebook import layer_styles, style_book
 from tileserver.settings import PACKAGE_DIR
 
 WEB_MERCATOR_ZOOM0 = 156543.03392804097  # metres per pixel of zoom 0 in EPSG:3857 (256-pixel tiles)

@@ -31,18 +31,25 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import orjson
+import pyproj
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tileserver.catalog import Catalog, PublishedLayer
-from tileserver.render.pipeline import RenderError, gate_for, render_tile, style_usable
+from tileserver.render.encode import encode_image
+from tileserver.render.georef import Grid
+from tileserver.render.pipeline import MapLayer, RenderError, gate_for, render_map, render_tile, style_usable
 from tileserver.render.styles import Style
 from tileserver.rok4.descriptor import TileLimits
 from tileserver.rok4.tms import TileMatrixSet, crs_uri
 from tileserver.runtime import get_runtime
+from tileserver.services.grids import extra_grids
+from tileserver.services.numbers import BadIndex, parse_index
 from tileserver.services.ows import KVP, base_url, bbox_values, echo, key_hash
 from tileserver.services.policy import ServiceError, document_headers, error_response, map_headers, register
+from tileserver.services.routing import any_path_route
+from tileserver.services.stylebook import style_book
 from tileserver.services.tiles import (
     TileAnswer,
     TileNotFound,
@@ -51,8 +58,7 @@ from tileserver.services.tiles import (
     rendered_tile,
     tile_response,
 )
-from tileserver.services.tms import any_path_route, vector_tables
-from tileserver.services.wmts import extra_grids
+from tileserver.services.vectortables import vector_tables
 
 log = logging.getLogger("tileserver.ogcapi")
 
@@ -63,8 +69,6 @@ JSON = "application/json"
 HTML = "text/html"
 OPENAPI = "application/vnd.oai.openapi+json;version=3.0"
 PROBLEM = "application/problem+json"
-MAX_INDEX_DIGITS = 12
-_INDEX = re.compile(r"^[+-]?\d+$")
 
 CONFORMANCE = (
     "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/core",
@@ -228,8 +232,6 @@ def _same(a: float, b: float, tolerance: float) -> bool:
 
 def _matches(tms: TileMatrixSet, name: str) -> bool:
     """Same CRS (axis order aside) and, level by level, same cell size, origin, tile and matrix sizes."""
-    import pyproj
-
     definition = registered_definition(name)
     try:
         if not tms.pyproj_crs.equals(pyproj.CRS.from_user_input(definition["crs"]), ignore_axis_order=True):
@@ -392,8 +394,6 @@ def collection_styles(ctx: Ctx, published: PublishedLayer) -> list[str]:
     """The layer's styles its data can take: a style segment is advertised only where its tiles are
     served (hypso on an RGB picture would answer 400 for every tile of the tileset). A name without
     a definition (ROK4's `normal`) passes the tiles through, so it stays."""
-    from tileserver.services.wms import style_book
-
     book = style_book(get_runtime(ctx.request))
     by_identifier = {s.identifier: s for s in book.values()}
     out = []
@@ -527,11 +527,12 @@ def tileset_document(ctx: Ctx, scope: Scope, grid: str) -> dict[str, Any]:
 
 
 def _index(text: str, what: str) -> int:
-    if not _INDEX.match(text):
-        raise invalid(f"{what} {echo(text)} is not an integer")
-    if len(text.lstrip("+-")) > MAX_INDEX_DIGITS:
-        raise not_found(f"{what} {echo(text)} is outside the tile matrix set limits")
-    return int(text)
+    try:
+        return parse_index(text)
+    except BadIndex as exc:
+        if exc.absurd:
+            raise not_found(f"{what} {echo(text)} is outside the tile matrix set limits") from None
+        raise invalid(f"{what} {echo(text)} is not an integer") from None
 
 
 def _check_tile_format(ctx: Ctx, published: PublishedLayer, mime: str, f_name: str) -> None:
@@ -556,8 +557,6 @@ def rendering_style(ctx: Ctx, published: PublishedLayer, name: str | None) -> St
     style pass through; a style that changes pixels is rendered (PNG), if the data can take it."""
     if name is None:
         return None
-    from tileserver.services.wms import style_book  # the per-snapshot book WMS builds (directory + store)
-
     book = style_book(get_runtime(ctx.request))
     style = book.get(name) or next((s for s in book.values() if s.identifier == name), None)
     if style is None or style.is_identity:
@@ -611,10 +610,6 @@ async def reprojected_tile(
 async def dataset_tile(ctx: Ctx, scope: Scope, grid: str, tile_matrix: str, tile_row: str, tile_col: str) -> Response:
     """A dataset map tile without `collections` (what the dataset tileset's template gives): every
     map collection of the scope offering the grid, drawn together (first at the bottom) to PNG."""
-    from tileserver.render.encode import encode_image
-    from tileserver.render.georef import Grid
-    from tileserver.render.pipeline import MapLayer, render_map
-
     layers = [p for p in scope.layers(ctx) if grid in grid_ids(p)]
     limits = dict(_grid_levels(layers, grid)).get(tile_matrix)
     if limits is None:

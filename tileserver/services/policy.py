@@ -23,6 +23,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tileserver.rok4.codecs import CodecError
+from tileserver.rok4.slab import NotASlabError
+
 if TYPE_CHECKING:
     from tileserver.catalog import PublishedLayer
 
@@ -97,9 +100,6 @@ class Disabled(ServiceError):
 def storage_failure(exc: BaseException, where: str) -> ServiceError:
     """The one mapping of a storage failure: unreadable data → 502, anything else → 503 with the
     Retry-After the storage suggests (a circuit breaker's `retry_after`, else 1 s)."""
-    from tileserver.rok4.codecs import CodecError
-    from tileserver.rok4.slab import NotASlabError
-
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, NotASlabError | CodecError):

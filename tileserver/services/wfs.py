@@ -53,6 +53,7 @@ from tileserver.services.policy import (
     register,
     storage_failure,
 )
+from tileserver.services.vectorquery import bbox_in, property_names
 from tileserver.vector import crs as crslib
 from tileserver.vector import geojson, gml
 from tileserver.vector.base import Feature, Query, Relation
@@ -366,17 +367,6 @@ def request_crs(text: str, locator: str) -> crslib.RequestCrs:
         raise invalid(locator, f"unknown CRS {echo(text)}") from None
 
 
-def bbox_in(relation: Relation, values: list[float], named: crslib.RequestCrs | None) -> tuple[float, float, float, float]:
-    """A bbox as written (in `named`, or CRS84/the default) → the relation's srs, x/y."""
-    if named is not None and named.yx:
-        values = [values[1], values[0], values[3], values[2]]
-    source = named.code if named is not None else relation.srs
-    if crslib.same(source, relation.srs):
-        return (values[0], values[1], values[2], values[3])
-    box = crslib.transform_bbox((values[0], values[1], values[2], values[3]), source, relation.srs)
-    return (box[0], box[1], box[2], box[3])
-
-
 def parse_bbox(raw: str, relation: Relation, locator: str = "BBOX") -> tuple[float, float, float, float]:
     """`minx,miny,maxx,maxy[,crs]` in the CRS's axis order (no CRS: the type's default CRS)."""
     parts = [p.strip() for p in raw.split(",")]
@@ -390,19 +380,6 @@ def parse_bbox(raw: str, relation: Relation, locator: str = "BBOX") -> tuple[flo
     if named is None:
         named = crslib.native(relation.srs)
     return bbox_in(relation, values, named)
-
-
-def property_names(raw: str | None, relation: Relation, locator: str = "PROPERTYNAME") -> tuple[str, ...] | None:
-    if raw is None or not raw.strip():
-        return None
-    known = {a.name for a in relation.attributes} | ({relation.geometry_column} if relation.geometry_column else set())
-    out = []
-    for item in raw.strip().strip("()").split(","):
-        name = item.strip().rsplit("/", 1)[-1].rsplit(":", 1)[-1]
-        if name not in known:
-            raise invalid(locator, f"{echo(item.strip())} is not a property of {relation.name}")
-        out.append(name)
-    return tuple(dict.fromkeys(out))
 
 
 def sort_by(raw: str | None, relation: Relation, locator: str = "SORTBY") -> tuple[tuple[str, bool], ...]:

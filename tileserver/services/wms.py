@@ -21,8 +21,6 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlparse
 
@@ -33,7 +31,7 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver.catalog import Catalog, PublishedLayer
 from tileserver.render.encode import blank_image, encode_image, exception_in_image, normalise_format
-from tileserver.render.georef import Grid, get_crs, get_transformer, reproject_bbox
+from tileserver.render.georef import Grid, get_transformer
 from tileserver.render.pipeline import (
     MapLayer,
     Raster,
@@ -43,10 +41,23 @@ from tileserver.render.pipeline import (
     gate_for,
     local_resolution,
     render_map,
-    style_usable,
 )
-from tileserver.render.styles import Style, StyleError, legend_image, load_style, parse_style
+from tileserver.render.styles import Style, legend_image
 from tileserver.runtime import get_runtime
+from tileserver.services.crs import (
+    V111,
+    V130,
+    CRSInfo,
+    axis_ordered,
+    crs_info,
+    layer_bbox,
+    layer_crs,
+    normalise_crs,
+    server_crs,
+    transformable,
+    usable_crs,
+)
+from tileserver.services.numbers import positive_int, rounded, shortest
 from tileserver.services.ows import (
     KVP,
     XLINK_NS,
@@ -69,6 +80,8 @@ from tileserver.services.policy import (
     register,
     request_id,
 )
+from tileserver.services.relay import INFO_ALIASES, relay_feature_info
+from tileserver.services.stylebook import layer_styles, style_book
 from tileserver.services.tiles import feature_info
 
 log = logging.getLogger("tileserver.wms")
@@ -76,7 +89,6 @@ log = logging.getLogger("tileserver.wms")
 SERVICE = "wms"
 WMS_NS = "http://www.opengis.net/wms"
 OGC_NS = "http://www.opengis.net/ogc"
-V130, V111 = "1.3.0", "1.1.1"
 SUPPORTED_VERSIONS = (V111, V130)  # ascending
 TEMPLATES = {V130: "wms-1.3.0.xml", V111: "wms-1.1.1.xml"}
 CAPABILITIES_MIME = {V130: "text/xml", V111: "application/vnd.ogc.wms_xml"}
@@ -84,16 +96,11 @@ EXCEPTION_MIME = {V130: "text/xml", V111: "application/vnd.ogc.se_xml"}
 EXCEPTION_SCHEMA = "http://schemas.opengis.net/wms/1.3.0/exceptions_1_3_0.xsd"
 DTD_111 = "http://schemas.opengis.net/wms/1.1.1/"
 
-# server-wide CRS list (settings.wms_crs overrides); CRS:84 is always offered
-DEFAULT_CRS = ("CRS:84", "EPSG:4326", "EPSG:3857", "EPSG:4258", "EPSG:2154", "IGNF:LAMB93", "EPSG:3035")
 GETMAP_FORMATS = ("image/png", "image/jpeg", "image/tiff", "image/geotiff", "image/x-bil;bits=32", "text/asc")
 PICTURE_FORMATS = ("image/png", "image/jpeg")
 INFO_FORMATS = ("text/plain", "text/html", "application/json", "text/xml")
-INFO_ALIASES = {"application/vnd.ogc.gml": "text/xml", "application/xml": "text/xml", "text/json": "application/json",
-                "application/geojson": "application/json"}
 LEGEND_SIZE = (20, 100)  # width, height of a generated palette legend when the style gives none
 MAX_CACHED_DOCUMENTS = 64
-EXTERNAL_TIMEOUT = 10.0  # seconds for a forwarded GetFeatureInfo
 WHITE = (255, 255, 255)
 
 # codes named by the 1.1.1 standard differently
@@ -138,147 +145,7 @@ def _error(code: str, locator: str | None, message: str, status: int = 400, **he
 # --------------------------------------------------------------------------- CRS
 
 
-@dataclass(frozen=True)
-class CRSInfo:
-    code: str  # as advertised: "EPSG:4326", "CRS:84", "IGNF:LAMB93"
-    grid_crs: str  # what the render package uses (x/y order always)
-    northing_first: bool  # 1.3.0 BBOX order
-    geographic: bool
-
-
-_URN = re.compile(r"^urn:ogc:def:crs:(\w+):[\d.]*:(\w+)$", re.I)
-_URI = re.compile(r"^https?://www\.opengis\.net/def/crs/(\w+)/[\d.]+/(\w+)$", re.I)
-
-
-def normalise_crs(value: str) -> str:
-    """`epsg:4326`, `urn:ogc:def:crs:EPSG::4326`, OGC URIs → `EPSG:4326`; CRS84 → `CRS:84`."""
-    text = value.strip()
-    match = _URN.match(text) or _URI.match(text)
-    if match:
-        text = f"{match.group(1)}:{match.group(2)}"
-    authority, sep, code = text.partition(":")
-    if not sep:
-        return text
-    authority = authority.upper()
-    if authority in ("CRS", "OGC") and code.upper() in ("84", "CRS84"):
-        return "CRS:84"
-    return f"{authority}:{code.upper() if authority in ('EPSG', 'CRS') else code}"
-
-
-@lru_cache(maxsize=512)
-def crs_info(code: str) -> CRSInfo | None:
-    """What we need to know of an advertised CRS code; None if PROJ does not know it."""
-    if code == "CRS:84":
-        return CRSInfo(code, "EPSG:4326", False, True)
-    try:
-        crs = get_crs(code)
-    except Exception:  # pyproj raises CRSError, sometimes plain ValueError
-        return None
-    axes = crs.axis_info
-    northing = bool(axes) and axes[0].direction.lower() in ("north", "south")
-    return CRSInfo(code, code, northing, bool(crs.is_geographic))
-
-
-def server_crs(settings: Any) -> tuple[str, ...]:
-    listed = tuple(settings.wms_crs or DEFAULT_CRS)
-    codes = [normalise_crs(c) for c in ("CRS:84", *listed)]
-    return tuple(c for c in dict.fromkeys(codes) if crs_info(c) is not None)
-
-
-@lru_cache(maxsize=1024)
-def transformable(src: str, dst: str) -> bool:
-    """Whether PROJ can join two CRS it knows. Some pairs it cannot (IGNF:UTM20W84MART → IGNF:WGS84G:
-    "Missing required parameter values in transformation"): such a CRS is unusable for that layer,
-    and must cost the layer's BoundingBox there, never the capabilities document. Logged once."""
-    try:
-        get_transformer(src, dst)
-    except Exception as exc:  # pyproj's ProjError, CRSError
-        log.warning("no transformation from %s to %s, that CRS is not offered for its layers: %s", src, dst, exc)
-        return False
-    return True
-
-
-def usable_crs(published: PublishedLayer, code: str) -> bool:
-    """A CRS a layer can be drawn in: PROJ knows it and reaches it from the layer's own CRS."""
-    info = crs_info(code)
-    return info is not None and transformable(published.tms.crs, info.grid_crs)
-
-
-def layer_crs(published: PublishedLayer) -> tuple[str, ...]:
-    """A layer's own CRS (native first, then extra_crs), those PROJ knows and can reach."""
-    codes = [normalise_crs(published.tms.crs), *(normalise_crs(c) for c in published.layer.extra_crs)]
-    return tuple(c for c in dict.fromkeys(codes) if usable_crs(published, c))
-
-
-def layer_bbox(published: PublishedLayer, code: str) -> tuple[float, float, float, float] | None:
-    """The layer's extent in a CRS, x/y order; None where it cannot be expressed there."""
-    info = crs_info(code)
-    if info is None:
-        return None
-    if code == "CRS:84":
-        return published.wgs84_bbox
-    if not transformable(published.tms.crs, info.grid_crs):
-        return None
-    try:
-        box = reproject_bbox(published.native_bbox, published.tms.crs, info.grid_crs)
-    except ValueError:
-        return None
-    if not all(math.isfinite(v) for v in box) or not (box[0] < box[2] and box[1] < box[3]):
-        return None
-    return box
-
-
-def axis_ordered(box: tuple[float, float, float, float], info: CRSInfo, version: str) -> tuple[float, ...]:
-    """x/y bbox → the order of `version` (1.3.0 follows the CRS axes)."""
-    if version == V130 and info.northing_first:
-        return (box[1], box[0], box[3], box[2])
-    return box
-
-
 # --------------------------------------------------------------------------- styles
-
-
-IDENTITY = Style(id="normal", identifier="normal", title="Données brutes", abstract="Data as stored")
-
-
-def _style_book(settings: Any, stored: Mapping[str, Any]) -> dict[str, Style]:
-    """Styles by id: the styles directory, then the store's (which win), then `normal` if absent.
-
-    A bad file is logged and skipped: one broken style must not take every layer's styles down."""
-    book: dict[str, Style] = {}
-    directory = settings.styles_directory
-    if directory and Path(directory).is_dir():
-        for file in sorted(Path(directory).glob("*.json")):
-            if file.name.endswith(".schema.json"):
-                continue
-            try:
-                book[file.stem] = load_style(file)
-            except StyleError as exc:
-                log.warning("style skipped: %s", exc)
-    for style_id, doc in stored.items():
-        try:
-            book[style_id] = parse_style(doc, style_id, f"store:{style_id}")
-        except StyleError as exc:
-            log.warning("style skipped: %s", exc)
-    book.setdefault("normal", IDENTITY)
-    return book
-
-
-def style_book(runtime: Any) -> dict[str, Style]:
-    catalog = runtime.catalog
-    return catalog.document(("wms-styles",), lambda: _style_book(runtime.settings, catalog.styles))
-
-
-def layer_styles(published: PublishedLayer, book: Mapping[str, Style]) -> tuple[Style, ...]:
-    """The styles a layer offers, default first; those its data cannot take are left out."""
-    by_identifier = {s.identifier: s for s in book.values()}
-    out: list[Style] = []
-    for name in published.layer.styles:
-        style = book.get(name) or by_identifier.get(name)
-        if style is not None and style_usable(style, published.channels, published.format.sample_format):
-            if all(s.identifier != style.identifier for s in out):
-                out.append(style)
-    return tuple(out) or (IDENTITY,)
 
 
 def pick_style(published: PublishedLayer, styles: tuple[Style, ...], asked: str) -> Style:
@@ -330,10 +197,9 @@ def _version_of(kvp: KVP) -> str | None:
 
 def _positive_int(kvp: KVP, name: str, limit: int) -> int:
     raw = kvp.require(name, name.lower())
-    text = raw.strip()
-    if not re.fullmatch(r"\+?\d{1,9}", text) or int(text) <= 0:
+    value = positive_int(raw, 9)
+    if value is None:
         raise _error("InvalidParameterValue", name.lower(), f"{name} must be a positive integer, not {echo(raw)}")
-    value = int(text)
     if value > limit:
         raise _error("InvalidParameterValue", name.lower(), f"{name} {value} exceeds the maximum {limit}")
     return value
@@ -584,10 +450,6 @@ async def pixel_info(published: PublishedLayer, grid: Grid, i: int, j: int) -> P
     return PixelInfo(published.id, await feature_info(published, level, col, row, pi, pj), level)
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
 def _lonlat(grid: Grid, i: int, j: int) -> list[float] | None:
     if not transformable(grid.crs, "EPSG:4326"):
         return None
@@ -599,7 +461,7 @@ def _lonlat(grid: Grid, i: int, j: int) -> list[float] | None:
 def _info_plain(infos: list[PixelInfo], grid: Grid, i: int, j: int) -> bytes:
     """ROK4's text/plain: the bare band values, comma-joined, nothing else (its suite matches the whole
     body against a number); one line per queried layer, in QUERY_LAYERS order; no data is an empty line."""
-    return "\n".join(",".join(_number(v) for v in p.values or ()) for p in infos).encode()
+    return "\n".join(",".join(shortest(v) for v in p.values or ()) for p in infos).encode()
 
 
 def _info_html(infos: list[PixelInfo], grid: Grid, i: int, j: int) -> bytes:
@@ -607,7 +469,7 @@ def _info_html(infos: list[PixelInfo], grid: Grid, i: int, j: int) -> bytes:
     parts = ["<html><body><b>FeatureInfo :</b><br>"]
     for p in infos:
         parts.append(f"<h3>{html.escape(p.layer)}</h3><ul>")
-        parts += [f"<li>{_number(v)}</li>" for v in p.values or ()] or ["<li>no data</li>"]
+        parts += [f"<li>{shortest(v)}</li>" for v in p.values or ()] or ["<li>no data</li>"]
         parts.append("</ul>")
     parts.append("</body></html>")
     return "".join(parts).encode()
@@ -627,77 +489,13 @@ def _info_xml(infos: list[PixelInfo], grid: Grid, i: int, j: int) -> bytes:
         layer = etree.SubElement(root, "Layer", name=xml_text(p.layer))
         pixel = etree.SubElement(layer, "Pixel")
         for v in p.values or ():
-            etree.SubElement(pixel, "Band").text = _number(v)
+            etree.SubElement(pixel, "Band").text = shortest(v)
     return XML_DECLARATION + etree.tostring(root, encoding="UTF-8", pretty_print=True)
 
 
 INFO_WRITERS: dict[str, Callable[[list[PixelInfo], Grid, int, int], bytes]] = {
     "text/plain": _info_plain, "text/html": _info_html, "application/json": _info_json, "text/xml": _info_xml,
 }
-
-
-async def relay_feature_info(request: Request, published: PublishedLayer, crs: str, box: tuple[float, ...],
-                             size: tuple[int, int], i: int, j: int, info_format: str,
-                             extra: Mapping[str, str] | None = None) -> Response:
-    """Relay a GetFeatureInfo to the WMS the layer names (asked in 1.3.0 axis order), as ROK4 does for a
-    layer whose get_feature_info is EXTERNALWMS; WMS and WMTS alike (a tile is a map of its bbox).
-    `box` is x/y ordered in `crs`; `extra` overrides parameters (the client's own INFO_FORMAT spelling…).
-
-    A layer made through the warehouse `/api` (its get_feature_info carries `guarded`, set by
-    warehouse.configurations; a record with a warehouse offering counts too, for records made before
-    that flag) is fetched under the outbound policy: its user cannot make us reach our own network.
-    Admin API and CLI layers are the operator's and may name any host. Either way only an answer of
-    the requested info format is relayed, capped in size, with `nosniff` and a `sandbox` CSP: even a
-    declared text/html (or XML that a browser renders as XHTML) from another host would otherwise
-    run scripts on our origin."""
-    import aiohttp
-
-    from tileserver import outbound
-
-    runtime = get_runtime(request)
-    settings = runtime.settings
-    gfi = published.layer.get_feature_info or {}
-    info = crs_info(normalise_crs(crs))
-    if info is None:
-        raise _error("NoApplicableCode", None, f"{echo(crs)} cannot be named to a WMS", 502)
-    params = {
-        "SERVICE": "WMS", "VERSION": V130, "REQUEST": "GetFeatureInfo", "LAYERS": gfi["layers"],
-        "QUERY_LAYERS": gfi.get("query_layers") or gfi["layers"], "STYLES": "", "CRS": info.code,
-        "BBOX": ",".join(repr(float(v)) for v in axis_ordered(tuple(box), info, V130)),  # type: ignore[arg-type]
-        "WIDTH": str(size[0]), "HEIGHT": str(size[1]), "I": str(i), "J": str(j),
-        "INFO_FORMAT": info_format, "FEATURE_COUNT": "1", "FORMAT": "image/png", **(extra or {}),
-    }
-    configured = gfi.get("extra_query_params")
-    if isinstance(configured, dict):
-        params.update({str(k): str(v) for k, v in configured.items()})
-    url = gfi["url"]
-    url += ("&" if "?" in url else "?") + urlencode(params)
-    if isinstance(configured, str) and configured.strip():
-        url += "&" + configured.strip().lstrip("&?")
-    guarded = gfi.get("guarded") is True or bool(
-        await asyncio.to_thread(runtime.store.list_offerings, published.record_id))
-    policy = outbound.OutboundPolicy.from_settings(settings) if guarded else None
-    timeout = min(EXTERNAL_TIMEOUT, float(settings.request_timeout))
-    remote = f"the remote WMS of layer {echo(published.id)}"
-    try:
-        async with outbound.client_session(policy, timeout) as session:
-            answer = await outbound.fetch(session, url, policy, max_redirects=settings.outbound_max_redirects,
-                                          max_bytes=settings.outbound_max_bytes)
-    except outbound.OutboundRefused as exc:
-        log.warning("%s external GetFeatureInfo of layer %s refused: %s", request_id(request), published.id, exc)
-        raise _error("NoApplicableCode", None, f"{remote} is not an allowed host", 502) from None
-    except (outbound.OutboundError, aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("%s external GetFeatureInfo %s failed: %s", request_id(request), gfi["url"], exc)
-        raise _error("NoApplicableCode", None, f"{remote} did not answer", 502) from None
-    if answer.status != 200:
-        raise _error("NoApplicableCode", None, f"{remote} answered HTTP {answer.status}", 502)
-    if INFO_ALIASES.get(answer.media_type, answer.media_type) != info_format:
-        log.warning("%s external GetFeatureInfo of layer %s: %s instead of %s", request_id(request), published.id,
-                    answer.describe(), info_format)
-        raise _error("NoApplicableCode", None, f"{remote} did not answer in {info_format}", 502)
-    content_type = answer.media_type + (f"; charset={answer.charset}" if answer.charset else "")
-    return Response(answer.body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff",
-                                          "Content-Security-Policy": "sandbox"})
 
 
 async def get_feature_info(request: Request, kvp: KVP, version: str) -> Response:
@@ -815,7 +613,7 @@ class _Builder:
             info = crs_info(code)
             assert info is not None
             ordered = axis_ordered(box, info, self.version)
-            attrs = dict(zip(("minx", "miny", "maxx", "maxy"), (_num(v) for v in ordered), strict=True))
+            attrs = dict(zip(("minx", "miny", "maxx", "maxy"), (rounded(v) for v in ordered), strict=True))
             if self.version == V111 and code == "CRS:84":
                 continue
             self.el(parent, "BoundingBox", **{crs_attr: code}, **attrs)
@@ -826,13 +624,9 @@ class _Builder:
             node = self.el(parent, "EX_GeographicBoundingBox")
             for tag, value in (("westBoundLongitude", west), ("eastBoundLongitude", east),
                                ("southBoundLatitude", south), ("northBoundLatitude", north)):
-                self.el(node, tag, _num(value))
+                self.el(node, tag, rounded(value))
         else:
-            self.el(parent, "LatLonBoundingBox", minx=_num(west), miny=_num(south), maxx=_num(east), maxy=_num(north))
-
-
-def _num(value: float) -> str:
-    return repr(round(float(value), 10))
+            self.el(parent, "LatLonBoundingBox", minx=rounded(west), miny=rounded(south), maxx=rounded(east), maxy=rounded(north))
 
 
 def _clamp_wgs84(box: tuple[float, ...]) -> tuple[float, float, float, float]:
@@ -891,11 +685,11 @@ def _layer_node(b: _Builder, parent: etree._Element, published: PublishedLayer, 
             b.link(legend, "OnlineResource", href)
     bottom, top = published.matrix(published.bottom_level), published.matrix(published.top_level)
     if b.version == V130:
-        b.el(node, "MinScaleDenominator", _num(published.tms.scale_denominator(bottom)))
-        b.el(node, "MaxScaleDenominator", _num(published.tms.scale_denominator(top)))
+        b.el(node, "MinScaleDenominator", rounded(published.tms.scale_denominator(bottom)))
+        b.el(node, "MaxScaleDenominator", rounded(published.tms.scale_denominator(top)))
     else:  # ScaleHint: ground size of a pixel's diagonal, metres
         factor = math.sqrt(2) * published.tms.metres_per_unit
-        b.el(node, "ScaleHint", min=_num(bottom.cell_size * factor), max=_num(top.cell_size * factor))
+        b.el(node, "ScaleHint", min=rounded(bottom.cell_size * factor), max=rounded(top.cell_size * factor))
 
 
 def build_capabilities(runtime: Any, layers: list[PublishedLayer], base: str, version: str,

@@ -18,15 +18,17 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import pyproj
 from lxml import etree
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from tileserver.catalog import Catalog, PublishedLayer
-from tileserver.rok4.descriptor import TileLimits
-from tileserver.rok4.tms import TileMatrix, TileMatrixSet, TMSError, load_tms
+from tileserver.rok4.tms import TileMatrix
 from tileserver.runtime import get_runtime
+from tileserver.services.grids import GridSet, converted_formats, grid_sets
+from tileserver.services.numbers import BadIndex, parse_index, shortest
 from tileserver.services.ows import (
     KVP,
     OWS_NS,
@@ -43,6 +45,8 @@ from tileserver.services.ows import (
     render_report,
 )
 from tileserver.services.policy import document_headers, map_headers, register
+from tileserver.services.relay import relay_feature_info
+from tileserver.services.stylebook import DEFAULT_STYLE, style_book, tile_styles
 from tileserver.services.tiles import (
     TileAnswer,
     TileNotFound,
@@ -52,7 +56,6 @@ from tileserver.services.tiles import (
     rendered_tile,
     tile_response,
 )
-from tileserver.services.wms import relay_feature_info
 
 SERVICE = "wmts"
 VERSION = "1.0.0"
@@ -60,7 +63,6 @@ WMTS_NS = "http://www.opengis.net/wmts/1.0"
 TEMPLATE = "wmts-1.0.0.xml"
 REST_PREFIX = "/wmts/1.0.0"
 CAPABILITIES_PATH = f"{REST_PREFIX}/WMTSCapabilities.xml"
-DEFAULT_STYLE = "normal"  # ROK4's identity style: the only one a native tile can honour
 MAX_CACHED_DOCUMENTS = 64  # capabilities variants kept per snapshot (base URL × key access)
 
 # Where the conformance suite (ets-wmts10) and the letter of the standard or ROK4 disagree, we
@@ -99,7 +101,6 @@ INFO_FORMATS = {"text/plain": "txt", "application/json": "json", "text/html": "h
 INFO_EXTENSIONS = {ext: mime for mime, ext in INFO_FORMATS.items()}
 SECTIONS = ("ServiceIdentification", "ServiceProvider", "OperationsMetadata", "Contents", "Themes")
 CAPABILITIES_FORMATS = ("application/xml", "text/xml")
-_INTEGER = re.compile(r"^[+-]?\d{1,12}$")
 
 
 def _ows(tag: str) -> str:
@@ -110,141 +111,12 @@ def _wmts(tag: str) -> str:
     return f"{{{WMTS_NS}}}{tag}"
 
 
-def _num(value: float) -> str:
-    """Shortest round-tripping decimal, without a useless `.0`."""
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
-
-
 def _same_mime(a: str, b: str) -> bool:
     """MIME types compare without case or blanks around parameters (`image/x-bil; bits=32`)."""
     return a.replace(" ", "").lower() == b.replace(" ", "").lower()
 
 
 # --- grids offered per layer --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GridSet:
-    """One advertised TileMatrixSet: an id, the grid it comes from, and which of its matrices."""
-
-    id: str
-    tms: TileMatrixSet
-    matrices: tuple[TileMatrix, ...]
-    limits: Mapping[str, TileLimits]  # advertised limits per matrix id
-    native: bool = True  # False: an extra grid, tiles rendered (reprojected) on the fly
-    extent: tuple[float, float, float, float] | None = None  # the layer's extent in this grid's CRS
-
-    def matrix(self, matrix_id: str) -> TileMatrix | None:
-        return next((m for m in self.matrices if m.id == matrix_id), None)
-
-
-def _grid_sets(published: PublishedLayer) -> tuple[GridSet, ...]:
-    """ROK4's `<TMS>_<top>_<bottom>` (matrices between the published extremes) first, then the full grid."""
-    tms = published.tms
-    top, bottom = published.matrix(published.top_level), published.matrix(published.bottom_level)
-    ordered = tuple(sorted(tms.matrices, key=lambda m: -m.cell_size))
-    tolerance = 1e-9
-    subset = tuple(
-        m
-        for m in ordered
-        if bottom.cell_size * (1 - tolerance) <= m.cell_size <= top.cell_size * (1 + tolerance)
-    )
-    limits = advertised_limits(published)
-    extent = published.native_bbox
-    native = (
-        GridSet(f"{tms.id}_{published.top_level}_{published.bottom_level}", tms, subset, limits, extent=extent),
-        GridSet(tms.id, tms, ordered, limits, extent=extent),
-    )
-    return native + tuple(extra_grids(published).values())
-
-
-def tile_range(matrix: TileMatrix, bbox: tuple[float, float, float, float]) -> TileLimits | None:
-    """Tiles of a matrix with a positive-area overlap with bbox, within the matrix; None if none.
-    The tolerance is a fraction of a tile (not of a CRS unit): a bbox edge on a tile edge stays out."""
-    xmin, ymin, xmax, ymax = bbox
-    eps = 1e-9
-    min_col = max(math.floor((xmin - matrix.origin_x) / matrix.tile_span_x + eps), 0)
-    max_col = min(math.ceil((xmax - matrix.origin_x) / matrix.tile_span_x - eps) - 1, matrix.matrix_width - 1)
-    min_row = max(math.floor((matrix.origin_y - ymax) / matrix.tile_span_y + eps), 0)
-    max_row = min(math.ceil((matrix.origin_y - ymin) / matrix.tile_span_y - eps) - 1, matrix.matrix_height - 1)
-    if min_col > max_col or min_row > max_row:
-        return None
-    return TileLimits(min_col, max_col, min_row, max_row)
-
-
-def advertised_limits(published: PublishedLayer) -> dict[str, TileLimits]:
-    """Each published level's limits widened to every tile touching the layer's extent (the bottom
-    level's limits). A client such as GDAL reads the extent from the layer's BoundingBox and asks,
-    at every level, for the tiles covering it: those must be inside the limits (else 400
-    TileOutOfRange, which GDAL takes as a failure). A pyramid whose upper levels were cut tighter
-    than its bottom one (RGEALTI level 7) gets nodata tiles there, as any tile without a slab."""
-    out: dict[str, TileLimits] = {}
-    for level, lim in published.limits.items():
-        cover = tile_range(published.matrix(level), published.native_bbox)
-        out[level] = lim if cover is None else lim.union(cover)
-    return out
-
-
-def _extra_grid(published: PublishedLayer, tms_id: str) -> GridSet | None:
-    """An extra grid (`extra_tilematrixsets`): every matrix of the grid, as the native full grid has
-    (a TileMatrixSet element is shared by every layer linking to its id, so each of its matrices must
-    be served), with limits wherever the layer's extent falls. Tiles finer than the bottom level are
-    the bottom level's data magnified, coarser than the top one its data reduced (render pipeline)."""
-    directory = published.owners[published.bottom_level].tms_directory
-    return _extra_grid_cached(tms_id, directory, tuple(published.wgs84_bbox))
-
-
-@functools.lru_cache(maxsize=256)
-def _extra_grid_cached(tms_id: str, directory: str, wgs84_bbox: tuple[float, ...]) -> GridSet | None:
-    from pyproj import Transformer
-
-    try:
-        extra = load_tms(tms_id, directory)
-    except TMSError:
-        return None
-    to_grid = Transformer.from_crs("EPSG:4326", extra.pyproj_crs, always_xy=True)
-    bbox = to_grid.transform_bounds(*wgs84_bbox, densify_pts=21)
-    if not all(math.isfinite(v) for v in bbox):
-        return None
-    bbox = tuple(float(v) for v in bbox)
-    matrices = tuple(sorted(extra.matrices, key=lambda m: -m.cell_size))
-    limits = {m.id: tiles for m in matrices if (tiles := tile_range(m, bbox)) is not None}  # type: ignore[arg-type]
-    if not limits:
-        return None
-    return GridSet(extra.id, extra, matrices, limits, native=False, extent=bbox)  # type: ignore[arg-type]
-
-
-def extra_grids(published: PublishedLayer) -> dict[str, GridSet]:
-    """A layer's extra grids that can be served (known grid, overlapping the layer), by id."""
-    if published.format.is_vector:
-        return {}
-    found = (_extra_grid(published, t) for t in published.layer.extra_tilematrixsets if t != published.tms.id)
-    return {g.id: g for g in found if g is not None}
-
-
-def converted_formats(published: PublishedLayer) -> tuple[str, ...]:
-    """Formats offered besides the native one, produced by the render pipeline."""
-    if published.format.sample_format == "FLOAT32":
-        return ()  # a DEM becomes a picture only through a style, not offered on plain tiles
-    return tuple(f for f in ("image/png", "image/jpeg") if f != published.format.mime)
-
-
-def grid_sets(catalog: Catalog, published: PublishedLayer) -> dict[str, GridSet]:
-    """The sets a layer is offered in, by id; computed once per catalog snapshot."""
-    return catalog.document(("wmts-grids", published.id), lambda: {g.id: g for g in _grid_sets(published)})
-
-
-def tile_styles(published: PublishedLayer, book: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Styles a tile can be served in: `normal` as stored, and the layer's styles that change pixels,
-    rendered (PNG/JPEG) by the render pipeline. `book`: the style definitions (wms.style_book)."""
-    styles: dict[str, Any] = {DEFAULT_STYLE: None}
-    if book and not published.format.is_vector:
-        from tileserver.services.wms import layer_styles
-
-        for style in layer_styles(published, book):
-            if not style.is_identity:
-                styles.setdefault(style.identifier, style)
-    return styles
 
 
 STYLED_FORMATS = ("image/png", "image/jpeg")  # what a style that changes pixels renders to
@@ -335,11 +207,12 @@ class TileRequest:
 
 
 def _integer(value: str, locator: str) -> int:
-    if not _INTEGER.match(value.strip()):
+    try:
+        return parse_index(value.strip())
+    except BadIndex:
         raise OWSException(
             "InvalidParameterValue", locator, f"{locator} must be an integer, not {echo(value)}"
-        )
-    return int(value)
+        ) from None
 
 
 def _missing(params: Mapping[str, str | None], names: tuple[str, ...]) -> None:
@@ -440,7 +313,7 @@ async def _tile_answer(request: Request, tile: TileRequest) -> TileAnswer:
 
 async def get_tile(request: Request, params: Mapping[str, str | None], key: str | None) -> Response:
     runtime = get_runtime(request)
-    tile = resolve_tile(runtime.catalog, params, key, book=_book(runtime))
+    tile = resolve_tile(runtime.catalog, params, key, book=style_book(runtime))
     answer = await _tile_answer(request, tile)
     return tile_response(answer, tile.published, runtime.settings, request.headers.get("accept-encoding"))
 
@@ -465,7 +338,7 @@ def _pixel_lonlat(tile: TileRequest, i: int, j: int) -> tuple[float, float] | No
 
 def _info_body(info_format: str, values: list[float] | None, tile: TileRequest, i: int, j: int) -> bytes:
     """ROK4's four renderings of pixel values; no data gives an empty list, not an error."""
-    texts = [_num(v) for v in values or ()]
+    texts = [shortest(v) for v in values or ()]
     if info_format == "text/plain":
         return ",".join(texts).encode()
     if info_format == "text/html":
@@ -488,7 +361,7 @@ def _info_body(info_format: str, values: list[float] | None, tile: TileRequest, 
 async def get_feature_info(request: Request, params: Mapping[str, str | None], key: str | None) -> Response:
     runtime = get_runtime(request)
     _missing(params, TILE_PARAMETERS + ("InfoFormat", "J", "I"))
-    tile = resolve_tile(runtime.catalog, params, key, info=True, book=_book(runtime))
+    tile = resolve_tile(runtime.catalog, params, key, info=True, book=style_book(runtime))
     info_format = params["InfoFormat"] or ""
     info_format = next((f for f in INFO_FORMATS if _same_mime(f, info_format)), info_format)
     if info_format not in INFO_FORMATS:
@@ -548,8 +421,6 @@ def _crs_urn(crs: str) -> str:
 @functools.lru_cache(maxsize=64)
 def _northing_first(crs: str) -> bool:
     """TopLeftCorner follows the CRS's axis order (EPSG:4326 is lat, lon): asked of pyproj, not guessed."""
-    import pyproj
-
     axes = pyproj.CRS.from_user_input(crs).axis_info
     return bool(axes) and axes[0].direction.lower() in ("north", "south")
 
@@ -564,9 +435,9 @@ def _tile_matrix_set(contents: etree._Element, grid: GridSet) -> None:
     for m in grid.matrices:
         tm = etree.SubElement(node, _wmts("TileMatrix"))
         _text(tm, _ows("Identifier"), m.id)
-        _text(tm, _wmts("ScaleDenominator"), _num(grid.tms.scale_denominator(m)))
+        _text(tm, _wmts("ScaleDenominator"), shortest(grid.tms.scale_denominator(m)))
         corner = (m.origin_y, m.origin_x) if swap else (m.origin_x, m.origin_y)
-        _text(tm, _wmts("TopLeftCorner"), " ".join(_num(v) for v in corner))
+        _text(tm, _wmts("TopLeftCorner"), " ".join(shortest(v) for v in corner))
         for tag, value in (
             ("TileWidth", m.tile_width),
             ("TileHeight", m.tile_height),
@@ -574,12 +445,6 @@ def _tile_matrix_set(contents: etree._Element, grid: GridSet) -> None:
             ("MatrixHeight", m.matrix_height),
         ):
             _text(tm, _wmts(tag), str(value))
-
-
-def _book(runtime: Any) -> Mapping[str, Any]:
-    from tileserver.services.wms import style_book
-
-    return style_book(runtime)
 
 
 # GDAL snaps the BoundingBox to pixels of the finest matrix with floor/ceil and a 1e-10 pixel
@@ -607,8 +472,8 @@ def _bounding_boxes(node: etree._Element, grids: tuple[GridSet, ...]) -> None:
         if _northing_first(grid.tms.crs):
             lower, upper = lower[::-1], upper[::-1]
         bbox = etree.SubElement(node, _ows("BoundingBox"), crs=crs)
-        _text(bbox, _ows("LowerCorner"), " ".join(_num(v) for v in lower))
-        _text(bbox, _ows("UpperCorner"), " ".join(_num(v) for v in upper))
+        _text(bbox, _ows("LowerCorner"), " ".join(shortest(v) for v in lower))
+        _text(bbox, _ows("UpperCorner"), " ".join(shortest(v) for v in upper))
 
 
 def _layer_node(
@@ -630,8 +495,8 @@ def _layer_node(
             _text(keywords, _ows("Keyword"), keyword)
     west, south, east, north = published.wgs84_bbox
     bbox = etree.SubElement(node, _ows("WGS84BoundingBox"))
-    _text(bbox, _ows("LowerCorner"), f"{_num(west)} {_num(south)}")
-    _text(bbox, _ows("UpperCorner"), f"{_num(east)} {_num(north)}")
+    _text(bbox, _ows("LowerCorner"), f"{shortest(west)} {shortest(south)}")
+    _text(bbox, _ows("UpperCorner"), f"{shortest(east)} {shortest(north)}")
     _text(node, _ows("Identifier"), layer.id)
     _bounding_boxes(node, grids)
     for metadata in layer.metadata:
@@ -736,7 +601,7 @@ def capabilities_document(request: Request) -> bytes:
     cache_key = ("wmts-caps", base, tuple(p.id for p in layers), url_key)
 
     def build() -> bytes:
-        return build_capabilities(catalog, layers, base, runtime.settings, url_key, _book(runtime))
+        return build_capabilities(catalog, layers, base, runtime.settings, url_key, style_book(runtime))
 
     cached = sum(1 for k in catalog.documents if isinstance(k, tuple) and k[:1] == ("wmts-caps",))
     if cache_key not in catalog.documents and cached >= MAX_CACHED_DOCUMENTS:
