@@ -180,7 +180,7 @@ def page_layers(catalog: Catalog, settings: Any, book: dict[str, Any]) -> list[P
         out.sort(key=lambda entry: (entry.area, entry.published.id))
         return out
 
-    return catalog.document(("home", "layers"), build)  # type: ignore[no-any-return]
+    return catalog.document(("home", "layers"), build)
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def vector_entries(catalog: Catalog) -> list[VectorEntry]:
         out.sort(key=lambda entry: entry.published.id)
         return out
 
-    return catalog.document(("home", "vector"), build)  # type: ignore[no-any-return]
+    return catalog.document(("home", "vector"), build)
 
 
 def vector_urls(base: str, entry: VectorEntry) -> list[tuple[str, str]]:
@@ -308,7 +308,7 @@ def _item(entry: PageLayer, index: int, data: dict[str, Any], urls: list[tuple[s
     )
     draw = entry.drawing
     rendered = draw is not None and published.format.sample_format != "UINT8"
-    style = f", style {e(draw.style)}" if rendered else ""
+    style = f", style {e(draw.style)}" if draw is not None and rendered else ""
     controls = (
         f'<label><input type="checkbox" class="visible" checked> shown</label> '
         f'<label>opacity <input type="range" class="opacity" min="0" max="100" '

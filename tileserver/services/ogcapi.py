@@ -212,8 +212,8 @@ def negotiate(request: Request, kvp: KVP, offers: dict[str, tuple[str, ...]]) ->
     return max(scored)[3]
 
 
-METADATA_OFFERS = {"json": (JSON,), "html": (HTML,)}
-API_OFFERS = {"json": (OPENAPI, JSON), "html": (HTML,)}
+METADATA_OFFERS: dict[str, tuple[str, ...]] = {"json": (JSON,), "html": (HTML,)}
+API_OFFERS: dict[str, tuple[str, ...]] = {"json": (OPENAPI, JSON), "html": (HTML,)}
 
 
 # --- registered grids -----------------------------------------------------------------------------

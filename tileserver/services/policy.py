@@ -185,7 +185,7 @@ def key_hash(request: Request) -> str | None:
     if "key_hash" not in state:
         key = presented_key(request.scope)
         state["key_hash"] = hash_key(key) if key else None
-    return state["key_hash"]  # type: ignore[no-any-return]
+    return state["key_hash"]
 
 
 def is_operator(settings: Any, request: Request) -> bool | None:

@@ -295,13 +295,13 @@ def tilemap_document(request: Request, view: TileMapView) -> bytes:
     origin.set("y", shortest(bottom.origin_y))
     tile_format = root.find("TileFormat")
     assert tile_format is not None
-    for name, value in (
-        ("width", bottom.tile_width),
-        ("height", bottom.tile_height),
+    for name, text in (
+        ("width", str(bottom.tile_width)),
+        ("height", str(bottom.tile_height)),
         ("mime-type", view.mime),
         ("extension", view.extension),
     ):
-        tile_format.set(name, str(value))
+        tile_format.set(name, text)
     tilesets = root.find("TileSets")
     assert tilesets is not None
     for level in view.level_ids:

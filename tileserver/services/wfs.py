@@ -688,8 +688,8 @@ async def get_feature(ctx: Ctx) -> Response:
     feature_type = plan.type
     headers = map_headers([feature_type.published], ctx.settings)  # type: ignore[list-item]
     if plan.by_id:
-        stream, first = await open_stream(plan)
-        stream.close()
+        found, first = await open_stream(plan)
+        found.close()
         if not first:
             raise OWSException("NotFound", "ID", f"no feature {echo(ctx.kvp.get('ID'))}", status=404)
         return Response(_single(ctx, plan, first[0]), media_type=GML32 if plan.output == "gml" else GEOJSON,
@@ -697,6 +697,7 @@ async def get_feature(ctx: Ctx) -> Response:
     matched = await count_matched(plan)
     returned = 0 if plan.hits else max(0, min(plan.query.limit or 0, matched - plan.query.offset))
     links = {} if plan.hits else page_links(ctx, plan, matched, returned)
+    stream: FeatureStream | None
     if plan.hits or returned == 0:
         stream, first = None, []
     else:
@@ -806,7 +807,7 @@ async def endpoint(request: Request) -> Response:
                 raise invalid("version", f"version {echo(version)} is not served ({', '.join(VERSIONS)})")
         runtime = get_runtime(request)
         ctx = Ctx(request, kvp, runtime.catalog, key_hash(request), runtime.settings)
-        return await operation(ctx)  # type: ignore[no-any-return]
+        return await operation(ctx)
     except ServiceError as exc:
         return error_response(request, exc, render_wfs)
 

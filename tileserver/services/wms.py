@@ -216,7 +216,7 @@ def _bbox(kvp: KVP) -> tuple[str, tuple[float, float, float, float]]:
         raise _error("InvalidParameterValue", "bbox", f"BBOX must be four numbers minx,miny,maxx,maxy, not {echo(raw)}")
     if not (values[0] < values[2] and values[1] < values[3]):
         raise _error("InvalidParameterValue", "bbox", f"BBOX {echo(raw)} has min ≥ max")
-    return raw, values  # type: ignore[return-value]
+    return raw, values
 
 
 def _transparent(kvp: KVP) -> bool:

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import quote
 
 import pyproj
@@ -67,7 +67,14 @@ MAX_CACHED_DOCUMENTS = 64  # capabilities variants kept per snapshot (base URL Ã
 
 # Where the conformance suite (ets-wmts10) and the letter of the standard or ROK4 disagree, we
 # follow the suite; one table so the choice is visible and reversible.
-POLICY = {
+class _Policy(TypedDict):
+    unknown_request: tuple[str, str]
+    not_queryable: tuple[str, str]
+    gfi_tile_out_of_range: str
+    point_out_of_range: str
+
+
+POLICY: _Policy = {
     # Server.KVP.GET.InvalidRequest: REQUEST=GetBOGUS â†’ 400 InvalidParameterValue "request"
     # (ROK4: OperationNotSupported).
     "unknown_request": ("InvalidParameterValue", "request"),
@@ -368,15 +375,15 @@ async def get_feature_info(request: Request, params: Mapping[str, str | None], k
         raise OWSException(
             "InvalidParameterValue", "InfoFormat", f"InfoFormat {echo(info_format)} is not offered"
         )
-    size = {"I": tile.matrix.tile_width, "J": tile.matrix.tile_height}
+    bounds = {"I": tile.matrix.tile_width, "J": tile.matrix.tile_height}
     point = {}
     for locator in ("I", "J"):
         value = _integer(params[locator] or "", locator)
-        if not 0 <= value < size[locator]:
+        if not 0 <= value < bounds[locator]:
             raise OWSException(
                 POLICY["point_out_of_range"],
                 locator,
-                f"{locator} {value} is outside [0, {size[locator] - 1}]",
+                f"{locator} {value} is outside [0, {bounds[locator] - 1}]",
             )
         point[locator] = value
     i, j = point["I"], point["J"]
@@ -749,7 +756,7 @@ async def rest_feature_info(request: Request) -> Response:
     key = key_hash(request)
     layer = get_runtime(request).catalog.get(path["layer"], SERVICE, key)
     params["format"] = layer.format.mime if layer is not None else "-"
-    params["InfoFormat"] = INFO_EXTENSIONS.get(params.pop("ext"), f".{path['ext']}")
+    params["InfoFormat"] = INFO_EXTENSIONS.get(params.pop("ext") or "", f".{path['ext']}")
     params["I"], params["J"] = path["i"], path["j"]
     return await get_feature_info(request, params, key)
 
