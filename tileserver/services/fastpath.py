@@ -26,7 +26,7 @@ from tileserver.http import CORS_HEADERS, canonical, etag_matches, etag_of, log_
 from tileserver.services.numbers import is_plain_index
 from tileserver.services.policy import ServiceError, tile_headers
 from tileserver.services.tiles import empty_tile, for_client, native_tile
-from tileserver.services.wmts import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
+from tileserver.services.wmts_tiles import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
 
 log = logging.getLogger("tileserver.fastpath")
 _PREFIX = REST_PREFIX + "/"

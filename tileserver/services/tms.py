@@ -210,7 +210,7 @@ class TileMapView:
     """What one TileMap describes: a layer in its own grid, or reprojected into an extra grid."""
 
     published: PublishedLayer
-    grid: Any = None  # wmts.GridSet of an extra grid, None for the pyramid's own
+    grid: Any = None  # grids.GridSet of an extra grid, None for the pyramid's own
     style: Any = None  # a style that changes pixels (render.styles.Style): PNG tiles drawn with it
 
     @property
