@@ -29,6 +29,7 @@ from tileserver.services.ogcapi_common import (
     PROVIDERS,
     Ctx,
     Problem,
+    bbox_param,
     invalid,
     link,
     negotiate,
@@ -36,7 +37,7 @@ from tileserver.services.ogcapi_common import (
     render_problem,
     self_links,
 )
-from tileserver.services.ows import OWSException, bbox_values, echo
+from tileserver.services.ows import OWSException, echo
 from tileserver.services.policy import ServiceError, error_response, map_headers
 from tileserver.services.vectorquery import bbox_in, property_names
 from tileserver.vector import crs as crslib
@@ -148,12 +149,9 @@ def _crs(ctx: Ctx, t: FeatureType, name: str) -> crslib.RequestCrs:
 
 
 def _bbox(ctx: Ctx, t: FeatureType) -> tuple[float, float, float, float] | None:
-    raw = ctx.kvp.get("bbox")
-    if raw is None:
-        return None
-    values = bbox_values(raw)
+    values = bbox_param(ctx, "minx,miny,maxx,maxy")
     if values is None:
-        raise invalid(f"bbox={echo(raw)}: expected minx,miny,maxx,maxy")
+        return None
     return bbox_in(t.relation, list(values), _crs(ctx, t, "bbox-crs"))
 
 

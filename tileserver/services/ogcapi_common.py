@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from tileserver.catalog import Catalog, PublishedLayer
 from tileserver.runtime import get_runtime
-from tileserver.services.ows import KVP, base_url, echo, key_hash
+from tileserver.services.ows import KVP, base_url, bbox_values, echo, key_hash
 from tileserver.services.policy import ServiceError
 
 log = logging.getLogger("tileserver.ogcapi")
@@ -210,6 +210,17 @@ class Ctx:
         if published is None:
             raise not_found(f"collection {echo(collection_id)} does not exist")
         return published
+
+
+def bbox_param(ctx: Ctx, expected: str) -> tuple[float, float, float, float] | None:
+    """The `bbox` query parameter, four numbers (`expected` says which, for the problem); None if absent."""
+    raw = ctx.kvp.get("bbox")
+    if raw is None:
+        return None
+    values = bbox_values(raw)
+    if values is None:
+        raise invalid(f"bbox={echo(raw)}: expected {expected}")
+    return values
 
 
 def link(

@@ -18,15 +18,15 @@ from tileserver.services.ogcapi_common import (
     PROVIDERS,
     REL,
     Ctx,
+    bbox_param,
     data_type,
-    invalid,
     link,
     not_found,
     self_links,
 )
 from tileserver.services.ogcapi_grids import extra_grid, grid_crs, grid_ids, registered_definition
 from tileserver.services.ogcapi_tilesets import STYLED_F, Scope, collection_styles
-from tileserver.services.ows import bbox_values, echo
+from tileserver.services.ows import echo
 
 # --- metadata documents ---------------------------------------------------------------------------
 
@@ -161,18 +161,8 @@ def collection_document(ctx: Ctx, published: PublishedLayer, full_links: bool = 
     return doc
 
 
-def _bbox_filter(ctx: Ctx) -> tuple[float, float, float, float] | None:
-    raw = ctx.kvp.get("bbox")
-    if raw is None:
-        return None
-    values = bbox_values(raw)
-    if values is None:
-        raise invalid(f"bbox={echo(raw)}: expected west,south,east,north in CRS84")
-    return values
-
-
 def collections_document(ctx: Ctx) -> dict[str, Any]:
-    bbox = _bbox_filter(ctx)
+    bbox = bbox_param(ctx, "west,south,east,north in CRS84")
     layers = ctx.visible()
     if bbox is not None:
         west, south, east, north = bbox
