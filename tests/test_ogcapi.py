@@ -29,7 +29,9 @@ from PIL import Image
 from test_tms_service import AUTH, TMS_DIR, publish_world, stored_tile
 
 from tileserver.rok4.tms import load_tms
-from tileserver.services.ogcapi import CONFORMANCE, OPERATIONS, registered_alias
+from tileserver.services.ogcapi import OPERATIONS
+from tileserver.services.ogcapi_common import CONFORMANCE
+from tileserver.services.ogcapi_grids import registered_alias
 
 REL = "http://www.opengis.net/def/rel/ogc/1.0/"
 ROOT = "http://testserver/ogcapi"

@@ -23,15 +23,15 @@ from urllib.parse import unquote_plus
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tileserver.http import CORS_HEADERS, canonical, etag_matches, etag_of, log_access, next_request_id
+from tileserver.services.numbers import is_plain_index
 from tileserver.services.policy import ServiceError, tile_headers
 from tileserver.services.tiles import empty_tile, for_client, native_tile
-from tileserver.services.wmts import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
+from tileserver.services.wmts_tiles import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
 
 log = logging.getLogger("tileserver.fastpath")
 _PREFIX = REST_PREFIX + "/"
 _SEGMENTS = 6  # layer / style / tms / z / row / col.ext
 _MAX_ROUTES = 4096  # settled routes kept per catalog snapshot (only valid ones are kept)
-_DIGITS = 12
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class FastTiles:
         if request is None:
             return False
         layer, style, tms, matrix, fmt, row_text, col_text = request
-        if not (_is_index(row_text) and _is_index(col_text)):
+        if not (is_plain_index(row_text) and is_plain_index(col_text)):
             return False
         runtime = getattr(self.state, "runtime", None)
         if runtime is None or not runtime.enabled:
@@ -223,7 +223,3 @@ def _kvp_request(query: bytes) -> _Request | None:
     if not fmt or fmt.startswith(".") or "%" in layer or "+" in layer or "%" in style or "+" in style:
         return None  # encoded names: the route decodes them
     return layer, style, found["TILEMATRIXSET"], found["TILEMATRIX"], fmt, found["TILEROW"], found["TILECOL"]
-
-
-def _is_index(text: str) -> bool:
-    return 0 < len(text) <= _DIGITS and text.isascii() and text.isdigit()

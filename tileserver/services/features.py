@@ -4,7 +4,7 @@ Collections are the WFS feature types under the same name, `<layer public name>:
 name>`: the colon is legal in a path segment, so `/ogcapi/collections/bdtopo:commune/items` and its
 percent-encoded form `bdtopo%3Acommune` both work (raster layer names never hold a colon, so the two
 kinds cannot collide). The collection list, a collection's document and /conformance are
-`services.ogcapi`'s; this module hands it its collections through `ogcapi.PROVIDERS` and answers
+`services.ogcapi`'s; this module hands it its collections through `ogcapi_common.PROVIDERS` and answers
 `/items` and `/items/{featureId}`, streaming like WFS GetFeature.
 """
 
@@ -22,10 +22,24 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver.catalog import FeatureType
 from tileserver.runtime import get_runtime
-from tileserver.services import ogcapi, wfs
-from tileserver.services.ogcapi import HTML, JSON, Ctx, Problem, invalid, link, not_found, render_problem
-from tileserver.services.ows import OWSException, bbox_values, echo
+from tileserver.services import wfs
+from tileserver.services.ogcapi_common import (
+    HTML,
+    JSON,
+    PROVIDERS,
+    Ctx,
+    Problem,
+    bbox_param,
+    invalid,
+    link,
+    negotiate,
+    not_found,
+    render_problem,
+    self_links,
+)
+from tileserver.services.ows import OWSException, echo
 from tileserver.services.policy import ServiceError, error_response, map_headers
+from tileserver.services.vectorquery import bbox_in, property_names
 from tileserver.vector import crs as crslib
 from tileserver.vector import geojson
 from tileserver.vector.base import Feature, Query
@@ -82,7 +96,7 @@ class Provider:
     def document(ctx: Ctx, t: FeatureType, full_links: bool = True) -> dict[str, Any]:
         path = _path(t)
         title = t.public.title or t.public.public_name
-        links = ogcapi.self_links(ctx, path, title) if full_links else [link(ctx.url(path), "self", JSON, title)]
+        links = self_links(ctx, path, title) if full_links else [link(ctx.url(path), "self", JSON, title)]
         links += [
             link(ctx.url(path + "/items", f="json"), "items", GEOJSON, f"{title} (GeoJSON)"),
             link(ctx.url(path + "/items", f="html"), "items", HTML, f"{title} (HTML)"),
@@ -135,18 +149,15 @@ def _crs(ctx: Ctx, t: FeatureType, name: str) -> crslib.RequestCrs:
 
 
 def _bbox(ctx: Ctx, t: FeatureType) -> tuple[float, float, float, float] | None:
-    raw = ctx.kvp.get("bbox")
-    if raw is None:
-        return None
-    values = bbox_values(raw)
+    values = bbox_param(ctx, "minx,miny,maxx,maxy")
     if values is None:
-        raise invalid(f"bbox={echo(raw)}: expected minx,miny,maxx,maxy")
-    return wfs.bbox_in(t.relation, list(values), _crs(ctx, t, "bbox-crs"))
+        return None
+    return bbox_in(t.relation, list(values), _crs(ctx, t, "bbox-crs"))
 
 
 def _properties(ctx: Ctx, t: FeatureType) -> tuple[str, ...] | None:
     try:
-        return wfs.property_names(ctx.kvp.get("properties"), t.relation, "properties")
+        return property_names(ctx.kvp.get("properties"), t.relation, "properties")
     except OWSException as exc:
         raise invalid(exc.message) from None
 
@@ -177,7 +188,7 @@ async def items(request: Request) -> Response:
     try:
         ctx = Ctx.of(request, PREFIX)
         t = _type(ctx, request.path_params["collectionId"])
-        ctx.fmt = ogcapi.negotiate(request, ctx.kvp, ITEM_OFFERS)
+        ctx.fmt = negotiate(request, ctx.kvp, ITEM_OFFERS)
         out = _crs(ctx, t, "crs")
         query = _query(ctx, t)
         plan = wfs.Plan(t, query, "json", out)
@@ -188,7 +199,7 @@ async def items(request: Request) -> Response:
                    "Content-Crs": f"<{out.text}>", "Vary": "Accept, X-Api-Key"}
         path = _path(t) + "/items"
         params = {k: ctx.kvp.get(k) or "" for k in ctx.kvp.names() if k not in ("offset", "f", "apikey")}
-        links = ogcapi.self_links(ctx, path, "items")
+        links = self_links(ctx, path, "items")
         if query.offset + returned < matched:
             links.append(link(ctx.url(path, **params, offset=str(query.offset + (query.limit or 0)), f=ctx.fmt),
                               "next", GEOJSON if ctx.fmt == "json" else HTML, "next page"))
@@ -220,7 +231,7 @@ async def item(request: Request) -> Response:
     try:
         ctx = Ctx.of(request, PREFIX)
         t = _type(ctx, request.path_params["collectionId"])
-        ctx.fmt = ogcapi.negotiate(request, ctx.kvp, ITEM_OFFERS)
+        ctx.fmt = negotiate(request, ctx.kvp, ITEM_OFFERS)
         out = _crs(ctx, t, "crs")
         fid = wfs._key_value(t.relation, request.path_params["featureId"])
         query = Query(relation=t.relation.name, ids=(fid,), properties=_properties(ctx, t), limit=1)
@@ -231,7 +242,7 @@ async def item(request: Request) -> Response:
         headers = {**map_headers([t.published], get_runtime(request).settings),  # type: ignore[list-item]
                    "Content-Crs": f"<{out.text}>", "Vary": "Accept, X-Api-Key"}
         path = f"{_path(t)}/items/{quote(str(first[0].id), safe='')}"
-        links = [*ogcapi.self_links(ctx, path, "feature"), link(ctx.url(_path(t)), "collection", JSON, t.name)]
+        links = [*self_links(ctx, path, "feature"), link(ctx.url(_path(t)), "collection", JSON, t.name)]
         if ctx.fmt == "html":
             return Response(_html(t, first, 1, links), media_type=HTML, headers=headers)
         geom = wfs.written(first[0].geometry, t.relation, out)
@@ -262,8 +273,8 @@ def _html(t: FeatureType, rows: list[Feature], matched: int, links: list[dict[st
 
 
 def routes() -> list[BaseRoute]:
-    if not any(isinstance(p, Provider) for p in ogcapi.PROVIDERS):
-        ogcapi.PROVIDERS.append(Provider())
+    if not any(isinstance(p, Provider) for p in PROVIDERS):
+        PROVIDERS.append(Provider())
     return [
         Route(PREFIX + "/collections/{collectionId}/items", items, methods=["GET"]),
         Route(PREFIX + "/collections/{collectionId}/items/{featureId}", item, methods=["GET"]),

@@ -27,8 +27,9 @@ from starlette.staticfiles import StaticFiles
 from tileserver.catalog import Catalog, FeatureType, PublishedLayer, VectorLayer
 from tileserver.render.georef import get_transformer
 from tileserver.runtime import get_runtime
+from tileserver.services.crs import layer_crs, server_crs
 from tileserver.services.ows import base_url
-from tileserver.services.wms import layer_crs, layer_styles, server_crs, style_book
+from tileserver.services.stylebook import layer_styles, style_book
 from tileserver.settings import PACKAGE_DIR
 
 WEB_MERCATOR_ZOOM0 = 156543.03392804097  # metres per pixel of zoom 0 in EPSG:3857 (256-pixel tiles)
@@ -179,7 +180,7 @@ def page_layers(catalog: Catalog, settings: Any, book: dict[str, Any]) -> list[P
         out.sort(key=lambda entry: (entry.area, entry.published.id))
         return out
 
-    return catalog.document(("home", "layers"), build)  # type: ignore[no-any-return]
+    return catalog.document(("home", "layers"), build)
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def vector_entries(catalog: Catalog) -> list[VectorEntry]:
         out.sort(key=lambda entry: entry.published.id)
         return out
 
-    return catalog.document(("home", "vector"), build)  # type: ignore[no-any-return]
+    return catalog.document(("home", "vector"), build)
 
 
 def vector_urls(base: str, entry: VectorEntry) -> list[tuple[str, str]]:
@@ -307,7 +308,7 @@ def _item(entry: PageLayer, index: int, data: dict[str, Any], urls: list[tuple[s
     )
     draw = entry.drawing
     rendered = draw is not None and published.format.sample_format != "UINT8"
-    style = f", style {e(draw.style)}" if rendered else ""
+    style = f", style {e(draw.style)}" if draw is not None and rendered else ""
     controls = (
         f'<label><input type="checkbox" class="visible" checked> shown</label> '
         f'<label>opacity <input type="range" class="opacity" min="0" max="100" '

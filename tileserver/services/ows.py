@@ -27,6 +27,7 @@ from tileserver.services.policy import (
     trusted_proxy,
 )
 from tileserver.services.policy import key_hash as policy_key_hash
+from tileserver.settings import data_directory
 
 log = logging.getLogger("tileserver.ows")
 
@@ -273,8 +274,6 @@ OPTIONAL_MARK = "data-optional"
 
 def template_path(name: str) -> Path:
     """A skeleton from `capabilities_templates/` (source tree, or inside an installed package)."""
-    from tileserver.settings import data_directory
-
     path = data_directory("capabilities_templates") / name
     if not path.is_file():
         raise FileNotFoundError(f"capabilities template {name} not found")

@@ -23,6 +23,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tileserver.rok4.codecs import CodecError
+from tileserver.rok4.slab import NotASlabError
+
 if TYPE_CHECKING:
     from tileserver.catalog import PublishedLayer
 
@@ -97,9 +100,6 @@ class Disabled(ServiceError):
 def storage_failure(exc: BaseException, where: str) -> ServiceError:
     """The one mapping of a storage failure: unreadable data → 502, anything else → 503 with the
     Retry-After the storage suggests (a circuit breaker's `retry_after`, else 1 s)."""
-    from tileserver.rok4.codecs import CodecError
-    from tileserver.rok4.slab import NotASlabError
-
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, NotASlabError | CodecError):
@@ -185,7 +185,7 @@ def key_hash(request: Request) -> str | None:
     if "key_hash" not in state:
         key = presented_key(request.scope)
         state["key_hash"] = hash_key(key) if key else None
-    return state["key_hash"]  # type: ignore[no-any-return]
+    return state["key_hash"]
 
 
 def is_operator(settings: Any, request: Request) -> bool | None:

@@ -20,6 +20,7 @@ import numpy as np
 from starlette.responses import Response
 
 from tileserver.catalog import PublishedLayer
+from tileserver.render.pipeline import RenderError, gate_for, render_tile
 from tileserver.rok4.codecs import CodecError, encode_tile
 from tileserver.rok4.formats import PyramidFormat
 from tileserver.rok4.slab import NotASlabError, tiff_wrap
@@ -201,8 +202,6 @@ async def rendered_tile(
 ) -> TileAnswer:
     """A tile the pyramid cannot pass through (another grid, format or style), made by render/;
     shared by WMTS, TMS and OGC API Tiles so they bound and report rendering the same way."""
-    from tileserver.render.pipeline import RenderError, gate_for, render_tile
-
     try:
         body, content_type = await render_tile(
             published, tms, level, col, row, style, mime, gate=gate_for(runtime)

@@ -16,8 +16,7 @@ import copy
 import functools
 import html
 import math
-import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +28,14 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver.catalog import Catalog, PublishedLayer
 from tileserver.runtime import get_runtime
+from tileserver.services.grids import extra_grids
+from tileserver.services.numbers import BadIndex, parse_index, shortest
 from tileserver.services.ows import XML_DECLARATION, base_url, echo, key_hash, xml_text
 from tileserver.services.policy import ServiceError, document_headers, error_response, register
+from tileserver.services.routing import any_path_route
+from tileserver.services.stylebook import style_book, tile_styles
 from tileserver.services.tiles import TileNotFound, empty_tile, native_tile, rendered_tile, tile_response
-from tileserver.services.wmts import extra_grids
+from tileserver.services.vectortables import vector_tables
 from tileserver.settings import data_directory
 
 VERSION = "1.0.0"
@@ -40,8 +43,6 @@ TEMPLATES = data_directory("capabilities_templates")
 XML_TYPE = "text/xml"
 EXTENSION_ALIASES = {"jpg": "jpeg"}  # accepted besides the pyramid's own extension
 MAX_CACHED_BASES = 8  # distinct public URLs whose documents are cached per snapshot
-MAX_INDEX_DIGITS = 12  # longer col/row/level numbers are absurd: 404 without arithmetic
-_INDEX = re.compile(r"^[+-]?\d+$")
 
 
 class TMSError(ServiceError):
@@ -71,12 +72,6 @@ def _template(name: str) -> etree._Element:
 def _skeleton(name: str) -> etree._Element:
     """A fresh copy of a template: the cached tree is never modified."""
     return copy.deepcopy(_template(name))
-
-
-def _num(value: float) -> str:
-    """Shortest text that reads back as the same float (no exponent for the usual magnitudes)."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
 
 
 def _set_text(root: etree._Element, tag: str, text: str) -> None:
@@ -215,7 +210,7 @@ class TileMapView:
     """What one TileMap describes: a layer in its own grid, or reprojected into an extra grid."""
 
     published: PublishedLayer
-    grid: Any = None  # wmts.GridSet of an extra grid, None for the pyramid's own
+    grid: Any = None  # grids.GridSet of an extra grid, None for the pyramid's own
     style: Any = None  # a style that changes pixels (render.styles.Style): PNG tiles drawn with it
 
     @property
@@ -264,9 +259,6 @@ def drawing_styles(request: Request, published: PublishedLayer) -> dict[str, Any
     """The layer's styles that change pixels and that its data can take, by identifier: each is a
     TileMap of its own (`{layer}:{style}`, PNG tiles drawn by the render pipeline), since a TileMap
     has one format and no style. A DEM is thus offered as pictures (hypso, hillshade…), not only BIL."""
-    from tileserver.services.wms import style_book
-    from tileserver.services.wmts import tile_styles
-
     if published.format.is_vector:
         return {}
     styles = tile_styles(published, style_book(get_runtime(request)))
@@ -296,20 +288,20 @@ def tilemap_document(request: Request, view: TileMapView) -> bytes:
     bbox = root.find("BoundingBox")
     assert bbox is not None
     for name, value in zip(("minx", "miny", "maxx", "maxy"), view.native_bbox, strict=True):
-        bbox.set(name, _num(value))
+        bbox.set(name, shortest(value))
     origin = root.find("Origin")
     assert origin is not None
-    origin.set("x", _num(bottom.origin_x))
-    origin.set("y", _num(bottom.origin_y))
+    origin.set("x", shortest(bottom.origin_x))
+    origin.set("y", shortest(bottom.origin_y))
     tile_format = root.find("TileFormat")
     assert tile_format is not None
-    for name, value in (
-        ("width", bottom.tile_width),
-        ("height", bottom.tile_height),
+    for name, text in (
+        ("width", str(bottom.tile_width)),
+        ("height", str(bottom.tile_height)),
         ("mime-type", view.mime),
         ("extension", view.extension),
     ):
-        tile_format.set(name, str(value))
+        tile_format.set(name, text)
     tilesets = root.find("TileSets")
     assert tilesets is not None
     for level in view.level_ids:
@@ -319,7 +311,7 @@ def tilemap_document(request: Request, view: TileMapView) -> bytes:
             "TileSet",
             {
                 "href": f"{base}/{view.id}/{level}",
-                "units-per-pixel": _num(view.matrix(level).cell_size),
+                "units-per-pixel": shortest(view.matrix(level).cell_size),
                 "order": str(view.order(level)),
                 "minrow": str(limits.min_row),
                 "maxrow": str(limits.max_row),
@@ -328,19 +320,6 @@ def tilemap_document(request: Request, view: TileMapView) -> bytes:
             },
         )
     return _serialise(root)
-
-
-def vector_tables(published: PublishedLayer) -> Iterator[tuple[str, str, str, dict[str, str]]]:
-    """(level, table name, geometry, {attribute: type}) of every table of a vector pyramid's published
-    levels, top → bottom: what its descriptor says the tiles hold (TileJSON, OGC API tilesets)."""
-    for level in published.level_ids:
-        descriptor_level = published.owners[level].descriptor.level(level)
-        for table in (descriptor_level.tables if descriptor_level else None) or ():
-            if not isinstance(table, dict) or not table.get("name"):
-                continue
-            attributes = [a for a in table.get("attributes") or () if isinstance(a, dict) and a.get("name")]
-            fields = {str(a["name"]): str(a.get("type", "")) for a in attributes}
-            yield level, str(table["name"]), str(table.get("geometry") or ""), fields
 
 
 def _vector_layers(published: PublishedLayer) -> list[dict[str, Any]]:
@@ -434,10 +413,10 @@ def gdal_document(request: Request, view: TileMapView) -> bytes:
     etree.SubElement(service, "ServerUrl").text = xml_text(template)
     window = etree.SubElement(root, "DataWindow")
     fields = (
-        ("UpperLeftX", _num(ulx)),
-        ("UpperLeftY", _num(uly)),
-        ("LowerRightX", _num(lrx)),
-        ("LowerRightY", _num(lry)),
+        ("UpperLeftX", shortest(ulx)),
+        ("UpperLeftY", shortest(uly)),
+        ("LowerRightX", shortest(lrx)),
+        ("LowerRightY", shortest(lry)),
         ("TileLevel", str(tile_level)),
         ("TileCountX", str(max(1, math.ceil(bottom.matrix_width / 2**tile_level)))),
         ("TileCountY", str(max(1, math.ceil(bottom.matrix_height / 2**tile_level)))),
@@ -520,11 +499,11 @@ def osgeo_tilemap(request: Request, published: PublishedLayer) -> bytes:
     bbox = root.find("BoundingBox")
     assert bbox is not None
     for name, value in zip(("minx", "miny", "maxx", "maxy"), (minx, miny, maxx, maxy), strict=True):
-        bbox.set(name, _num(value))
+        bbox.set(name, shortest(value))
     origin = root.find("Origin")
     assert origin is not None
-    origin.set("x", _num(minx))
-    origin.set("y", _num(miny))
+    origin.set("x", shortest(minx))
+    origin.set("y", shortest(miny))
     tile_format = root.find("TileFormat")
     assert tile_format is not None
     bottom = matrices[-1]
@@ -542,7 +521,7 @@ def osgeo_tilemap(request: Request, published: PublishedLayer) -> bytes:
         etree.SubElement(
             tilesets,
             "TileSet",
-            {"href": f"{base}/{published.id}/{z}", "units-per-pixel": _num(matrix.cell_size), "order": str(z)},
+            {"href": f"{base}/{published.id}/{z}", "units-per-pixel": shortest(matrix.cell_size), "order": str(z)},
         )
     return _serialise(root)
 
@@ -598,11 +577,12 @@ async def _dispatch_osgeo(request: Request, catalog: Catalog, parts: list[str]) 
 
 def _index(text: str, what: str) -> int:
     """A tile index; not a number → 400, a number no grid can hold → 404 (absurd, not malformed)."""
-    if not _INDEX.match(text):
-        raise TMSError(400, f"{what} {echo(text)} is not an integer")
-    if len(text.lstrip("+-")) > MAX_INDEX_DIGITS:
-        raise TMSError(404, f"{what} {echo(text)} is outside the layer")
-    return int(text)
+    try:
+        return parse_index(text)
+    except BadIndex as exc:
+        if exc.absurd:
+            raise TMSError(404, f"{what} {echo(text)} is outside the layer") from None
+        raise TMSError(400, f"{what} {echo(text)} is not an integer") from None
 
 
 async def tile(request: Request, view: TileMapView, level: str, x: str, y_ext: str) -> Response:
@@ -751,14 +731,6 @@ async def xyz_endpoint(request: Request) -> Response:
         return await tile(request, TileMapView(published), p["z"], p["x"], p["y"])
     except ServiceError as exc:
         return error_response(request, exc, render_error)
-
-
-def any_path_route(path: str, endpoint: Callable[[Request], Any]) -> Route:
-    """A GET route whose `{x:path}` part matches any character: starlette's pattern stops at a
-    newline, and such a path would otherwise fall through to a bare 404 outside our error format."""
-    route = Route(path, endpoint, methods=["GET"])
-    route.path_regex = re.compile(route.path_regex.pattern, re.DOTALL)
-    return route
 
 
 def routes() -> list[BaseRoute]:

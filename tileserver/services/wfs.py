@@ -53,6 +53,7 @@ from tileserver.services.policy import (
     register,
     storage_failure,
 )
+from tileserver.services.vectorquery import bbox_in, property_names
 from tileserver.vector import crs as crslib
 from tileserver.vector import geojson, gml
 from tileserver.vector.base import Feature, Query, Relation
@@ -366,17 +367,6 @@ def request_crs(text: str, locator: str) -> crslib.RequestCrs:
         raise invalid(locator, f"unknown CRS {echo(text)}") from None
 
 
-def bbox_in(relation: Relation, values: list[float], named: crslib.RequestCrs | None) -> tuple[float, float, float, float]:
-    """A bbox as written (in `named`, or CRS84/the default) → the relation's srs, x/y."""
-    if named is not None and named.yx:
-        values = [values[1], values[0], values[3], values[2]]
-    source = named.code if named is not None else relation.srs
-    if crslib.same(source, relation.srs):
-        return (values[0], values[1], values[2], values[3])
-    box = crslib.transform_bbox((values[0], values[1], values[2], values[3]), source, relation.srs)
-    return (box[0], box[1], box[2], box[3])
-
-
 def parse_bbox(raw: str, relation: Relation, locator: str = "BBOX") -> tuple[float, float, float, float]:
     """`minx,miny,maxx,maxy[,crs]` in the CRS's axis order (no CRS: the type's default CRS)."""
     parts = [p.strip() for p in raw.split(",")]
@@ -390,19 +380,6 @@ def parse_bbox(raw: str, relation: Relation, locator: str = "BBOX") -> tuple[flo
     if named is None:
         named = crslib.native(relation.srs)
     return bbox_in(relation, values, named)
-
-
-def property_names(raw: str | None, relation: Relation, locator: str = "PROPERTYNAME") -> tuple[str, ...] | None:
-    if raw is None or not raw.strip():
-        return None
-    known = {a.name for a in relation.attributes} | ({relation.geometry_column} if relation.geometry_column else set())
-    out = []
-    for item in raw.strip().strip("()").split(","):
-        name = item.strip().rsplit("/", 1)[-1].rsplit(":", 1)[-1]
-        if name not in known:
-            raise invalid(locator, f"{echo(item.strip())} is not a property of {relation.name}")
-        out.append(name)
-    return tuple(dict.fromkeys(out))
 
 
 def sort_by(raw: str | None, relation: Relation, locator: str = "SORTBY") -> tuple[tuple[str, bool], ...]:
@@ -711,8 +688,8 @@ async def get_feature(ctx: Ctx) -> Response:
     feature_type = plan.type
     headers = map_headers([feature_type.published], ctx.settings)  # type: ignore[list-item]
     if plan.by_id:
-        stream, first = await open_stream(plan)
-        stream.close()
+        found, first = await open_stream(plan)
+        found.close()
         if not first:
             raise OWSException("NotFound", "ID", f"no feature {echo(ctx.kvp.get('ID'))}", status=404)
         return Response(_single(ctx, plan, first[0]), media_type=GML32 if plan.output == "gml" else GEOJSON,
@@ -720,6 +697,7 @@ async def get_feature(ctx: Ctx) -> Response:
     matched = await count_matched(plan)
     returned = 0 if plan.hits else max(0, min(plan.query.limit or 0, matched - plan.query.offset))
     links = {} if plan.hits else page_links(ctx, plan, matched, returned)
+    stream: FeatureStream | None
     if plan.hits or returned == 0:
         stream, first = None, []
     else:
@@ -829,7 +807,7 @@ async def endpoint(request: Request) -> Response:
                 raise invalid("version", f"version {echo(version)} is not served ({', '.join(VERSIONS)})")
         runtime = get_runtime(request)
         ctx = Ctx(request, kvp, runtime.catalog, key_hash(request), runtime.settings)
-        return await operation(ctx)  # type: ignore[no-any-return]
+        return await operation(ctx)
     except ServiceError as exc:
         return error_response(request, exc, render_wfs)
 

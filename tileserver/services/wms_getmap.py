@@ -1,0 +1,79 @@
+"""WMS GetMap: a map drawn by the render pipeline, or an exception in the image when asked."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tileserver.render.encode import blank_image, encode_image, exception_in_image
+from tileserver.render.pipeline import Raster, RenderBusy, RenderError, gate_for, render_map
+from tileserver.runtime import get_runtime
+from tileserver.services.ows import KVP, key_hash
+from tileserver.services.policy import ServiceError, map_headers, request_id
+from tileserver.services.wms_request import (
+    PICTURE_FORMATS,
+    ImageFrame,
+    MapRequest,
+    parse_map_request,
+    wms_error,
+)
+
+log = logging.getLogger("tileserver.wms")
+
+# --------------------------------------------------------------------------- GetMap
+
+
+def _encode(raster: Raster, req: MapRequest) -> tuple[bytes, str]:
+    fmt = req.format
+    assert fmt is not None
+    quality = int(req.options["quality"]) if "quality" in req.options else None
+    if fmt in PICTURE_FORMATS:
+        return encode_image(raster.data, fmt, transparent=req.transparent, bgcolor=req.bgcolor, quality=quality)
+    return encode_image(raster.data, fmt, nodata=raster.nodata, transparent=True if req.transparent else None,
+                        grid=req.grid, tiff_compression=req.options.get("compression"))
+
+
+async def _render(request: Request, runtime: Any, req: MapRequest) -> tuple[bytes, str]:
+    settings = runtime.settings
+    try:
+        async with asyncio.timeout(settings.request_timeout):
+            return await render_map(req.layers, req.grid, picture=req.format in PICTURE_FORMATS,
+                                    gate=gate_for(runtime), max_tiles=settings.render_max_tiles,
+                                    finish=lambda raster: _encode(raster, req))  # inside budget and deadline
+    except RenderBusy as exc:
+        raise wms_error("NoApplicableCode", None, exc.message, 503, **{"Retry-After": "2"}) from None
+    except TimeoutError:
+        raise wms_error("NoApplicableCode", None, f"the map took longer than {settings.request_timeout:g} s",
+                     503, **{"Retry-After": "5"}) from None
+    except RenderError as exc:
+        if exc.status >= 500:
+            log.error("%s render failed (%d): %s", request_id(request), exc.status, exc.message)
+            reason = "stored data is unreadable" if exc.status == 502 else "storage is unavailable"
+            raise wms_error("NoApplicableCode", None, f"{reason} (request {request_id(request)})", exc.status) from None
+        raise wms_error("InvalidParameterValue", None, exc.message) from None
+    except ValueError as exc:  # the format cannot hold this data (float as ASC with bands…)
+        raise wms_error("InvalidFormat", "format", str(exc)) from None
+
+
+async def get_map(request: Request, kvp: KVP, version: str) -> Response:
+    runtime = get_runtime(request)
+    req = parse_map_request(kvp, runtime, key_hash(request), version, format_required=True)
+    body, content_type = await _render(request, runtime, req)
+    headers = {"Content-Type": content_type}  # exact: no charset appended to text/asc
+    headers.update(map_headers((layer.published for layer in req.layers), runtime.settings))
+    return Response(body, headers=headers)
+
+
+def image_exception(exc: ServiceError, frame: ImageFrame) -> Response:
+    assert frame.format is not None
+    if frame.mode == "BLANK":
+        body, mime = blank_image(frame.width, frame.height, frame.format, transparent=frame.transparent,
+                                 bgcolor=frame.bgcolor)
+    else:
+        body, mime = exception_in_image(f"{exc.code}: {exc.message}", frame.width, frame.height, frame.format,
+                                        transparent=frame.transparent, bgcolor=frame.bgcolor)
+    return Response(body, media_type=mime)
