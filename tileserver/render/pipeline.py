@@ -53,19 +53,15 @@ from tileserver.rok4.tms import TileMatrixSet
 
 from .draw import draw, estimate_memory
 from .encode import encode_image
-from .errors import RenderBusy, RenderError, RenderTooLarge
+from .errors import RenderError, RenderTooLarge
 from .fetch import fetch_tiles
-from .gate import Deadline, RenderGate, gate_for
+from .gate import Deadline, RenderGate
 from .georef import Grid
-from .levels import SourcePlan, choose_level, local_resolution, plan_source
-from .model import MapLayer, Raster, style_usable
+from .levels import SourcePlan, plan_source
+from .model import MapLayer, Raster
 from .styles import Style
 
-__all__ = [
-    "DEFAULT_MAX_TILES", "TILE_FORMATS", "WHITE", "TileFormat", "render_map", "render_tile",
-    # tileserver/services/ import these from here (their own modules are errors, gate, model, levels)
-    "MapLayer", "Raster", "RenderBusy", "RenderError", "choose_level", "gate_for", "local_resolution", "style_usable",
-]
+__all__ = ["DEFAULT_MAX_TILES", "TILE_FORMATS", "WHITE", "TileFormat", "render_map", "render_tile"]
 
 DEFAULT_MAX_TILES = 1024  # source tiles one render may read
 

@@ -8,8 +8,11 @@ from starlette.responses import Response
 
 from tileserver.catalog import PublishedLayer
 from tileserver.render.encode import encode_image
+from tileserver.render.errors import RenderError
+from tileserver.render.gate import gate_for
 from tileserver.render.georef import Grid
-from tileserver.render.pipeline import MapLayer, RenderError, gate_for, render_map, render_tile
+from tileserver.render.model import MapLayer
+from tileserver.render.pipeline import render_map, render_tile
 from tileserver.render.styles import Style
 from tileserver.runtime import get_runtime
 from tileserver.services.numbers import BadIndex, parse_index

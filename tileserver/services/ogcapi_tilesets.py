@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tileserver.catalog import PublishedLayer
-from tileserver.render.pipeline import style_usable
+from tileserver.render.model import style_usable
 from tileserver.render.styles import Style
 from tileserver.rok4.descriptor import TileLimits
 from tileserver.runtime import get_runtime

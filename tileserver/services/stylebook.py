@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tileserver.catalog import PublishedLayer
-from tileserver.render.pipeline import style_usable
+from tileserver.render.model import style_usable
 from tileserver.render.styles import Style, StyleError, load_style, parse_style
 
 log = logging.getLogger("tileserver.wms")

@@ -20,7 +20,9 @@ import numpy as np
 from starlette.responses import Response
 
 from tileserver.catalog import PublishedLayer
-from tileserver.render.pipeline import RenderError, gate_for, render_tile
+from tileserver.render.errors import RenderError
+from tileserver.render.gate import gate_for
+from tileserver.render.pipeline import render_tile
 from tileserver.rok4.codecs import CodecError, encode_tile
 from tileserver.rok4.formats import PyramidFormat
 from tileserver.rok4.slab import NotASlabError, tiff_wrap

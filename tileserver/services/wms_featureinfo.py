@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from tileserver.catalog import PublishedLayer
 from tileserver.render.georef import Grid, get_transformer
-from tileserver.render.pipeline import choose_level, local_resolution
+from tileserver.render.levels import choose_level, local_resolution
 from tileserver.runtime import get_runtime
 from tileserver.services.crs import V111, V130, transformable
 from tileserver.services.numbers import shortest

@@ -10,7 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tileserver.render.encode import blank_image, encode_image, exception_in_image
-from tileserver.render.pipeline import Raster, RenderBusy, RenderError, gate_for, render_map
+from tileserver.render.errors import RenderBusy, RenderError
+from tileserver.render.gate import gate_for
+from tileserver.render.model import Raster
+from tileserver.render.pipeline import render_map
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import KVP, key_hash
 from tileserver.services.policy import ServiceError, map_headers, request_id

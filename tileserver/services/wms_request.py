@@ -15,7 +15,7 @@ from starlette.responses import Response
 from tileserver.catalog import Catalog, PublishedLayer
 from tileserver.render.encode import normalise_format
 from tileserver.render.georef import Grid
-from tileserver.render.pipeline import MapLayer
+from tileserver.render.model import MapLayer
 from tileserver.render.styles import Style
 from tileserver.services.crs import (
     V111,
