@@ -1,0 +1,355 @@
+"""Maps of a GeoPackage base's relations drawn with SLD styles, by mapnik (the PyPI wheel, LGPL-2.1+).
+
+mapnik draws antialiased polygons, strokes with dashes/caps/joins/offsets, markers, patterns and
+labels with halos, line placement and collision avoidance, and reads the GeoPackage through its
+`ogr` input plugin (R-tree used for the bbox), in a few ms: drawing that by hand would be slower and
+worse. The `sld.Style` model is written out as a mapnik XML map (lxml escapes every attribute and
+text), then loaded and rendered to an RGBA image that `render.encode` turns into any WMS format.
+
+Filters become mapnik expressions from the pygeofilter AST: string values are single-quoted with
+quotes and backslashes escaped, attribute names are the relation's own (checked) and never hold a
+bracket, numbers are written by Python. Literals take the type of the attribute they are compared
+with (an SLD literal is text: `insee_dep = 75` against a text column compares '75'). Spatial filters
+have no mapnik expression and are refused with a StyleError.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mapnik
+import numpy as np
+from lxml import etree
+from pygeofilter import ast
+from pyproj import CRS
+
+from tileserver.render import sld
+from tileserver.vector.base import Relation
+from tileserver.vector.geopackage import like_regex
+
+DEFAULT_BLUE = "#3366cc"  # the platform draws a relation without style in blue
+MARK_PIXELS = 6.0  # SLD's default mark size
+
+_COMPARISONS = {
+    ast.Equal: "=", ast.NotEqual: "!=", ast.LessThan: "<", ast.LessEqual: "<=",
+    ast.GreaterThan: ">", ast.GreaterEqual: ">=",
+}
+_ARITHMETIC = {ast.Add: "+", ast.Sub: "-", ast.Mul: "*", ast.Div: "/"}
+_NUMERIC = ("integer", "real")
+
+
+@dataclass(frozen=True)
+class VectorLayer:
+    """One relation of the base and its style (None: the platform's default blue)."""
+
+    relation: Relation
+    style: sld.Style | None = None
+
+
+def default_style(relation: Relation) -> sld.Style:
+    """The platform's look for a relation published without style: blue, by geometry type."""
+    kind = (relation.geometry_type or "").lower()
+    symbolizer: sld.Symbolizer
+    if "point" in kind:
+        symbolizer = sld.PointSymbolizer(sld.Graphic("circle", sld.Fill(DEFAULT_BLUE), sld.Stroke("#000000", 0.5), size=6))
+    elif "line" in kind:
+        symbolizer = sld.LineSymbolizer(sld.Stroke(DEFAULT_BLUE, 1.0))
+    else:
+        symbolizer = sld.PolygonSymbolizer(sld.Fill(DEFAULT_BLUE, 0.6), sld.Stroke(DEFAULT_BLUE, 1.0))
+    rule = sld.Rule(None, None, None, False, None, None, (symbolizer,))
+    return sld.Style(relation.name, "default", None, (sld.FeatureTypeStyle((rule,)),), "1.0.0")
+
+
+# --- expressions --------------------------------------------------------------------------------
+
+
+def quote_string(value: str) -> str:
+    """A mapnik expression string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class _Expressions:
+    def __init__(self, relation: Relation) -> None:
+        self.relation = relation
+        self.types = {a.name: a.type for a in relation.attributes}
+
+    def attribute(self, name: str) -> str:
+        if name not in self.types or "[" in name or "]" in name:
+            raise sld.StyleError(f"the style uses attribute {name!r} which table {self.relation.name!r} lacks")
+        return f"[{name}]"
+
+    def literal(self, value: Any, type_: str | None) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if type_ in _NUMERIC and isinstance(value, str):
+            try:
+                value = float(value) if type_ == "real" or not value.lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                pass  # compared as text: no feature matches, as in SQL
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise sld.StyleError(f"the number {value} has no place in a filter")
+            return str(value) if type_ not in ("string", "date", "datetime") else quote_string(str(value))
+        if isinstance(value, dt.date | dt.datetime):
+            return quote_string(value.isoformat())
+        if isinstance(value, str):
+            return quote_string(value)
+        raise sld.StyleError(f"the value {value!r} cannot be drawn by a filter")
+
+    def _type_of(self, node: Any) -> str | None:
+        return self.types.get(node.name) if isinstance(node, ast.Attribute) else None
+
+    def scalar(self, node: Any, type_: str | None = None) -> str:
+        if isinstance(node, ast.Attribute):
+            return self.attribute(node.name)
+        operator = _ARITHMETIC.get(type(node))
+        if operator:
+            return f"({self.scalar(node.lhs, 'real')} {operator} {self.scalar(node.rhs, 'real')})"
+        if isinstance(node, ast.Node):
+            raise sld.StyleError(f"{type(node).__name__} is not supported in a style's filter")
+        return self.literal(node, type_)
+
+    def condition(self, node: Any) -> str:
+        if isinstance(node, ast.And | ast.Or):
+            word = "and" if isinstance(node, ast.And) else "or"
+            return f"({self.condition(node.lhs)} {word} {self.condition(node.rhs)})"
+        if isinstance(node, ast.Not):
+            return f"(not {self.condition(node.sub_node)})"
+        operator = _COMPARISONS.get(type(node))
+        if operator:
+            lhs, rhs = node.lhs, node.rhs
+            type_ = self._type_of(lhs) or self._type_of(rhs)
+            return f"({self.scalar(lhs, type_)} {operator} {self.scalar(rhs, type_)})"
+        if isinstance(node, ast.Between):
+            type_ = self._type_of(node.lhs)
+            lhs = self.scalar(node.lhs, type_)
+            inside = f"({lhs} >= {self.scalar(node.low, type_)} and {lhs} <= {self.scalar(node.high, type_)})"
+            return f"(not {inside})" if node.not_ else inside
+        if isinstance(node, ast.In):
+            type_ = self._type_of(node.lhs)
+            lhs = self.scalar(node.lhs, type_)
+            inside = "(" + " or ".join(f"{lhs} = {self.scalar(v, type_)}" for v in node.sub_nodes) + ")"
+            return f"(not {inside})" if node.not_ else inside
+        if isinstance(node, ast.IsNull):
+            test = f"({self.scalar(node.lhs)} = null)"
+            return f"(not {test})" if node.not_ else test
+        if isinstance(node, ast.Like):
+            regex = like_regex(node.pattern, node.wildcard, node.singlechar, node.escapechar)
+            test = f"{self.scalar(node.lhs)}.match({quote_string(('(?i)' if node.nocase else '') + regex)})"
+            return f"(not {test})" if node.not_ else test
+        if isinstance(node, ast.Include | ast.Exclude):
+            return "true" if isinstance(node, ast.Include) else "false"
+        raise sld.StyleError(f"the filter {type(node).__name__} is not supported by the map renderer")
+
+
+# --- graphics --------------------------------------------------------------------------------------
+
+_MARK_PATHS = {
+    "square": "M0 0 H10 V10 H0 Z",
+    "circle": "M0 5 A5 5 0 1 0 10 5 A5 5 0 1 0 0 5 Z",
+    "triangle": "M5 0 L10 10 H0 Z",
+    "star": "M5 0 L6.2 3.5 L10 3.6 L7 6 L8.1 9.6 L5 7.5 L1.9 9.6 L3 6 L0 3.6 L3.8 3.5 Z",
+    "cross": "M3.5 0 H6.5 V3.5 H10 V6.5 H6.5 V10 H3.5 V6.5 H0 V3.5 H3.5 Z",
+    "x": "M1.5 0 L5 3.5 L8.5 0 L10 1.5 L6.5 5 L10 8.5 L8.5 10 L5 6.5 L1.5 10 L0 8.5 L3.5 5 L0 1.5 Z",
+}
+_mark_dir: Path | None = None
+_mark_lock = threading.Lock()
+
+
+def _mark_file(graphic: sld.Graphic) -> str:
+    """An SVG file drawing a well-known mark in its colours (mapnik markers and patterns read files);
+    written once per process per look, named by its content."""
+    global _mark_dir
+    fill, stroke = graphic.fill, graphic.stroke
+    size = graphic.size or MARK_PIXELS
+    paint = (f'fill="{fill.color}" fill-opacity="{fill.opacity}"' if fill else 'fill="none"') + " " + (
+        f'stroke="{stroke.color}" stroke-opacity="{stroke.opacity}" stroke-width="{stroke.width * 10 / size}"'
+        if stroke else 'stroke="none"')
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" viewBox="0 0 10 10">'
+           f'<path d="{_MARK_PATHS[graphic.mark or "square"]}" {paint}/></svg>')
+    name = hashlib.sha256(svg.encode()).hexdigest()[:24] + ".svg"
+    with _mark_lock:
+        if _mark_dir is None:
+            _mark_dir = Path(tempfile.mkdtemp(prefix="tileserver-marks-"))
+        path = _mark_dir / name
+        if not path.exists():
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(svg)
+            tmp.replace(path)
+    return str(path)
+
+
+def _rgba(color: str, opacity: float) -> str:
+    value = color.lstrip("#")
+    if len(value) == 3:
+        value = "".join(c * 2 for c in value)
+    r, g, b = (int(value[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{opacity:g})"
+
+
+def _face(font: sld.Font) -> str:
+    """The bundled DejaVu face closest to the SLD's font (the wheel ships DejaVu only)."""
+    family = font.family.lower()
+    bold = font.weight.lower() == "bold"
+    slanted = font.style.lower() in ("italic", "oblique")
+    if "mono" in family or "courier" in family:
+        base, slant = "DejaVu Sans Mono", "Oblique"
+    elif "serif" in family and "sans" not in family or "times" in family:
+        base, slant = "DejaVu Serif", "Italic"
+    else:
+        base, slant = "DejaVu Sans", "Oblique"
+    style = " ".join(w for w in (("Bold" if bold else ""), (slant if slanted else "")) if w) or "Book"
+    return f"{base} {style}"
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _stroke_attributes(stroke: sld.Stroke) -> dict[str, str]:
+    out = {"stroke": stroke.color, "stroke-width": _number(stroke.width), "stroke-opacity": _number(stroke.opacity),
+           "stroke-linecap": stroke.linecap, "stroke-linejoin": stroke.linejoin}
+    if stroke.dasharray:
+        pattern = stroke.dasharray if len(stroke.dasharray) % 2 == 0 else stroke.dasharray * 2
+        out["stroke-dasharray"] = ",".join(_number(v) for v in pattern)
+    return out
+
+
+def _marker_attributes(graphic: sld.Graphic) -> dict[str, str]:
+    out = {"placement": "point", "allow-overlap": "true", "ignore-placement": "true",
+           "opacity": _number(graphic.opacity)}
+    if graphic.href is not None:
+        out["file"] = graphic.href
+        if graphic.size is not None:
+            out["height"] = _number(graphic.size)
+    else:
+        out["file"] = _mark_file(graphic)
+        out["width"] = out["height"] = _number(graphic.size or MARK_PIXELS)
+    if graphic.rotation:
+        out["transform"] = f"rotate({_number(graphic.rotation)})"
+    return out
+
+
+class _Writer:
+    def __init__(self, relation: Relation) -> None:
+        self.expressions = _Expressions(relation)
+
+    def symbolizers(self, parent: Any, symbolizer: sld.Symbolizer) -> None:
+        if isinstance(symbolizer, sld.PolygonSymbolizer):
+            fill = symbolizer.fill
+            if fill is not None and fill.graphic is not None:
+                file = fill.graphic.href or _mark_file(fill.graphic)
+                etree.SubElement(parent, "PolygonPatternSymbolizer", file=file)
+            elif fill is not None:
+                etree.SubElement(parent, "PolygonSymbolizer", fill=fill.color, **{"fill-opacity": _number(fill.opacity)})
+            if symbolizer.stroke is not None:
+                line = etree.SubElement(parent, "LineSymbolizer", **_stroke_attributes(symbolizer.stroke))
+                if symbolizer.offset:
+                    line.set("offset", _number(symbolizer.offset))
+        elif isinstance(symbolizer, sld.LineSymbolizer):
+            line = etree.SubElement(parent, "LineSymbolizer", **_stroke_attributes(symbolizer.stroke))
+            if symbolizer.offset:
+                line.set("offset", _number(symbolizer.offset))
+        elif isinstance(symbolizer, sld.PointSymbolizer):
+            etree.SubElement(parent, "MarkersSymbolizer", **_marker_attributes(symbolizer.graphic))
+        elif isinstance(symbolizer, sld.TextSymbolizer):
+            self.text(parent, symbolizer)
+
+    def text(self, parent: Any, symbolizer: sld.TextSymbolizer) -> None:
+        parts = [self.expressions.attribute(value) if kind == "attribute" else quote_string(value)
+                 for kind, value in symbolizer.label]
+        attributes = {
+            "face-name": _face(symbolizer.font), "size": _number(symbolizer.font.size),
+            "fill": _rgba(symbolizer.fill.color, symbolizer.fill.opacity), "placement": symbolizer.placement,
+        }
+        if symbolizer.halo_fill is not None and symbolizer.halo_radius > 0:
+            attributes["halo-radius"] = _number(symbolizer.halo_radius)
+            attributes["halo-fill"] = _rgba(symbolizer.halo_fill.color, symbolizer.halo_fill.opacity)
+        if symbolizer.placement == "line":
+            attributes["dy"] = _number(-symbolizer.offset)
+            attributes["max-char-angle-delta"] = "30"
+        else:
+            ax, ay = symbolizer.anchor
+            attributes["horizontal-alignment"] = "right" if ax < 1 / 3 else "left" if ax > 2 / 3 else "middle"
+            attributes["vertical-alignment"] = "top" if ay < 1 / 3 else "bottom" if ay > 2 / 3 else "middle"
+            attributes["dx"] = _number(symbolizer.displacement[0])
+            attributes["dy"] = _number(-symbolizer.displacement[1])
+            if symbolizer.rotation:
+                attributes["orientation"] = _number(symbolizer.rotation)
+        element = etree.SubElement(parent, "TextSymbolizer", **attributes)
+        element.text = " + ".join(parts)
+
+    def rule(self, parent: Any, rule: sld.Rule) -> None:
+        element = etree.SubElement(parent, "Rule")
+        if rule.else_filter:
+            etree.SubElement(element, "ElseFilter")
+        elif rule.filter is not None:
+            etree.SubElement(element, "Filter").text = self.expressions.condition(rule.filter)
+        if rule.min_scale is not None:
+            etree.SubElement(element, "MinScaleDenominator").text = repr(float(rule.min_scale))
+        if rule.max_scale is not None:
+            etree.SubElement(element, "MaxScaleDenominator").text = repr(float(rule.max_scale))
+        for symbolizer in rule.symbolizers:
+            self.symbolizers(element, symbolizer)
+
+
+def mapnik_srs(crs: str) -> str:
+    """mapnik's spelling of a CRS ("epsg:2154"); CRS:84 draws as EPSG:4326 in lon/lat order."""
+    if crs.upper() in ("CRS:84", "OGC:CRS84"):
+        return "epsg:4326"
+    authority = CRS.from_user_input(crs).to_authority()
+    if authority is None:
+        raise ValueError(f"{crs} has no authority code")
+    return f"{authority[0].lower()}:{authority[1]}"
+
+
+def map_xml(path: str | Path, layers: Sequence[VectorLayer], crs: str, background: str) -> str:
+    """The mapnik XML map of `layers` over the GeoPackage at `path`; the first layer draws on top."""
+    root = etree.Element("Map", srs=mapnik_srs(crs), **{"background-color": background})
+    for index, layer in reversed(list(enumerate(layers))):
+        relation = layer.relation
+        if relation.geometry_column is None:
+            raise sld.StyleError(f"relation {relation.name!r} has no geometry to draw")
+        style = layer.style or default_style(relation)
+        writer = _Writer(relation)
+        names = []
+        for number, group in enumerate(style.feature_type_styles):
+            name = f"s{index}-{number}"
+            element = etree.SubElement(root, "Style", name=name)
+            for rule in group.rules:
+                writer.rule(element, rule)
+            names.append(name)
+        layer_element = etree.Element("Layer", name=f"l{index}", srs=mapnik_srs(relation.srs))
+        for name in names:
+            etree.SubElement(layer_element, "StyleName").text = name
+        datasource = etree.SubElement(layer_element, "Datasource")
+        for key, value in (("type", "ogr"), ("file", str(path)), ("layer", relation.name)):
+            etree.SubElement(datasource, "Parameter", name=key).text = value
+        root.append(layer_element)
+    return etree.tostring(root, encoding="unicode")
+
+
+def render(path: str | Path, layers: Sequence[VectorLayer], bbox: tuple[float, float, float, float], crs: str,
+           width: int, height: int, transparent: bool = True, bgcolor: str = "#ffffff") -> np.ndarray:
+    """An RGBA uint8 array (height, width, 4) of `layers` over `bbox` (x/east first, in `crs`);
+    a transparent map has alpha 0 where nothing is drawn."""
+    background = "transparent" if transparent else sld.color(bgcolor, "BGCOLOR")
+    xml = map_xml(path, layers, crs, background)
+    mapnik_map = mapnik.Map(width, height)
+    mapnik.load_map_from_string(mapnik_map, xml, True)
+    mapnik_map.aspect_fix_mode = mapnik.aspect_fix_mode.RESPECT  # WMS stretches the bbox to the size
+    mapnik_map.zoom_to_box(mapnik.Box2d(*bbox))
+    image = mapnik.Image(width, height)
+    mapnik.render(mapnik_map, image)
+    if image.premultiplied():
+        image.demultiply()
+    return np.frombuffer(image.to_string(), dtype=np.uint8).reshape(height, width, 4).copy()
