@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mapnik
 import numpy as np
 from lxml import etree
 from pygeofilter import ast
@@ -35,6 +34,24 @@ from pyproj import CRS
 from tileserver.render import sld
 from tileserver.vector.base import Relation
 from tileserver.vector.geopackage import like_regex
+
+
+def _import_mapnik() -> Any:
+    """mapnik's import points GDAL_DATA, PROJ_LIB and ICU_DATA of the whole process (and of every
+    process it starts: workers, GDAL's tools) at the data of its own bundled libraries, whose PROJ
+    database other PROJ versions cannot read; give the environment back as it was."""
+    saved = {key: os.environ.get(key) for key in ("GDAL_DATA", "PROJ_LIB", "PROJ_DATA", "ICU_DATA")}
+    import mapnik as module
+
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return module
+
+
+mapnik = _import_mapnik()
 
 DEFAULT_BLUE = "#3366cc"  # the platform draws a relation without style in blue
 MARK_PIXELS = 6.0  # SLD's default mark size
