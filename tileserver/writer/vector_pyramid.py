@@ -423,6 +423,8 @@ async def build_vector_pyramid_async(base_path: str | Path, output: str, name: s
         raise WriterError("width and height must be at least 1")
     arguments = tippecanoe_options(options.tippecanoe_options)
     area = parse_area(options.area)
+    if not overwrite and await storage.exists(target.descriptor_path):
+        raise WriterError(f"{target.descriptor_path} already exists; choose another name or overwrite")
     base = GeoPackageBase(base_path)
     try:
         plans = plan(base, tms, options)
@@ -470,8 +472,8 @@ async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, pla
     levels: list[Level] = []
     size = crowded = 0
     tpw, tph = options.width, options.height
+    await _clear_previous(storage, target, overwrite)  # before the try: a refusal must not touch it
     try:
-        await _clear_previous(storage, target, overwrite)
         for zoom in range(top, bottom + 1):
             matrix = tms.matrices[zoom]
             tiles = await asyncio.to_thread(read_tiles, tiles_dir, zoom)
