@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mapbox_vector_tile
 import numpy as np
 import pyogrio.raw
@@ -237,3 +238,83 @@ def test_failed_run_leaves_nothing(base: Any, tmp_path: Path) -> None:
     assert [lv["id"] for lv in doc["levels"]] == ["10", "9"]
     slabs = {p.relative_to(tmp_path / "V").as_posix() for p in (tmp_path / "V" / "DATA").rglob("*.tif")}
     assert slabs == {line.split("/", 1)[1] for line in (tmp_path / "V.list").read_text().split("#\n")[1].split()}
+
+
+# --- the processing, over real HTTP --------------------------------------------------------------------
+
+
+def test_processing_over_http(tmp_path: Path) -> None:
+    """A VECTOR upload integrated into a base, then "Calcul ou mise à jour de pyramide vecteur":
+    refused parameters listed at creation; the stored data typed ROK4-PYRAMID-VECTOR with its levels;
+    tiles read back from its descriptor; a failed run (tippecanoe refuses) leaves no pyramid."""
+    from test_warehouse_support import api_client, wait_for, warehouse_server
+    from test_warehouse_vector import BASE, _ok, integrate, upload
+
+    gpkg = tmp_path / "livraison.gpkg"
+    rows = make_base(gpkg)
+    with warehouse_server(tmp_path) as (url, settings):
+        client = api_client(url)
+        delivered = upload(client, {"data/livraison.gpkg": gpkg})
+        base = integrate(client, delivered["_id"])
+        [processing] = client.get(f"{BASE}/processings",
+                                  params={"name": "Calcul ou mise à jour de pyramide vecteur"}).json()
+        definition = client.get(f"{BASE}/processings/{processing['_id']}").json()
+        assert definition["output_type"]["stored_data"] == "ROK4-PYRAMID-VECTOR"
+        assert definition["input_types"]["stored_data"] == ["VECTOR-DB"]
+
+        def create(parameters: dict[str, Any], name: str = "pyramide") -> httpx.Response:
+            return client.post(f"{BASE}/processings/executions", json={
+                "processing": processing["_id"], "inputs": {"stored_data": [base["_id"]]},
+                "output": {"stored_data": {"name": name, "storage_tags": ["PYRAMIDE"]}}, "parameters": parameters})
+
+        refused = create({"composition": [{"table": "absent", "top_level": "5", "bottom_level": "8"},
+                                          {"table": "arbres", "top_level": "5", "bottom_level": "8",
+                                           "filter": "nom = 'x'; DROP TABLE arbres"}],
+                          "tippecanoe_options": "-S10"})
+        assert refused.status_code == 400
+        text = json.dumps(refused.json())
+        assert "absent" in text and "filter" in text
+        refused = create({"top_level": "5", "bottom_level": "8", "tippecanoe_options": "-o /tmp/x.mbtiles"})
+        assert refused.status_code == 400 and "not an allowed" in json.dumps(refused.json())
+
+        def run(parameters: dict[str, Any], name: str, expect: str) -> dict[str, Any]:
+            execution = _ok(create(parameters, name), 201)
+            _ok(client.post(f"{BASE}/processings/executions/{execution['_id']}/launch"))
+            done = wait_for(lambda: (e := client.get(f"{BASE}/processings/executions/{execution['_id']}").json())
+                            ["status"] in ("SUCCESS", "FAILURE") and e)
+            logs = client.get(f"{BASE}/processings/executions/{execution['_id']}/logs").json()
+            assert done["status"] == expect, logs
+            return {"logs": logs, "stored": client.get(
+                f"{BASE}/stored_data/{execution['output']['stored_data']['_id']}").json()}
+
+        done = run({"bottom_level": "12", "top_level": "7", "tippecanoe_options": "-ac -an -S10",
+                    "composition": [{"table": "arbres", "attributes": ["nom"], "layer": "trees"},
+                                    {"table": "parcelles", "top_level": "10", "filter": "usage = 'pre'"}],
+                    "width": 8, "height": 8}, "pyramide", "SUCCESS")
+        stored = done["stored"]
+        assert stored["type"] == "ROK4-PYRAMID-VECTOR" and stored["status"] == "GENERATED"
+        assert stored["type_infos"]["tms"] == "PM"
+        assert stored["type_infos"]["levels"] == [str(z) for z in range(12, 6, -1)]
+        assert any("tippecanoe" in line for line in done["logs"])
+        from tileserver.publication.store import PublicationStore
+
+        store = PublicationStore(settings.resolved_store_path)
+        try:
+            descriptor = store.get_stored_data(stored["_id"]).descriptor_url.removeprefix("file://")
+        finally:
+            store.close()
+        doc, levels = read_pyramid(descriptor)
+        assert [lv["tiles_per_width"] for lv in doc["levels"]] == [8] * 6
+        assert {f["properties"]["nom"] for f in layer_features(levels["12"], "trees")} == \
+            {r["nom"] for r in rows["arbres"]}
+        assert {f["properties"]["code"] for f in layer_features(levels["12"], "parcelles")} == \
+            {r["code"] for r in rows["parcelles"] if r["usage"] == "pre"}
+        assert not layer_features(levels["9"], "parcelles")
+
+        failed = run({"bottom_level": "12", "top_level": "5", "tippecanoe_options": "--maximum-tile-bytes=50",
+                      "composition": [{"table": "parcelles"}]}, "échec", "FAILURE")
+        assert any("tippecanoe failed" in line for line in failed["logs"])
+        assert failed["stored"]["status"] != "GENERATED"
+        root = Path(descriptor).parent
+        assert sorted(p.name for p in root.iterdir() if ".gpkg" not in p.name) == sorted(
+            [Path(descriptor).name, Path(descriptor).with_suffix(".list").name, Path(descriptor).stem])

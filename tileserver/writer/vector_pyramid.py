@@ -142,7 +142,7 @@ class Composition:
     bottom_level: str
     layer: str = ""  # name in the tiles; the table's by default
     filter: str = ""
-    attributes: tuple[str, ...] = ("*",)
+    attributes: tuple[str, ...] = ("*",)  # the primary key and the geometry column may be named (the SDK does)
 
     @property
     def layer_name(self) -> str:
@@ -188,6 +188,40 @@ class VectorPyramidOptions:
     parallelization: int = 1
 
 
+def options_from_parameters(parameters: dict[str, Any], relations: Sequence[Relation]) -> VectorPyramidOptions:
+    """The processing's parameters (the platform's names; levels as strings or numbers) as options.
+    Without a composition, every table of the base with a geometry between `top_level` and
+    `bottom_level`, which are then mandatory."""
+    top, bottom = parameters.get("top_level"), parameters.get("bottom_level")
+    raw = parameters.get("composition")
+    if raw is None:
+        if top is None or bottom is None:
+            raise WriterError("parameters.top_level and parameters.bottom_level are mandatory without a composition")
+        raw = [{"table": r.name} for r in relations if r.geometry_column]
+    if not isinstance(raw, list):
+        raise WriterError("parameters.composition: must be an array of {table, layer, filter, attributes,"
+                          " top_level, bottom_level}")
+    items = tuple(Composition.from_json(item, f"parameters.composition[{i}]", top, bottom)
+                  for i, item in enumerate(raw))
+    area = parameters.get("area") or ""
+    if not isinstance(area, str):
+        raise WriterError("parameters.area: a WKT text is required")
+    text = parameters.get("tippecanoe_options") or ""
+    if not isinstance(text, str):
+        raise WriterError("parameters.tippecanoe_options: must be a string")
+    return VectorPyramidOptions(items, str(parameters.get("tms") or "PM"), int(parameters.get("width", 16)),
+                                int(parameters.get("height", 16)), text, area,
+                                int(parameters.get("parallelization", 1)))
+
+
+def check_options(base: GeoPackageBase, tms: TileMatrixSet, options: VectorPyramidOptions) -> list[_Plan]:
+    """Everything a run would refuse before its first write (the API checks it at creation)."""
+    check_grid(tms)
+    tippecanoe_options(options.tippecanoe_options)
+    parse_area(options.area)
+    return plan(base, tms, options)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """A composition item checked against the base and the grid."""
@@ -198,6 +232,7 @@ class _Plan:
     attributes: tuple[str, ...]
     top: int  # zoom
     bottom: int
+    key: str | None = None  # the primary key's value goes as this attribute (asked by its name, or `id`)
 
 
 def _zoom(tms: TileMatrixSet, level: str, where: str) -> int:
@@ -234,9 +269,9 @@ def plan(base: GeoPackageBase, tms: TileMatrixSet, options: VectorPyramidOptions
 
     problems, plans = [], []
     if not options.composition:
-        problems.append("composition: at least one table is required")
+        problems.append("parameters.composition: at least one table is required")
     for i, item in enumerate(options.composition):
-        where = f"composition[{i}]"
+        where = f"parameters.composition[{i}]"
         relation = base.relation(item.table)
         if relation is None:
             problems.append(f"{where}.table: the base has no table {item.table!r}")
@@ -245,12 +280,18 @@ def plan(base: GeoPackageBase, tms: TileMatrixSet, options: VectorPyramidOptions
             problems.append(f"{where}.table: {item.table!r} has no geometry")
             continue
         known = [a.name for a in relation.attributes if a.type != "binary"]
+        key = None
         if "*" in item.attributes:
             attributes = tuple(known)
         else:
-            attributes = item.attributes
-            problems += [f"{where}.attributes: {item.table!r} has no attribute {a!r}"
-                         for a in attributes if a not in known]
+            attributes = ()
+            for a in item.attributes:
+                if a in known:
+                    attributes += (a,)
+                elif a in relation.primary_key or a == "id":  # the platform's bases key their tables `id`
+                    key = a
+                elif a not in (relation.geometry_column, "wkb_geometry"):  # the geometry always goes
+                    problems.append(f"{where}.attributes: {item.table!r} has no attribute {a!r}")
         try:
             top, bottom = _zoom(tms, item.top_level, f"{where}.top_level"), \
                 _zoom(tms, item.bottom_level, f"{where}.bottom_level")
@@ -265,7 +306,7 @@ def plan(base: GeoPackageBase, tms: TileMatrixSet, options: VectorPyramidOptions
         except QueryError as exc:
             problems.append(f"{where}.filter: {exc}")
             continue
-        plans.append(_Plan(item, relation, node, attributes, top, bottom))
+        plans.append(_Plan(item, relation, node, attributes, top, bottom, key))
     if problems:
         raise WriterError("; ".join(problems))
     return plans
@@ -306,7 +347,8 @@ def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path) -> int:
             for feature, geom, text in zip(batch, geoms, texts, strict=True):
                 if geom is None or geom.is_empty:
                     continue
-                props = json.dumps(feature.properties, ensure_ascii=False, default=str)
+                values = feature.properties if p.key is None else {p.key: feature.id, **feature.properties}
+                props = json.dumps(values, ensure_ascii=False, default=str)
                 out.write(f'\x1e{{"type":"Feature","tippecanoe":{head},"properties":{props},"geometry":{text}}}\n')
                 written += 1
     return written
@@ -408,7 +450,7 @@ def layer_table(p: _Plan) -> dict[str, Any]:
              "boolean": "boolean", "date": "date", "datetime": "timestamp with time zone"}
     return {"name": p.item.layer_name, "geometry": (p.relation.geometry_type or "Geometry").upper(),
             "attributes": [{"name": a, "type": names.get(types.get(a, "string"), "character varying")}
-                           for a in p.attributes]}
+                           for a in ((p.key,) if p.key else ()) + p.attributes]}
 
 
 async def build_vector_pyramid_async(base_path: str | Path, output: str, name: str, options: VectorPyramidOptions,
