@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -315,9 +316,13 @@ def plan(base: GeoPackageBase, tms: TileMatrixSet, options: VectorPyramidOptions
 # --- export --------------------------------------------------------------------------------------
 
 
-def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path) -> int:
+BBox = tuple[float, float, float, float]
+
+
+def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path) -> tuple[int, BBox | None]:
     """The plan's features as a GeoJSON text sequence in EPSG:4326, each with tippecanoe's own
-    `minzoom`/`maxzoom` (tables composed at different levels share one run); their count."""
+    `minzoom`/`maxzoom` (tables composed at different levels share one run); their count and
+    bounding box (lon/lat)."""
     from pyproj.exceptions import ProjError
 
     from tileserver.vector.base import Query
@@ -326,14 +331,16 @@ def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path) -> int:
     try:
         to_wgs84 = Transformer.from_crs(p.relation.srs, "EPSG:4326", always_xy=True)
         if area is not None:
+            west, south, east, north = area.bounds
             bbox = Transformer.from_crs("EPSG:4326", p.relation.srs, always_xy=True).transform_bounds(
-                *area.bounds, densify_pts=21)
+                west, south, east, north, densify_pts=21)
     except ProjError as exc:
         raise WriterError(f"table {p.relation.name}: cannot reproject from {p.relation.srs} ({exc})") from None
     if area is not None:
         shapely.prepare(area)
     head = json.dumps({"minzoom": p.top, "maxzoom": p.bottom})
     written = 0
+    bounds: BBox | None = None
     features = base.features(Query(p.relation.name, bbox=bbox, filter=p.filter, properties=p.attributes))
     with path.open("w", encoding="utf-8") as out:
         while True:
@@ -344,6 +351,11 @@ def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path) -> int:
             if area is not None:
                 geoms = shapely.intersection(geoms, area)
             texts = shapely.to_geojson(geoms)
+            found = shapely.total_bounds(geoms)
+            if not any(map(math.isnan, found)):
+                found = tuple(float(v) for v in found)
+                bounds = found if bounds is None else (min(bounds[0], found[0]), min(bounds[1], found[1]),
+                                                       max(bounds[2], found[2]), max(bounds[3], found[3]))
             for feature, geom, text in zip(batch, geoms, texts, strict=True):
                 if geom is None or geom.is_empty:
                     continue
@@ -351,7 +363,7 @@ def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path) -> int:
                 props = json.dumps(values, ensure_ascii=False, default=str)
                 out.write(f'\x1e{{"type":"Feature","tippecanoe":{head},"properties":{props},"geometry":{text}}}\n')
                 written += 1
-    return written
+    return written, bounds
 
 
 def _reproject(transformer: Transformer, xy: Any) -> Any:
@@ -433,7 +445,7 @@ def count_features(tile: bytes) -> int:
 
 
 def read_tiles(directory: Path, zoom: int) -> dict[tuple[int, int], bytes]:
-    out = {}
+    out: dict[tuple[int, int], bytes] = {}
     level = directory / str(zoom)
     if not level.is_dir():
         return out
@@ -471,10 +483,11 @@ async def build_vector_pyramid_async(base_path: str | Path, output: str, name: s
     try:
         plans = plan(base, tms, options)
         with tempfile.TemporaryDirectory(prefix="vector-pyramid-") as work:
-            files = []
+            files, extents = [], []
             for i, p in enumerate(plans):
                 path = Path(work) / f"{i}.geojsons"
-                count = await asyncio.to_thread(export, base, p, area, path)
+                count, extent = await asyncio.to_thread(export, base, p, area, path)
+                extents.append(extent)
                 say(f"table {p.relation.name}: {count} feature(s) exported as layer {p.item.layer_name},"
                     f" levels {p.item.top_level} to {p.item.bottom_level}")
                 files.append((p.item.layer_name, path))
@@ -482,7 +495,8 @@ async def build_vector_pyramid_async(base_path: str | Path, output: str, name: s
             tiles_dir = Path(work) / "tiles"
             await asyncio.to_thread(run_tippecanoe, files, tiles_dir, top, bottom, arguments,
                                     options.parallelization, say)
-            return await _pack(storage, target, tms, plans, tiles_dir, top, bottom, options, overwrite, say)
+            return await _pack(storage, target, tms, list(zip(plans, extents, strict=True)), tiles_dir, top, bottom,
+                               options, overwrite, say)
     finally:
         base.close()
 
@@ -505,7 +519,22 @@ async def _clear_previous(storage: Storage, target: PyramidTarget, overwrite: bo
     await storage.delete(target.list_path)
 
 
-async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, plans: list[_Plan], tiles_dir: Path,
+def footprint(bounds: BBox, zoom: int) -> TileLimits:
+    """The Web Mercator tiles a lon/lat box touches at `zoom`."""
+    n = 2 ** zoom
+
+    def col(lon: float) -> int:
+        return min(n - 1, max(0, int((lon + 180.0) / 360.0 * n)))
+
+    def row(lat: float) -> int:
+        lat = min(85.0511287798, max(-85.0511287798, lat))
+        return min(n - 1, max(0, int((1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0 * n)))
+
+    return TileLimits(col(bounds[0]), col(bounds[2]), row(bounds[3]), row(bounds[1]))
+
+
+async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, plans: list[tuple[_Plan, BBox | None]],
+                tiles_dir: Path,
                 top: int, bottom: int, options: VectorPyramidOptions, overwrite: bool,
                 say: Callable[[str], None]) -> dict[str, Any]:
     """Slabs, `.list`, summary, descriptor; a failure removes the slabs written."""
@@ -518,9 +547,20 @@ async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, pla
     try:
         for zoom in range(top, bottom + 1):
             matrix = tms.matrices[zoom]
+            active = [(p, extent) for p, extent in plans if p.top <= zoom <= p.bottom]
             tiles = await asyncio.to_thread(read_tiles, tiles_dir, zoom)
-            if not tiles:
-                say(f"level {matrix.id}: no tile")
+            # limits: where the data is (tippecanoe may leave a low level empty: its tiny features dropped)
+            limits = None
+            for _, extent in active:
+                if extent is not None:
+                    found = footprint(extent, zoom)
+                    limits = found if limits is None else limits.union(found)
+            if tiles:
+                cols, rows = [c for c, _ in tiles], [r for _, r in tiles]
+                found = TileLimits(min(cols), max(cols), min(rows), max(rows))
+                limits = found if limits is None else limits.union(found)
+            if limits is None or not active:
+                say(f"level {matrix.id}: no data")
                 continue
             for (col, row), data in tiles.items():
                 features = count_features(data)
@@ -539,12 +579,10 @@ async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, pla
                 await storage.write(path, data)
                 entries.append((0, target.list_entry(matrix.id, scol, srow), ""))
                 size += len(data)
-            cols, rows = [c for c, _ in tiles], [r for _, r in tiles]
-            limits = TileLimits(min(cols), max(cols), min(rows), max(rows))
-            tables = tuple(layer_table(p) for p in plans if p.top <= zoom <= p.bottom)
+            tables = tuple(layer_table(p) for p, _ in active)
             levels.append(Level(matrix.id, tpw, tph, limits, target.level_storage(matrix.id, False), tables))
             say(f"level {matrix.id}: {len(tiles)} tile(s) in {len(slabs)} slab(s)")
-        if not levels:
+        if not entries:
             raise WriterError("the composed tables hold no feature inside the grid (or the area): no tile")
         levels.reverse()  # top → bottom, as ROK4 writes them
         descriptor = Descriptor(tms.id, get_format("TIFF_PBF_MVT"), tuple(levels))
