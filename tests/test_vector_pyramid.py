@@ -364,3 +364,45 @@ def test_sdk_generic_vecteur_creation_pyramide(tmp_path: Path) -> None:
         for row in source:
             assert (found[row["insee_can"]]["insee_dep"], found[row["insee_can"]]["insee_reg"]) == \
                 (row["insee_dep"], row["insee_reg"])
+
+
+async def test_on_s3(base: Any, tmp_path: Path, s3_server: Any, s3_bucket: str, s3_settings: Any) -> None:
+    """ROK4's object layout on moto S3 (slabs `DATA_<level>_<col>_<row>`, list root `bucket/prefix/NAME`),
+    the same tiles as on disk; a failed run on S3 leaves no object."""
+    from tileserver.rok4.listfile import parse_list
+    from tileserver.writer.vector_pyramid import build_vector_pyramid_async
+
+    path, _ = base
+    options = VectorPyramidOptions((Composition("arbres", "8", "11"), Composition("parcelles", "10", "11")),
+                                   width=2, height=2)
+    root = f"s3://{s3_bucket}/vecteur"
+    async with Storage(s3_settings) as storage:
+        summary = await build_vector_pyramid_async(path, root, "V", options, storage)
+        assert summary["descriptor"] == f"{root}/V.json" and summary["type"] == "ROK4-PYRAMID-VECTOR"
+        pyramid = await Pyramid.open(f"{root}/V.json", storage)
+        on_s3 = {}
+        for level in pyramid.descriptor.levels:
+            lim = level.tile_limits
+            for col in range(lim.min_col, lim.max_col + 1):
+                for row in range(lim.min_row, lim.max_row + 1):
+                    data = await pyramid.get_tile(level.id, col, row)
+                    if data:
+                        on_s3[(level.id, col, row)] = mapbox_vector_tile.decode(data)
+        before = {o["Key"] for o in s3_server.s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])}
+        with pytest.raises(WriterError, match="tippecanoe failed"):
+            await build_vector_pyramid_async(path, root, "W", VectorPyramidOptions(
+                (Composition("parcelles", "5", "12"),), tippecanoe_options="--maximum-tile-bytes=50"), storage)
+        after = {o["Key"] for o in s3_server.s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])}
+        assert after == before
+    descriptor = json.loads(s3_server.get(s3_bucket, "vecteur/V.json"))
+    for level in descriptor["levels"]:
+        assert level["storage"] == {"type": "S3", "bucket_name": s3_bucket, "image_prefix": f"vecteur/V/DATA_{level['id']}"}
+    listing = parse_list(s3_server.get(s3_bucket, "vecteur/V.list").decode())
+    assert listing.roots == {0: f"{s3_bucket}/vecteur/V"}
+    assert {f"vecteur/V/{slab}" for _, slab, _ in listing.entries} == {k for k in before if "/DATA_" in k}
+    local = await asyncio.to_thread(build, path, tmp_path, *options.composition, width=2, height=2)
+    on_disk = (await asyncio.to_thread(read_pyramid, local))[1]
+    assert {(lv, c, r): t for lv, tiles in on_disk.items() for (c, r), t in tiles.items()}.keys() == on_s3.keys()
+    for (lv, c, r), tile in on_s3.items():
+        assert {n: len(layer["features"]) for n, layer in tile.items()} == \
+            {n: len(layer["features"]) for n, layer in on_disk[lv][(c, r)].items()}
