@@ -212,7 +212,8 @@ def test_bad_composition_is_refused_before_anything(base: Any, tmp_path: Path) -
                           (Composition("arbres", "5", "8", filter="nom IN (SELECT nom FROM arbres)"), "filter"),
                           (Composition("arbres", "5", "8", filter="inconnu = 3"), "unknown attribute"),
                           (Composition("arbres", "9", "8"), "finer"),
-                          (Composition("arbres", "5", "25"), "not in grid")):
+                          (Composition("arbres", "5", "25"), "not in grid"),
+                          (Composition("arbres", "5", "8", filter="hauteur > 1000"), "no feature")):
         with pytest.raises(WriterError, match=message):
             build(path, tmp_path, item)
     assert list(tmp_path.iterdir()) == []

@@ -491,6 +491,8 @@ async def build_vector_pyramid_async(base_path: str | Path, output: str, name: s
                 say(f"table {p.relation.name}: {count} feature(s) exported as layer {p.item.layer_name},"
                     f" levels {p.item.top_level} to {p.item.bottom_level}")
                 files.append((p.item.layer_name, path))
+            if all(extent is None for extent in extents):
+                raise WriterError("the composed tables hold no feature (filters, area): nothing to cut into tiles")
             top, bottom = min(p.top for p in plans), max(p.bottom for p in plans)
             tiles_dir = Path(work) / "tiles"
             await asyncio.to_thread(run_tippecanoe, files, tiles_dir, top, bottom, arguments,
