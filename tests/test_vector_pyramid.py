@@ -407,3 +407,24 @@ async def test_on_s3(base: Any, tmp_path: Path, s3_server: Any, s3_bucket: str, 
     for (lv, c, r), tile in on_s3.items():
         assert {n: len(layer["features"]) for n, layer in tile.items()} == \
             {n: len(layer["features"]) for n, layer in on_disk[lv][(c, r)].items()}
+
+
+def test_crowded_tiles_are_named_in_the_logs(tmp_path: Path) -> None:
+    """More than 5 000 features in a tile (the platform docs' first cause of failure) is warned about,
+    tile by tile; the count (read from the tile's bytes) is the decoded tile's."""
+    rng = np.random.default_rng(5)
+    lons, lats = 2.30 + rng.random(6000) * 0.02, 48.85 + rng.random(6000) * 0.01
+    path = tmp_path / "dense.gpkg"
+    pyogrio.raw.write(path, np.array(shapely.to_wkb(shapely.points(lons, lats)), dtype=object),
+                      [np.arange(6000, dtype=np.int64)], ["n"], layer="dense", driver="GPKG", geometry_type="Point",
+                      crs="EPSG:4326")
+    messages: list[str] = []
+    build_vector_pyramid(path, str(tmp_path / "out"), "D", VectorPyramidOptions((Composition("dense", "10", "11"),)),
+                         settings=load_settings(env={}), emit=messages.append)
+    _, levels = read_pyramid(str(tmp_path / "out" / "D.json"))
+    crowded = {(lv, c, r): len(t["dense"]["features"]) for lv, tiles in levels.items() for (c, r), t in tiles.items()
+               if len(t["dense"]["features"]) > 5000}
+    assert crowded  # the level-10 tile holds them all
+    warned = [m for m in messages if m.startswith("warning: tile")]
+    assert sorted(warned) == sorted(f"warning: tile {lv}/{c}/{r} holds {n} features (more than 5000: generalise "
+                                    f"more, see tippecanoe_options)" for (lv, c, r), n in crowded.items())
