@@ -131,7 +131,7 @@ def parse_filter(text: str) -> Any:
         return parse(text)
     except Exception as exc:  # lark raises many kinds; the message names the position
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WriterError(f"filter {text!r}: not a valid condition ({first})") from None
+        raise WriterError(f"not a valid condition ({first[:200]})") from None
 
 
 @dataclass(frozen=True)
@@ -298,13 +298,14 @@ def plan(base: GeoPackageBase, tms: TileMatrixSet, options: VectorPyramidOptions
                 _zoom(tms, item.bottom_level, f"{where}.bottom_level")
             if top > bottom:
                 raise WriterError(f"{where}: top_level {item.top_level} is finer than bottom_level {item.bottom_level}")
-            node = parse_filter(item.filter) if item.filter.strip() else None
-            if node is not None:
-                base.count(Query(item.table, filter=node, limit=0))  # the base's own checks, bound parameters
         except WriterError as exc:
             problems.append(str(exc))
             continue
-        except QueryError as exc:
+        try:
+            node = parse_filter(item.filter) if item.filter.strip() else None
+            if node is not None:
+                base.count(Query(item.table, filter=node, limit=0))  # the base's own checks, bound parameters
+        except (WriterError, QueryError) as exc:
             problems.append(f"{where}.filter: {exc}")
             continue
         plans.append(_Plan(item, relation, node, attributes, top, bottom, key))
