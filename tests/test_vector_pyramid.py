@@ -236,7 +236,7 @@ def test_failed_run_leaves_nothing(base: Any, tmp_path: Path) -> None:
     build_vector_pyramid(path, str(tmp_path), "V", VectorPyramidOptions((Composition("parcelles", "9", "10"),)),
                          settings=load_settings(env={}), overwrite=True)
     doc, levels = read_pyramid(first)
-    assert [lv["id"] for lv in doc["levels"]] == ["10", "9"]
+    assert [lv["id"] for lv in doc["levels"]] == ["9", "10"]
     slabs = {p.relative_to(tmp_path / "V").as_posix() for p in (tmp_path / "V" / "DATA").rglob("*.tif")}
     assert slabs == {line.split("/", 1)[1] for line in (tmp_path / "V.list").read_text().split("#\n")[1].split()}
 
@@ -295,7 +295,7 @@ def test_processing_over_http(tmp_path: Path) -> None:
         stored = done["stored"]
         assert stored["type"] == "ROK4-PYRAMID-VECTOR" and stored["status"] == "GENERATED"
         assert stored["type_infos"]["tms"] == "PM"
-        assert stored["type_infos"]["levels"] == [str(z) for z in range(12, 6, -1)]
+        assert stored["type_infos"]["levels"] == [str(z) for z in range(7, 13)]  # top first
         assert any("tippecanoe" in line for line in done["logs"])
         from tileserver.publication.store import PublicationStore
 
@@ -344,7 +344,7 @@ def test_sdk_generic_vecteur_creation_pyramide(tmp_path: Path) -> None:
         client = api_client(url)
         [stored] = [s for s in client.get(f"{BASE}/stored_data").json() if s["type"] == "ROK4-PYRAMID-VECTOR"]
         assert stored["name"] == f"{LAST_NAME}__Pyramide_vecteur" and stored["status"] == "GENERATED"
-        assert stored["type_infos"]["levels"] == [str(z) for z in range(9, -1, -1)]
+        assert stored["type_infos"]["levels"] == [str(z) for z in range(10)]
         from tileserver.publication.store import PublicationStore
 
         store = PublicationStore(settings.resolved_store_path)
@@ -428,3 +428,23 @@ def test_crowded_tiles_are_named_in_the_logs(tmp_path: Path) -> None:
     warned = [m for m in messages if m.startswith("warning: tile")]
     assert sorted(warned) == sorted(f"warning: tile {lv}/{c}/{r} holds {n} features (more than 5000: generalise "
                                     f"more, see tippecanoe_options)" for (lv, c, r), n in crowded.items())
+
+
+async def test_cli_registers_a_vector_pyramid_typed_vector(base: Any, tmp_path: Path, monkeypatch: Any,
+                                                            capsys: Any) -> None:
+    """`tileserver stored-data add` on a vector pyramid: a ROK4-PYRAMID-VECTOR with tms and levels
+    (it was typed raster, with raster fields)."""
+    from test_warehouse_support import BASE as API_BASE
+    from test_warehouse_support import app_with_user
+
+    from tileserver.cli import main
+
+    path, _ = base
+    descriptor = await asyncio.to_thread(build, path, tmp_path / "pyramids", Composition("arbres", "6", "9"))
+    async with app_with_user(tmp_path) as client:
+        monkeypatch.setenv("TILESERVER_DATA_DIR", client.settings.data_dir)
+        assert await asyncio.to_thread(main, ["stored-data", "add", descriptor, "--name", "arbres", "--json"]) == 0
+        registered = json.loads(capsys.readouterr().out)
+        stored = (await client.get(f"{API_BASE}/stored_data/{registered['_id']}")).json()
+    assert stored["type"] == "ROK4-PYRAMID-VECTOR" and stored["status"] == "GENERATED"
+    assert stored["type_infos"] == {"tms": "PM", "levels": ["6", "7", "8", "9"]}

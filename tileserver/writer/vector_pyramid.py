@@ -587,7 +587,7 @@ async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, pla
             say(f"level {matrix.id}: {len(tiles)} tile(s) in {len(slabs)} slab(s)")
         if not entries:
             raise WriterError("the composed tables hold no feature inside the grid (or the area): no tile")
-        levels.reverse()  # top → bottom, as ROK4 writes them
+        # levels are top → bottom (coarse first), as ROK4 writes them
         descriptor = Descriptor(tms.id, get_format("TIFF_PBF_MVT"), tuple(levels))
         list_bytes = SlabList(roots={0: target.list_root}, entries=entries).to_text().encode()
         descriptor_bytes = descriptor.to_json()
