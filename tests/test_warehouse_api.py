@@ -23,6 +23,7 @@ from tileserver.warehouse.processings import (
     RASTER_TO_PYRAMID,
     RASTER_TO_PYRAMID_OR_UPDATE,
     VECTOR_TO_BASE,
+    VECTOR_TO_PYRAMID,
     WMS_TO_PYRAMID,
 )
 
@@ -202,7 +203,7 @@ async def test_processings_are_the_seeds(tmp_path: Path) -> None:
     async with app_with_user(tmp_path) as client:
         listed = (await client.get(f"{BASE}/processings")).json()
         assert {p["name"] for p in listed} == {RASTER_TO_PYRAMID, RASTER_TO_PYRAMID_OR_UPDATE, WMS_TO_PYRAMID,
-                                               VECTOR_TO_BASE}
+                                               VECTOR_TO_BASE, VECTOR_TO_PYRAMID}
         vector = await _processing(client, VECTOR_TO_BASE)
         assert vector["input_types"] == {"upload": ["VECTOR"], "stored_data": []}
         assert vector["output_type"] == {"stored_data": "VECTOR-DB", "storage": ["POSTGRESQL"]}

@@ -38,6 +38,14 @@ _UNAVAILABLE = frozenset({5, 8, 10, 13, 14})
 ALL_LAYERS = "*"  # key grant meaning every restricted layer
 RASTER_PYRAMID = "ROK4-PYRAMID-RASTER"  # the warehouse's stored data type
 VECTOR_DB = "VECTOR-DB"  # a vector base: one GeoPackage file (its URL ends with .gpkg)
+VECTOR_PYRAMID = "ROK4-PYRAMID-VECTOR"  # a pyramid of vector tiles (format TIFF_PBF_MVT)
+
+
+def pyramid_type(summary: dict[str, Any]) -> str:
+    """The stored data type of a pyramid from its summary (Pyramid.summary() or a writer's)."""
+    if summary.get("type") in (RASTER_PYRAMID, VECTOR_PYRAMID):
+        return str(summary["type"])
+    return VECTOR_PYRAMID if summary.get("format") == "TIFF_PBF_MVT" else RASTER_PYRAMID
 
 
 class StoreError(Exception):
@@ -545,7 +553,7 @@ class PublicationStore:
             db.execute(
                 "INSERT INTO stored_data (id, name, descriptor_url, type, status, summary, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, 'GENERATED', ?, ?, ?) ON CONFLICT (descriptor_url) DO NOTHING",
-                (str(uuid.uuid4()), _default_name(url), url, RASTER_PYRAMID, json.dumps(summary), now, now),
+                (str(uuid.uuid4()), _default_name(url), url, pyramid_type(summary), json.dumps(summary), now, now),
             )
 
     def remove_layer(self, layer_id: str) -> None:

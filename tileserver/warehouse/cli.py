@@ -8,7 +8,7 @@ import getpass
 from typing import Any
 
 from tileserver.cli import CommandError, print_json
-from tileserver.publication.store import PublicationStore, StoreError
+from tileserver.publication.store import PublicationStore, StoreError, pyramid_type
 from tileserver.settings import load_settings
 
 from .accounts import DEFAULT_DATASTORE, DEFAULT_QUOTA, Accounts
@@ -143,7 +143,7 @@ def _stored_data_add(args: argparse.Namespace) -> int:
     datastore = accounts.get_datastore(args.datastore)
     if datastore is None:
         raise CommandError(f"no datastore {args.datastore}")
-    stored = store.put_stored_data(url, found, args.name or found["name"], "GENERATED")
+    stored = store.put_stored_data(url, found, args.name or found["name"], "GENERATED", pyramid_type(found))
     if datastore.id != accounts.default_datastore().id and Entities(store).get("stored_data", stored.id) is None:
         Entities(store).create("stored_data", datastore.id, {"tags": {}}, stored.id)
     if args.json:

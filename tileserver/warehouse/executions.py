@@ -315,6 +315,33 @@ def _outputs_of_running(ctx: Ctx, stored_id: str) -> list[Entity]:
                                                       " = ?", (stored_id,))]
 
 
+def _vector_pyramid_problems(ctx: Ctx, parameters: dict[str, Any], stored: Any) -> list[str]:
+    """What the vector pyramid's run would refuse before writing: composition against the base
+    (tables, attributes, filters, levels), tippecanoe options, area, grid."""
+    import sqlite3
+
+    from tileserver.vector.geopackage import GeoPackageBase
+    from tileserver.writer.errors import WriterError
+    from tileserver.writer.vector_pyramid import check_options, options_from_parameters
+
+    from .pyramid_home import base_path
+
+    try:
+        base = GeoPackageBase(base_path(stored.descriptor_url))
+    except (OSError, sqlite3.Error):
+        return [f"inputs.stored_data[0]: the base of stored data {stored.id} cannot be read"]
+    try:
+        tms = load_tms(str(parameters.get("tms") or "PM"), ctx.wh.settings.tms_directory)
+        check_options(base, tms, options_from_parameters(parameters, base.relations()))
+    except WriterError as exc:
+        return [str(exc)]
+    except (TMSError, ValueError, OSError) as exc:
+        return [f"parameters: {exc}"]
+    finally:
+        base.close()
+    return []
+
+
 VECTOR_GROWTH = 2  # a base's bytes per delivered byte, at most (GeoPackage with R-trees vs shapefiles/CSV)
 
 
@@ -343,6 +370,13 @@ async def create_execution(ctx: Ctx) -> Response:
     if vector:
         output = _check_output(data, problems, allow_id=True)
         existing = await asyncio.to_thread(_vector_problems, ctx, parameters, uploads, output, problems)
+    elif processing.key == "vector-pyramid":
+        problems += estimate.slab_problems(parameters)
+        if not inputs.get("stored_data"):
+            problems.append("inputs.stored_data: the VECTOR-DB base to compute the pyramid from is required")
+        elif ancestors and isinstance(data.get("parameters"), dict):
+            problems += await asyncio.to_thread(_vector_pyramid_problems, ctx, parameters, ancestors[0])
+        output = _check_output(data, problems)
     else:
         problems += estimate.slab_problems(parameters)
         if isinstance(data.get("parameters"), dict):
@@ -354,6 +388,8 @@ async def create_execution(ctx: Ctx) -> Response:
         raise bad_request(*problems)
     if vector:
         size = VECTOR_GROWTH * sum(int(u.body.get("size", 0)) for u in uploads)
+    elif processing.key == "vector-pyramid":  # tiles hold no more than the base (generalised, no index)
+        size = int(ancestors[0].summary.get("size", 0) or 0)
     else:
         size = await asyncio.to_thread(_estimate, ctx, processing, parameters, uploads, tms, problems)
     if problems:

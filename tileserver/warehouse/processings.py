@@ -14,6 +14,8 @@ from .checks import RASTER, STANDARD, VECTOR
 
 PYRAMID = "ROK4-PYRAMID-RASTER"
 VECTOR_DB = "VECTOR-DB"
+PYRAMID_VECTOR = "ROK4-PYRAMID-VECTOR"
+VECTOR_TO_PYRAMID = "Calcul ou mise à jour de pyramide vecteur"
 VECTOR_TO_BASE = "Intégration de données vecteur livrées en base"
 RASTER_TO_PYRAMID = "Calcul de pyramide raster"
 RASTER_TO_PYRAMID_OR_UPDATE = "Calcul ou mise à jour de pyramide raster"
@@ -102,9 +104,30 @@ def _vector_parameters() -> list[dict[str, Any]]:
     ]
 
 
+def _vector_pyramid_parameters() -> list[dict[str, Any]]:
+    """The platform's parameters of the vector pyramid processing (levels travel as strings)."""
+    item = {"type": "object", "required": ["table"], "properties": {
+        "table": _TEXT, "layer": _TEXT, "filter": _TEXT, "attributes": {"type": "array", "items": _TEXT},
+        "top_level": _TEXT, "bottom_level": _TEXT}}
+    return [
+        _p("composition", "Tables de la base à mettre dans la pyramide : table, nom de la couche dans les tuiles "
+           "(layer, par défaut la table), filtre (condition WHERE), attributs ([\"*\"] pour tous), niveaux du haut "
+           "et du bas", constraints={"type": "array", "items": item, "minItems": 1}),
+        _p("bottom_level", "Niveau du bas de la pyramide (obligatoire sans composition)"),
+        _p("top_level", "Niveau du haut de la pyramide (obligatoire sans composition)"),
+        _p("tippecanoe_options", "Options de généralisation de tippecanoe (par exemple -S10 ou -ac -an -S10)",
+           constraints=_TEXT),
+        _p("area", "WKT en EPSG:4326 de la zone à calculer (échantillon)", constraints=_TEXT),
+        _p("tms", "Tile Matrix Set, grille des tuiles", constraints={"type": "string", "enum": ["PM"]}, default="PM"),
+        _p("width", "Nombre de tuiles dans une dalle, dans le sens de la largeur", default=16),
+        _p("height", "Nombre de tuiles dans une dalle, dans le sens de la hauteur", default=16),
+        _p("parallelization", "Nombre de fils de calcul des tuiles", default=1),
+    ]
+
+
 @dataclass(frozen=True)
 class Processing:
-    key: str  # what the runner does: "build" (with update by reference), "harvest" or "vector"
+    key: str  # what the runner does: "build" (with update by reference), "harvest", "vector" or "vector-pyramid"
     name: str
     description: str
     upload_types: tuple[str, ...]
@@ -160,6 +183,10 @@ def processings(tms_directory: str) -> tuple[Processing, ...]:
                    "Intégration en base de données vecteur livrées (GeoPackage, Shapefile, GeoJSON, CSV), ou mise à "
                    "jour d'une base existante (output.stored_data.id) avec des fichiers .update et .delete",
                    ("VECTOR",), (), tuple(_vector_parameters()), ("vector", "standard"), VECTOR_DB, "POSTGRESQL"),
+        Processing("vector-pyramid", VECTOR_TO_PYRAMID,
+                   "Calcul d'une pyramide de tuiles vectorielles (ROK4, tuiles Mapbox Vector Tiles) à partir d'une "
+                   "base de données vecteur, par tippecanoe", (), (VECTOR_DB,), tuple(_vector_pyramid_parameters()),
+                   (), PYRAMID_VECTOR, "S3"),
     )
 
 
@@ -169,7 +196,8 @@ def find(tms_directory: str, ident: str) -> Processing | None:
 
 # --- parameter validation -------------------------------------------------------------------------
 
-_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "array": list, "number": (int, float), "boolean": bool}
+_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "array": list, "number": (int, float), "boolean": bool,
+                                              "object": dict}
 _POSITIVE = ("width", "height", "parallelization")
 
 
@@ -215,7 +243,7 @@ def _free_problems(name: str, value: Any) -> list[str]:
     elif name == "mask":
         if value not in (True, False, "true", "false"):
             return [f"{where}: must be true or false (got {value!r})"]
-    elif name in ("bottom", "top"):
+    elif name in ("bottom", "top", "bottom_level", "top_level"):
         if isinstance(value, bool) or not isinstance(value, str | int):
             return [f"{where}: must be a level identifier (got {value!r})"]
     return []

@@ -10,6 +10,7 @@ vector integration (`vector/integrate.py`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Any
 
@@ -76,6 +77,8 @@ def _run(settings: Settings, store: PublicationStore, entities: Entities, execut
     ancestors = [store.get_stored_data(s["_id"]) for s in inputs.get("stored_data", [])]
     if any(a is None for a in ancestors):
         raise ExecutionError("an input stored data no longer exists")
+    if processing.key == "vector-pyramid":
+        return _vector_pyramid(settings, ancestors[0], parameters, output_dir, name)
     common = {"tms": parameters.get("tms") or "PM", "bottom": _level(parameters.get("bottom")),
               "top": _level(parameters.get("top")), "compression": parameters.get("compression", "raw"),
               "width": int(parameters.get("width", 16)), "height": int(parameters.get("height", 16)),
@@ -209,3 +212,32 @@ def _integrate(settings: Settings, entities: Entities, execution: Entity, base_u
         log.info("table %s: %d feature(s), %s, %s", relation.name, relation.count,
                  relation.geometry_type or "no geometry", relation.srs)
     return base_summary(result)
+
+
+def _vector_pyramid(settings: Settings, base: Any, parameters: dict[str, Any], output_dir: str,
+                    name: str) -> dict[str, Any]:
+    """tippecanoe over the input base's tables, packed into a ROK4 vector pyramid (descriptor last)."""
+    import logging
+
+    from tileserver.vector.geopackage import GeoPackageBase
+    from tileserver.writer.build import run_with_storage
+    from tileserver.writer.errors import WriterError
+    from tileserver.writer.vector_pyramid import build_vector_pyramid_async, options_from_parameters
+
+    from .pyramid_home import base_path
+
+    log = logging.getLogger("tileserver.warehouse")
+    path = base_path(base.descriptor_url)
+    try:
+        source = GeoPackageBase(path)
+    except OSError:
+        raise ExecutionError(f"the input base {base.name} cannot be read") from None
+    try:
+        options = options_from_parameters(parameters, source.relations())
+    except WriterError as exc:
+        raise ExecutionError(str(exc)) from None
+    finally:
+        source.close()
+    options = dataclasses.replace(options, parallelization=_parallelization(parameters))
+    return run_with_storage(settings, lambda storage, s: build_vector_pyramid_async(
+        path, output_dir, name, options, storage, tms_directory=s.tms_directory, overwrite=True, emit=log.info))

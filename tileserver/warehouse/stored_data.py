@@ -51,6 +51,10 @@ def _from_pyramid_summary(summary: dict[str, Any]) -> dict[str, Any]:
     fmt = get_format(summary["format"])
     west, south, east, north = summary["wgs84_bbox"]
     ring = [[west, north], [east, north], [east, south], [west, south], [west, north]]
+    if fmt.is_vector:  # no pixels: the platform's ROK4-PYRAMID-VECTOR has tms and levels only
+        return {"srs": summary.get("crs"), "extent": {"type": "Polygon", "coordinates": [ring]},
+                "size": summary.get("size", 0), "type_infos": {
+                    "tms": summary["tile_matrix_set"], "levels": [lv["id"] for lv in summary.get("levels", [])]}}
     return {
         "srs": summary.get("crs"),
         "extent": {"type": "Polygon", "coordinates": [ring]},
