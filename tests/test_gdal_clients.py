@@ -165,7 +165,7 @@ def test_below_the_bottom_level_outside_the_data_is_the_nodata_tile(base):
 # --- TMS: gdal.xml and a TileMap GDAL reads ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["SCAN1000", "BDPARCELLAIRE"])
+@pytest.mark.parametrize("name", ["SCAN1000", "MONTAGNE", "BDPARCELLAIRE"])
 def test_gdal_xml_and_the_osgeo_tilemap_read_the_stored_tiles(base, tmp_path, name):
     with httpx.Client(base_url=base) as http:
         assert http.get(f"/tms/1.0.0/{name}/gdal.xml").content.startswith(b"<GDAL_WMS>")
