@@ -330,6 +330,11 @@ async def test_opacity_and_visibility_controls(browser, served):
         await settle(page)
         assert "MONTAGNE" not in await drawn_tiles(page)
         await item.locator(".visible").check()
+        # Leaflet adds the layer's tiles after the click; "networkidle" was reached long before, so
+        # wait for a MONTAGNE tile to have loaded (the test fails by time-out if none ever does)
+        await page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('#map img.leaflet-tile-loaded'))"
+            ".some(i => i.src.includes('/MONTAGNE/'))", timeout=WAIT_MS)
         await settle(page)
         assert "MONTAGNE" in await drawn_tiles(page)
         seen.assert_clean()
