@@ -65,3 +65,17 @@ def test_document_covers_every_route(live: tuple[str, str]) -> None:
         if route.path != "/api/{rest:path}":
             for method in route.methods - {"HEAD"}:
                 assert method.lower() in document["paths"][route.path], (method, route.path)
+
+
+def test_document_lists_the_limits_answers(live: tuple[str, str]) -> None:
+    """The answers of the quotas and limits are documented: 503 everywhere (store not writable),
+    411/507 on pushes, 429/503 on the token endpoint."""
+    import httpx
+
+    paths = httpx.get(f"{live[0]}/api/openapi.json").json()["paths"]
+    pushes = [op for path in paths.values() for op in path.values()
+              if "multipart/form-data" in op.get("requestBody", {}).get("content", {})]
+    assert pushes and all({"411", "507", "503"} <= set(op["responses"]) for op in pushes)
+    assert {"429", "503"} <= set(paths["/api/token"]["post"]["responses"])
+    assert all("503" in op["responses"] for path in paths.values() for op in path.values()
+               if op.get("security") != [])

@@ -182,7 +182,10 @@ def _operation(route: Route, method: str, defs: dict[str, Any]) -> dict[str, Any
     responses: dict[str, Any] = {ok: {"description": "success"}}
     if ok != "204":
         responses[ok]["content"] = {"application/json": {"schema": _ANSWER}}
-    for status in ("400", "401", "403", "404", "409", "413"):
+    statuses = ["400", "401", "403", "404", "409", "413", "503"]  # 503: the store cannot be written now
+    if BODIES.get(name) == "multipart":
+        statuses += ["411", "507"]  # a push reserves its Content-Length; a full disk is the server's
+    for status in statuses:
         responses[status] = {"description": "error", "content": {"application/json": {"schema": _ERROR}}}
     operation: dict[str, Any] = {"operationId": f"{name}_{method.lower()}_{abs(hash(route.path)) % 10**6}",
                                  "summary": (route.endpoint.__doc__ or name).strip().split("\n")[0],
@@ -227,6 +230,10 @@ def document() -> dict[str, Any]:
             "400": {"description": "unsupported grant", "content": {"application/json": {"schema": {"type": "object"}}}},
             "401": {"description": "wrong credentials", "content": {"application/json": {"schema": {"type": "object"}}}},
             "413": {"description": "body too large", "content": {"application/json": {"schema": _ERROR}}},
+            "429": {"description": "too many failed attempts for this login or address (Retry-After)",
+                    "content": {"application/json": {"schema": {"type": "object"}}}},
+            "503": {"description": "password checks saturated (Retry-After)",
+                    "content": {"application/json": {"schema": {"type": "object"}}}},
         }}}
     paths["/api/openapi.json"] = {"get": {"operationId": "openapi", "summary": "this document", "security": [],
                                           "responses": {"200": {"description": "OpenAPI 3.1",
