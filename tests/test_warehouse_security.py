@@ -248,6 +248,30 @@ async def test_close_refuses_while_a_push_is_received(tmp_path: Path) -> None:
             assert [n["name"] for n in tree] == ["slow.bin"]
 
 
+async def test_delete_refuses_while_a_push_is_received(tmp_path: Path) -> None:
+    """As close: a push in flight would write into an upload removed under it."""
+    with tenants(tmp_path) as (url, _):
+        async with client_of(url, OTHER, OTHER_PASSWORD) as ana:
+            upload = await new_upload(ana, GEO)
+            boundary, data = "b0undary", b"y" * 1000
+            started, release = asyncio.Event(), asyncio.Event()
+            length = len(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\n"
+                         ) + len(data) + len(f"\r\n--{boundary}--\r\n")
+            pushing = asyncio.create_task(ana.post(
+                f"{GEO}/uploads/{upload}/data", params={"path": "slow.bin"},
+                content=_slow_body(boundary, data, started, release),
+                headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}))
+            await started.wait()
+            await asyncio.sleep(0.5)  # the server has the headers and holds the reservation
+            refused = await ana.delete(f"{GEO}/uploads/{upload}")
+            assert refused.status_code == 409 and "pushed" in problems(refused)
+            release.set()
+            assert (await pushing).status_code == 200
+            assert (await ana.delete(f"{GEO}/uploads/{upload}")).status_code == 204
+            assert (await ana.get(f"{GEO}/uploads/{upload}")).status_code == 404
+            assert (await ana.get(GEO)).json()["storages"]["uploads"]["use"] == 0
+
+
 async def test_executions_are_validated_and_estimated(tmp_path: Path) -> None:
     with tenants(tmp_path, geo_quota=300 << 10) as (url, _):
         async with client_of(url, OTHER, OTHER_PASSWORD) as ana:

@@ -110,8 +110,13 @@ class Entities:
                 raise Conflict(_conflict_text(kind, exc)) from None
         return Entity(entity.id, entity.datastore_id, kind, entity.body, entity.created_at, now)
 
-    def delete(self, entity_id: str, publish: bool = False) -> bool:
+    def delete(self, entity_id: str, publish: bool = False,
+               guard: Callable[[sqlite3.Connection], None] | None = None) -> bool:
+        """Remove an entity and its logs; `guard(db)` runs first in the same transaction and raises
+        to refuse."""
         with self.store.transaction(publish) as db:
+            if guard is not None:
+                guard(db)
             db.execute("DELETE FROM wh_logs WHERE entity_id = ?", (entity_id,))
             return bool(db.execute("DELETE FROM wh_entities WHERE id = ?", (entity_id,)).rowcount)
 

@@ -130,9 +130,14 @@ async def delete_upload(ctx: Ctx) -> Response:
         raise conflict(f"upload {entity.id} is being checked; delete it once the checks ended")
     if _executions_using(ctx, entity.id):
         raise conflict(f"upload {entity.id} is the input of a running processing execution")
+
+    def no_push_running(db: sqlite3.Connection) -> None:
+        if holds(db, entity.id):  # the push's files would land in a removed upload
+            raise conflict(f"upload {entity.id}: a file is still being pushed; delete it once the push ended")
+
+    await asyncio.to_thread(ctx.wh.entities.delete, entity.id, False, no_push_running)
     for check in ctx.wh.entities.find(CHECK, "json_extract(body, '$.upload._id') = ?", (entity.id,)):
         await asyncio.to_thread(ctx.wh.entities.delete, check.id)
-    await asyncio.to_thread(ctx.wh.entities.delete, entity.id)
     await asyncio.to_thread(files_of(ctx, entity).remove_all)
     return no_content()
 
