@@ -223,20 +223,27 @@ async def _slow_body(boundary: str, data: bytes, started: asyncio.Event, release
     yield f"\r\n--{boundary}--\r\n".encode()
 
 
+async def _push_in_flight(client: httpx.AsyncClient, upload: str) -> tuple[asyncio.Task, asyncio.Event]:
+    """A push of `slow.bin` whose body waits for `release`: the server has its headers and holds the
+    reservation when this returns."""
+    boundary, data = "b0undary", b"y" * 1000
+    started, release = asyncio.Event(), asyncio.Event()
+    length = len(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\n"
+                 ) + len(data) + len(f"\r\n--{boundary}--\r\n")
+    pushing = asyncio.create_task(client.post(
+        f"{GEO}/uploads/{upload}/data", params={"path": "slow.bin"},
+        content=_slow_body(boundary, data, started, release),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}))
+    await started.wait()
+    await asyncio.sleep(0.5)
+    return pushing, release
+
+
 async def test_close_refuses_while_a_push_is_received(tmp_path: Path) -> None:
     with tenants(tmp_path) as (url, _):
         async with client_of(url, OTHER, OTHER_PASSWORD) as ana:
             upload = await new_upload(ana, GEO)
-            boundary, data = "b0undary", b"y" * 1000
-            started, release = asyncio.Event(), asyncio.Event()
-            length = len(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\n"
-                         ) + len(data) + len(f"\r\n--{boundary}--\r\n")
-            pushing = asyncio.create_task(ana.post(
-                f"{GEO}/uploads/{upload}/data", params={"path": "slow.bin"},
-                content=_slow_body(boundary, data, started, release),
-                headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}))
-            await started.wait()
-            await asyncio.sleep(0.5)  # the server has the headers and holds the reservation
+            pushing, release = await _push_in_flight(ana, upload)
             refused = await ana.post(f"{GEO}/uploads/{upload}/close")
             assert refused.status_code == 409 and "pushed" in problems(refused)
             release.set()
@@ -253,16 +260,7 @@ async def test_delete_refuses_while_a_push_is_received(tmp_path: Path) -> None:
     with tenants(tmp_path) as (url, _):
         async with client_of(url, OTHER, OTHER_PASSWORD) as ana:
             upload = await new_upload(ana, GEO)
-            boundary, data = "b0undary", b"y" * 1000
-            started, release = asyncio.Event(), asyncio.Event()
-            length = len(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\n"
-                         ) + len(data) + len(f"\r\n--{boundary}--\r\n")
-            pushing = asyncio.create_task(ana.post(
-                f"{GEO}/uploads/{upload}/data", params={"path": "slow.bin"},
-                content=_slow_body(boundary, data, started, release),
-                headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}))
-            await started.wait()
-            await asyncio.sleep(0.5)  # the server has the headers and holds the reservation
+            pushing, release = await _push_in_flight(ana, upload)
             refused = await ana.delete(f"{GEO}/uploads/{upload}")
             assert refused.status_code == 409 and "pushed" in problems(refused)
             release.set()
