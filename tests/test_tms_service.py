@@ -403,7 +403,7 @@ async def test_tilejson(client, world):
     vector = (await client.get("/tms/1.0.0/ROADS/metadata.json")).json()
     assert vector["format"] == "pbf"
     assert vector["vector_layers"] == [
-        {"id": "roads", "fields": {"kind": "varchar"}, "minzoom": 14, "maxzoom": 15, "geometry": "LINESTRING"}
+        {"id": "roads", "fields": {"kind": "String"}, "minzoom": 14, "maxzoom": 15, "geometry": "LINESTRING"}
     ]
 
 

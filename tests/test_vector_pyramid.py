@@ -6,8 +6,11 @@ Web Mercator tile formula), never taken from the builder."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -321,12 +324,12 @@ def test_processing_over_http(tmp_path: Path) -> None:
             [Path(descriptor).name, Path(descriptor).with_suffix(".list").name, Path(descriptor).stem])
 
 
-def test_sdk_generic_vecteur_creation_pyramide(tmp_path: Path) -> None:
-    """IGN's SDK, unmodified: delivery of CANTON, `mise-en-base`, then `création-pyramide` of its own
-    `generic_vecteur.jsonc` (levels 0 to 9, attributes named as in the platform's PostGIS bases:
-    `id` for the key, `wkb_geometry` for the geometry)."""
-    from test_warehouse_support import LAST_NAME, api_client, egpf, warehouse_server, write_ini
-    from test_warehouse_vector import BASE, SDK_DATA, read_source, shapefile
+@contextlib.contextmanager
+def sdk_vector_pyramid(tmp_path: Path) -> Iterator[SdkRun]:
+    """IGN's SDK, unmodified, on a live server: delivery of CANTON, then `generic_vecteur.jsonc`'s
+    `mise-en-base` and `création-pyramide`. Yields what later steps (publication) need."""
+    from test_warehouse_support import api_client, egpf, warehouse_server, write_ini
+    from test_warehouse_vector import SDK_DATA, shapefile
 
     sdk = pytest.importorskip("sdk_entrepot_gpf")
     dataset = tmp_path / "1_dataset_vector"
@@ -336,24 +339,57 @@ def test_sdk_generic_vecteur_creation_pyramide(tmp_path: Path) -> None:
     workflow = Path(sdk.__file__).parent / "_data/workflows/generic_vecteur.jsonc"
     with warehouse_server(tmp_path) as (url, settings):
         ini = write_ini(tmp_path / "config.ini", url)
-        result = egpf(ini, "delivery", str(dataset / "upload_descriptor.json"), cwd=tmp_path)
+        run = SdkRun(url, settings, api_client(url), files[[f.suffix for f in files].index(".shp")],
+                     lambda *args: egpf(ini, *args, cwd=tmp_path), workflow)
+        result = run.egpf("delivery", str(dataset / "upload_descriptor.json"))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         for step in ("mise-en-base", "création-pyramide"):
-            result = egpf(ini, "workflow", "-f", str(workflow), "-s", step, cwd=tmp_path)
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        client = api_client(url)
-        [stored] = [s for s in client.get(f"{BASE}/stored_data").json() if s["type"] == "ROK4-PYRAMID-VECTOR"]
-        assert stored["name"] == f"{LAST_NAME}__Pyramide_vecteur" and stored["status"] == "GENERATED"
-        assert stored["type_infos"]["levels"] == [str(z) for z in range(10)]
+            run.step(step)
+        yield run
+
+
+@dataclass
+class SdkRun:
+    url: str
+    settings: Any
+    client: httpx.Client
+    source: Path  # the delivered CANTON.shp
+    egpf: Callable[..., Any]  # the SDK's CLI with this run's ini and folder
+    workflow: Path
+
+    def step(self, name: str) -> None:
+        result = self.egpf("workflow", "-f", str(self.workflow), "-s", name)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def stored(self, type_: str) -> dict[str, Any]:
+        from test_warehouse_vector import BASE
+
+        [stored] = [s for s in self.client.get(f"{BASE}/stored_data").json() if s["type"] == type_]
+        return self.client.get(f"{BASE}/stored_data/{stored['_id']}").json()
+
+    def file(self, stored_id: str) -> str:
+        """The stored data's file (a pyramid's descriptor, a base's GeoPackage)."""
         from tileserver.publication.store import PublicationStore
 
-        store = PublicationStore(settings.resolved_store_path)
+        store = PublicationStore(self.settings.resolved_store_path)
         try:
-            path = store.get_stored_data(stored["_id"]).descriptor_url.removeprefix("file://")
+            return store.get_stored_data(stored_id).descriptor_url.removeprefix("file://")
         finally:
             store.close()
-        doc, levels = read_pyramid(path)
-        source = read_source(files[[f.suffix for f in files].index(".shp")])
+
+
+def test_sdk_generic_vecteur_creation_pyramide(tmp_path: Path) -> None:
+    """`création-pyramide` of the SDK's own `generic_vecteur.jsonc` (levels 0 to 9, attributes named as
+    in the platform's PostGIS bases: `id` for the key, `wkb_geometry` for the geometry)."""
+    from test_warehouse_support import LAST_NAME
+    from test_warehouse_vector import read_source
+
+    with sdk_vector_pyramid(tmp_path) as run:
+        stored = run.stored("ROK4-PYRAMID-VECTOR")
+        assert stored["name"] == f"{LAST_NAME}__Pyramide_vecteur" and stored["status"] == "GENERATED"
+        assert stored["type_infos"]["levels"] == [str(z) for z in range(10)]
+        doc, levels = read_pyramid(run.file(stored["_id"]))
+        source = read_source(run.source)
         assert [t["name"] for t in doc["levels"][-1]["tables"]] == ["canton"]
         assert [a["name"] for a in doc["levels"][-1]["tables"][0]["attributes"]] == \
             ["id", "insee_dep", "insee_reg", "insee_can"]

@@ -35,7 +35,7 @@ from tileserver.services.policy import ServiceError, document_headers, error_res
 from tileserver.services.routing import any_path_route
 from tileserver.services.stylebook import style_book, tile_styles
 from tileserver.services.tiles import TileNotFound, empty_tile, native_tile, rendered_tile, tile_response
-from tileserver.services.vectortables import vector_tables
+from tileserver.services.vectortables import tilejson_type, vector_tables
 from tileserver.settings import data_directory
 
 VERSION = "1.0.0"
@@ -323,13 +323,14 @@ def tilemap_document(request: Request, view: TileMapView) -> bytes:
 
 
 def _vector_layers(published: PublishedLayer) -> list[dict[str, Any]]:
-    """TileJSON `vector_layers`: one per table, with the zooms of the levels holding it."""
+    """TileJSON `vector_layers`: one per table of the descriptor's `tables`, with the zooms of the
+    published levels holding it and its fields typed as tippecanoe types them (String, Number, Boolean)."""
     found: dict[str, dict[str, Any]] = {}
     for level, name, geometry, fields in vector_tables(published):
         zoom = level_order(published, level)
         entry = found.setdefault(name, {"id": name, "fields": {}, "minzoom": zoom, "maxzoom": zoom})
         entry["minzoom"], entry["maxzoom"] = min(entry["minzoom"], zoom), max(entry["maxzoom"], zoom)
-        entry["fields"].update(fields)
+        entry["fields"].update({field: tilejson_type(kind) for field, kind in fields.items()})
         if geometry:
             entry["geometry"] = geometry
     return list(found.values())

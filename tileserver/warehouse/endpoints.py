@@ -68,15 +68,25 @@ def service_urls(endpoint: Endpoint, base: str) -> list[tuple[str, str]]:
 
 
 def layer_urls(endpoint: Endpoint, base: str, layer: str, extension: str, tms: str,
-               feature_types: tuple[str, ...] = ()) -> list[dict[str, str]]:
+               feature_types: tuple[str, ...] = (), vector: bool = False) -> list[dict[str, str]]:
     """What an offering lists: capabilities, then the layer's own URLs (tile templates; a WFS
-    layer's feature types, `layer:public_name`, as OGC API Features items)."""
+    layer's feature types, `layer:public_name`, as OGC API Features items).
+
+    A vector pyramid is served by TMS and OGC API vector tiles only (WMTS and OGC API maps are for
+    pictures): its first TMS URL is the TileMap, so that `url + "/metadata.json"` is its TileJSON as
+    cartes.gouv.fr builds it, then the tile template; then the OGC API vector tileset."""
     if endpoint.type == "WFS":
         return [{"type": "WFS", "url": f"{base}/wfs?SERVICE=WFS&VERSION=2.0.0&REQUEST=GetCapabilities"},
                 *({"type": "OGCAPI-FEATURES", "url": f"{base}/ogcapi/collections/{layer}:{name}/items"}
                   for name in feature_types)]
     if endpoint.type == "WMS-RASTER":
         return [{"type": "WMS", "url": f"{base}/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetCapabilities"}]
+    if vector:
+        return [
+            {"type": "TMS", "url": f"{base}/tms/1.0.0/{layer}"},
+            {"type": "TMS", "url": f"{base}/tms/1.0.0/{layer}/{{z}}/{{x}}/{{y}}.{extension}"},
+            {"type": "OGCAPI-TILES", "url": f"{base}/ogcapi/collections/{layer}/tiles/{tms}"},
+        ]
     return [
         {"type": "WMTS", "url": f"{base}/wmts?SERVICE=WMTS&VERSION=1.0.0&REQUEST=GetCapabilities"},
         {"type": "WMTS", "url": f"{base}/wmts/1.0.0/{layer}/normal/{tms}/{{TileMatrix}}/{{TileRow}}/{{TileCol}}.{extension}"},

@@ -37,14 +37,16 @@ def offering_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
     endpoint = find(body["endpoint"])
     layer = body["layer_name"]
     published = ctx.wh.runtime.catalog.layers.get(record_of(body))
+    configuration = ctx.wh.entities.get(CONFIGURATION, body["configuration"]["_id"])
+    used = configuration.body["type_infos"]["used_data"] if configuration is not None else []
     if published is not None:
         extension, tms = published.format.tms_extension, published.tms.id
-    else:
-        extension, tms = "tif", "PM"
+        vector = published.format.is_vector
+    else:  # not served (yet): what its stored data say
+        vector = body["type"] == "WMTS-TMS" and _uses_vector_pyramid(ctx, used)
+        extension, tms = ("pbf" if vector else "tif"), "PM"
     feature_types: tuple[str, ...] = ()
     if body["type"] == "WFS":
-        configuration = ctx.wh.entities.get(CONFIGURATION, body["configuration"]["_id"])
-        used = configuration.body["type_infos"]["used_data"] if configuration is not None else []
         feature_types = tuple(r.get("public_name") or r["native_name"] for u in used for r in u.get("relations", []))
     status = shared.status if shared is not None else "UNPUBLISHED"
     assert endpoint is not None
@@ -53,9 +55,17 @@ def offering_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
         "open": shared.open if shared is not None else body.get("open", True), "available": status == "PUBLISHED",
         "endpoint": {"_id": endpoint.id, "name": endpoint.name, "technical_name": endpoint.technical_name},
         "configuration": body["configuration"], "creation": entity.created_at,
-        "urls": layer_urls(endpoint, base_url(ctx.request), layer, extension, tms, feature_types),
+        "urls": layer_urls(endpoint, base_url(ctx.request), layer, extension, tms, feature_types, vector),
         **annotations_view(body),
     }
+
+
+def _uses_vector_pyramid(ctx: Ctx, used: list[dict[str, Any]]) -> bool:
+    for item in used:
+        stored = ctx.wh.store.get_stored_data(str(item.get("stored_data", "")).lower())
+        if stored is not None and stored.type == "ROK4-PYRAMID-VECTOR":
+            return True
+    return False
 
 
 def record_of(body: dict[str, Any]) -> str:
