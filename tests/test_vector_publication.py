@@ -154,6 +154,8 @@ def test_sdk_generic_vecteur_publication(tmp_path: Path) -> None:
             {z: (lim["min_row"], lim["max_row"], lim["min_col"], lim["max_col"]) for z, lim in limits.items()}
         [ogc_template] = [link["href"] for link in tileset["links"] if link["rel"] == "item"]
         assert [(t["id"], t["minTileMatrix"], t["maxTileMatrix"]) for t in tileset["layers"]] == [("canton", "0", "9")]
+        assert {name: p["type"] for name, p in tileset["layers"][0]["propertiesSchema"]["properties"].items()} == \
+            {name: kind.lower() for name, kind in vector_layer["fields"].items()}  # JSON Schema's names
 
         # every tile inside the limits: the same bytes on TMS, OGC API and in the slab; each decodes
         tiles: dict[tuple[int, int, int], dict[str, Any]] = {}

@@ -25,7 +25,7 @@ from tileserver.services.ogcapi_common import (
 from tileserver.services.ogcapi_grids import extra_grid, grid_crs, grid_ids, registered_definition
 from tileserver.services.ows import echo
 from tileserver.services.stylebook import style_book
-from tileserver.services.vectortables import vector_tables
+from tileserver.services.vectortables import tilejson_type, vector_tables
 
 # --- tileset scopes -------------------------------------------------------------------------------
 
@@ -138,7 +138,8 @@ def _vector_layers(published: PublishedLayer) -> list[dict[str, Any]]:
             properties = entry.setdefault("propertiesSchema", {"type": "object", "properties": {}})[
                 "properties"
             ]
-            properties.update({field_name: {"description": kind} for field_name, kind in fields.items()})
+            properties.update({field_name: {"type": tilejson_type(kind).lower(), "description": kind}
+                               for field_name, kind in fields.items()})
     return list(found.values())
 
 
