@@ -95,7 +95,7 @@ def test_sdk_generic_vecteur_publication(tmp_path: Path) -> None:
     with sdk_vector_pyramid(tmp_path) as run:
         for step in ("configuration-tms-py", "publication-tms-py"):
             run.step(step)
-        client = run.client
+        client, http = run.client, httpx.Client(timeout=30)  # `http`: a client of the services, no token
         [offering] = [o for o in client.get(f"{BASE}/offerings").json() if o["type"] == "WMTS-TMS"]
         offering = client.get(f"{BASE}/offerings/{offering['_id']}").json()
         layer = f"{LAST_NAME}__vecteur_tms_py"
@@ -115,7 +115,7 @@ def test_sdk_generic_vecteur_publication(tmp_path: Path) -> None:
         assert sorted(limits, key=int) == [str(z) for z in range(10)]  # the workflow's 0 … 9
 
         # TileJSON where cartes.gouv.fr looks for it
-        answer = httpx.get(tms + "/metadata.json")
+        answer = http.get(tms + "/metadata.json")
         assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
         tilejson = answer.json()
         assert (tilejson["minzoom"], tilejson["maxzoom"], tilejson["format"]) == (0, 9, "pbf")
@@ -142,12 +142,12 @@ def test_sdk_generic_vecteur_publication(tmp_path: Path) -> None:
             assert west <= min(lons) and max(lons) <= east and south <= min(lats) and max(lats) <= north
 
         # the TileMap (the TMS URL itself) and the OGC API tileset: the descriptor's levels and limits
-        tilemap = etree.fromstring(httpx.get(tms).content)
+        tilemap = etree.fromstring(http.get(tms).content)
         tilesets = {t.get("order"): {k: int(t.get(k)) for k in ("minrow", "maxrow", "mincol", "maxcol")}
                     for t in tilemap.iter("TileSet")}
         assert tilesets == {z: {"minrow": lim["min_row"], "maxrow": lim["max_row"], "mincol": lim["min_col"],
                                 "maxcol": lim["max_col"]} for z, lim in limits.items()}
-        tileset = httpx.get(tileset_url, params={"f": "json"}).json()
+        tileset = http.get(tileset_url, params={"f": "json"}).json()
         assert tileset["dataType"] == "vector"
         assert {m["tileMatrix"]: (m["minTileRow"], m["maxTileRow"], m["minTileCol"], m["maxTileCol"])
                 for m in tileset["tileMatrixSetLimits"]} == \
@@ -162,8 +162,8 @@ def test_sdk_generic_vecteur_publication(tmp_path: Path) -> None:
         for z, lim in limits.items():
             for col in range(lim["min_col"], lim["max_col"] + 1):
                 for row in range(lim["min_row"], lim["max_row"] + 1):
-                    by_tms = httpx.get(fill(template, z=int(z), x=col, y=row))
-                    by_ogc = httpx.get(fill(ogc_template, tileMatrix=int(z), tileRow=row, tileCol=col))
+                    by_tms = http.get(fill(template, z=int(z), x=col, y=row))
+                    by_ogc = http.get(fill(ogc_template, tileMatrix=int(z), tileRow=row, tileCol=col))
                     assert by_tms.status_code == by_ogc.status_code == 200, (z, col, row)
                     assert by_tms.content == by_ogc.content == stored_tile(descriptor, z, col, row)
                     decoded = mapbox_vector_tile.decode(by_tms.content, default_options={"y_coord_down": True})
@@ -208,13 +208,13 @@ def test_sdk_generic_vecteur_publication(tmp_path: Path) -> None:
         # every advertised URL answers 200; outside the published levels and limits, the protocols' errors
         z9 = limits["9"]
         for url in (tms, fill(template, z=9, x=z9["min_col"], y=z9["min_row"]), tileset_url):
-            assert httpx.get(url).status_code == 200, url
-        assert httpx.get(fill(template, z=9, x=z9["max_col"] + 1, y=z9["min_row"])).status_code == 404
-        assert httpx.get(fill(template, z=10, x=0, y=0)).status_code == 400
+            assert http.get(url).status_code == 200, url
+        assert http.get(fill(template, z=9, x=z9["max_col"] + 1, y=z9["min_row"])).status_code == 404
+        assert http.get(fill(template, z=10, x=0, y=0)).status_code == 400
         outside = fill(ogc_template, tileMatrix=9, tileRow=z9["min_row"], tileCol=z9["max_col"] + 1)
-        assert httpx.get(outside).status_code == 404
-        assert httpx.get(fill(ogc_template, tileMatrix=10, tileRow=0, tileCol=0)).status_code == 404
-        assert httpx.get(f"{run.url}/wmts/1.0.0/{layer}/normal/PM/9/{z9['min_row']}/{z9['min_col']}.pbf"
+        assert http.get(outside).status_code == 404
+        assert http.get(fill(ogc_template, tileMatrix=10, tileRow=0, tileCol=0)).status_code == 404
+        assert http.get(f"{run.url}/wmts/1.0.0/{layer}/normal/PM/9/{z9['min_row']}/{z9['min_col']}.pbf"
                          ).status_code == 400  # why the offering does not list WMTS
 
 
