@@ -92,10 +92,10 @@ def test_sdk_generic_vecteur_publication(tmp_path: Path) -> None:
     """The SDK's TMS publication of its vector pyramid, then everything a client reads from the offering."""
     from test_warehouse_support import LAST_NAME
 
-    with sdk_vector_pyramid(tmp_path) as run:
+    with sdk_vector_pyramid(tmp_path) as run, httpx.Client(timeout=30) as http:  # http: no token, as a client
         for step in ("configuration-tms-py", "publication-tms-py"):
             run.step(step)
-        client, http = run.client, httpx.Client(timeout=30)  # `http`: a client of the services, no token
+        client = run.client
         [offering] = [o for o in client.get(f"{BASE}/offerings").json() if o["type"] == "WMTS-TMS"]
         offering = client.get(f"{BASE}/offerings/{offering['_id']}").json()
         layer = f"{LAST_NAME}__vecteur_tms_py"
