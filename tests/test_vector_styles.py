@@ -38,6 +38,7 @@ def make_vector_base(path: Path) -> Path:
 
 def build_vector_tiles(tmp: Path, name: str = "VTILES") -> Path:
     """A ROK4 vector pyramid of the three tables, levels 10 to 13 (`parcs` from 11 only)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     base = make_vector_base(tmp / "base.gpkg")
     top, bottom = LEVELS
     items = (Composition("parcs", "11", bottom), Composition("routes", top, bottom), Composition("arbres", top, bottom))

@@ -289,11 +289,11 @@ def parse_layer(layer_id: str, data: Any) -> Layer:
         restricted=restricted,
         name=_public_name(data),
         wfs=wfs,
-        vector_styles=_vector_styles(data.get("vector_styles", [])),
+        vector_styles=parse_vector_styles(data.get("vector_styles", [])),
     )
 
 
-def _vector_styles(value: Any) -> tuple[dict[str, Any], ...]:
+def parse_vector_styles(value: Any) -> tuple[dict[str, Any], ...]:
     """`[{"name", "url", "title"?, "current"?}]`: name unique and URL-safe, url http(s)."""
     if not isinstance(value, list):
         raise LayerError("vector_styles", "must be an array of {name, url, title?, current?}")
