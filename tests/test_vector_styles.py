@@ -131,6 +131,12 @@ async def test_attached_styles_are_listed_and_redirect(pyramid, tmp_path):
         assert moved.status_code == 302 and moved.headers["location"] == attached[0]["url"]
         missing = await client.get("/tms/1.0.0/VTILES/styles/nope.json")
         assert missing.status_code == 404 and b"TileMapServerError" in missing.content
+        # the map page draws the layer with the current one
+        from lxml import html as lxml_html
+
+        page = lxml_html.fromstring((await client.get("/")).text)
+        data = json.loads(page.get_element_by_id("layer-data").text)["layers"]
+        assert [d["draw"]["url"] for d in data if d["id"] == "VTILES"] == ["tms/1.0.0/VTILES/styles/vif.json"]
         # the record keeps them (admin API round trip)
         record = (await client.get("/admin/layers/VTILES", headers=ADMIN)).json()
         assert [s["name"] for s in record["vector_styles"]] == ["sobre", "vif"]

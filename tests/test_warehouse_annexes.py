@@ -50,6 +50,7 @@ def test_annexe_lifecycle_and_public_url(api, live):
         for path in annexe["paths"]:
             public = httpx.get(f"{url}/annexes/{ds}{path}")
             assert public.status_code == 200 and public.content == b"<doc/>", (ds, path)
+            assert public.headers["content-security-policy"] == "sandbox"  # never a page of this origin
     # labels by PATCH (as cartes.gouv.fr adds them), list filters
     patched = api.patch(f"{BASE}/annexes/{ident}", json={"labels": ["type=doc", "datasheet_name=x"]})
     assert patched.status_code == 200 and patched.json()["labels"] == ["type=doc", "datasheet_name=x"]

@@ -118,12 +118,12 @@ def drawing(published: PublishedLayer, book: dict[str, Any], wms_crs: set[str]) 
     if published.format.is_vector:
         if not published.layer.enabled("tms") or published.tms.id != "PM":
             return None, "vector tiles: use the TMS or TileJSON URL in a vector-tile client"
-        style = next((s for s in published.layer.vector_styles if s.get("current")), None)
-        style = style or next(iter(published.layer.vector_styles), None)
+        attached = next((s for s in published.layer.vector_styles if s.get("current")), None)
+        attached = attached or next(iter(published.layer.vector_styles), None)
         base = f"tms/1.0.0/{quote(published.id, safe='')}"
-        if style is None:
+        if attached is None:
             return Drawing("maplibre", f"{base}/style.json", "default"), "vector tiles with MapLibre GL, default style"
-        name = str(style["name"])
+        name = str(attached["name"])
         return Drawing("maplibre", f"{base}/styles/{quote(name, safe='')}.json", name), \
             f"vector tiles with MapLibre GL, style {name}"
     dem = published.format.sample_format != "UINT8"
