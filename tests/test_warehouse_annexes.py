@@ -155,6 +155,8 @@ def test_configuration_styles_offered_next_to_the_tilejson(api, live, monkeypatc
         **configuration, "metadata": [{"format": "application/json", "url": public, "type": "Other"}]})
     assert replaced.status_code == 200, replaced.text
     assert replaced.json()["extra"]["styles"] == kept
+    synced = api.put(f"{BASE}/offerings/{offered.json()['_id']}")  # and synchronises the offering
+    assert synced.status_code == 200 and synced.json()["_id"] == offered.json()["_id"]
     assert offered_styles() == [("default", False), ("tres_sobre", True), ("ailleurs", False)]
     # and removing them (PATCH an empty list) leaves the default
     assert api.patch(f"{BASE}/configurations/{config}", json={"extra": {"styles": []}}).status_code == 200

@@ -7,6 +7,7 @@ per-table SLD / QML files, kept as given). An entry naming an annexe of the data
 URL; that annexe must be published and hold a MapLibre style (`version` 8, `sources`, `layers`).
 A published WMTS-TMS configuration's layer offers them at once next to its TileJSON
 (`/tms/1.0.0/{layer}/styles.json`). Other keys of `extra` are kept as given; PUT leaves `extra` alone.
+`PUT …/offerings/{o}` (synchronise), the journey's last call, answers the offering as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .annotations import add_event
 from .configurations import KIND, PREFIX, configuration_view, get_configuration, published_record
 from .errors import ApiError, bad_request
 from .layer_records import mapbox_entry, vector_styles
+from .offerings import PREFIX as OFFERINGS
+from .offerings import get_offering, offering_view
 from .web import Ctx, json_body, json_response, route
 
 MAX_STYLES = 50
@@ -127,5 +130,14 @@ async def modify_configuration(ctx: Ctx) -> Response:
     return json_response(configuration_view(ctx, updated))
 
 
+@route
+async def synchronise_offering(ctx: Ctx) -> Response:
+    """`PUT …/offerings/{o}` (the platform's "synchronise", which cartes.gouv.fr calls after editing a
+    configuration's styles or metadata): a configuration's PUT or PATCH rewrites its published layer at
+    once, so there is nothing left to do; answers the offering."""
+    return json_response(offering_view(ctx, get_offering(ctx, ctx.param("offering"))))
+
+
 def routes() -> list[BaseRoute]:
-    return [Route(PREFIX + "/{configuration}", modify_configuration, methods=["PATCH"])]
+    return [Route(PREFIX + "/{configuration}", modify_configuration, methods=["PATCH"]),
+            Route(OFFERINGS + "/{offering}", synchronise_offering, methods=["PUT"])]
