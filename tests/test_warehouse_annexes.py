@@ -161,3 +161,26 @@ def test_configuration_styles_offered_next_to_the_tilejson(api, live, monkeypatc
     # and removing them (PATCH an empty list) leaves the default
     assert api.patch(f"{BASE}/configurations/{config}", json={"extra": {"styles": []}}).status_code == 200
     assert offered_styles() == [("default", True)]
+
+
+def test_sdk_delivers_and_publishes_annexes(api, live, tmp_path):
+    """IGN's SDK, unmodified: `delivery` of an annexe descriptor (paths, labels and published as query
+    parameters, `published` as Python's `True`), then `annexe {id} --unpublish` (a PATCH with "False").
+    (The SDK's `--unpublish-by-label` tests its string option `is True`, so it only lists.)"""
+    from test_warehouse_support import egpf, write_ini
+
+    url = live[0]
+    (tmp_path / "sobre.json").write_text(json.dumps(STYLE))
+    (tmp_path / "annexes.json").write_text(json.dumps({"annexe": [
+        {"file": "sobre.json", "paths": ["sdk/sobre.json", "sdk/alias.json"], "published": True,
+         "labels": ["type=style", "from=sdk"]}]}))
+    ini = write_ini(tmp_path / "config.ini", url)
+    delivered = egpf(ini, "delivery", str(tmp_path / "annexes.json"), cwd=tmp_path)
+    assert delivered.returncode == 0, delivered.stdout + delivered.stderr
+    listed = api.get(f"{BASE}/annexes", params={"labels": "from=sdk"}).json()
+    assert [(a["paths"], a["labels"], a["published"]) for a in listed] == [
+        (["/sdk/sobre.json", "/sdk/alias.json"], ["type=style", "from=sdk"], True)]
+    assert httpx.get(f"{url}/annexes/default/sdk/alias.json").json() == STYLE
+    unpublished = egpf(ini, "annexe", listed[0]["_id"], "--unpublish", cwd=tmp_path)
+    assert unpublished.returncode == 0, unpublished.stdout + unpublished.stderr
+    assert httpx.get(f"{url}/annexes/default/sdk/alias.json").status_code == 404
