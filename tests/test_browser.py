@@ -34,6 +34,7 @@ CHROMIUM = os.environ.get("TILESERVER_TEST_CHROMIUM") or shutil.which("chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--enable-unsafe-swiftshader",  # WebGL (MapLibre) in software: headless has no GPU, and the implicit fallback is going away
 ]  # fmt: skip
 OL_VERSION = "10.11.0"
 OL_INTEGRITY = "sha512-OJ+lrx7kx/1O7Xx18Ff9QkVnwZIEL0OuhJQSy2sYgzzDvyZ2qHvuZEGAajbSstUyBwaS1OtQ4RWnY84tRMDdqg=="
@@ -447,8 +448,9 @@ async def test_openlayers_draws_our_wmts_layers(browser, served):
 
 
 async def test_page_data_for_layers_not_drawn_as_tiles(tmp_path):
-    """A DEM without a rendered style and a vector layer are listed, not drawn; a PM layer that 404s
-    its empty tiles is drawn through WMS (which never answers 404) instead of WMTS tiles."""
+    """A DEM without a rendered style is listed, not drawn; a vector tile layer is drawn by MapLibre
+    with its default style; a PM layer that 404s its empty tiles is drawn through WMS (which never
+    answers 404) instead of WMTS tiles."""
     from test_tms_service import built_pyramids, descriptor_for
 
     roads = built_pyramids(tmp_path / "built")["ROADS"]
@@ -467,12 +469,14 @@ async def test_page_data_for_layers_not_drawn_as_tiles(tmp_path):
     doc = lxml_html.fromstring(page.text)
     data = {layer["id"]: layer for layer in json.loads(doc.get_element_by_id("layer-data").text)["layers"]}
     assert set(data) == set(layers)
-    assert data["DEMRAW"]["draw"] is None and data["ROADS"]["draw"] is None
+    assert data["DEMRAW"]["draw"] is None
+    assert data["ROADS"]["draw"]["kind"] == "maplibre" and data["ROADS"]["draw"]["url"] == "tms/1.0.0/ROADS/style.json"
     assert data["EMPTY404"]["draw"]["kind"] == "wms" and data["SCAN1000"]["draw"]["kind"] == "wmts"
     assert data["SCAN1000"]["draw"]["limits"]["10"] == list(descriptor_levels("SCAN1000")["10"])
     items = {li.get("data-id"): li for li in doc.xpath("//ol[@id='layers']/li")}
     assert "no style rendering them" in items["DEMRAW"].text_content()
-    assert "vector tiles" in items["ROADS"].text_content()
+    assert "vector tiles with MapLibre GL, default style" in items["ROADS"].text_content()
+    assert b"maplibre-gl.js" in page.content  # loaded only when a vector tile layer is drawn
     assert not items["DEMRAW"].xpath(".//input") and items["SCAN1000"].xpath(".//input[@class='opacity']")
 
 
@@ -567,3 +571,70 @@ async def test_vector_layers_on_the_map_page_fail_no_request(browser, tmp_path):
             (south, west), (north, east) = bounds
             assert await map_contains(page, (west, south, east, north))
             seen.assert_clean()
+
+
+# --- vector tiles drawn with MapLibre GL ----------------------------------------------------------
+
+
+def _gl_ready_js() -> str:
+    """True once every MapLibre layer on the map has its style and the tiles of its view loaded."""
+    return """() => { const gl = []; tileserverMap.eachLayer(l => { if (l.getMaplibreMap) gl.push(l.getMaplibreMap()); });
+        return gl.length > 0 && gl.every(m => m && m.isStyleLoaded() && m.areTilesLoaded() && !m.isMoving()); }"""
+
+
+async def test_vector_tiles_drawn_with_maplibre_next_to_raster_layers(browser, tmp_path):
+    """A vector tile pyramid (GeoPackage → tippecanoe → ROK4 slabs) on the map page: a Leaflet layer
+    drawn by MapLibre GL with the layer's default style, listed and stacked with the raster layer; its
+    data shows as coloured pixels where the features are, nothing where there are none."""
+    import asyncio
+
+    from test_vector_styles import ARBRES, PARCS, build_vector_tiles, vector_layer_descriptor
+
+    pyramid = await asyncio.to_thread(build_vector_tiles, tmp_path / "vtiles")
+    layers = {"SCAN1000": layer_descriptor("SCAN1000"), "VTILES": vector_layer_descriptor(pyramid)}
+    with live_server(make_settings(tmp_path)) as base:
+        with httpx.Client(base_url=base, headers={"Authorization": "Bearer secret"}, timeout=30) as http:
+            for name, desc in layers.items():
+                answer = http.post(f"/admin/layers/{name}", json=desc)
+                assert answer.status_code == 204, answer.text
+        async with open_page(browser, base + "/") as (page, seen):
+            item = page.locator('li.layer[data-id="VTILES"]')
+            assert "MapLibre GL, default style" in await item.inner_text()
+            assert await item.locator("input.visible").is_checked()
+            await moved(page, item.locator(".zoom-to").click())
+            await page.wait_for_function(_gl_ready_js(), timeout=WAIT_MS)
+            await page.wait_for_timeout(300)  # the frame after the last tile is painted
+
+            style_urls = [r.url for r in seen.responses if r.url.endswith("/style.json")]
+            assert style_urls == [f"{base}/tms/1.0.0/VTILES/style.json"]
+            pbf = [r for r in seen.responses if r.url.endswith(".pbf")]
+            assert any(r.status == 200 for r in pbf)
+            # A tile inside the limits that the pyramid does not hold answers 404 (ROK4's TMS; MapLibre
+            # takes it as "no data") until such tiles answer 204 or an empty MVT (issue 14, item 3).
+            empty = [r for r in pbf if r.status == 404]
+            seen.responses = [r for r in seen.responses if r not in empty]
+            seen.errors = [e for e in seen.errors if not (empty and "status of 404" in e)]
+            seen.assert_clean()
+
+            shot = Image.open(io.BytesIO(await page.locator("#map").screenshot())).convert("RGB")
+            background = shot.getpixel((2, shot.height - 2))
+
+            async def pixel(lon: float, lat: float) -> tuple[int, int, int]:
+                x, y = await page.evaluate("p => { const c = tileserverMap.latLngToContainerPoint(p); return [c.x, c.y]; }",
+                                           [lat, lon])
+                return shot.getpixel((round(x), round(y)))
+
+            def coloured(rgb: tuple[int, int, int]) -> bool:
+                return max(abs(a - b) for a, b in zip(rgb, background, strict=True)) > 30
+
+            # inside each park polygon and on each tree: the style's colours; between them: nothing drawn
+            for park in PARCS:
+                centre = park.centroid
+                assert coloured(await pixel(centre.x, centre.y)), ("park", centre)
+            for tree in ARBRES[:3]:
+                assert coloured(await pixel(tree.x, tree.y)), ("tree", tree)
+            assert not coloured(await pixel(2.355, 48.8435))  # south of the trees, north of the parks
+            # hidden by its checkbox: no WebGL layer on the map, the parks' pixels gone
+            await item.locator("input.visible").uncheck()
+            assert await page.evaluate(
+                "() => { let n = 0; tileserverMap.eachLayer(l => { if (l.getMaplibreMap) n++; }); return n; }") == 0

@@ -25,6 +25,7 @@ log = logging.getLogger("tileserver.app")
 SERVICE_MODULES = (
     "tileserver.services.health",
     "tileserver.services.wmts",
+    "tileserver.services.vectorstyles",  # before tms: its /tms{path} catches what is left
     "tileserver.services.tms",
     "tileserver.services.wfs",
     "tileserver.services.features",  # before ogcapi: its /ogcapi/{rest:path} catches what is left

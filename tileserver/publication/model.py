@@ -16,8 +16,9 @@ _KNOWN_KEYS = {
     "title", "abstract", "keywords", "pyramids", "styles", "resampling", "bbox", "wms", "wmts", "tms",
     "ogcapi", "extra_crs", "extra_tilematrixsets", "get_feature_info", "metadata", "attribution",
     # tileserver extensions
-    "empty_tile_404", "cache_control", "restricted", "name", "wfs",
+    "empty_tile_404", "cache_control", "restricted", "name", "wfs", "vector_styles",
 }  # fmt: skip
+STYLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")  # a vector style's name in its URL
 # a WFS feature type's local name and its prefix (the record's public name) must be XML names
 NCNAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,127}$")
 
@@ -89,6 +90,9 @@ class Layer:
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys kept for round trips
     wfs: WfsSource | None = None  # a vector layer (WFS, OGC API Features) instead of pyramids
+    # client styles of a vector tile layer (MapLibre / Mapbox GL JSON documents elsewhere, e.g. the
+    # warehouse's published annexes): ({"name", "title", "url", "current"}, …), offered next to its TileJSON
+    vector_styles: tuple[dict[str, Any], ...] = ()
 
     def enabled(self, service: str) -> bool:
         return service in self.services
@@ -136,6 +140,8 @@ class Layer:
             out["restricted"] = True
         if self.name:
             out["name"] = self.name
+        if self.vector_styles:
+            out["vector_styles"] = [dict(s) for s in self.vector_styles]
         return out
 
 
@@ -283,7 +289,33 @@ def parse_layer(layer_id: str, data: Any) -> Layer:
         restricted=restricted,
         name=_public_name(data),
         wfs=wfs,
+        vector_styles=parse_vector_styles(data.get("vector_styles", [])),
     )
+
+
+def parse_vector_styles(value: Any) -> tuple[dict[str, Any], ...]:
+    """`[{"name", "url", "title"?, "current"?}]`: name unique and URL-safe, url http(s)."""
+    if not isinstance(value, list):
+        raise LayerError("vector_styles", "must be an array of {name, url, title?, current?}")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(value):
+        where = f"vector_styles[{i}]"
+        if not isinstance(item, dict):
+            raise LayerError(where, "must be an object {name, url, title?, current?}")
+        name, url = item.get("name"), item.get("url")
+        if not isinstance(name, str) or not STYLE_NAME.match(name) or name == "default":
+            raise LayerError(f"{where}.name", "must be 1–128 letters, digits, '_', '-' or '.' (not 'default')")
+        if any(s["name"] == name for s in out):
+            raise LayerError(f"{where}.name", f"{name} is given twice")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise LayerError(f"{where}.url", "must be an http(s) URL")
+        title = item.get("title", name)
+        if not isinstance(title, str):
+            raise LayerError(f"{where}.title", "must be a string")
+        if not isinstance(item.get("current", False), bool):
+            raise LayerError(f"{where}.current", "must be true or false")
+        out.append({"name": name, "title": title, "url": url, "current": bool(item.get("current", False))})
+    return tuple(out)
 
 
 def _wfs(value: Any) -> WfsSource:

@@ -5,9 +5,14 @@ view to them, outlines each layer's extent so a layer too small for the current 
 where it is, lists every layer with zoom-to, opacity and the URLs to use it elsewhere, and asks
 the server only for tiles that exist: a tile layer knows each level's tile limits, a WMS layer its
 bounds, so the browser log stays free of 404s. A DEM (non-8-bit samples) is no picture until a
-style renders it, so it is drawn through one of its rendered styles or not at all. Vector layers
-(WFS, OGC API Features) are listed with their extent and service URLs; the map does not draw their
-features yet.
+style renders it, so it is drawn through one of its rendered styles or not at all. A vector tile
+pyramid is drawn with MapLibre GL JS through its client style (the current attached one, else the
+default one generated from its tables, `services/vectorstyles.py`), as a Leaflet layer
+(`@maplibre/maplibre-gl-leaflet`): one map and one layer list for every kind of layer, stacked and
+switched the same way. Each such layer is a WebGL context and browsers keep about 16: past
+MAX_GL_SHOWN vector tile layers, the others start hidden (a context is made when one is shown).
+Vector layers (WFS, OGC API Features) are listed with their extent and service URLs; the map does
+not draw their features yet.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ ABOVE_TOP = 4
 RENDERED_OPACITY = 0.6  # a rendered DEM (hypsometry, hillshade) covers what lies under it otherwise
 NATIVE_TILE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg"}  # what a browser draws as stored
 VECTOR_FIT_ZOOM = 16  # zoom-to of a vector layer stops here (a single point would go to the deepest zoom)
+MAX_GL_SHOWN = 8  # vector tile layers shown (each one a WebGL context) when the page opens
 NOT_DRAWN_VECTOR = "not drawn yet (vector features: drawing comes with a later version)"
 OUTLINE_COLOURS = ("#d7191c", "#2b83ba", "#1a9641", "#7b3294", "#fdae61", "#008080", "#e7298a", "#636363")
 
@@ -48,7 +54,7 @@ PAGE = """<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
 <link rel="stylesheet" href="static/leaflet/leaflet.css">
-<link rel="stylesheet" href="static/home.css">
+{maplibre_css}<link rel="stylesheet" href="static/home.css">
 </head>
 <body><div id="map"></div><div id="side"><h1>{title}</h1>
 <p class="services"><a href="wmts?SERVICE=WMTS&amp;REQUEST=GetCapabilities">WMTS</a> ·
@@ -59,15 +65,16 @@ PAGE = """<!DOCTYPE html>
 <ol id="layers">{items}</ol></div>
 <script type="application/json" id="layer-data">{layers}</script>
 <script src="static/leaflet/leaflet.js"></script>
-<script src="static/home.js"></script>
+{maplibre_js}<script src="static/home.js"></script>
 </body></html>
 """
 
 
 @dataclass(frozen=True)
 class Drawing:
-    """How the map draws a layer: `wmts` tiles of the PM grid within each level's limits, or `wms`
-    images within the layer's bounds; `style` the style asked for (a DEM needs a rendered one)."""
+    """How the map draws a layer: `wmts` tiles of the PM grid within each level's limits, `wms`
+    images within the layer's bounds, or `maplibre` (vector tiles) with the client style at `url`;
+    `style` the style asked for (a DEM needs a rendered one)."""
 
     kind: str
     url: str
@@ -109,7 +116,16 @@ def _pm_levels(published: PublishedLayer) -> dict[int, str] | None:
 def drawing(published: PublishedLayer, book: dict[str, Any], wms_crs: set[str]) -> tuple[Drawing | None, str]:
     """How the map can draw a layer, or None and why not."""
     if published.format.is_vector:
-        return None, "vector tiles: use the TMS or TileJSON URL in a vector-tile client"
+        if not published.layer.enabled("tms") or published.tms.id != "PM":
+            return None, "vector tiles: use the TMS or TileJSON URL in a vector-tile client"
+        attached = next((s for s in published.layer.vector_styles if s.get("current")), None)
+        attached = attached or next(iter(published.layer.vector_styles), None)
+        base = f"tms/1.0.0/{quote(published.id, safe='')}"
+        if attached is None:
+            return Drawing("maplibre", f"{base}/style.json", "default"), "vector tiles with MapLibre GL, default style"
+        name = str(attached["name"])
+        return Drawing("maplibre", f"{base}/styles/{quote(name, safe='')}.json", name), \
+            f"vector tiles with MapLibre GL, style {name}"
     dem = published.format.sample_format != "UINT8"
     style = rendered_style(published, book) if dem else "normal"
     if style is None:
@@ -142,6 +158,9 @@ def service_urls(base: str, published: PublishedLayer, style: str = "") -> list[
         ext = published.format.tms_extension
         out.append(("TMS tile template", f"{base}/tms/1.0.0/{name}/{{z}}/{{x}}/{{y}}.{ext}"))
         out.append(("TileJSON", f"{base}/tms/1.0.0/{name}/metadata.json"))
+        if published.format.is_vector:
+            out.append(("MapLibre style", f"{base}/tms/1.0.0/{name}/style.json"))
+            out.append(("MapLibre styles", f"{base}/tms/1.0.0/{name}/styles.json"))
     if published.layer.enabled("wms") and not published.format.is_vector:
         out.append(("WMS capabilities", f"{base}/wms?SERVICE=WMS&REQUEST=GetCapabilities"))
         west, south, east, north = published.wgs84_bbox
@@ -287,7 +306,9 @@ def layer_data(entry: PageLayer, index: int, max_zoom: int) -> dict[str, Any]:
         "opacity": RENDERED_OPACITY if entry.published.format.sample_format != "UINT8" else 1.0,
         "attribution": html.escape(str(attribution)),  # Leaflet shows attributions as HTML
     }
-    if draw.kind == "wmts":
+    if draw.kind == "maplibre":
+        common.update(minZoom=0)
+    elif draw.kind == "wmts":
         common.update(
             minZoom=max(0, draw.min_native - ABOVE_TOP),
             minNativeZoom=draw.min_native,
@@ -310,7 +331,8 @@ def _item(entry: PageLayer, index: int, data: dict[str, Any], urls: list[tuple[s
     rendered = draw is not None and published.format.sample_format != "UINT8"
     style = f", style {e(draw.style)}" if draw is not None and rendered else ""
     controls = (
-        f'<label><input type="checkbox" class="visible" checked> shown</label> '
+        f'<label><input type="checkbox" class="visible"{" checked" if data["draw"].get("shown", True) else ""}>'
+        f" shown</label> "
         f'<label>opacity <input type="range" class="opacity" min="0" max="100" '
         f'value="{round(100 * data["draw"]["opacity"])}"></label>'
         if data["draw"] is not None
@@ -334,6 +356,9 @@ async def home(request: Request) -> Response:
     max_zoom = min(24, max((round(e.bottom_zoom) + PAST_BOTTOM for e in entries), default=18))
     vectors = vector_entries(catalog)
     data = [layer_data(entry, i, max_zoom) for i, entry in enumerate(entries)]
+    gl = [d for d in data if d["draw"] is not None and d["draw"]["kind"] == "maplibre"]
+    for rank, d in enumerate(gl):
+        d["draw"]["shown"] = rank < MAX_GL_SHOWN
     data += [vector_data(entry, len(entries) + i, max_zoom) for i, entry in enumerate(vectors)]
     base = base_url(request)
     items = "".join(
@@ -353,7 +378,12 @@ async def home(request: Request) -> Response:
     # JSON inside <script>: '<' escaped so no value can close the element
     payload = orjson.dumps({"maxZoom": max_zoom, "layers": data}).decode().replace("<", "\\u003c")
     title = html.escape(runtime.settings.service_title)
-    page = PAGE.format(title=title, summary=html.escape(summary), items=items, layers=payload)
+    page = PAGE.format(
+        title=title, summary=html.escape(summary), items=items, layers=payload,
+        maplibre_css='<link rel="stylesheet" href="static/maplibre/maplibre-gl.css">\n' if gl else "",
+        maplibre_js='<script src="static/maplibre/maplibre-gl.js"></script>\n'
+                    '<script src="static/maplibre/leaflet-maplibre-gl.js"></script>\n' if gl else "",
+    )
     return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
 

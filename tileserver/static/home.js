@@ -15,6 +15,21 @@
     }
   });
 
+  // Vector tiles: a MapLibre GL map drawn as a Leaflet layer (@maplibre/maplibre-gl-leaflet), stacked
+  // among the tile layers by zIndex and faded by opacity like them. Loaded only when the page has one.
+  const VectorTiles = window.L.MaplibreGL && L.MaplibreGL.extend({
+    onAdd: function (map) {
+      L.MaplibreGL.prototype.onAdd.call(this, map);
+      this._container.style.zIndex = this.options.zIndex;
+      this._container.style.opacity = this.options.opacity;
+    },
+    setOpacity: function (opacity) {
+      this.options.opacity = opacity;
+      if (this._container) this._container.style.opacity = opacity;
+      return this;
+    }
+  });
+
   // Leaflet puts a string tooltip in as HTML: titles go in as text
   function text(value) {
     const span = document.createElement('span');
@@ -26,6 +41,11 @@
     const d = layer.draw;
     const common = {bounds: layer.bounds, minZoom: d.minZoom, maxZoom: d.maxZoom, opacity: d.opacity,
                     zIndex: zIndex, attribution: d.attribution};
+    if (d.kind === 'maplibre') {
+      // MapLibre fetches the style with an absolute URL; the style's own URLs are absolute already
+      return new VectorTiles({style: new URL(d.url, document.baseURI).href, zIndex: zIndex, opacity: d.opacity,
+                              interactive: false});
+    }
     if (d.kind === 'wmts') {
       return new LimitedTiles(d.url, Object.assign(common, {
         minNativeZoom: d.minNativeZoom, maxNativeZoom: d.maxNativeZoom, limits: d.limits}));
@@ -60,8 +80,10 @@
     const marker = L.circleMarker(bounds.getCenter(), {radius: 7, color: layer.colour, weight: 2, fillOpacity: 0.3});
     marker.bindTooltip(text(layer.title));
     const tiles = layer.draw ? mapLayer(layer, n - i) : null;  // first = smallest = on top
-    if (tiles) tiles.addTo(map);
-    byIndex[i] = {layer: layer, bounds: bounds, outline: outline, marker: marker, tiles: tiles, shown: true};
+    const shown = !layer.draw || layer.draw.shown !== false;  // past a few WebGL layers, hidden at first
+    if (tiles && shown) tiles.addTo(map);
+    if (!shown) outline.remove();
+    byIndex[i] = {layer: layer, bounds: bounds, outline: outline, marker: marker, tiles: tiles, shown: shown};
   });
 
   const MARKER_BELOW = 12;  // pixels: an extent smaller than this on screen gets a marker

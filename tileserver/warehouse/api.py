@@ -8,7 +8,9 @@ from starlette.routing import BaseRoute, Route
 
 from . import (
     account_routes,
+    annexes,
     check_routes,
+    client_styles,
     configurations,
     executions,
     keys,
@@ -23,7 +25,7 @@ from .service import shutdown, startup
 from .web import public
 
 ROUTE_MODULES = (account_routes, uploads, check_routes, executions, stored_data, configurations, offerings,
-                  statics, keys)
+                  statics, keys, annexes, client_styles)
 
 
 @public

@@ -324,7 +324,7 @@ def configuration_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
     out = {"_id": entity.id, "type": body["type"], "name": body["name"], "layer_name": body["layer_name"],
            "status": "PUBLISHED" if published else "UNPUBLISHED", "creation": entity.created_at,
            "type_infos": body["type_infos"], "metadata": body.get("metadata", []), **annotations_view(body)}
-    for key in ("attribution", "getfeatureinfo"):
+    for key in ("attribution", "getfeatureinfo", "extra"):
         if key in body:
             out[key] = body[key]
     return out
@@ -420,6 +420,8 @@ async def replace_configuration(ctx: Ctx) -> Response:
         raise conflict("layer_name: unpublish the configuration before renaming its layer")
     layer = await validate(ctx, data, replacing=entity.id)
     body = _stored_body(data)
+    if entity.body.get("extra"):  # set by PATCH only (client_styles): kept, and published with the layer
+        data = {**data, "extra": entity.body["extra"]}
     await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, lambda b: b.update(body))
     record = published_record(ctx, entity.id)
     if record is not None and ctx.wh.store.get_layer(record) is not None:

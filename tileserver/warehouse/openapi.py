@@ -135,6 +135,17 @@ class AccessCreate(_Body):
     permission: str | None = None
 
 
+class ConfigurationEdit(_Body):
+    name: str | None = None
+    extra: dict[str, Any] | None = None  # extra.styles: [{name, technical_name?, current?, layers: [{annexe_id?, url?, name?}]}]
+
+
+class AnnexeEdit(_Body):
+    paths: list[str] | str | None = None
+    labels: list[str] | str | None = None
+    published: bool | Literal["true", "false", "True", "False"] | None = None
+
+
 class TokenRequest(BaseModel):
     grant_type: Literal["password", "client_credentials"]
     username: str | None = None
@@ -151,9 +162,14 @@ BODIES: dict[str, type[BaseModel] | str] = {
     "create_offering": OfferingCreate, "edit_offering": OfferingEdit, "add_comment": CommentCreate,
     "create_key": KeyCreate, "add_access": AccessCreate, "add_tags": "tags",
     "push_data": "multipart", "push_md5": "multipart", "create_static": "multipart",
+    "create_annexe": "multipart", "replace_annexe_file": "multipart", "modify_annexe": AnnexeEdit,
+    "modify_configuration": ConfigurationEdit,
 }
 CREATED = {"create_upload", "create_execution", "create_configuration", "create_offering", "create_static",
-           "create_key", "add_access"}
+           "create_key", "add_access", "create_annexe"}
+FILES = {"annexe_file", "public_annexe"}  # answer the file as stored, in its own media type
+COUNTS = {"publish_by_label", "unpublish_by_label"}  # answer a count as text, as the SDK reads it
+PUBLIC = {"public_annexe"}  # no authentication
 _ERROR = {"type": "object", "required": ["error", "error_description"],
           "properties": {"error": {"type": "string"}, "error_description": {"type": "array", "items": {"type": "string"}}}}
 _ANSWER = {"oneOf": [{"type": "object"}, {"type": "array"}]}
@@ -178,9 +194,20 @@ def _operation(route: Route, method: str, defs: dict[str, Any]) -> dict[str, Any
     if name == "create_static":
         params += [{"name": q, "in": "query", "required": q != "description", "schema": {"type": "string"}}
                    for q in ("name", "type", "description")]
+    if name == "create_annexe":
+        params += [{"name": q, "in": "query", "required": False, "description": d, "schema": {"type": "string"}}
+                   for q, d in (("paths", "paths, comma-separated or repeated (or a form field)"),
+                                ("labels", "labels, comma-separated or repeated (or a form field)"),
+                                ("published", "true or false (or a form field)"))]
+    if name in COUNTS:
+        params.append({"name": "labels", "in": "query", "required": True, "schema": {"type": "string"}})
     ok = "201" if name in CREATED else "204" if method == "DELETE" else "200"
     responses: dict[str, Any] = {ok: {"description": "success"}}
-    if ok != "204":
+    if name in FILES:
+        responses[ok]["content"] = {"*/*": {"schema": {}}}
+    elif name in COUNTS:
+        responses[ok]["content"] = {"text/plain": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+    elif ok != "204":
         responses[ok]["content"] = {"application/json": {"schema": _ANSWER}}
     statuses = ["400", "401", "403", "404", "409", "413", "503"]  # 503: the store cannot be written now
     if BODIES.get(name) == "multipart":
@@ -190,7 +217,10 @@ def _operation(route: Route, method: str, defs: dict[str, Any]) -> dict[str, Any
     operation: dict[str, Any] = {"operationId": f"{name}_{method.lower()}_{abs(hash(route.path)) % 10**6}",
                                  "summary": (route.endpoint.__doc__ or name).strip().split("\n")[0],
                                  "parameters": params, "responses": responses,
-                                 "security": [{"bearer": []}]}
+                                 "security": [] if name in PUBLIC else [{"bearer": []}]}
+    if name in PUBLIC:
+        for status in ("401", "403", "409", "413"):
+            del responses[status]
     body = BODIES.get(name)
     if body == "multipart":
         operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -242,7 +272,7 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "tileserver warehouse API", "version": "1.0",
                  "description": "The Géoplateforme warehouse (Entrepôt) API, self-hosted: uploads, checks, "
-                                "processings, stored data, configurations, offerings, statics, keys."},
+                                "processings, stored data, configurations, offerings, statics, keys, annexes."},
         "paths": paths,
         "components": {"schemas": defs,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
