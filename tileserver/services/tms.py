@@ -347,6 +347,19 @@ def _attribution_html(attribution: dict[str, Any] | None) -> str:
     )
 
 
+_EDGE = 1e-7  # degrees (about a centimetre)
+
+
+def _inner_bounds(west: float, south: float, east: float, north: float) -> list[float]:
+    """TileJSON bounds a hair inside the extent: it is the limits' tile edges, and MapLibre turns
+    bounds back into tile ranges with floor/ceil, so an edge landing 1e-12 outside (two datum
+    round trips) made it fetch a row of vector tiles past the limits (404s in its console). Raster
+    bounds stay exact: clients compare them with the WMS extent."""
+    if east - west > 4 * _EDGE and north - south > 4 * _EDGE:
+        west, south, east, north = west + _EDGE, south + _EDGE, east - _EDGE, north - _EDGE
+    return [west, south, east, north]
+
+
 def tilejson(request: Request, view: TileMapView) -> bytes:
     """TileJSON 3.0.0; zooms are the level ids (ROK4's grids number them), `crs` names the grid's CRS."""
     published = view.published
@@ -364,7 +377,7 @@ def tilejson(request: Request, view: TileMapView) -> bytes:
         "tiles": [f"{service_url(request)}/{view.id}/{{z}}/{{x}}/{{y}}.{view.extension}"],
         "minzoom": minzoom,
         "maxzoom": maxzoom,
-        "bounds": [west, south, east, north],
+        "bounds": _inner_bounds(west, south, east, north) if fmt.is_vector else [west, south, east, north],
         "center": [(west + east) / 2, (south + north) / 2, (minzoom + maxzoom) // 2],
         "format": view.extension,
         "crs": published.tms.crs,
