@@ -101,11 +101,35 @@ class WfsTypeInfos(_Body):
     used_data: list[WfsUsedData]
 
 
+class WmsvRelation(_Body):
+    name: str
+    style: str | None = None
+    ftl: str | None = None
+
+
+class WmsvUsedData(_Body):
+    stored_data: str
+    relations: list[WmsvRelation]
+
+
+class WmsvTypeInfos(_Body):
+    title: str
+    abstract: str
+    keywords: list[str] = []
+    bbox: BBox | None = None
+    used_data: list[WmsvUsedData]
+
+
+class StaticEdit(_Body):
+    name: str | None = None
+    description: str | None = None
+
+
 class ConfigurationCreate(_Body):
-    type: Literal["WMTS-TMS", "WMS-RASTER", "WFS"]
+    type: Literal["WMTS-TMS", "WMS-RASTER", "WFS", "WMS-VECTOR"]
     name: str
     layer_name: str
-    type_infos: TypeInfos | WfsTypeInfos
+    type_infos: TypeInfos | WfsTypeInfos | WmsvTypeInfos
     attribution: dict[str, Any] | None = None
     metadata: list[dict[str, Any]] = []
     getfeatureinfo: dict[str, Any] | None = None
@@ -151,6 +175,7 @@ BODIES: dict[str, type[BaseModel] | str] = {
     "create_offering": OfferingCreate, "edit_offering": OfferingEdit, "add_comment": CommentCreate,
     "create_key": KeyCreate, "add_access": AccessCreate, "add_tags": "tags",
     "push_data": "multipart", "push_md5": "multipart", "create_static": "multipart",
+    "replace_static": "multipart", "edit_static": StaticEdit,
 }
 CREATED = {"create_upload", "create_execution", "create_configuration", "create_offering", "create_static",
            "create_key", "add_access"}
