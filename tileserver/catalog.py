@@ -443,12 +443,14 @@ def empty_literals(style: Any) -> Any:
     from pygeofilter import ast
 
     def fix(node: Any) -> Any:
-        if isinstance(node, ast.Comparison) and is_dataclass(node):
+        if not is_dataclass(node) or isinstance(node, type):
+            return node
+        if isinstance(node, ast.Comparison):
             lhs, rhs = fix(node.lhs), fix(node.rhs)
             return replace(node, lhs="" if lhs is None else lhs, rhs="" if rhs is None else rhs)
-        if isinstance(node, ast.And | ast.Or) and is_dataclass(node):
+        if isinstance(node, ast.And | ast.Or):
             return replace(node, lhs=fix(node.lhs), rhs=fix(node.rhs))
-        if isinstance(node, ast.Not) and is_dataclass(node):
+        if isinstance(node, ast.Not):
             return replace(node, sub_node=fix(node.sub_node))
         return node
 

@@ -263,11 +263,15 @@ def info_xml(infos: list[VectorInfo]) -> bytes:
 
 
 def _ftl_renderer() -> Callable[[str, list[dict[str, Any]]], str] | None:
+    """The FreeMarker-subset engine (`render/ftl.py`, written beside this), when this build has it."""
+    import importlib
+
     try:
-        from tileserver.render.ftl import render_ftl  # type: ignore[import-not-found,unused-ignore]
+        module = importlib.import_module("tileserver.render.ftl")
     except ImportError:
         return None
-    return render_ftl  # type: ignore[no-any-return,unused-ignore]
+    render: Callable[[str, list[dict[str, Any]]], str] | None = getattr(module, "render_ftl", None)
+    return render
 
 
 def info_html(infos: list[VectorInfo]) -> bytes:

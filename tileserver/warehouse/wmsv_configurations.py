@@ -115,9 +115,9 @@ def used_relations(ctx: Ctx, used: Any) -> tuple[list[str], str | None, list[dic
                 problems.append(f"{at}.name: the stored data has no table {name}"
                                 f" (tables: {', '.join(sorted(tables)) or 'none'})")
                 continue
-            if name in seen:
+            if relation.name in seen:
                 problems.append(f"{at}.name: table {name} is drawn twice")
-            seen.add(name)
+            seen.add(relation.name)
             if relation.geometry_column is None:
                 problems.append(f"{at}.name: table {name} has no geometry to draw")
             record: dict[str, str] = {"name": relation.name}
@@ -168,7 +168,8 @@ async def validate_wmsv(ctx: Ctx, data: dict[str, Any], replacing: str | None = 
     if not isinstance(data.get("layer_name"), str) or not LAYER_ID.match(data["layer_name"]):
         problems.append("layer_name: 1–128 letters, digits, '_', '-' or '.', starting with a letter or digit")
     infos = data.get("type_infos")
-    base, relations = None, []
+    base: str | None = None
+    relations: list[dict[str, str]] = []
     if not isinstance(infos, dict):
         problems.append("type_infos: an object {title, abstract, keywords, bbox?, used_data} is required")
     else:
