@@ -215,6 +215,17 @@ def sld_document(table: str, attribute: str = "insee_dep", fill: str = "#e94a4c"
 </StyledLayerDescriptor>""".encode()
 
 
+SE_STYLE = b"""<?xml version="1.0" encoding="UTF-8"?>
+<StyledLayerDescriptor xmlns="http://www.opengis.net/sld" xmlns:ogc="http://www.opengis.net/ogc"
+  xmlns:se="http://www.opengis.net/se" version="1.1.0">
+  <NamedLayer><se:Name>canton</se:Name><UserStyle><se:Name>peuples</se:Name><se:FeatureTypeStyle><se:Rule>
+    <ogc:Filter><ogc:PropertyIsGreaterThan><ogc:PropertyName>population</ogc:PropertyName>
+      <ogc:Literal>1100</ogc:Literal></ogc:PropertyIsGreaterThan></ogc:Filter>
+    <se:PolygonSymbolizer><se:Fill><se:SvgParameter name="fill">#ff8800</se:SvgParameter></se:Fill></se:PolygonSymbolizer>
+    <se:TextSymbolizer><se:Label><ogc:PropertyName>nom</ogc:PropertyName></se:Label></se:TextSymbolizer>
+  </se:Rule></se:FeatureTypeStyle></UserStyle></NamedLayer>
+</StyledLayerDescriptor>"""
+
 FTL = b"""<#list features as feature>
 <p class="canton">${feature.nom.value} (${feature.insee_can.value})</p>
 </#list>"""
@@ -265,6 +276,8 @@ def test_statics_configuration_validation_and_a_private_layer(tmp_path: Path) ->
         template = add_static(client, "ftl_canton", "GEOSERVER-FTL", FTL)
         assert template["type_infos"]["used_attributes"] == ["insee_can", "nom"]
         bad_template = add_static(client, "ftl_bad", "GEOSERVER-FTL", b"${feature.surface.value}")
+        se_style = add_static(client, "qgis", "GEOSERVER-STYLE", SE_STYLE)  # SE / SLD 1.1.0, as QGIS writes
+        assert se_style["type_infos"]["used_attributes"] == ["nom", "population"]
         file = client.get(f"{BASE}/statics/{style['_id']}/file")
         assert file.status_code == 200 and file.content == (root / SDK_DATA / "CANTON_style.sld").read_bytes()
 
@@ -333,6 +346,12 @@ def test_statics_configuration_validation_and_a_private_layer(tmp_path: Path) ->
                                          [pixel_of(centre.x, centre.y)[::-1]]) == (0, 255, 0, 255))
         assert redrawn
 
+        # SE 1.1 styles draw too, and a published configuration takes a new body at once (PUT)
+        se_body = wmsv_configuration(stored["_id"], "cantons_bleus", [{"name": "canton", "style": se_style["_id"]}])
+        se_configuration = client.post(f"{BASE}/configurations", json=se_body)
+        assert se_configuration.status_code == 201, se_configuration.text
+        assert client.delete(f"{BASE}/configurations/{se_configuration.json()['_id']}").status_code == 204
+
         # a relation without style: the platform's default blue
         plain = client.post(f"{BASE}/configurations", json=wmsv_configuration(stored["_id"], "cantons_bleus",
                                                                                [{"name": "canton"}]))
@@ -341,6 +360,11 @@ def test_statics_configuration_validation_and_a_private_layer(tmp_path: Path) ->
                         json={"endpoint": endpoint_id(client, "gpf-geoserver-wms-v"), "open": True}), 201)
         blue = picture(get_map(anonymous, "cantons_bleus"))[pixel_of(centre.x, centre.y)[::-1]]
         assert np.abs(blue[:3].astype(int) - (0x33, 0x66, 0xCC)).max() <= 1 and 140 < blue[3] < 165  # fill-opacity 0.6
+        replaced = client.put(f"{BASE}/configurations/{plain.json()['_id']}", json=se_body)
+        assert replaced.status_code == 200, replaced.text
+        corner = pixel_of(geoms[-1].bounds[0] + 300.0, geoms[-1].bounds[1] + 300.0)  # away from the label
+        # population 1185 > 1100: orange under the SE style
+        assert wait_for(lambda: tuple(picture(get_map(anonymous, "cantons_bleus"))[corner[::-1]]) == (0xFF, 0x88, 0x00, 255))
         opaque = picture(get_map(anonymous, "cantons_bleus", TRANSPARENT="FALSE", BGCOLOR="0x000000"))
         assert opaque[0, 0].tolist() == [0, 0, 0, 255]
 
@@ -405,6 +429,8 @@ def test_mixed_raster_and_vector_map_and_capabilities(tmp_path: Path) -> None:
         assert tiff.status_code == 200 and tiff.headers["content-type"] == "image/geotiff"
         refused = get_map(anonymous, "zone", bbox, size, "CRS:84", FORMAT="text/asc")
         assert refused.status_code == 400 and "InvalidFormat" in refused.text
+        lat_lon = picture(get_map(anonymous, "SCAN,zone", (bbox[1], bbox[0], bbox[3], bbox[2]), size, "EPSG:4326"))
+        assert np.abs(lat_lon.astype(int) - mixed).max() <= 1  # 1.3.0 EPSG:4326 is latitude first
         refused = get_map(anonymous, "zone", bbox, size, "EPSG:99999")
         assert refused.status_code == 400 and "InvalidCRS" in refused.text
         refused = get_map(anonymous, "zone", bbox, size, "CRS:84", STYLES="nope")
