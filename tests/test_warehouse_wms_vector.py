@@ -175,6 +175,8 @@ def test_sdk_configuration_and_publication_wms_bdd(tmp_path: Path) -> None:
         etree.fromstring(gml.content)  # well-formed
         between = pixel_of(640000.0 + 2700.0, 6856000.0)  # between two cantons, beyond the 3 px tolerance
         assert feature_info(anonymous, layer, *between).json()["features"] == []
+        undrawn = pixel_of(canton_77.x, canton_77.y)  # as GeoServer: only features a rule draws
+        assert feature_info(anonymous, layer, *undrawn).json()["features"] == []
 
         # capabilities: schema-valid, read by OWSLib
         document = anonymous.get(capabilities_url)

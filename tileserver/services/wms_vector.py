@@ -165,32 +165,77 @@ class VectorInfo:
     features: list[FoundFeature]
 
 
+def scale_denominator(grid: Grid) -> float:
+    """The map's scale denominator as mapnik judges rules by it (0.28 mm pixels, degrees at the equator)."""
+    from tileserver.render.georef import get_crs
+    from tileserver.rok4.tms import OGC_PIXEL_SIZE
+
+    metres = grid.res_x * (6378137.0 * 3.141592653589793 / 180.0 if get_crs(grid.crs).is_geographic else 1.0)
+    return metres / OGC_PIXEL_SIZE
+
+
+def drawn_filter(style: Any, scale: float) -> tuple[bool, Any]:
+    """(whether anything is drawn, the filter selecting what is): the OR of the rules in scale; None
+    when a rule without filter, or an ElseFilter rule, draws every feature."""
+    from pygeofilter import ast
+
+    if style is None:
+        return True, None
+    filters = []
+    for rule in style.rules:
+        if rule.min_scale is not None and scale < rule.min_scale:
+            continue
+        if rule.max_scale is not None and scale >= rule.max_scale:
+            continue
+        if not rule.symbolizers:
+            continue
+        if rule.filter is None or rule.else_filter:
+            return True, None
+        filters.append(rule.filter)
+    if not filters:
+        return False, None
+    combined = filters[0]
+    for other in filters[1:]:
+        combined = ast.Or(combined, other)
+    return True, combined
+
+
 def features_at(vector: VectorMap, grid: Grid, i: int, j: int, count: int,
                 tolerance: int = TOLERANCE_PIXELS) -> VectorInfo:
-    """Features of the layer within `tolerance` pixels of pixel (i, j), top relation first (blocking)."""
+    """Features the layer draws within `tolerance` pixels of pixel (i, j), top relation first
+    (blocking): as GeoServer, only those a rule of the style draws at this scale."""
     import shapely
 
     from tileserver.vector import crs
-    from tileserver.vector.base import Query
+    from tileserver.vector.base import Query, QueryError
 
     x0 = grid.bbox[0] + (i - tolerance) * grid.res_x
     x1 = grid.bbox[0] + (i + 1 + tolerance) * grid.res_x
     y1 = grid.bbox[3] - (j - tolerance) * grid.res_y
     y0 = grid.bbox[3] - (j + 1 + tolerance) * grid.res_y
     window = shapely.box(x0, y0, x1, y1)
+    scale = scale_denominator(grid)
     found: list[FoundFeature] = []
     for item in vector.relations:
         if len(found) >= count:
             break
         relation = item.relation
+        drawn, condition = drawn_filter(item.style, scale)
+        if not drawn:
+            continue
         try:
             local = crs.transform(shapely.segmentize(window, max(x1 - x0, y1 - y0) / 8), grid.crs, relation.srs)
         except Exception:  # noqa: S112 - a point PROJ cannot bring to the relation's CRS holds none of it
             continue
         if local.is_empty or not all(np.isfinite(local.bounds)):
             continue
-        query = Query(relation.name, bbox=tuple(local.bounds), limit=None)
-        for feature in vector.base.features(query):
+        query = Query(relation.name, bbox=tuple(local.bounds), filter=condition, limit=None)
+        try:
+            features = list(vector.base.features(query))
+        except QueryError as exc:  # a filter the base cannot evaluate: every feature under the point
+            log.warning("layer %s: GetFeatureInfo ignores the style's filter: %s", vector.id, exc)
+            features = list(vector.base.features(Query(relation.name, bbox=tuple(local.bounds))))
+        for feature in features:
             if feature.geometry is None or not feature.geometry.intersects(local):
                 continue
             found.append(FoundFeature(item, feature.id, feature.geometry, feature.properties))
