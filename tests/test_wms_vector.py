@@ -1,0 +1,110 @@
+"""WMS-vector layers in /wms, in process: a layer record drawing two tables of a GeoPackage (the first on
+top), GetMap in 1.3.0 and 1.1.1, exceptions in the image, GetFeatureInfo's FEATURE_COUNT and order,
+and what a vector layer is not (no legend here, no data formats)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from urllib.parse import urlencode
+
+import numpy as np
+import pyogrio.raw
+import pytest
+import shapely
+from apputil import app_client, make_settings
+from PIL import Image
+
+from tileserver.publication.model import parse_layer
+
+RED, GREEN = (255, 0, 0), (0, 160, 0)
+BBOX = (0.0, 0.0, 100.0, 100.0)  # EPSG:3857 metres, 1 m per pixel at 100×100
+
+
+def _sld(table: str, colour: str) -> str:
+    return f"""<StyledLayerDescriptor version="1.0.0" xmlns="http://www.opengis.net/sld">
+  <NamedLayer><Name>{table}</Name><UserStyle><FeatureTypeStyle><Rule>
+    <PolygonSymbolizer><Fill><CssParameter name="fill">{colour}</CssParameter></Fill></PolygonSymbolizer>
+  </Rule></FeatureTypeStyle></UserStyle></NamedLayer></StyledLayerDescriptor>"""
+
+
+def _table(path: Path, name: str, box: tuple[float, ...], label: str) -> None:
+    geometry = np.array([shapely.to_wkb(shapely.MultiPolygon([shapely.box(*box)]))], dtype=object)
+    pyogrio.raw.write(path, geometry, [np.array([label], dtype=object)], ["nom"], layer=name, driver="GPKG",
+                      geometry_type="MultiPolygon", crs="EPSG:3857", append=path.exists())
+
+
+def _record(base: Path, order: tuple[str, str], restricted: bool = False) -> dict:
+    colours = {"dessus": "#ff0000", "dessous": "#00a000"}
+    return {"title": "zones", "abstract": "two tables", "restricted": restricted,
+            "vector_map": {"base": str(base), "relations": [{"name": n, "sld": _sld(n, colours[n])} for n in order]},
+            **{s: {"enabled": s == "wms"} for s in ("wms", "wmts", "tms", "ogcapi")}}
+
+
+@pytest.fixture(scope="module")
+async def client(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wmsv")
+    base = folder / "zones.gpkg"
+    _table(base, "dessus", (20.0, 20.0, 60.0, 60.0), "haut")
+    _table(base, "dessous", (40.0, 40.0, 90.0, 90.0), "bas")
+    async with app_client(make_settings(folder)) as c:
+        runtime = c.app.state.runtime
+        runtime.store.add_layer(parse_layer("top_first", _record(base, ("dessus", "dessous"))))
+        runtime.store.add_layer(parse_layer("bottom_first", _record(base, ("dessous", "dessus"))))
+        await runtime.refresh()
+        yield c
+
+
+async def _get(client, **params):
+    query = {"SERVICE": "WMS", "VERSION": "1.3.0", "STYLES": "", "CRS": "EPSG:3857",
+             "BBOX": ",".join(map(str, BBOX)), "WIDTH": "100", "HEIGHT": "100", **params}
+    return await client.get("/wms?" + urlencode(query))
+
+
+def _rgba(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGBA"))
+
+
+async def test_the_first_relation_is_drawn_on_top(client):
+    top = _rgba(await _get(client, REQUEST="GetMap", LAYERS="top_first", FORMAT="image/png", TRANSPARENT="TRUE"))
+    bottom = _rgba(await _get(client, REQUEST="GetMap", LAYERS="bottom_first", FORMAT="image/png", TRANSPARENT="TRUE"))
+    overlap, only_red, empty = (50, 50), (70, 30), (5, 95)  # (row, col)
+    assert tuple(top[overlap]) == (*RED, 255) and tuple(bottom[overlap]) == (*GREEN, 255)
+    assert tuple(top[only_red]) == tuple(bottom[only_red]) == (*RED, 255)
+    assert top[empty][3] == 0
+
+
+async def test_1_1_1_and_exceptions_in_the_image(client):
+    v111 = _rgba(await _get(client, VERSION="1.1.1", REQUEST="GetMap", LAYERS="top_first", SRS="EPSG:3857",
+                            FORMAT="image/png", TRANSPARENT="TRUE"))
+    v130 = _rgba(await _get(client, REQUEST="GetMap", LAYERS="top_first", FORMAT="image/png", TRANSPARENT="TRUE"))
+    assert (v111 == v130).all()
+    bad = await _get(client, REQUEST="GetMap", LAYERS="top_first", FORMAT="image/png", STYLES="nope",
+                     EXCEPTIONS="INIMAGE")
+    assert bad.status_code == 200 and bad.headers["content-type"] == "image/png"  # the error drawn in the image
+    bil = await _get(client, REQUEST="GetMap", LAYERS="top_first", FORMAT="image/x-bil;bits=32")
+    assert bil.status_code == 400 and "InvalidFormat" in bil.text
+    legend = await client.get("/wms?SERVICE=WMS&REQUEST=GetLegendGraphic&VERSION=1.3.0&FORMAT=image/png&LAYER=top_first")
+    assert legend.status_code == 400 and "LayerNotDefined" in legend.text
+
+
+async def test_feature_count_and_order(client):
+    async def info(count: str, i: int, j: int):
+        answer = await _get(client, REQUEST="GetFeatureInfo", LAYERS="top_first", QUERY_LAYERS="top_first", I=str(i),
+                            J=str(j), INFO_FORMAT="application/json", FEATURE_COUNT=count)
+        assert answer.status_code == 200, answer.text
+        return [f["properties"]["nom"] for f in json.loads(answer.content)["features"]]
+
+    assert await info("5", 50, 50) == ["haut", "bas"]  # top relation first
+    assert await info("1", 50, 50) == ["haut"]
+    assert await info("5", 30, 70) == ["haut"]
+    assert await info("5", 5, 5) == []
+    assert await info("5", 62, 70) == ["haut"]  # 2 px right of its edge: within the 3 px tolerance
+    bad = await _get(client, REQUEST="GetFeatureInfo", LAYERS="top_first", QUERY_LAYERS="top_first", I="1", J="1",
+                     INFO_FORMAT="application/json", FEATURE_COUNT="many")
+    assert bad.status_code == 400 and "feature_count" in bad.text
+    plain = await _get(client, REQUEST="GetFeatureInfo", LAYERS="top_first", QUERY_LAYERS="top_first", I="50", J="50",
+                       INFO_FORMAT="text/plain", FEATURE_COUNT="2")
+    assert "nom = haut" in plain.text and plain.text.index("haut") < plain.text.index("bas")
