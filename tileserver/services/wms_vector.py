@@ -62,7 +62,11 @@ def _rgba(raster: Raster) -> np.ndarray:
 
 
 def compose(pictures: list[np.ndarray]) -> np.ndarray:
-    """Alpha-over of straight-alpha RGBA pictures, the first at the bottom."""
+    """Alpha-over of straight-alpha RGBA pictures, the first at the bottom (fully transparent pictures
+    are skipped, and one picture is its own composite)."""
+    pictures = [p for p in pictures if p[..., 3].any()] or pictures[:1]
+    if len(pictures) == 1:
+        return pictures[0]
     out_rgb = np.zeros(pictures[0].shape[:2] + (3,), dtype=np.float32)
     out_a = np.zeros(pictures[0].shape[:2] + (1,), dtype=np.float32)
     for picture in pictures:
@@ -76,12 +80,17 @@ def compose(pictures: list[np.ndarray]) -> np.ndarray:
                           axis=2).astype(np.uint8)
 
 
-def draw_vector(vector: VectorMap, grid: Grid) -> np.ndarray:
-    """An RGBA picture of a WMS-vector layer on `grid` (blocking: a worker thread)."""
+def draw_vector(vector: VectorMap, grid: Grid, background: tuple[int, int, int] | None = None) -> np.ndarray:
+    """An RGBA picture of a WMS-vector layer on `grid`, transparent or on `background` (blocking: a
+    worker thread)."""
     from tileserver.render import vector_map
 
     layers = [vector_map.VectorLayer(r.relation, r.style) for r in vector.relations]
-    return vector_map.render(vector.path, layers, grid.bbox, grid.crs, grid.width, grid.height, transparent=True)
+    if background is None:
+        return vector_map.render(vector.path, layers, grid.bbox, grid.crs, grid.width, grid.height, transparent=True)
+    colour = "#{:02x}{:02x}{:02x}".format(*background)
+    return vector_map.render(vector.path, layers, grid.bbox, grid.crs, grid.width, grid.height, transparent=False,
+                             bgcolor=colour)
 
 
 def _encode(rgba: np.ndarray, req: MapRequest) -> tuple[bytes, str]:
@@ -124,11 +133,18 @@ async def render_mixed(request: Any, runtime: Any, req: MapRequest) -> tuple[byt
 
             def work() -> tuple[bytes, str]:
                 drawn = []
-                for item in pictures:
+                for index, item in enumerate(pictures):
                     deadline.check()
-                    drawn.append(draw_vector(item, req.grid) if isinstance(item, VectorMap) else item)
+                    if isinstance(item, VectorMap):  # an opaque map at the bottom: mapnik paints BGCOLOR
+                        background = None if req.transparent or index > 0 else req.bgcolor
+                        drawn.append(draw_vector(item, req.grid, background))
+                    else:
+                        drawn.append(item)
                 deadline.check()
-                return _encode(compose(drawn), req)
+                picture = compose(drawn)
+                if not req.transparent and bool((picture[..., 3] == 255).all()):
+                    picture = picture[..., :3]  # nothing to blend: the encoder need not flatten it
+                return _encode(picture, req)
 
             return await gate.run_in_thread(work, reserved, deadline)
     except RenderBusy as exc:
