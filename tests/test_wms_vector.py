@@ -108,3 +108,24 @@ async def test_feature_count_and_order(client):
     plain = await _get(client, REQUEST="GetFeatureInfo", LAYERS="top_first", QUERY_LAYERS="top_first", I="50", J="50",
                        INFO_FORMAT="text/plain", FEATURE_COUNT="2")
     assert "nom = haut" in plain.text and plain.text.index("haut") < plain.text.index("bas")
+
+
+async def test_capabilities_in_both_versions_are_valid(client):
+    from lxml import etree
+
+    schemas = Path(__file__).parent / "schemas" / "wms"
+    v130 = await client.get("/wms?SERVICE=WMS&REQUEST=GetCapabilities&VERSION=1.3.0")
+    root = etree.fromstring(v130.content)
+    etree.XMLSchema(etree.parse(str(schemas / "1.3.0" / "capabilities_1_3_0.xsd"))).assertValid(root)
+    ns = {"w": "http://www.opengis.net/wms"}
+    names = [n.text for n in root.findall("w:Capability/w:Layer/w:Layer/w:Name", ns)]
+    assert names == ["bottom_first", "top_first"]
+    v111 = await client.get("/wms?SERVICE=WMS&REQUEST=GetCapabilities&VERSION=1.1.1")
+    dtd = etree.DTD(str(schemas / "1.1.1" / "capabilities_1_1_1.dtd"))
+    document = etree.fromstring(v111.content)
+    assert dtd.validate(document), dtd.error_log
+    box = document.find("Capability/Layer/Layer/LatLonBoundingBox")
+    from pyproj import Transformer
+
+    expected = Transformer.from_crs("EPSG:3857", "OGC:CRS84", always_xy=True).transform_bounds(20.0, 20.0, 90.0, 90.0)
+    assert [float(box.get(k)) for k in ("minx", "miny", "maxx", "maxy")] == pytest.approx(expected, rel=1e-5)
