@@ -67,17 +67,19 @@ def compose(pictures: list[np.ndarray]) -> np.ndarray:
     pictures = [p for p in pictures if p[..., 3].any()] or pictures[:1]
     if len(pictures) == 1:
         return pictures[0]
-    out_rgb = np.zeros(pictures[0].shape[:2] + (3,), dtype=np.float32)
-    out_a = np.zeros(pictures[0].shape[:2] + (1,), dtype=np.float32)
-    for picture in pictures:
-        a = picture[..., 3:4].astype(np.float32) / 255.0
-        rgb = picture[..., :3].astype(np.float32)
-        new_a = a + out_a * (1.0 - a)
-        premultiplied = rgb * a + out_rgb * out_a * (1.0 - a)
-        out_rgb = np.divide(premultiplied, new_a, out=np.zeros_like(premultiplied), where=new_a > 0)
-        out_a = new_a
-    return np.concatenate([np.clip(np.rint(out_rgb), 0, 255), np.clip(np.rint(out_a * 255.0), 0, 255)],
-                          axis=2).astype(np.uint8)
+    first = pictures[0]
+    alpha = first[..., 3:4].astype(np.float32) * (1.0 / 255.0)
+    colour = first[..., :3] * alpha  # premultiplied: one division at the end
+    for picture in pictures[1:]:
+        a = picture[..., 3:4].astype(np.float32) * (1.0 / 255.0)
+        keep = 1.0 - a
+        colour = picture[..., :3] * a + colour * keep
+        alpha = a + alpha * keep
+    straight = np.divide(colour, alpha, out=np.zeros_like(colour), where=alpha > 0)
+    out = np.empty(first.shape, dtype=np.uint8)
+    out[..., :3] = np.clip(np.rint(straight), 0, 255)
+    out[..., 3:] = np.clip(np.rint(alpha * 255.0), 0, 255)
+    return out
 
 
 def draw_vector(vector: VectorMap, grid: Grid, background: tuple[int, int, int] | None = None) -> np.ndarray:
