@@ -29,10 +29,10 @@ def _sld(table: str, colour: str) -> str:
   </Rule></FeatureTypeStyle></UserStyle></NamedLayer></StyledLayerDescriptor>"""
 
 
-def _table(path: Path, name: str, box: tuple[float, ...], label: str) -> None:
+def _table(path: Path, name: str, box: tuple[float, ...], label: str, crs: str = "EPSG:3857") -> None:
     geometry = np.array([shapely.to_wkb(shapely.MultiPolygon([shapely.box(*box)]))], dtype=object)
     pyogrio.raw.write(path, geometry, [np.array([label], dtype=object)], ["nom"], layer=name, driver="GPKG",
-                      geometry_type="MultiPolygon", crs="EPSG:3857", append=path.exists())
+                      geometry_type="MultiPolygon", crs=crs, append=path.exists())
 
 
 def _record(base: Path, order: tuple[str, str], restricted: bool = False) -> dict:
@@ -52,6 +52,11 @@ async def client(tmp_path_factory):
         runtime = c.app.state.runtime
         runtime.store.add_layer(parse_layer("top_first", _record(base, ("dessus", "dessous"))))
         runtime.store.add_layer(parse_layer("bottom_first", _record(base, ("dessous", "dessus"))))
+        other = folder / "paris.gpkg"  # a table in a CRS the server does not list: the layer offers it
+        _table(other, "dessus", (600000.0, 2420000.0, 610000.0, 2430000.0), "paris", crs="EPSG:27572")
+        record = _record(other, ("dessus",))
+        record["title"] = "Lambert II"
+        runtime.store.add_layer(parse_layer("lambert2", record))
         await runtime.refresh()
         yield c
 
@@ -119,13 +124,23 @@ async def test_capabilities_in_both_versions_are_valid(client):
     etree.XMLSchema(etree.parse(str(schemas / "1.3.0" / "capabilities_1_3_0.xsd"))).assertValid(root)
     ns = {"w": "http://www.opengis.net/wms"}
     names = [n.text for n in root.findall("w:Capability/w:Layer/w:Layer/w:Name", ns)]
-    assert names == ["bottom_first", "top_first"]
+    assert names == ["bottom_first", "lambert2", "top_first"]
+    [own] = [n for n in root.findall("w:Capability/w:Layer/w:Layer", ns) if n.findtext("w:Name", namespaces=ns) == "lambert2"]
+    assert [c.text for c in own.findall("w:CRS", ns)] == ["EPSG:27572"]
+    box = {b.get("CRS"): b for b in own.findall("w:BoundingBox", ns)}["EPSG:27572"]
+    assert [float(box.get(k)) for k in ("minx", "miny", "maxx", "maxy")] == pytest.approx(
+        [600000.0, 2420000.0, 610000.0, 2430000.0], abs=300)  # through CRS84 and back
+    drawn = _rgba(await client.get("/wms?" + urlencode({
+        "SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": "lambert2", "STYLES": "",
+        "CRS": "EPSG:27572", "BBOX": "595000,2415000,615000,2435000", "WIDTH": "20", "HEIGHT": "20",
+        "FORMAT": "image/png", "TRANSPARENT": "TRUE"})))
+    assert tuple(drawn[10, 10]) == (*RED, 255) and drawn[1, 1][3] == 0
     v111 = await client.get("/wms?SERVICE=WMS&REQUEST=GetCapabilities&VERSION=1.1.1")
     dtd = etree.DTD(str(schemas / "1.1.1" / "capabilities_1_1_1.dtd"))
     document = etree.fromstring(v111.content)
     assert dtd.validate(document), dtd.error_log
-    box = document.find("Capability/Layer/Layer/LatLonBoundingBox")
     from pyproj import Transformer
 
     expected = Transformer.from_crs("EPSG:3857", "OGC:CRS84", always_xy=True).transform_bounds(20.0, 20.0, 90.0, 90.0)
-    assert [float(box.get(k)) for k in ("minx", "miny", "maxx", "maxy")] == pytest.approx(expected, rel=1e-5)
+    boxes = {n.findtext("Name"): n.find("LatLonBoundingBox") for n in document.findall("Capability/Layer/Layer")}
+    assert [float(boxes["top_first"].get(k)) for k in ("minx", "miny", "maxx", "maxy")] == pytest.approx(expected, rel=1e-5)

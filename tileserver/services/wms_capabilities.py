@@ -146,7 +146,7 @@ def _links(b: _Builder, node: etree._Element, layer: Any) -> None:
 def _vector_node(b: _Builder, parent: etree._Element, vector: VectorMap, root_crs: tuple[str, ...]) -> None:
     """A WMS-vector layer: the server's CRS list, its extent in each, queryable (its features)."""
     from tileserver.render.georef import reproject_bbox
-    from tileserver.services.wms_request import map_crs_usable
+    from tileserver.services.wms_request import map_crs_usable, map_layer_crs
 
     layer = vector.layer
     node = b.el(parent, "Layer", queryable="1")
@@ -155,10 +155,13 @@ def _vector_node(b: _Builder, parent: etree._Element, vector: VectorMap, root_cr
     if layer.abstract:
         b.el(node, "Abstract", layer.abstract)
     b.keywords(node, layer.keywords)
+    own = [c for c in map_layer_crs(vector) if c not in root_crs]
+    for code in own:
+        b.el(node, "CRS" if b.version == V130 else "SRS", code)
     b.geographic(node, vector.wgs84_bbox)
     west, south, east, north = _clamp_wgs84(vector.wgs84_bbox)
     boxes = []
-    for code in root_crs:
+    for code in (*root_crs, *own):
         info = crs_info(code)
         if info is None or not map_crs_usable(vector, code):
             continue

@@ -285,6 +285,13 @@ def map_crs_usable(vector: VectorMap, code: str) -> bool:
     return info is not None and all(transformable(r.relation.srs, info.grid_crs) for r in vector.relations)
 
 
+def map_layer_crs(vector: VectorMap) -> tuple[str, ...]:
+    """A WMS-vector layer's own CRS: its tables' (offered beside the server's list, as a raster
+    layer's native CRS is)."""
+    codes = [normalise_crs(r.relation.srs) for r in vector.relations]
+    return tuple(c for c in dict.fromkeys(codes) if map_crs_usable(vector, c))
+
+
 def _vector_style(vector: VectorMap, asked: str) -> None:
     name = asked.strip()
     names = {r.style.name for r in vector.relations if r.style is not None and r.style.name}
@@ -327,7 +334,7 @@ def parse_map_request(kvp: KVP, runtime: Any, key: str | None, version: str, for
         if code not in offered.union(layer_crs(p)) or not usable_crs(p, code):
             raise wms_error("InvalidCRS", crs_name.lower(), f"{crs_name} {echo(raw_crs)} is not offered for layer {echo(p.id)}")
     for vector in (e for e in order if isinstance(e, VectorMap)):
-        if code not in offered or not map_crs_usable(vector, code):
+        if code not in offered.union(map_layer_crs(vector)) or not map_crs_usable(vector, code):
             raise wms_error("InvalidCRS", crs_name.lower(), f"{crs_name} {echo(raw_crs)} is not offered for layer"
                             f" {echo(vector.id)}")
     info = crs_info(code)
