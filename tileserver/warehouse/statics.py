@@ -99,6 +99,22 @@ def _ftl_problems(template: str) -> list[str]:
     return []
 
 
+def _ftl_engine_problems(template: str) -> list[str]:
+    """What the FreeMarker-subset engine (`render/ftl.py`, when this build has it) says of the
+    template, rendered over no feature."""
+    import importlib
+
+    try:
+        engine = importlib.import_module("tileserver.render.ftl")
+    except ImportError:
+        return []
+    try:
+        engine.render_ftl(template, [])
+    except Exception as exc:  # the engine's own error, whatever its class: the template's fault
+        return [f"file: not a template the GetFeatureInfo engine reads: {exc}"]
+    return []
+
+
 def parse_content(kind: str, data: bytes, name: str, static_id: str) -> tuple[dict[str, Any], list[str]]:
     """(fields to store, problems) of an uploaded file of type `kind`."""
     if kind == ROK4_STYLE:
@@ -122,7 +138,7 @@ def parse_content(kind: str, data: bytes, name: str, static_id: str) -> tuple[di
         return {"content": text, "used_attributes": sld.used_attributes(parsed), "layer_name": parsed.layer_name}, []
     if not text.strip():
         return {}, ["file: the template is empty"]
-    problems = _ftl_problems(text)
+    problems = _ftl_problems(text) or _ftl_engine_problems(text)
     return ({}, problems) if problems else ({"content": text, "used_attributes": ftl_attributes(text)}, [])
 
 
