@@ -144,3 +144,23 @@ async def test_capabilities_in_both_versions_are_valid(client):
     expected = Transformer.from_crs("EPSG:3857", "OGC:CRS84", always_xy=True).transform_bounds(20.0, 20.0, 90.0, 90.0)
     boxes = {n.findtext("Name"): n.find("LatLonBoundingBox") for n in document.findall("Capability/Layer/Layer")}
     assert [float(boxes["top_first"].get(k)) for k in ("minx", "miny", "maxx", "maxy")] == pytest.approx(expected, rel=1e-5)
+
+
+async def test_vector_maps_take_a_render_slot(client):
+    """The same gate as raster maps: with every slot taken, a vector GetMap is refused (503), then served."""
+    from tileserver.render.gate import gate_for
+
+    gate = gate_for(client.app.state.runtime)
+    wait, gate.wait = gate.wait, 0.05
+    held = 0
+    try:
+        for _ in range(gate.concurrency):
+            await gate.acquire()
+            held += 1
+        busy = await _get(client, REQUEST="GetMap", LAYERS="top_first", FORMAT="image/png")
+        assert busy.status_code == 503 and busy.headers["retry-after"] and "NoApplicableCode" in busy.text
+    finally:
+        for _ in range(held):
+            gate.release()
+        gate.wait = wait
+    assert (await _get(client, REQUEST="GetMap", LAYERS="top_first", FORMAT="image/png")).status_code == 200
