@@ -18,7 +18,7 @@ from test_warehouse_support import (
     write_geotiff,
 )
 
-from tileserver.warehouse.endpoints import WFS, WFS_PRIVATE, WMS_R, WMTS_TMS
+from tileserver.warehouse.endpoints import WFS, WFS_PRIVATE, WMS_R, WMS_V, WMS_V_PRIVATE, WMTS_TMS
 from tileserver.warehouse.processings import (
     RASTER_TO_PYRAMID,
     RASTER_TO_PYRAMID_OR_UPDATE,
@@ -84,7 +84,7 @@ async def test_token_and_identity(tmp_path: Path) -> None:
         datastore = (await client.get(f"/api/datastores/{member['community']['datastore']}")).json()
         assert datastore["name"] == "default"
         names = {e["endpoint"]["technical_name"] for e in datastore["endpoints"]}
-        assert names == {WMTS_TMS, WMS_R, WFS, WFS_PRIVATE}
+        assert names == {WMTS_TMS, WMS_R, WFS, WFS_PRIVATE, WMS_V, WMS_V_PRIVATE}
         assert {"quota", "use"} <= set(datastore["storages"]["uploads"])
 
 

@@ -110,6 +110,37 @@ class VectorLayer:
         return self.layer.id
 
 
+@dataclass(frozen=True)
+class MapRelationStyle:
+    """A relation a vector map draws, its parsed SLD (None: the default blue) and its FTL template."""
+
+    relation: Any  # tileserver.vector.base.Relation
+    style: Any  # tileserver.render.sld.Style | None
+    template: str = ""
+
+
+@dataclass(frozen=True)
+class VectorMap:
+    """A WMS layer drawn from a vector base (a WMS-VECTOR configuration): relations first-on-top.
+    Shares PublishedLayer's `layer`, `restricted`, `record_id`, `id` and `wgs84_bbox`, which is all
+    access, cache-header and capabilities policy read."""
+
+    layer: Layer
+    path: str  # the GeoPackage file mapnik reads
+    base: Any  # tileserver.vector.base.VectorBase, for GetFeatureInfo
+    relations: tuple[MapRelationStyle, ...]
+    wgs84_bbox: tuple[float, float, float, float]
+    restricted: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.layer.public_name
+
+    @property
+    def record_id(self) -> str:
+        return self.layer.id
+
+
 @dataclass
 class Catalog:
     revision: int
@@ -119,6 +150,29 @@ class Catalog:
     errors: dict[str, str] = field(default_factory=dict)  # layer id → why it is not served
     documents: dict[Any, Any] = field(default_factory=dict)  # per-snapshot cache (capabilities…)
     vector_layers: dict[str, VectorLayer] = field(default_factory=dict)  # record id → WFS layer
+    vector_maps: dict[str, VectorMap] = field(default_factory=dict)  # record id → WMS-vector layer
+
+    def maps_named(self) -> dict[str, VectorMap]:
+        """WMS-vector layers by the name they show; a name a raster WMS layer shows stays the raster's."""
+        def build() -> dict[str, VectorMap]:
+            raster = self.named("wms")
+            out: dict[str, VectorMap] = {}
+            for record_id in sorted(self.vector_maps):
+                published = self.vector_maps[record_id]
+                if published.layer.enabled("wms") and published.id not in raster:
+                    out.setdefault(published.id, published)
+            return out
+
+        return self.document(("maps_named",), build)
+
+    def vector_map(self, name: str, key_hash: str | None = None) -> VectorMap | None:
+        published = self.maps_named().get(name)
+        if published is None or not self.allowed(published, key_hash):  # type: ignore[arg-type]
+            return None
+        return published
+
+    def visible_maps(self, key_hash: str | None = None) -> list[VectorMap]:
+        return [p for p in self.maps_named().values() if self.allowed(p, key_hash)]  # type: ignore[arg-type]
 
     def feature_types(self, key_hash: str | None = None, service: str = "wfs") -> list[FeatureType]:
         """Feature types the caller may see, by name; a name taken twice goes to the first record id."""
@@ -298,8 +352,10 @@ async def build_catalog(
     published: dict[str, PublishedLayer] = {}
     errors: dict[str, str] = {}
     every = list(layers)
-    layer_list = [layer for layer in every if layer.wfs is None]
+    layer_list = [layer for layer in every if layer.wfs is None and layer.vector_map is None]
     vector = await publish_vector_layers([layer for layer in every if layer.wfs is not None], restricted_ids, errors)
+    maps = await publish_vector_maps([layer for layer in every if layer.vector_map is not None], restricted_ids,
+                                     errors)
     for layer in layer_list:
         try:
             published[layer.id] = await publish_layer(layer, pool, layer.id in restricted_ids)
@@ -307,7 +363,8 @@ async def build_catalog(
             errors[layer.id] = str(exc)
             log.warning("layer %s not served: %s", layer.id, exc)
     pool.forget_except(p.path for layer in layer_list for p in layer.pyramids)
-    return Catalog(revision, published, styles or {}, key_access or {}, errors, vector_layers=vector)
+    return Catalog(revision, published, styles or {}, key_access or {}, errors, vector_layers=vector,
+                   vector_maps=maps)
 
 
 # --- vector layers --------------------------------------------------------------------------------
@@ -369,6 +426,90 @@ async def publish_vector_layers(
                 vector_layer, layer, opened[layer.wfs.base], layer.id in restricted_ids
             )
         except Exception as exc:  # an unreadable base must not take the other layers down
+            errors[layer.id] = str(exc)
+            log.warning("layer %s not served: %s", layer.id, exc)
+    return out
+
+
+# --- WMS-vector layers ----------------------------------------------------------------------------
+
+
+def empty_literals(style: Any) -> Any:
+    """An empty `<ogc:Literal/>` compared with an attribute is the empty string (the SDK's own
+    CANTON_style.sld has `insee_dep = ''`), not a missing value: pygeofilter reads it as None, which
+    the map renderer cannot draw."""
+    from dataclasses import is_dataclass, replace
+
+    from pygeofilter import ast
+
+    def fix(node: Any) -> Any:
+        if not is_dataclass(node) or isinstance(node, type):
+            return node
+        if isinstance(node, ast.Comparison):
+            lhs, rhs = fix(node.lhs), fix(node.rhs)
+            return replace(node, lhs="" if lhs is None else lhs, rhs="" if rhs is None else rhs)
+        if isinstance(node, ast.And | ast.Or):
+            return replace(node, lhs=fix(node.lhs), rhs=fix(node.rhs))
+        if isinstance(node, ast.Not):
+            return replace(node, sub_node=fix(node.sub_node))
+        return node
+
+    groups = tuple(replace(group, rules=tuple(replace(rule, filter=fix(rule.filter)) for rule in group.rules))
+                   for group in style.feature_type_styles)
+    return replace(style, feature_type_styles=groups)
+
+
+def vector_map(layer: Layer, base: Any, restricted: bool = False) -> VectorMap:
+    """Match a WMS-vector record's relations with the base and parse their styles; ValueError (or the
+    style's StyleError, a ValueError) names what does not fit."""
+    from tileserver.render import sld
+    from tileserver.vector import crs
+
+    source = layer.vector_map
+    assert source is not None
+    relations = []
+    boxes = []
+    for i, item in enumerate(source.relations):
+        relation = base.relation(item.name)
+        if relation is None:
+            raise ValueError(f"vector_map.relations[{i}].name: the base has no relation {item.name}")
+        if relation.geometry_column is None:
+            raise ValueError(f"vector_map.relations[{i}].name: relation {item.name} has no geometry to draw")
+        style = None
+        if item.sld:
+            style = empty_literals(sld.parse(item.sld.encode()))
+            sld.check_for_table(style, relation.name, [a.name for a in relation.attributes] + [relation.geometry_column])
+        relations.append(MapRelationStyle(relation, style, item.template))
+        if relation.extent is not None:
+            west, south, east, north = (float(v) for v in crs.transform_bbox(relation.extent, relation.srs, "OGC:CRS84"))
+            if all(map(math.isfinite, (west, south, east, north))):
+                boxes.append((west, south, east, north))
+    if layer.bbox is not None:
+        bbox = layer.bbox
+    elif boxes:
+        bbox = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+    else:
+        bbox = (-180.0, -90.0, 180.0, 90.0)
+    return VectorMap(layer, base_path(source.base), base, tuple(relations), bbox, restricted)
+
+
+async def publish_vector_maps(
+    layers: list[Layer], restricted_ids: set[str], errors: dict[str, str]
+) -> dict[str, VectorMap]:
+    """Open each base once; a layer that cannot be served is logged and left out."""
+    import asyncio
+
+    opened: dict[str, Any] = {}
+    out: dict[str, VectorMap] = {}
+    for layer in layers:
+        assert layer.vector_map is not None
+        try:
+            if layer.vector_map.base not in opened:
+                opened[layer.vector_map.base] = await asyncio.to_thread(open_vector_base, layer.vector_map.base)
+            out[layer.id] = await asyncio.to_thread(
+                vector_map, layer, opened[layer.vector_map.base], layer.id in restricted_ids
+            )
+        except Exception as exc:  # an unreadable base or a style that no longer fits must not take others down
             errors[layer.id] = str(exc)
             log.warning("layer %s not served: %s", layer.id, exc)
     return out

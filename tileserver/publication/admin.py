@@ -153,6 +153,9 @@ async def check_layer(layer: Layer, pool: PyramidPool) -> dict[str, dict[str, An
     if layer.wfs is not None:
         await check_vector_layer(layer)
         return summaries
+    if layer.vector_map is not None:
+        await check_vector_map(layer)
+        return summaries
     for i, ref in enumerate(layer.pyramids):
         where = f"pyramids[{i}]"
         try:
@@ -191,6 +194,24 @@ async def check_vector_layer(layer: Layer) -> None:
         base.close()
 
 
+async def check_vector_map(layer: Layer) -> None:
+    """Open a WMS-vector layer's base and styles as the catalog will; LayerError names what is wrong."""
+    from tileserver.catalog import vector_map
+
+    assert layer.vector_map is not None
+    try:
+        base = await asyncio.to_thread(open_vector_base, layer.vector_map.base)
+    except Exception as exc:  # whatever the reader raises on a missing or unreadable file
+        raise LayerError("vector_map.base", f"cannot open the vector base: {exc}") from None
+    try:
+        await asyncio.to_thread(vector_map, layer, base)
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise LayerError(field if field.startswith("vector_map") else "vector_map", message or str(exc)) from None
+    finally:
+        base.close()
+
+
 def _outside(settings: Settings, paths: list[tuple[str, str]]) -> Problem | None:
     """The problem for the first (path, field) outside the publish roots, if any."""
     roots = settings.publish_roots
@@ -216,6 +237,11 @@ async def _confine(runtime: Runtime, layer: Layer) -> None:
             descriptors.append((base_path(layer.wfs.base), "wfs.base"))
         except ValueError as exc:
             raise Problem(400, str(exc), "wfs.base") from None
+    if layer.vector_map is not None:
+        try:
+            descriptors.append((base_path(layer.vector_map.base), "vector_map.base"))
+        except ValueError as exc:
+            raise Problem(400, str(exc), "vector_map.base") from None
     # resolving symlinks touches the disk
     if (problem := await asyncio.to_thread(_outside, runtime.settings, descriptors)) is not None:
         raise problem

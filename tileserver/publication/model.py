@@ -16,7 +16,7 @@ _KNOWN_KEYS = {
     "title", "abstract", "keywords", "pyramids", "styles", "resampling", "bbox", "wms", "wmts", "tms",
     "ogcapi", "extra_crs", "extra_tilematrixsets", "get_feature_info", "metadata", "attribution",
     # tileserver extensions
-    "empty_tile_404", "cache_control", "restricted", "name", "wfs", "vector_styles",
+    "empty_tile_404", "cache_control", "restricted", "name", "wfs", "vector_styles", "vector_map",
 }  # fmt: skip
 STYLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")  # a vector style's name in its URL
 # a WFS feature type's local name and its prefix (the record's public name) must be XML names
@@ -67,6 +67,29 @@ class WfsSource:
 
 
 @dataclass(frozen=True)
+class MapRelation:
+    """A table drawn by a WMS-vector layer: its SLD (None: the default style) and its GetFeatureInfo
+    template. The documents travel in the record, so every process draws the same style."""
+
+    name: str
+    style: str = ""  # static id of the SLD, kept to find the layers a re-uploaded style changes
+    sld: str = ""  # the SLD document
+    ftl: str = ""  # static id of the FreeMarker template
+    template: str = ""  # the template
+
+
+@dataclass(frozen=True)
+class MapSource:
+    """A vector base drawn as one WMS layer: its relations, the first drawn on top."""
+
+    base: str
+    relations: tuple[MapRelation, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "relations": [{k: v for k, v in asdict(r).items() if v} for r in self.relations]}
+
+
+@dataclass(frozen=True)
 class Layer:
     id: str
     title: str
@@ -93,6 +116,7 @@ class Layer:
     # client styles of a vector tile layer (MapLibre / Mapbox GL JSON documents elsewhere, e.g. the
     # warehouse's published annexes): ({"name", "title", "url", "current"}, …), offered next to its TileJSON
     vector_styles: tuple[dict[str, Any], ...] = ()
+    vector_map: MapSource | None = None  # a WMS layer drawn from a vector base instead of pyramids
 
     def enabled(self, service: str) -> bool:
         return service in self.services
@@ -118,6 +142,9 @@ class Layer:
         if self.wfs is not None:
             del out["pyramids"]
             out["wfs"] = self.wfs.to_dict()
+        if self.vector_map is not None:
+            del out["pyramids"]
+            out["vector_map"] = self.vector_map.to_dict()
         for service in SERVICES:
             out[service] = {"enabled": service in self.services}
         if self.extra_crs:
@@ -261,6 +288,9 @@ def parse_layer(layer_id: str, data: Any) -> Layer:
         raise LayerError("attribution", "must be an object {title, url, logo}")
     empty_404, restricted = (data.get(key, False) for key in ("empty_tile_404", "restricted"))
     wfs = _wfs(data["wfs"]) if "wfs" in data else None
+    vector_map = _vector_map(data["vector_map"]) if "vector_map" in data else None
+    if vector_map is not None and ("pyramids" in data or wfs is not None):
+        raise LayerError("vector_map", "a layer publishes either pyramids, a WFS base or a vector map")
     if wfs is not None and "pyramids" in data:
         raise LayerError("wfs", "a layer publishes either pyramids or a vector base, not both")
     if wfs is not None and not NCNAME.match(_public_name(data) or layer_id):
@@ -274,7 +304,7 @@ def parse_layer(layer_id: str, data: Any) -> Layer:
         title=_text(data, "title", required=True),
         abstract=_text(data, "abstract", required=True),
         keywords=_strings(data["keywords"], "keywords") if "keywords" in data else (),
-        pyramids=() if wfs is not None else _pyramids(data.get("pyramids")),
+        pyramids=() if wfs is not None or vector_map is not None else _pyramids(data.get("pyramids")),
         styles=styles or ("normal",),
         resampling=resampling,
         bbox=_bbox(data["bbox"]) if "bbox" in data else None,
@@ -290,6 +320,7 @@ def parse_layer(layer_id: str, data: Any) -> Layer:
         name=_public_name(data),
         wfs=wfs,
         vector_styles=parse_vector_styles(data.get("vector_styles", [])),
+        vector_map=vector_map,
     )
 
 
@@ -316,6 +347,28 @@ def parse_vector_styles(value: Any) -> tuple[dict[str, Any], ...]:
             raise LayerError(f"{where}.current", "must be true or false")
         out.append({"name": name, "title": title, "url": url, "current": bool(item.get("current", False))})
     return tuple(out)
+
+
+def _vector_map(value: Any) -> MapSource:
+    """`{"base", "relations": [{name, style?, sld?, ftl?, template?}]}`."""
+    if not isinstance(value, dict) or set(value) - {"base", "relations"}:
+        raise LayerError("vector_map", "must be an object {base, relations}")
+    base = value.get("base")
+    if not isinstance(base, str) or not base.strip():
+        raise LayerError("vector_map.base", "must be the path or file:// URL of the vector base")
+    items = value.get("relations")
+    if not isinstance(items, list) or not items:
+        raise LayerError("vector_map.relations", "must be a non-empty array")
+    relations = []
+    for i, item in enumerate(items):
+        where = f"vector_map.relations[{i}]"
+        if not isinstance(item, dict) or set(item) - {"name", "style", "sld", "ftl", "template"}:
+            raise LayerError(where, "must be an object {name, style?, sld?, ftl?, template?}")
+        if not isinstance(item.get("name"), str) or not item["name"]:
+            raise LayerError(f"{where}.name", "is required")
+        texts = {key: _text(item, key, required=False) for key in ("style", "sld", "ftl", "template")}
+        relations.append(MapRelation(item["name"], **texts))
+    return MapSource(base.strip(), tuple(relations))
 
 
 def _wfs(value: Any) -> WfsSource:

@@ -12,7 +12,7 @@ from lxml import etree
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tileserver.catalog import Catalog, PublishedLayer
+from tileserver.catalog import Catalog, PublishedLayer, VectorMap
 from tileserver.render.styles import Style
 from tileserver.runtime import get_runtime
 from tileserver.services.crs import V111, V130, axis_ordered, crs_info, layer_bbox, layer_crs, server_crs
@@ -120,21 +120,8 @@ def _clamp_wgs84(box: tuple[float, ...]) -> tuple[float, float, float, float]:
     return west, south, east, north
 
 
-def _layer_node(b: _Builder, parent: etree._Element, published: PublishedLayer, root_crs: tuple[str, ...],
-                book: Mapping[str, Style], base: str, url_key: str | None) -> None:
-    layer = published.layer
-    node = b.el(parent, "Layer", queryable="1" if layer.queryable else "0")
-    b.el(node, "Name", published.id)
-    b.el(node, "Title", layer.title or published.id)
-    if layer.abstract:
-        b.el(node, "Abstract", layer.abstract)
-    b.keywords(node, layer.keywords)
-    own = [c for c in layer_crs(published) if c not in root_crs]
-    for code in own:
-        b.el(node, "CRS" if b.version == V130 else "SRS", code)
-    b.geographic(node, published.wgs84_bbox)
-    boxes = [(c, box) for c in (*root_crs, *own) if (box := layer_bbox(published, c)) is not None]
-    b.bounding_boxes(node, boxes)
+def _links(b: _Builder, node: etree._Element, layer: Any) -> None:
+    """Attribution and MetadataURL of a layer record (raster or vector)."""
     attribution = layer.attribution or {}
     if attribution:
         att = b.el(node, "Attribution")
@@ -154,6 +141,59 @@ def _layer_node(b: _Builder, parent: etree._Element, published: PublishedLayer, 
         meta_node = b.el(node, "MetadataURL", type=kind)
         b.el(meta_node, "Format", str(meta.get("format") or "text/xml"))
         b.link(meta_node, "OnlineResource", str(meta["url"]))
+
+
+def _vector_node(b: _Builder, parent: etree._Element, vector: VectorMap, root_crs: tuple[str, ...]) -> None:
+    """A WMS-vector layer: the server's CRS list, its extent in each, queryable (its features)."""
+    from tileserver.render.georef import reproject_bbox
+    from tileserver.services.wms_request import map_crs_usable, map_layer_crs
+
+    layer = vector.layer
+    node = b.el(parent, "Layer", queryable="1")
+    b.el(node, "Name", vector.id)
+    b.el(node, "Title", layer.title or vector.id)
+    if layer.abstract:
+        b.el(node, "Abstract", layer.abstract)
+    b.keywords(node, layer.keywords)
+    own = [c for c in map_layer_crs(vector) if c not in root_crs]
+    for code in own:
+        b.el(node, "CRS" if b.version == V130 else "SRS", code)
+    b.geographic(node, vector.wgs84_bbox)
+    west, south, east, north = _clamp_wgs84(vector.wgs84_bbox)
+    boxes = []
+    for code in (*root_crs, *own):
+        info = crs_info(code)
+        if info is None or not map_crs_usable(vector, code):
+            continue
+        if code == "CRS:84":
+            boxes.append((code, (west, south, east, north)))
+            continue
+        try:
+            box = reproject_bbox((west, south, east, north), "OGC:CRS84", info.grid_crs)
+        except ValueError:
+            continue
+        if all(math.isfinite(v) for v in box) and box[0] < box[2] and box[1] < box[3]:
+            boxes.append((code, box))
+    b.bounding_boxes(node, boxes)
+    _links(b, node, layer)
+
+
+def _layer_node(b: _Builder, parent: etree._Element, published: PublishedLayer, root_crs: tuple[str, ...],
+                book: Mapping[str, Style], base: str, url_key: str | None) -> None:
+    layer = published.layer
+    node = b.el(parent, "Layer", queryable="1" if layer.queryable else "0")
+    b.el(node, "Name", published.id)
+    b.el(node, "Title", layer.title or published.id)
+    if layer.abstract:
+        b.el(node, "Abstract", layer.abstract)
+    b.keywords(node, layer.keywords)
+    own = [c for c in layer_crs(published) if c not in root_crs]
+    for code in own:
+        b.el(node, "CRS" if b.version == V130 else "SRS", code)
+    b.geographic(node, published.wgs84_bbox)
+    boxes = [(c, box) for c in (*root_crs, *own) if (box := layer_bbox(published, c)) is not None]
+    b.bounding_boxes(node, boxes)
+    _links(b, node, layer)
     for style in layer_styles(published, book):
         style_node = b.el(node, "Style")
         b.el(style_node, "Name", style.identifier)
@@ -175,7 +215,7 @@ def _layer_node(b: _Builder, parent: etree._Element, published: PublishedLayer, 
 
 
 def build_capabilities(runtime: Any, layers: list[PublishedLayer], base: str, version: str,
-                       url_key: str | None) -> bytes:
+                       url_key: str | None, vectors: list[VectorMap] | None = None) -> bytes:
     settings = runtime.settings
     catalog: Catalog = runtime.catalog
     kvp_url = f"{base}/wms?" + (f"apikey={quote(url_key, safe='')}&" if url_key else "")
@@ -210,12 +250,18 @@ def build_capabilities(runtime: Any, layers: list[PublishedLayer], base: str, ve
     root_crs = server_crs(settings)
     for code in root_crs:
         b.el(top, "CRS" if version == V130 else "SRS", code)
-    world = _union([p.wgs84_bbox for p in layers]) if layers else (-180.0, -90.0, 180.0, 90.0)
+    vectors = vectors or []
+    boxes = [p.wgs84_bbox for p in layers] + [v.wgs84_bbox for v in vectors]
+    world = _union(boxes) if boxes else (-180.0, -90.0, 180.0, 90.0)
     b.geographic(top, world)
     b.bounding_boxes(top, [("CRS:84", _clamp_wgs84(world))] if version == V130 else [("EPSG:4326", _clamp_wgs84(world))])
     book = style_book(runtime)
-    for published in layers:
-        _layer_node(b, top, published, root_crs, book, base, url_key)
+    every: list[PublishedLayer | VectorMap] = sorted([*layers, *vectors], key=lambda p: p.id)
+    for published in every:
+        if isinstance(published, VectorMap):
+            _vector_node(b, top, published, root_crs)
+        else:
+            _layer_node(b, top, published, root_crs, book, base, url_key)
     doctype = f'<!DOCTYPE WMT_MS_Capabilities SYSTEM "{DTD_111}capabilities_1_1_1.dtd">' if version == V111 else None
     return XML_DECLARATION + etree.tostring(root, encoding="UTF-8", pretty_print=True, doctype=doctype)
 
@@ -230,17 +276,22 @@ def visible_layers(request: Request) -> list[PublishedLayer]:
                   key=lambda p: p.id)
 
 
+def visible_maps(request: Request) -> list[VectorMap]:
+    return sorted(get_runtime(request).catalog.visible_maps(key_hash(request)), key=lambda v: v.id)
+
+
 def capabilities_document(request: Request, version: str) -> bytes:
     """Cached per catalog snapshot, version, base URL and the layers the caller may see."""
     runtime = get_runtime(request)
     catalog = runtime.catalog
     layers = visible_layers(request)
+    vectors = visible_maps(request)
     base = base_url(request)
     url_key = _url_key(request, catalog)
-    cache_key = ("wms-caps", version, base, tuple(p.id for p in layers), url_key)
+    cache_key = ("wms-caps", version, base, tuple(p.id for p in layers), tuple(v.record_id for v in vectors), url_key)
 
     def build() -> bytes:
-        return build_capabilities(runtime, layers, base, version, url_key)
+        return build_capabilities(runtime, layers, base, version, url_key, vectors)
 
     cached = sum(1 for k in catalog.documents if isinstance(k, tuple) and k[:1] == ("wms-caps",))
     if cache_key not in catalog.documents and cached >= MAX_CACHED_DOCUMENTS:
@@ -272,4 +323,4 @@ async def get_capabilities(request: Request, kvp: KVP) -> Response:
             raise wms_error("InvalidUpdateSequence", "updatesequence", f"updateSequence {echo(sequence)} is newer than {revision}")
     body = capabilities_document(request, version)
     return Response(body, media_type=CAPABILITIES_MIME[version],
-                    headers=document_headers(request, visible_layers(request)))
+                    headers=document_headers(request, [*visible_layers(request), *visible_maps(request)]))  # type: ignore[list-item]

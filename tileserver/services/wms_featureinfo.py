@@ -9,12 +9,13 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from lxml import etree
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tileserver.catalog import PublishedLayer
+from tileserver.catalog import PublishedLayer, VectorMap
 from tileserver.render.georef import Grid, get_transformer
 from tileserver.render.levels import choose_level, local_resolution
 from tileserver.runtime import get_runtime
@@ -24,7 +25,7 @@ from tileserver.services.ows import KVP, XML_DECLARATION, echo, key_hash, xml_te
 from tileserver.services.policy import map_headers
 from tileserver.services.relay import INFO_ALIASES, relay_feature_info
 from tileserver.services.tiles import feature_info
-from tileserver.services.wms_request import INFO_FORMATS, parse_map_request, requested_layer, wms_error
+from tileserver.services.wms_request import INFO_FORMATS, parse_map_request, requested_any, wms_error
 
 # --------------------------------------------------------------------------- GetFeatureInfo
 
@@ -121,6 +122,22 @@ INFO_WRITERS: dict[str, Callable[[list[PixelInfo], Grid, int, int], bytes]] = {
 }
 
 
+async def _vector_feature_info(kvp: KVP, runtime: Any, grid: Grid, vectors: list[VectorMap], info_format: str,
+                               i: int, j: int) -> Response:
+    """Features of WMS-vector layers under the pixel (the base is read in a worker thread)."""
+    from tileserver.services.wms_vector import INFO_WRITERS as VECTOR_WRITERS
+    from tileserver.services.wms_vector import MAX_FEATURE_COUNT, features_at
+
+    raw = (kvp.get("FEATURE_COUNT") or "1").strip()
+    if not re.fullmatch(r"\d{1,6}", raw) or int(raw) < 1:
+        raise wms_error("InvalidParameterValue", "feature_count", f"FEATURE_COUNT must be a positive integer, not {echo(raw)}")
+    count = min(int(raw), MAX_FEATURE_COUNT)
+    infos = [await asyncio.to_thread(features_at, vector, grid, i, j, count) for vector in vectors]
+    body = VECTOR_WRITERS[info_format](infos)
+    content_type = info_format + ("; charset=utf-8" if info_format.startswith("text/") else "")
+    return Response(body, headers={"Content-Type": content_type, **map_headers(vectors, runtime.settings)})  # type: ignore[arg-type]
+
+
 async def get_feature_info(request: Request, kvp: KVP, version: str) -> Response:
     runtime = get_runtime(request)
     key = key_hash(request)
@@ -128,17 +145,26 @@ async def get_feature_info(request: Request, kvp: KVP, version: str) -> Response
     names = [n.strip() for n in kvp.require("QUERY_LAYERS", "query_layers").split(",") if n.strip()]
     if not names:
         raise wms_error("MissingParameterValue", "query_layers", "parameter QUERY_LAYERS is required")
-    map_names = {layer.published.id for layer in req.layers}
+    map_names = {entry.id for entry in req.served}
     queried = []
+    vectors: list[VectorMap] = []
     for name in names:
-        published = requested_layer(runtime.catalog, name, key, "query_layers")
+        entry = requested_any(runtime.catalog, name, key, "query_layers")
         if name not in map_names:
             raise wms_error("LayerNotDefined", "query_layers", f"query layer {echo(name)} is not in LAYERS")
-        if not published.layer.queryable:
+        if isinstance(entry, VectorMap):
+            vectors.append(entry)
+            continue
+        if not entry.layer.queryable:
             raise wms_error("LayerNotQueryable", "query_layers", f"layer {echo(name)} is not queryable")
-        queried.append(published)
+        queried.append(entry)
     info_format = _info_format(kvp)
     i, j = _point(kvp, version, req.grid)
+    if vectors:
+        if queried:
+            raise wms_error("InvalidParameterValue", "query_layers",
+                            "vector and raster layers are queried apart: ask one kind per GetFeatureInfo")
+        return await _vector_feature_info(kvp, runtime, req.grid, vectors, info_format, i, j)
     external = [p for p in queried if (p.layer.get_feature_info or {}).get("type") == "EXTERNALWMS"]
     if external:
         if len(queried) > 1:

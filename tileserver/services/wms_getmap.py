@@ -65,9 +65,14 @@ async def _render(request: Request, runtime: Any, req: MapRequest) -> tuple[byte
 async def get_map(request: Request, kvp: KVP, version: str) -> Response:
     runtime = get_runtime(request)
     req = parse_map_request(kvp, runtime, key_hash(request), version, format_required=True)
-    body, content_type = await _render(request, runtime, req)
+    if req.vector_maps:
+        from tileserver.services.wms_vector import render_mixed
+
+        body, content_type = await render_mixed(request, runtime, req)
+    else:
+        body, content_type = await _render(request, runtime, req)
     headers = {"Content-Type": content_type}  # exact: no charset appended to text/asc
-    headers.update(map_headers((layer.published for layer in req.layers), runtime.settings))
+    headers.update(map_headers(req.served, runtime.settings))  # type: ignore[arg-type]
     return Response(body, headers=headers)
 
 

@@ -12,7 +12,7 @@ from lxml import etree
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tileserver.catalog import Catalog, PublishedLayer
+from tileserver.catalog import Catalog, PublishedLayer, VectorMap
 from tileserver.render.encode import normalise_format
 from tileserver.render.georef import Grid
 from tileserver.render.model import MapLayer
@@ -125,6 +125,17 @@ class MapRequest:
     transparent: bool
     bgcolor: tuple[int, int, int]
     options: dict[str, str] = field(default_factory=dict)
+    # every LAYERS entry in order: a raster MapLayer (also in `layers`) or a WMS-vector layer
+    order: tuple[MapLayer | VectorMap, ...] = ()
+
+    @property
+    def vector_maps(self) -> tuple[VectorMap, ...]:
+        return tuple(e for e in self.order if isinstance(e, VectorMap))
+
+    @property
+    def served(self) -> tuple[PublishedLayer | VectorMap, ...]:
+        """What the map reads, for access and cache headers."""
+        return tuple(e.published if isinstance(e, MapLayer) else e for e in self.order)
 
 
 def version_of(kvp: KVP) -> str | None:
@@ -255,6 +266,39 @@ def requested_layer(catalog: Catalog, name: str, key: str | None, locator: str =
     return published
 
 
+def requested_any(catalog: Catalog, name: str, key: str | None, locator: str = "layers") -> PublishedLayer | VectorMap:
+    """A raster WMS layer or a WMS-vector layer of that name the caller may read (one namespace)."""
+    published = catalog.get(name, SERVICE, key)
+    if published is not None and not published.format.is_vector:
+        return published
+    vector = catalog.vector_map(name, key)
+    if vector is None:
+        raise wms_error("LayerNotDefined", locator, f"no layer {echo(name)}")
+    return vector
+
+
+def map_crs_usable(vector: VectorMap, code: str) -> bool:
+    """A CRS a WMS-vector layer can be drawn in: PROJ reaches it from every relation's CRS."""
+    from tileserver.services.crs import transformable
+
+    info = crs_info(code)
+    return info is not None and all(transformable(r.relation.srs, info.grid_crs) for r in vector.relations)
+
+
+def map_layer_crs(vector: VectorMap) -> tuple[str, ...]:
+    """A WMS-vector layer's own CRS: its tables' (offered beside the server's list, as a raster
+    layer's native CRS is)."""
+    codes = [normalise_crs(r.relation.srs) for r in vector.relations]
+    return tuple(c for c in dict.fromkeys(codes) if map_crs_usable(vector, c))
+
+
+def _vector_style(vector: VectorMap, asked: str) -> None:
+    name = asked.strip()
+    names = {r.style.name for r in vector.relations if r.style is not None and r.style.name}
+    if name and name.lower() != "default" and name not in names:
+        raise wms_error("StyleNotDefined", "styles", f"layer {echo(vector.id)} has no style {echo(name)}")
+
+
 def parse_map_request(kvp: KVP, runtime: Any, key: str | None, version: str, format_required: bool) -> MapRequest:
     """Validate the map parameters in the order a client fixes them: layers, styles, CRS, BBOX, size, format."""
     settings = runtime.settings
@@ -265,13 +309,21 @@ def parse_map_request(kvp: KVP, runtime: Any, key: str | None, version: str, for
     limit = settings.wms_layer_limit
     if len(names) > limit:
         raise wms_error("InvalidParameterValue", "layers", f"at most {limit} layers per request (LayerLimit)")
-    published = [requested_layer(catalog, n, key) for n in names]
+    entries = [requested_any(catalog, n, key) for n in names]
     asked_styles = (kvp.get("STYLES") or "").split(",")
     if len(asked_styles) > len(names) and any(s.strip() for s in asked_styles[len(names):]):
         raise wms_error("StyleNotDefined", "styles", "STYLES has more entries than LAYERS")
     asked_styles += [""] * (len(names) - len(asked_styles))
     book = style_book(runtime)
-    layers = tuple(MapLayer(p, pick_style(p, layer_styles(p, book), s)) for p, s in zip(published, asked_styles, strict=False))
+    order: list[MapLayer | VectorMap] = []
+    for entry, asked in zip(entries, asked_styles, strict=False):
+        if isinstance(entry, VectorMap):
+            _vector_style(entry, asked)
+            order.append(entry)
+        else:
+            order.append(MapLayer(entry, pick_style(entry, layer_styles(entry, book), asked)))
+    layers = tuple(e for e in order if isinstance(e, MapLayer))
+    published = [e.published for e in layers]
     crs_name = "SRS" if version == V111 else "CRS"
     raw_crs = kvp.get(crs_name) or kvp.get("SRS" if version == V130 else "CRS")
     if raw_crs is None or not raw_crs.strip():
@@ -281,6 +333,10 @@ def parse_map_request(kvp: KVP, runtime: Any, key: str | None, version: str, for
     for p in published:  # membership first: PROJ is never asked to parse arbitrary client text
         if code not in offered.union(layer_crs(p)) or not usable_crs(p, code):
             raise wms_error("InvalidCRS", crs_name.lower(), f"{crs_name} {echo(raw_crs)} is not offered for layer {echo(p.id)}")
+    for vector in (e for e in order if isinstance(e, VectorMap)):
+        if code not in offered.union(map_layer_crs(vector)) or not map_crs_usable(vector, code):
+            raise wms_error("InvalidCRS", crs_name.lower(), f"{crs_name} {echo(raw_crs)} is not offered for layer"
+                            f" {echo(vector.id)}")
     info = crs_info(code)
     assert info is not None  # offered codes are known to PROJ
     bbox_text, box = _bbox(kvp)
@@ -290,4 +346,4 @@ def parse_map_request(kvp: KVP, runtime: Any, key: str | None, version: str, for
     height = positive_param(kvp, "HEIGHT", settings.render_max_height)
     fmt = map_format(kvp.get("FORMAT"), format_required)
     return MapRequest(version, layers, info, bbox_text, Grid(info.grid_crs, box, width, height), fmt,
-                      _transparent(kvp), _bgcolor(kvp), _format_options(kvp))
+                      _transparent(kvp), _bgcolor(kvp), _format_options(kvp), tuple(order))

@@ -1,6 +1,6 @@
-"""Configurations (`WMTS-TMS`, `WMS-RASTER`, `WFS`): a layer's description, validated against the
-stored data it uses, and turned into the shared store's Layer record when offered (WFS ones in
-`wfs_configurations`).
+"""Configurations (`WMTS-TMS`, `WMS-RASTER`, `WFS`, `WMS-VECTOR`): a layer's description, validated
+against the stored data it uses, and turned into the shared store's Layer record when offered (WFS
+ones in `wfs_configurations`, WMS-VECTOR ones in `wmsv_configurations`).
 
 Layers created through the ROK4 admin API show here too (default datastore, read-only), so both
 APIs see the same layers.
@@ -30,9 +30,9 @@ from .web import Ctx, json_body, json_response, list_response, no_content, route
 
 KIND = "configuration"
 OFFERING = "offering"
-SUFFIX = {"WMTS-TMS": "wmts", "WMS-RASTER": "wms", "WFS": "wfs"}  # record id of a layer_name taken by the other service
+SUFFIX = {"WMTS-TMS": "wmts", "WMS-RASTER": "wms", "WFS": "wfs", "WMS-VECTOR": "wmsv"}  # record id of a layer_name taken by the other service
 PREFIX = "/api/datastores/{datastore}/configurations"
-TYPES = ("WMTS-TMS", "WMS-RASTER", "WFS")
+TYPES = ("WMTS-TMS", "WMS-RASTER", "WFS", "WMS-VECTOR")
 INTERPOLATIONS = {"NEAREST-NEIGHBOUR": "nn", "LINEAR": "linear", "BICUBIC": "bicubic", "LANCZOS": "lanczos"}
 _FIELDS = {"type", "name", "layer_name", "type_infos", "attribution", "metadata", "getfeatureinfo"}
 _TYPE_INFOS = {"title", "abstract", "keywords", "bbox", "used_data", "interpolation", "styles", "getfeatureinfo"}
@@ -237,6 +237,10 @@ async def validate(ctx: Ctx, data: dict[str, Any], replacing: str | None = None)
         from .wfs_configurations import validate_wfs
 
         return await validate_wfs(ctx, data, replacing)
+    if data.get("type") == "WMS-VECTOR":
+        from .wmsv_configurations import validate_wmsv
+
+        return await validate_wmsv(ctx, data, replacing)
     problems = [f"{k}: unknown field" for k in sorted(set(data) - _FIELDS)]
     if data.get("type") not in TYPES:
         problems.append(f"type: must be one of {', '.join(TYPES)} (got {data.get('type')!r})")
@@ -346,7 +350,8 @@ def foreign_views(ctx: Ctx) -> list[dict[str, Any]]:
                                                 "top_level": p.top_level} for p in layer.pyramids]}
         if layer.bbox is not None:
             infos["bbox"] = dict(zip(("west", "south", "east", "north"), layer.bbox, strict=True))
-        kind = "WFS" if layer.wfs is not None else "WMS-RASTER" if layer.services == ("wms",) else "WMTS-TMS"
+        kind = ("WFS" if layer.wfs is not None else "WMS-VECTOR" if layer.vector_map is not None
+                else "WMS-RASTER" if layer.services == ("wms",) else "WMTS-TMS")
         out.append({"_id": str(uuid.uuid5(_FOREIGN, layer.id)), "name": layer.id, "layer_name": layer.id,
                     "type": kind, "status": "PUBLISHED",
                     "type_infos": infos, "metadata": [dict(m) for m in layer.metadata], "tags": {}})
@@ -431,6 +436,10 @@ async def replace_configuration(ctx: Ctx) -> Response:
             from .wfs_configurations import wfs_layer
 
             layer = await asyncio.to_thread(wfs_layer, ctx, data, False, record)
+        elif data["type"] == "WMS-VECTOR":
+            from .wmsv_configurations import wmsv_layer
+
+            layer = await asyncio.to_thread(wmsv_layer, ctx, data, False, record)
         else:
             layer = build_layer(data, list(layer.pyramids), record_id=record)
         current = ctx.wh.store.get_layer(record)

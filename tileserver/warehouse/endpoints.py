@@ -12,6 +12,8 @@ WMTS_TMS = "gpf-rok4-server-wmts-tms"
 WMS_R = "gpf-rok4-server-wms-r"
 WFS = "gpf-geoserver-wfs"
 WFS_PRIVATE = "gpf-geoserver-wfs-private"
+WMS_V = "gpf-geoserver-wms-v"
+WMS_V_PRIVATE = "gpf-geoserver-wms-v-private"
 _NAMESPACE = uuid.UUID("9d3c4e2a-5b0f-4c61-9f4e-1f2a7d0c6b11")
 
 
@@ -44,6 +46,8 @@ ENDPOINTS = (
     Endpoint(WMS_R, "Diffusion WMS raster", "WMS-RASTER", ("wms",)),
     Endpoint(WFS, "Diffusion WFS et OGC API Features", "WFS", ("wfs", "ogcapi")),
     Endpoint(WFS_PRIVATE, "Diffusion WFS et OGC API Features privée", "WFS", ("wfs", "ogcapi"), open=False),
+    Endpoint(WMS_V, "Diffusion WMS vecteur", "WMS-VECTOR", ("wms",)),
+    Endpoint(WMS_V_PRIVATE, "Diffusion WMS vecteur privée", "WMS-VECTOR", ("wms",), open=False),
 )
 BY_ID = {e.id: e for e in ENDPOINTS}
 BY_TYPE = {e.type: e for e in ENDPOINTS if e.open}
@@ -58,7 +62,7 @@ def service_urls(endpoint: Endpoint, base: str) -> list[tuple[str, str]]:
     if endpoint.type == "WFS":
         return [("WFS", f"{base}/wfs?SERVICE=WFS&VERSION=2.0.0&REQUEST=GetCapabilities"),
                 ("OGCAPI-FEATURES", f"{base}/ogcapi/collections")]
-    if endpoint.type == "WMS-RASTER":
+    if endpoint.type in ("WMS-RASTER", "WMS-VECTOR"):
         return [("WMS", f"{base}/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetCapabilities")]
     return [
         ("WMTS", f"{base}/wmts?SERVICE=WMTS&VERSION=1.0.0&REQUEST=GetCapabilities"),
@@ -79,7 +83,7 @@ def layer_urls(endpoint: Endpoint, base: str, layer: str, extension: str, tms: s
         return [{"type": "WFS", "url": f"{base}/wfs?SERVICE=WFS&VERSION=2.0.0&REQUEST=GetCapabilities"},
                 *({"type": "OGCAPI-FEATURES", "url": f"{base}/ogcapi/collections/{layer}:{name}/items"}
                   for name in feature_types)]
-    if endpoint.type == "WMS-RASTER":
+    if endpoint.type in ("WMS-RASTER", "WMS-VECTOR"):
         return [{"type": "WMS", "url": f"{base}/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetCapabilities"}]
     if vector:
         return [

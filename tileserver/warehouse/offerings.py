@@ -25,6 +25,7 @@ from .entities import Entity
 from .errors import bad_request, conflict, not_found
 from .web import Ctx, json_body, json_response, list_response, no_content, route
 from .wfs_configurations import wfs_layer
+from .wmsv_configurations import wmsv_layer
 
 log = logging.getLogger("tileserver.warehouse")
 PREFIX = "/api/datastores/{datastore}/offerings"
@@ -84,7 +85,8 @@ async def _publish(ctx: Ctx, offering_id: str, layer_id: str, endpoint: str, ope
     """Wait for this process's catalog to serve the layer; PUBLISHED, or UNSTABLE with the reason."""
     await ctx.wh.runtime.refresh()
     catalog = ctx.wh.runtime.catalog
-    status = "PUBLISHED" if layer_id in catalog.layers or layer_id in catalog.vector_layers else "UNSTABLE"
+    served = layer_id in catalog.layers or layer_id in catalog.vector_layers or layer_id in catalog.vector_maps
+    status = "PUBLISHED" if served else "UNSTABLE"
     if status == "UNSTABLE":
         log.warning("offering %s: layer %s not served: %s", offering_id, layer_id, catalog.errors.get(layer_id))
     await asyncio.to_thread(ctx.wh.store.put_offering, layer_id, endpoint, open_, status)
@@ -120,6 +122,8 @@ async def create_offering(ctx: Ctx) -> Response:
     record = record_id_for(ctx, layer_name, body["type"])
     if body["type"] == "WFS":
         layer = await asyncio.to_thread(wfs_layer, ctx, body, not open_, record)
+    elif body["type"] == "WMS-VECTOR":
+        layer = await asyncio.to_thread(wmsv_layer, ctx, body, not open_, record)
     else:
         used_problems, pyramids = await asyncio.to_thread(used_pyramids, ctx, body["type_infos"]["used_data"])
         if used_problems:

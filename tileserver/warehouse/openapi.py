@@ -101,11 +101,35 @@ class WfsTypeInfos(_Body):
     used_data: list[WfsUsedData]
 
 
+class WmsvRelation(_Body):
+    name: str
+    style: str | None = None
+    ftl: str | None = None
+
+
+class WmsvUsedData(_Body):
+    stored_data: str
+    relations: list[WmsvRelation]
+
+
+class WmsvTypeInfos(_Body):
+    title: str
+    abstract: str
+    keywords: list[str] = []
+    bbox: BBox | None = None
+    used_data: list[WmsvUsedData]
+
+
+class StaticEdit(_Body):
+    name: str | None = None
+    description: str | None = None
+
+
 class ConfigurationCreate(_Body):
-    type: Literal["WMTS-TMS", "WMS-RASTER", "WFS"]
+    type: Literal["WMTS-TMS", "WMS-RASTER", "WFS", "WMS-VECTOR"]
     name: str
     layer_name: str
-    type_infos: TypeInfos | WfsTypeInfos
+    type_infos: TypeInfos | WfsTypeInfos | WmsvTypeInfos
     attribution: dict[str, Any] | None = None
     metadata: list[dict[str, Any]] = []
     getfeatureinfo: dict[str, Any] | None = None
@@ -164,6 +188,7 @@ BODIES: dict[str, type[BaseModel] | str] = {
     "push_data": "multipart", "push_md5": "multipart", "create_static": "multipart",
     "create_annexe": "multipart", "replace_annexe_file": "multipart", "modify_annexe": AnnexeEdit,
     "modify_configuration": ConfigurationEdit,
+    "replace_static": "multipart", "edit_static": StaticEdit,
 }
 CREATED = {"create_upload", "create_execution", "create_configuration", "create_offering", "create_static",
            "create_key", "add_access", "create_annexe"}
