@@ -67,7 +67,7 @@ def _lists_shared(document: bytes) -> bool:
 def test_a_key_opens_only_what_its_owner_granted(tmp_path, monkeypatch, capsys):
     settings = make_settings(tmp_path)
     Path(settings.data_dir).mkdir(parents=True)
-    store = PublicationStore(settings.resolved_store_path)
+    store = PublicationStore(settings.resolved_store_url)
     accounts = Accounts(store)
     for name in ("alpha", "beta"):
         accounts.add_datastore(name)
@@ -184,7 +184,7 @@ def test_key_values_are_never_confirmed(tmp_path):
     """A taken key value is refused exactly like a weak one: no answer tells another user's key exists."""
     settings = make_settings(tmp_path)
     Path(settings.data_dir).mkdir(parents=True)
-    accounts = Accounts(PublicationStore(settings.resolved_store_path))
+    accounts = Accounts(PublicationStore(settings.resolved_store_url))
     accounts.add_datastore("alpha")
     accounts.add_datastore("beta")
     accounts.add_user("usera", "password-a", datastores=("alpha",))

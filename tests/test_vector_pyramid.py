@@ -299,7 +299,7 @@ def test_processing_over_http(tmp_path: Path) -> None:
         assert any("tippecanoe" in line for line in done["logs"])
         from tileserver.publication.store import PublicationStore
 
-        store = PublicationStore(settings.resolved_store_path)
+        store = PublicationStore(settings.resolved_store_url)
         try:
             descriptor = store.get_stored_data(stored["_id"]).descriptor_url.removeprefix("file://")
         finally:
@@ -347,7 +347,7 @@ def test_sdk_generic_vecteur_creation_pyramide(tmp_path: Path) -> None:
         assert stored["type_infos"]["levels"] == [str(z) for z in range(10)]
         from tileserver.publication.store import PublicationStore
 
-        store = PublicationStore(settings.resolved_store_path)
+        store = PublicationStore(settings.resolved_store_url)
         try:
             path = store.get_stored_data(stored["_id"]).descriptor_url.removeprefix("file://")
         finally:

@@ -93,7 +93,7 @@ async def test_other_datastores_are_forbidden(tmp_path: Path) -> None:
     from tileserver.warehouse.accounts import Accounts
 
     async with app_with_user(tmp_path) as client:
-        store = PublicationStore(client.settings.resolved_store_path)
+        store = PublicationStore(client.settings.resolved_store_url)
         other = Accounts(store).add_datastore("other")
         store.close()
         assert (await client.get(f"/api/datastores/{other.id}/uploads")).status_code == 403
@@ -158,7 +158,7 @@ async def test_quota_exceeded_stores_nothing(tmp_path: Path) -> None:
     from tileserver.publication.store import PublicationStore
 
     async with app_with_user(tmp_path) as client:
-        store = PublicationStore(client.settings.resolved_store_path)
+        store = PublicationStore(client.settings.resolved_store_url)
         with store.transaction() as db:
             db.execute("UPDATE wh_datastores SET quota = 1000")
         store.close()

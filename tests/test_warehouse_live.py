@@ -126,7 +126,7 @@ def test_restart_during_an_execution(tmp_path: Path) -> None:
                                "parameters": {"tms": "PM", "bottom": "10", "top": "9", "width": 2, "height": 2}})
         wait_for(lambda: client.get(f"{BASE}/processings/executions/{slow['_id']}").json()["status"] == "PROGRESS")
         assert client.get(f"{BASE}/processings/executions/{queued['_id']}").json()["status"] == "WAITING"
-        store = PublicationStore(settings.resolved_store_path)
+        store = PublicationStore(settings.resolved_store_url)
         worker = wait_for(lambda: store.get_stored_data(slow["output"]["stored_data"]["_id"]).status == "GENERATING")
         assert worker
         from tileserver.warehouse.entities import Entities

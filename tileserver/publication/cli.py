@@ -68,7 +68,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 @contextlib.contextmanager
 def _store(args: argparse.Namespace) -> Iterator[PublicationStore]:
-    store = PublicationStore(_settings(args).resolved_store_path)
+    store = PublicationStore(_settings(args).resolved_store_url)
     try:
         yield store
     except StoreError as exc:
