@@ -1,12 +1,14 @@
 """The warehouse API in-process: accounts, uploads and checks, processings and executions, stored
 data, configurations and offerings, with the seeds' requests replayed and each client mistake
-answered by the documented error."""
+answered by the documented error. Every test runs on both store engines (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from pathlib import Path
+
+import pytest
 
 from test_warehouse_support import (
     BASE,
@@ -29,6 +31,8 @@ from tileserver.warehouse.processings import (
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 FAST = {"tms": "PM", "bottom": "10", "top": "9", "compression": "jpg", "width": 2, "height": 2}
+
+pytestmark = pytest.mark.usefixtures("store_backend")
 
 
 def _problems(answer) -> list[str]:
@@ -106,7 +110,10 @@ def test_cli_users_and_datastores(tmp_path: Path, capsys, monkeypatch) -> None:
 
     from tileserver.cli import main
 
+    import apputil
+
     monkeypatch.setenv("TILESERVER_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TILESERVER_STORE_URL", apputil.STORE_URL)  # the engine this test runs on
     assert main(["datastores", "add", "geo", "--quota", "1000"]) == 0
     assert main(["users", "add", "ana", "--password", "pw", "--last-name", "Martin", "--datastore", "geo"]) == 0
     assert main(["users", "add", "ana", "--password", "pw"]) == 1
@@ -407,6 +414,7 @@ async def test_cli_registers_a_pyramid_as_stored_data(tmp_path: Path, monkeypatc
 
     async with app_with_user(tmp_path) as client:
         monkeypatch.setenv("TILESERVER_DATA_DIR", client.settings.data_dir)
+        monkeypatch.setenv("TILESERVER_STORE_URL", client.settings.store_url)
         descriptor = Path(__file__).parent / "data/pyramids/SCAN1000.json"
         import asyncio
 
@@ -418,6 +426,7 @@ async def test_cli_registers_a_pyramid_as_stored_data(tmp_path: Path, monkeypatc
         assert stored["extent"]["type"] == "Polygon"
 
 
+@pytest.mark.parametrize("store_backend", ["sqlite"], indirect=True)  # S3 is what it tests: one engine
 async def test_uploads_and_pyramids_on_s3(tmp_path: Path, s3_server, s3_bucket, s3_settings) -> None:
     """`warehouse_uploads` and `warehouse_pyramids` on S3: files pushed there are checked and built
     from, executions write there, offerings serve it, deletes remove the objects."""
