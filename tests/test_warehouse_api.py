@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from test_warehouse_support import (
     BASE,
     SOURCES,
@@ -108,9 +107,9 @@ async def test_other_datastores_are_forbidden(tmp_path: Path) -> None:
 def test_cli_users_and_datastores(tmp_path: Path, capsys, monkeypatch) -> None:
     import json
 
-    from tileserver.cli import main
-
     import apputil
+
+    from tileserver.cli import main
 
     monkeypatch.setenv("TILESERVER_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("TILESERVER_STORE_URL", apputil.STORE_URL)  # the engine this test runs on

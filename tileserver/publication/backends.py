@@ -125,7 +125,7 @@ def postgresql_sql(sql: str) -> str:
     """The store's SQLite SQL as PostgreSQL runs it (placeholders, JSON functions, column types).
 
     INTEGER becomes BIGINT (quotas and sizes pass 2³¹), REAL becomes DOUBLE PRECISION (token
-    expiry times need more than float4); `%` is escaped for psycopg. String literals are kept."""
+    expiry times need more than float4); `%` is escaped for psycopg. A `?` in a literal is kept."""
     sql = _JSON_EXTRACT.sub(lambda m: f"({m[1]}::jsonb #>> '{{{m[2].replace('.', ',')}}}')", sql)
     sql = _JSON_EACH.sub(lambda m: f"jsonb_array_elements_text({m[1]}::jsonb -> '{m[2]}') AS {m[3]}(value)", sql)
     for pattern, replacement in _TYPES:
@@ -134,7 +134,7 @@ def postgresql_sql(sql: str) -> str:
     def token(m: re.Match[str]) -> str:
         text = m[0]
         if text.startswith("'"):
-            return text
+            return text.replace("%", "%%")  # psycopg reads % even in literals; ? there is text
         return "%%" if text == "%" else "%s"
 
     return _TOKENS.sub(token, sql)
@@ -153,6 +153,8 @@ class PostgresConnection:
             return self.raw.execute(postgresql_sql(sql), list(params))
         except psycopg.IntegrityError as exc:
             raise IntegrityError(str(exc)) from exc
+        except psycopg.DataError as exc:  # a NUL character in a text (SQLite takes it), a number out of range
+            raise StoreError(f"a value cannot be stored: {str(exc).splitlines()[0]}") from exc
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         import psycopg
@@ -165,6 +167,8 @@ class PostgresConnection:
                 cur.executemany(postgresql_sql(sql), rows)
         except psycopg.IntegrityError as exc:
             raise IntegrityError(str(exc)) from exc
+        except psycopg.DataError as exc:
+            raise StoreError(f"a value cannot be stored: {str(exc).splitlines()[0]}") from exc
 
 
 class PostgresBackend:
@@ -173,11 +177,16 @@ class PostgresBackend:
     dialect = POSTGRESQL
 
     def __init__(self, url: str, pool_size: int = POOL_SIZE) -> None:
+        import psycopg
         import psycopg_pool
 
         self.url = url
         self.name = redact(url)
         self._local = threading.local()
+        try:  # one plain connection first: a wrong URL fails at once, with libpq's reason
+            psycopg.connect(url, connect_timeout=int(CONNECT_TIMEOUT)).close()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot connect to the store database {self.name}: {exc}") from None
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=False,
             timeout=CONNECT_TIMEOUT, name="tileserver-store",

@@ -1,0 +1,105 @@
+"""The PostgreSQL store engine's own duties: the dialect layer, migrations run once by whichever
+process starts first (advisory lock), change notices (LISTEN/NOTIFY) and a clear refusal when the
+database cannot be reached. The shared behaviour runs on both engines in test_store.py."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from tileserver.publication.backends import postgresql_sql
+from tileserver.publication.model import parse_layer
+from tileserver.publication.store import MIGRATIONS, SCHEMA_VERSION, PublicationStore, StoreUnavailable
+
+LAYER = {"title": "t", "abstract": "a", "keywords": [],
+         "pyramids": [{"path": "file:///p/SCAN.json", "bottom_level": "8", "top_level": "0"}]}
+
+
+def test_the_dialect_rewrites_sqlite_sql_once_for_all_queries() -> None:
+    assert postgresql_sql("SELECT 1 FROM t WHERE a = ? AND b IN (?, ?) AND c LIKE 'x?%'") == (
+        "SELECT 1 FROM t WHERE a = %s AND b IN (%s, %s) AND c LIKE 'x?%%'")  # a literal's ? is text
+    assert postgresql_sql("SELECT 5 % 2") == "SELECT 5 %% 2"
+    assert postgresql_sql("SELECT json_extract(body, '$.job.claim') FROM e WHERE json_extract(s.summary, '$.size')"
+                          " IS NULL") == ("SELECT (body::jsonb #>> '{job,claim}') FROM e WHERE"
+                                          " (s.summary::jsonb #>> '{size}') IS NULL")
+    assert postgresql_sql("FROM k CROSS JOIN json_each(w.body, '$.offerings') g JOIN o ON o.id = g.value") == (
+        "FROM k CROSS JOIN jsonb_array_elements_text(w.body::jsonb -> 'offerings') AS g(value)"
+        " JOIN o ON o.id = g.value")
+    assert postgresql_sql("CREATE TABLE t (q INTEGER NOT NULL, at REAL, CAST(x AS INTEGER))") == (
+        "CREATE TABLE t (q BIGINT NOT NULL, at DOUBLE PRECISION, CAST(x AS BIGINT))")
+
+
+OPEN_SLOWLY = """
+import sys, time
+from tileserver.publication import store as s
+first = s.MIGRATIONS[0]
+def slow(db):  # holds the migration long enough for the other process to arrive meanwhile
+    time.sleep(1.5)
+    first.apply(db)
+s.MIGRATIONS = (s.Migration(1, first.description, slow), *s.MIGRATIONS[1:])
+print("ready", flush=True)
+sys.stdin.readline()
+store = s.PublicationStore(sys.argv[1])
+print(store.schema_version(), store.revision(), flush=True)
+store.close()
+"""
+
+
+def test_migrations_run_once_when_two_processes_start_together(pg_url: str) -> None:
+    processes = [subprocess.Popen([sys.executable, "-c", OPEN_SLOWLY, pg_url], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in processes:
+        assert p.stdout.readline().strip() == "ready"
+    for p in processes:  # both open the empty database at once
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outputs = [p.communicate(timeout=60) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
+    assert [out.split() for out, _ in outputs] == [[str(SCHEMA_VERSION), "1"]] * 2  # one migration bump
+    store = PublicationStore(pg_url)
+    try:
+        with store.reading() as db:
+            versions = [r[0] for r in db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()]
+            datastores = db.execute("SELECT COUNT(*) FROM wh_datastores").fetchone()[0]
+        assert versions == [m.version for m in MIGRATIONS]  # each applied once
+        assert datastores == 1  # migration 3's default datastore, not one per process
+        assert store.revision() == 1
+    finally:
+        store.close()
+
+
+async def test_a_committed_write_notifies_other_replicas(pg_url: str, tmp_path) -> None:
+    writer, replica = PublicationStore(pg_url), PublicationStore(pg_url)
+    changes = replica.notifications()
+    assert changes is not None
+    try:
+        assert await anext(changes) == -1  # listening
+        start = writer.revision()
+        with pytest.raises(RuntimeError):  # rolled back: nothing committed, no notice
+            with writer.transaction() as db:
+                db.execute("INSERT INTO styles (id, style, updated_at) VALUES ('x', '{}', 'now')")
+                raise RuntimeError("abandoned")
+        await asyncio.to_thread(writer.add_layer, parse_layer("scan", LAYER))
+        assert await asyncio.wait_for(anext(changes), 30) == start + 1 == replica.revision()
+        await asyncio.to_thread(writer.put_stored_data, "file:///p/SCAN.json", {}, "scan")
+        assert await asyncio.wait_for(anext(changes), 30) == start + 2
+    finally:
+        await changes.aclose()
+        writer.close()
+        replica.close()
+    sqlite = PublicationStore(str(tmp_path / "store.sqlite"))  # a file: nothing to listen to
+    try:
+        assert sqlite.notifications() is None
+    finally:
+        sqlite.close()
+
+
+def test_an_unreachable_database_is_refused_clearly(pg_server) -> None:
+    port = pg_server.url.rsplit(":", 1)[-1]
+    url = f"postgresql://nobody:hunter2@127.0.0.1:{port}/no_such_database"
+    with pytest.raises(StoreUnavailable) as exc:
+        PublicationStore(url)
+    assert "no_such_database" in str(exc.value) and "hunter2" not in str(exc.value)
