@@ -8,7 +8,10 @@ import asyncio
 import subprocess
 import sys
 
+import httpx
 import pytest
+from apputil import layer_descriptor, live_server, make_settings
+from test_warehouse_support import wait_for
 
 from tileserver.publication.backends import postgresql_sql
 from tileserver.publication.model import parse_layer
@@ -103,3 +106,36 @@ def test_an_unreachable_database_is_refused_clearly(pg_server) -> None:
     with pytest.raises(StoreUnavailable) as exc:
         PublicationStore(url)
     assert "no_such_database" in str(exc.value) and "hunter2" not in str(exc.value)
+
+
+def _publish(url: str, name: str) -> None:
+    headers = {"Authorization": "Bearer secret"}
+    answer = httpx.post(f"{url}/admin/layers/{name}", json=layer_descriptor("SCAN1000"), headers=headers)
+    assert answer.status_code in (200, 201, 204), answer.text
+
+
+def _listening_backends(url: str) -> list[int]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                                           " AND query LIKE 'LISTEN %'").fetchall()]
+
+
+def test_replicas_see_a_new_layer_by_notify_and_after_losing_their_listener(tmp_path, pg_url: str) -> None:
+    """Two servers on one database, polling once an hour: only the notices can show B what A published,
+    and B listens again by itself once its listening connection is killed."""
+    import psycopg
+
+    settings = [make_settings(tmp_path / name, store_url=pg_url, store_poll_interval=3600.0) for name in "ab"]
+    with live_server(settings[0]) as a, live_server(settings[1]) as b:
+        _publish(a, "first")
+        wait_for(lambda: "first" in httpx.get(f"{b}/tms/1.0.0").text, timeout=20)
+        listeners = wait_for(lambda: len(_listening_backends(pg_url)) == 2 and _listening_backends(pg_url))
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            for pid in listeners:  # every listener dies: the next change is published meanwhile
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        _publish(a, "second")
+        wait_for(lambda: "second" in httpx.get(f"{b}/tms/1.0.0").text, timeout=20)
+        _publish(a, "third")  # listening again: at once, as before
+        wait_for(lambda: "third" in httpx.get(f"{b}/tms/1.0.0").text, timeout=20)

@@ -272,7 +272,12 @@ class PostgresBackend:
         """The revisions other writers commit, as they commit (raises when the connection drops)."""
         import psycopg
 
-        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as aconn:
+        # TCP keepalives: a connection silently cut (a partition, a NAT timeout) fails within ~1 min
+        # instead of listening to nothing for good
+        async with await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT),
+            keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+        ) as aconn:
             await aconn.execute(f"LISTEN {CHANNEL}")
             yield -1  # listening: what changed before this is read by the caller now
             async for notice in aconn.notifies():
