@@ -235,10 +235,9 @@ class PostgresBackend:
     @contextmanager
     def _begun(conn: PostgresConnection, begin: str, lock: bool,
                before_commit: Callable[[PostgresConnection], None] | None = None) -> Iterator[None]:
-        conn.raw.execute(begin)
+        # one round trip: no parameters, so psycopg sends both statements as one simple query
+        conn.raw.execute(f"{begin}; SELECT pg_advisory_xact_lock({WRITE_LOCK})" if lock else begin)
         try:
-            if lock:
-                conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             yield
             if before_commit is not None:
                 before_commit(conn)
@@ -264,9 +263,12 @@ class PostgresBackend:
                     conn.raw.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
 
     @staticmethod
-    def notify(conn: PostgresConnection, revision: int) -> None:
-        """Queue the change notice; PostgreSQL delivers it at COMMIT, never for a rolled back write."""
-        conn.raw.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(revision)))
+    def bump(conn: PostgresConnection) -> int:
+        """Count a change and queue its notice (the new revision), in one statement; PostgreSQL
+        delivers the notice at COMMIT, never for a rolled back write."""
+        return int(conn.raw.execute(
+            "WITH r AS (UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value)"
+            " SELECT value, pg_notify(%s, value::text) FROM r", (CHANNEL,)).fetchone()[0])
 
     async def notifications(self) -> AsyncIterator[int]:
         """The revisions other writers commit, as they commit (raises when the connection drops)."""

@@ -379,8 +379,7 @@ class PublicationStore:
 
             def publish(conn: Any) -> None:
                 if bump:
-                    revision = conn.execute("UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value")
-                    pg.notify(conn, revision.fetchone()[0])
+                    pg.bump(conn)
 
             self._open()
             with pg.transaction("BEGIN", lock=True, before_commit=publish) as conn:
