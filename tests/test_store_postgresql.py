@@ -139,3 +139,44 @@ def test_replicas_see_a_new_layer_by_notify_and_after_losing_their_listener(tmp_
         wait_for(lambda: "second" in httpx.get(f"{b}/tms/1.0.0").text, timeout=20)
         _publish(a, "third")  # listening again: at once, as before
         wait_for(lambda: "third" in httpx.get(f"{b}/tms/1.0.0").text, timeout=20)
+
+
+async def test_a_lost_database_answers_503_and_service_resumes_when_it_is_back(tmp_path, pg_url: str,
+                                                                                monkeypatch) -> None:
+    import psycopg
+    from test_warehouse_support import BASE, app_with_user
+
+    from tileserver.publication import backends
+
+    monkeypatch.setattr(backends, "POOL_WAIT", 1.0)  # how long a call waits for a connection before its 503
+    name = pg_url.rsplit("/", 1)[-1]
+    admin = psycopg.connect(pg_url.rsplit("/", 1)[0] + "/postgres", autocommit=True)
+
+    def cut(allow: bool) -> None:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}')
+        if not allow:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    def publish(client):
+        return client.post("/admin/layers/x", json=layer_descriptor("SCAN1000"),
+                           headers={"Authorization": "Bearer secret"})
+
+    try:
+        async with app_with_user(tmp_path, store_url=pg_url) as client:
+            assert (await client.get(f"{BASE}/uploads")).status_code == 200
+            cut(allow=False)
+            down = await client.get(f"{BASE}/uploads")
+            assert down.status_code == 503 and down.headers["content-type"].startswith("application/json"), down.text
+            refused = await publish(client)
+            assert refused.status_code == 503, refused.text
+            cut(allow=True)
+            for _ in range(60):  # the pool reconnects by itself (with back-off): no restart needed
+                if (await client.get(f"{BASE}/uploads")).status_code == 200:
+                    break
+                await asyncio.sleep(0.5)
+            assert (await client.get(f"{BASE}/uploads")).status_code == 200
+            published = await publish(client)
+            assert published.status_code in (200, 201, 204), published.text
+    finally:
+        cut(allow=True)
+        admin.close()

@@ -34,7 +34,8 @@ CHANNEL = "tileserver_catalog"  # NOTIFY channel: payload = the new revision
 WRITE_LOCK = 0x7469_6C65_7365_7277  # pg_advisory_xact_lock key serialising writers ("tileserw")
 MIGRATE_LOCK = 0x7469_6C65_7365_726D  # pg_advisory_lock key held while migrating ("tilesrm")
 POOL_SIZE = 8  # connections per process (a write holds one for its transaction only)
-CONNECT_TIMEOUT = 10.0  # seconds to reach PostgreSQL at start, or to get a pooled connection
+CONNECT_TIMEOUT = 10.0  # seconds to reach PostgreSQL at start
+POOL_WAIT = 5.0  # seconds a store call waits for a pooled connection (database down: then a 503)
 
 
 class StoreError(Exception):
@@ -189,7 +190,10 @@ class PostgresBackend:
             raise StoreUnavailable(f"cannot connect to the store database {self.name}: {exc}") from None
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=False,
-            timeout=CONNECT_TIMEOUT, name="tileserver-store",
+            timeout=POOL_WAIT, name="tileserver-store",
+            # a pooled connection is checked before use: after a database restart or failover, the
+            # dead ones are replaced instead of failing one request each
+            check=psycopg_pool.ConnectionPool.check_connection,
         )
         try:
             self.pool.open(wait=True, timeout=CONNECT_TIMEOUT)
