@@ -375,3 +375,19 @@ def test_later_migrations_apply_once_and_failures_roll_back(store_url: str, monk
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", nxt - 1)
     with pytest.raises(StoreError, match="newer"):
         PublicationStore(path)
+
+
+def test_cli_store_migrate(store_url: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    from tileserver.cli import main
+
+    monkeypatch.setenv("TILESERVER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TILESERVER_STORE_URL", store_url)
+    assert main(["store", "migrate", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["schema_version"] == SCHEMA_VERSION and info["revision"] == 1
+    assert info["engine"] == ("postgresql" if store_url.startswith("postgresql://") else "sqlite")
+    assert main(["store", "migrate"]) == 0  # nothing left to do
+    assert f"schema version {SCHEMA_VERSION}" in capsys.readouterr().out
+    monkeypatch.setenv("TILESERVER_STORE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    assert main(["store", "migrate"]) == 1  # one line, no traceback
+    assert "cannot connect" in capsys.readouterr().err
