@@ -180,3 +180,16 @@ async def test_a_lost_database_answers_503_and_service_resumes_when_it_is_back(t
     finally:
         cut(allow=True)
         admin.close()
+
+
+def test_values_postgresql_cannot_hold_are_refused_as_bad_input(pg_url: str) -> None:
+    """A NUL character (SQLite stores it; PostgreSQL text cannot): a StoreError (400), never a 500."""
+    from tileserver.publication.store import StoreError
+
+    store = PublicationStore(pg_url)
+    try:
+        with pytest.raises(StoreError, match="cannot be stored"):
+            store.create_key("nul\x00name", ["*"])
+        assert store.list_keys() == []  # nothing half-written
+    finally:
+        store.close()
