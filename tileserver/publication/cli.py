@@ -1,7 +1,9 @@
-"""`tileserver layers …` and `tileserver keys …`: the admin API's operations on the store file directly.
+"""`tileserver layers …` and `tileserver keys …`: the admin API's operations on the store directly
+(`tileserver store migrate`: its schema).
 
 A running server sees these changes through its store watcher within `store_poll_interval`
-seconds, so the CLI works on a live deployment without any HTTP access or admin token.
+seconds (at once on PostgreSQL, by NOTIFY), so the CLI works on a live deployment without any HTTP
+access or admin token.
 """
 
 from __future__ import annotations
