@@ -20,10 +20,13 @@ DATA = Path(__file__).parent / "data"
 PYRAMIDS = DATA / "pyramids"
 
 
+STORE_URL = ""  # the store every make_settings names (conftest's store_backend sets a PostgreSQL one)
+
+
 def make_settings(tmp_path: Path, **overrides) -> Settings:
     """Settings isolated in tmp_path, ignoring the developer's environment."""
     base = load_settings(env={})
-    values = {"data_dir": str(tmp_path / "data"), "demo": False, "admin_token": "secret",
+    values = {"data_dir": str(tmp_path / "data"), "demo": False, "admin_token": "secret", "store_url": STORE_URL,
               "store_poll_interval": 0.2,
               "admin_roots": ("*",)}  # fixtures live anywhere; tests/test_server_security.py checks the roots
     values.update(overrides)

@@ -73,3 +73,52 @@ def s3_proxy_settings(s3_proxy: S3Proxy) -> Settings:
 
 
 # ==== end storage ================================================================================
+
+
+# ==== publication store engines: SQLite file and PostgreSQL ======================================
+# pg_server (session)   PostgresServer: a throwaway cluster (initdb + pg_ctl, loopback port), or
+#                       TILESERVER_TEST_PG_URL when set; skipped only when no server binaries exist
+# pg_url                a fresh empty database on pg_server (its URL), dropped after the test
+# store_url             parametrised: a SQLite file path, then a PostgreSQL database URL
+# store_backend         parametrised likewise, for tests building Settings through apputil's
+#                       make_settings: sets the store_url every make_settings gives in this test
+import os  # noqa: E402
+
+from pgserver import ENV_URL, PostgresServer, server_binaries  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    url = os.environ.get(ENV_URL, "").rstrip("/")
+    if not url and server_binaries() is None:
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql) and no TILESERVER_TEST_PG_URL")
+    server = PostgresServer(url or None).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "store.sqlite")
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    import apputil
+
+    url = "" if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
+    apputil.STORE_URL = url
+    yield request.param
+    apputil.STORE_URL = ""
+
+
+# ==== end publication store engines ==============================================================

@@ -223,7 +223,7 @@ def test_layers_dark_at_start_up_are_served_once_s3_recovers(
     url = upload_scan1000(s3_server, s3_bucket)
     settings = proxied_settings(tmp_path, s3_proxy, storage_retries=1, storage_breaker_cooldown=0.5,
                                 layer_retry_interval=0.5, layer_retry_max_interval=2.0)
-    store = PublicationStore(settings.resolved_store_path)
+    store = PublicationStore(settings.resolved_store_url)
     store.add_layer(parse_layer("S3", layer_descriptor("SCAN1000", root=url.rpartition("/")[0])))
     store.close()
     s3_proxy.fail_next(1_000_000, 503)  # S3 is down when the server starts

@@ -154,7 +154,7 @@ async def test_a_render_past_its_deadline_stops_between_strips(fixture_layers): 
 
 def test_a_getmap_past_the_render_timeout_answers_an_ogc_error(tmp_path):
     settings = make_settings(tmp_path, render_timeout=0.05)
-    store = PublicationStore(settings.resolved_store_path)
+    store = PublicationStore(settings.resolved_store_url)
     for name in FIXTURES:
         store.add_layer(parse_layer(name, layer_descriptor(name)))
     with live_server(settings) as base:

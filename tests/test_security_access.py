@@ -1,6 +1,6 @@
 """Grants follow identity, over real HTTP: two users in two datastores publish layers under the same
 public name; a key opens only what its owner granted it, and removing a user revokes their keys.
-Health details are for the operator."""
+Health details are for the operator. The grant tests run on both store engines (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import httpx
+import pytest
 from apputil import PYRAMIDS, live_server, make_settings
 from test_warehouse_support import api_client, wait_for
 
@@ -30,6 +31,7 @@ def _register(monkeypatch, capsys, settings, descriptor: Path, datastore: str) -
     from tileserver.cli import main
 
     monkeypatch.setenv("TILESERVER_DATA_DIR", settings.data_dir)
+    monkeypatch.setenv("TILESERVER_STORE_URL", settings.store_url)
     assert main(["stored-data", "add", str(descriptor), "--name", datastore, "--datastore", datastore,
                  "--json"]) == 0
     return json.loads(capsys.readouterr().out)["_id"]
@@ -64,10 +66,11 @@ def _lists_shared(document: bytes) -> bool:
     return any(mark in document for mark in (b">shared<", b'"shared"', b'/shared"'))
 
 
+@pytest.mark.usefixtures("store_backend")
 def test_a_key_opens_only_what_its_owner_granted(tmp_path, monkeypatch, capsys):
     settings = make_settings(tmp_path)
     Path(settings.data_dir).mkdir(parents=True)
-    store = PublicationStore(settings.resolved_store_path)
+    store = PublicationStore(settings.resolved_store_url)
     accounts = Accounts(store)
     for name in ("alpha", "beta"):
         accounts.add_datastore(name)
@@ -122,18 +125,19 @@ def test_a_key_opens_only_what_its_owner_granted(tmp_path, monkeypatch, capsys):
     store.close()
 
 
-def test_grants_of_a_removed_layer_do_not_pass_to_its_successor(tmp_path):
+def test_grants_of_a_removed_layer_do_not_pass_to_its_successor(store_url: str):
     """Record ids are reused: a key granted a removed record does not open the next layer stored under it."""
     from apputil import layer_descriptor
 
     from tileserver.publication.model import parse_layer
 
-    store = PublicationStore(str(tmp_path / "store.sqlite"))
+    store = PublicationStore(store_url)
     store.add_layer(parse_layer("L", layer_descriptor("SCAN1000")), restricted=True)
-    store.create_key("k", ["L"])
+    store.add_layer(parse_layer("M", layer_descriptor("SCAN1000")), restricted=True)
+    store.create_key("k", ["L", "M"])
     store.remove_layer("L")
     store.add_layer(parse_layer("L", layer_descriptor("SCAN1000")), restricted=True)
-    assert all("L" not in granted for granted in store.snapshot().key_access.values())
+    assert list(store.snapshot().key_access.values()) == [{"M"}]  # the other grant stays
     store.close()
 
 
@@ -180,11 +184,12 @@ def test_health_details_are_for_the_operator(tmp_path):
         assert http.get("/healthcheck/info").json()["layers"] == 1
 
 
+@pytest.mark.usefixtures("store_backend")
 def test_key_values_are_never_confirmed(tmp_path):
     """A taken key value is refused exactly like a weak one: no answer tells another user's key exists."""
     settings = make_settings(tmp_path)
     Path(settings.data_dir).mkdir(parents=True)
-    accounts = Accounts(PublicationStore(settings.resolved_store_path))
+    accounts = Accounts(PublicationStore(settings.resolved_store_url))
     accounts.add_datastore("alpha")
     accounts.add_datastore("beta")
     accounts.add_user("usera", "password-a", datastores=("alpha",))

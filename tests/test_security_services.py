@@ -143,7 +143,7 @@ def test_rendered_answers_of_a_restricted_layer_are_private(tmp_path):
 
     settings = make_settings(tmp_path)
     Path(settings.data_dir).mkdir(parents=True)
-    store = PublicationStore(settings.resolved_store_path)
+    store = PublicationStore(settings.resolved_store_url)
     store.put_style("hypso", json.loads((Path(__file__).parent / "data" / "styles" / "hypso.json").read_text()))
     store.close()
     with live_server(settings) as url, httpx.Client(base_url=url, timeout=30) as http:

@@ -1,4 +1,7 @@
-"""The publication store: round trips, revisions across connections, atomic snapshots, keys, migrations."""
+"""The publication store: round trips, revisions across connections, atomic snapshots, keys, migrations.
+
+Every test taking `store` or `store_url` runs on both engines: a SQLite file and a PostgreSQL
+database (conftest's throwaway cluster)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import pytest
 from apputil import PYRAMIDS
 
 from tileserver.publication import store as store_module
+from tileserver.publication.backends import Connection, SQLiteConnection
 from tileserver.publication.model import parse_layer
 from tileserver.publication.store import (
     SCHEMA_VERSION,
@@ -61,23 +65,40 @@ MODERN = {
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    s = PublicationStore(str(tmp_path / "store.sqlite"))
+def store(store_url: str):
+    s = PublicationStore(store_url)
     yield s
     s.close()
+
+
+def _raw(url: str, sql: str) -> list[tuple]:
+    """Rows of one query run outside the store (its own connection, either engine)."""
+    if url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            return [tuple(r) for r in conn.execute(sql).fetchall()]
+    with sqlite3.connect(url) as db:
+        return db.execute(sql).fetchall()
+
+
+def _tables(url: str) -> set[str]:
+    if url.startswith("postgresql://"):
+        return {r[0] for r in _raw(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    return {r[0] for r in _raw(url, "SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
 def layer(layer_id: str = "scan", **changes) -> object:
     return parse_layer(layer_id, {**FULL, **changes})
 
 
-def test_schema_version_recorded(store: PublicationStore, tmp_path: Path) -> None:
+def test_schema_version_recorded(store: PublicationStore, store_url: str) -> None:
     assert store.schema_version() == SCHEMA_VERSION == len(store_module.MIGRATIONS)
-    with sqlite3.connect(tmp_path / "store.sqlite") as db:
-        rows = db.execute("SELECT version, description, applied_at FROM schema_version ORDER BY version").fetchall()
-        assert [r[0] for r in rows] == [m.version for m in store_module.MIGRATIONS]
-        assert all(r[1] and r[2] for r in rows)
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rows = _raw(store_url, "SELECT version, description, applied_at FROM schema_version ORDER BY version")
+    assert [r[0] for r in rows] == [m.version for m in store_module.MIGRATIONS]
+    assert all(r[1] and r[2] for r in rows)
+    if store.dialect == "sqlite":
+        assert _raw(store_url, "PRAGMA journal_mode")[0][0] == "wal"
 
 
 def test_round_trip_preserves_every_field(store: PublicationStore) -> None:
@@ -122,8 +143,8 @@ def test_restricted_flag(store: PublicationStore) -> None:
     assert not store.get_layer("scan").restricted and store.snapshot().restricted == set()
 
 
-def test_revision_counts_writes_of_every_connection(store: PublicationStore, tmp_path: Path) -> None:
-    other = PublicationStore(str(tmp_path / "store.sqlite"))  # another process's view of the file
+def test_revision_counts_writes_of_every_connection(store: PublicationStore, store_url: str) -> None:
+    other = PublicationStore(store_url)  # another process's view of the store
     try:
         start = store.revision()
         store.add_layer(layer())
@@ -140,8 +161,8 @@ def test_revision_counts_writes_of_every_connection(store: PublicationStore, tmp
         other.close()
 
 
-def test_concurrent_writes_never_show_a_partial_layer(tmp_path: Path) -> None:
-    path = str(tmp_path / "store.sqlite")
+def test_concurrent_writes_never_show_a_partial_layer(store_url: str) -> None:
+    path = store_url
     versions = [
         layer(title="A", keywords=["a"] * 3, pyramids=FULL["pyramids"][:1], restricted=False),
         layer(title="B", keywords=["b"], styles=["hypso"], bbox={"west": 1, "south": 2, "east": 3, "north": 4}),
@@ -197,8 +218,8 @@ store.close()
 """
 
 
-def test_another_process_writing_never_shows_a_partial_layer(tmp_path: Path) -> None:
-    path = str(tmp_path / "store.sqlite")
+def test_another_process_writing_never_shows_a_partial_layer(store_url: str) -> None:
+    path = store_url
     bodies = [{**FULL, "title": "A", "restricted": False}, {**MODERN, "title": "B", "keywords": []}]
     versions = [parse_layer("scan", body) for body in bodies]
     store = PublicationStore(path)
@@ -285,9 +306,9 @@ def test_stored_data_and_offerings(store: PublicationStore) -> None:
     assert store.get_stored_data(data.id) is None
 
 
-def test_a_stored_layer_that_no_longer_validates_is_left_out(store: PublicationStore, tmp_path: Path) -> None:
+def test_a_stored_layer_that_no_longer_validates_is_left_out(store: PublicationStore) -> None:
     store.add_layer(layer())
-    with sqlite3.connect(tmp_path / "store.sqlite") as db:
+    with store.transaction() as db:
         db.execute("INSERT INTO layers VALUES ('bad', '{\"title\": 1}', 0, 'now', 'now')")
     assert [got.id for got in store.snapshot().layers] == ["scan"]
 
@@ -297,7 +318,7 @@ def _v1_store(path: Path) -> None:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("BEGIN")
     db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)")
-    store_module.MIGRATIONS[0].apply(db)
+    store_module.MIGRATIONS[0].apply(SQLiteConnection(db))
     db.execute("INSERT INTO schema_version VALUES (1, 'v1', 'then')")
     descriptor = json.dumps(parse_layer("old", MODERN).to_descriptor())
     db.execute("INSERT INTO layers VALUES ('old', ?, 1, 'then', 'then')", (descriptor,))
@@ -322,17 +343,17 @@ def test_opening_an_old_store_migrates_it(tmp_path: Path) -> None:
     reopened.close()
 
 
-def test_later_migrations_apply_once_and_failures_roll_back(tmp_path: Path, monkeypatch) -> None:
-    path = str(tmp_path / "store.sqlite")
+def test_later_migrations_apply_once_and_failures_roll_back(store_url: str, monkeypatch) -> None:
+    path = store_url
     PublicationStore(path).close()
     calls: list[int] = []
 
-    def add_column(db: sqlite3.Connection) -> None:
+    def add_column(db: Connection) -> None:
         calls.append(1)
         db.execute("ALTER TABLE layers ADD COLUMN datastore TEXT")
 
-    def broken(db: sqlite3.Connection) -> None:
-        db.execute("CREATE TABLE half_done (x)")
+    def broken(db: Connection) -> None:
+        db.execute("CREATE TABLE half_done (x TEXT)")
         raise RuntimeError("migration bug")
 
     nxt = SCHEMA_VERSION + 1
@@ -340,9 +361,8 @@ def test_later_migrations_apply_once_and_failures_roll_back(tmp_path: Path, monk
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", nxt)
     with pytest.raises(RuntimeError):
         PublicationStore(path)
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
-        assert not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'half_done'").fetchone()
+    assert _raw(path, "SELECT MAX(version) FROM schema_version")[0][0] == SCHEMA_VERSION
+    assert "half_done" not in _tables(path) and "layers" in _tables(path)
 
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS[:-1], Migration(nxt, "x", add_column)))
     for _ in range(2):
@@ -355,3 +375,19 @@ def test_later_migrations_apply_once_and_failures_roll_back(tmp_path: Path, monk
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", nxt - 1)
     with pytest.raises(StoreError, match="newer"):
         PublicationStore(path)
+
+
+def test_cli_store_migrate(store_url: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    from tileserver.cli import main
+
+    monkeypatch.setenv("TILESERVER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TILESERVER_STORE_URL", store_url)
+    assert main(["store", "migrate", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["schema_version"] == SCHEMA_VERSION and info["revision"] == 1
+    assert info["engine"] == ("postgresql" if store_url.startswith("postgresql://") else "sqlite")
+    assert main(["store", "migrate"]) == 0  # nothing left to do
+    assert f"schema version {SCHEMA_VERSION}" in capsys.readouterr().out
+    monkeypatch.setenv("TILESERVER_STORE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    assert main(["store", "migrate"]) == 1  # one line, no traceback
+    assert "cannot connect" in capsys.readouterr().err

@@ -302,7 +302,7 @@ def test_processing_over_http(tmp_path: Path) -> None:
         assert any("tippecanoe" in line for line in done["logs"])
         from tileserver.publication.store import PublicationStore
 
-        store = PublicationStore(settings.resolved_store_path)
+        store = PublicationStore(settings.resolved_store_url)
         try:
             descriptor = store.get_stored_data(stored["_id"]).descriptor_url.removeprefix("file://")
         finally:
@@ -371,7 +371,7 @@ class SdkRun:
         """The stored data's file (a pyramid's descriptor, a base's GeoPackage)."""
         from tileserver.publication.store import PublicationStore
 
-        store = PublicationStore(self.settings.resolved_store_path)
+        store = PublicationStore(self.settings.resolved_store_url)
         try:
             return store.get_stored_data(stored_id).descriptor_url.removeprefix("file://")
         finally:

@@ -1,6 +1,6 @@
 """The warehouse API in-process: accounts, uploads and checks, processings and executions, stored
 data, configurations and offerings, with the seeds' requests replayed and each client mistake
-answered by the documented error."""
+answered by the documented error. Every test runs on both store engines (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import hashlib
 import re
 from pathlib import Path
 
+import pytest
 from test_warehouse_support import (
     BASE,
     SOURCES,
@@ -29,6 +30,8 @@ from tileserver.warehouse.processings import (
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 FAST = {"tms": "PM", "bottom": "10", "top": "9", "compression": "jpg", "width": 2, "height": 2}
+
+pytestmark = pytest.mark.usefixtures("store_backend")
 
 
 def _problems(answer) -> list[str]:
@@ -93,7 +96,7 @@ async def test_other_datastores_are_forbidden(tmp_path: Path) -> None:
     from tileserver.warehouse.accounts import Accounts
 
     async with app_with_user(tmp_path) as client:
-        store = PublicationStore(client.settings.resolved_store_path)
+        store = PublicationStore(client.settings.resolved_store_url)
         other = Accounts(store).add_datastore("other")
         store.close()
         assert (await client.get(f"/api/datastores/{other.id}/uploads")).status_code == 403
@@ -104,9 +107,12 @@ async def test_other_datastores_are_forbidden(tmp_path: Path) -> None:
 def test_cli_users_and_datastores(tmp_path: Path, capsys, monkeypatch) -> None:
     import json
 
+    import apputil
+
     from tileserver.cli import main
 
     monkeypatch.setenv("TILESERVER_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TILESERVER_STORE_URL", apputil.STORE_URL)  # the engine this test runs on
     assert main(["datastores", "add", "geo", "--quota", "1000"]) == 0
     assert main(["users", "add", "ana", "--password", "pw", "--last-name", "Martin", "--datastore", "geo"]) == 0
     assert main(["users", "add", "ana", "--password", "pw"]) == 1
@@ -158,7 +164,7 @@ async def test_quota_exceeded_stores_nothing(tmp_path: Path) -> None:
     from tileserver.publication.store import PublicationStore
 
     async with app_with_user(tmp_path) as client:
-        store = PublicationStore(client.settings.resolved_store_path)
+        store = PublicationStore(client.settings.resolved_store_url)
         with store.transaction() as db:
             db.execute("UPDATE wh_datastores SET quota = 1000")
         store.close()
@@ -407,6 +413,7 @@ async def test_cli_registers_a_pyramid_as_stored_data(tmp_path: Path, monkeypatc
 
     async with app_with_user(tmp_path) as client:
         monkeypatch.setenv("TILESERVER_DATA_DIR", client.settings.data_dir)
+        monkeypatch.setenv("TILESERVER_STORE_URL", client.settings.store_url)
         descriptor = Path(__file__).parent / "data/pyramids/SCAN1000.json"
         import asyncio
 
@@ -418,6 +425,7 @@ async def test_cli_registers_a_pyramid_as_stored_data(tmp_path: Path, monkeypatc
         assert stored["extent"]["type"] == "Polygon"
 
 
+@pytest.mark.parametrize("store_backend", ["sqlite"], indirect=True)  # S3 is what it tests: one engine
 async def test_uploads_and_pyramids_on_s3(tmp_path: Path, s3_server, s3_bucket, s3_settings) -> None:
     """`warehouse_uploads` and `warehouse_pyramids` on S3: files pushed there are checked and built
     from, executions write there, offerings serve it, deletes remove the objects."""

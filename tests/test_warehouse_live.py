@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 from apputil import free_port, layer_descriptor
 from test_warehouse_support import (
     BASE,
@@ -86,9 +87,11 @@ def test_harvest_own_wms(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _server(data_dir: Path, port: int, workers: int = 1) -> Iterator[subprocess.Popen]:
+def _server(data_dir: Path, port: int, workers: int = 1, store_url: str = "",
+            poll: float = 0.2) -> Iterator[subprocess.Popen]:
     env = {**os.environ, "TILESERVER_DATA_DIR": str(data_dir), "TILESERVER_ADMIN_TOKEN": "secret",
-           "TILESERVER_STORE_POLL_INTERVAL": "0.2", "TILESERVER_WAREHOUSE_WORKERS": str(workers)}
+           "TILESERVER_STORE_POLL_INTERVAL": str(poll), "TILESERVER_WAREHOUSE_WORKERS": str(workers),
+           "TILESERVER_STORE_URL": store_url}
     process = subprocess.Popen([sys.executable, "-m", "tileserver.cli", "serve", "--port", str(port), "--no-demo",
                                 "--log-level", "warning"], env=env, start_new_session=True)
     try:
@@ -126,7 +129,7 @@ def test_restart_during_an_execution(tmp_path: Path) -> None:
                                "parameters": {"tms": "PM", "bottom": "10", "top": "9", "width": 2, "height": 2}})
         wait_for(lambda: client.get(f"{BASE}/processings/executions/{slow['_id']}").json()["status"] == "PROGRESS")
         assert client.get(f"{BASE}/processings/executions/{queued['_id']}").json()["status"] == "WAITING"
-        store = PublicationStore(settings.resolved_store_path)
+        store = PublicationStore(settings.resolved_store_url)
         worker = wait_for(lambda: store.get_stored_data(slow["output"]["stored_data"]["_id"]).status == "GENERATING")
         assert worker
         from tileserver.warehouse.entities import Entities
@@ -148,7 +151,9 @@ def test_restart_during_an_execution(tmp_path: Path) -> None:
         assert _ended(client, queued["_id"])["status"] == "SUCCESS"
 
 
+@pytest.mark.usefixtures("store_backend")
 def test_two_servers_share_one_store(tmp_path: Path) -> None:
+    """On PostgreSQL the second server polls once an hour: LISTEN/NOTIFY is what shows it the layer."""
     with warehouse_server(tmp_path) as (url, settings):
         client = api_client(url)
         upload = _upload(client)
@@ -156,7 +161,8 @@ def test_two_servers_share_one_store(tmp_path: Path) -> None:
                                    "inputs": {"upload": [upload]}, "output": {"stored_data": {"name": "p"}},
                                    "parameters": {"tms": "PM", "bottom": "10", "top": "9", "width": 2, "height": 2}})
         port = free_port()
-        with _server(Path(settings.data_dir), port):
+        poll = 3600.0 if settings.store_url else 0.2
+        with _server(Path(settings.data_dir), port, store_url=settings.store_url, poll=poll):
             other = api_client(f"http://127.0.0.1:{port}")
             assert _ended(other, execution["_id"])["status"] == "SUCCESS"  # run once, by either process
             stored = execution["output"]["stored_data"]["_id"]

@@ -80,7 +80,7 @@ def _stored_tile(settings, stored_id: str, level: str, col: int, row: int) -> by
     from tileserver.pyramid import Pyramid, SlabIndexCache
     from tileserver.storage import Storage
 
-    store = PublicationStore(settings.resolved_store_path)
+    store = PublicationStore(settings.resolved_store_url)
     url = store.get_stored_data(stored_id).descriptor_url
     store.close()
 

@@ -46,7 +46,7 @@ def tenants(tmp_path: Path, geo_quota: int = 2 << 20, **overrides) -> Iterator[t
     """A server, user jdupont in `default` and user ana in `geo` (quota `geo_quota`)."""
     settings = warehouse_settings(tmp_path, **overrides)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-    store = PublicationStore(settings.resolved_store_path)
+    store = PublicationStore(settings.resolved_store_url)
     try:
         Accounts(store).add_datastore("geo", quota=geo_quota)
     finally:
@@ -305,7 +305,7 @@ async def test_an_execution_crossing_the_quota_is_stopped(tmp_path: Path) -> Non
                 if pyramids.is_dir() and any(p.is_file() for p in pyramids.rglob("*")):
                     break
                 await asyncio.sleep(0.05)
-            store = PublicationStore(settings.resolved_store_path)
+            store = PublicationStore(settings.resolved_store_url)
             try:
                 with store.transaction(publish=False) as db:
                     db.execute("UPDATE wh_datastores SET quota = 1000 WHERE name = 'geo'")
@@ -334,7 +334,7 @@ async def test_an_execution_on_s3_crossing_the_quota_is_stopped(tmp_path: Path, 
                                                                 "compression": "png"})
             assert created.status_code == 201, created.text
             execution = created.json()
-            store = PublicationStore(settings.resolved_store_path)
+            store = PublicationStore(settings.resolved_store_url)
             try:  # the operator lowers the quota once the build is writing
                 assert (await ana.post(f"{GEO}/processings/executions/{execution['_id']}/launch")).status_code == 200
                 for _ in range(600):
@@ -394,7 +394,7 @@ async def test_abort_of_a_running_execution_removes_its_output(tmp_path: Path) -
             aborted = await ana.post(f"{GEO}/processings/executions/{execution['_id']}/abort")
             assert aborted.status_code == 200 and aborted.json()["status"] == "ABORTED"
             await _settled(ana, GEO, stored_id, settings)
-            store = PublicationStore(settings.resolved_store_path)
+            store = PublicationStore(settings.resolved_store_url)
             try:
                 from tileserver.warehouse.usage import reservations
 

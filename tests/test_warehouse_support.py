@@ -33,7 +33,7 @@ def warehouse_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 def add_user(settings: Settings, login: str = LOGIN, password: str = PASSWORD, last_name: str = LAST_NAME,
              datastores: tuple[str, ...] = ("default",)) -> None:
-    store = PublicationStore(settings.resolved_store_path)
+    store = PublicationStore(settings.resolved_store_url)
     try:
         Accounts(store).add_user(login, password, "Jean", last_name, f"{login}@example.org", datastores)
     finally:

@@ -131,7 +131,7 @@ def integrate(client: httpx.Client, upload_id: str, name: str = "base", paramete
 def base_file(settings: Any, stored_id: str) -> Path:
     from tileserver.publication.store import PublicationStore
 
-    store = PublicationStore(settings.resolved_store_path)
+    store = PublicationStore(settings.resolved_store_url)
     try:
         return Path(store.get_stored_data(stored_id).descriptor_url.removeprefix("file://"))
     finally:

@@ -390,7 +390,7 @@ def test_mixed_raster_and_vector_map_and_capabilities(tmp_path: Path) -> None:
     write_layer(gpkg, [shapely.MultiPolygon([area])], {"nom": np.array(["zone"], dtype=object)}, layer="zone",
                 crs="EPSG:4326")
     with warehouse_server(tmp_path) as (url, settings):
-        store = PublicationStore(settings.resolved_store_path)
+        store = PublicationStore(settings.resolved_store_url)
         try:
             store.add_layer(parse_layer("SCAN", layer_descriptor("SCAN1000")))
         finally:

@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         from tileserver.storage import Storage
 
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-        store = PublicationStore(settings.resolved_store_path)
+        store = PublicationStore(settings.resolved_store_url)
         async with Storage(settings) as storage:
             runtime = Runtime(settings, store, storage)
             if settings.demo:

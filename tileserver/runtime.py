@@ -1,7 +1,8 @@
 """Process-wide state of a running server: settings, storage, store, and the current Catalog.
 
 The Catalog is rebuilt when the store's revision changes (a write here, or another process
-writing the same SQLite file, seen by polling) and swapped in one assignment. While some layers
+writing the same store: seen by polling, and at once on PostgreSQL through LISTEN/NOTIFY) and
+swapped in one assignment. While some layers
 cannot be served (their storage failed, a mount is missing…), the watcher rebuilds it again with
 back-off, so they come back by themselves once their storage answers; requests never wait for it.
 """
@@ -37,6 +38,7 @@ class Runtime:
         self.started_at = time.time()
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._dark_catalog: Catalog | None = None  # the catalog whose unserved layers are being retried
         self._dark_retry_at = 0.0
         self._dark_delay = 0.0
@@ -99,16 +101,41 @@ class Runtime:
             log.info("every layer is served again")
         return True
 
+    async def _listen(self) -> None:
+        """Refresh as soon as any process commits a catalog change (PostgreSQL NOTIFY). A lost
+        connection is retried with back-off; polling covers the gap meanwhile."""
+        delay = 1.0
+        while True:
+            changes = self.store.notifications()
+            if changes is None:
+                return
+            try:
+                async for _revision in changes:  # the first one: listening (changes before it are read now)
+                    delay = 1.0
+                    try:
+                        await self.refresh()
+                    except Exception:
+                        log.exception("catalog refresh failed")
+            except Exception as exc:
+                log.warning("store change notifications lost (%s); polling every %g s until they are back",
+                            exc, self.settings.store_poll_interval)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
     def start_watching(self) -> None:
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        loop = asyncio.get_running_loop()
+        self._watcher = loop.create_task(self._watch())
+        if self.store.dialect == "postgresql":  # SQLite: polling only
+            self._listener = loop.create_task(self._listen())
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except asyncio.CancelledError:
-                pass
+        for task in (self._watcher, self._listener):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
 
 
 def get_runtime(request: Request) -> Runtime:

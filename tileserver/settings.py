@@ -141,10 +141,18 @@ class Settings:
     source_max_pixels: int = 1 << 28
     # --- vector services: WFS and OGC API Features (issue 13)
     wfs_max_features: int = 1000  # default and maximum COUNT of a GetFeature; maximum OGC API `limit`
+    # --- publication store engine (issue 17): a SQLite path (default: store_path) or postgresql://…
+    store_url: str = ""
 
     @property
     def resolved_store_path(self) -> str:
         return self.store_path or str(Path(self.data_dir) / "store.sqlite")
+
+    @property
+    def resolved_store_url(self) -> str:
+        """What PublicationStore opens: `store_url` (a SQLite path or a postgresql:// URL), else
+        the SQLite file `resolved_store_path`."""
+        return self.store_url or self.resolved_store_path
 
     @property
     def publish_roots(self) -> tuple[str, ...]:

@@ -94,6 +94,8 @@ def _admin(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return await handler(request, runtime)
         except Problem as problem:
             return problem.response()
+        except StoreUnavailable as exc:  # a read of a store database that cannot be reached
+            return Problem(503, str(exc)).response()
 
     return endpoint
 

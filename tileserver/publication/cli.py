@@ -1,7 +1,9 @@
-"""`tileserver layers …` and `tileserver keys …`: the admin API's operations on the store file directly.
+"""`tileserver layers …` and `tileserver keys …`: the admin API's operations on the store directly
+(`tileserver store migrate`: its schema).
 
 A running server sees these changes through its store watcher within `store_poll_interval`
-seconds, so the CLI works on a live deployment without any HTTP access or admin token.
+seconds (at once on PostgreSQL, by NOTIFY), so the CLI works on a live deployment without any HTTP
+access or admin token.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ def register(subparsers: Any) -> None:
     revoke.add_argument("id")
     revoke.set_defaults(handler=_revoke_key)
 
+    store = subparsers.add_parser("store", help="the publication store itself (TILESERVER_STORE_URL)")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    migrate = store_commands.add_parser(
+        "migrate", help="create or migrate the store's schema, then exit (servers also do it on start;"
+                        " a deployment's migration job runs this)")
+    migrate.add_argument("--json", action="store_true", help="print JSON")
+    migrate.set_defaults(handler=_migrate)
+
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -68,7 +78,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 @contextlib.contextmanager
 def _store(args: argparse.Namespace) -> Iterator[PublicationStore]:
-    store = PublicationStore(_settings(args).resolved_store_path)
+    store = PublicationStore(_settings(args).resolved_store_url)
     try:
         yield store
     except StoreError as exc:
@@ -249,4 +259,22 @@ def _revoke_key(args: argparse.Namespace) -> int:
     with _store(args) as store:
         store.revoke_key(args.id)
     print(f"key {args.id} revoked")
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """Opening the store applies what is pending (under the advisory lock on PostgreSQL)."""
+    try:
+        store = PublicationStore(_settings(args).resolved_store_url)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        info = {"store": store.path, "engine": store.dialect, "schema_version": store.schema_version(),
+                "revision": store.revision()}
+    finally:
+        store.close()
+    if args.json:
+        print_json(info)
+    else:
+        print(f"store {info['store']} ({info['engine']}): schema version {info['schema_version']}")
     return 0

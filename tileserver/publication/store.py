@@ -1,9 +1,11 @@
-"""The publication store: one SQLite file holding what the server publishes.
+"""The publication store: one SQLite file (default) or a PostgreSQL database holding what the
+server publishes (`TILESERVER_STORE_URL`; the engines differ only in backends.py).
 
 Every write goes through this module, in one transaction that also bumps a revision counter, so a
-reader never sees half a layer and any process sharing the file notices a change by polling
-`revision()` (one indexed read). WAL mode lets readers run while a writer commits; each thread gets
-its own connection because sqlite3 connections must not be shared by concurrent threads.
+reader never sees half a layer and any process sharing the store notices a change by polling
+`revision()` (one indexed read) — on PostgreSQL at once too, by LISTEN/NOTIFY. On SQLite, WAL mode
+lets readers run while a writer commits; each thread gets its own connection because sqlite3
+connections must not be shared by concurrent threads.
 
 The schema is versioned: `schema_version` records every migration applied, and `MIGRATIONS` lists
 them in order. The warehouse API (users, datastores, uploads, configurations…) adds its tables as
@@ -20,14 +22,28 @@ import secrets
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tileserver.publication.backends import (
+    POSTGRESQL,
+    SQLITE,
+    Connection,
+    IntegrityError,
+    PostgresBackend,
+    SQLiteConnection,
+    StoreError,
+    StoreUnavailable,
+    is_postgresql,
+    redact,
+)
 from tileserver.publication.model import LAYER_ID, Layer, LayerError, parse_layer
+
+__all__ = ["IntegrityError", "StoreError", "StoreUnavailable", "Connection"]
 
 log = logging.getLogger("tileserver.store")
 
@@ -46,19 +62,6 @@ def pyramid_type(summary: dict[str, Any]) -> str:
     if summary.get("type") in (RASTER_PYRAMID, VECTOR_PYRAMID):
         return str(summary["type"])
     return VECTOR_PYRAMID if summary.get("format") == "TIFF_PBF_MVT" else RASTER_PYRAMID
-
-
-class StoreError(Exception):
-    """A store operation refused; `field` names the offending input when there is one."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class StoreUnavailable(StoreError):
-    """The store file cannot take writes now (deleted, replaced or made read-only under the server,
-    disk full, I/O error): nothing was saved. A 503, never a 4xx: the request was fine."""
 
 
 class NotFound(StoreError):
@@ -129,10 +132,10 @@ class Migration:
 
     version: int
     description: str
-    apply: Callable[[sqlite3.Connection], None]
+    apply: Callable[[Connection], None]
 
 
-def _migrate_1(db: sqlite3.Connection) -> None:
+def _migrate_1(db: Connection) -> None:
     for statement in (
         "CREATE TABLE revision (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)",
         "INSERT INTO revision (id, value) VALUES (1, 0)",
@@ -152,9 +155,11 @@ def _migrate_1(db: sqlite3.Connection) -> None:
             revoked_at TEXT)""",
     ):
         db.execute(statement)
+    if db.dialect == POSTGRESQL:  # SQLite's implicit rowid orders keys by creation
+        db.execute("ALTER TABLE api_keys ADD COLUMN rowid BIGSERIAL")
 
 
-def _migrate_2(db: sqlite3.Connection) -> None:
+def _migrate_2(db: Connection) -> None:
     """Records shared with the warehouse API; layer → pyramid links backfilled from descriptors."""
     for statement in (
         """CREATE TABLE stored_data (
@@ -190,7 +195,7 @@ def _migrate_2(db: sqlite3.Connection) -> None:
         _link_pyramids(db, layer_id, json.loads(descriptor).get("pyramids", []))
 
 
-def _migrate_3(db: sqlite3.Connection) -> None:
+def _migrate_3(db: Connection) -> None:
     """The warehouse API's own records: accounts, datastores, its entities (uploads, executions,
     configurations…, one JSON document each) and their log lines. Stored data and offerings stay
     in the shared tables; `wh_entities` only adds the warehouse's side of them (datastore, tags…)."""
@@ -242,13 +247,13 @@ def _migrate_3(db: sqlite3.Connection) -> None:
     )
 
 
-def _migrate_4(db: sqlite3.Connection) -> None:
+def _migrate_4(db: Connection) -> None:
     """Warehouse keys granted the public *names* of their offerings' layers, which another tenant's
     layer could share; their grants are now their offerings (resolved to records in `snapshot`)."""
     db.execute("UPDATE api_keys SET layers = '[]' WHERE id IN (SELECT key_id FROM wh_key_owners)")
 
 
-def _migrate_5(db: sqlite3.Connection) -> None:
+def _migrate_5(db: Connection) -> None:
     """A warehouse configuration's layer_name is unique per service (its type: WMTS-TMS or
     WMS-RASTER), enforced by the store so racing creations cannot both pass a check-then-insert.
     Duplicates an older version let through keep their names on the oldest; the later ones get
@@ -279,7 +284,7 @@ MIGRATIONS: tuple[Migration, ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
-def _link_pyramids(db: sqlite3.Connection, layer_id: str, pyramids: list[dict[str, Any]]) -> None:
+def _link_pyramids(db: Connection, layer_id: str, pyramids: list[dict[str, Any]]) -> None:
     db.execute("DELETE FROM layer_pyramids WHERE layer_id = ?", (layer_id,))
     db.executemany(
         "INSERT INTO layer_pyramids (layer_id, position, descriptor_url, bottom_level, top_level)"
@@ -311,16 +316,29 @@ def _stored_descriptor(layer: Layer) -> str:
 
 
 class PublicationStore:
+    """`path`: a SQLite file path, or a `postgresql://` URL (TILESERVER_STORE_URL)."""
+
     def __init__(self, path: str) -> None:
-        self.path = str(path)
-        if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
-            raise StoreError("the publication store needs a file path (every thread opens its own connection)")
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = str(path)  # for messages: a URL's password is left out
+        self._pg: PostgresBackend | None = None
+        self.dialect = SQLITE
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._closed = False
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connections use
+        if is_postgresql(self.path):
+            url, self.path, self.dialect = self.path, redact(self.path), POSTGRESQL
+            self._pg = PostgresBackend(url)
+            try:
+                self._migrate()
+            except BaseException:
+                self.close()
+                raise
+            return
+        if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
+            raise StoreError("the publication store needs a file path (every thread opens its own connection)")
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._migrate()
             stat = os.stat(self.path)
@@ -351,16 +369,27 @@ class PublicationStore:
         return db
 
     @contextmanager
-    def _write(self, bump: bool = True) -> Iterator[sqlite3.Connection]:
+    def _write(self, bump: bool = True) -> Iterator[Connection]:
         """One write transaction; the revision bump commits with the change or not at all.
 
         `bump=False` is for records the services never read (job progress, logs): they must not
         make every server process rebuild its catalog."""
+        if self._pg is not None:
+            pg = self._pg
+
+            def publish(conn: Any) -> None:
+                if bump:
+                    pg.bump(conn)
+
+            self._open()
+            with pg.transaction("BEGIN", lock=True, before_commit=publish) as conn:
+                yield conn
+            return
         db = self._db()
         self._check_file("write")
         try:
             db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock with readers
-            yield db
+            yield SQLiteConnection(db)
             if bump:
                 db.execute("UPDATE revision SET value = value + 1 WHERE id = 1")
             self._check_file("write")  # deleted meanwhile: the commit would go to a file nobody reopens
@@ -395,22 +424,41 @@ class PublicationStore:
         raise StoreUnavailable(f"the store file {problem}; nothing was saved")
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> Iterator[Connection]:
         """One read transaction: every SELECT inside sees the same committed state."""
+        if self._pg is not None:
+            self._open()
+            with self._pg.transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as conn:
+                yield conn
+            return
         db = self._db()
         db.execute("BEGIN")
         try:
-            yield db
+            yield SQLiteConnection(db)
         finally:
             if db.in_transaction:
                 db.execute("ROLLBACK")
 
-    def transaction(self, publish: bool = True) -> AbstractContextManager[sqlite3.Connection]:
+    @contextmanager
+    def _query(self) -> Iterator[Connection]:
+        """A connection for one read statement (no transaction around it)."""
+        if self._pg is not None:
+            self._open()
+            with self._pg.transaction(None) as conn:
+                yield conn
+            return
+        yield SQLiteConnection(self._db())
+
+    def _open(self) -> None:
+        if self._closed:
+            raise StoreError("the publication store is closed")
+
+    def transaction(self, publish: bool = True) -> AbstractContextManager[Connection]:
         """A write transaction for modules keeping their own tables here (the warehouse API);
         `publish=False` when nothing the services serve changes (no catalog rebuild)."""
         return self._write(bump=publish)
 
-    def reading(self) -> AbstractContextManager[sqlite3.Connection]:
+    def reading(self) -> AbstractContextManager[Connection]:
         """A consistent read transaction for modules keeping their own tables here."""
         return self._read()
 
@@ -427,6 +475,9 @@ class PublicationStore:
         with self._connections_lock:
             self._closed = True
             self._connections = []
+        if self._pg is not None:
+            self._pg.close()
+            return
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is not None:
             self._local.db = None
@@ -435,42 +486,56 @@ class PublicationStore:
     # --- migrations -----------------------------------------------------------------------------
 
     def _migrate(self) -> None:
+        if self._pg is not None:
+            self._pg.migrate(self._apply_migrations)  # under pg_advisory_lock: the first process migrates
+            return
         db = self._db()
         db.execute("BEGIN IMMEDIATE")  # two processes starting together: the second waits, then finds nothing to do
         try:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version ("
-                "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
-            )
-            current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
-            if current > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: store schema version {current} is newer than this tileserver's ({SCHEMA_VERSION})"
-                )
-            pending = [m for m in MIGRATIONS if m.version > current]
-            for migration in pending:
-                log.info("store %s: migrating to schema version %d (%s)", self.path, migration.version,
-                         migration.description)
-                migration.apply(db)
-                db.execute(
-                    "INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
-                    (migration.version, migration.description, _now()),
-                )
-            if pending:
-                db.execute("UPDATE revision SET value = value + 1 WHERE id = 1")
+            self._apply_migrations(SQLiteConnection(db))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
 
+    def _apply_migrations(self, db: Connection) -> None:
+        """Inside the migrating transaction: every pending migration, or none."""
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: store schema version {current} is newer than this tileserver's ({SCHEMA_VERSION})"
+            )
+        pending = [m for m in MIGRATIONS if m.version > current]
+        for migration in pending:
+            log.info("store %s: migrating to schema version %d (%s)", self.path, migration.version,
+                     migration.description)
+            migration.apply(db)
+            db.execute(
+                "INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.description, _now()),
+            )
+        if pending:
+            db.execute("UPDATE revision SET value = value + 1 WHERE id = 1")
+
     def schema_version(self) -> int:
-        return self._db().execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        with self._query() as db:
+            return int(db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
 
     # --- revision and snapshot ----------------------------------------------------------------
 
     def revision(self) -> int:
-        return self._db().execute("SELECT value FROM revision WHERE id = 1").fetchone()[0]
+        with self._query() as db:
+            return int(db.execute("SELECT value FROM revision WHERE id = 1").fetchone()[0])
+
+    def notifications(self) -> AsyncIterator[int] | None:
+        """Revisions as other writers commit them (-1 first, once listening), or None when the
+        engine cannot tell (SQLite: polling `revision()` is the way)."""
+        return None if self._pg is None else self._pg.notifications()
 
     def snapshot(self) -> StoreSnapshot:
         with self._read() as db:
@@ -488,7 +553,7 @@ class PublicationStore:
     def _layer(layer_id: str, descriptor: str, restricted: int) -> Layer:
         return replace(parse_layer(layer_id, json.loads(descriptor)), restricted=bool(restricted))
 
-    def _layers(self, db: sqlite3.Connection) -> list[Layer]:
+    def _layers(self, db: Connection) -> list[Layer]:
         """Every stored layer; one that no longer validates (stricter model) is skipped, not fatal."""
         layers = []
         for layer_id, descriptor, restricted in db.execute(
@@ -501,7 +566,8 @@ class PublicationStore:
         return layers
 
     def get_layer(self, layer_id: str) -> Layer | None:
-        row = self._db().execute("SELECT descriptor, restricted FROM layers WHERE id = ?", (layer_id,)).fetchone()
+        with self._query() as db:
+            row = db.execute("SELECT descriptor, restricted FROM layers WHERE id = ?", (layer_id,)).fetchone()
         return None if row is None else self._layer(layer_id, *row)
 
     def list_layers(self) -> list[Layer]:
@@ -544,7 +610,7 @@ class PublicationStore:
                 raise LayerNotFound(f"no layer {layer.id}", "id")
             self._link_layer(db, layer, summaries)
 
-    def _link_layer(self, db: sqlite3.Connection, layer: Layer, summaries: dict[str, dict[str, Any]] | None) -> None:
+    def _link_layer(self, db: Connection, layer: Layer, summaries: dict[str, dict[str, Any]] | None) -> None:
         """Record which pyramids the layer publishes; unknown ones become stored data (known ones are
         left alone: their status and summary belong to whoever registered them)."""
         _link_pyramids(db, layer.id, [vars(p) for p in layer.pyramids])
@@ -562,11 +628,11 @@ class PublicationStore:
                 raise LayerNotFound(f"no layer {layer_id}", "id")
             # record ids are reused (the warehouse names a record after its layer_name when free):
             # a grant must not pass to the next layer stored under this id
-            db.execute(
-                "UPDATE api_keys SET layers = (SELECT json_group_array(value) FROM json_each(api_keys.layers)"
-                " WHERE value != ?1) WHERE EXISTS (SELECT 1 FROM json_each(api_keys.layers) WHERE value = ?1)",
-                (layer_id,),
-            )
+            for key_id, text in db.execute("SELECT id, layers FROM api_keys").fetchall():
+                granted = json.loads(text)
+                if layer_id in granted:
+                    db.execute("UPDATE api_keys SET layers = ? WHERE id = ?",
+                               (json.dumps([g for g in granted if g != layer_id]), key_id))
 
     def set_restricted(self, layer_id: str, restricted: bool) -> None:
         """Set the layer's access flag and open or close every offering of it accordingly."""
@@ -579,10 +645,11 @@ class PublicationStore:
 
     def layers_using(self, descriptor_url: str) -> list[str]:
         """Ids of the layers publishing a pyramid (a stored data in use cannot be removed)."""
-        rows = self._db().execute(
-            "SELECT DISTINCT layer_id FROM layer_pyramids WHERE descriptor_url = ? ORDER BY layer_id",
-            (descriptor_url,),
-        )
+        with self._query() as db:
+            rows = db.execute(
+                "SELECT DISTINCT layer_id FROM layer_pyramids WHERE descriptor_url = ? ORDER BY layer_id",
+                (descriptor_url,),
+            ).fetchall()
         return [row[0] for row in rows]
 
     # --- API keys -----------------------------------------------------------------------------
@@ -592,13 +659,13 @@ class PublicationStore:
     _OFFERING_GRANTS = """
         SELECT k.key_hash, o.layer_id FROM api_keys k
         JOIN wh_key_owners w ON w.key_id = k.id
-        JOIN json_each(w.body, '$.offerings') g
+        CROSS JOIN json_each(w.body, '$.offerings') g
         JOIN offerings o ON o.id = g.value
         JOIN wh_entities e ON e.id = o.id
         JOIN wh_members m ON m.user_id = w.user_id AND m.datastore_id = e.datastore_id
         WHERE k.revoked_at IS NULL"""
 
-    def _key_access(self, db: sqlite3.Connection) -> dict[str, frozenset[str]]:
+    def _key_access(self, db: Connection) -> dict[str, frozenset[str]]:
         """Key hash → granted layer record ids ("*" = all): admin grants name records, warehouse
         grants name offerings; never a public layer name."""
         granted: dict[str, set[str]] = {}
@@ -630,9 +697,10 @@ class PublicationStore:
         return key_id, secret
 
     def list_keys(self) -> list[dict]:
-        rows = self._db().execute(
-            "SELECT id, name, layers, created_at, revoked_at FROM api_keys ORDER BY rowid"  # creation order
-        )
+        with self._query() as db:
+            rows = db.execute(
+                "SELECT id, name, layers, created_at, revoked_at FROM api_keys ORDER BY rowid"  # creation order
+            ).fetchall()
         return [
             {"id": kid, "name": name, "layers": json.loads(granted), "created_at": created,
              "revoked": revoked is not None, "revoked_at": revoked}
@@ -664,11 +732,14 @@ class PublicationStore:
             )
 
     def get_style(self, style_id: str) -> dict[str, Any] | None:
-        row = self._db().execute("SELECT style FROM styles WHERE id = ?", (style_id,)).fetchone()
+        with self._query() as db:
+            row = db.execute("SELECT style FROM styles WHERE id = ?", (style_id,)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def list_styles(self) -> dict[str, dict[str, Any]]:
-        return {sid: json.loads(style) for sid, style in self._db().execute("SELECT id, style FROM styles ORDER BY id")}
+        with self._query() as db:
+            rows = db.execute("SELECT id, style FROM styles ORDER BY id").fetchall()
+        return {sid: json.loads(style) for sid, style in rows}
 
     def remove_style(self, style_id: str) -> None:
         with self._write() as db:
@@ -711,11 +782,14 @@ class PublicationStore:
         return self._stored_data(row)
 
     def get_stored_data(self, stored_data_id: str) -> StoredData | None:
-        row = self._db().execute(self._STORED_DATA + " WHERE id = ?", (stored_data_id,)).fetchone()
+        with self._query() as db:
+            row = db.execute(self._STORED_DATA + " WHERE id = ?", (stored_data_id,)).fetchone()
         return None if row is None else self._stored_data(row)
 
     def list_stored_data(self) -> list[StoredData]:
-        return [self._stored_data(row) for row in self._db().execute(self._STORED_DATA + " ORDER BY name, id")]
+        with self._query() as db:
+            rows = db.execute(self._STORED_DATA + " ORDER BY name, id").fetchall()
+        return [self._stored_data(row) for row in rows]
 
     def remove_stored_data(self, stored_data_id: str) -> None:
         """Refused while a layer publishes the pyramid (Conflict), as the warehouse does."""
@@ -757,14 +831,16 @@ class PublicationStore:
         return self._offering(row)
 
     def get_offering(self, offering_id: str) -> Offering | None:
-        row = self._db().execute(self._OFFERINGS + " WHERE id = ?", (offering_id,)).fetchone()
+        with self._query() as db:
+            row = db.execute(self._OFFERINGS + " WHERE id = ?", (offering_id,)).fetchone()
         return None if row is None else self._offering(row)
 
     def list_offerings(self, layer_id: str | None = None) -> list[Offering]:
-        if layer_id is None:
-            rows = self._db().execute(self._OFFERINGS + " ORDER BY layer_id, endpoint")
-        else:
-            rows = self._db().execute(self._OFFERINGS + " WHERE layer_id = ? ORDER BY endpoint", (layer_id,))
+        with self._query() as db:
+            if layer_id is None:
+                rows = db.execute(self._OFFERINGS + " ORDER BY layer_id, endpoint").fetchall()
+            else:
+                rows = db.execute(self._OFFERINGS + " WHERE layer_id = ? ORDER BY endpoint", (layer_id,)).fetchall()
         return [self._offering(row) for row in rows]
 
     def remove_offering(self, offering_id: str) -> None:

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import functools
 import re
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tileserver.publication.store import Conflict, InvalidRecord, NotFound, PublicationStore
+from tileserver.publication.store import (
+    Conflict,
+    Connection,
+    IntegrityError,
+    InvalidRecord,
+    NotFound,
+    PublicationStore,
+)
 
 from .credentials import TOKEN_LIFETIME, hash_password, new_token, token_hash, verify_password
 
@@ -89,7 +95,7 @@ class Accounts:
             with self.store.transaction(publish=False) as db:
                 db.execute("INSERT INTO wh_datastores (id, name, technical_name, quota, created_at)"
                            " VALUES (?, ?, ?, ?, ?)", (datastore.id, name, technical_name, quota, datastore.created_at))
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise Conflict(f"a datastore named {name} already exists", "name") from None
         return datastore
 
@@ -97,7 +103,7 @@ class Accounts:
 
     _USERS = "SELECT id, login, first_name, last_name, email, created_at FROM wh_users"
 
-    def _user(self, db: sqlite3.Connection, row: tuple[str, str, str, str, str, str]) -> User:
+    def _user(self, db: Connection, row: tuple[str, str, str, str, str, str]) -> User:
         datastores = tuple(r[0] for r in db.execute(
             "SELECT datastore_id FROM wh_members WHERE user_id = ? ORDER BY datastore_id", (row[0],)))
         return User(*row, datastores=datastores)
@@ -134,7 +140,7 @@ class Accounts:
                            (user_id, login, password_hash, first_name, last_name, email, now_iso()))
                 db.executemany("INSERT INTO wh_members (user_id, datastore_id) VALUES (?, ?)",
                                [(user_id, d) for d in dict.fromkeys(members)])
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise Conflict(f"a user {login} already exists", "login") from None
         user = self.get_user(user_id)
         assert user is not None

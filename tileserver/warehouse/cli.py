@@ -16,7 +16,7 @@ from .accounts import DEFAULT_DATASTORE, DEFAULT_QUOTA, Accounts
 
 def _accounts(args: argparse.Namespace) -> Accounts:
     settings = load_settings(getattr(args, "config", None))
-    return Accounts(PublicationStore(settings.resolved_store_path))
+    return Accounts(PublicationStore(settings.resolved_store_url))
 
 
 def register(subparsers: Any) -> None:
@@ -138,7 +138,7 @@ def _stored_data_add(args: argparse.Namespace) -> int:
             return (await Pyramid.open(url, storage, SlabIndexCache(), settings.tms_directory)).summary()
 
     found = run_async(summary())
-    store = PublicationStore(settings.resolved_store_path)
+    store = PublicationStore(settings.resolved_store_url)
     accounts = Accounts(store)
     datastore = accounts.get_datastore(args.datastore)
     if datastore is None:

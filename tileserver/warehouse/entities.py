@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import builtins
 import json
-import sqlite3
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from tileserver.publication.store import Conflict, PublicationStore
+from tileserver.publication.store import Conflict, Connection, IntegrityError, PublicationStore
 
 from .accounts import now_iso
 
@@ -35,7 +34,7 @@ class Gone(Exception):
     """The entity disappeared between reading and updating it."""
 
 
-def _conflict_text(kind: str, exc: sqlite3.IntegrityError) -> str:
+def _conflict_text(kind: str, exc: IntegrityError) -> str:
     """The store's unique indexes as the API says them; never which other entity holds the value."""
     if "layer_name" in str(exc) or kind == "configuration":
         return "layer_name is already used by another configuration of this type: a layer name is unique per service"
@@ -63,7 +62,7 @@ class Entities:
                 db.execute("INSERT INTO wh_entities (id, datastore_id, kind, body, created_at, updated_at)"
                            " VALUES (?, ?, ?, ?, ?, ?)",
                            (entity_id, datastore_id, kind, json.dumps(body, ensure_ascii=False), now, now))
-        except sqlite3.IntegrityError as exc:
+        except IntegrityError as exc:
             raise Conflict(_conflict_text(kind, exc)) from None
         return Entity(entity_id, datastore_id, kind, body, now, now)
 
@@ -90,7 +89,7 @@ class Entities:
                                                    (kind, *args))]
 
     def update(self, kind: str, entity_id: str, change: Callable[[dict[str, Any]], Any],
-               publish: bool = False, guard: Callable[[sqlite3.Connection], None] | None = None) -> Entity:
+               publish: bool = False, guard: Callable[[Connection], None] | None = None) -> Entity:
         """Apply `change(body)` (mutating it) atomically; if it returns False nothing is written.
         `guard(db)` runs first in the same transaction and raises to refuse the change."""
         with self.store.transaction(publish) as db:
@@ -106,12 +105,12 @@ class Entities:
             try:
                 db.execute("UPDATE wh_entities SET body = ?, updated_at = ? WHERE id = ?",
                            (json.dumps(entity.body, ensure_ascii=False), now, entity_id))
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise Conflict(_conflict_text(kind, exc)) from None
         return Entity(entity.id, entity.datastore_id, kind, entity.body, entity.created_at, now)
 
     def delete(self, entity_id: str, publish: bool = False,
-               guard: Callable[[sqlite3.Connection], None] | None = None) -> bool:
+               guard: Callable[[Connection], None] | None = None) -> bool:
         """Remove an entity and its logs; `guard(db)` runs first in the same transaction and raises
         to refuse."""
         with self.store.transaction(publish) as db:
@@ -138,6 +137,6 @@ class Entities:
         with self.store.reading() as db:
             total = db.execute("SELECT COUNT(*) FROM wh_logs WHERE entity_id = ?", (entity_id,)).fetchone()[0]
             rows = db.execute("SELECT text FROM wh_logs WHERE entity_id = ? ORDER BY line LIMIT ? OFFSET ?",
-                              (entity_id, -1 if limit is None else limit, offset)).fetchall()
+                              (entity_id, 1 << 62 if limit is None else limit, offset)).fetchall()
         return [r[0] for r in rows], total
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import sqlite3
 import uuid
 from typing import Any
 
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from tileserver.publication.store import PublicationStore
+from tileserver.publication.store import IntegrityError, PublicationStore
 
 from .accounts import now_iso
 from .configurations import OFFERING
@@ -91,7 +90,7 @@ async def create_key(ctx: Ctx) -> Response:
 
     try:
         await asyncio.to_thread(write)
-    except sqlite3.IntegrityError:
+    except IntegrityError:
         # the same answer as a weak value: never "exists" (a 409 would confirm another user's key)
         raise bad_request(_UNUSABLE) from None
     view = key_view({"_id": key_id, "name": data["name"].strip(), "creation": created})

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+
+from tileserver.publication.store import Connection
 
 from .annotations import add_event, annotation_routes, annotations_view
 from .checks import checks_for
@@ -131,7 +132,7 @@ async def delete_upload(ctx: Ctx) -> Response:
     if _executions_using(ctx, entity.id):
         raise conflict(f"upload {entity.id} is the input of a running processing execution")
 
-    def no_push_running(db: sqlite3.Connection) -> None:
+    def no_push_running(db: Connection) -> None:
         if holds(db, entity.id):  # the push's files would land in a removed upload
             raise conflict(f"upload {entity.id}: a file is still being pushed; delete it once the push ended")
 
@@ -168,10 +169,10 @@ class _ReservedSink:
         self.handle.write(data)
 
 
-def _still_open(upload_id: str) -> Callable[[sqlite3.Connection], None]:
+def _still_open(upload_id: str) -> Callable[[Connection], None]:
     """Reservation guard: a push may start only while the upload is OPEN (not once close began)."""
 
-    def guard(db: sqlite3.Connection) -> None:
+    def guard(db: Connection) -> None:
         row = db.execute("SELECT json_extract(body, '$.status') FROM wh_entities WHERE id = ? AND kind = ?",
                          (upload_id, KIND)).fetchone()
         if row is None:
@@ -283,7 +284,7 @@ async def close(ctx: Ctx) -> Response:
         add_event(body, "Fermeture", ctx.user)
         return True
 
-    def no_push_running(db: sqlite3.Connection) -> None:
+    def no_push_running(db: Connection) -> None:
         if holds(db, entity.id):
             raise conflict(f"upload {entity.id}: a file is still being pushed; close it once the push ended")
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tileserver.publication.store import PublicationStore
+from tileserver.publication.store import Connection, PublicationStore
 
 from .accounts import Datastore, now_iso
 from .errors import bad_request
@@ -33,7 +32,7 @@ STORAGES = (UPLOADS, PYRAMIDS)
 STALE_PUSH = 24 * 3600.0  # seconds after which a push reservation of another host's process is dropped
 
 
-def _used(db: sqlite3.Connection, datastore_id: str, storage: str, except_holder: str | None = None) -> int:
+def _used(db: Connection, datastore_id: str, storage: str, except_holder: str | None = None) -> int:
     """Bytes stored plus bytes reserved (except `except_holder`'s own reservations)."""
     if storage == UPLOADS:
         stored = db.execute("SELECT COALESCE(SUM(CAST(json_extract(body, '$.size') AS INTEGER)), 0) FROM wh_entities"
@@ -56,7 +55,7 @@ def room(store: PublicationStore, datastore: Datastore, storage: str, except_hol
 
 
 def reserve(store: PublicationStore, datastore: Datastore, storage: str, size: int, holder: str,
-            guard: Callable[[sqlite3.Connection], None] | None = None) -> str:
+            guard: Callable[[Connection], None] | None = None) -> str:
     """Reserve `size` bytes for `holder` (an upload or an execution id), atomically with the quota
     check and with `guard(db)` (which raises to refuse, e.g. the upload is no longer OPEN).
     Raises ApiError 400 when the quota would be exceeded. Returns the reservation id."""
@@ -88,7 +87,7 @@ def release_holder(store: PublicationStore, holder: str) -> None:
                    (RESERVATION, holder))
 
 
-def holds(db: sqlite3.Connection, holder: str) -> bool:
+def holds(db: Connection, holder: str) -> bool:
     """Whether `holder` has a reservation (a push into that upload is being received)."""
     return db.execute("SELECT 1 FROM wh_entities WHERE kind = ? AND json_extract(body, '$.holder') = ? LIMIT 1",
                       (RESERVATION, holder)).fetchone() is not None

@@ -117,6 +117,8 @@ def public(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
             return await handler(request)
         except ApiError as exc:
             return exc.response()
+        except StoreUnavailable as exc:  # a store database unreachable (its reads can fail too)
+            return ApiError(503, str(exc)).response()
 
     return endpoint
 

@@ -73,7 +73,7 @@ class Worker:
         self.settings = settings
         self.kind = kind
         self.job_id = job_id
-        self.store = PublicationStore(settings.resolved_store_path)
+        self.store = PublicationStore(settings.resolved_store_url)
         self.entities = Entities(self.store)
         self.log = StoreLog()
         self.done = threading.Event()
