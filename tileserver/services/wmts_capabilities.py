@@ -30,7 +30,7 @@ from tileserver.services.ows import (
     load_template,
 )
 from tileserver.services.policy import document_headers
-from tileserver.services.stylebook import DEFAULT_STYLE, style_book, tile_styles
+from tileserver.services.stylebook import DEFAULT_STYLE, layer_styles, style_book, tile_styles
 from tileserver.services.wmts_tiles import (
     CANONICAL_EXTENSION,
     CAPABILITIES_FORMATS,
@@ -115,6 +115,17 @@ def _tile_matrix_set(contents: etree._Element, grid: GridSet) -> None:
 BBOX_INSET_PIXELS = 1e-3
 
 
+def _legend_url(style_node: etree._Element, legend: Any) -> None:
+    """WMTS 1.0.0 LegendURL (after the style's Identifier): the style's own legend image."""
+    attrs = {"format": legend.format, f"{{{XLINK_NS}}}href": legend.url,
+             "width": str(legend.width), "height": str(legend.height)}
+    if legend.min_scale_denominator is not None:
+        attrs["minScaleDenominator"] = shortest(legend.min_scale_denominator)
+    if legend.max_scale_denominator is not None:
+        attrs["maxScaleDenominator"] = shortest(legend.max_scale_denominator)
+    etree.SubElement(style_node, _wmts("LegendURL"), attrs)
+
+
 def _bounding_boxes(node: etree._Element, grids: tuple[GridSet, ...]) -> None:
     """One ows:BoundingBox per CRS the layer is offered in: its extent there, in the CRS's axis order.
     Clients that size a layer from it (GDAL) then never ask for a tile outside the limits."""
@@ -164,9 +175,16 @@ def _layer_node(
     for metadata in layer.metadata:
         etree.SubElement(node, _ows("Metadata"), {f"{{{XLINK_NS}}}href": str(metadata.get("url", ""))})
     styles = tile_styles(published, book)
-    for style in styles:
+    # the stored rendering's legend: an identity style of the layer that carries one (seed 004's
+    # ROK4-STYLE static `{identifier, title, legend}` on a harvested pyramid)
+    plain = next((s for s in layer_styles(published, book) if s.is_identity and s.legend is not None), None) \
+        if book and not published.format.is_vector else None
+    for style, definition in styles.items():
         style_node = etree.SubElement(node, _wmts("Style"), isDefault=str(style == DEFAULT_STYLE).lower())
         _text(style_node, _ows("Identifier"), style)
+        legend = (definition if definition is not None else plain)
+        if legend is not None and legend.legend is not None and legend.legend.url:
+            _legend_url(style_node, legend.legend)
     formats = tile_formats(published, styles)
     for offered in formats:
         _text(node, _wmts("Format"), offered)

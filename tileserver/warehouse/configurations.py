@@ -143,6 +143,13 @@ def used_data(ctx: Ctx, used: Any) -> tuple[list[str], list[LayerPyramid]]:
     return problems, pyramids
 
 
+def _is_vector(ctx: Ctx, used: Any) -> bool:
+    from tileserver.publication.store import VECTOR_PYRAMID
+
+    stored = ctx.wh.store.get_stored_data(str(used.get("stored_data", "")).lower()) if isinstance(used, dict) else None
+    return stored is not None and stored.type == VECTOR_PYRAMID
+
+
 def _style_problems(ctx: Ctx, styles: Any) -> list[str]:
     from .statics import KIND as STATIC
 
@@ -265,8 +272,11 @@ async def validate(ctx: Ctx, data: dict[str, Any], replacing: str | None = None)
         if "interpolation" in infos and infos["interpolation"] not in INTERPOLATIONS:
             problems.append(f"type_infos.interpolation: must be one of {', '.join(INTERPOLATIONS)}")
         if "styles" in infos:
-            if data.get("type") != "WMS-RASTER":
-                problems.append("type_infos.styles: only WMS-RASTER configurations have styles")
+            # WMS-RASTER and, as seed 004 sends it, WMTS-TMS (a raster pyramid's legend style)
+            if data.get("type") not in ("WMS-RASTER", "WMTS-TMS"):
+                problems.append("type_infos.styles: only WMS-RASTER and WMTS-TMS configurations have styles")
+            elif data.get("type") == "WMTS-TMS" and any(_is_vector(ctx, u) for u in infos.get("used_data") or []):
+                problems.append("type_infos.styles: a vector pyramid's styles are client styles (extra.styles)")
             else:
                 problems += _style_problems(ctx, infos["styles"])
     metadata = data.get("metadata", [])

@@ -164,6 +164,10 @@ class ConfigurationEdit(_Body):
     extra: dict[str, Any] | None = None  # extra.styles: [{name, technical_name?, current?, layers: [{annexe_id?, url?, name?}]}]
 
 
+class StoredDataEdit(_Body):
+    extra: dict[str, Any] | None = None  # e.g. {legend: {url, annexe_id}} (seed 004)
+
+
 class AnnexeEdit(_Body):
     paths: list[str] | str | None = None
     labels: list[str] | str | None = None
@@ -187,7 +191,7 @@ BODIES: dict[str, type[BaseModel] | str] = {
     "create_key": KeyCreate, "add_access": AccessCreate, "add_tags": "tags",
     "push_data": "multipart", "push_md5": "multipart", "create_static": "multipart",
     "create_annexe": "multipart", "replace_annexe_file": "multipart", "modify_annexe": AnnexeEdit,
-    "modify_configuration": ConfigurationEdit,
+    "modify_configuration": ConfigurationEdit, "modify_stored_data": StoredDataEdit,
     "replace_static": "multipart", "edit_static": StaticEdit,
 }
 CREATED = {"create_upload", "create_execution", "create_configuration", "create_offering", "create_static",

@@ -17,10 +17,10 @@ from tileserver.publication.store import VECTOR_DB, StoredData
 
 from .annotations import add_event, annotation_routes, annotations_view
 from .entities import Entity
-from .errors import conflict, not_found
+from .errors import bad_request, conflict, not_found
 from .lifecycle import EXECUTION
 from .pyramid_home import remove_pyramid
-from .web import Ctx, json_response, list_response, no_content, route
+from .web import Ctx, json_body, json_response, list_response, no_content, route
 
 KIND = "stored_data"
 PREFIX = "/api/datastores/{datastore}/stored_data"
@@ -100,6 +100,8 @@ def stored_data_view(stored: StoredData, side: Entity | None) -> dict[str, Any]:
         "size": 0,
         **annotations_view(body),
     }
+    if body.get("extra"):
+        out["extra"] = body["extra"]
     out.update(pyramid_fields(stored.summary))
     return out
 
@@ -155,6 +157,29 @@ async def delete_stored_data(ctx: Ctx) -> Response:
     return no_content()
 
 
+@route
+async def modify_stored_data(ctx: Ctx) -> Response:
+    """`PATCH {extra}`: the client's own notes on the data, merged key by key (cartes.gouv.fr keeps a
+    harvested pyramid's legend there, seed 004: `{extra: {legend: {url, annexe_id}}}`). The name and
+    the technical fields are the processing's and are not edited here."""
+    data = await json_body(ctx.request)
+    unknown = sorted(set(data) - {"extra"})
+    if unknown:
+        raise bad_request(*(f"{k}: cannot be modified (extra only)" for k in unknown))
+    extra = data.get("extra", {})
+    if not isinstance(extra, dict):
+        raise bad_request("extra: must be an object")
+    kind = await _ensure(ctx, ctx.param("stored_data"))
+    stored, _ = get_stored(ctx, ctx.param("stored_data"))
+
+    def apply(body: dict[str, Any]) -> None:
+        body["extra"] = {**(body.get("extra") or {}), **extra}
+        add_event(body, "Modification", ctx.user)
+
+    side = await asyncio.to_thread(ctx.wh.entities.update, kind, stored.id, apply)
+    return json_response(stored_data_view(stored, side))
+
+
 async def _ensure(ctx: Ctx, ident: str) -> str:
     """Annotating a stored data registered elsewhere gives it its warehouse side."""
     stored, side = get_stored(ctx, ident)
@@ -170,5 +195,6 @@ def routes() -> list[BaseRoute]:
         Route(PREFIX, list_stored_data, methods=["GET"]),
         Route(PREFIX + "/{stored_data}", get_stored_data, methods=["GET"]),
         Route(PREFIX + "/{stored_data}", delete_stored_data, methods=["DELETE"]),
+        Route(PREFIX + "/{stored_data}", modify_stored_data, methods=["PATCH"]),
         *annotation_routes(PREFIX, "stored_data", _ensure),
     ]
