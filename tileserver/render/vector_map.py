@@ -21,8 +21,11 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,8 @@ from pygeofilter import ast
 from pyproj import CRS
 
 from tileserver.render import sld
-from tileserver.vector.base import Relation
-from tileserver.vector.geopackage import like_regex
+from tileserver.vector.base import Query, QueryError, Relation
+from tileserver.vector.geopackage import GeoPackageBase, like_regex
 
 
 def _import_mapnik() -> Any:
@@ -43,6 +46,9 @@ def _import_mapnik() -> Any:
     saved = {key: os.environ.get(key) for key in ("GDAL_DATA", "PROJ_LIB", "PROJ_DATA", "ICU_DATA")}
     import mapnik as module
 
+    # ICU loads its data on first use, from ICU_DATA: use it now (a regex, as PropertyIsLike
+    # filters do), while the variable still points at the wheel's data
+    module.Expression("[a].match('(?i)a.-')")
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -62,6 +68,11 @@ _COMPARISONS = {
 }
 _ARITHMETIC = {ast.Add: "+", ast.Sub: "-", ast.Mul: "*", ast.Div: "/"}
 _NUMERIC = ("integer", "real")
+_SPATIAL = (ast.SpatialComparisonPredicate, ast.BBox, ast.SpatialDistancePredicate, ast.Relate)
+FID_ATTRIBUTE = "__tileserver_fid"  # the key, exposed to filters (mapnik's ogr input has no feature_id)
+MAX_SPATIAL_RANGES = 2000  # a longer expression costs more per feature than it saves
+
+SpatialIds = Callable[[Relation, ast.Node], Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -94,10 +105,37 @@ def quote_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def id_ranges(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted ids as inclusive (first, last) runs."""
+    out: list[tuple[int, int]] = []
+    for value in sorted(set(ids)):
+        if out and value == out[-1][1] + 1:
+            out[-1] = (out[-1][0], value)
+        else:
+            out.append((value, value))
+    return out
+
+
 class _Expressions:
-    def __init__(self, relation: Relation) -> None:
+    def __init__(self, relation: Relation, spatial_ids: SpatialIds | None = None) -> None:
         self.relation = relation
         self.types = {a.name: a.type for a in relation.attributes}
+        self.spatial_ids = spatial_ids
+        self.uses_fid = False  # a spatial filter tests the fid: the layer must expose it (FID_ATTRIBUTE)
+
+    def spatial(self, node: Any) -> str:
+        if self.spatial_ids is None:
+            raise sld.StyleError(f"the filter {type(node).__name__} needs the base to be evaluated")
+        ranges = id_ranges(self.spatial_ids(self.relation, node))
+        if len(ranges) > MAX_SPATIAL_RANGES:
+            raise sld.StyleError(f"the spatial filter {type(node).__name__} selects features scattered over "
+                                 f"{len(ranges)} id ranges, more than the renderer's {MAX_SPATIAL_RANGES}")
+        if not ranges:
+            return "false"
+        self.uses_fid = True
+        fid = f"[{FID_ATTRIBUTE}]"
+        return "(" + " or ".join(f"{fid} = {a}" if a == b else f"({fid} >= {a} and {fid} <= {b})"
+                                 for a, b in ranges) + ")"
 
     def attribute(self, name: str) -> str:
         if name not in self.types or "[" in name or "]" in name:
@@ -136,11 +174,16 @@ class _Expressions:
         return self.literal(node, type_)
 
     def condition(self, node: Any) -> str:
+        if isinstance(node, _SPATIAL):
+            return self.spatial(node)
         if isinstance(node, ast.And | ast.Or):
             word = "and" if isinstance(node, ast.And) else "or"
             return f"({self.condition(node.lhs)} {word} {self.condition(node.rhs)})"
         if isinstance(node, ast.Not):
-            return f"(not {self.condition(node.sub_node)})"
+            inner = node.sub_node
+            if isinstance(inner, ast.GeometryDisjoint):  # pygeofilter's BBOX: R-tree-backed as intersects
+                return self.spatial(ast.GeometryIntersects(inner.lhs, inner.rhs))
+            return f"(not {self.condition(inner)})"
         operator = _COMPARISONS.get(type(node))
         if operator:
             lhs, rhs = node.lhs, node.rhs
@@ -157,7 +200,8 @@ class _Expressions:
             inside = "(" + " or ".join(f"{lhs} = {self.scalar(v, type_)}" for v in node.sub_nodes) + ")"
             return f"(not {inside})" if node.not_ else inside
         if isinstance(node, ast.IsNull):
-            test = f"({self.scalar(node.lhs)} = null)"
+            test = f"({self.scalar(node.lhs)} = '')"  # ogr leaves a null unset, which equals ''; so does ''
+
             return f"(not {test})" if node.not_ else test
         if isinstance(node, ast.Like):
             regex = like_regex(node.pattern, node.wildcard, node.singlechar, node.escapechar)
@@ -257,8 +301,8 @@ def _marker_attributes(graphic: sld.Graphic) -> dict[str, str]:
 
 
 class _Writer:
-    def __init__(self, relation: Relation) -> None:
-        self.expressions = _Expressions(relation)
+    def __init__(self, relation: Relation, spatial_ids: SpatialIds | None = None) -> None:
+        self.expressions = _Expressions(relation, spatial_ids)
 
     def symbolizers(self, parent: Any, symbolizer: sld.Symbolizer) -> None:
         if isinstance(symbolizer, sld.PolygonSymbolizer):
@@ -274,8 +318,8 @@ class _Writer:
                     line.set("offset", _number(symbolizer.offset))
         elif isinstance(symbolizer, sld.LineSymbolizer):
             line = etree.SubElement(parent, "LineSymbolizer", **_stroke_attributes(symbolizer.stroke))
-            if symbolizer.offset:
-                line.set("offset", _number(symbolizer.offset))
+            if symbolizer.offset:  # SE: positive to the left of the line; mapnik: to its right
+                line.set("offset", _number(-symbolizer.offset))
         elif isinstance(symbolizer, sld.PointSymbolizer):
             etree.SubElement(parent, "MarkersSymbolizer", **_marker_attributes(symbolizer.graphic))
         elif isinstance(symbolizer, sld.TextSymbolizer):
@@ -319,6 +363,11 @@ class _Writer:
             self.symbolizers(element, symbolizer)
 
 
+def _sql_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@lru_cache(maxsize=256)
 def mapnik_srs(crs: str) -> str:
     """mapnik's spelling of a CRS ("epsg:2154"); CRS:84 draws as EPSG:4326 in lon/lat order."""
     if crs.upper() in ("CRS:84", "OGC:CRS84"):
@@ -329,15 +378,18 @@ def mapnik_srs(crs: str) -> str:
     return f"{authority[0].lower()}:{authority[1]}"
 
 
-def map_xml(path: str | Path, layers: Sequence[VectorLayer], crs: str, background: str) -> str:
-    """The mapnik XML map of `layers` over the GeoPackage at `path`; the first layer draws on top."""
+def map_xml(path: str | Path, layers: Sequence[VectorLayer], crs: str, background: str,
+            spatial_ids: SpatialIds | None = None) -> str:
+    """The mapnik XML map of `layers` over the GeoPackage at `path`; the first layer draws on top.
+    `spatial_ids(relation, node)` gives the fids matching a spatial filter node (see the module
+    docstring); without it a spatial filter is refused."""
     root = etree.Element("Map", srs=mapnik_srs(crs), **{"background-color": background})
     for index, layer in reversed(list(enumerate(layers))):
         relation = layer.relation
         if relation.geometry_column is None:
             raise sld.StyleError(f"relation {relation.name!r} has no geometry to draw")
         style = layer.style or default_style(relation)
-        writer = _Writer(relation)
+        writer = _Writer(relation, spatial_ids)
         names = []
         for number, group in enumerate(style.feature_type_styles):
             name = f"s{index}-{number}"
@@ -349,24 +401,107 @@ def map_xml(path: str | Path, layers: Sequence[VectorLayer], crs: str, backgroun
         for name in names:
             etree.SubElement(layer_element, "StyleName").text = name
         datasource = etree.SubElement(layer_element, "Datasource")
-        for key, value in (("type", "ogr"), ("file", str(path)), ("layer", relation.name)):
+        source = [("type", "ogr"), ("file", str(path))]
+        if writer.expressions.uses_fid:  # GDAL's GeoPackage SQL layer still reads the R-tree for the bbox
+            key = relation.primary_key[0] if len(relation.primary_key) == 1 else "fid"
+            source.append(("layer_by_sql", f"SELECT *, {_sql_name(key)} AS {FID_ATTRIBUTE} FROM "
+                                           f"{_sql_name(relation.name)}"))
+        else:
+            source.append(("layer", relation.name))
+        for key, value in source:
             etree.SubElement(datasource, "Parameter", name=key).text = value
         root.append(layer_element)
     return etree.tostring(root, encoding="unicode")
 
 
+class _MapPool:
+    """Loaded mapnik maps, idle, by key; at most `per_key` idle maps a key and `keys` keys (least
+    recently used dropped). A map is used by one thread at a time: checked out, then given back."""
+
+    def __init__(self, keys: int = 32, per_key: int = 4) -> None:
+        self.keys, self.per_key = keys, per_key
+        self._idle: OrderedDict[Any, list[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0  # maps built from XML: how often the pool missed
+
+    @contextmanager
+    def map(self, key: Any, xml: str, width: int, height: int) -> Iterator[Any]:
+        with self._lock:
+            idle = self._idle.get(key)
+            mapnik_map = idle.pop() if idle else None
+            if idle is not None:
+                self._idle.move_to_end(key)
+        if mapnik_map is None:
+            mapnik_map = mapnik.Map(width, height)
+            mapnik.load_map_from_string(mapnik_map, xml, True)
+            mapnik_map.aspect_fix_mode = mapnik.aspect_fix_mode.RESPECT  # WMS stretches the bbox to the size
+            with self._lock:
+                self.loads += 1
+        else:
+            mapnik_map.resize(width, height)
+        yield mapnik_map
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            self._idle.move_to_end(key)
+            if len(idle) < self.per_key:
+                idle.append(mapnik_map)
+            while len(self._idle) > self.keys:
+                self._idle.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
+_POOL = _MapPool()
+_bases: OrderedDict[tuple[str, tuple[int, int, int]], tuple[GeoPackageBase, dict[str, list[int]]]] = OrderedDict()
+_bases_lock = threading.Lock()
+
+
+def _identity(path: str | Path) -> tuple[int, int, int]:
+    """What changes when the file is rewritten or replaced: a map of the old file is not reused."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _spatial_ids(path: str | Path, identity: tuple[int, int, int]) -> SpatialIds:
+    """fids of the base matching a spatial filter node, remembered per (file, relation, node)."""
+    key = (str(path), identity)
+    with _bases_lock:
+        entry = _bases.get(key)
+        if entry is None:
+            entry = _bases[key] = (GeoPackageBase(path), {})
+            while len(_bases) > 8:
+                _bases.popitem(last=False)[1][0].close()
+    base, answers = entry
+
+    def ids(relation: Relation, node: ast.Node) -> Sequence[int]:
+        if len(relation.primary_key) != 1:
+            raise sld.StyleError(f"relation {relation.name!r} has no single key: its spatial filters cannot be drawn")
+        memo = f"{relation.name}\n{node!r}"
+        found = answers.get(memo)
+        if found is None:
+            try:
+                found = [int(f.id) for f in base.features(Query(relation.name, filter=node, properties=()))]
+            except QueryError as exc:
+                raise sld.StyleError(f"the style's spatial filter: {exc}") from None
+            answers[memo] = found
+        return found
+
+    return ids
+
+
 def render(path: str | Path, layers: Sequence[VectorLayer], bbox: tuple[float, float, float, float], crs: str,
            width: int, height: int, transparent: bool = True, bgcolor: str = "#ffffff") -> np.ndarray:
     """An RGBA uint8 array (height, width, 4) of `layers` over `bbox` (x/east first, in `crs`);
-    a transparent map has alpha 0 where nothing is drawn."""
+    a transparent map has alpha 0 where nothing is drawn. Safe to call from several threads."""
     background = "transparent" if transparent else sld.color(bgcolor, "BGCOLOR")
-    xml = map_xml(path, layers, crs, background)
-    mapnik_map = mapnik.Map(width, height)
-    mapnik.load_map_from_string(mapnik_map, xml, True)
-    mapnik_map.aspect_fix_mode = mapnik.aspect_fix_mode.RESPECT  # WMS stretches the bbox to the size
-    mapnik_map.zoom_to_box(mapnik.Box2d(*bbox))
+    identity = _identity(path)
+    xml = map_xml(path, layers, crs, background, _spatial_ids(path, identity))
     image = mapnik.Image(width, height)
-    mapnik.render(mapnik_map, image)
+    with _POOL.map((xml, identity), xml, width, height) as mapnik_map:
+        mapnik_map.zoom_to_box(mapnik.Box2d(*bbox))
+        mapnik.render(mapnik_map, image)
     if image.premultiplied():
         image.demultiply()
     return np.frombuffer(image.to_string(), dtype=np.uint8).reshape(height, width, 4).copy()
