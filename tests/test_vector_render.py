@@ -529,3 +529,42 @@ def test_transparent_or_bgcolor(pixels) -> None:
     opaque = paint(pixels, "zones", rules, transparent=False, bgcolor="#123456")
     assert px(clear, 110, 60) == (0, 0, 0, 0) and px(opaque, 110, 60) == (0x12, 0x34, 0x56, 255)
     assert px(clear, 60, 60) == RED == px(opaque, 60, 60)
+
+
+def test_renders_from_threads_share_pooled_maps(pixels) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tileserver.render import vector_map
+
+    rules = f"<Rule>{fill('#ff0000')}{label()}</Rule>"
+    expected = paint(pixels, "zones", rules)
+    loads = vector_map._POOL.loads
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(lambda _: paint(pixels, "zones", rules), range(16)))
+    assert all(np.array_equal(image, expected) for image in images)
+    assert vector_map._POOL.loads - loads <= 4  # at most one map a thread, reused afterwards
+    small = draw(pixels, style(rules, "zones"), "zones", bbox=PX_BBOX, size=(256, 128))  # the same map, resized
+    assert small.shape == (128, 256, 4) and tuple(small[128 - 30, 30]) == RED
+
+
+def test_a_replaced_base_is_not_drawn_from_a_stale_map(tmp_path: Path) -> None:
+    import shutil
+
+    import shapely
+    from pyogrio.raw import write
+
+    def base_with(x: float) -> Path:
+        path = tmp_path / f"b{x}.gpkg"
+        write(path, np.array(shapely.to_wkb([shapely.box(x, 10, x + 50, 60)]), dtype=object), [np.array([1])], ["v"],
+              layer="t", driver="GPKG", geometry_type="Polygon", crs="EPSG:2154")
+        return path
+
+    live = tmp_path / "live.gpkg"
+    shutil.copy(base_with(10), live)
+    st = style(f"<Rule>{fill('#ff0000')}</Rule>", "t")
+    layer = [VectorLayer(GeoPackageBase(live).relation("t"), st)]  # type: ignore[arg-type]
+    before = render(live, layer, PX_BBOX, "EPSG:2154", 512, 256)
+    base_with(200).replace(live)
+    after = render(live, layer, PX_BBOX, "EPSG:2154", 512, 256)
+    assert px(before, 30, 30) == RED and px(before, 220, 30)[3] == 0
+    assert px(after, 220, 30) == RED and px(after, 30, 30)[3] == 0
