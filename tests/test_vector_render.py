@@ -568,3 +568,18 @@ def test_a_replaced_base_is_not_drawn_from_a_stale_map(tmp_path: Path) -> None:
     after = render(live, layer, PX_BBOX, "EPSG:2154", 512, 256)
     assert px(before, 30, 30) == RED and px(before, 220, 30)[3] == 0
     assert px(after, 220, 30) == RED and px(after, 30, 30)[3] == 0
+
+
+def test_labels_are_drawn_above_every_shape(pixels) -> None:
+    """SLD draws labels on top: not covered by the shapes of features drawn later, nor by the
+    shapes of a layer above."""
+    image = paint(pixels, "zones", f"<Rule>{fill('#ff0000')}{label(font=30)}</Rule>")
+    inside_next = image[256 - 75:256 - 45, 121:135]  # zone 0's label runs into zone 1
+    assert ((inside_next[..., :3].max(axis=2) < 60) & (inside_next[..., 3] == 255)).sum() > 5
+    path, gpkg = pixels
+    zones = VectorLayer(gpkg.relation("zones"), style(f"<Rule>{fill('#ff0000')}</Rule>", "zones"))  # type: ignore[arg-type]
+    sites = VectorLayer(gpkg.relation("sites"), style(f"<Rule>{label()}</Rule>", "sites"))  # type: ignore[arg-type]
+    stacked = render(path, [zones, sites], PX_BBOX, "EPSG:2154", 512, 256)  # zones on top of sites
+    under = stacked[256 - 75:256 - 55, 66:99]  # s0's label, inside zone 0
+    assert ((under[..., :3].max(axis=2) < 60) & (under[..., 3] == 255)).sum() > 10
+    assert px(stacked, 30, 30) == RED

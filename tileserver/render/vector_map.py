@@ -15,6 +15,7 @@ have no mapnik expression and are refused with a StyleError.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import math
@@ -61,6 +62,7 @@ mapnik = _import_mapnik()
 
 DEFAULT_BLUE = "#3366cc"  # the platform draws a relation without style in blue
 MARK_PIXELS = 6.0  # SLD's default mark size
+FAST_HALO_RADIUS = 2.0  # halos up to this radius (px) are drawn by mapnik's fast halo rasterizer
 
 _COMPARISONS = {
     ast.Equal: "=", ast.NotEqual: "!=", ast.LessThan: "<", ast.LessEqual: "<=",
@@ -335,6 +337,10 @@ class _Writer:
         if symbolizer.halo_fill is not None and symbolizer.halo_radius > 0:
             attributes["halo-radius"] = _number(symbolizer.halo_radius)
             attributes["halo-fill"] = _rgba(symbolizer.halo_fill.color, symbolizer.halo_fill.opacity)
+            if symbolizer.halo_radius <= FAST_HALO_RADIUS:
+                # the full rasterizer strokes every glyph's outline with FreeType each time: half of
+                # a 1024² map with labels; the fast one draws the glyph around itself, alike at 1-2 px
+                attributes["halo-rasterizer"] = "fast"
         if symbolizer.placement == "line":
             attributes["dy"] = _number(-symbolizer.offset)
             attributes["max-char-angle-delta"] = "30"
@@ -349,7 +355,10 @@ class _Writer:
         element = etree.SubElement(parent, "TextSymbolizer", **attributes)
         element.text = " + ".join(parts)
 
-    def rule(self, parent: Any, rule: sld.Rule) -> None:
+    def rule(self, parent: Any, rule: sld.Rule, labels: bool | None = None) -> None:
+        """A mapnik rule drawing the rule's symbolizers: all (`labels` None), the text ones only
+        (True) or all but them (False). A rule keeps its filter even when it draws nothing here, so
+        that an ElseFilter rule next to it selects the same features in every pass."""
         element = etree.SubElement(parent, "Rule")
         if rule.else_filter:
             etree.SubElement(element, "ElseFilter")
@@ -360,7 +369,8 @@ class _Writer:
         if rule.max_scale is not None:
             etree.SubElement(element, "MaxScaleDenominator").text = repr(float(rule.max_scale))
         for symbolizer in rule.symbolizers:
-            self.symbolizers(element, symbolizer)
+            if labels is None or isinstance(symbolizer, sld.TextSymbolizer) is labels:
+                self.symbolizers(element, symbolizer)
 
 
 def _sql_name(name: str) -> str:
@@ -384,23 +394,27 @@ def map_xml(path: str | Path, layers: Sequence[VectorLayer], crs: str, backgroun
     `spatial_ids(relation, node)` gives the fids matching a spatial filter node (see the module
     docstring); without it a spatial filter is refused."""
     root = etree.Element("Map", srs=mapnik_srs(crs), **{"background-color": background})
+    label_layers: list[tuple[int, Any]] = []
     for index, layer in reversed(list(enumerate(layers))):
         relation = layer.relation
         if relation.geometry_column is None:
             raise sld.StyleError(f"relation {relation.name!r} has no geometry to draw")
         style = layer.style or default_style(relation)
         writer = _Writer(relation, spatial_ids)
-        names = []
+        names, label_names = [], []
         for number, group in enumerate(style.feature_type_styles):
             name = f"s{index}-{number}"
             element = etree.SubElement(root, "Style", name=name)
             for rule in group.rules:
-                writer.rule(element, rule)
+                writer.rule(element, rule, labels=False)
             names.append(name)
-        layer_element = etree.Element("Layer", name=f"l{index}", srs=mapnik_srs(relation.srs))
-        for name in names:
-            etree.SubElement(layer_element, "StyleName").text = name
-        datasource = etree.SubElement(layer_element, "Datasource")
+            if any(isinstance(s, sld.TextSymbolizer) for rule in group.rules for s in rule.symbolizers):
+                label_name = f"t{index}-{number}"
+                element = etree.SubElement(root, "Style", name=label_name)
+                for rule in group.rules:
+                    writer.rule(element, rule, labels=True)
+                label_names.append(label_name)
+        datasource = etree.Element("Datasource")
         source = [("type", "ogr"), ("file", str(path))]
         if writer.expressions.uses_fid:  # GDAL's GeoPackage SQL layer still reads the R-tree for the bbox
             key = relation.primary_key[0] if len(relation.primary_key) == 1 else "fid"
@@ -410,7 +424,24 @@ def map_xml(path: str | Path, layers: Sequence[VectorLayer], crs: str, backgroun
             source.append(("layer", relation.name))
         for key, value in source:
             etree.SubElement(datasource, "Parameter", name=key).text = value
-        root.append(layer_element)
+        layer_element = etree.SubElement(root, "Layer", name=f"l{index}", srs=mapnik_srs(relation.srs))
+        for name in names:
+            etree.SubElement(layer_element, "StyleName").text = name
+        if label_names and len(layers) == 1:
+            # labels after every shape (SLD draws them on top), from the same read of the features
+            layer_element.set("cache-features", "true")
+            for name in label_names:
+                etree.SubElement(layer_element, "StyleName").text = name
+            label_names = []
+        if label_names:  # several layers: every label above every layer's shapes, read again
+            label_layer = etree.Element("Layer", name=f"labels{index}", srs=mapnik_srs(relation.srs))
+            for name in label_names:
+                etree.SubElement(label_layer, "StyleName").text = name
+            label_layer.append(copy.deepcopy(datasource))
+            label_layers.append((index, label_layer))
+        layer_element.append(datasource)
+    for _, label_layer in sorted(label_layers, key=lambda item: item[0]):  # the top layer's labels placed first
+        root.append(label_layer)
     return etree.tostring(root, encoding="unicode")
 
 
