@@ -583,3 +583,11 @@ def test_labels_are_drawn_above_every_shape(pixels) -> None:
     under = stacked[256 - 75:256 - 55, 66:99]  # s0's label, inside zone 0
     assert ((under[..., :3].max(axis=2) < 60) & (under[..., 3] == 255)).sum() > 10
     assert px(stacked, 30, 30) == RED
+
+
+def test_a_graphic_that_is_not_a_local_file_is_refused(pixels) -> None:
+    point = sld.PointSymbolizer(sld.Graphic(mark=None, href="http://example.com/pin.png"))
+    rule = sld.Rule(None, None, None, False, None, None, (point,))
+    st = sld.Style("sites", None, None, (sld.FeatureTypeStyle((rule,)),), "1.0.0")
+    with pytest.raises(sld.StyleError, match="not a local file"):
+        draw(pixels, st, "sites", bbox=PX_BBOX)

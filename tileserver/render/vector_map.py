@@ -307,11 +307,18 @@ def _stroke_attributes(stroke: sld.Stroke) -> dict[str, str]:
     return out
 
 
+def _image_file(href: str) -> str:
+    """An external graphic's file: a local file (the resolver of `sld.parse` gives one), never a URL."""
+    if "://" in href or not os.path.isfile(href):
+        raise sld.StyleError(f"ExternalGraphic {href!r} is not a local file (see sld.local_resolver)")
+    return href
+
+
 def _marker_attributes(graphic: sld.Graphic) -> dict[str, str]:
     out = {"placement": "point", "allow-overlap": "true", "ignore-placement": "true",
            "opacity": _number(graphic.opacity)}
     if graphic.href is not None:
-        out["file"] = graphic.href
+        out["file"] = _image_file(graphic.href)
         if graphic.size is not None:
             out["height"] = _number(graphic.size)
     else:
@@ -330,7 +337,7 @@ class _Writer:
         if isinstance(symbolizer, sld.PolygonSymbolizer):
             fill = symbolizer.fill
             if fill is not None and fill.graphic is not None:
-                file = fill.graphic.href or _mark_file(fill.graphic)
+                file = _image_file(fill.graphic.href) if fill.graphic.href else _mark_file(fill.graphic)
                 etree.SubElement(parent, "PolygonPatternSymbolizer", file=file)
             elif fill is not None:
                 etree.SubElement(parent, "PolygonSymbolizer", fill=fill.color, **{"fill-opacity": _number(fill.opacity)})
