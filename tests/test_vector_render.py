@@ -591,3 +591,22 @@ def test_a_graphic_that_is_not_a_local_file_is_refused(pixels) -> None:
     st = sld.Style("sites", None, None, (sld.FeatureTypeStyle((rule,)),), "1.0.0")
     with pytest.raises(sld.StyleError, match="not a local file"):
         draw(pixels, st, "sites", bbox=PX_BBOX)
+
+
+def test_polygons_of_a_pixel_or_so_get_no_label(pixels) -> None:
+    """A label cannot fit a polygon of a pixel or two (GeoServer's goodnessOfFit drops it too)."""
+    rules = f"<Rule>{label(font=10)}</Rule>"
+    tiny = draw(pixels, style(rules, "zones"), "zones", bbox=(0.0, 0.0, 51200.0, 25600.0))  # 100 units a pixel
+    small = draw(pixels, style(rules, "zones"), "zones", bbox=(0.0, 0.0, 5120.0, 2560.0))  # 10: zones are 8 px
+    assert (tiny[..., 3] == 0).all()
+    assert (small[..., 3] > 0).sum() > 50
+
+
+def test_sql_label_layer_keeps_spatial_filters_and_else(pixels) -> None:
+    body = f"<ogc:Intersects>{prop('geom')}{GML_POINT.format(160, 180)}</ogc:Intersects>"
+    rules = (f"<Rule>{ogc(body)}{fill('#ff0000')}{label(font=10)}</Rule>"
+             f"<Rule><ElseFilter/>{fill('#0000ff')}</Rule>")
+    image = paint(pixels, "zones", rules)
+    assert px(image, *zone_centre(6)) != (0, 0, 255, 255) and px(image, *zone_centre(1)) == (0, 0, 255, 255)
+    text = image[256 - 195:256 - 165, 150:200]  # up-1's label at zone 6's centre
+    assert ((text[..., :3].max(axis=2) < 60) & (text[..., 3] == 255)).sum() > 10

@@ -24,7 +24,11 @@ As in SLD, labels are drawn above every shape: text symbolizers go to a second p
 style of the layer over the same features, cached by mapnik; with several layers, label layers
 after all the shapes, the top layer's labels placed first). Halos up to `FAST_HALO_RADIUS` px use
 mapnik's fast halo rasterizer (the full one strokes each glyph with FreeType: half the time of a
-1024² labelled map). SE's PerpendicularOffset is positive to the left of a line, mapnik's to the
+1024² labelled map). Polygons of a pixel or two (`LABEL_MIN_PIXELS`) get no label: the label
+layer then reads the table through `layer_by_sql` with a test of the GeoPackage envelope (GDAL's
+ST_MinX…), since mapnik shapes every label before finding it has no room — two thirds of a 256²
+map of 100 k small polygons; GeoServer's default goodnessOfFit drops such labels too (MapServer
+draws them where they do not collide). SE's PerpendicularOffset is positive to the left of a line, mapnik's to the
 right: the sign is flipped.
 
 Speed: loading a map from XML costs ~7 ms and `map_xml` ~1 ms a call, so loaded maps are kept in a
@@ -82,6 +86,7 @@ mapnik = _import_mapnik()
 
 DEFAULT_BLUE = "#3366cc"  # the platform draws a relation without style in blue
 MARK_PIXELS = 6.0  # SLD's default mark size
+LABEL_MIN_PIXELS = 2.0  # polygons under 1-2 px (see _smallest_labelled) are not labelled
 FAST_HALO_RADIUS = 2.0  # halos up to this radius (px) are drawn by mapnik's fast halo rasterizer
 
 _COMPARISONS = {
@@ -415,11 +420,51 @@ def mapnik_srs(crs: str) -> str:
     return f"{authority[0].lower()}:{authority[1]}"
 
 
+def _datasource(path: str | Path, relation: Relation, sql: str | None) -> Any:
+    datasource = etree.Element("Datasource")
+    source = [("type", "ogr"), ("file", str(path))]
+    source.append(("layer_by_sql", sql) if sql else ("layer", relation.name))
+    if sql and relation.extent is not None:  # spares mapnik a read of the whole SQL layer for its extent
+        source.append(("extent", ",".join(repr(float(v)) for v in relation.extent)))
+    for key, value in source:
+        etree.SubElement(datasource, "Parameter", name=key).text = value
+    return datasource
+
+
+@lru_cache(maxsize=64)
+def _transformer(source: str, target: str) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs(CRS.from_user_input(source), CRS.from_user_input(target), always_xy=True)
+
+
+def _smallest_labelled(relation: Relation, crs: str, bbox: tuple[float, float, float, float], width: int,
+                       height: int) -> float | None:
+    """The smallest polygon (largest side, in the relation's units) that gets labels on this view:
+    `LABEL_MIN_PIXELS` pixels rounded down to a power of two (so that maps of nearby scales share
+    one pool key), so 1 to 2 px: far below what holds a label; None for points and lines, or when
+    the view's pixel size is unknown."""
+    if "polygon" not in (relation.geometry_type or "").lower() or width <= 0 or height <= 0:
+        return None
+    try:
+        view_srs, layer_srs = mapnik_srs(crs), mapnik_srs(relation.srs)
+        if view_srs != layer_srs:
+            bbox = _transformer(view_srs, layer_srs).transform_bounds(*bbox)
+    except Exception:  # noqa: BLE001 - no threshold is always right: every polygon labelled
+        return None
+    pixel = min((bbox[2] - bbox[0]) / width, (bbox[3] - bbox[1]) / height) * LABEL_MIN_PIXELS
+    if not math.isfinite(pixel) or pixel <= 0:
+        return None
+    return 2.0 ** math.floor(math.log2(pixel))
+
+
 def map_xml(path: str | Path, layers: Sequence[VectorLayer], crs: str, background: str,
-            spatial_ids: SpatialIds | None = None) -> str:
+            spatial_ids: SpatialIds | None = None,
+            view: tuple[tuple[float, float, float, float], int, int] | None = None) -> str:
     """The mapnik XML map of `layers` over the GeoPackage at `path`; the first layer draws on top.
     `spatial_ids(relation, node)` gives the fids matching a spatial filter node (see the module
-    docstring); without it a spatial filter is refused."""
+    docstring); without it a spatial filter is refused. `view` (bbox, width, height) lets polygons
+    smaller than a pixel go without labels (see `_smallest_labelled`)."""
     root = etree.Element("Map", srs=mapnik_srs(crs), **{"background-color": background})
     label_layers: list[tuple[int, Any]] = []
     for index, layer in reversed(list(enumerate(layers))):
@@ -441,30 +486,35 @@ def map_xml(path: str | Path, layers: Sequence[VectorLayer], crs: str, backgroun
                 for rule in group.rules:
                     writer.rule(element, rule, labels=True)
                 label_names.append(label_name)
-        datasource = etree.Element("Datasource")
-        source = [("type", "ogr"), ("file", str(path))]
+        select = f"SELECT * FROM {_sql_name(relation.name)}"
         if writer.expressions.uses_fid:  # GDAL's GeoPackage SQL layer still reads the R-tree for the bbox
             key = relation.primary_key[0] if len(relation.primary_key) == 1 else "fid"
-            source.append(("layer_by_sql", f"SELECT *, {_sql_name(key)} AS {FID_ATTRIBUTE} FROM "
-                                           f"{_sql_name(relation.name)}"))
-        else:
-            source.append(("layer", relation.name))
-        for key, value in source:
-            etree.SubElement(datasource, "Parameter", name=key).text = value
+            select = f"SELECT *, {_sql_name(key)} AS {FID_ATTRIBUTE} FROM {_sql_name(relation.name)}"
+        datasource = _datasource(path, relation, select if writer.expressions.uses_fid else None)
         layer_element = etree.SubElement(root, "Layer", name=f"l{index}", srs=mapnik_srs(relation.srs))
         for name in names:
             etree.SubElement(layer_element, "StyleName").text = name
-        if label_names and len(layers) == 1:
+        label_source = datasource
+        smallest = None if view is None else _smallest_labelled(relation, crs, *view)
+        if label_names and smallest is not None:
+            # a polygon of a pixel or two gets no label: it cannot hold one (GeoServer's
+            # goodnessOfFit drops such labels too); mapnik would shape every label before finding
+            # it has no room, most of the time of a whole-layer map of many small polygons
+            geometry = _sql_name(relation.geometry_column)
+            label_source = _datasource(path, relation, (
+                f"{select} WHERE max(ST_MaxX({geometry}) - ST_MinX({geometry}), "
+                f"ST_MaxY({geometry}) - ST_MinY({geometry})) >= {smallest!r}"))
+        elif label_names and len(layers) == 1:
             # labels after every shape (SLD draws them on top), from the same read of the features
             layer_element.set("cache-features", "true")
             for name in label_names:
                 etree.SubElement(layer_element, "StyleName").text = name
             label_names = []
-        if label_names:  # several layers: every label above every layer's shapes, read again
+        if label_names:  # every label above every layer's shapes
             label_layer = etree.Element("Layer", name=f"labels{index}", srs=mapnik_srs(relation.srs))
             for name in label_names:
                 etree.SubElement(label_layer, "StyleName").text = name
-            label_layer.append(copy.deepcopy(datasource))
+            label_layer.append(copy.deepcopy(label_source))
             label_layers.append((index, label_layer))
         layer_element.append(datasource)
     for _, label_layer in sorted(label_layers, key=lambda item: item[0]):  # the top layer's labels placed first
@@ -558,7 +608,7 @@ def render(path: str | Path, layers: Sequence[VectorLayer], bbox: tuple[float, f
     a transparent map has alpha 0 where nothing is drawn. Safe to call from several threads."""
     background = "transparent" if transparent else sld.color(bgcolor, "BGCOLOR")
     identity = _identity(path)
-    xml = map_xml(path, layers, crs, background, _spatial_ids(path, identity))
+    xml = map_xml(path, layers, crs, background, _spatial_ids(path, identity), (bbox, width, height))
     image = mapnik.Image(width, height)
     with _POOL.map((xml, identity), xml, width, height) as mapnik_map:
         mapnik_map.zoom_to_box(mapnik.Box2d(*bbox))
