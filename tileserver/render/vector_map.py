@@ -576,19 +576,20 @@ def _identity(path: str | Path) -> tuple[int, int, int]:
 
 
 def _spatial_ids(path: str | Path, identity: tuple[int, int, int]) -> SpatialIds:
-    """fids of the base matching a spatial filter node, remembered per (file, relation, node)."""
+    """fids of the base matching a spatial filter node, remembered per (file, relation, node); the
+    base is opened on the first spatial filter only."""
     key = (str(path), identity)
-    with _bases_lock:
-        entry = _bases.get(key)
-        if entry is None:
-            entry = _bases[key] = (GeoPackageBase(path), {})
-            while len(_bases) > 8:
-                _bases.popitem(last=False)[1][0].close()
-    base, answers = entry
 
     def ids(relation: Relation, node: ast.Node) -> Sequence[int]:
         if len(relation.primary_key) != 1:
             raise sld.StyleError(f"relation {relation.name!r} has no single key: its spatial filters cannot be drawn")
+        with _bases_lock:
+            entry = _bases.get(key)
+            if entry is None:
+                entry = _bases[key] = (GeoPackageBase(path), {})
+                while len(_bases) > 8:
+                    _bases.popitem(last=False)[1][0].close()
+        base, answers = entry
         memo = f"{relation.name}\n{node!r}"
         found = answers.get(memo)
         if found is None:
