@@ -127,3 +127,29 @@ def test_entities_are_not_resolved(tmp_path: Path) -> None:
         style = sld.parse(document)
         assert "#123456" not in repr(style)
         raise sld.StyleError("entity left unresolved")
+
+
+def _rule_filter(body: str) -> object:
+    style = sld.parse(f"""<StyledLayerDescriptor version="1.0.0" xmlns="http://www.opengis.net/sld"
+      xmlns:ogc="http://www.opengis.net/ogc" xmlns:gml="http://www.opengis.net/gml"><NamedLayer><Name>t</Name>
+      <UserStyle><FeatureTypeStyle><Rule><ogc:Filter>{body}</ogc:Filter><PointSymbolizer/></Rule>
+      </FeatureTypeStyle></UserStyle></NamedLayer></StyledLayerDescriptor>""".encode())
+    return style.rules[0].filter
+
+
+def test_gml2_geometries_and_filter_1_0_spellings() -> None:
+    """SLD 1.0 styles (GeoServer's, the platform's) write GML 2 and Filter Encoding 1.0."""
+    box = _rule_filter("<ogc:BBOX><ogc:PropertyName>geom</ogc:PropertyName><gml:Box><gml:coordinates>1,2 3,4"
+                       "</gml:coordinates></gml:Box></ogc:BBOX>")
+    assert isinstance(box, ast.Not) and isinstance(box.sub_node, ast.GeometryDisjoint)  # pygeofilter's BBOX
+    polygon = _rule_filter("<ogc:Within><ogc:PropertyName>geom</ogc:PropertyName><gml:Polygon><gml:outerBoundaryIs>"
+                           "<gml:LinearRing><gml:coordinates decimal=',' cs=';' ts=' '>0,5;0 10;0 10;10 0;0"
+                           "</gml:coordinates></gml:LinearRing></gml:outerBoundaryIs></gml:Polygon></ogc:Within>")
+    assert isinstance(polygon, ast.GeometryWithin)
+    assert polygon.rhs.geometry["coordinates"] == [[(0.5, 0.0), (10.0, 0.0), (10.0, 10.0), (0.0, 0.0)]]
+    near = _rule_filter("<ogc:DWithin><ogc:PropertyName>geom</ogc:PropertyName><gml:Point><gml:coordinates>10,20"
+                        "</gml:coordinates></gml:Point><ogc:Distance units='m'>5</ogc:Distance></ogc:DWithin>")
+    assert isinstance(near, ast.DistanceWithin) and near.distance == 5 and near.rhs.geometry["coordinates"] == (10, 20)
+    point = _rule_filter("<ogc:Intersects><ogc:PropertyName>geom</ogc:PropertyName><gml:Point><gml:coord><gml:X>1"
+                         "</gml:X><gml:Y>2</gml:Y></gml:coord></gml:Point></ogc:Intersects>")
+    assert isinstance(point, ast.GeometryIntersects) and point.rhs.geometry["coordinates"] == (1, 2)

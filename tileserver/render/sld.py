@@ -10,8 +10,10 @@ graphics are resolved by the caller (a style's statics), never fetched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lxml import etree
@@ -355,17 +357,88 @@ class _Reader:
 
 
 def _filter_1_1(element: Any) -> Any:
-    """Filter Encoding 1.0 spells PropertyIsLike's escape `escape`; 1.1 (pygeofilter's) `escapeChar`."""
+    """The Filter in the spelling pygeofilter's FES parser reads: Filter Encoding 1.0 spells
+    PropertyIsLike's escape `escape` (1.1 `escapeChar`) and DWithin's distance unit `units` (2.0
+    `uom`); SLD 1.0 styles write GML 2 geometries (`coordinates`, `outerBoundaryIs`, `Box`), which
+    become GML 3 (`pos`/`posList`, `exterior`, `Envelope`)."""
     copy = etree.fromstring(etree.tostring(element))
     for like in copy.iter("{*}PropertyIsLike"):
         if like.get("escapeChar") is None and like.get("escape") is not None:
             like.set("escapeChar", like.get("escape"))
+    for distance in copy.iter("{*}Distance"):
+        if distance.get("uom") is None:
+            distance.set("uom", distance.get("units") or "")
+    for node in list(copy.iter("{*}outerBoundaryIs", "{*}innerBoundaryIs")):
+        ring = "exterior" if _local(node) == "outerBoundaryIs" else "interior"
+        node.tag = f"{{{etree.QName(node).namespace}}}{ring}"
+    for node in list(copy.iter("{*}coordinates")):
+        _gml2_coordinates(node)
+    for box in list(copy.iter("{*}Box")):
+        namespace = etree.QName(box).namespace
+        positions = [child for child in box if _local(child) in ("pos", "posList")]
+        if len(positions) == 1 and len((positions[0].text or "").split()) in (4, 6):  # Box/coordinates
+            numbers = positions[0].text.split()
+            half = len(numbers) // 2
+            lower, upper = " ".join(numbers[:half]), " ".join(numbers[half:])
+        elif len(positions) == 2 and all(_local(p) == "pos" for p in positions):
+            lower, upper = positions[0].text, positions[1].text
+        else:
+            raise StyleError("gml:Box needs two corners")
+        box.tag = f"{{{namespace}}}Envelope"
+        for child in list(box):
+            box.remove(child)
+        etree.SubElement(box, f"{{{namespace}}}lowerCorner").text = lower
+        etree.SubElement(box, f"{{{namespace}}}upperCorner").text = upper
+    for coord in list(copy.iter("{*}coord")):  # GML 2's <coord><X/><Y/></coord>
+        namespace = etree.QName(coord).namespace
+        numbers = " ".join((c.text or "").strip() for c in coord if _local(c) in ("X", "Y", "Z"))
+        pos = etree.Element(f"{{{namespace}}}pos")
+        pos.text, pos.tail = numbers, coord.tail
+        coord.getparent().replace(coord, pos)
     return copy
+
+
+def _gml2_coordinates(node: Any) -> None:
+    """gml:coordinates ("x,y x,y", separators given by cs/ts/decimal) as gml:pos (a point) or
+    gml:posList (anything else)."""
+    cs, ts, decimal = node.get("cs", ","), node.get("ts", " "), node.get("decimal", ".")
+    text = (node.text or "").strip()
+    tuples = [t for t in (text.split(ts) if ts.strip() else text.split()) if t.strip()]
+    numbers = [n.strip().replace(decimal, ".") for t in tuples for n in t.split(cs) if n.strip()]
+    namespace = etree.QName(node).namespace
+    single = _local(node.getparent()) == "Point"
+    node.tag = f"{{{namespace}}}{'pos' if single else 'posList'}"
+    node.attrib.clear()
+    node.text = " ".join(numbers)
 
 
 def _description_title(element: Any) -> str | None:
     description = _child(element, "Description")  # SE 1.1 puts the title there
     return None if description is None else _text(description, "Title")
+
+
+def local_resolver(directory: str | Path, names: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    """An ExternalGraphic resolver over local files: `names` maps an href (a static's name, as a
+    style refers to it) to a file name in `directory`; otherwise the href must be a relative path
+    (a bare name or `file:` one) inside `directory`. URLs of other schemes, absolute paths and
+    paths leaving the directory are refused: a style never makes the server fetch anything."""
+    root = Path(directory).resolve()
+
+    def resolve(href: str) -> str:
+        target = (names or {}).get(href)
+        if target is None:
+            scheme = urllib.parse.urlsplit(href).scheme
+            if scheme and scheme != "file" or len(scheme) == 1:  # "c:" is no scheme, but still absolute
+                raise StyleError(f"ExternalGraphic {href!r}: only the style's own files can be drawn, not URLs")
+            target = urllib.parse.unquote(href[5:] if scheme == "file" else href)
+        path = (root / target).resolve()
+        if Path(target).is_absolute() or not path.is_relative_to(root):
+            raise StyleError(f"ExternalGraphic {href!r}: only the style's own files can be drawn")
+        if not path.is_file():
+            raise StyleError(f"ExternalGraphic {href!r}: no such file among the style's files")
+        return str(path)
+
+    return resolve
 
 
 def parse(data: bytes, resolve: Callable[[str], str] | None = None) -> Style:
