@@ -364,7 +364,8 @@ def test_statics_configuration_validation_and_a_private_layer(tmp_path: Path) ->
         assert np.abs(blue[:3].astype(int) - (0x33, 0x66, 0xCC)).max() <= 1 and 140 < blue[3] < 165  # fill-opacity 0.6
         replaced = client.put(f"{BASE}/configurations/{plain.json()['_id']}", json=se_body)
         assert replaced.status_code == 200, replaced.text
-        corner = pixel_of(geoms[-1].bounds[0] + 300.0, geoms[-1].bounds[1] + 300.0)  # away from the label
+        # away from the labels (drawn above every shape: canton n°4's runs into this canton's bottom)
+        corner = pixel_of(geoms[-1].bounds[0] + 300.0, geoms[-1].bounds[1] + 1500.0)
         # population 1185 > 1100: orange under the SE style
         assert wait_for(lambda: tuple(picture(get_map(anonymous, "cantons_bleus"))[corner[::-1]]) == (0xFF, 0x88, 0x00, 255))
         opaque = picture(get_map(anonymous, "cantons_bleus", TRANSPARENT="FALSE", BGCOLOR="0x000000"))

@@ -1,6 +1,6 @@
 """WMS-vector layers in /wms, in process: a layer record drawing two tables of a GeoPackage (the first on
 top), GetMap in 1.3.0 and 1.1.1, exceptions in the image, GetFeatureInfo's FEATURE_COUNT and order,
-and what a vector layer is not (no legend here, no data formats)."""
+legends, and what a vector layer is not (no data formats)."""
 
 from __future__ import annotations
 
@@ -91,8 +91,21 @@ async def test_1_1_1_and_exceptions_in_the_image(client):
     assert bad.status_code == 200 and bad.headers["content-type"] == "image/png"  # the error drawn in the image
     bil = await _get(client, REQUEST="GetMap", LAYERS="top_first", FORMAT="image/x-bil;bits=32")
     assert bil.status_code == 400 and "InvalidFormat" in bil.text
+
+
+async def test_legend_of_a_vector_layer_draws_each_relation_s_rules_in_drawing_order(client):
     legend = await client.get("/wms?SERVICE=WMS&REQUEST=GetLegendGraphic&VERSION=1.3.0&FORMAT=image/png&LAYER=top_first")
-    assert legend.status_code == 400 and "LayerNotDefined" in legend.text
+    picture = _rgba(legend)
+    assert legend.headers["content-type"] == "image/png"
+    # one 20-pixel swatch row per relation (one rule each), the first relation's on top
+    rows = [tuple(picture[y, 10]) for y in range(picture.shape[0])]
+    first_red = rows.index((*RED, 255))
+    first_green = rows.index((*GREEN, 255))
+    assert first_red < first_green and picture.shape[0] >= 40
+    assert (await client.get("/wms?SERVICE=WMS&REQUEST=GetLegendGraphic&VERSION=1.3.0&FORMAT=image/jpeg"
+                             "&LAYER=top_first")).status_code == 400
+    missing = await client.get("/wms?SERVICE=WMS&REQUEST=GetLegendGraphic&VERSION=1.3.0&LAYER=top_first&RULE=nope")
+    assert missing.status_code == 400 and "InvalidParameterValue" in missing.text
 
 
 async def test_feature_count_and_order(client):

@@ -195,7 +195,7 @@ async def items(request: Request) -> Response:
         matched = await wfs.count_matched(plan)
         returned = max(0, min(query.limit or 0, matched - query.offset))
         stream, first = (await wfs.open_stream(plan)) if returned else (None, [])
-        headers = {**map_headers([t.published], get_runtime(request).settings),  # type: ignore[list-item]
+        headers = {**map_headers([t.published], get_runtime(request).settings),
                    "Content-Crs": f"<{out.text}>", "Vary": "Accept, X-Api-Key"}
         path = _path(t) + "/items"
         params = {k: ctx.kvp.get(k) or "" for k in ctx.kvp.names() if k not in ("offset", "f", "apikey")}
@@ -239,7 +239,7 @@ async def item(request: Request) -> Response:
         stream.close()
         if not first:
             raise not_found(f"feature {echo(request.path_params['featureId'])} does not exist")
-        headers = {**map_headers([t.published], get_runtime(request).settings),  # type: ignore[list-item]
+        headers = {**map_headers([t.published], get_runtime(request).settings),
                    "Content-Crs": f"<{out.text}>", "Vary": "Accept, X-Api-Key"}
         path = f"{_path(t)}/items/{quote(str(first[0].id), safe='')}"
         links = [*self_links(ctx, path, "feature"), link(ctx.url(_path(t)), "collection", JSON, t.name)]

@@ -16,7 +16,7 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote_plus
 
 from starlette.requests import Request
@@ -310,8 +310,19 @@ def tile_headers(published: PublishedLayer, settings: Any, content_encoding: str
     return headers
 
 
+class Served(Protocol):
+    """What the cache policy reads of anything served (a pyramid layer, a WMS-vector map, a WFS
+    feature type's layer): its record (for `cache_control`) and whether it is restricted."""
+
+    @property
+    def layer(self) -> Any: ...
+
+    @property
+    def restricted(self) -> bool: ...
+
+
 def map_headers(
-    layers: Iterable[PublishedLayer], settings: Any, content_encoding: str | None = None
+    layers: Iterable[Served], settings: Any, content_encoding: str | None = None
 ) -> dict[str, str]:
     """Headers of an image or value read from layers (GetMap, GetFeatureInfo, legends, tiles): a shared
     cache must never hand an answer about a restricted layer to someone without the key."""

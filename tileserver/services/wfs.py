@@ -686,7 +686,7 @@ async def open_stream(plan: Plan) -> tuple[FeatureStream, list[Feature]]:
 async def get_feature(ctx: Ctx) -> Response:
     plan = plan_get_feature(ctx)
     feature_type = plan.type
-    headers = map_headers([feature_type.published], ctx.settings)  # type: ignore[list-item]
+    headers = map_headers([feature_type.published], ctx.settings)
     if plan.by_id:
         found, first = await open_stream(plan)
         found.close()

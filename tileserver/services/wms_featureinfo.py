@@ -135,7 +135,7 @@ async def _vector_feature_info(kvp: KVP, runtime: Any, grid: Grid, vectors: list
     infos = [await asyncio.to_thread(features_at, vector, grid, i, j, count) for vector in vectors]
     body = VECTOR_WRITERS[info_format](infos)
     content_type = info_format + ("; charset=utf-8" if info_format.startswith("text/") else "")
-    return Response(body, headers={"Content-Type": content_type, **map_headers(vectors, runtime.settings)})  # type: ignore[arg-type]
+    return Response(body, headers={"Content-Type": content_type, **map_headers(vectors, runtime.settings)})
 
 
 async def get_feature_info(request: Request, kvp: KVP, version: str) -> Response:

@@ -72,7 +72,7 @@ async def get_map(request: Request, kvp: KVP, version: str) -> Response:
     else:
         body, content_type = await _render(request, runtime, req)
     headers = {"Content-Type": content_type}  # exact: no charset appended to text/asc
-    headers.update(map_headers(req.served, runtime.settings))  # type: ignore[arg-type]
+    headers.update(map_headers(req.served, runtime.settings))
     return Response(body, headers=headers)
 
 

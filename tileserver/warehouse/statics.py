@@ -100,8 +100,8 @@ def _ftl_problems(template: str) -> list[str]:
 
 
 def _ftl_engine_problems(template: str) -> list[str]:
-    """What the FreeMarker-subset engine (`render/ftl.py`, when this build has it) says of the
-    template, rendered over no feature."""
+    """What the FreeMarker-subset engine (`render/ftl.py`) says of the template's constructs
+    (parsed, not rendered: which attributes exist is the configuration's check, against its table)."""
     import importlib
 
     try:
@@ -109,7 +109,7 @@ def _ftl_engine_problems(template: str) -> list[str]:
     except ImportError:
         return []
     try:
-        engine.render_ftl(template, [])
+        engine.ftl_attributes(template)
     except Exception as exc:  # the engine's own error, whatever its class: the template's fault
         return [f"file: not a template the GetFeatureInfo engine reads: {exc}"]
     return []
