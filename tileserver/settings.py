@@ -141,6 +141,10 @@ class Settings:
     source_max_pixels: int = 1 << 28
     # --- vector services: WFS and OGC API Features (issue 13)
     wfs_max_features: int = 1000  # default and maximum COUNT of a GetFeature; maximum OGC API `limit`
+    # --- tiles at the Python ceiling (issue 16)
+    # stored WMTS tiles answered before Starlette (services/fastpath.py); off: every tile takes the
+    # route, byte for byte the same answer (tests/test_fastpath.py checks it)
+    fast_tiles: bool = True
 
     @property
     def resolved_store_path(self) -> str:
