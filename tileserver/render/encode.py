@@ -112,6 +112,10 @@ def _over_background(colour: np.ndarray, alpha: np.ndarray, bgcolor: Sequence[in
         if a.min() == 255:
             out[rows] = colour[rows]
             continue
+        if not ((a != 0) & (a != 255)).any():  # alpha from a validity mask: colour or background
+            out[rows] = bg.astype(np.uint8)
+            np.copyto(out[rows], colour[rows], where=(a == 255)[..., None])
+            continue
         a32 = a.astype(np.uint32)[..., None]
         n = colour[rows].astype(np.uint32)
         n *= a32
@@ -213,7 +217,7 @@ def write_png(pixels: np.ndarray, palette: np.ndarray | None = None, level: int 
         header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR_TYPES[pixels.shape[2]], 0, 0, 0)
         extra = b""
         rows = _png_rows(pixels, up=True)
-    data = imagecodecs.deflate_encode(rows, level=level)
+    data = imagecodecs.deflate_encode(rows, level=level)  # type: ignore[arg-type]  # any buffer
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + extra + _chunk(b"IDAT", bytes(data)) + _chunk(b"IEND", b"")
 
 
