@@ -145,6 +145,9 @@ class Settings:
     # stored WMTS tiles answered before Starlette (services/fastpath.py); off: every tile takes the
     # route, byte for byte the same answer (tests/test_fastpath.py checks it)
     fast_tiles: bool = True
+    # decoded source tiles shared by the renders of a worker process (render/draw.py DecodedTiles):
+    # bytes per process, so `--workers N` holds up to N times this; 0 turns it off
+    decoded_tile_cache_bytes: int = 48 << 20
 
     @property
     def resolved_store_path(self) -> str:
