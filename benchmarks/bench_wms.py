@@ -429,14 +429,14 @@ async def run_rok4(args: argparse.Namespace) -> str:
     if not rok4_peer.available():
         raise SystemExit("ROK4 is not built: run ../shared/tools/rok4/build.sh (root) first")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-rok4-"))
-    data = rok4_data.build(workdir, PROJECT / "tests" / "data" / "styles")
+    data = rok4_data.load_or_build(workdir, PROJECT / "tests" / "data" / "styles")
     tms = Path(args.tms or rok4_peer.RECIPE.parents[1] / "fixtures" / "rok4" / "tms")
     layer_styles = {"BENCH3": ["normal"], "BENCH4": ["normal", "torgb"], "BENCHDEM": ["normal", "estompage", "hypso"]}
-    ours = start_tileserver_layers(workdir, data, layer_styles)
     peer = rok4_peer.Rok4(workdir / "rok4-run", data.root, tms, data.styles, free_port(), layer_styles,
                           ["EPSG:4326", "EPSG:3857", "CRS:84", "EPSG:2154"], threads=args.rok4_threads)
     rows = []
     try:
+        ours = start_tileserver_layers(workdir, data, layer_styles)
         our_pids = process_tree(ours.process.pid)
         for case in CASES:
             if args.cases and case.key not in args.cases:
@@ -460,7 +460,8 @@ async def run_rok4(args: argparse.Namespace) -> str:
             rows.append([case.label, fmt(b, 2) if b is not None else "— (refused)", fmt(a, 2),
                          f"{a / b:.2f}" if b else "—", str(count), str(errors)])
     finally:
-        ours.stop()
+        if "ours" in locals():
+            ours.stop()
         peer.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

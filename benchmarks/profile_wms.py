@@ -58,9 +58,7 @@ def _profile_render_threads() -> None:
 async def main(args: argparse.Namespace) -> None:
     _profile_render_threads()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="prof-wms-"))
-    if not (workdir / "pyramids" / "BENCH3.json").exists():
-        rok4_data.build(workdir, FIXTURE_STYLES)
-    data = rok4_data.BenchData(workdir / "pyramids", workdir / "styles", *rok4_data_bbox(workdir))
+    data = rok4_data.load_or_build(workdir, FIXTURE_STYLES)
     settings = replace(load_settings(env={}), data_dir=str(workdir / "ts-data"), demo=False, admin_token="x",
                        admin_roots=("*",), styles_directory=str(data.styles))
     app = create_app(settings)
@@ -104,14 +102,6 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"{case.key:14s} {case.label:58s} cpu {cpu:7.2f} ms/req  wall {wall:7.2f}", flush=True)
                 if prof:
                     pstats.Stats(prof).sort_stats(args.sort).print_stats(args.top)
-
-
-def rok4_data_bbox(workdir: Path):
-    from tileserver.rok4.tms import load_tms
-
-    lim = rok4_data.parsed_limits(workdir / "pyramids" / "BENCH3.json")
-    matrix = load_tms("PM", load_settings(env={}).tms_directory).get(str(rok4_data.BOTTOM))
-    return matrix.range_bbox(*lim), matrix.cell_size
 
 
 if __name__ == "__main__":

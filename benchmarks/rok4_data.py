@@ -113,6 +113,18 @@ def build(workdir: Path, fixture_styles: Path, seed: int = 5) -> BenchData:
     return BenchData(root, styles, matrix.range_bbox(*lim), matrix.cell_size)
 
 
+def load_or_build(workdir: Path, fixture_styles: Path) -> BenchData:
+    """The pyramids of an earlier run in `workdir` when there, else built."""
+    if not (workdir / "pyramids" / "BENCHDEM.json").exists() or not (workdir / "styles" / "torgb.json").exists():
+        return build(workdir, fixture_styles)
+    from tileserver.rok4.tms import load_tms
+    from tileserver.settings import load_settings
+
+    lim = parsed_limits(workdir / "pyramids" / "BENCH3.json")
+    matrix = load_tms("PM", load_settings(env={}).tms_directory).get(str(BOTTOM))
+    return BenchData(workdir / "pyramids", workdir / "styles", matrix.range_bbox(*lim), matrix.cell_size)
+
+
 def parsed_limits(path: Path) -> tuple[int, int, int, int]:
     lim = parse_descriptor(json.loads(path.read_text())).level(str(BOTTOM)).tile_limits
     return lim.min_col, lim.min_row, lim.max_col, lim.max_row

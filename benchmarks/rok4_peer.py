@@ -75,7 +75,7 @@ http {{
         self.process = subprocess.Popen([str(PREFIX / "bin" / "rok4"), "-f", str(run / "server.json")], env=env,
                                         stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         subprocess.run(["nginx", "-c", str(run / "nginx.conf"), "-p", str(run / "nginx") + "/"], check=True)
-        for _ in range(150):
+        for _ in range(900):  # ROK4 checks every CRS of equals_crs.json with PROJ at startup: slow on a busy box
             try:
                 with urllib.request.urlopen(f"{self.url}/healthcheck", timeout=2) as answer:
                     if answer.status == 200:
