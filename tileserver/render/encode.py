@@ -101,12 +101,13 @@ def _flatten(array: np.ndarray, opts: _Options) -> np.ndarray:
 
 
 def _over_background(colour: np.ndarray, alpha: np.ndarray, bgcolor: Sequence[int]) -> np.ndarray:
-    """round(colour·a/255 + bg·(1 − a/255)) in integers: (c·a + bg·(255 − a) + 127) // 255, the
-    division as (n·32897) >> 23 (exact for n < 65,281; no ties since 255 is odd). Equal to the
-    float formula for every colour, alpha and background (checked exhaustively), several times
-    faster; opaque rows are copied, in bands of rows so temporaries stay bounded."""
+    """round(colour·a/255 + bg·(1 − a/255)) in 16-bit integers: x = c·a + bg·(255 − a) ≤ 65,025 and
+    round(x/255) = (x + 128 + ((x + 128) >> 8)) >> 8 (exact there; no ties since 255 is odd). Equal
+    to the float formula for every colour, alpha and background (checked exhaustively), several
+    times faster; opaque rows are copied, 0/255 alphas are masked copies; bands of rows bound the
+    temporaries."""
     out = np.empty(colour.shape, dtype=np.uint8)
-    bg = np.asarray(bgcolor, dtype=np.uint32)
+    bg = np.asarray(bgcolor, dtype=np.uint16)
     for rows in _row_bands(colour):
         a = alpha[rows]
         if a.min() == 255:
@@ -116,14 +117,14 @@ def _over_background(colour: np.ndarray, alpha: np.ndarray, bgcolor: Sequence[in
             out[rows] = bg.astype(np.uint8)
             np.copyto(out[rows], colour[rows], where=(a == 255)[..., None])
             continue
-        a32 = a.astype(np.uint32)[..., None]
-        n = colour[rows].astype(np.uint32)
-        n *= a32
-        n += bg * (255 - a32)
-        n += 127
-        n *= 32897
-        n >>= 23
-        out[rows] = n
+        a16 = a.astype(np.uint16)[..., None]
+        x = colour[rows].astype(np.uint16)
+        x *= a16
+        x += bg * (255 - a16)
+        x += 128
+        x += x >> 8
+        x >>= 8
+        out[rows] = x
     return out
 
 

@@ -415,7 +415,7 @@ def gradient(data: np.ndarray, res_x: float, res_y: float, algo: str = "H") -> t
 
     Horn: ((c + 2f + i) - (a + 2d + g)) / (8 res_x) and ((a + 2b + c) - (g + 2h + i)) / (8 res_y);
     Zevenbergen-Thorne: (f - d) / (2 res_x) and (b - h) / (2 res_y)."""
-    a, b, c, d, _, f, g, h, i = (v.astype(np.float64) for v in _windows(data))
+    a, b, c, d, _, f, g, h, i = (v.astype(np.float64, copy=False) for v in _windows(data))  # views of float64 data
     if algo == "Z":
         return (f - d) / (2 * res_x), (b - h) / (2 * res_y)
     return ((c + 2 * f + i) - (a + 2 * d + g)) / (8 * res_x), ((a + 2 * b + c) - (g + 2 * h + i)) / (8 * res_y)
