@@ -472,6 +472,7 @@ async def run_rok4(args: argparse.Namespace) -> str:
 
 
 def start_tileserver_layers(workdir: Path, data, layer_styles: dict[str, list[str]]) -> Server:
+    shutil.rmtree(workdir / "tileserver-data", ignore_errors=True)  # a fresh store: layers are POSTed again
     port = free_port()
     env = {**os.environ, "TILESERVER_DEMO": "false", "TILESERVER_ADMIN_TOKEN": ADMIN_TOKEN, "TILESERVER_ADMIN_ROOTS": "*",
            "TILESERVER_DATA_DIR": str(workdir / "tileserver-data"), "TILESERVER_PORT": str(port),
