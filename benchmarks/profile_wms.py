@@ -60,7 +60,8 @@ async def main(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="prof-wms-"))
     data = rok4_data.load_or_build(workdir, FIXTURE_STYLES)
     settings = replace(load_settings(env={}), data_dir=str(workdir / "ts-data"), demo=False, admin_token="x",
-                       admin_roots=("*",), styles_directory=str(data.styles))
+                       admin_roots=("*",), styles_directory=str(data.styles),
+                       decoded_tile_cache_bytes=0 if args.no_cache else 48 << 20)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         runtime = app.state.runtime
@@ -112,4 +113,5 @@ if __name__ == "__main__":
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--workdir", default="/tmp/i16/data")
+    parser.add_argument("--no-cache", action="store_true", help="decoded_tile_cache_bytes=0")
     asyncio.run(main(parser.parse_args()))
