@@ -112,6 +112,7 @@ if __name__ == "__main__":
     parser.add_argument("--profile")
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--workdir", default="/tmp/i16/data")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "tileserver-bench-rok4"),
+                        help="pyramids (built there once, then reused)")
     parser.add_argument("--no-cache", action="store_true", help="decoded_tile_cache_bytes=0")
     asyncio.run(main(parser.parse_args()))

@@ -16,10 +16,8 @@ import urllib.request
 from pathlib import Path
 
 PREFIX = Path(os.environ.get("ROK4_PREFIX", "/opt/rok4"))
-RECIPE = Path(__file__).resolve().parents[2] / "shared" / "tools" / "rok4"
-for candidate in (Path("/work/shared/tools/rok4"),):
-    if not (RECIPE / "services.json.in").exists() and (candidate / "services.json.in").exists():
-        RECIPE = candidate
+# the recipe beside the project checkout (../shared/tools/rok4), or ROK4_RECIPE
+RECIPE = Path(os.environ.get("ROK4_RECIPE", Path(__file__).resolve().parents[2] / "shared" / "tools" / "rok4"))
 
 
 def available() -> bool:
