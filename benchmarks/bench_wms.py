@@ -479,6 +479,16 @@ def start_tileserver_layers(workdir: Path, data, layer_styles: dict[str, list[st
            "ROK4_STYLES_DIRECTORY": str(data.styles)}
     server = Server("tileserver", [sys.executable, "-m", "tileserver.cli", "serve", "--workers", "1",
                                    "--port", str(port), "--no-demo", "--log-level", "warning"], port, env, workdir)
+    try:
+        _publish(server, data, layer_styles)
+    except BaseException:
+        server.stop()
+        raise
+    time.sleep(1.0)
+    return server
+
+
+def _publish(server: Server, data, layer_styles: dict[str, list[str]]) -> None:
     import urllib.request
 
     for name, styles in layer_styles.items():
@@ -491,8 +501,6 @@ def start_tileserver_layers(workdir: Path, data, layer_styles: dict[str, list[st
                                          method="POST", headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
                                                                  "Content-Type": "application/json"})
         urllib.request.urlopen(request).read()
-    time.sleep(1.0)
-    return server
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
