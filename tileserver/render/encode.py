@@ -165,19 +165,58 @@ _PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 def _as_palette(image: Image.Image, array: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(index (H, W) uint8, colours (N, bands) uint8) when the image has at most 256 colours."""
+    """(index (H, W) uint8, colours (N, bands) uint8) when the image has at most 256 colours.
+
+    Each pixel's colour packed in a uint32 (RGBA: a free view of the bytes) is mapped to its
+    palette index by a perfect hash — an odd multiplier whose top 16 bits separate the ≤ 256
+    colours, found in a few tries — and a 64 Ki-entry table: three array operations instead of a
+    binary search per pixel. Exact: every pixel's colour is one of `getcolors`'."""
     colours = image.getcolors(256)  # C loop; stops as soon as there are more than 256
     if colours is None:
         return None
     bands = array.shape[2]
-    weights = np.array([1 << 24, 1 << 16, 1 << 8, 1][4 - bands:], dtype=np.uint32)
-    table = np.array(sorted(np.dot(np.asarray(c, dtype=np.uint32), weights) for _, c in colours), dtype=np.uint32)
+    palette = np.array([c for _, c in colours], dtype=np.uint8).reshape(-1, bands)
+    table = _packed(palette[None])[0]
+    lut = _perfect_hash(table)
     index = np.empty(array.shape[:2], dtype=np.uint8)
-    for rows in _row_bands(array):  # uint32 codes and int64 positions a band at a time
-        codes = (array[rows].astype(np.uint32) * weights).sum(axis=2, dtype=np.uint32)
-        index[rows] = np.searchsorted(table, codes)
-    rgba = ((table[:, None] >> (8 * np.arange(bands - 1, -1, -1, dtype=np.uint32))) & 255).astype(np.uint8)
-    return index, rgba
+    if lut is None:  # no multiplier found: binary search in the sorted codes
+        order = np.argsort(table)
+        for rows in _row_bands(array):
+            index[rows] = order[np.searchsorted(table[order], _packed(array[rows]))]
+        return index, palette
+    multiplier, slots = lut
+    for rows in _row_bands(array):
+        codes = _packed(array[rows])
+        codes *= multiplier  # uint32 arithmetic wraps modulo 2**32, as the hash wants
+        codes >>= 16
+        index[rows] = slots[codes]
+    return index, palette
+
+
+def _packed(array: np.ndarray) -> np.ndarray:
+    """(…, 3|4) uint8 colours as (…) uint32 codes, little-endian byte order (a copy: callers modify it)."""
+    if array.shape[-1] == 4 and array.flags.c_contiguous:
+        return array.view("<u4")[..., 0].astype(np.uint32)
+    codes = array[..., 0].astype(np.uint32)
+    for band in range(1, array.shape[-1]):
+        codes |= array[..., band].astype(np.uint32) << np.uint32(8 * band)
+    return codes
+
+
+_HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646D, 0xFD7046C5,
+                     0xB55A4F09, 0x2545F491, 0x61C88647, 0x7FEB352D, 0x846CA68B)
+
+
+def _perfect_hash(codes: np.ndarray) -> tuple[np.uint32, np.ndarray] | None:
+    """(multiplier, 65,536-entry index table) under which `codes` land in distinct slots, or None."""
+    for multiplier in _HASH_MULTIPLIERS:
+        m = np.uint32(multiplier)
+        slots = (codes * m) >> np.uint32(16)
+        if np.unique(slots).size == codes.size:
+            table = np.zeros(1 << 16, dtype=np.uint8)
+            table[slots] = np.arange(codes.size, dtype=np.uint8)
+            return m, table
+    return None
 
 
 _PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # bands → grey, grey+alpha, RGB, RGBA
