@@ -1,6 +1,18 @@
-"""WMS GetMap throughput and latency against MapProxy serving the same tiles from its cache.
+"""WMS GetMap throughput and latency against MapProxy serving the same tiles from its cache,
+or server CPU per map against ROK4's own C++ server (``--peer rok4``, issue 16's table).
 
     .venv/bin/python benchmarks/bench_wms.py [--seconds 5] [--concurrency 4] [--workers 2]
+    .venv/bin/python benchmarks/bench_wms.py --peer rok4 [--maps 40] [--rounds 2] [--cases png256 ...]
+
+``--peer rok4`` (needs ROK4 built by ../shared/tools/rok4/build.sh into /opt/rok4): builds three
+pyramids (benchmarks/rok4_data.py: 3-band JPEG, 4-band PNG, FLOAT32 DEM, same area), serves them
+with ``tileserver serve --workers 1`` and with ROK4 (one rok4 process, 4 threads, behind one nginx
+worker), and for each row of benchmarks/map_cases.py sends the same maps to both, alternately
+(``--rounds``), `concurrency` in flight, and reads each server's CPU time (user + system of its
+processes, /proc) before and after: CPU per map, and the ratio tileserver ÷ ROK4. ROK4 7.0 refuses
+hillshade/slope/aspect styles for broadcast (server ``is_style_handled``): that row has no peer.
+
+MapProxy mode:
 
 One run:
 
@@ -351,6 +363,146 @@ async def run(args: argparse.Namespace) -> str:
             f"cell, bicubic, {args.rounds} alternating rounds; {machine_summary()}\n\n" + format_table(headers, rows))
 
 
+# --------------------------------------------------------------------------- ROK4 peer (issue 16)
+
+
+def process_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of processes and their children threads (/proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def process_tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            out += process_tree(int(child))
+    except OSError:
+        pass
+    return out
+
+
+async def cpu_per_map(base: str, paths: list[str], pids: list[int], concurrency: int) -> tuple[float, int]:
+    """Server CPU ms per request over `paths`, and the count of non-200 answers."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    errors = 0
+    async with aiohttp.ClientSession(connector=connector) as session:
+        queue = list(paths)
+
+        async def client() -> None:
+            nonlocal errors
+            while queue:
+                path = queue.pop()
+                async with session.get(base + path) as answer:
+                    await answer.read()
+                    errors += answer.status != 200
+
+        await asyncio.gather(*(client() for _ in range(min(2, len(paths)))))  # warm-up
+        queue[:] = list(paths)
+        before = process_cpu(pids)
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return (process_cpu(pids) - before) / len(paths) * 1000, errors
+
+
+def _rok4_styles(path: str) -> str:
+    """ROK4 wants a style per layer (STYLES= empty is refused): `normal` for the default."""
+    from urllib.parse import parse_qsl
+
+    query = dict(parse_qsl(path.split("?", 1)[1], keep_blank_values=True))
+    styles = [s or "normal" for s in query["STYLES"].split(",")]
+    query["STYLES"] = ",".join(styles + ["normal"] * (len(query["LAYERS"].split(",")) - len(styles)))
+    return path.split("?", 1)[0] + "?" + urlencode(query)
+
+
+async def run_rok4(args: argparse.Namespace) -> str:
+    import rok4_data
+    import rok4_peer
+    from map_cases import CASES, map_paths
+
+    if not rok4_peer.available():
+        raise SystemExit("ROK4 is not built: run ../shared/tools/rok4/build.sh (root) first")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-rok4-"))
+    data = rok4_data.load_or_build(workdir, PROJECT / "tests" / "data" / "styles")
+    tms = Path(args.tms or rok4_peer.RECIPE.parents[1] / "fixtures" / "rok4" / "tms")
+    layer_styles = {"BENCH3": ["normal"], "BENCH4": ["normal", "torgb"], "BENCHDEM": ["normal", "estompage", "hypso"]}
+    peer = rok4_peer.Rok4(workdir / "rok4-run", data.root, tms, data.styles, free_port(), layer_styles,
+                          ["EPSG:4326", "EPSG:3857", "CRS:84", "EPSG:2154"], threads=args.rok4_threads)
+    rows = []
+    try:
+        ours = start_tileserver_layers(workdir, data, layer_styles)
+        our_pids = process_tree(ours.process.pid)
+        for case in CASES:
+            if args.cases and case.key not in args.cases:
+                continue
+            count = max(4, round(args.maps * (256 * 256 * 16) / (case.size * case.size)) if case.size > 256 else args.maps * 4)
+            paths = map_paths(case, data, count, "/wms", seed=11)
+            peer_ok = "estompage" not in case.styles
+            ts, r4 = [], []
+            errors = 0
+            for _ in range(args.rounds):
+                cpu, err = await cpu_per_map(ours.url, paths, our_pids, args.concurrency)
+                ts.append(cpu)
+                errors += err
+                if peer_ok:
+                    cpu, err = await cpu_per_map(peer.url, [_rok4_styles(p) for p in paths], peer.pids, args.concurrency)
+                    r4.append(cpu)
+                    errors += err
+            a = min(ts)
+            b = min(r4) if r4 else None
+            print(f"{case.label:50s} tileserver {a:7.2f} ms  ROK4 {b if b is None else round(b, 2)} ms", file=sys.stderr)
+            rows.append([case.label, fmt(b, 2) if b is not None else "— (refused)", fmt(a, 2),
+                         f"{a / b:.2f}" if b else "—", str(count), str(errors)])
+    finally:
+        if "ours" in locals():
+            ours.stop()
+        peer.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    headers = ["request", "ROK4 CPU/map ms", "tileserver CPU/map ms", "tileserver ÷ ROK4", "maps", "errors"]
+    return (f"WMS GetMap, server CPU per map (user+system, /proc), tileserver --workers 1 vs ROK4 "
+            f"({args.rok4_threads} threads) + nginx, {args.concurrency} in flight, best of {args.rounds} "
+            f"alternating rounds; {machine_summary()}\n\n" + format_table(headers, rows))
+
+
+def start_tileserver_layers(workdir: Path, data, layer_styles: dict[str, list[str]]) -> Server:
+    shutil.rmtree(workdir / "tileserver-data", ignore_errors=True)  # a fresh store: layers are POSTed again
+    port = free_port()
+    env = {**os.environ, "TILESERVER_DEMO": "false", "TILESERVER_ADMIN_TOKEN": ADMIN_TOKEN, "TILESERVER_ADMIN_ROOTS": "*",
+           "TILESERVER_DATA_DIR": str(workdir / "tileserver-data"), "TILESERVER_PORT": str(port),
+           "ROK4_STYLES_DIRECTORY": str(data.styles)}
+    server = Server("tileserver", [sys.executable, "-m", "tileserver.cli", "serve", "--workers", "1",
+                                   "--port", str(port), "--no-demo", "--log-level", "warning"], port, env, workdir)
+    try:
+        _publish(server, data, layer_styles)
+    except BaseException:
+        server.stop()
+        raise
+    time.sleep(1.0)
+    return server
+
+
+def _publish(server: Server, data, layer_styles: dict[str, list[str]]) -> None:
+    import urllib.request
+
+    for name, styles in layer_styles.items():
+        desc = json.loads((data.root / f"{name}.json").read_text())
+        ids = [lv["id"] for lv in desc["levels"]]
+        layer = {"title": name, "abstract": "benchmark", "styles": styles,
+                 "pyramids": [{"path": str(data.root / f"{name}.json"), "bottom_level": max(ids, key=int),
+                               "top_level": min(ids, key=int)}]}
+        request = urllib.request.Request(f"{server.url}/admin/layers/{name}", data=json.dumps(layer).encode(),
+                                         method="POST", headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                                                                 "Content-Type": "application/json"})
+        urllib.request.urlopen(request).read()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case and server")
@@ -359,11 +511,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two servers per case")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    parser.add_argument("--peer", choices=("mapproxy", "rok4"), default="mapproxy")
+    parser.add_argument("--maps", type=int, default=16, help="rok4: 1024² maps per round (scaled by size)")
+    parser.add_argument("--cases", nargs="*", help="rok4: rows of benchmarks/map_cases.py to run")
+    parser.add_argument("--rok4-threads", type=int, default=4)
+    parser.add_argument("--tms", help="rok4: TMS directory (default: the recipe's fixtures)")
+    parser.add_argument("--workdir", help="rok4: working directory (default: a new temporary one)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(asyncio.run(run(parse_args(argv))))
+    args = parse_args(argv)
+    print(asyncio.run(run_rok4(args) if args.peer == "rok4" else run(args)))
     return 0
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+
 from apputil import app_client, layer_descriptor, make_settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tileserver.publication.model import parse_layer
 
@@ -95,3 +100,90 @@ async def test_a_new_catalog_is_seen_by_the_next_tile(tmp_path):
         await runtime.refresh()
         gone = await client.get(url)
         assert gone.status_code == 400 and b"unknown layer" in gone.content
+
+
+# --------------------------------------------------------------------------- fast path on vs off
+
+_SEGMENT = st.sampled_from(["S", "R", "X", "normal", "PM", "10", "9", "11", "s", ""])
+_EXT = st.sampled_from(["png", "jpeg", "tif", "PNG", "webp", "png.", ""])
+
+
+@st.composite
+def _tile_request(draw, lim) -> tuple[str, str, dict[str, str]]:
+    """A WMTS tile request near the layer's limits: REST or KVP, valid or not, HEAD or GET,
+    with or without a validator."""
+    near = draw(st.integers(0, 4)) == 0  # mostly inside the limits, sometimes just outside
+    row = draw(st.integers(lim.min_row - 2 * near, lim.max_row + 2 * near))
+    col = draw(st.integers(lim.min_col - 2 * near, lim.max_col + 2 * near))
+    layer = draw(st.sampled_from(["S", "S", "S", "R", "X"]))
+    style = draw(st.sampled_from(["normal", "normal", "other"]))
+    tms = draw(st.sampled_from(["PM", "PM", "PM", "WGS84"]))
+    z = draw(st.sampled_from(["10", "10", "9", "21", "x"]))
+    if draw(st.booleans()):
+        ext = draw(_EXT)
+        path = f"/wmts/1.0.0/{layer}/{style}/{tms}/{z}/{row}/{col}" + (f".{ext}" if ext else "")
+        if draw(st.integers(0, 9)) == 0:
+            path = path.replace(f"/{layer}/", f"/{draw(_SEGMENT)}/")
+        if draw(st.integers(0, 9)) == 0:
+            path += "?x=1"
+    else:
+        fmt = draw(st.sampled_from(["image%2Fpng", "image/png", "image%2Fjpeg", "image%2Fwebp"]))
+        service = draw(st.sampled_from(["WMTS", "WMTS", "wmts"]))
+        pairs = [f"SERVICE={service}", "REQUEST=GetTile", "VERSION=1.0.0", f"LAYER={layer}", f"STYLE={style}",
+                 f"TILEMATRIXSET={tms}", f"TILEMATRIX={z}", f"TILEROW={row}", f"TILECOL={col}", f"FORMAT={fmt}"]
+        drop = draw(st.integers(-1, len(pairs) - 1))
+        if drop >= 2 and draw(st.integers(0, 4)) == 0:
+            del pairs[drop]
+        if draw(st.integers(0, 19)) == 0:
+            pairs.append(f"LAYER={layer}")
+        path = "/wmts?" + "&".join(draw(st.permutations(pairs)))
+    method = draw(st.sampled_from(["GET", "GET", "HEAD"]))
+    headers = {}
+    if draw(st.booleans()):
+        headers["If-None-Match"] = draw(st.sampled_from(["ETAG", '"nope"', '"x", ETAG', "*"]))
+    if draw(st.integers(0, 4)) == 0:
+        headers["Accept-Encoding"] = draw(st.sampled_from(["gzip", "identity", "br, gzip"]))
+    return method, path, headers
+
+
+def _comparable(answer) -> tuple:
+    headers = sorted((k.lower(), v) for k, v in answer.headers.multi_items() if k.lower() != "x-request-id")
+    return answer.status_code, answer.content, headers
+
+
+def test_fast_path_on_and_off_answer_the_same(tmp_path):
+    """Status, body and every header (but the request id) with the fast path on and off, over the
+    same application: the fast path is one decision with the routed path, never another answer."""
+    loop = asyncio.new_event_loop()
+    context = app_client(make_settings(tmp_path))
+    client = loop.run_until_complete(context.__aenter__())
+    try:
+        runtime = client.app.state.runtime
+        runtime.store.add_layer(parse_layer("S", layer_descriptor("SCAN1000")))
+        runtime.store.add_layer(parse_layer("R", layer_descriptor("SCAN1000", restricted=True)))
+        loop.run_until_complete(runtime.refresh())
+        lim = runtime.catalog.layers["S"].limits["10"]
+        on = runtime.settings
+        off = replace(on, fast_tiles=False)
+        etag = loop.run_until_complete(
+            client.get(f"/wmts/1.0.0/S/normal/PM/10/{lim.min_row}/{lim.min_col}.png")).headers["etag"]
+        seen = {"fast": 0}
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(request=_tile_request(lim))
+        def check(request) -> None:
+            method, path, headers = request
+            headers = {k: v.replace("ETAG", etag) for k, v in headers.items()}
+            runtime.settings = off
+            routed = loop.run_until_complete(client.request(method, path, headers=headers))
+            runtime.settings = on
+            fast = loop.run_until_complete(client.request(method, path, headers=headers))
+            assert _comparable(fast) == _comparable(routed), (method, path, headers)
+            seen["fast"] += fast.status_code in (200, 304)
+
+        check()
+        assert seen["fast"] > 10  # the generator does reach the fast path's own answers
+    finally:
+        runtime.settings = on
+        loop.run_until_complete(context.__aexit__(None, None, None))
+        loop.close()

@@ -84,6 +84,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         store = PublicationStore(settings.resolved_store_url)
         async with Storage(settings) as storage:
             runtime = Runtime(settings, store, storage)
+            from tileserver.render.draw import DECODED_TILES
+
+            DECODED_TILES.resize(settings.decoded_tile_cache_bytes)
             if settings.demo:
                 from tileserver.demo import ensure_demo
 

@@ -143,6 +143,13 @@ class Settings:
     wfs_max_features: int = 1000  # default and maximum COUNT of a GetFeature; maximum OGC API `limit`
     # --- publication store engine (issue 17): a SQLite path (default: store_path) or postgresql://…
     store_url: str = ""
+    # --- tiles at the Python ceiling (issue 16)
+    # stored WMTS tiles answered before Starlette (services/fastpath.py); off: every tile takes the
+    # route, byte for byte the same answer (tests/test_fastpath.py checks it)
+    fast_tiles: bool = True
+    # decoded source tiles shared by the renders of a worker process (render/draw.py DecodedTiles):
+    # bytes per process, so `--workers N` holds up to N times this; 0 turns it off
+    decoded_tile_cache_bytes: int = 48 << 20
 
     @property
     def resolved_store_path(self) -> str:

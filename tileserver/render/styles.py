@@ -415,7 +415,7 @@ def gradient(data: np.ndarray, res_x: float, res_y: float, algo: str = "H") -> t
 
     Horn: ((c + 2f + i) - (a + 2d + g)) / (8 res_x) and ((a + 2b + c) - (g + 2h + i)) / (8 res_y);
     Zevenbergen-Thorne: (f - d) / (2 res_x) and (b - h) / (2 res_y)."""
-    a, b, c, d, _, f, g, h, i = (v.astype(np.float64) for v in _windows(data))
+    a, b, c, d, _, f, g, h, i = (v.astype(np.float64, copy=False) for v in _windows(data))  # views of float64 data
     if algo == "Z":
         return (f - d) / (2 * res_x), (b - h) / (2 * res_y)
     return ((c + 2 * f + i) - (a + 2 * d + g)) / (8 * res_x), ((a + 2 * b + c) - (g + 2 * h + i)) / (8 * res_y)
@@ -473,13 +473,19 @@ def palette_colours(palette: Palette, values: np.ndarray) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     nan = np.isnan(v)
     v = np.where(nan, stops[0], v)
-    idx = np.clip(np.searchsorted(stops, v, side="right") - 1, 0, len(stops) - 1)
-    out = np.empty(v.shape + (4,), dtype=np.float64)
-    for band, continuous in enumerate((palette.rgb_continuous,) * 3 + (palette.alpha_continuous,)):
-        out[..., band] = np.interp(v, stops, table[:, band]) if continuous else table[idx, band]
-    out[nan] = table[0]
-    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    return out[..., :3] if palette.no_alpha else out
+    bands = 3 if palette.no_alpha else 4
+    continuous = (palette.rgb_continuous,) * 3 + (palette.alpha_continuous,)
+    idx = None
+    if not all(continuous[:bands]):
+        idx = np.clip(np.searchsorted(stops, v, side="right") - 1, 0, len(stops) - 1)
+    # colours are within 0..255 and interpolation stays between two of them: no clip needed
+    out = np.empty(v.shape + (bands,), dtype=np.uint8)
+    for band in range(bands):
+        plane = np.asarray(np.interp(v, stops, table[:, band]) if continuous[band] else table[idx, band])
+        out[..., band] = np.rint(plane, out=plane) if continuous[band] else plane
+    if nan.any():
+        out[nan] = table[0, :bands]
+    return out
 
 
 def terrain_rgb(values: np.ndarray, p: Terrainrgb) -> np.ndarray:
@@ -493,6 +499,9 @@ def terrain_rgb(values: np.ndarray, p: Terrainrgb) -> np.ndarray:
 def colorize(data: np.ndarray, p: Colorize) -> np.ndarray:
     """Replace colours within `tolerance` (per band) of `source` by `destination`; output has
     len(destination) bands (a 3-band input gains an opaque alpha when destination has 4)."""
+    data = np.asarray(data)
+    if data.dtype == np.uint8:
+        return _colorize_uint8(data, p)
     src = np.clip(np.asarray(data, dtype=np.float64), 0, 255)
     n = min(len(p.source), src.shape[-1])
     match = np.all(np.abs(src[..., :n] - np.asarray(p.source[:n], dtype=np.float64)) <= p.tolerance, axis=-1)
@@ -501,6 +510,29 @@ def colorize(data: np.ndarray, p: Colorize) -> np.ndarray:
     out[..., :bands] = src[..., :bands]
     out[match] = p.destination
     return np.rint(out).astype(np.uint8)
+
+
+def _colorize_uint8(data: np.ndarray, p: Colorize) -> np.ndarray:
+    """`colorize` of uint8 samples in integers: the same pixels without float64 copies of the map
+    (|v − source| ≤ tolerance ⇔ source − ⌊tolerance⌋ ≤ v ≤ source + ⌊tolerance⌋ for integers)."""
+    n = min(len(p.source), data.shape[-1])
+    tol = math.floor(p.tolerance)
+    match = np.ones(data.shape[:-1], dtype=bool) if tol >= 0 else np.zeros(data.shape[:-1], dtype=bool)
+    if tol >= 0:
+        for band in range(n):
+            low, high = p.source[band] - tol, p.source[band] + tol
+            plane = data[..., band]
+            if low > 0:
+                match &= plane >= low
+            if high < 255:
+                match &= plane <= high
+    out = np.empty(data.shape[:-1] + (len(p.destination),), dtype=np.uint8)
+    bands = min(data.shape[-1], len(p.destination))
+    out[..., :bands] = data[..., :bands]
+    if len(p.destination) > bands:
+        out[..., bands:] = 255
+    out[match] = np.asarray(p.destination, dtype=np.uint8)
+    return out
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ class FastTiles:
         if not (is_plain_index(row_text) and is_plain_index(col_text)):
             return False
         runtime = getattr(self.state, "runtime", None)
-        if runtime is None or not runtime.enabled:
+        if runtime is None or not runtime.enabled or not runtime.settings.fast_tiles:
             return False
         catalog = runtime.catalog
         if catalog is not self._catalog:
