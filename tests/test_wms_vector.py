@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 import pyogrio.raw
@@ -177,3 +177,16 @@ async def test_vector_maps_take_a_render_slot(client):
             gate.release()
         gate.wait = wait
     assert (await _get(client, REQUEST="GetMap", LAYERS="top_first", FORMAT="image/png")).status_code == 200
+
+
+async def test_capabilities_style_of_a_vector_layer_links_its_legend(client):
+    from lxml import etree
+
+    caps = await client.get("/wms?SERVICE=WMS&REQUEST=GetCapabilities&VERSION=1.3.0")
+    ns = {"w": "http://www.opengis.net/wms", "x": "http://www.w3.org/1999/xlink"}
+    [layer] = etree.fromstring(caps.content).xpath("//w:Layer[w:Name='top_first']", namespaces=ns)
+    [legend] = layer.xpath("w:Style/w:LegendURL", namespaces=ns)
+    href = legend.xpath("w:OnlineResource/@x:href", namespaces=ns)[0]
+    link = urlsplit(href)
+    picture = _rgba(await client.get(f"{link.path}?{link.query}"))
+    assert (picture.shape[1], picture.shape[0]) == (int(legend.get("width")), int(legend.get("height")))

@@ -6,7 +6,7 @@ import logging
 import math
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from lxml import etree
 from starlette.requests import Request
@@ -143,8 +143,26 @@ def _links(b: _Builder, node: etree._Element, layer: Any) -> None:
         b.link(meta_node, "OnlineResource", str(meta["url"]))
 
 
-def _vector_node(b: _Builder, parent: etree._Element, vector: VectorMap, root_crs: tuple[str, ...]) -> None:
-    """A WMS-vector layer: the server's CRS list, its extent in each, queryable (its features)."""
+def _vector_legend_size(catalog: Catalog, vector: VectorMap) -> tuple[int, int]:
+    """(width, height) of the layer's GetLegendGraphic at its default size (drawn once per catalog
+    snapshot: the legend's width follows its rules' titles)."""
+    def measure() -> tuple[int, int]:
+        from tileserver.render.vector_legend import legend_size
+        from tileserver.render.vector_map import default_style
+
+        styles = [r.style if r.style is not None else default_style(r.relation) for r in vector.relations]
+        try:
+            return legend_size(styles)
+        except ValueError:  # a style with no rule to show
+            return (20, 20)
+
+    return catalog.document(("wms-vector-legend-size", vector.record_id), measure)
+
+
+def _vector_node(b: _Builder, parent: etree._Element, vector: VectorMap, root_crs: tuple[str, ...],
+                 catalog: Catalog, base: str, url_key: str | None) -> None:
+    """A WMS-vector layer: the server's CRS list, its extent in each, queryable (its features), its
+    style with the LegendURL of its GetLegendGraphic."""
     from tileserver.render.georef import reproject_bbox
     from tileserver.services.wms_request import map_crs_usable, map_layer_crs
 
@@ -176,6 +194,17 @@ def _vector_node(b: _Builder, parent: etree._Element, vector: VectorMap, root_cr
             boxes.append((code, box))
     b.bounding_boxes(node, boxes)
     _links(b, node, layer)
+    style_node = b.el(node, "Style")
+    b.el(style_node, "Name", "default")
+    b.el(style_node, "Title", "Style par défaut")
+    width, height = _vector_legend_size(catalog, vector)
+    params = {"SERVICE": "WMS", "REQUEST": "GetLegendGraphic", "VERSION": V130, "LAYER": vector.id,
+              "FORMAT": "image/png"}
+    if url_key:
+        params["apikey"] = url_key
+    legend = b.el(style_node, "LegendURL", width=str(width), height=str(height))
+    b.el(legend, "Format", "image/png")
+    b.link(legend, "OnlineResource", f"{base}/wms?{urlencode(params)}")
 
 
 def _layer_node(b: _Builder, parent: etree._Element, published: PublishedLayer, root_crs: tuple[str, ...],
@@ -259,7 +288,7 @@ def build_capabilities(runtime: Any, layers: list[PublishedLayer], base: str, ve
     every: list[PublishedLayer | VectorMap] = sorted([*layers, *vectors], key=lambda p: p.id)
     for published in every:
         if isinstance(published, VectorMap):
-            _vector_node(b, top, published, root_crs)
+            _vector_node(b, top, published, root_crs, catalog, base, url_key)
         else:
             _layer_node(b, top, published, root_crs, book, base, url_key)
     doctype = f'<!DOCTYPE WMT_MS_Capabilities SYSTEM "{DTD_111}capabilities_1_1_1.dtd">' if version == V111 else None
