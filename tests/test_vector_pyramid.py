@@ -116,9 +116,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
     return path, make_base(path)
 
 
-def build(base_path: Path, out: Path, *items: Composition, name: str = "V", **options: Any) -> str:
+def build(base_path: Path, out: Path, *items: Composition, name: str = "V", update: str | None = None,
+          **options: Any) -> str:
     build_vector_pyramid(base_path, str(out), name, VectorPyramidOptions(tuple(items), **options),
-                         settings=load_settings(env={}))
+                         settings=load_settings(env={}), update=update)
     return str(out / f"{name}.json")
 
 
@@ -448,3 +449,102 @@ async def test_cli_registers_a_vector_pyramid_typed_vector(base: Any, tmp_path: 
         stored = (await client.get(f"{API_BASE}/stored_data/{registered['_id']}")).json()
     assert stored["type"] == "ROK4-PYRAMID-VECTOR" and stored["status"] == "GENERATED"
     assert stored["type_infos"] == {"tms": "PM", "levels": ["6", "7", "8", "9"]}
+
+
+# --- updates ("mise à jour"): the area recomputed, the rest shared with the updated pyramid ---------
+
+
+def move_tree(path: Path, fid: int, lon: float, lat: float, added: str | None = None) -> None:
+    """Move tree `fid` to (lon, lat) in the base; with `added`, also a new tree of that name there."""
+    import sqlite3
+
+    from tileserver.vector.gpkgbinary import encode, register_functions
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:2154", always_xy=True).transform(lon, lat)
+    con = sqlite3.connect(path)
+    register_functions(con)
+    [(srs_id,)] = con.execute("SELECT srs_id FROM gpkg_geometry_columns WHERE table_name = 'arbres'").fetchall()
+    [(column,)] = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = 'arbres'").fetchall()
+    con.execute(f'UPDATE arbres SET "{column}" = ? WHERE fid = ?', (encode(shapely.Point(x, y), srs_id), fid))
+    if added:
+        con.execute(f'INSERT INTO arbres ("{column}", nom, hauteur) VALUES (?, ?, 7)',
+                    (encode(shapely.Point(x + 30.0, y + 30.0), srs_id), added))
+    con.commit()
+    con.close()
+
+
+def points_of(tiles: dict[tuple[int, int], dict[str, Any]], layer: str, zoom: int) -> dict[str, tuple[float, float]]:
+    """Each point feature of a layer by `nom`, as lon/lat (from its tile and pixel)."""
+    out = {}
+    for (col, row), tile in tiles.items():
+        found = tile.get(layer, {})
+        for f in found.get("features", []):
+            x, y = f["geometry"]["coordinates"]
+            if 0 <= x < found["extent"] and 0 <= y < found["extent"]:
+                n = 2 ** zoom
+                lon = (col + x / found["extent"]) / n * 360.0 - 180.0
+                lat = math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * (row + y / found["extent"]) / n))))
+                out[f["properties"]["nom"]] = (lon, lat)
+    return out
+
+
+def test_update_recomputes_the_area_and_links_the_rest(base: Any, tmp_path: Path) -> None:
+    """A tree moved and a tree added in the base, then an update of `trees` at levels 11–12 over an
+    area around them: the new pyramid's tiles show the change there, keep the other layer
+    (`parcelles`) in the recomputed tiles, keep levels 8–10 as they were, and the slabs the area does
+    not touch are links to the old pyramid's, listed under its root."""
+    import os
+    import shutil
+
+    source, rows = base
+    path = tmp_path / "base.gpkg"
+    shutil.copy(source, path)
+    out = tmp_path / "pyramids"
+    old = build(path, out, Composition("arbres", "8", "12", layer="trees", attributes=("nom",)),
+                Composition("parcelles", "10", "12"), name="V1", width=1, height=1)
+    # the easternmost tree moves 0.004° east; a tree is added beside it
+    east = max(range(len(rows["arbres"])), key=lambda i: rows["arbres"][i]["lon"])
+    tree = rows["arbres"][east]
+    lon, lat = tree["lon"] + 0.004, tree["lat"]
+    move_tree(path, east + 1, lon, lat, added="nouvel arbre")
+    area = shapely.box(tree["lon"] - 0.002, lat - 0.002, lon + 0.002, lat + 0.002).wkt
+    with pytest.raises(WriterError, match="width/height"):
+        build_vector_pyramid(path, str(out), "V2", VectorPyramidOptions(
+            (Composition("arbres", "11", "12", layer="trees", attributes=("nom",)),), area=area),
+            settings=load_settings(env={}), update=old)
+    new = build(path, out, Composition("arbres", "11", "12", layer="trees", attributes=("nom",)), name="V2",
+                area=area, width=1, height=1, update=old)
+    old_doc, old_tiles = read_pyramid(old)
+    doc, tiles = read_pyramid(new)
+    assert [lv["id"] for lv in doc["levels"]] == [str(z) for z in range(8, 13)]
+    assert [sorted(t["name"] for t in lv["tables"]) for lv in doc["levels"]] == \
+        [sorted(t["name"] for t in lv["tables"]) for lv in old_doc["levels"]]
+    for z in (11, 12):
+        before, after = points_of(old_tiles[str(z)], "trees", z), points_of(tiles[str(z)], "trees", z)
+        assert set(after) == set(before) | {"nouvel arbre"}
+        assert abs(after[tree["nom"]][0] - lon) < 1e-3 and abs(after[tree["nom"]][1] - lat) < 1e-3
+        assert abs(before[tree["nom"]][0] - tree["lon"]) < 1e-3
+        assert {k: v for k, v in after.items() if k not in (tree["nom"], "nouvel arbre")} == \
+            {k: v for k, v in before.items() if k != tree["nom"]}
+        # the other layer is kept whole in the recomputed tiles
+        assert sorted(f["properties"]["code"] for f in layer_features(tiles[str(z)], "parcelles")) == \
+            sorted(f["properties"]["code"] for f in layer_features(old_tiles[str(z)], "parcelles"))
+    for z in (8, 9, 10):  # levels the update does not compose: the old pyramid's
+        assert points_of(tiles[str(z)], "trees", z) == points_of(old_tiles[str(z)], "trees", z)
+    # slabs: untouched ones are links to V1's real slabs; the touched ones are new files
+    linked = recomputed = 0
+    for slab in (out / "V2" / "DATA").rglob("*.tif"):
+        level = slab.relative_to(out / "V2" / "DATA").parts[0]
+        if os.path.islink(slab):
+            linked += 1
+            assert slab.resolve().is_relative_to((out / "V1").resolve())
+            assert slab.resolve().read_bytes() == (out / "V1" / slab.relative_to(out / "V2")).read_bytes()
+        else:
+            recomputed += 1
+            assert level in ("11", "12")
+    assert linked > 0 and recomputed > 0
+    [roots, listed] = (out / "V2.list").read_text().split("#\n")
+    assert roots.splitlines()[1] == f"1={out / 'V1'}"
+    lines = listed.split()
+    assert sum(1 for line in lines if line.startswith("1/")) == linked
+    assert sum(1 for line in lines if line.startswith("0/")) == recomputed
