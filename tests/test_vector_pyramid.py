@@ -262,7 +262,7 @@ def test_processing_over_http(tmp_path: Path) -> None:
                                   params={"name": "Calcul ou mise à jour de pyramide vecteur"}).json()
         definition = client.get(f"{BASE}/processings/{processing['_id']}").json()
         assert definition["output_type"]["stored_data"] == "ROK4-PYRAMID-VECTOR"
-        assert definition["input_types"]["stored_data"] == ["VECTOR-DB"]
+        assert definition["input_types"]["stored_data"] == ["VECTOR-DB", "ROK4-PYRAMID-VECTOR"]
 
         def create(parameters: dict[str, Any], name: str = "pyramide") -> httpx.Response:
             return client.post(f"{BASE}/processings/executions", json={
@@ -548,3 +548,81 @@ def test_update_recomputes_the_area_and_links_the_rest(base: Any, tmp_path: Path
     lines = listed.split()
     assert sum(1 for line in lines if line.startswith("1/")) == linked
     assert sum(1 for line in lines if line.startswith("0/")) == recomputed
+
+
+def test_update_over_http(tmp_path: Path) -> None:
+    """The processing with both inputs (the base, changed by an integration `.update`, and the
+    pyramid): a new ROK4-PYRAMID-VECTOR stored data whose recomputed area shows the change, the old
+    one untouched; mismatched grid and two pyramids refused at creation."""
+    from test_warehouse_support import api_client, wait_for, warehouse_server
+    from test_warehouse_vector import BASE, _ok, integrate, upload
+
+    gpkg = tmp_path / "livraison.gpkg"
+    rows = make_base(gpkg)
+    east = max(range(len(rows["arbres"])), key=lambda i: rows["arbres"][i]["lon"])
+    tree = rows["arbres"][east]
+    lon, lat = tree["lon"] + 0.004, tree["lat"]
+    change = tmp_path / "arbres.update.geojson"
+    change.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"fid": east + 1, "nom": tree["nom"], "hauteur": tree["hauteur"]},
+         "geometry": {"type": "Point", "coordinates": [lon, lat]}}]}))
+    area = shapely.box(tree["lon"] - 0.002, lat - 0.002, lon + 0.002, lat + 0.002).wkt
+    with warehouse_server(tmp_path) as (url, settings):
+        client = api_client(url)
+        base = integrate(client, upload(client, {"data/livraison.gpkg": gpkg})["_id"])
+        [processing] = client.get(f"{BASE}/processings",
+                                  params={"name": "Calcul ou mise à jour de pyramide vecteur"}).json()
+        definition = client.get(f"{BASE}/processings/{processing['_id']}").json()
+        assert definition["input_types"]["stored_data"] == ["VECTOR-DB", "ROK4-PYRAMID-VECTOR"]
+        tms = next(p for p in definition["parameters"] if p["name"] == "tms")
+        assert tms["constraints"]["enum"][0] == "PM" and "LAMB93" not in tms["constraints"]["enum"]
+
+        def run(inputs: list[str], parameters: dict[str, Any], name: str) -> dict[str, Any]:
+            execution = _ok(client.post(f"{BASE}/processings/executions", json={
+                "processing": processing["_id"], "inputs": {"stored_data": inputs},
+                "output": {"stored_data": {"name": name}}, "parameters": parameters}), 201)
+            _ok(client.post(f"{BASE}/processings/executions/{execution['_id']}/launch"))
+            done = wait_for(lambda: (e := client.get(f"{BASE}/processings/executions/{execution['_id']}").json())
+                            ["status"] in ("SUCCESS", "FAILURE") and e)
+            logs = client.get(f"{BASE}/processings/executions/{execution['_id']}/logs").json()
+            assert done["status"] == "SUCCESS", logs
+            return client.get(f"{BASE}/stored_data/{execution['output']['stored_data']['_id']}").json()
+
+        trees = {"table": "arbres", "layer": "trees", "attributes": ["nom"]}
+        first = run([base["_id"]], {"composition": [{**trees, "top_level": "9", "bottom_level": "12"}],
+                                    "width": 2, "height": 2}, "v1")
+        refused = client.post(f"{BASE}/processings/executions", json={
+            "processing": processing["_id"], "inputs": {"stored_data": [base["_id"], first["_id"], first["_id"]]},
+            "output": {"stored_data": {"name": "x"}}, "parameters": {"tms": "LAMB93", "top_level": "5",
+                                                                     "bottom_level": "8"}})
+        assert refused.status_code == 400
+        text = json.dumps(refused.json())
+        assert "at most one pyramid to update" in text and "LAMB93" in text
+        refused = client.post(f"{BASE}/processings/executions", json={
+            "processing": processing["_id"], "inputs": {"stored_data": [base["_id"], first["_id"]]},
+            "output": {"stored_data": {"name": "x"}}, "parameters": {"tms": "PM_5cm", "top_level": "5",
+                                                                     "bottom_level": "8"}})
+        assert refused.status_code == 400 and "is on grid PM, not PM_5cm" in json.dumps(refused.json())
+
+        delivered = upload(client, {"maj/arbres.update.geojson": change}, srs="EPSG:4326")  # reprojected
+        integrate(client, delivered["_id"], existing=base["_id"])
+        second = run([first["_id"], base["_id"]], {"composition": [{**trees, "top_level": "11",
+                                                                    "bottom_level": "12"}], "area": area}, "v2")
+        assert second["type"] == "ROK4-PYRAMID-VECTOR" and second["_id"] != first["_id"]
+        assert second["type_infos"] == first["type_infos"]
+        from tileserver.publication.store import PublicationStore
+
+        store = PublicationStore(settings.resolved_store_path)
+        try:
+            paths = [store.get_stored_data(s["_id"]).descriptor_url.removeprefix("file://") for s in (first, second)]
+        finally:
+            store.close()
+        (_, old_tiles), (doc, tiles) = read_pyramid(paths[0]), read_pyramid(paths[1])
+        assert [lv["tiles_per_width"] for lv in doc["levels"]] == [2] * 4
+        for z in (11, 12):
+            before, after = points_of(old_tiles[str(z)], "trees", z), points_of(tiles[str(z)], "trees", z)
+            assert abs(before[tree["nom"]][0] - tree["lon"]) < 1e-3 and abs(after[tree["nom"]][0] - lon) < 1e-3
+            assert set(after) == set(before)
+        for z in (9, 10):
+            assert points_of(tiles[str(z)], "trees", z) == points_of(old_tiles[str(z)], "trees", z)
+        assert client.get(f"{BASE}/stored_data/{first['_id']}").json()["status"] == "GENERATED"

@@ -251,10 +251,30 @@ def _zoom(tms: TileMatrixSet, level: str, where: str) -> int:
 
 
 def check_grid(tms: TileMatrixSet) -> None:
-    """tippecanoe cuts Web Mercator quadtree tiles: the grid must be that one (PM)."""
-    first = tms.matrices[0]
-    if tms.crs.upper() not in ("EPSG:3857", "EPSG:900913") or first.matrix_width != 1 or first.tile_width != 256:
-        raise WriterError(f"tms {tms.id}: vector pyramids are computed on Web Mercator quadtree grids only (PM)")
+    """tippecanoe cuts the Web Mercator quadtree only (level i = zoom i, 2^i × 2^i tiles of 256
+    pixels from the world's corner): the grid must be that one (PM, or PM_5cm, its deeper twin)."""
+    half = 20037508.3427892
+    quadtree = tms.crs.upper() in ("EPSG:3857", "EPSG:900913") and all(
+        m.matrix_width == 2 ** i and m.tile_width == 256 and abs(m.origin_x + half) < 1.0
+        and abs(m.origin_y - half) < 1.0 and abs(m.cell_size * 256 * 2 ** i - 2 * half) < 1.0
+        for i, m in enumerate(tms.matrices))
+    if not quadtree:
+        raise WriterError(f"tms {tms.id}: a vector pyramid is computed on the Web Mercator quadtree only (PM): "
+                          f"tippecanoe cuts EPSG:3857 tiles, and {tms.id} is a {tms.crs} grid")
+
+
+def vector_grids(tms_directory: str) -> list[str]:
+    """The grids of a TMS directory a vector pyramid can use (PM first)."""
+    from tileserver.rok4.tms import TMSError, load_tms
+
+    out = []
+    for path in sorted(Path(tms_directory).glob("*.json")) if Path(tms_directory).is_dir() else []:
+        try:
+            check_grid(load_tms(path.stem, tms_directory))
+        except (WriterError, TMSError, ValueError, OSError):
+            continue
+        out.append(path.stem)
+    return sorted(out, key=lambda g: (g != "PM", g))
 
 
 def parse_area(wkt: str) -> Any:
@@ -339,8 +359,9 @@ def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path, window: BBox |
     bbox = None
     try:
         to_wgs84 = Transformer.from_crs(p.relation.srs, "EPSG:4326", always_xy=True)
-        if area is not None or window is not None:
-            west, south, east, north = area.bounds if area is not None else window
+        box = area.bounds if area is not None else window
+        if box is not None:
+            west, south, east, north = box
             bbox = Transformer.from_crs("EPSG:4326", p.relation.srs, always_xy=True).transform_bounds(
                 west, south, east, north, densify_pts=21)
     except ProjError as exc:
@@ -643,9 +664,9 @@ class Zone:
         if area is None:
             return cls(zoom)
         limits = footprint(area.bounds, zoom)
-        cols, rows = np.meshgrid(np.arange(limits.min_col, limits.max_col + 1),
-                                 np.arange(limits.min_row, limits.max_row + 1))
-        cols, rows = cols.ravel(), rows.ravel()
+        grid_cols, grid_rows = np.meshgrid(np.arange(limits.min_col, limits.max_col + 1),
+                                           np.arange(limits.min_row, limits.max_row + 1))
+        cols, rows = grid_cols.ravel(), grid_rows.ravel()
         n = 2.0 ** zoom
         lon = cols / n * 360.0 - 180.0
         lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * rows / n))))
