@@ -626,3 +626,22 @@ def test_update_over_http(tmp_path: Path) -> None:
         for z in (9, 10):
             assert points_of(tiles[str(z)], "trees", z) == points_of(old_tiles[str(z)], "trees", z)
         assert client.get(f"{BASE}/stored_data/{first['_id']}").json()["status"] == "GENERATED"
+
+
+def test_parallelization_packs_the_same_pyramid(base: Any, tmp_path: Path) -> None:
+    """parallelization 2 (tippecanoe threads and -P, slabs packed by 2 processes) writes the slabs
+    one process writes, each tile with the same features."""
+    path, _ = base
+    items = (Composition("arbres", "8", "12"), Composition("parcelles", "10", "12"))
+    one = read_pyramid(build(path, tmp_path / "one", *items, width=2, height=2))
+    two = read_pyramid(build(path, tmp_path / "two", *items, width=2, height=2, parallelization=2))
+    assert one[0] == two[0]  # descriptors: levels, limits, tables
+    for level, tiles in one[1].items():
+        assert tiles.keys() == two[1][level].keys()
+        for key, tile in tiles.items():
+            assert {n: sorted(json.dumps(f["properties"], sort_keys=True) for f in layer["features"])
+                    for n, layer in tile.items()} == \
+                {n: sorted(json.dumps(f["properties"], sort_keys=True) for f in layer["features"])
+                 for n, layer in two[1][level][key].items()}
+    assert sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.tif")) == \
+        sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.tif"))
