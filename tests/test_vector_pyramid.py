@@ -20,6 +20,7 @@ import shapely
 from pyproj import Transformer
 
 from tileserver.pyramid import Pyramid
+from tileserver.rok4.mvt import count_features
 from tileserver.settings import load_settings
 from tileserver.storage import Storage
 from tileserver.writer.errors import WriterError
@@ -27,7 +28,6 @@ from tileserver.writer.vector_pyramid import (
     Composition,
     VectorPyramidOptions,
     build_vector_pyramid,
-    count_features,
     tippecanoe_options,
 )
 

@@ -1,16 +1,23 @@
-"""A ROK4 vector pyramid (`TIFF_PBF_MVT`) from a vector base: the processing "Calcul de pyramide vecteur".
+"""A ROK4 vector pyramid (`TIFF_PBF_MVT`) from a vector base: the processing "Calcul ou mise à
+jour de pyramide vecteur".
 
 As ROK4's 4ALAMO does it: the composed tables are exported (reprojected to EPSG:4326, optionally
 clipped to an area) to GeoJSON text sequences, tippecanoe cuts them into Mapbox vector tiles
-(`-e <dir>`, uncompressed), then the tiles are packed into slabs (`build_vector_slab`, the
-`pbf2cache` equivalent). Then the `.list`, the summary and — last — the descriptor, so a failed run
-leaves no valid-looking pyramid; the slabs a failed run wrote are removed.
+(`-e <dir>`, uncompressed), then the tiles are packed into slabs (`rok4/mvt.py: pack_slab`, the
+`pbf2cache` equivalent; `parallelization` processes, as many tippecanoe threads). Then the `.list`,
+the summary and — last — the descriptor, so a failed run leaves no valid-looking pyramid; the
+slabs a failed run wrote are removed.
+
+An update (4ALAMO's `UPDATE`) starts from an existing vector pyramid: the composed layers are
+recomputed at the composed levels inside the area (whole tiles of the composition's top level),
+the ancestor's other layers are spliced back into those tiles, and every slab the area does not
+touch is a link to the ancestor's, listed under its root — as the raster updates of `update.py`.
 
 Why tippecanoe and the GeoJSON files: its generalisation (the platform's `tippecanoe_options`) is
 what producers tune; the export streams the base in batches so no table is held in memory.
 A composition `filter` is CQL text parsed by pygeofilter into the AST the base turns into bound
 SQL parameters: never raw SQL, so no statement or subquery can reach the base.
-Only Web Mercator grids: tippecanoe cuts nothing else.
+Only the Web Mercator quadtree (PM and its deeper twin PM_5cm): tippecanoe cuts nothing else.
 """
 
 from __future__ import annotations
@@ -40,8 +47,8 @@ from tileserver.pyramid import Pyramid
 from tileserver.rok4.descriptor import Descriptor, Level, TileLimits
 from tileserver.rok4.formats import get_format
 from tileserver.rok4.listfile import SlabList, parse_list
+from tileserver.rok4.mvt import MAX_TILE_FEATURES, SlabJob, pack_slab
 from tileserver.rok4.naming import parse_slab_name
-from tileserver.rok4.slab import build_vector_slab
 from tileserver.rok4.tms import TileMatrixSet
 from tileserver.storage import Storage, StorageError
 from tileserver.vector.base import QueryError, Relation
@@ -57,7 +64,6 @@ from .update import Ancestor, ancestor_list_root
 log = logging.getLogger("tileserver.writer")
 
 BATCH = 5000  # features reprojected and written at once
-MAX_TILE_FEATURES = 5000  # the platform's docs: more in a tile is "la première cause d'échec"
 WEB_MERCATOR = "EPSG:3857"
 
 # tippecanoe's generalisation options a producer may pass; no input, output, layer or attribute ones
@@ -455,43 +461,6 @@ def run_tippecanoe(files: Sequence[tuple[str, Path]], out: Path, top: int, botto
 # --- packing ---------------------------------------------------------------------------------------
 
 
-def count_features(tile: bytes) -> int:
-    """Features in an MVT tile without decoding it: field 2 of every layer (field 3), lengths skipped."""
-    def varint(data: bytes, at: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            byte = data[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return value, at
-            shift += 7
-
-    def fields(data: bytes, start: int, end: int) -> Any:
-        at = start
-        while at < end:
-            key, at = varint(data, at)
-            kind = key & 7
-            if kind == 2:
-                length, at = varint(data, at)
-                yield key >> 3, at, at + length
-                at += length
-            elif kind == 0:
-                _, at = varint(data, at)
-            elif kind == 1:
-                at += 8
-            elif kind == 5:
-                at += 4
-            else:
-                raise ValueError("not a vector tile")
-
-    total = 0
-    for number, start, end in fields(tile, 0, len(tile)):
-        if number == 3:
-            total += sum(1 for n, _, _ in fields(tile, start, end) if n == 2)
-    return total
-
-
 def tile_files(directory: Path, zoom: int) -> dict[tuple[int, int], str]:
     """tippecanoe's tiles of a level (`-e`: `<zoom>/<col>/<row>.pbf`), by (col, row)."""
     out: dict[tuple[int, int], str] = {}
@@ -503,87 +472,6 @@ def tile_files(directory: Path, zoom: int) -> dict[tuple[int, int], str]:
             if tile.name.endswith(".pbf"):
                 out[(int(column.name), int(tile.name[:-4]))] = tile.path
     return out
-
-
-def layers_of(tile: bytes) -> list[tuple[str, bytes]]:
-    """The tile's layers (field 3) as (name, the encoded field), in order."""
-    def varint(at: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            byte = tile[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return value, at
-            shift += 7
-
-    out, at = [], 0
-    while at < len(tile):
-        begin = at
-        key, at = varint(at)
-        if key & 7 != 2:
-            raise ValueError("not a vector tile")
-        length, at = varint(at)
-        end = at + length
-        if key >> 3 == 3:
-            name, inner = "", at
-            while inner < end:  # the layer's name is field 1 (string)
-                k, inner = varint(inner)
-                if k & 7 == 2:
-                    n, inner = varint(inner)
-                    if k >> 3 == 1:
-                        name = tile[inner:inner + n].decode("utf-8", "replace")
-                        break
-                    inner += n
-                elif k & 7 == 0:
-                    _, inner = varint(inner)
-                else:
-                    inner += 8 if k & 7 == 1 else 4
-            out.append((name, tile[begin:end]))
-        at = end
-    return out
-
-
-@dataclass(frozen=True)
-class SlabJob:
-    """One slab to pack: its new tiles (files by index in the slab) and, in an update, the
-    ancestor's slab, which tiles the update recomputes (None: all) and which layers it replaces."""
-
-    tiles: tuple[tuple[int, str], ...]
-    width: int
-    height: int
-    ancestor: bytes | None = None
-    inside: tuple[bool, ...] | None = None
-    replaced: frozenset[str] = frozenset()
-
-
-def pack_slab(job: SlabJob) -> tuple[bytes | None, list[tuple[int, int]]]:
-    """The slab's bytes (None when all its tiles are empty) and its crowded tiles (index, features).
-    Runs in a worker process with parallelization (picklable in, bytes out)."""
-    from tileserver.rok4.slab import parse_index
-
-    n = job.width * job.height
-    contents = [b""] * n
-    if job.ancestor is not None:
-        index = parse_index(job.ancestor, n)
-        old = [job.ancestor[o:o + size] if size else b"" for o, size in zip(index.offsets, index.sizes, strict=True)]
-        for i, tile in enumerate(old):
-            if not tile:
-                continue
-            if job.inside is not None and not job.inside[i]:
-                contents[i] = tile  # outside the recomputed zone: the ancestor's tile
-            else:  # recomputed: the ancestor's other layers stay
-                contents[i] = b"".join(data for name, data in layers_of(tile) if name not in job.replaced)
-    for i, path in job.tiles:
-        with open(path, "rb") as f:
-            contents[i] = f.read() + contents[i]
-    crowded = []
-    for i, tile in enumerate(contents):
-        if tile and (features := count_features(tile)) > MAX_TILE_FEATURES:
-            crowded.append((i, features))
-    if not any(contents):
-        return None, crowded
-    return build_vector_slab(contents, job.width, job.height), crowded
 
 
 def layer_table(p: _Plan) -> dict[str, Any]:
