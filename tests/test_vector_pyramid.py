@@ -408,6 +408,23 @@ async def test_on_s3(base: Any, tmp_path: Path, s3_server: Any, s3_bucket: str, 
     for (lv, c, r), tile in on_s3.items():
         assert {n: len(layer["features"]) for n, layer in tile.items()} == \
             {n: len(layer["features"]) for n, layer in on_disk[lv][(c, r)].items()}
+    # an update on S3 (the base unchanged): links are ROK4 SYMLINK# objects, the tiles are V's
+    area = shapely.box(2.2, 48.8, 2.3, 48.85).wkt
+    async with Storage(s3_settings) as storage:
+        summary = await build_vector_pyramid_async(path, root, "U", VectorPyramidOptions(
+            (Composition("arbres", "10", "11"),), width=2, height=2, area=area), storage, update=f"{root}/V.json")
+        assert summary["linked_slabs"] > 0 and summary["ancestor"] == f"{root}/V.json"
+        updated = await Pyramid.open(f"{root}/U.json", storage)
+        for (lv, c, r), tile in on_s3.items():
+            data = await updated.get_tile(lv, c, r)
+            assert {n: len(layer["features"]) for n, layer in mapbox_vector_tile.decode(data).items()} == \
+                {n: len(layer["features"]) for n, layer in tile.items()}
+    listing = parse_list(s3_server.get(s3_bucket, "vecteur/U.list").decode())
+    assert listing.roots == {0: f"{s3_bucket}/vecteur/U", 1: f"{s3_bucket}/vecteur/V"}
+    linked = [slab for root_index, slab, _ in listing.entries if root_index == 1]
+    assert len(linked) == summary["linked_slabs"]
+    for slab in linked:
+        assert s3_server.get(s3_bucket, f"vecteur/U/{slab}") == f"SYMLINK#{s3_bucket}/vecteur/V/{slab}".encode()
 
 
 def test_crowded_tiles_are_named_in_the_logs(tmp_path: Path) -> None:
