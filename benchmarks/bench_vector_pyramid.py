@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_vector_pyramid.py [--workdir DIR] [--points N] [--polygons N]
         [--top Z] [--bottom Z] [--options "-ac -an -S10"] [--parallelization 1,2] [--no-results]
+        [--pack TILES_DIR]   (only the packing of a kept tippecanoe output, with --workdir)
 
 A seeded synthetic GeoPackage in Lambert 93 (EPSG:2154, as producers' bases are) holding a
 `points` table (1 M points by default) and a `polygons` table (100 k octagons), over a 150 km square
@@ -96,6 +97,42 @@ def tippecanoe_alone(geojsons: Path, layer: str, out: Path, top: int, bottom: in
     return time.perf_counter() - started
 
 
+def pack_only(tiles: Path, work: Path, top: int, bottom: int, parallelizations: list[int]) -> list[str]:
+    """The packing step alone over a tippecanoe output directory (`-e`), as the writer runs it."""
+    import asyncio
+
+    from tileserver.storage import Storage
+    from tileserver.writer.target import PyramidTarget
+    from tileserver.writer.vector_pyramid import _pack
+
+    settings = load_settings(env={})
+    base = GeoPackageBase(next(work.glob("base-*.gpkg")))
+    try:
+        from tileserver.writer.build import load_grid
+
+        tms = load_grid("PM", settings.tms_directory)
+        [p] = plan(base, tms, VectorPyramidOptions((Composition("points", str(top), str(bottom)),)))
+    finally:
+        base.close()
+    out = []
+    for par in parallelizations:
+        shutil.rmtree(work / "packed", ignore_errors=True)
+        options = VectorPyramidOptions((p.item,), parallelization=par)
+
+        async def run(options: VectorPyramidOptions = options) -> dict:
+            async with Storage(settings) as storage:
+                return await _pack(storage, PyramidTarget.make(str(work / "packed"), "P"), tms, [(p, None)], tiles,
+                                   top, bottom, options, True, lambda m: None)
+
+        started = time.perf_counter()
+        summary = asyncio.run(run())
+        count = sum(1 for _ in tiles.rglob("*.pbf"))
+        out.append(f"packing alone, parallelization {par}: {count} tiles into {summary['slabs']} slabs in "
+                   f"{time.perf_counter() - started:.1f} s")
+        print(out[-1], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path)
@@ -107,7 +144,12 @@ def main() -> None:
     parser.add_argument("--parallelization", default="1,2")
     parser.add_argument("--tables", default="polygons,points")
     parser.add_argument("--no-results", action="store_true")
+    parser.add_argument("--pack", type=Path, help="only time the packing of this tippecanoe -e directory "
+                        "(of the points table) at each parallelization")
     args = parser.parse_args()
+    if args.pack:
+        pack_only(args.pack, args.workdir, args.top, args.bottom, [int(v) for v in args.parallelization.split(",")])
+        return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-vector-"))
     work.mkdir(parents=True, exist_ok=True)
     base = work / f"base-{args.points}-{args.polygons}.gpkg"

@@ -646,8 +646,8 @@ def test_update_over_http(tmp_path: Path) -> None:
 
 
 def test_parallelization_packs_the_same_pyramid(base: Any, tmp_path: Path) -> None:
-    """parallelization 2 (tippecanoe threads and -P, slabs packed by 2 processes) writes the slabs
-    one process writes, each tile with the same features."""
+    """parallelization 2 (tippecanoe threads and -P, slabs packed by 2 threads) writes the slabs
+    parallelization 1 writes, each tile with the same features."""
     path, _ = base
     items = (Composition("arbres", "8", "12"), Composition("parcelles", "10", "12"))
     one = read_pyramid(build(path, tmp_path / "one", *items, width=2, height=2))

@@ -1,7 +1,7 @@
 """Mapbox vector tiles in ROK4 `TIFF_PBF_MVT` slabs, read at the protobuf level: features counted
 and layers spliced without decoding, slabs packed (the `pbf2cache` equivalent).
 
-A light module on purpose: the vector pyramid writer's packing processes import only this.
+The vector pyramid writer packs with it (`writer/vector_pyramid.py`).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class SlabJob:
 
 def pack_slab(job: SlabJob) -> tuple[bytes | None, list[tuple[int, int]]]:
     """The slab's bytes (None when all its tiles are empty) and its crowded tiles (index, features).
-    Runs in a worker process with parallelization (picklable in, bytes out)."""
+    Thread-safe: the writer runs `parallelization` of them at once."""
     n = job.width * job.height
     contents = [b""] * n
     if job.ancestor is not None:

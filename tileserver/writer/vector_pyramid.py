@@ -4,7 +4,7 @@ jour de pyramide vecteur".
 As ROK4's 4ALAMO does it: the composed tables are exported (reprojected to EPSG:4326, optionally
 clipped to an area) to GeoJSON text sequences, tippecanoe cuts them into Mapbox vector tiles
 (`-e <dir>`, uncompressed), then the tiles are packed into slabs (`rok4/mvt.py: pack_slab`, the
-`pbf2cache` equivalent; `parallelization` processes, as many tippecanoe threads). Then the `.list`,
+`pbf2cache` equivalent; `parallelization` threads, as many tippecanoe threads). Then the `.list`,
 the summary and — last — the descriptor, so a failed run leaves no valid-looking pyramid; the
 slabs a failed run wrote are removed.
 
@@ -23,6 +23,7 @@ Only the Web Mercator quadtree (PM and its deeper twin PM_5cm): tippecanoe cuts 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import math
@@ -55,7 +56,6 @@ from tileserver.vector.base import QueryError, Relation
 from tileserver.vector.geopackage import GeoPackageBase
 
 from .build import load_grid
-from .engine import make_executor
 from .errors import WriterError
 from .summary import wgs84_extent
 from .target import PyramidTarget
@@ -685,8 +685,9 @@ PACK_CHUNK = 64  # slabs in flight at once (memory: their tiles)
 async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, plans: list[tuple[_Plan, BBox | None]],
                 tiles_dir: Path, top: int, bottom: int, options: VectorPyramidOptions, overwrite: bool,
                 say: Callable[[str], None], ancestor: VectorAncestor | None = None, zone: Zone = Zone()) -> dict[str, Any]:
-    """Slabs (packed by `parallelization` processes), links to the ancestor's, `.list`, summary,
-    descriptor; a failure removes what it wrote."""
+    """Slabs (packed by `parallelization` threads: file reads, protobuf counting and slab assembly
+    overlap the storage writes; processes measured slower, the slabs' bytes pickled back), links to
+    the ancestor's, `.list`, summary, descriptor; a failure removes what it wrote."""
     written: list[str] = []
     entries: list[tuple[int, str, str]] = []
     roots = {0: target.list_root}
@@ -706,7 +707,8 @@ async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, pla
     zooms = sorted(set(range(top, bottom + 1)) | {tms.matrices.index(tms.get(lv)) for lv in old_levels})
     await _clear_previous(storage, target, overwrite)  # before the try: a refusal must not touch it
     started = time.perf_counter()
-    executor = make_executor(options.parallelization)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, options.parallelization),
+                                                     thread_name_prefix="vector-pack")
     loop = asyncio.get_running_loop()
     try:
         for zoom in zooms:
