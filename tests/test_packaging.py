@@ -42,7 +42,8 @@ def test_declared_dependencies_cover_third_party_imports() -> None:
     declared = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower().replace("-", "_")
                 for d in project["dependencies"]}
     # import name -> distribution name where they differ
-    aliases = {"PIL": "pillow", "yaml": "pyyaml", "botocore": "aiobotocore", "yarl": "aiohttp", "pygml": "pygeofilter"}  # pinned by those (pygml: its [fes] extra)
+    aliases = {"PIL": "pillow", "yaml": "pyyaml", "botocore": "aiobotocore", "yarl": "aiohttp", "pygml": "pygeofilter",
+               "google": "protobuf"}  # pinned by those (pygml: its [fes] extra); google.protobuf is protobuf
     optional = {"uvloop", "httptools"}  # pulled by uvicorn[standard], imported only if present
     missing = set()
     for path in (ROOT / "tileserver").rglob("*.py"):

@@ -23,6 +23,7 @@ import shapely
 from pyproj import Transformer
 
 from tileserver.pyramid import Pyramid
+from tileserver.rok4.mvt import count_features
 from tileserver.settings import load_settings
 from tileserver.storage import Storage
 from tileserver.writer.errors import WriterError
@@ -30,7 +31,6 @@ from tileserver.writer.vector_pyramid import (
     Composition,
     VectorPyramidOptions,
     build_vector_pyramid,
-    count_features,
     tippecanoe_options,
 )
 
@@ -119,9 +119,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
     return path, make_base(path)
 
 
-def build(base_path: Path, out: Path, *items: Composition, name: str = "V", **options: Any) -> str:
+def build(base_path: Path, out: Path, *items: Composition, name: str = "V", update: str | None = None,
+          **options: Any) -> str:
     build_vector_pyramid(base_path, str(out), name, VectorPyramidOptions(tuple(items), **options),
-                         settings=load_settings(env={}))
+                         settings=load_settings(env={}), update=update)
     return str(out / f"{name}.json")
 
 
@@ -264,7 +265,7 @@ def test_processing_over_http(tmp_path: Path) -> None:
                                   params={"name": "Calcul ou mise à jour de pyramide vecteur"}).json()
         definition = client.get(f"{BASE}/processings/{processing['_id']}").json()
         assert definition["output_type"]["stored_data"] == "ROK4-PYRAMID-VECTOR"
-        assert definition["input_types"]["stored_data"] == ["VECTOR-DB"]
+        assert definition["input_types"]["stored_data"] == ["VECTOR-DB", "ROK4-PYRAMID-VECTOR"]
 
         def create(parameters: dict[str, Any], name: str = "pyramide") -> httpx.Response:
             return client.post(f"{BASE}/processings/executions", json={
@@ -443,6 +444,23 @@ async def test_on_s3(base: Any, tmp_path: Path, s3_server: Any, s3_bucket: str, 
     for (lv, c, r), tile in on_s3.items():
         assert {n: len(layer["features"]) for n, layer in tile.items()} == \
             {n: len(layer["features"]) for n, layer in on_disk[lv][(c, r)].items()}
+    # an update on S3 (the base unchanged): links are ROK4 SYMLINK# objects, the tiles are V's
+    area = shapely.box(2.2, 48.8, 2.3, 48.85).wkt
+    async with Storage(s3_settings) as storage:
+        summary = await build_vector_pyramid_async(path, root, "U", VectorPyramidOptions(
+            (Composition("arbres", "10", "11"),), width=2, height=2, area=area), storage, update=f"{root}/V.json")
+        assert summary["linked_slabs"] > 0 and summary["ancestor"] == f"{root}/V.json"
+        updated = await Pyramid.open(f"{root}/U.json", storage)
+        for (lv, c, r), tile in on_s3.items():
+            data = await updated.get_tile(lv, c, r)
+            assert {n: len(layer["features"]) for n, layer in mapbox_vector_tile.decode(data).items()} == \
+                {n: len(layer["features"]) for n, layer in tile.items()}
+    listing = parse_list(s3_server.get(s3_bucket, "vecteur/U.list").decode())
+    assert listing.roots == {0: f"{s3_bucket}/vecteur/U", 1: f"{s3_bucket}/vecteur/V"}
+    linked = [slab for root_index, slab, _ in listing.entries if root_index == 1]
+    assert len(linked) == summary["linked_slabs"]
+    for slab in linked:
+        assert s3_server.get(s3_bucket, f"vecteur/U/{slab}") == f"SYMLINK#{s3_bucket}/vecteur/V/{slab}".encode()
 
 
 def test_crowded_tiles_are_named_in_the_logs(tmp_path: Path) -> None:
@@ -484,3 +502,199 @@ async def test_cli_registers_a_vector_pyramid_typed_vector(base: Any, tmp_path: 
         stored = (await client.get(f"{API_BASE}/stored_data/{registered['_id']}")).json()
     assert stored["type"] == "ROK4-PYRAMID-VECTOR" and stored["status"] == "GENERATED"
     assert stored["type_infos"] == {"tms": "PM", "levels": ["6", "7", "8", "9"]}
+
+
+# --- updates ("mise à jour"): the area recomputed, the rest shared with the updated pyramid ---------
+
+
+def move_tree(path: Path, fid: int, lon: float, lat: float, added: str | None = None) -> None:
+    """Move tree `fid` to (lon, lat) in the base; with `added`, also a new tree of that name there."""
+    import sqlite3
+
+    from tileserver.vector.gpkgbinary import encode, register_functions
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:2154", always_xy=True).transform(lon, lat)
+    con = sqlite3.connect(path)
+    register_functions(con)
+    [(srs_id,)] = con.execute("SELECT srs_id FROM gpkg_geometry_columns WHERE table_name = 'arbres'").fetchall()
+    [(column,)] = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = 'arbres'").fetchall()
+    con.execute(f'UPDATE arbres SET "{column}" = ? WHERE fid = ?', (encode(shapely.Point(x, y), srs_id), fid))
+    if added:
+        con.execute(f'INSERT INTO arbres ("{column}", nom, hauteur) VALUES (?, ?, 7)',
+                    (encode(shapely.Point(x + 30.0, y + 30.0), srs_id), added))
+    con.commit()
+    con.close()
+
+
+def points_of(tiles: dict[tuple[int, int], dict[str, Any]], layer: str, zoom: int) -> dict[str, tuple[float, float]]:
+    """Each point feature of a layer by `nom`, as lon/lat (from its tile and pixel)."""
+    out = {}
+    for (col, row), tile in tiles.items():
+        found = tile.get(layer, {})
+        for f in found.get("features", []):
+            x, y = f["geometry"]["coordinates"]
+            if 0 <= x < found["extent"] and 0 <= y < found["extent"]:
+                n = 2 ** zoom
+                lon = (col + x / found["extent"]) / n * 360.0 - 180.0
+                lat = math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * (row + y / found["extent"]) / n))))
+                out[f["properties"]["nom"]] = (lon, lat)
+    return out
+
+
+def test_update_recomputes_the_area_and_links_the_rest(base: Any, tmp_path: Path) -> None:
+    """A tree moved and a tree added in the base, then an update of `trees` at levels 11–12 over an
+    area around them: the new pyramid's tiles show the change there, keep the other layer
+    (`parcelles`) in the recomputed tiles, keep levels 8–10 as they were, and the slabs the area does
+    not touch are links to the old pyramid's, listed under its root."""
+    import os
+    import shutil
+
+    source, rows = base
+    path = tmp_path / "base.gpkg"
+    shutil.copy(source, path)
+    out = tmp_path / "pyramids"
+    old = build(path, out, Composition("arbres", "8", "12", layer="trees", attributes=("nom",)),
+                Composition("parcelles", "10", "12"), name="V1", width=1, height=1)
+    # the easternmost tree moves 0.004° east; a tree is added beside it
+    east = max(range(len(rows["arbres"])), key=lambda i: rows["arbres"][i]["lon"])
+    tree = rows["arbres"][east]
+    lon, lat = tree["lon"] + 0.004, tree["lat"]
+    move_tree(path, east + 1, lon, lat, added="nouvel arbre")
+    area = shapely.box(tree["lon"] - 0.002, lat - 0.002, lon + 0.002, lat + 0.002).wkt
+    with pytest.raises(WriterError, match="width/height"):
+        build_vector_pyramid(path, str(out), "V2", VectorPyramidOptions(
+            (Composition("arbres", "11", "12", layer="trees", attributes=("nom",)),), area=area),
+            settings=load_settings(env={}), update=old)
+    new = build(path, out, Composition("arbres", "11", "12", layer="trees", attributes=("nom",)), name="V2",
+                area=area, width=1, height=1, update=old)
+    old_doc, old_tiles = read_pyramid(old)
+    doc, tiles = read_pyramid(new)
+    assert [lv["id"] for lv in doc["levels"]] == [str(z) for z in range(8, 13)]
+    assert [sorted(t["name"] for t in lv["tables"]) for lv in doc["levels"]] == \
+        [sorted(t["name"] for t in lv["tables"]) for lv in old_doc["levels"]]
+    for z in (11, 12):
+        before, after = points_of(old_tiles[str(z)], "trees", z), points_of(tiles[str(z)], "trees", z)
+        assert set(after) == set(before) | {"nouvel arbre"}
+        assert abs(after[tree["nom"]][0] - lon) < 1e-3 and abs(after[tree["nom"]][1] - lat) < 1e-3
+        assert abs(before[tree["nom"]][0] - tree["lon"]) < 1e-3
+        assert {k: v for k, v in after.items() if k not in (tree["nom"], "nouvel arbre")} == \
+            {k: v for k, v in before.items() if k != tree["nom"]}
+        # the other layer is kept whole in the recomputed tiles
+        assert sorted(f["properties"]["code"] for f in layer_features(tiles[str(z)], "parcelles")) == \
+            sorted(f["properties"]["code"] for f in layer_features(old_tiles[str(z)], "parcelles"))
+    for z in (8, 9, 10):  # levels the update does not compose: the old pyramid's
+        assert points_of(tiles[str(z)], "trees", z) == points_of(old_tiles[str(z)], "trees", z)
+    # slabs: untouched ones are links to V1's real slabs; the touched ones are new files
+    linked = recomputed = 0
+    for slab in (out / "V2" / "DATA").rglob("*.tif"):
+        level = slab.relative_to(out / "V2" / "DATA").parts[0]
+        if os.path.islink(slab):
+            linked += 1
+            assert slab.resolve().is_relative_to((out / "V1").resolve())
+            assert slab.resolve().read_bytes() == (out / "V1" / slab.relative_to(out / "V2")).read_bytes()
+        else:
+            recomputed += 1
+            assert level in ("11", "12")
+    assert linked > 0 and recomputed > 0
+    [roots, listed] = (out / "V2.list").read_text().split("#\n")
+    assert roots.splitlines()[1] == f"1={out / 'V1'}"
+    lines = listed.split()
+    assert sum(1 for line in lines if line.startswith("1/")) == linked
+    assert sum(1 for line in lines if line.startswith("0/")) == recomputed
+
+
+def test_update_over_http(tmp_path: Path) -> None:
+    """The processing with both inputs (the base, changed by an integration `.update`, and the
+    pyramid): a new ROK4-PYRAMID-VECTOR stored data whose recomputed area shows the change, the old
+    one untouched; mismatched grid and two pyramids refused at creation."""
+    from test_warehouse_support import api_client, wait_for, warehouse_server
+    from test_warehouse_vector import BASE, _ok, integrate, upload
+
+    gpkg = tmp_path / "livraison.gpkg"
+    rows = make_base(gpkg)
+    east = max(range(len(rows["arbres"])), key=lambda i: rows["arbres"][i]["lon"])
+    tree = rows["arbres"][east]
+    lon, lat = tree["lon"] + 0.004, tree["lat"]
+    change = tmp_path / "arbres.update.geojson"
+    change.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"fid": east + 1, "nom": tree["nom"], "hauteur": tree["hauteur"]},
+         "geometry": {"type": "Point", "coordinates": [lon, lat]}}]}))
+    area = shapely.box(tree["lon"] - 0.002, lat - 0.002, lon + 0.002, lat + 0.002).wkt
+    with warehouse_server(tmp_path) as (url, settings):
+        client = api_client(url)
+        base = integrate(client, upload(client, {"data/livraison.gpkg": gpkg})["_id"])
+        [processing] = client.get(f"{BASE}/processings",
+                                  params={"name": "Calcul ou mise à jour de pyramide vecteur"}).json()
+        definition = client.get(f"{BASE}/processings/{processing['_id']}").json()
+        assert definition["input_types"]["stored_data"] == ["VECTOR-DB", "ROK4-PYRAMID-VECTOR"]
+        tms = next(p for p in definition["parameters"] if p["name"] == "tms")
+        assert tms["constraints"]["enum"][0] == "PM" and "LAMB93" not in tms["constraints"]["enum"]
+
+        def run(inputs: list[str], parameters: dict[str, Any], name: str) -> dict[str, Any]:
+            execution = _ok(client.post(f"{BASE}/processings/executions", json={
+                "processing": processing["_id"], "inputs": {"stored_data": inputs},
+                "output": {"stored_data": {"name": name}}, "parameters": parameters}), 201)
+            _ok(client.post(f"{BASE}/processings/executions/{execution['_id']}/launch"))
+            done = wait_for(lambda: (e := client.get(f"{BASE}/processings/executions/{execution['_id']}").json())
+                            ["status"] in ("SUCCESS", "FAILURE") and e)
+            logs = client.get(f"{BASE}/processings/executions/{execution['_id']}/logs").json()
+            assert done["status"] == "SUCCESS", logs
+            return client.get(f"{BASE}/stored_data/{execution['output']['stored_data']['_id']}").json()
+
+        trees = {"table": "arbres", "layer": "trees", "attributes": ["nom"]}
+        first = run([base["_id"]], {"composition": [{**trees, "top_level": "9", "bottom_level": "12"}],
+                                    "width": 2, "height": 2}, "v1")
+        refused = client.post(f"{BASE}/processings/executions", json={
+            "processing": processing["_id"], "inputs": {"stored_data": [base["_id"], first["_id"], first["_id"]]},
+            "output": {"stored_data": {"name": "x"}}, "parameters": {"tms": "LAMB93", "top_level": "5",
+                                                                     "bottom_level": "8"}})
+        assert refused.status_code == 400
+        text = json.dumps(refused.json())
+        assert "at most one pyramid to update" in text and "LAMB93" in text
+        refused = client.post(f"{BASE}/processings/executions", json={
+            "processing": processing["_id"], "inputs": {"stored_data": [base["_id"], first["_id"]]},
+            "output": {"stored_data": {"name": "x"}}, "parameters": {"tms": "PM_5cm", "top_level": "5",
+                                                                     "bottom_level": "8"}})
+        assert refused.status_code == 400 and "is on grid PM, not PM_5cm" in json.dumps(refused.json())
+
+        delivered = upload(client, {"maj/arbres.update.geojson": change}, srs="EPSG:4326")  # reprojected
+        integrate(client, delivered["_id"], existing=base["_id"])
+        second = run([first["_id"], base["_id"]], {"composition": [{**trees, "top_level": "11",
+                                                                    "bottom_level": "12"}], "area": area}, "v2")
+        assert second["type"] == "ROK4-PYRAMID-VECTOR" and second["_id"] != first["_id"]
+        assert second["type_infos"] == first["type_infos"]
+        from tileserver.publication.store import PublicationStore
+
+        store = PublicationStore(settings.resolved_store_path)
+        try:
+            paths = [store.get_stored_data(s["_id"]).descriptor_url.removeprefix("file://") for s in (first, second)]
+        finally:
+            store.close()
+        (_, old_tiles), (doc, tiles) = read_pyramid(paths[0]), read_pyramid(paths[1])
+        assert [lv["tiles_per_width"] for lv in doc["levels"]] == [2] * 4
+        for z in (11, 12):
+            before, after = points_of(old_tiles[str(z)], "trees", z), points_of(tiles[str(z)], "trees", z)
+            assert abs(before[tree["nom"]][0] - tree["lon"]) < 1e-3 and abs(after[tree["nom"]][0] - lon) < 1e-3
+            assert set(after) == set(before)
+        for z in (9, 10):
+            assert points_of(tiles[str(z)], "trees", z) == points_of(old_tiles[str(z)], "trees", z)
+        assert client.get(f"{BASE}/stored_data/{first['_id']}").json()["status"] == "GENERATED"
+
+
+def test_parallelization_packs_the_same_pyramid(base: Any, tmp_path: Path) -> None:
+    """parallelization 2 (tippecanoe threads and -P, slabs packed by 2 threads) writes the slabs
+    parallelization 1 writes, each tile with the same features."""
+    path, _ = base
+    items = (Composition("arbres", "8", "12"), Composition("parcelles", "10", "12"))
+    one = read_pyramid(build(path, tmp_path / "one", *items, width=2, height=2))
+    two = read_pyramid(build(path, tmp_path / "two", *items, width=2, height=2, parallelization=2))
+    assert one[0] == two[0]  # descriptors: levels, limits, tables
+    for level, tiles in one[1].items():
+        assert tiles.keys() == two[1][level].keys()
+        for key, tile in tiles.items():
+            assert {n: sorted(json.dumps(f["properties"], sort_keys=True) for f in layer["features"])
+                    for n, layer in tile.items()} == \
+                {n: sorted(json.dumps(f["properties"], sort_keys=True) for f in layer["features"])
+                 for n, layer in two[1][level][key].items()}
+    assert sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.tif")) == \
+        sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.tif"))

@@ -21,7 +21,7 @@ from .check_routes import logs_response
 from .entities import Entity
 from .errors import bad_request, conflict, not_found
 from .lifecycle import EXECUTION
-from .processings import VECTOR_DB, Processing, check_parameters, find, processings
+from .processings import PYRAMID_VECTOR, VECTOR_DB, Processing, check_parameters, find, processings
 from .pyramid_home import base_url
 from .status import FINAL, RUNNING, Status
 from .stored_data import KIND as STORED_DATA
@@ -155,8 +155,9 @@ def _check_uploads(ctx: Ctx, processing: Processing, ids: list[str], problems: l
 
 
 def _check_stored(ctx: Ctx, processing: Processing, ids: list[str], problems: list[str]) -> list[Any]:
-    if len(ids) > 1:
-        problems.append("inputs.stored_data: at most one pyramid to update")
+    if len(ids) > (2 if processing.key == "vector-pyramid" else 1):
+        problems.append("inputs.stored_data: at most one pyramid to update"
+                        + (" and one VECTOR-DB base" if processing.key == "vector-pyramid" else ""))
     found = []
     for i, ident in enumerate(ids):
         where = f"inputs.stored_data[{i}]"
@@ -172,6 +173,12 @@ def _check_stored(ctx: Ctx, processing: Processing, ids: list[str], problems: li
         found.append(stored)
     if found and processing.key == "harvest":
         problems.append("inputs.stored_data: updating a pyramid by harvesting is not supported here")
+    if processing.key == "vector-pyramid":
+        kinds = [s.type for s in found]
+        if found and kinds.count(VECTOR_DB) != 1:
+            problems.append("inputs.stored_data: one VECTOR-DB base to compute the pyramid from is required")
+        if kinds.count(PYRAMID_VECTOR) > 1:
+            problems.append("inputs.stored_data: at most one ROK4-PYRAMID-VECTOR to update")
     return found
 
 
@@ -315,9 +322,10 @@ def _outputs_of_running(ctx: Ctx, stored_id: str) -> list[Entity]:
                                                       " = ?", (stored_id,))]
 
 
-def _vector_pyramid_problems(ctx: Ctx, parameters: dict[str, Any], stored: Any) -> list[str]:
+def _vector_pyramid_problems(ctx: Ctx, parameters: dict[str, Any], stored: Any, updated: Any = None) -> list[str]:
     """What the vector pyramid's run would refuse before writing: composition against the base
-    (tables, attributes, filters, levels), tippecanoe options, area, grid."""
+    (tables, attributes, filters, levels), tippecanoe options, area, grid (an update's is the
+    updated pyramid's)."""
     import sqlite3
 
     from tileserver.vector.geopackage import GeoPackageBase
@@ -330,8 +338,15 @@ def _vector_pyramid_problems(ctx: Ctx, parameters: dict[str, Any], stored: Any) 
         base = GeoPackageBase(base_path(stored.descriptor_url))
     except (OSError, sqlite3.Error):
         return [f"inputs.stored_data[0]: the base of stored data {stored.id} cannot be read"]
+    grid = str(parameters.get("tms") or "PM")
+    if updated is not None:
+        ancestor_grid = str((updated.summary.get("type_infos") or {}).get("tms") or "PM")
+        if "tms" in parameters and parameters["tms"] != ancestor_grid:
+            return [f"parameters.tms: the pyramid to update ({updated.id}) is on grid {ancestor_grid},"
+                    f" not {parameters['tms']}"]
+        grid = ancestor_grid
     try:
-        tms = load_tms(str(parameters.get("tms") or "PM"), ctx.wh.settings.tms_directory)
+        tms = load_tms(grid, ctx.wh.settings.tms_directory)
         check_options(base, tms, options_from_parameters(parameters, base.relations()))
     except WriterError as exc:
         return [str(exc)]
@@ -372,10 +387,12 @@ async def create_execution(ctx: Ctx) -> Response:
         existing = await asyncio.to_thread(_vector_problems, ctx, parameters, uploads, output, problems)
     elif processing.key == "vector-pyramid":
         problems += estimate.slab_problems(parameters)
+        bases = [s for s in ancestors if s.type == VECTOR_DB]
+        updated = next((s for s in ancestors if s.type == PYRAMID_VECTOR), None)
         if not inputs.get("stored_data"):
             problems.append("inputs.stored_data: the VECTOR-DB base to compute the pyramid from is required")
-        elif ancestors and isinstance(data.get("parameters"), dict):
-            problems += await asyncio.to_thread(_vector_pyramid_problems, ctx, parameters, ancestors[0])
+        elif len(bases) == 1 and isinstance(data.get("parameters"), dict):
+            problems += await asyncio.to_thread(_vector_pyramid_problems, ctx, parameters, bases[0], updated)
         output = _check_output(data, problems)
     else:
         problems += estimate.slab_problems(parameters)
@@ -389,7 +406,7 @@ async def create_execution(ctx: Ctx) -> Response:
     if vector:
         size = VECTOR_GROWTH * sum(int(u.body.get("size", 0)) for u in uploads)
     elif processing.key == "vector-pyramid":  # tiles hold no more than the base (generalised, no index)
-        size = int(ancestors[0].summary.get("size", 0) or 0)
+        size = sum(int(s.summary.get("size", 0) or 0) for s in ancestors if s.type == VECTOR_DB)
     else:
         size = await asyncio.to_thread(_estimate, ctx, processing, parameters, uploads, tms, problems)
     if problems:

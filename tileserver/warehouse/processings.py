@@ -104,8 +104,9 @@ def _vector_parameters() -> list[dict[str, Any]]:
     ]
 
 
-def _vector_pyramid_parameters() -> list[dict[str, Any]]:
-    """The platform's parameters of the vector pyramid processing (levels travel as strings)."""
+def _vector_pyramid_parameters(grids: list[str]) -> list[dict[str, Any]]:
+    """The platform's parameters of the vector pyramid processing (levels travel as strings);
+    `grids`: the Web Mercator quadtree grids this server has (tippecanoe cuts no other)."""
     item = {"type": "object", "required": ["table"], "properties": {
         "table": _TEXT, "layer": _TEXT, "filter": _TEXT, "attributes": {"type": "array", "items": _TEXT},
         "top_level": _TEXT, "bottom_level": _TEXT}}
@@ -117,11 +118,18 @@ def _vector_pyramid_parameters() -> list[dict[str, Any]]:
         _p("top_level", "Niveau du haut de la pyramide (obligatoire sans composition)"),
         _p("tippecanoe_options", "Options de généralisation de tippecanoe (par exemple -S10 ou -ac -an -S10)",
            constraints=_TEXT),
-        _p("area", "WKT en EPSG:4326 de la zone à calculer (échantillon)", constraints=_TEXT),
-        _p("tms", "Tile Matrix Set, grille des tuiles", constraints={"type": "string", "enum": ["PM"]}, default="PM"),
-        _p("width", "Nombre de tuiles dans une dalle, dans le sens de la largeur", default=16),
-        _p("height", "Nombre de tuiles dans une dalle, dans le sens de la hauteur", default=16),
-        _p("parallelization", "Nombre de fils de calcul des tuiles", default=1),
+        _p("area", "WKT en EPSG:4326 de la zone à calculer (échantillon) ; pour une mise à jour, la zone à "
+           "recalculer (arrondie aux tuiles du niveau du haut de la composition), le reste étant repris de la "
+           "pyramide mise à jour", constraints=_TEXT),
+        _p("tms", "Tile Matrix Set, grille des tuiles : pseudo-Mercator seulement (tippecanoe ne découpe que "
+           "celle-ci) ; pour une mise à jour, celle de la pyramide mise à jour",
+           constraints={"type": "string", "enum": grids}),
+        _p("width", "Nombre de tuiles dans une dalle, dans le sens de la largeur (16 par défaut ; mise à jour : celui de la "
+           "pyramide mise à jour)"),
+        _p("height", "Nombre de tuiles dans une dalle, dans le sens de la hauteur (16 par défaut ; mise à jour : celui de la "
+           "pyramide mise à jour)"),
+        _p("parallelization", "Nombre de fils de calcul des tuiles (tippecanoe) et de processus d'écriture des "
+           "dalles", default=1),
     ]
 
 
@@ -163,6 +171,8 @@ class Processing:
 
 @functools.cache
 def processings(tms_directory: str) -> tuple[Processing, ...]:
+    from tileserver.writer.vector_pyramid import vector_grids
+
     grids = sorted(p.stem for p in Path(tms_directory).glob("*.json")) if Path(tms_directory).is_dir() else []
     tms = ["PM"] + [g for g in grids if g != "PM"]
     raster = tuple(_raster_parameters(tms))
@@ -185,8 +195,10 @@ def processings(tms_directory: str) -> tuple[Processing, ...]:
                    ("VECTOR",), (), tuple(_vector_parameters()), ("vector", "standard"), VECTOR_DB, "POSTGRESQL"),
         Processing("vector-pyramid", VECTOR_TO_PYRAMID,
                    "Calcul d'une pyramide de tuiles vectorielles (ROK4, tuiles Mapbox Vector Tiles) à partir d'une "
-                   "base de données vecteur, par tippecanoe", (), (VECTOR_DB,), tuple(_vector_pyramid_parameters()),
-                   (), PYRAMID_VECTOR, "S3"),
+                   "base de données vecteur, par tippecanoe ; ou mise à jour d'une pyramide vecteur fournie en entrée "
+                   "avec la base : les couches composées y sont recalculées aux niveaux composés (dans la zone "
+                   "`area`), les autres dalles sont référencées", (), (VECTOR_DB, PYRAMID_VECTOR),
+                   tuple(_vector_pyramid_parameters(vector_grids(tms_directory) or ["PM"])), (), PYRAMID_VECTOR, "S3"),
     )
 
 

@@ -78,7 +78,9 @@ def _run(settings: Settings, store: PublicationStore, entities: Entities, execut
     if any(a is None for a in ancestors):
         raise ExecutionError("an input stored data no longer exists")
     if processing.key == "vector-pyramid":
-        return _vector_pyramid(settings, ancestors[0], parameters, output_dir, name)
+        base = next(a for a in ancestors if a is not None and a.type == "VECTOR-DB")
+        updated = next((a for a in ancestors if a is not None and a.type == "ROK4-PYRAMID-VECTOR"), None)
+        return _vector_pyramid(settings, base, parameters, output_dir, name, updated)
     common = {"tms": parameters.get("tms") or "PM", "bottom": _level(parameters.get("bottom")),
               "top": _level(parameters.get("top")), "compression": parameters.get("compression", "raw"),
               "width": int(parameters.get("width", 16)), "height": int(parameters.get("height", 16)),
@@ -215,8 +217,10 @@ def _integrate(settings: Settings, entities: Entities, execution: Entity, base_u
 
 
 def _vector_pyramid(settings: Settings, base: Any, parameters: dict[str, Any], output_dir: str,
-                    name: str) -> dict[str, Any]:
-    """tippecanoe over the input base's tables, packed into a ROK4 vector pyramid (descriptor last)."""
+                    name: str, updated: Any = None) -> dict[str, Any]:
+    """tippecanoe over the input base's tables, packed into a ROK4 vector pyramid (descriptor last);
+    with `updated` (an input vector pyramid), a new pyramid that recomputes the composition there
+    and links the rest to it (its grid and slab size unless the parameters name them)."""
     import logging
 
     from tileserver.vector.geopackage import GeoPackageBase
@@ -239,5 +243,24 @@ def _vector_pyramid(settings: Settings, base: Any, parameters: dict[str, Any], o
     finally:
         source.close()
     options = dataclasses.replace(options, parallelization=_parallelization(parameters))
-    return run_with_storage(settings, lambda storage, s: build_vector_pyramid_async(
-        path, output_dir, name, options, storage, tms_directory=s.tms_directory, overwrite=True, emit=log.info))
+    if updated is None:
+        return run_with_storage(settings, lambda storage, s: build_vector_pyramid_async(
+            path, output_dir, name, options, storage, tms_directory=s.tms_directory, overwrite=True, emit=log.info))
+
+    async def update(storage: Any, s: Settings) -> dict[str, Any]:
+        from tileserver.pyramid import Pyramid, PyramidError
+        from tileserver.storage import StorageError
+
+        try:
+            old = (await Pyramid.open(updated.descriptor_url, storage, tms_directory=s.tms_directory)).descriptor
+        except (PyramidError, StorageError) as exc:
+            raise ExecutionError(f"the pyramid to update ({updated.name}) cannot be read: {exc}") from None
+        first = old.levels[0]
+        given = dataclasses.replace(options, tms=parameters.get("tms") or old.tile_matrix_set,
+                                    width=int(parameters.get("width", first.tiles_per_width)),
+                                    height=int(parameters.get("height", first.tiles_per_height)))
+        log.info("update of the vector pyramid %s (%s)", updated.name, updated.id)
+        return await build_vector_pyramid_async(path, output_dir, name, given, storage, tms_directory=s.tms_directory,
+                                                overwrite=True, emit=log.info, update=updated.descriptor_url)
+
+    return run_with_storage(settings, update)

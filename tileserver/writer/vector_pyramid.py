@@ -1,21 +1,29 @@
-"""A ROK4 vector pyramid (`TIFF_PBF_MVT`) from a vector base: the processing "Calcul de pyramide vecteur".
+"""A ROK4 vector pyramid (`TIFF_PBF_MVT`) from a vector base: the processing "Calcul ou mise à
+jour de pyramide vecteur".
 
 As ROK4's 4ALAMO does it: the composed tables are exported (reprojected to EPSG:4326, optionally
 clipped to an area) to GeoJSON text sequences, tippecanoe cuts them into Mapbox vector tiles
-(`-e <dir>`, uncompressed), then the tiles are packed into slabs (`build_vector_slab`, the
-`pbf2cache` equivalent). Then the `.list`, the summary and — last — the descriptor, so a failed run
-leaves no valid-looking pyramid; the slabs a failed run wrote are removed.
+(`-e <dir>`, uncompressed), then the tiles are packed into slabs (`rok4/mvt.py: pack_slab`, the
+`pbf2cache` equivalent; `parallelization` threads, as many tippecanoe threads). Then the `.list`,
+the summary and — last — the descriptor, so a failed run leaves no valid-looking pyramid; the
+slabs a failed run wrote are removed.
+
+An update (4ALAMO's `UPDATE`) starts from an existing vector pyramid: the composed layers are
+recomputed at the composed levels inside the area (whole tiles of the composition's top level),
+the ancestor's other layers are spliced back into those tiles, and every slab the area does not
+touch is a link to the ancestor's, listed under its root — as the raster updates of `update.py`.
 
 Why tippecanoe and the GeoJSON files: its generalisation (the platform's `tippecanoe_options`) is
 what producers tune; the export streams the base in batches so no table is held in memory.
 A composition `filter` is CQL text parsed by pygeofilter into the AST the base turns into bound
 SQL parameters: never raw SQL, so no statement or subquery can reach the base.
-Only Web Mercator grids: tippecanoe cuts nothing else.
+Only the Web Mercator quadtree (PM and its deeper twin PM_5cm): tippecanoe cuts nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import math
@@ -25,18 +33,23 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
 import shapely
 from pyproj import Transformer
 
+from tileserver.pyramid import Pyramid
 from tileserver.rok4.descriptor import Descriptor, Level, TileLimits
 from tileserver.rok4.formats import get_format
 from tileserver.rok4.listfile import SlabList, parse_list
-from tileserver.rok4.slab import build_vector_slab
+from tileserver.rok4.mvt import MAX_TILE_FEATURES, SlabJob, pack_slab
+from tileserver.rok4.naming import parse_slab_name
 from tileserver.rok4.tms import TileMatrixSet
 from tileserver.storage import Storage, StorageError
 from tileserver.vector.base import QueryError, Relation
@@ -46,11 +59,11 @@ from .build import load_grid
 from .errors import WriterError
 from .summary import wgs84_extent
 from .target import PyramidTarget
+from .update import Ancestor, ancestor_list_root
 
 log = logging.getLogger("tileserver.writer")
 
-BATCH = 1000  # features reprojected and written at once
-MAX_TILE_FEATURES = 5000  # the platform's docs: more in a tile is "la première cause d'échec"
+BATCH = 5000  # features reprojected and written at once
 WEB_MERCATOR = "EPSG:3857"
 
 # tippecanoe's generalisation options a producer may pass; no input, output, layer or attribute ones
@@ -244,10 +257,30 @@ def _zoom(tms: TileMatrixSet, level: str, where: str) -> int:
 
 
 def check_grid(tms: TileMatrixSet) -> None:
-    """tippecanoe cuts Web Mercator quadtree tiles: the grid must be that one (PM)."""
-    first = tms.matrices[0]
-    if tms.crs.upper() not in ("EPSG:3857", "EPSG:900913") or first.matrix_width != 1 or first.tile_width != 256:
-        raise WriterError(f"tms {tms.id}: vector pyramids are computed on Web Mercator quadtree grids only (PM)")
+    """tippecanoe cuts the Web Mercator quadtree only (level i = zoom i, 2^i × 2^i tiles of 256
+    pixels from the world's corner): the grid must be that one (PM, or PM_5cm, its deeper twin)."""
+    half = 20037508.3427892
+    quadtree = tms.crs.upper() in ("EPSG:3857", "EPSG:900913") and all(
+        m.matrix_width == 2 ** i and m.tile_width == 256 and abs(m.origin_x + half) < 1.0
+        and abs(m.origin_y - half) < 1.0 and abs(m.cell_size * 256 * 2 ** i - 2 * half) < 1.0
+        for i, m in enumerate(tms.matrices))
+    if not quadtree:
+        raise WriterError(f"tms {tms.id}: a vector pyramid is computed on the Web Mercator quadtree only (PM): "
+                          f"tippecanoe cuts EPSG:3857 tiles, and {tms.id} is a {tms.crs} grid")
+
+
+def vector_grids(tms_directory: str) -> list[str]:
+    """The grids of a TMS directory a vector pyramid can use (PM first)."""
+    from tileserver.rok4.tms import TMSError, load_tms
+
+    out = []
+    for path in sorted(Path(tms_directory).glob("*.json")) if Path(tms_directory).is_dir() else []:
+        try:
+            check_grid(load_tms(path.stem, tms_directory))
+        except (WriterError, TMSError, ValueError, OSError):
+            continue
+        out.append(path.stem)
+    return sorted(out, key=lambda g: (g != "PM", g))
 
 
 def parse_area(wkt: str) -> Any:
@@ -320,10 +353,11 @@ def plan(base: GeoPackageBase, tms: TileMatrixSet, options: VectorPyramidOptions
 BBox = tuple[float, float, float, float]
 
 
-def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path) -> tuple[int, BBox | None]:
+def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path, window: BBox | None = None) -> tuple[int, BBox | None]:
     """The plan's features as a GeoJSON text sequence in EPSG:4326, each with tippecanoe's own
     `minzoom`/`maxzoom` (tables composed at different levels share one run); their count and
-    bounding box (lon/lat)."""
+    bounding box (lon/lat). `area` clips them (the sample); `window` (lon/lat) only selects those
+    that touch it (an update's zone: whole features, so tiles are cut as a full run cuts them)."""
     from pyproj.exceptions import ProjError
 
     from tileserver.vector.base import Query
@@ -331,19 +365,23 @@ def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path) -> tuple[int, 
     bbox = None
     try:
         to_wgs84 = Transformer.from_crs(p.relation.srs, "EPSG:4326", always_xy=True)
-        if area is not None:
-            west, south, east, north = area.bounds
+        box = area.bounds if area is not None else window
+        if box is not None:
+            west, south, east, north = box
             bbox = Transformer.from_crs("EPSG:4326", p.relation.srs, always_xy=True).transform_bounds(
                 west, south, east, north, densify_pts=21)
     except ProjError as exc:
         raise WriterError(f"table {p.relation.name}: cannot reproject from {p.relation.srs} ({exc})") from None
     if area is not None:
         shapely.prepare(area)
-    head = json.dumps({"minzoom": p.top, "maxzoom": p.bottom})
+    # each line: RS, the feature with tippecanoe's zooms, its properties (orjson: UTF-8, dates as ISO
+    # text, NaN as null) and its geometry (shapely's GeoJSON writer, a batch at once)
+    head = b'\x1e{"type":"Feature","tippecanoe":' + orjson.dumps({"minzoom": p.top, "maxzoom": p.bottom}) \
+        + b',"properties":'
     written = 0
     bounds: BBox | None = None
     features = base.features(Query(p.relation.name, bbox=bbox, filter=p.filter, properties=p.attributes))
-    with path.open("w", encoding="utf-8") as out:
+    with path.open("wb") as out:
         while True:
             batch = [f for _, f in zip(range(BATCH), features, strict=False)]
             if not batch:
@@ -351,19 +389,22 @@ def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path) -> tuple[int, 
             geoms = shapely.transform([f.geometry for f in batch], lambda xy: _reproject(to_wgs84, xy))
             if area is not None:
                 geoms = shapely.intersection(geoms, area)
+            skip = shapely.is_missing(geoms) | shapely.is_empty(geoms)
             texts = shapely.to_geojson(geoms)
             found = shapely.total_bounds(geoms)
             if not any(map(math.isnan, found)):
                 found = tuple(float(v) for v in found)
                 bounds = found if bounds is None else (min(bounds[0], found[0]), min(bounds[1], found[1]),
                                                        max(bounds[2], found[2]), max(bounds[3], found[3]))
-            for feature, geom, text in zip(batch, geoms, texts, strict=True):
-                if geom is None or geom.is_empty:
+            lines = []
+            for feature, text, missing in zip(batch, texts.tolist(), skip.tolist(), strict=True):
+                if missing:
                     continue
                 values = feature.properties if p.key is None else {p.key: feature.id, **feature.properties}
-                props = json.dumps(values, ensure_ascii=False, default=str)
-                out.write(f'\x1e{{"type":"Feature","tippecanoe":{head},"properties":{props},"geometry":{text}}}\n')
-                written += 1
+                lines.append(b"".join((head, orjson.dumps(values, default=str), b',"geometry":', text.encode(),
+                                       b"}\n")))
+            out.write(b"".join(lines))
+            written += len(lines)
     return written, bounds
 
 
@@ -388,71 +429,48 @@ def tippecanoe_binary() -> str:
     return found
 
 
-def run_tippecanoe(files: Sequence[tuple[str, Path]], out: Path, top: int, bottom: int, options: Sequence[str],
-                   parallelization: int, emit: Callable[[str], None]) -> None:
-    """4ALAMO's command line; tippecanoe's messages go to the run's log."""
+def tippecanoe_command(files: Sequence[tuple[str, Path]], out: Path, top: int, bottom: int, options: Sequence[str],
+                       parallelization: int) -> list[str]:
+    """4ALAMO's command line; with parallelization, the inputs (one feature a line) are read in
+    parallel too (`-P`)."""
     command = [tippecanoe_binary(), "--no-progress-indicator", "--no-tile-compression", "-e", str(out),
                "-Z", str(top), "-z", str(bottom), "--base-zoom", str(top), "--full-detail", "10", *options]
+    if parallelization > 1:
+        command.append("-P")
     for layer, path in files:
         command += ["-L", json.dumps({"file": str(path), "layer": layer})]
+    return command
+
+
+def run_tippecanoe(files: Sequence[tuple[str, Path]], out: Path, top: int, bottom: int, options: Sequence[str],
+                   parallelization: int, emit: Callable[[str], None]) -> None:
+    """tippecanoe's tiling threads are `parallelization`; its messages go to the run's log."""
+    command = tippecanoe_command(files, out, top, bottom, options, parallelization)
     env = dict(os.environ, TIPPECANOE_MAX_THREADS=str(max(1, parallelization)))
     emit("tippecanoe " + " ".join(shlex.quote(c) for c in command[1:]))
+    started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     for line in lines[-20:]:
         emit(f"tippecanoe: {line}")
     if done.returncode != 0:
         raise WriterError(f"tippecanoe failed (exit {done.returncode}): {lines[-1] if lines else 'no message'}")
+    emit(f"tippecanoe done in {time.perf_counter() - started:.1f} s")
 
 
 # --- packing ---------------------------------------------------------------------------------------
 
 
-def count_features(tile: bytes) -> int:
-    """Features in an MVT tile without decoding it: field 2 of every layer (field 3), lengths skipped."""
-    def varint(data: bytes, at: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            byte = data[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return value, at
-            shift += 7
-
-    def fields(data: bytes, start: int, end: int) -> Any:
-        at = start
-        while at < end:
-            key, at = varint(data, at)
-            kind = key & 7
-            if kind == 2:
-                length, at = varint(data, at)
-                yield key >> 3, at, at + length
-                at += length
-            elif kind == 0:
-                _, at = varint(data, at)
-            elif kind == 1:
-                at += 8
-            elif kind == 5:
-                at += 4
-            else:
-                raise ValueError("not a vector tile")
-
-    total = 0
-    for number, start, end in fields(tile, 0, len(tile)):
-        if number == 3:
-            total += sum(1 for n, _, _ in fields(tile, start, end) if n == 2)
-    return total
-
-
-def read_tiles(directory: Path, zoom: int) -> dict[tuple[int, int], bytes]:
-    out: dict[tuple[int, int], bytes] = {}
+def tile_files(directory: Path, zoom: int) -> dict[tuple[int, int], str]:
+    """tippecanoe's tiles of a level (`-e`: `<zoom>/<col>/<row>.pbf`), by (col, row)."""
+    out: dict[tuple[int, int], str] = {}
     level = directory / str(zoom)
     if not level.is_dir():
         return out
-    for column in level.iterdir():
-        for tile in column.glob("*.pbf"):
-            out[(int(column.name), int(tile.stem))] = tile.read_bytes()
+    for column in os.scandir(level):
+        for tile in os.scandir(column.path):
+            if tile.name.endswith(".pbf"):
+                out[(int(column.name), int(tile.name[:-4]))] = tile.path
     return out
 
 
@@ -468,12 +486,23 @@ def layer_table(p: _Plan) -> dict[str, Any]:
 
 async def build_vector_pyramid_async(base_path: str | Path, output: str, name: str, options: VectorPyramidOptions,
                                      storage: Storage, *, tms_directory: str | None = None, overwrite: bool = False,
-                                     emit: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write the pyramid `<output>/<name>.json`; its summary (type `ROK4-PYRAMID-VECTOR`)."""
+                                     emit: Callable[[str], None] | None = None,
+                                     update: str | None = None) -> dict[str, Any]:
+    """Write the pyramid `<output>/<name>.json`; its summary (type `ROK4-PYRAMID-VECTOR`).
+
+    With `update` (the descriptor of an existing vector pyramid, 4ALAMO's `UPDATE`): the new
+    pyramid is that one with the composed layers recomputed at the composed levels — inside `area`
+    (rounded out to whole tiles of the composition's top level) or everywhere without one; its
+    other slabs are links to the ancestor's, listed under the ancestor's roots, and the ancestor's
+    other layers are kept in the recomputed tiles. The grid and slab size are the ancestor's.
+    """
     say = emit or log.info
     target = PyramidTarget.make(output, name)
-    tms = load_grid(options.tms, tms_directory)
+    ancestor = await open_vector_ancestor(update, storage, tms_directory, target) if update else None
+    tms = ancestor.pyramid.tms if ancestor else load_grid(options.tms, tms_directory)
     check_grid(tms)
+    if ancestor is not None:
+        check_update(ancestor, options)
     if options.width < 1 or options.height < 1:
         raise WriterError("width and height must be at least 1")
     arguments = tippecanoe_options(options.tippecanoe_options)
@@ -483,25 +512,133 @@ async def build_vector_pyramid_async(base_path: str | Path, output: str, name: s
     base = GeoPackageBase(base_path)
     try:
         plans = plan(base, tms, options)
+        top, bottom = min(p.top for p in plans), max(p.bottom for p in plans)
+        zone = Zone.of(area, top) if ancestor is not None else Zone()
         with tempfile.TemporaryDirectory(prefix="vector-pyramid-") as work:
             files, extents = [], []
             for i, p in enumerate(plans):
                 path = Path(work) / f"{i}.geojsons"
-                count, extent = await asyncio.to_thread(export, base, p, area, path)
+                started = time.perf_counter()
+                if ancestor is None:
+                    count, extent = await asyncio.to_thread(export, base, p, area, path)
+                else:
+                    count, extent = await asyncio.to_thread(export, base, p, None, path, zone.window())
                 extents.append(extent)
                 say(f"table {p.relation.name}: {count} feature(s) exported as layer {p.item.layer_name},"
-                    f" levels {p.item.top_level} to {p.item.bottom_level}")
+                    f" levels {p.item.top_level} to {p.item.bottom_level}, in {time.perf_counter() - started:.1f} s")
                 files.append((p.item.layer_name, path))
-            if all(extent is None for extent in extents):
+            if all(extent is None for extent in extents) and ancestor is None:
                 raise WriterError("the composed tables hold no feature (filters, area): nothing to cut into tiles")
-            top, bottom = min(p.top for p in plans), max(p.bottom for p in plans)
             tiles_dir = Path(work) / "tiles"
-            await asyncio.to_thread(run_tippecanoe, files, tiles_dir, top, bottom, arguments,
-                                    options.parallelization, say)
+            if any(extent is not None for extent in extents):
+                await asyncio.to_thread(run_tippecanoe, [f for f, e in zip(files, extents, strict=True) if e],
+                                        tiles_dir, top, bottom, arguments, options.parallelization, say)
             return await _pack(storage, target, tms, list(zip(plans, extents, strict=True)), tiles_dir, top, bottom,
-                               options, overwrite, say)
+                               options, overwrite, say, ancestor, zone)
     finally:
         base.close()
+
+
+@dataclass(frozen=True)
+class Zone:
+    """Where an update recomputes: tiles of level `zoom` (and all their descendants); everywhere
+    when `tiles` is None."""
+
+    zoom: int = 0
+    tiles: frozenset[tuple[int, int]] | None = None
+
+    @classmethod
+    def of(cls, area: Any, zoom: int) -> Zone:
+        if area is None:
+            return cls(zoom)
+        limits = footprint(area.bounds, zoom)
+        grid_cols, grid_rows = np.meshgrid(np.arange(limits.min_col, limits.max_col + 1),
+                                           np.arange(limits.min_row, limits.max_row + 1))
+        cols, rows = grid_cols.ravel(), grid_rows.ravel()
+        n = 2.0 ** zoom
+        lon = cols / n * 360.0 - 180.0
+        lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * rows / n))))
+        lat_south = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (rows + 1) / n))))
+        boxes = shapely.box(lon, lat_south, lon + 360.0 / n, lat)
+        shapely.prepare(area)
+        hit = shapely.intersects(area, boxes)
+        return cls(zoom, frozenset(zip(cols[hit].tolist(), rows[hit].tolist(), strict=True)))
+
+    def window(self) -> BBox | None:
+        """The zone's lon/lat box with a margin (an eighth of a tile: tippecanoe's tile buffers)."""
+        if self.tiles is None:
+            return None
+        if not self.tiles:
+            return (0.0, 0.0, 0.0, 0.0)
+        n = 2 ** self.zoom
+        margin = 1 / 8
+        cols = [c for c, _ in self.tiles]
+        rows = [r for _, r in self.tiles]
+
+        def lat(row: float) -> float:
+            return math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * min(max(row, 0.0), n) / n))))
+
+        return ((min(cols) - margin) / n * 360 - 180, lat(max(rows) + 1 + margin),
+                (max(cols) + 1 + margin) / n * 360 - 180, lat(min(rows) - margin))
+
+    def holds(self, zoom: int, col: int, row: int) -> bool:
+        if self.tiles is None:
+            return True
+        shift = zoom - self.zoom
+        return (col >> shift, row >> shift) in self.tiles
+
+    def touches_slab(self, zoom: int, scol: int, srow: int, width: int, height: int) -> bool:
+        if self.tiles is None:
+            return True
+        shift = zoom - self.zoom
+        c0, c1 = (scol * width) >> shift, (scol * width + width - 1) >> shift
+        r0, r1 = (srow * height) >> shift, (srow * height + height - 1) >> shift
+        return any(c0 <= c <= c1 and r0 <= r <= r1 for c, r in self.tiles)
+
+
+@dataclass
+class VectorAncestor:
+    """The vector pyramid an update starts from: descriptor, list, real places of its slabs."""
+
+    pyramid: Pyramid
+    slabs: Ancestor  # the raster update's view of a list: real slabs by (level, col, row)
+
+
+async def open_vector_ancestor(url: str, storage: Storage, tms_directory: str | None,
+                               target: PyramidTarget) -> VectorAncestor:
+    from tileserver.pyramid import PyramidError, normalise_url
+
+    url = normalise_url(url)
+    try:
+        pyramid = await Pyramid.open(url, storage, tms_directory=tms_directory)
+    except (PyramidError, StorageError) as exc:
+        raise WriterError(f"the pyramid to update: {exc}") from None
+    if not pyramid.format.is_vector:
+        raise WriterError(f"{url}: not a vector pyramid (TIFF_PBF_MVT); a raster pyramid is updated with images")
+    raw = await storage.read_all(f"{pyramid.root}/{pyramid.name}.list")
+    if raw is None:
+        raise WriterError(f"{url}: no {pyramid.name}.list beside it; the list names the slabs to share")
+    try:
+        slab_list = parse_list(raw.decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WriterError(f"{url}: unreadable list ({exc})") from None
+    if target.descriptor_path == pyramid.url:
+        raise WriterError("the updated pyramid needs another name or root than the pyramid it updates")
+    if target.storage_type != pyramid.descriptor.storage_type:
+        raise WriterError(f"the new pyramid must be on the updated one's storage ({pyramid.descriptor.storage_type})"
+                          " for its slabs to be links")
+    return VectorAncestor(pyramid, Ancestor(pyramid, slab_list))
+
+
+def check_update(ancestor: VectorAncestor, options: VectorPyramidOptions) -> None:
+    """An update keeps the ancestor's grid and slab size."""
+    d = ancestor.pyramid.descriptor
+    if options.tms and options.tms != d.tile_matrix_set:
+        raise WriterError(f"tms: the pyramid to update is on grid {d.tile_matrix_set}, not {options.tms}")
+    sizes = {(lv.tiles_per_width, lv.tiles_per_height) for lv in d.levels}
+    if sizes != {(options.width, options.height)}:
+        raise WriterError(f"width/height: the pyramid to update has slabs of {' or '.join(f'{w}×{h}' for w, h in sizes)}"
+                          f" tiles, not {options.width}×{options.height}")
 
 
 async def _clear_previous(storage: Storage, target: PyramidTarget, overwrite: bool) -> None:
@@ -519,6 +656,12 @@ async def _clear_previous(storage: Storage, target: PyramidTarget, overwrite: bo
         for index, slab, _ in old.entries:
             if index == 0:
                 await storage.delete(f"{target.data_root}/{slab}")
+            else:  # a link to an ancestor's slab, at this pyramid's place
+                try:
+                    name = parse_slab_name(slab)
+                except ValueError:
+                    continue
+                await storage.delete(target.slab_path(name.level, name.col, name.row))
     await storage.delete(target.list_path)
 
 
@@ -536,24 +679,57 @@ def footprint(bounds: BBox, zoom: int) -> TileLimits:
     return TileLimits(col(bounds[0]), col(bounds[2]), row(bounds[3]), row(bounds[1]))
 
 
+PACK_CHUNK = 64  # slabs in flight at once (memory: their tiles)
+
+
 async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, plans: list[tuple[_Plan, BBox | None]],
-                tiles_dir: Path,
-                top: int, bottom: int, options: VectorPyramidOptions, overwrite: bool,
-                say: Callable[[str], None]) -> dict[str, Any]:
-    """Slabs, `.list`, summary, descriptor; a failure removes the slabs written."""
+                tiles_dir: Path, top: int, bottom: int, options: VectorPyramidOptions, overwrite: bool,
+                say: Callable[[str], None], ancestor: VectorAncestor | None = None, zone: Zone = Zone()) -> dict[str, Any]:
+    """Slabs (packed by `parallelization` threads: file reads, protobuf counting and slab assembly
+    overlap the storage writes; processes measured slower, the slabs' bytes pickled back), links to
+    the ancestor's, `.list`, summary, descriptor; a failure removes what it wrote."""
     written: list[str] = []
     entries: list[tuple[int, str, str]] = []
+    roots = {0: target.list_root}
     levels: list[Level] = []
-    size = crowded = 0
+    size = crowded = packed = linked = 0
     tpw, tph = options.width, options.height
+    old_levels = {lv.id: lv for lv in ancestor.pyramid.descriptor.levels} if ancestor else {}
+    old_slabs: dict[str, list[tuple[int, int]]] = {}
+    index_of: dict[int, int] = {}
+    if ancestor is not None:
+        for i in sorted(ancestor.slabs.list.roots):
+            index_of[i] = i + 1
+            roots[i + 1] = ancestor.slabs.list.roots[i] if i else ancestor_list_root(ancestor.slabs)
+        for (level, col, row), slab in ancestor.slabs.slabs.items():
+            if slab.data is not None:
+                old_slabs.setdefault(level, []).append((col, row))
+    zooms = sorted(set(range(top, bottom + 1)) | {tms.matrices.index(tms.get(lv)) for lv in old_levels})
     await _clear_previous(storage, target, overwrite)  # before the try: a refusal must not touch it
+    started = time.perf_counter()
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, options.parallelization),
+                                                     thread_name_prefix="vector-pack")
+    loop = asyncio.get_running_loop()
     try:
-        for zoom in range(top, bottom + 1):
+        for zoom in zooms:
             matrix = tms.matrices[zoom]
             active = [(p, extent) for p, extent in plans if p.top <= zoom <= p.bottom]
-            tiles = await asyncio.to_thread(read_tiles, tiles_dir, zoom)
+            old = old_levels.get(matrix.id)
+            replaced = frozenset(p.item.layer_name for p, _ in active)
+            old_tables = [t for t in (old.tables or ()) if t.get("name") not in replaced] if old else []
+            if not active:  # a level the update leaves as it was: links to the ancestor's slabs
+                assert old is not None and ancestor is not None
+                for col, row in sorted(old_slabs.get(matrix.id, []), key=lambda k: (k[1], k[0])):
+                    entries.append(await _link(storage, target, ancestor, index_of, written, matrix.id, col, row))
+                    linked += 1
+                levels.append(Level(matrix.id, tpw, tph, old.tile_limits, target.level_storage(matrix.id, False),
+                                    old.tables))
+                say(f"level {matrix.id}: the updated pyramid's, {len(old_slabs.get(matrix.id, []))} slab(s) linked")
+                continue
+            tiles = {k: v for k, v in (await asyncio.to_thread(tile_files, tiles_dir, zoom)).items()
+                     if zone.holds(zoom, *k)}
             # limits: where the data is (tippecanoe may leave a low level empty: its tiny features dropped)
-            limits = None
+            limits = old.tile_limits if old is not None else None
             for _, extent in active:
                 if extent is not None:
                     found = footprint(extent, zoom)
@@ -562,34 +738,58 @@ async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, pla
                 cols, rows = [c for c, _ in tiles], [r for _, r in tiles]
                 found = TileLimits(min(cols), max(cols), min(rows), max(rows))
                 limits = found if limits is None else limits.union(found)
-            if limits is None or not active:
+            slabs: dict[tuple[int, int], list[tuple[int, str]]] = {}
+            for (col, row), path in tiles.items():
+                slabs.setdefault((col // tpw, row // tph), []).append(((row % tph) * tpw + col % tpw, path))
+            keep = []  # the ancestor's slabs of this level: recomputed where the zone touches them, else linked
+            for col, row in old_slabs.get(matrix.id, []) if old is not None else []:
+                if (col, row) in slabs or zone.touches_slab(zoom, col, row, tpw, tph):
+                    slabs.setdefault((col, row), [])
+                else:
+                    keep.append((col, row))
+            for col, row in sorted(keep, key=lambda k: (k[1], k[0])):
+                entries.append(await _link(storage, target, ancestor, index_of, written, matrix.id, col, row))
+                linked += 1
+            order = sorted(slabs, key=lambda s: (s[1], s[0]))
+            made = 0
+            for at in range(0, len(order), PACK_CHUNK):
+                chunk = order[at:at + PACK_CHUNK]
+                jobs = []
+                for scol, srow in chunk:
+                    old_bytes, inside = None, None
+                    if ancestor is not None and (matrix.id, scol, srow) in ancestor.slabs.slabs:
+                        old_bytes = await _ancestor_slab(storage, ancestor, matrix.id, scol, srow)
+                        inside = tuple(zone.holds(zoom, scol * tpw + i % tpw, srow * tph + i // tpw)
+                                       for i in range(tpw * tph))
+                    jobs.append(loop.run_in_executor(executor, pack_slab, SlabJob(
+                        tuple(slabs[(scol, srow)]), tpw, tph, old_bytes, inside, replaced)))
+                for (scol, srow), (data, full) in zip(chunk, await asyncio.gather(*jobs), strict=True):
+                    for i, features in full:
+                        crowded += 1
+                        say(f"warning: tile {matrix.id}/{scol * tpw + i % tpw}/{srow * tph + i // tpw} holds "
+                            f"{features} features (more than {MAX_TILE_FEATURES}: generalise more, see "
+                            "tippecanoe_options)")
+                    if data is None:
+                        continue  # every tile empty (features gone in an update): no slab
+                    path = target.slab_path(matrix.id, scol, srow)
+                    written.append(path)
+                    await storage.write(path, data)
+                    entries.append((0, target.list_entry(matrix.id, scol, srow), ""))
+                    size += len(data)
+                    made += 1
+            packed += len(tiles)
+            if limits is None:
                 say(f"level {matrix.id}: no data")
                 continue
-            for (col, row), data in tiles.items():
-                features = count_features(data)
-                if features > MAX_TILE_FEATURES:
-                    crowded += 1
-                    say(f"warning: tile {matrix.id}/{col}/{row} holds {features} features (more than "
-                        f"{MAX_TILE_FEATURES}: generalise more, see tippecanoe_options)")
-            slabs: dict[tuple[int, int], list[bytes]] = {}
-            for (col, row), data in tiles.items():
-                slab = slabs.setdefault((col // tpw, row // tph), [b""] * (tpw * tph))
-                slab[(row % tph) * tpw + col % tpw] = data
-            for (scol, srow), contents in sorted(slabs.items(), key=lambda s: (s[0][1], s[0][0])):
-                path = target.slab_path(matrix.id, scol, srow)
-                data = build_vector_slab(contents, tpw, tph)
-                written.append(path)
-                await storage.write(path, data)
-                entries.append((0, target.list_entry(matrix.id, scol, srow), ""))
-                size += len(data)
-            tables = tuple(layer_table(p) for p, _ in active)
+            tables = (*old_tables, *(layer_table(p) for p, _ in active))
             levels.append(Level(matrix.id, tpw, tph, limits, target.level_storage(matrix.id, False), tables))
-            say(f"level {matrix.id}: {len(tiles)} tile(s) in {len(slabs)} slab(s)")
+            say(f"level {matrix.id}: {len(tiles)} tile(s) in {made} slab(s)"
+                + (f", {len(keep)} slab(s) of the updated pyramid linked" if ancestor is not None else ""))
         if not entries:
             raise WriterError("the composed tables hold no feature inside the grid (or the area): no tile")
         # levels are top → bottom (coarse first), as ROK4 writes them
         descriptor = Descriptor(tms.id, get_format("TIFF_PBF_MVT"), tuple(levels))
-        list_bytes = SlabList(roots={0: target.list_root}, entries=entries).to_text().encode()
+        list_bytes = SlabList(roots=roots, entries=entries).to_text().encode()
         descriptor_bytes = descriptor.to_json()
         size += len(list_bytes) + len(descriptor_bytes)
         summary = {
@@ -597,6 +797,9 @@ async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, pla
             "type_infos": {"tms": tms.id, "levels": [lv.id for lv in levels]},
             "descriptor": target.descriptor_path, "slabs": len(entries), "crowded_tiles": crowded,
         }
+        if ancestor is not None:
+            summary["ancestor"] = ancestor.pyramid.url
+            summary["linked_slabs"] = linked
         await storage.write(target.list_path, list_bytes)
         await storage.write(target.summary_path, json.dumps(summary, indent=2).encode())
         await storage.write(target.descriptor_path, descriptor_bytes)
@@ -609,9 +812,42 @@ async def _pack(storage: Storage, target: PyramidTarget, tms: TileMatrixSet, pla
         if isinstance(exc, StorageError):
             raise WriterError(f"cannot write the pyramid to {target.root}: {exc}") from None
         raise
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    say(f"packed {packed} tile(s) into {len(entries) - linked} slab(s) in {time.perf_counter() - started:.1f} s"
+        + (f"; {linked} slab(s) linked to the updated pyramid" if ancestor is not None else ""))
     if crowded:
         say(f"warning: {crowded} tile(s) hold more than {MAX_TILE_FEATURES} features")
     return summary
+
+
+async def _ancestor_slab(storage: Storage, ancestor: VectorAncestor, level: str, col: int, row: int) -> bytes | None:
+    slab = ancestor.slabs.slabs[(level, col, row)]
+    if slab.data is None:
+        return None
+    path = f"{ancestor.slabs.root_path(slab.root)}/{slab.data}"
+    try:
+        _, data = await storage.read_resolving_links(path)
+    except StorageError as exc:
+        raise WriterError(f"level {level}, slab ({col}, {row}) of the updated pyramid: {exc}") from None
+    if data is None:
+        raise WriterError(f"level {level}, slab ({col}, {row}) of the updated pyramid is missing ({path})")
+    return data
+
+
+async def _link(storage: Storage, target: PyramidTarget, ancestor: VectorAncestor | None, index_of: dict[int, int],
+                written: list[str], level: str, col: int, row: int) -> tuple[int, str, str]:
+    """A link at the new pyramid's place to the ancestor's real slab; its `.list` entry."""
+    assert ancestor is not None
+    slab = ancestor.slabs.slabs[(level, col, row)]
+    assert slab.data is not None
+    path = target.slab_path(level, col, row)
+    try:
+        await storage.link(f"{ancestor.slabs.root_path(slab.root)}/{slab.data}", path)
+    except StorageError as exc:
+        raise WriterError(f"level {level}, slab ({col}, {row}): cannot link to the updated pyramid: {exc}") from None
+    written.append(path)
+    return index_of[slab.root], slab.data, ""
 
 
 def build_vector_pyramid(base_path: str | Path, output: str, name: str, options: VectorPyramidOptions, *,
