@@ -182,9 +182,8 @@ def test_sdk_generic_vecteur_publication(tmp_path: Path) -> None:
                         else "String"
                     if kind != vector_layer["fields"][name]:
                         mistyped.add(name)
-        # TileJSON's types are those of the values in the tiles, but for the key: the builder writes it
-        # into `tables` as "character varying" although the tiles hold numbers (writer's layer_table)
-        assert mistyped <= {"id"}
+        # TileJSON's types are those of the values in the tiles, the key (the base's fid) included
+        assert not mistyped, mistyped
 
         # features fall where the source's do: each canton, reprojected to the tile, within 2 pixels
         # (of a 256-pixel tile) of the feature of the same insee_can

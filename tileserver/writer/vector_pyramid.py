@@ -477,6 +477,8 @@ def tile_files(directory: Path, zoom: int) -> dict[tuple[int, int], str]:
 def layer_table(p: _Plan) -> dict[str, Any]:
     """A descriptor `tables` entry as ROK4 writes them (PostgreSQL type names)."""
     types = {a.name: a.type for a in p.relation.attributes}
+    if p.key and p.key not in types:
+        types[p.key] = "integer"  # the key column is the base's feature id (a GeoPackage fid: an integer)
     names = {"integer": "integer", "real": "double precision", "string": "character varying",
              "boolean": "boolean", "date": "date", "datetime": "timestamp with time zone"}
     return {"name": p.item.layer_name, "geometry": (p.relation.geometry_type or "Geometry").upper(),
