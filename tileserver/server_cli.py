@@ -200,6 +200,17 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ["TILESERVER_LOG_LEVEL"] = args.log_level  # every worker configures its logging from it
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     print(f"tileserver: serving on http://{settings.host}:{settings.port}/ (data in {settings.data_dir})")
+    from tileserver.observability import prepare_multiprocess, remove_multiprocess_dir
+
+    metrics_dir = prepare_multiprocess(settings.workers)  # before the workers import prometheus_client
+    try:
+        _run(uvicorn, args, settings)
+    finally:
+        remove_multiprocess_dir(metrics_dir)
+    return 0
+
+
+def _run(uvicorn: Any, args: argparse.Namespace, settings: Settings) -> None:
     uvicorn.run(
         "tileserver.app:create_app",
         factory=True,
@@ -207,4 +218,3 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,  # tileserver.access logs every request with its id
         **uvicorn_options(settings),
     )
-    return 0
