@@ -99,8 +99,8 @@ async def test_metrics_are_for_operators_unless_public(tmp_path):
         assert (await client.get("/metrics")).status_code == 200
 
 
-async def test_storage_errors_and_jobs_are_counted(tmp_path):
-    """A pyramid whose slabs are gone: storage failures are counted; jobs come from the shared store."""
+async def test_storage_errors_and_jobs_are_counted(tmp_path, store_backend):
+    """Storage failures are counted; jobs come from the shared store (SQLite and PostgreSQL)."""
     from tileserver.observability import job_metrics
     from tileserver.storage.retry import STATS, RetryPolicy, TransientError
 
@@ -182,8 +182,9 @@ def test_serve_with_two_workers_json_logs_and_summed_metrics(tmp_path):
     stderr = proc.stderr.read()
     records = []
     for line in stderr.splitlines():
-        if line.startswith("{"):
-            records.append(json.loads(line))  # every JSON line parses
+        if line.strip():
+            records.append(json.loads(line))  # every line of stderr is a JSON object, uvicorn's too
+    assert any("Application startup complete" in r.get("message", "") for r in records)
     access = {r["request_id"]: r for r in records if r.get("logger") == "tileserver.access"}
     for request_id, _pid in ids:
         record = access[request_id]
