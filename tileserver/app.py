@@ -33,6 +33,7 @@ SERVICE_MODULES = (
     "tileserver.services.wms",
     "tileserver.publication.admin",
     "tileserver.warehouse.api",
+    "tileserver.observability",  # /metrics
     "tileserver.services.home",
 )
 
@@ -61,9 +62,10 @@ class TileServerApp(Starlette):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        from tileserver.observability import RequestMetrics
         from tileserver.services.fastpath import FastTiles
 
-        self._fast = FastTiles(super().__call__, self.state)
+        self._fast = RequestMetrics(FastTiles(super().__call__, self.state))  # fast tiles are counted too
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -96,6 +98,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.runtime = runtime
             access = buffered_access_log()
             flusher = asyncio.get_running_loop().create_task(flush_periodically(access)) if access else None
+            from tileserver import observability
+
+            syncer = asyncio.get_running_loop().create_task(observability.sync_periodically(runtime))
             warehouse = _optional("tileserver.warehouse.service")
             if warehouse is not None:
                 await warehouse.startup(runtime)  # queued executions resume without waiting for a request
@@ -108,6 +113,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             finally:
                 if warehouse is not None:
                     await warehouse.shutdown(runtime)
+                syncer.cancel()
+                observability.process_exit()
                 if flusher is not None and access is not None:
                     flusher.cancel()
                     access.flush()
@@ -116,7 +123,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     from tileserver.http import buffered_access_log, configure_server_logging, flush_periodically, middleware
 
-    configure_server_logging()
+    configure_server_logging(settings)
 
     app = TileServerApp(routes=collect_routes(), lifespan=lifespan, middleware=middleware(settings))
     app.state.settings = settings

@@ -19,6 +19,7 @@ from typing import Any
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tileserver.observability import JsonFormatter, access_json, json_logs, use_json_logs
 from tileserver.settings import Settings
 
 access_log = logging.getLogger("tileserver.access")
@@ -234,10 +235,16 @@ def log_access(request_id: str, method: str, path: str, query: bytes | None, sta
     and its formatting cost ~40 µs a request under load (benchmarks/RESULTS.md)."""
     if not access_log.isEnabledFor(logging.INFO):
         return
-    if query:  # `secret_free`: the caller knows every parameter, none of them a key
-        shown = f"{path}?{query.decode('latin-1') if secret_free else redacted_query(query)}"
-    else:
-        shown = path
+    # `secret_free`: the caller knows every parameter, none of them a key
+    shown_query = (query.decode("latin-1") if secret_free else redacted_query(query)) if query else ""
+    if json_logs():  # log_format = "json": the line is the whole record, time included
+        line = access_json(request_id, method, path, shown_query, status, size, time.perf_counter() - started)
+        if _server_buffer is not None:
+            _server_buffer.add(line, stamped=False)
+        else:
+            access_log.info("%s", line)
+        return
+    shown = f"{path}?{shown_query}" if shown_query else path
     line = f"{request_id} {method} {shown} {status} {size}B {(time.perf_counter() - started) * 1000:.1f}ms"
     if _server_buffer is not None:
         _server_buffer.add(line)
@@ -262,7 +269,12 @@ class BufferedAccessLog(logging.handlers.MemoryHandler):
         self._second = -1
         self._stamp = ""
 
-    def add(self, line: str) -> None:
+    def add(self, line: str, stamped: bool = True) -> None:
+        if not stamped:  # a JSON record carries its own time
+            self._lines.append(line + "\n")
+            if len(self._lines) >= self.capacity:
+                self.flush()
+            return
         now = time.time()
         second = int(now)
         if second != self._second:  # strftime once a second, not once a request
@@ -288,14 +300,20 @@ class BufferedAccessLog(logging.handlers.MemoryHandler):
 _server_buffer: BufferedAccessLog | None = None
 
 
-def configure_server_logging() -> None:
-    """Logging of a `tileserver serve` process (each uvicorn worker runs this): plain lines on stderr,
-    the access log buffered. Library users and tests keep their own logging configuration."""
+def configure_server_logging(settings: Settings | None = None) -> None:
+    """Logging of a `tileserver serve` process (each uvicorn worker runs this): plain lines on stderr
+    (JSON objects with `log_format = "json"`), the access log buffered. Library users and tests keep
+    their own logging configuration (the access line still follows `log_format`)."""
     global _server_buffer
+    json_format = settings is not None and settings.log_format == "json"
+    use_json_logs(json_format)
     level = os.environ.get("TILESERVER_LOG_LEVEL")
     if not level or any(isinstance(h, BufferedAccessLog) for h in access_log.handlers):
         return
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if json_format:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     _server_buffer = BufferedAccessLog()
     access_log.addHandler(_server_buffer)
     access_log.propagate = False

@@ -199,12 +199,29 @@ def _serve(args: argparse.Namespace) -> int:
         _demo_token(settings)
     os.environ["TILESERVER_LOG_LEVEL"] = args.log_level  # every worker configures its logging from it
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.log_format == "json":
+        from tileserver.observability import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     print(f"tileserver: serving on http://{settings.host}:{settings.port}/ (data in {settings.data_dir})")
+    from tileserver.observability import prepare_multiprocess, remove_multiprocess_dir
+
+    metrics_dir = prepare_multiprocess(settings.workers)  # before the workers import prometheus_client
+    try:
+        _run(uvicorn, args, settings)
+    finally:
+        remove_multiprocess_dir(metrics_dir)
+    return 0
+
+
+def _run(uvicorn: Any, args: argparse.Namespace, settings: Settings) -> None:
     uvicorn.run(
         "tileserver.app:create_app",
         factory=True,
         log_level=args.log_level,
         access_log=False,  # tileserver.access logs every request with its id
+        # log_format=json: uvicorn's records reach the root logger's JSON handler, not its own text ones
+        **({"log_config": None} if settings.log_format == "json" else {}),
         **uvicorn_options(settings),
     )
-    return 0

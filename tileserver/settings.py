@@ -150,6 +150,12 @@ class Settings:
     # decoded source tiles shared by the renders of a worker process (render/draw.py DecodedTiles):
     # bytes per process, so `--workers N` holds up to N times this; 0 turns it off
     decoded_tile_cache_bytes: int = 48 << 20
+    # --- observability (issue 17): tileserver/observability.py
+    # "json": every log line a JSON object, the access line with method, path, status, duration_ms,
+    # request_id, service; "text": the plain lines
+    log_format: str = "text"
+    # /metrics answered to anyone; False: to operators only (the admin token, as /admin)
+    metrics_public: bool = False
 
     @property
     def resolved_store_path(self) -> str:

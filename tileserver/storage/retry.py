@@ -22,6 +22,11 @@ from .errors import StorageTimeout, StorageUnavailable
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+# failures of this process's storage calls, read by tileserver/observability.py (plain ints: free
+# on the hot path): attempts that failed and were retried or not, operations that failed after
+# their retries, calls refused at once by an open circuit
+STATS = {"attempt": 0, "operation": 0, "circuit_open": 0}
+
 
 class TransientError(Exception):
     """One attempt failed in a way another attempt may fix (5xx, throttling, reset, timeout)."""
@@ -65,6 +70,7 @@ class RetryPolicy:
                 try:
                     probe = breaker.before(what)
                 except StorageUnavailable as exc:
+                    STATS["circuit_open"] += 1
                     if last is not None:  # say what this operation itself met first
                         exc.args = (f"{what}: {last} ({attempts} attempt{'s' * (attempts > 1)}); "
                                     f"{exc.args[0].removeprefix(what + ': ')}",)
@@ -74,6 +80,7 @@ class RetryPolicy:
                 result = await attempt(budget)
             except TransientError as exc:
                 last = exc
+                STATS["attempt"] += 1
                 if breaker is not None:
                     breaker.failure(str(exc))
                 log.debug("%s: attempt %d failed: %s", what, n + 1, exc)
@@ -90,6 +97,7 @@ class RetryPolicy:
                 breaker.success()
             return result
         assert last is not None
+        STATS["operation"] += 1
         plural = "s" * (attempts > 1)
         if last.timeout:
             raise StorageTimeout(f"{what}: no answer within {self.timeout:g} s ({attempts} attempt{plural})") from last
