@@ -86,7 +86,8 @@ def test_metrics_move_with_tiles_maps_and_errors_over_real_http(tmp_path):
     assert value(after, "tileserver_render_slots_in_use") == 0
     assert value(after, "tileserver_renders_waiting") == 0
     assert ("tileserver_storage_errors_total", (("kind", "operation"),)) in after
-    assert value(after, "tileserver_storage_errors_total", kind="operation") == 0
+    # the counters are the process's: earlier tests in this process may have counted storage errors
+    assert moved("tileserver_storage_errors_total", kind="operation") == 0
 
 
 async def test_metrics_are_for_operators_unless_public(tmp_path):
