@@ -150,6 +150,10 @@ class Settings:
     # decoded source tiles shared by the renders of a worker process (render/draw.py DecodedTiles):
     # bytes per process, so `--workers N` holds up to N times this; 0 turns it off
     decoded_tile_cache_bytes: int = 48 << 20
+    # --- overload and workers (issue 16, goals 3 and 4)
+    # renders that may wait for a render slot (or render memory); one more gets 503 + Retry-After at
+    # once instead of waiting `render_queue_wait` for nothing; -1: no bound (only the wait)
+    render_queue_depth: int = 16
 
     @property
     def resolved_store_path(self) -> str:
