@@ -14,10 +14,11 @@ import json
 from pathlib import Path
 
 import httpx
-from apputil import PYRAMIDS, layer_descriptor, live_server, make_settings
+from apputil import PYRAMIDS, app_client, layer_descriptor, live_server, make_settings
 from s3proxy import S3Proxy
 from s3server import KEY, SECRET, MotoS3Server
 
+from tileserver.render.draw import DECODED_TILES
 from tileserver.rok4.listfile import parse_list
 from tileserver.rok4.naming import parse_slab_name
 from tileserver.settings import S3Cluster
@@ -98,3 +99,15 @@ def test_a_full_render_queue_sheds_at_once_with_retry_after(
             assert client.get("/healthcheck").status_code == 200
             again = [client.get("/wms", params=_getmap(i)) for i in range(3)]
             assert [a.status_code for a in again] == [200, 200, 200]
+
+
+# --- workers (goal 3): the caches are server-wide budgets, each worker holding its share ----------
+
+
+async def test_each_worker_holds_its_share_of_the_caches(tmp_path: Path) -> None:
+    for workers, decoded, entries in ((4, 12 << 20, 2500), (1, 48 << 20, 10000)):  # the default last
+        settings = make_settings(tmp_path, workers=workers, decoded_tile_cache_bytes=48 << 20, index_cache_size=10000)
+        async with app_client(settings) as client:
+            runtime = client.app.state.runtime  # type: ignore[attr-defined]
+            assert DECODED_TILES.budget == decoded and runtime.index_cache.maxsize == entries
+            assert (await client.get("/healthcheck")).status_code == 200

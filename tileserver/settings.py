@@ -72,7 +72,7 @@ class Settings:
     warehouse_pyramids: str = ""
     # warehouse: where upload files go, a directory or s3://bucket[/prefix] ("": <data_dir>/uploads)
     warehouse_uploads: str = ""
-    # slab-index cache
+    # slab-index cache: entries for the whole server, split among `workers` (~20 KiB a 16x16 slab's entry)
     index_cache_size: int = 10000
     index_cache_ttl: float = 300.0
     # server
@@ -148,7 +148,7 @@ class Settings:
     # route, byte for byte the same answer (tests/test_fastpath.py checks it)
     fast_tiles: bool = True
     # decoded source tiles shared by the renders of a worker process (render/draw.py DecodedTiles):
-    # bytes per process, so `--workers N` holds up to N times this; 0 turns it off
+    # bytes for the whole server, each of `workers` processes holding its 1/N share; 0 turns it off
     decoded_tile_cache_bytes: int = 48 << 20
     # --- overload and workers (issue 16, goals 3 and 4)
     # renders that may wait for a render slot (or render memory); one more gets 503 + Retry-After at
