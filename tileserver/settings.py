@@ -153,7 +153,7 @@ class Settings:
     # --- overload and workers (issue 16, goals 3 and 4)
     # renders that may wait for a render slot (or render memory); one more gets 503 + Retry-After at
     # once instead of waiting `render_queue_wait` for nothing; -1: no bound (only the wait)
-    render_queue_depth: int = 16
+    render_queue_depth: int = 4
 
     @property
     def resolved_store_path(self) -> str:

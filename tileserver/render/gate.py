@@ -27,7 +27,7 @@ T = TypeVar("T")
 DEFAULT_GATE_WAIT = 5.0  # seconds a render waits for a free slot before 503
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes all renders in flight in one process may use together
 DEFAULT_RENDER_TIMEOUT = 20.0  # seconds one admitted render may take (fetch, draw, encode)
-DEFAULT_QUEUE_DEPTH = 16  # renders that may wait for a slot; beyond it 503 at once
+DEFAULT_QUEUE_DEPTH = 4  # renders that may wait for a slot; beyond it 503 at once
 
 
 class RenderGate:
