@@ -14,11 +14,14 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 from apputil import PYRAMIDS, app_client, layer_descriptor, live_server, make_settings
 from s3proxy import S3Proxy
 from s3server import KEY, SECRET, MotoS3Server
 
 from tileserver.render.draw import DECODED_TILES
+from tileserver.render.errors import RenderBusy
+from tileserver.render.gate import RenderGate
 from tileserver.rok4.listfile import parse_list
 from tileserver.rok4.naming import parse_slab_name
 from tileserver.settings import S3Cluster
@@ -111,3 +114,19 @@ async def test_each_worker_holds_its_share_of_the_caches(tmp_path: Path) -> None
             runtime = client.app.state.runtime  # type: ignore[attr-defined]
             assert DECODED_TILES.budget == decoded and runtime.index_cache.maxsize == entries
             assert (await client.get("/healthcheck")).status_code == 200
+
+
+async def test_the_gate_queues_up_to_its_depth_then_refuses_at_once() -> None:
+    gate = RenderGate(1, wait=60.0, queue_depth=1)
+    await gate.acquire(10)  # in the slot
+    queued = asyncio.create_task(gate.acquire(10))
+    await asyncio.sleep(0)
+    assert gate.waiting == 1 and not queued.done()
+    with pytest.raises(RenderBusy) as refused:  # the queue is full: no wait at all
+        await asyncio.wait_for(gate.acquire(10), 1.0)
+    assert refused.value.status == 503 and refused.value.retry_after and gate.shed == 1
+    gate.release(10)
+    await asyncio.wait_for(queued, 5.0)  # the queued render gets the slot
+    assert gate.waiting == 0 and gate.in_use == 1 and gate.bytes_in_use == 10
+    gate.release(10)
+    assert gate.in_use == 0 and gate.bytes_in_use == 0
