@@ -73,6 +73,18 @@ class TileServerApp(Starlette):
         await self._fast(scope, receive, send)
 
 
+def share_caches(runtime: Any, settings: Settings) -> None:
+    """Size this worker's caches. `index_cache_size` and `decoded_tile_cache_bytes` are budgets of
+    the whole server: with `--workers N` (no memory shared between worker processes) each worker
+    holds 1/N of them, so the server's cache memory stays what the settings say whatever N is."""
+    from tileserver.render.draw import DECODED_TILES
+
+    workers = max(1, settings.workers)
+    DECODED_TILES.resize(settings.decoded_tile_cache_bytes // workers)
+    if settings.index_cache_size > 0:
+        runtime.index_cache.maxsize = max(1, settings.index_cache_size // workers)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or load_settings()
 
@@ -86,9 +98,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         store = PublicationStore(settings.resolved_store_url)
         async with Storage(settings) as storage:
             runtime = Runtime(settings, store, storage)
-            from tileserver.render.draw import DECODED_TILES
-
-            DECODED_TILES.resize(settings.decoded_tile_cache_bytes)
+            share_caches(runtime, settings)
             if settings.demo:
                 from tileserver.demo import ensure_demo
 

@@ -195,6 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.no_demo:
         os.environ["TILESERVER_DEMO"] = "false"
     settings = load_settings(host=args.host, port=args.port, workers=args.workers)
+    os.environ["TILESERVER_WORKERS"] = str(settings.workers)  # each worker sizes its share of the caches by it
     if settings.demo and not settings.admin_token:
         _demo_token(settings)
     os.environ["TILESERVER_LOG_LEVEL"] = args.log_level  # every worker configures its logging from it

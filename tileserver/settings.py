@@ -72,7 +72,7 @@ class Settings:
     warehouse_pyramids: str = ""
     # warehouse: where upload files go, a directory or s3://bucket[/prefix] ("": <data_dir>/uploads)
     warehouse_uploads: str = ""
-    # slab-index cache
+    # slab-index cache: entries for the whole server, split among `workers` (~20 KiB a 16x16 slab's entry)
     index_cache_size: int = 10000
     index_cache_ttl: float = 300.0
     # server
@@ -148,7 +148,7 @@ class Settings:
     # route, byte for byte the same answer (tests/test_fastpath.py checks it)
     fast_tiles: bool = True
     # decoded source tiles shared by the renders of a worker process (render/draw.py DecodedTiles):
-    # bytes per process, so `--workers N` holds up to N times this; 0 turns it off
+    # bytes for the whole server, each of `workers` processes holding its 1/N share; 0 turns it off
     decoded_tile_cache_bytes: int = 48 << 20
     # --- observability (issue 17): tileserver/observability.py
     # "json": every log line a JSON object, the access line with method, path, status, duration_ms,
@@ -156,6 +156,10 @@ class Settings:
     log_format: str = "text"
     # /metrics answered to anyone; False: to operators only (the admin token, as /admin)
     metrics_public: bool = False
+    # --- overload and workers (issue 16, goals 3 and 4)
+    # renders that may wait for a render slot (or render memory); one more gets 503 + Retry-After at
+    # once instead of waiting `render_queue_wait` for nothing; -1: no bound (only the wait)
+    render_queue_depth: int = 4
 
     @property
     def resolved_store_path(self) -> str:

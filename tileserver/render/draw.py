@@ -94,9 +94,9 @@ class DecodedTiles:
             self.held = 0
 
 
-# Per worker process (the setting `decoded_tile_cache_bytes` sets it at startup): 48 MiB holds ~190
-# RGBA or ~250 RGB 256² tiles, the sources of several 1024² maps. `--workers N` holds up to N times
-# it (no sharing between processes).
+# Per worker process, sized at startup (app.share_caches): the setting `decoded_tile_cache_bytes`
+# divided by the worker count, so the server holds the setting whatever `--workers N` is (processes
+# share no memory). 48 MiB holds ~190 RGBA or ~250 RGB 256² tiles, the sources of several 1024² maps.
 DECODED_TILE_CACHE_BYTES = 48 << 20
 DECODED_TILES = DecodedTiles(DECODED_TILE_CACHE_BYTES)
 

@@ -11,6 +11,7 @@ class RenderError(Exception):
     """A render that cannot be done; `status` is the HTTP status it deserves."""
 
     status = 500
+    retry_after: int | None = None  # seconds, for the Retry-After of a 503 worth retrying
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -20,9 +21,10 @@ class RenderError(Exception):
 
 
 class RenderBusy(RenderError):
-    """Every render slot stayed busy for the whole wait: try again later."""
+    """No render slot: the queue was full, or every slot stayed busy for the whole wait. Try again later."""
 
     status = 503
+    retry_after = 2
 
 
 class RenderTimeout(RenderBusy):

@@ -2,7 +2,10 @@
 
 A per-process gate (`RenderGate`) admits a render by count *and* by its estimated memory against
 a byte budget shared by all renders in flight; both are held until the worker thread finishes,
-even when the request is cancelled. `Deadline` is the time one admitted render has, checked by
+even when the request is cancelled. Renders that cannot start at once wait in a queue of bounded
+depth (`queue_depth`): beyond it a render is refused at once (RenderBusy, 503 with Retry-After)
+rather than after the wait, so an overload sheds its excess immediately and the renders admitted
+to the queue keep a short latency. `Deadline` is the time one admitted render has, checked by
 the worker thread between strips and layers. One place for the policy, so WMS and the tile
 services share one budget (`gate_for`).
 """
@@ -24,6 +27,7 @@ T = TypeVar("T")
 DEFAULT_GATE_WAIT = 5.0  # seconds a render waits for a free slot before 503
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes all renders in flight in one process may use together
 DEFAULT_RENDER_TIMEOUT = 20.0  # seconds one admitted render may take (fetch, draw, encode)
+DEFAULT_QUEUE_DEPTH = 4  # renders that may wait for a slot; beyond it 503 at once
 
 
 class RenderGate:
@@ -32,14 +36,19 @@ class RenderGate:
     `memory_budget` bytes are shared by every render in flight in this process: a render waits
     (FIFO, so a large map is not starved by small ones) until its estimate fits, at most `wait`
     seconds in all, then RenderBusy (503). A map whose estimate alone exceeds the budget can never
-    run: RenderTooLarge (400). `timeout` is each admitted render's deadline (see `Deadline`)."""
+    run: RenderTooLarge (400). `timeout` is each admitted render's deadline (see `Deadline`).
+    `queue_depth` renders at most may wait (for a slot or for memory); one more is refused at
+    once (RenderBusy); None: no bound, only the wait."""
 
     def __init__(self, concurrency: int, wait: float = DEFAULT_GATE_WAIT, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 timeout: float | None = DEFAULT_RENDER_TIMEOUT) -> None:
+                 timeout: float | None = DEFAULT_RENDER_TIMEOUT, queue_depth: int | None = DEFAULT_QUEUE_DEPTH) -> None:
         self.concurrency = max(1, int(concurrency))
         self.wait = wait
         self.memory_budget = max(1, int(memory_budget))
         self.timeout = timeout if timeout and timeout > 0 else None
+        self.queue_depth = None if queue_depth is None or queue_depth < 0 else int(queue_depth)
+        self.waiting = 0  # renders in acquire that could not start at once
+        self.shed = 0  # renders refused at once because the queue was full
         self._semaphore = asyncio.Semaphore(self.concurrency)
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self.bytes_in_use = 0
@@ -54,6 +63,22 @@ class RenderGate:
         if nbytes > self.memory_budget:
             raise RenderTooLarge(f"the map needs about {_mib(nbytes)} MiB to render, more than the "
                                  f"{_mib(self.memory_budget)} MiB a render may use; ask fewer pixels or fewer layers")
+        if not self._waiters and not self._semaphore.locked() and self.bytes_in_use + nbytes <= self.memory_budget:
+            self.bytes_in_use += nbytes  # the common case: room now, nothing to wait for
+            await self._semaphore.acquire()  # a free slot and no waiter: returns without yielding
+            return
+        if self.queue_depth is not None and self.waiting >= self.queue_depth:
+            self.busy_refusals += 1
+            self.shed += 1
+            raise RenderBusy(f"all {self.concurrency} render slots busy and {self.waiting} renders waiting; "
+                             f"retry later")
+        self.waiting += 1
+        try:
+            await self._queue(nbytes)
+        finally:
+            self.waiting -= 1
+
+    async def _queue(self, nbytes: int) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + self.wait
         await self._take_bytes(nbytes, end)
@@ -160,6 +185,7 @@ def gate_for(owner: Any, concurrency: int | None = None, wait: float | None = No
             wait if wait is not None else getattr(settings, "render_queue_wait", DEFAULT_GATE_WAIT),
             getattr(settings, "render_memory_budget", DEFAULT_MEMORY_BUDGET),
             getattr(settings, "render_timeout", DEFAULT_RENDER_TIMEOUT),
+            getattr(settings, "render_queue_depth", DEFAULT_QUEUE_DEPTH),
         )
         _GATES[owner] = gate
     return gate

@@ -458,16 +458,16 @@ def _finish(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: in
     if has_mask:
         coverage = planes[..., channels]
         valid = inside & (coverage >= max(min_coverage, 1e-6) - 1e-6)
-        values = planes[..., :channels]
-        values /= np.where(valid, coverage, 1.0)[..., None]
+        # every plane, coverage too (not read again): on the whole contiguous array the division,
+        # rounding and clipping are ~3x faster than on the strided view of the value planes
+        planes /= np.where(valid, coverage, 1.0)[..., None]
     else:
         valid = inside
-        values = planes
     if dtype.kind in "iub":
         info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
-        np.rint(values, out=values)
-        np.clip(values, info.min, info.max, out=values)
-    out = values.astype(dtype, copy=False)
+        np.rint(planes, out=planes)
+        np.clip(planes, info.min, info.max, out=planes)
+    out = planes[..., :channels].astype(dtype, copy=False)
     out[~valid] = fill.astype(dtype) if dtype.kind != "f" else fill
     return out, valid
 

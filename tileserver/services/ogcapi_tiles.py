@@ -73,7 +73,7 @@ async def styled_tile(
             published, published.tms, level, col, row, style, STYLED_MIME, gate=gate_for(runtime)
         )
     except RenderError as exc:
-        raise TileRenderError(exc.message, exc.status if exc.status in (400, 404, 502, 503) else 503) from None
+        raise TileRenderError.of(exc) from None
     return tile_response(TileAnswer(body, media_type, None, False), published, runtime.settings)
 
 
@@ -119,7 +119,7 @@ async def dataset_tile(ctx: Ctx, scope: Scope, grid: str, tile_matrix: str, tile
             finish=lambda raster: encode_image(raster.data, STYLED_MIME, transparent=True),
         )
     except RenderError as exc:
-        raise TileRenderError(exc.message, exc.status if exc.status in (400, 404, 502, 503) else 503) from None
+        raise TileRenderError.of(exc) from None
     return Response(body, media_type=media_type, headers=map_headers(layers, runtime.settings))
 
 

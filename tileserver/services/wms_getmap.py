@@ -48,7 +48,7 @@ async def _render(request: Request, runtime: Any, req: MapRequest) -> tuple[byte
                                     gate=gate_for(runtime), max_tiles=settings.render_max_tiles,
                                     finish=lambda raster: _encode(raster, req))  # inside budget and deadline
     except RenderBusy as exc:
-        raise wms_error("NoApplicableCode", None, exc.message, 503, **{"Retry-After": "2"}) from None
+        raise wms_error("NoApplicableCode", None, exc.message, 503, **{"Retry-After": str(exc.retry_after)}) from None
     except TimeoutError:
         raise wms_error("NoApplicableCode", None, f"the map took longer than {settings.request_timeout:g} s",
                      503, **{"Retry-After": "5"}) from None

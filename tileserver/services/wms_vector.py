@@ -150,7 +150,7 @@ async def render_mixed(request: Any, runtime: Any, req: MapRequest) -> tuple[byt
 
             return await gate.run_in_thread(work, reserved, deadline)
     except RenderBusy as exc:
-        raise wms_error("NoApplicableCode", None, exc.message, 503, **{"Retry-After": "2"}) from None
+        raise wms_error("NoApplicableCode", None, exc.message, 503, **{"Retry-After": str(exc.retry_after)}) from None
     except TimeoutError:
         raise wms_error("NoApplicableCode", None, f"the map took longer than {settings.request_timeout:g} s",
                         503, **{"Retry-After": "5"}) from None
