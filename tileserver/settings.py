@@ -150,6 +150,10 @@ class Settings:
     # decoded source tiles shared by the renders of a worker process (render/draw.py DecodedTiles):
     # bytes per process, so `--workers N` holds up to N times this; 0 turns it off
     decoded_tile_cache_bytes: int = 48 << 20
+    # --- PostGIS vector bases (issue 17): when set (postgresql://user:password@host/db), every new
+    # VECTOR-DB stored data is one schema of this database instead of a GeoPackage file; its
+    # descriptor URL names the server and schema, never the password
+    vector_db_url: str = ""
 
     @property
     def resolved_store_path(self) -> str:
