@@ -382,9 +382,13 @@ def base_path(url: str) -> str:
 
 
 def open_vector_base(url: str) -> Any:
-    """The base behind a `wfs.base` (blocking: call in a thread)."""
+    """The base behind a `wfs.base` (blocking: call in a thread): a GeoPackage file, or a PostGIS
+    schema (`postgresql://…#schema`)."""
     from tileserver.vector.geopackage import GeoPackageBase
+    from tileserver.vector.postgis import PostGISBase, is_postgis
 
+    if is_postgis(url):
+        return PostGISBase(url)
     return GeoPackageBase(base_path(url))
 
 

@@ -212,7 +212,12 @@ class PostGISBase:
                 raise RuntimeError("the base is closed")
             if self._idle:
                 return self._idle.pop()
-        con = connect(self._conninfo)
+        import psycopg
+
+        try:
+            con = connect(self._conninfo)
+        except psycopg.OperationalError as e:  # the URL's password is not in the message
+            raise ConnectionError(f"{public_url(self.url)}: {e}") from None
         con.read_only = True
         return con
 

@@ -320,15 +320,13 @@ def _vector_pyramid_problems(ctx: Ctx, parameters: dict[str, Any], stored: Any) 
     (tables, attributes, filters, levels), tippecanoe options, area, grid."""
     import sqlite3
 
-    from tileserver.vector.geopackage import GeoPackageBase
+    from tileserver.catalog import open_vector_base
     from tileserver.writer.errors import WriterError
     from tileserver.writer.vector_pyramid import check_options, options_from_parameters
 
-    from .pyramid_home import base_path
-
     try:
-        base = GeoPackageBase(base_path(stored.descriptor_url))
-    except (OSError, sqlite3.Error):
+        base = open_vector_base(stored.descriptor_url)
+    except (OSError, ValueError, sqlite3.Error):
         return [f"inputs.stored_data[0]: the base of stored data {stored.id} cannot be read"]
     try:
         tms = load_tms(str(parameters.get("tms") or "PM"), ctx.wh.settings.tms_directory)
