@@ -232,12 +232,6 @@ def test_geopackage_with_two_tables(tmp_path: Path, vector_backend: str) -> None
         base = base_file(settings, stored["_id"])
         _compare(base, "canton", read_source(gpkg, "CANTON"), ("insee_can", "nom", "population", "surface"))
         assert [r["libelle_gare"] for r in table_rows(base, "gares_sncf")] == ["Nord", "Est", "Lyon"]
-        if vector_backend == "postgis":  # WMS-VECTOR (mapnik's ogr input) draws GeoPackage bases only: said at once
-            refused = client.post(f"{BASE}/configurations", json={
-                "type": "WMS-VECTOR", "name": "wmsv", "layer_name": "wmsv", "type_infos": {
-                    "title": "t", "abstract": "a", "keywords": ["k"], "used_data": [
-                        {"stored_data": stored["_id"], "relations": [{"name": "canton", "style": "x"}]}]}})
-            assert refused.status_code == 400 and "is a PostGIS base" in refused.text, refused.text
 
 
 # --- WFS configurations and offerings -------------------------------------------------------------------

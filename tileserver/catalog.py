@@ -494,7 +494,10 @@ def vector_map(layer: Layer, base: Any, restricted: bool = False) -> VectorMap:
         bbox = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
     else:
         bbox = (-180.0, -90.0, 180.0, 90.0)
-    return VectorMap(layer, base_path(source.base), base, tuple(relations), bbox, restricted)
+    from tileserver.vector.postgis import is_postgis
+
+    path = source.base if is_postgis(source.base) else base_path(source.base)  # mapnik's postgis input reads the URL
+    return VectorMap(layer, path, base, tuple(relations), bbox, restricted)
 
 
 async def publish_vector_maps(

@@ -95,9 +95,6 @@ def used_relations(ctx: Ctx, used: Any) -> tuple[list[str], str | None, list[dic
     relations = item.get("relations")
     if not isinstance(relations, list) or not relations:
         return [*problems, f"{where}.relations: a non-empty array of {{name, style, ftl?}} is required"], None, []
-    if stored.descriptor_url.startswith("postgresql://"):  # mapnik draws GeoPackage files only, so far
-        return [*problems, f"{where}.stored_data: stored data {stored.id} is a PostGIS base: WMS-VECTOR draws "
-                "GeoPackage bases only (WFS and vector pyramids read either)"], None, []
     try:
         base = open_vector_base(stored.descriptor_url)
     except Exception as exc:  # a missing or unreadable file: the stored data's fault, said as such
