@@ -608,7 +608,7 @@ _bases_lock = threading.Lock()
 
 def _identity(path: str | Path) -> tuple[int, int, int]:
     """What changes when the file is rewritten or replaced: a map of the old file is not reused.
-    A PostGIS base has none (mapnik reads its tables live at each render)."""
+    A PostGIS base has none here (mapnik reads its tables live; `render` keys it by its relations)."""
     if is_postgis(str(path)):
         return 0, 0, 0
     stat = os.stat(path)
@@ -649,6 +649,8 @@ def render(path: str | Path, layers: Sequence[VectorLayer], bbox: tuple[float, f
     a transparent map has alpha 0 where nothing is drawn. Safe to call from several threads."""
     background = "transparent" if transparent else sld.color(bgcolor, "BGCOLOR")
     identity = _identity(path)
+    if is_postgis(str(path)):  # the relations as last opened: a changed base gets fresh spatial-filter answers
+        identity = (0, 0, hash(tuple((x.relation.name, x.relation.count, x.relation.extent) for x in layers)))
     xml = map_xml(path, layers, crs, background, _spatial_ids(path, identity), (bbox, width, height))
     image = mapnik.Image(width, height)
     with _POOL.map((xml, identity), xml, width, height) as mapnik_map:
