@@ -476,6 +476,19 @@ def test_srs_reprojection(tmp_path: Path, vector_backend: str) -> None:
             "processing": integration(client), "inputs": {"upload": [delivered["_id"]]},
             "output": {"stored_data": {"id": stored["_id"]}}, "parameters": {"srs": "EPSG:2154"}})
         assert again.status_code == 400 and "only for a new base" in again.text
+        # deleting the stored data deletes the base: its file, or its schema
+        base = base_file(settings, stored["_id"])
+        assert client.delete(f"{BASE}/stored_data/{stored['_id']}").status_code == 204
+        if isinstance(base, Path):
+            assert not base.exists()
+        else:
+            import psycopg
+
+            from tileserver.vector import postgis
+
+            conninfo, schema = postgis.split(base)
+            with psycopg.connect(conninfo) as con:
+                assert con.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is None
 
 
 def _update_geojson(path: Path) -> None:
