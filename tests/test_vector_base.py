@@ -245,3 +245,17 @@ def test_measure_bbox_on_a_large_table(tmp_path: Path):
         assert got == (np.flatnonzero(shapely.intersects(pts, shapely.box(0, 0, side, side))) + 1).tolist()
     finally:
         base.close()
+
+
+def test_postgis_descriptor_urls_hold_no_password(monkeypatch):
+    full = "postgresql://tileserver:s3cr%40t@db.example:5433/vecteur?sslmode=require"
+    descriptor = postgis.descriptor_url(full, "vb_abc")
+    assert descriptor == "postgresql://tileserver@db.example:5433/vecteur#vb_abc"
+    monkeypatch.setattr(postgis, "_configured", {})
+    monkeypatch.delenv(postgis.ENV, raising=False)
+    assert postgis.split(descriptor) == ("postgresql://tileserver@db.example:5433/vecteur", "vb_abc")
+    postgis.configure(full)  # the setting gives the credentials back, in this process only
+    assert postgis.split(descriptor) == (full, "vb_abc")
+    for bad in ("postgresql://h/db", "postgresql://h/db#x; DROP SCHEMA y", "postgresql://h/db#A"):
+        with pytest.raises(ValueError):
+            postgis.split(bad)

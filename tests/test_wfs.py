@@ -482,3 +482,10 @@ def test_get_feature_streams_without_waiting_for_the_end(server):
     assert plain.headers["x-request-id"] and plain.headers["access-control-allow-origin"] == "*"
     assert headers["content-encoding"] == "gzip" and "Accept-Encoding" in headers["vary"]
     assert json.loads(gzip.decompress(raw))["features"] == plain.json()["features"]
+
+
+def test_admin_publishes_postgis_bases_of_the_configured_database_only(http, server):
+    """A PostGIS base URL naming another server is refused before anything is opened."""
+    record = wfs_descriptor("postgresql://someone@192.0.2.1:5432/elsewhere#vb_0123", name="ailleurs")
+    r = http.post("/admin/layers/ailleurs", json=record, headers=ADMIN)
+    assert r.status_code == 400 and "vector_db_url" in r.text, r.text
