@@ -20,6 +20,8 @@ from pgserver import PostgresServer
 
 from tileserver.vector import pgintegrate, postgis
 from tileserver.vector.delivery import check_delivery
+from tileserver.vector.base import Query
+from tileserver.vector.geopackage import GeoPackageBase
 from tileserver.vector.integrate import integrate
 
 
@@ -44,8 +46,22 @@ def main() -> None:
             integrate(report, Path(tmp) / "base.gpkg")
             gpkg = time.perf_counter() - t
             t = time.perf_counter()
-            pgintegrate.integrate(report, postgis.descriptor_url(url, postgis.new_schema()))
+            descriptor = postgis.descriptor_url(url, postgis.new_schema())
+            pgintegrate.integrate(report, descriptor)
             copy = time.perf_counter() - t
+            # a bbox page read (~1000 features) from each base, median of 20
+            side = 1e6 * (1000 / n) ** 0.5
+            reads = {}
+            for name, base in (("GeoPackage", GeoPackageBase(Path(tmp) / "base.gpkg")),
+                               ("PostGIS", postgis.PostGISBase(descriptor))):
+                times = []
+                for k in range(20):
+                    x0 = 1000.0 * k
+                    t = time.perf_counter()
+                    got = sum(1 for _ in base.features(Query("pts", bbox=(x0, 6e6, x0 + side, 6e6 + side))))
+                    times.append(time.perf_counter() - t)
+                reads[name] = (sorted(times)[10], got)
+                base.close()
             # the same rows through executemany INSERTs (psycopg 3 pipelines them), load only
             wkb = shapely.to_wkb(shapely.set_srid(pts, 2154), hex=True, include_srid=True).tolist()
             with psycopg.connect(url) as con:
@@ -67,6 +83,8 @@ def main() -> None:
               f"{copy:.2f} s ({n / copy:,.0f}/s, read + COPY + GiST + ANALYZE)")
         print(f"load alone: COPY {copy_only:.2f} s ({n / copy_only:,.0f} rows/s), executemany INSERT "
               f"{insert:.2f} s ({n / insert:,.0f} rows/s)")
+        for name, (median, got) in reads.items():
+            print(f"bbox read of {got} features from the {name} base: {median * 1000:.1f} ms (median of 20)")
     finally:
         server.stop()
 
