@@ -19,8 +19,8 @@ import shapely
 from pgserver import PostgresServer
 
 from tileserver.vector import pgintegrate, postgis
-from tileserver.vector.delivery import check_delivery
 from tileserver.vector.base import Query
+from tileserver.vector.delivery import check_delivery
 from tileserver.vector.geopackage import GeoPackageBase
 from tileserver.vector.integrate import integrate
 
