@@ -12,6 +12,8 @@ Queries are one SQL statement each, as in `geopackage.py`, with the same semanti
 * the pygeofilter AST becomes a WHERE clause by the GeoPackage translator, with booleans, LIKE
   (a LIKE/ILIKE pattern with an explicit escape, matched against the value as text) and the
   spatial operators written for PostgreSQL; values are always bound parameters;
+* ILIKE folds case as the database's LC_CTYPE does: all of Unicode under a UTF-8 locale (as
+  GeoPackage's Python regex does), ASCII only under the C locale;
 * NULLs sort first ascending and text sorts by code point (`COLLATE "C"`), as SQLite does, so a
   base answers the same pages on either backend.
 
