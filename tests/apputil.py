@@ -21,13 +21,14 @@ PYRAMIDS = DATA / "pyramids"
 
 
 STORE_URL = ""  # the store every make_settings names (conftest's store_backend sets a PostgreSQL one)
+VECTOR_DB_URL = ""  # the vector database every make_settings names (conftest's vector_backend sets PostGIS)
 
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:
     """Settings isolated in tmp_path, ignoring the developer's environment."""
     base = load_settings(env={})
     values = {"data_dir": str(tmp_path / "data"), "demo": False, "admin_token": "secret", "store_url": STORE_URL,
-              "store_poll_interval": 0.2,
+              "vector_db_url": VECTOR_DB_URL, "store_poll_interval": 0.2,
               "admin_roots": ("*",)}  # fixtures live anywhere; tests/test_server_security.py checks the roots
     values.update(overrides)
     return replace(base, **values)

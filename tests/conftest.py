@@ -122,3 +122,41 @@ def store_backend(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 # ==== end publication store engines ==============================================================
+
+
+# ==== PostGIS vector bases =======================================================================
+# postgis_url (session)  a database on pg_server with the postgis extension (its URL); skipped when
+#                        PostGIS is not installed (apt-get install postgresql-15-postgis-3)
+# vector_backend         parametrised "gpkg" / "postgis": for tests building Settings through
+#                        apputil's make_settings, sets the vector_db_url every make_settings gives
+
+
+@pytest.fixture(scope="session")
+def postgis_url(pg_server: PostgresServer) -> Iterator[str]:
+    import psycopg
+
+    url = pg_server.create_database()
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS postgis")
+    except psycopg.Error as e:
+        pg_server.drop_database(url)
+        pytest.skip(f"PostGIS is not installed: {e}")
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture(params=["gpkg", "postgis"])
+def vector_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    import apputil
+
+    from tileserver.vector import postgis
+
+    url = "" if request.param == "gpkg" else str(request.getfixturevalue("postgis_url"))
+    postgis.configure(url)
+    apputil.VECTOR_DB_URL = url
+    yield request.param
+    apputil.VECTOR_DB_URL = ""
+
+
+# ==== end PostGIS vector bases ===================================================================

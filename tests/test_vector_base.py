@@ -1,4 +1,5 @@
-"""GeoPackageBase: what WFS and OGC API Features will read, checked against brute-force Python answers."""
+"""GeoPackageBase and PostGISBase: what WFS and OGC API Features read, checked against brute-force
+Python answers; every test taking `data` runs on both backends."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pygeofilter import ast
 from pygeofilter.parsers.ecql import parse as ecql
 from pygeofilter.parsers.fes import parse as fes
 
+from tileserver.vector import pgintegrate, postgis
 from tileserver.vector.base import Query, QueryError, UnknownRelation
 from tileserver.vector.delivery import check_delivery
 from tileserver.vector.geopackage import GeoPackageBase, like_regex
@@ -24,8 +26,8 @@ N = 1500
 NAMES = ["Abbeville", "Amiens", "arras", "Île-de-Ré", "Bar_le_Duc", "Aé%z", None]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
+@pytest.fixture(scope="module", params=["gpkg", "postgis"])
+def data(request, tmp_path_factory) -> dict:
     rng = np.random.default_rng(7)
     tmp = tmp_path_factory.mktemp("vbase")
     x, y = rng.uniform(0, 1000, N), rng.uniform(0, 1000, N)
@@ -41,11 +43,20 @@ def data(tmp_path_factory) -> dict:
                       driver="GPKG", geometry_type="Polygon", crs="EPSG:2154")
     report = check_delivery([gpkg], "EPSG:2154", tmp / "work")
     assert report.ok, report.problems
-    integrate(report, tmp / "base.gpkg")
-    base = GeoPackageBase(tmp / "base.gpkg")
+    if request.param == "gpkg":
+        integrate(report, tmp / "base.gpkg")
+        base = GeoPackageBase(tmp / "base.gpkg")
+    else:
+        server = request.getfixturevalue("postgis_url")
+        postgis.configure(server)
+        url = postgis.descriptor_url(server, postgis.new_schema())
+        pgintegrate.integrate(report, url)
+        base = postgis.PostGISBase(url)
     yield {"base": base, "path": tmp / "base.gpkg", "pts": pts, "polys": polys, "names": names,
-           "population": population, "flag": flag}
+           "population": population, "flag": flag, "backend": request.param}
     base.close()
+    if request.param == "postgis":
+        pgintegrate.drop(base.url)
 
 
 def _ids(base, query) -> list:
@@ -185,14 +196,18 @@ def test_no_injection_and_clear_errors(data):
                 Query("villes", offset=-1)]:
         with pytest.raises(QueryError):
             list(base.features(bad))
-    con = sqlite3.connect(data["path"])
-    assert con.execute("SELECT count(*) FROM villes").fetchone()[0] == N
-    con.close()
+    assert base.count(Query("villes")) == N
     # the base's connections are read-only
     con = base._acquire()  # the pool's own connection, to show it cannot write
     try:
-        with pytest.raises(sqlite3.OperationalError):
-            con.execute("DELETE FROM villes")
+        if data["backend"] == "gpkg":
+            with pytest.raises(sqlite3.OperationalError):
+                con.execute("DELETE FROM villes")
+        else:
+            import psycopg
+
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                con.execute(f"DELETE FROM {base._table('villes')}")
     finally:
         base._release(con)
 
@@ -230,3 +245,17 @@ def test_measure_bbox_on_a_large_table(tmp_path: Path):
         assert got == (np.flatnonzero(shapely.intersects(pts, shapely.box(0, 0, side, side))) + 1).tolist()
     finally:
         base.close()
+
+
+def test_postgis_descriptor_urls_hold_no_password(monkeypatch):
+    full = "postgresql://tileserver:s3cr%40t@db.example:5433/vecteur?sslmode=require"
+    descriptor = postgis.descriptor_url(full, "vb_abc")
+    assert descriptor == "postgresql://tileserver@db.example:5433/vecteur#vb_abc"
+    monkeypatch.setattr(postgis, "_configured", {})
+    monkeypatch.delenv(postgis.ENV, raising=False)
+    assert postgis.split(descriptor) == ("postgresql://tileserver@db.example:5433/vecteur", "vb_abc")
+    postgis.configure(full)  # the setting gives the credentials back, in this process only
+    assert postgis.split(descriptor) == (full, "vb_abc")
+    for bad in ("postgresql://h/db", "postgresql://h/db#x; DROP SCHEMA y", "postgresql://h/db#A"):
+        with pytest.raises(ValueError):
+            postgis.split(bad)

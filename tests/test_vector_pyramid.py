@@ -248,7 +248,7 @@ def test_failed_run_leaves_nothing(base: Any, tmp_path: Path) -> None:
 # --- the processing, over real HTTP --------------------------------------------------------------------
 
 
-def test_processing_over_http(tmp_path: Path) -> None:
+def test_processing_over_http(tmp_path: Path, vector_backend: str) -> None:
     """A VECTOR upload integrated into a base, then "Calcul ou mise à jour de pyramide vecteur":
     refused parameters listed at creation; the stored data typed ROK4-PYRAMID-VECTOR with its levels;
     tiles read back from its descriptor; a failed run (tippecanoe refuses) leaves no pyramid."""

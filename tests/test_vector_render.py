@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,10 +18,23 @@ from tileserver.vector.geopackage import GeoPackageBase
 BBOX = (600000.0, 6800000.0, 610000.0, 6805000.0)  # communes i=0..9; box i: x 600000+1000i .. +800
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GeoPackageBase]:
-    path = make_gpkg(tmp_path_factory.mktemp("vr") / "base.gpkg")
-    return path, GeoPackageBase(path)
+@pytest.fixture(scope="module", params=["gpkg", "postgis"])
+def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path | str, Any]:
+    """make_gpkg's file, then the same delivery integrated into a PostGIS schema (mapnik's postgis input)."""
+    tmp = tmp_path_factory.mktemp("vr")
+    path = make_gpkg(tmp / "base.gpkg")
+    if request.param == "gpkg":
+        return path, GeoPackageBase(path)
+    from tileserver.vector import pgintegrate, postgis
+    from tileserver.vector.delivery import check_delivery
+
+    server = request.getfixturevalue("postgis_url")
+    postgis.configure(server)
+    url = postgis.descriptor_url(server, postgis.new_schema())
+    report = check_delivery([path], None, tmp / "work")
+    assert report.ok, report.problems
+    pgintegrate.integrate(report, url)
+    return url, postgis.PostGISBase(url)
 
 
 def style(rules: str, layer: str = "communes") -> sld.Style:

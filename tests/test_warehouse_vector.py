@@ -4,7 +4,8 @@
 of an existing base), WFS configurations and offerings (open and restricted), and IGN's SDK's
 `generic_vecteur` workflow driven unmodified, read back with OWSLib's WFS 2.0 client.
 
-Every expected value is read from the delivered files independently, with pyogrio."""
+Every expected value is read from the delivered files independently, with pyogrio. Tests taking
+`vector_backend` run twice: bases as GeoPackage files, then as PostGIS schemas (conftest)."""
 
 from __future__ import annotations
 
@@ -128,18 +129,51 @@ def integrate(client: httpx.Client, upload_id: str, name: str = "base", paramete
     return client.get(f"{BASE}/stored_data/{execution['output']['stored_data']['_id']}").json()
 
 
-def base_file(settings: Any, stored_id: str) -> Path:
+def base_file(settings: Any, stored_id: str) -> Any:
+    """The GeoPackage file of a base (a Path), or its postgresql://…#schema URL (a str)."""
     from tileserver.publication.store import PublicationStore
 
     store = PublicationStore(settings.resolved_store_url)
     try:
-        return Path(store.get_stored_data(stored_id).descriptor_url.removeprefix("file://"))
+        url = store.get_stored_data(stored_id).descriptor_url
     finally:
         store.close()
+    return url if url.startswith("postgresql://") else Path(url.removeprefix("file://"))
 
 
-def table_rows(path: Path, table: str) -> list[dict[str, Any]]:
-    """A base's table as GDAL reads it, keyed rows sorted by fid."""
+def base_size(base: Any) -> int:
+    """Bytes of a base: its file, or its schema's tables and indexes as PostgreSQL counts them."""
+    if isinstance(base, Path):
+        return base.stat().st_size
+    import psycopg
+
+    from tileserver.vector import postgis
+
+    conninfo, schema = postgis.split(base)
+    with psycopg.connect(conninfo) as con:
+        return int(con.execute("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n "
+                               "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'",
+                               (schema,)).fetchone()[0])
+
+
+def snapshot(base: Any) -> Any:
+    """What a base holds, to show it unchanged: its file's bytes, or its canton rows."""
+    if isinstance(base, Path):
+        return base.read_bytes()
+    return [repr({k: (v.wkb if k == "geometry" else v) for k, v in row.items()}) for row in table_rows(base, "canton")]
+
+
+def table_rows(path: Any, table: str) -> list[dict[str, Any]]:
+    """A base's table as GDAL (GeoPackage) or PostgreSQL (PostGIS) reads it, keyed rows sorted by fid."""
+    if isinstance(path, str):
+        from tileserver.vector.base import Query
+        from tileserver.vector.postgis import PostGISBase
+
+        base = PostGISBase(path)
+        try:
+            return [{**f.properties, "fid": f.id, "geometry": f.geometry} for f in base.features(Query(table))]
+        finally:
+            base.close()
     meta, fids, geom, data = pyogrio.raw.read(path, layer=table, return_fids=True)
     rows = []
     for i in range(len(fids)):
@@ -167,7 +201,7 @@ def _compare(base: Path, table: str, source: list[dict[str, Any]], names: tuple[
             assert shapely.equals_exact(shapely.force_2d(row["geometry"]), expected["geometry"], tolerance=1e-6)
 
 
-def test_geopackage_with_two_tables(tmp_path: Path) -> None:
+def test_geopackage_with_two_tables(tmp_path: Path, vector_backend: str) -> None:
     """A GeoPackage of two tables (one with names to normalise) becomes a base of two relations."""
     geoms, fields = cantons()
     gpkg = tmp_path / "livraison.gpkg"
@@ -188,7 +222,7 @@ def test_geopackage_with_two_tables(tmp_path: Path) -> None:
         stored = integrate(client, delivered["_id"])
         assert stored["type"] == "VECTOR-DB" and stored["status"] == "GENERATED"
         assert stored["storage"] == {"type": "POSTGRESQL", "labels": ["VECTEUR"]}
-        assert stored["srs"] == "EPSG:2154" and stored["size"] == base_file(settings, stored["_id"]).stat().st_size
+        assert stored["srs"] == "EPSG:2154" and stored["size"] == base_size(base_file(settings, stored["_id"]))
         found = relations(stored)
         assert set(found) == {"canton", "gares_sncf"}
         assert found["canton"]["type"] == "TABLE" and found["canton"]["primary_key"] == ["fid"]
@@ -216,7 +250,7 @@ def wfs_configuration(stored_id: str, layer_name: str, native: str = "canton", p
                  "abstract": "Cantons autour de Paris"}]}]}}
 
 
-def test_sdk_generic_vecteur_workflow_and_owslib(tmp_path: Path) -> None:
+def test_sdk_generic_vecteur_workflow_and_owslib(tmp_path: Path, vector_backend: str) -> None:
     """IGN's SDK, unmodified: delivery of CANTON (a valid shapefile built here, under the SDK's upload
     name), then `mise-en-base`, `configuration-wfs-bdd`, `publication-wfs-bdd` of its own
     `generic_vecteur.jsonc`; OWSLib's WFS 2.0 client reads back the source's features."""
@@ -415,7 +449,7 @@ def test_sdk_example_canton_is_damaged(tmp_path: Path) -> None:
         assert client.get(f"{BASE}/stored_data").json() == []
 
 
-def test_srs_reprojection(tmp_path: Path) -> None:
+def test_srs_reprojection(tmp_path: Path, vector_backend: str) -> None:
     from pyproj import Transformer
 
     geoms, fields = cantons()
@@ -442,6 +476,19 @@ def test_srs_reprojection(tmp_path: Path) -> None:
             "processing": integration(client), "inputs": {"upload": [delivered["_id"]]},
             "output": {"stored_data": {"id": stored["_id"]}}, "parameters": {"srs": "EPSG:2154"}})
         assert again.status_code == 400 and "only for a new base" in again.text
+        # deleting the stored data deletes the base: its file, or its schema
+        base = base_file(settings, stored["_id"])
+        assert client.delete(f"{BASE}/stored_data/{stored['_id']}").status_code == 204
+        if isinstance(base, Path):
+            assert not base.exists()
+        else:
+            import psycopg
+
+            from tileserver.vector import postgis
+
+            conninfo, schema = postgis.split(base)
+            with psycopg.connect(conninfo) as con:
+                assert con.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is None
 
 
 def _update_geojson(path: Path) -> None:
@@ -454,7 +501,7 @@ def _update_geojson(path: Path) -> None:
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
 
 
-def test_update_and_delete_an_existing_base(tmp_path: Path) -> None:
+def test_update_and_delete_an_existing_base(tmp_path: Path, vector_backend: str) -> None:
     """`.update`/`.delete` files change a published base in place (WFS sees it at once); `delete: true`
     makes a plain file a delete; a failing change set leaves the base as it was."""
     geoms, fields = cantons()
@@ -494,7 +541,7 @@ def test_update_and_delete_an_existing_base(tmp_path: Path) -> None:
         assert (rows[2]["nom"], rows[2]["population"]) == ("Canton modifié", 4242)
         assert rows[2]["geometry"].equals(shapely.box(2.40, 48.80, 2.41, 48.81))
         assert rows[3]["nom"] == read_source(gpkg, "canton")[2]["nom"]  # untouched
-        assert updated["size"] == base.stat().st_size
+        assert updated["size"] == base_size(base)
         served = client.get("/wfs", params=hits).json()["features"]
         assert sorted(f["properties"]["nom"] for f in served) == sorted(r["nom"] for r in rows.values())
 
@@ -502,12 +549,12 @@ def test_update_and_delete_an_existing_base(tmp_path: Path) -> None:
         integrate(client, plain["_id"], existing=stored["_id"], parameters={"delete": True})
         assert sorted(r["fid"] for r in table_rows(base, "canton")) == [2, 3, 5, 9]
 
-        before = base.read_bytes()
+        before = snapshot(base)
         failing = upload(client, {"canton.update.csv": tmp_path / "canton.update.csv"}, srs="EPSG:4326")
         failed = integrate(client, failing["_id"], existing=stored["_id"], expect="FAILURE")
         assert any("inconnue" in line for line in failed["logs"]), failed["logs"]
         after = client.get(f"{BASE}/stored_data/{stored['_id']}").json()
-        assert after["status"] == "GENERATED" and base.read_bytes() == before
+        assert after["status"] == "GENERATED" and snapshot(base) == before
 
 
 def test_wfs_configuration_is_validated(tmp_path: Path) -> None:

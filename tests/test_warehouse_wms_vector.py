@@ -112,7 +112,7 @@ def capabilities_schema() -> etree.XMLSchema:
 # --- the SDK's own workflow ------------------------------------------------------------------------------------
 
 
-def test_sdk_configuration_and_publication_wms_bdd(tmp_path: Path) -> None:
+def test_sdk_configuration_and_publication_wms_bdd(tmp_path: Path, vector_backend: str) -> None:
     from owslib.wms import WebMapService
 
     root = sdk_root()
@@ -257,7 +257,7 @@ def errors(answer: httpx.Response) -> str:
     return "\n".join(answer.json()["error_description"])
 
 
-def test_statics_configuration_validation_and_a_private_layer(tmp_path: Path) -> None:
+def test_statics_configuration_validation_and_a_private_layer(tmp_path: Path, vector_backend: str) -> None:
     root = sdk_root()
     with warehouse_server(tmp_path) as (url, _settings):
         client = api_client(url)
@@ -380,7 +380,7 @@ def test_statics_configuration_validation_and_a_private_layer(tmp_path: Path) ->
 # --- one /wms: raster and vector layers together -----------------------------------------------------------
 
 
-def test_mixed_raster_and_vector_map_and_capabilities(tmp_path: Path) -> None:
+def test_mixed_raster_and_vector_map_and_capabilities(tmp_path: Path, vector_backend: str) -> None:
     from apputil import layer_descriptor
 
     from tileserver.publication.model import parse_layer

@@ -78,10 +78,11 @@ def assert_valid(xsd: etree.XMLSchema, document: bytes) -> None:
 ADMIN = {"Authorization": "Bearer secret"}
 
 
-def wfs_descriptor(gpkg: Path, restricted: bool = False, name: str = "bdtopo") -> dict:
+def wfs_descriptor(gpkg: Path | str, restricted: bool = False, name: str = "bdtopo") -> dict:
+    """`gpkg`: a GeoPackage file, or a PostGIS base's URL."""
     return {
         "title": "BD TOPO extract", "abstract": "two tables", "name": name,
-        "wfs": {"base": f"file://{gpkg}", "relations": [
+        "wfs": {"base": gpkg if isinstance(gpkg, str) else f"file://{gpkg}", "relations": [
             {"native_name": "communes", "public_name": "commune", "title": "Communes", "keywords": ["admin"],
              "abstract": "polygons"},
             {"native_name": "gares", "public_name": "gare", "title": "Gares"},
@@ -90,16 +91,30 @@ def wfs_descriptor(gpkg: Path, restricted: bool = False, name: str = "bdtopo") -
     }
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["gpkg", "postgis"])
+def server(request, tmp_path_factory):
+    """The server publishing make_gpkg's base: the file itself, then the same delivery integrated
+    into a PostGIS schema (every test of this module runs on both backends)."""
     tmp = tmp_path_factory.mktemp("wfs")
     gpkg = make_gpkg(tmp / "base.gpkg")
-    settings = make_settings(tmp)
+    base: Path | str = gpkg
+    vector_db_url = ""
+    if request.param == "postgis":
+        from tileserver.vector import pgintegrate, postgis
+        from tileserver.vector.delivery import check_delivery
+
+        vector_db_url = request.getfixturevalue("postgis_url")
+        postgis.configure(vector_db_url)
+        base = postgis.descriptor_url(vector_db_url, postgis.new_schema())
+        report = check_delivery([gpkg], None, tmp / "work")
+        assert report.ok, report.problems
+        pgintegrate.integrate(report, base)
+    settings = make_settings(tmp, vector_db_url=vector_db_url)
     with live_server(settings) as url:
         with httpx.Client(base_url=url, timeout=30) as client:
-            r = client.post("/admin/layers/bdtopo", json=wfs_descriptor(gpkg), headers=ADMIN)
+            r = client.post("/admin/layers/bdtopo", json=wfs_descriptor(base), headers=ADMIN)
             assert r.status_code == 204, r.text
-            r = client.post("/admin/layers/prive", json=wfs_descriptor(gpkg, True, "prive"), headers=ADMIN)
+            r = client.post("/admin/layers/prive", json=wfs_descriptor(base, True, "prive"), headers=ADMIN)
             assert r.status_code == 204, r.text
             key = client.post("/admin/keys", json={"name": "k", "layers": ["prive"]}, headers=ADMIN).json()["key"]
         yield {"url": url, "gpkg": gpkg, "key": key, "tmp": tmp}
@@ -467,3 +482,10 @@ def test_get_feature_streams_without_waiting_for_the_end(server):
     assert plain.headers["x-request-id"] and plain.headers["access-control-allow-origin"] == "*"
     assert headers["content-encoding"] == "gzip" and "Accept-Encoding" in headers["vary"]
     assert json.loads(gzip.decompress(raw))["features"] == plain.json()["features"]
+
+
+def test_admin_publishes_postgis_bases_of_the_configured_database_only(http, server):
+    """A PostGIS base URL naming another server is refused before anything is opened."""
+    record = wfs_descriptor("postgresql://someone@192.0.2.1:5432/elsewhere#vb_0123", name="ailleurs")
+    r = http.post("/admin/layers/ailleurs", json=record, headers=ADMIN)
+    assert r.status_code == 400 and "vector_db_url" in r.text, r.text

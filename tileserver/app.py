@@ -87,6 +87,9 @@ def share_caches(runtime: Any, settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or load_settings()
+    from tileserver.vector import postgis
+
+    postgis.configure(settings.vector_db_url)  # PostGIS bases' credentials: never in the catalog
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -382,9 +382,13 @@ def base_path(url: str) -> str:
 
 
 def open_vector_base(url: str) -> Any:
-    """The base behind a `wfs.base` (blocking: call in a thread)."""
+    """The base behind a `wfs.base` (blocking: call in a thread): a GeoPackage file, or a PostGIS
+    schema (`postgresql://…#schema`)."""
     from tileserver.vector.geopackage import GeoPackageBase
+    from tileserver.vector.postgis import PostGISBase, is_postgis
 
+    if is_postgis(url):
+        return PostGISBase(url)
     return GeoPackageBase(base_path(url))
 
 
@@ -490,7 +494,10 @@ def vector_map(layer: Layer, base: Any, restricted: bool = False) -> VectorMap:
         bbox = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
     else:
         bbox = (-180.0, -90.0, 180.0, 90.0)
-    return VectorMap(layer, base_path(source.base), base, tuple(relations), bbox, restricted)
+    from tileserver.vector.postgis import is_postgis
+
+    path = source.base if is_postgis(source.base) else base_path(source.base)  # mapnik's postgis input reads the URL
+    return VectorMap(layer, path, base, tuple(relations), bbox, restricted)
 
 
 async def publish_vector_maps(

@@ -160,6 +160,10 @@ class Settings:
     # renders that may wait for a render slot (or render memory); one more gets 503 + Retry-After at
     # once instead of waiting `render_queue_wait` for nothing; -1: no bound (only the wait)
     render_queue_depth: int = 4
+    # --- PostGIS vector bases (issue 17): when set (postgresql://user:password@host/db), every new
+    # VECTOR-DB stored data is one schema of this database instead of a GeoPackage file; its
+    # descriptor URL names the server and schema, never the password
+    vector_db_url: str = ""
 
     @property
     def resolved_store_path(self) -> str:

@@ -233,17 +233,21 @@ async def _confine(runtime: Runtime, layer: Layer) -> None:
     """Refuse pyramids outside the publish roots: the token holder may publish pyramids, not make the
     server open any file or bucket it can reach. Descriptors are checked before they are read, then
     where each level's slabs live (a descriptor names its data directories or buckets)."""
+    from tileserver.vector import postgis
+
     descriptors = [(ref.path, f"pyramids[{i}].path") for i, ref in enumerate(layer.pyramids)]
-    if layer.wfs is not None:  # a vector base is confined as a pyramid descriptor is
-        try:
-            descriptors.append((base_path(layer.wfs.base), "wfs.base"))
+    for source, field in ((layer.wfs, "wfs.base"), (layer.vector_map, "vector_map.base")):
+        if source is None:
+            continue
+        if postgis.is_postgis(source.base):  # a schema of the configured vector database only
+            configured = runtime.settings.vector_db_url
+            if not configured or postgis.public_url(source.base) != postgis.public_url(configured):
+                raise Problem(400, "a PostGIS base must be a schema of the database vector_db_url", field)
+            continue
+        try:  # a vector base file is confined as a pyramid descriptor is
+            descriptors.append((base_path(source.base), field))
         except ValueError as exc:
-            raise Problem(400, str(exc), "wfs.base") from None
-    if layer.vector_map is not None:
-        try:
-            descriptors.append((base_path(layer.vector_map.base), "vector_map.base"))
-        except ValueError as exc:
-            raise Problem(400, str(exc), "vector_map.base") from None
+            raise Problem(400, str(exc), field) from None
     # resolving symlinks touches the disk
     if (problem := await asyncio.to_thread(_outside, runtime.settings, descriptors)) is not None:
         raise problem

@@ -53,7 +53,7 @@ BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's write lock
 _UNAVAILABLE = frozenset({5, 8, 10, 13, 14})
 ALL_LAYERS = "*"  # key grant meaning every restricted layer
 RASTER_PYRAMID = "ROK4-PYRAMID-RASTER"  # the warehouse's stored data type
-VECTOR_DB = "VECTOR-DB"  # a vector base: one GeoPackage file (its URL ends with .gpkg)
+VECTOR_DB = "VECTOR-DB"  # a vector base: one GeoPackage file (its URL ends with .gpkg) or postgresql://…#schema
 VECTOR_PYRAMID = "ROK4-PYRAMID-VECTOR"  # a pyramid of vector tiles (format TIFF_PBF_MVT)
 
 
@@ -301,7 +301,7 @@ def grant(layers: Any) -> list[str]:
 
 
 def _default_name(descriptor_url: str) -> str:
-    return descriptor_url.rsplit("/", 1)[-1].removesuffix(".json").removesuffix(".gpkg")
+    return descriptor_url.rsplit("/", 1)[-1].rsplit("#", 1)[-1].removesuffix(".json").removesuffix(".gpkg")
 
 
 def _now() -> str:
@@ -765,7 +765,8 @@ class PublicationStore:
     ) -> StoredData:
         """Register or update a pyramid by its descriptor URL; its id stays stable across updates."""
         suffix = ".gpkg" if type == VECTOR_DB else ".json"
-        if not isinstance(descriptor_url, str) or not descriptor_url.endswith(suffix):
+        postgis = type == VECTOR_DB and isinstance(descriptor_url, str) and descriptor_url.startswith("postgresql://")
+        if not postgis and (not isinstance(descriptor_url, str) or not descriptor_url.endswith(suffix)):
             raise InvalidRecord(f"must be a {'vector base' if type == VECTOR_DB else 'pyramid descriptor'} path"
                                 f" ending with {suffix}", "descriptor_url")
         name = name or _default_name(descriptor_url)

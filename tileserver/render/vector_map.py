@@ -62,6 +62,7 @@ from pyproj import CRS
 from tileserver.render import sld
 from tileserver.vector.base import Query, QueryError, Relation
 from tileserver.vector.geopackage import GeoPackageBase, like_regex
+from tileserver.vector.postgis import PostGISBase, is_postgis, split
 
 
 def _import_mapnik() -> Any:
@@ -420,7 +421,40 @@ def mapnik_srs(crs: str) -> str:
     return f"{authority[0].lower()}:{authority[1]}"
 
 
+def _postgis_datasource(url: str, relation: Relation, sql: str | None) -> Any:
+    """mapnik's `postgis` input over a PostGIS base's table (the credentials from the setting); the
+    input adds the bbox test (`&&`, answered by the GiST index) around `sql`."""
+    import urllib.parse
+
+    from tileserver.vector.postgis import split
+
+    conninfo, schema = split(url)
+    parts = urllib.parse.urlsplit(conninfo)
+    datasource = etree.Element("Datasource")
+    source = [("type", "postgis"), ("host", parts.hostname or ""), ("port", str(parts.port or 5432)),
+              ("dbname", urllib.parse.unquote(parts.path.lstrip("/"))),
+              ("user", urllib.parse.unquote(parts.username or "")),
+              ("password", urllib.parse.unquote(parts.password or "")),
+              ("table", f"({sql}) AS t" if sql else f"{_sql_name(schema)}.{_sql_name(relation.name)}"),
+              ("geometry_field", relation.geometry_column or ""), ("srid", mapnik_srs(relation.srs).split(":")[1]),
+              ("estimate_extent", "false")]
+    if relation.extent is not None:  # spares mapnik a read of the whole table for its extent
+        source.append(("extent", ",".join(repr(float(v)) for v in relation.extent)))
+    for key, value in source:
+        etree.SubElement(datasource, "Parameter", name=key).text = value
+    return datasource
+
+
+def _table(path: str | Path, relation: Relation) -> str:
+    """The relation as the SQL of its datasource names it (schema-qualified on PostGIS)."""
+    if is_postgis(str(path)):
+        return f"{_sql_name(split(str(path))[1])}.{_sql_name(relation.name)}"
+    return _sql_name(relation.name)
+
+
 def _datasource(path: str | Path, relation: Relation, sql: str | None) -> Any:
+    if is_postgis(str(path)):
+        return _postgis_datasource(str(path), relation, sql)
     datasource = etree.Element("Datasource")
     source = [("type", "ogr"), ("file", str(path))]
     source.append(("layer_by_sql", sql) if sql else ("layer", relation.name))
@@ -486,10 +520,10 @@ def map_xml(path: str | Path, layers: Sequence[VectorLayer], crs: str, backgroun
                 for rule in group.rules:
                     writer.rule(element, rule, labels=True)
                 label_names.append(label_name)
-        select = f"SELECT * FROM {_sql_name(relation.name)}"
+        select = f"SELECT * FROM {_table(path, relation)}"
         if writer.expressions.uses_fid:  # GDAL's GeoPackage SQL layer still reads the R-tree for the bbox
             key = relation.primary_key[0] if len(relation.primary_key) == 1 else "fid"
-            select = f"SELECT *, {_sql_name(key)} AS {FID_ATTRIBUTE} FROM {_sql_name(relation.name)}"
+            select = f"SELECT *, {_sql_name(key)} AS {FID_ATTRIBUTE} FROM {_table(path, relation)}"
         datasource = _datasource(path, relation, select if writer.expressions.uses_fid else None)
         layer_element = etree.SubElement(root, "Layer", name=f"l{index}", srs=mapnik_srs(relation.srs))
         for name in names:
@@ -501,9 +535,11 @@ def map_xml(path: str | Path, layers: Sequence[VectorLayer], crs: str, backgroun
             # goodnessOfFit drops such labels too); mapnik would shape every label before finding
             # it has no room, most of the time of a whole-layer map of many small polygons
             geometry = _sql_name(relation.geometry_column)
+            larger, x0, x1, y0, y1 = (("greatest", "ST_XMin", "ST_XMax", "ST_YMin", "ST_YMax") if is_postgis(str(path))
+                                      else ("max", "ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY"))  # PostGIS / GDAL SQL
             label_source = _datasource(path, relation, (
-                f"{select} WHERE max(ST_MaxX({geometry}) - ST_MinX({geometry}), "
-                f"ST_MaxY({geometry}) - ST_MinY({geometry})) >= {smallest!r}"))
+                f"{select} WHERE {larger}({x1}({geometry}) - {x0}({geometry}), "
+                f"{y1}({geometry}) - {y0}({geometry})) >= {smallest!r}"))
         elif label_names and len(layers) == 1:
             # labels after every shape (SLD draws them on top), from the same read of the features
             layer_element.set("cache-features", "true")
@@ -565,12 +601,16 @@ class _MapPool:
 
 
 _POOL = _MapPool()
-_bases: OrderedDict[tuple[str, tuple[int, int, int]], tuple[GeoPackageBase, dict[str, list[int]]]] = OrderedDict()
+_bases: OrderedDict[tuple[str, tuple[int, int, int]], tuple[GeoPackageBase | PostGISBase, dict[str, list[int]]]] = \
+    OrderedDict()
 _bases_lock = threading.Lock()
 
 
 def _identity(path: str | Path) -> tuple[int, int, int]:
-    """What changes when the file is rewritten or replaced: a map of the old file is not reused."""
+    """What changes when the file is rewritten or replaced: a map of the old file is not reused.
+    A PostGIS base has none here (mapnik reads its tables live; `render` keys it by its relations)."""
+    if is_postgis(str(path)):
+        return 0, 0, 0
     stat = os.stat(path)
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
@@ -586,7 +626,7 @@ def _spatial_ids(path: str | Path, identity: tuple[int, int, int]) -> SpatialIds
         with _bases_lock:
             entry = _bases.get(key)
             if entry is None:
-                entry = _bases[key] = (GeoPackageBase(path), {})
+                entry = _bases[key] = (PostGISBase(str(path)) if is_postgis(str(path)) else GeoPackageBase(path), {})
                 while len(_bases) > 8:
                     _bases.popitem(last=False)[1][0].close()
         base, answers = entry
@@ -609,6 +649,8 @@ def render(path: str | Path, layers: Sequence[VectorLayer], bbox: tuple[float, f
     a transparent map has alpha 0 where nothing is drawn. Safe to call from several threads."""
     background = "transparent" if transparent else sld.color(bgcolor, "BGCOLOR")
     identity = _identity(path)
+    if is_postgis(str(path)):  # the relations as last opened: a changed base gets fresh spatial-filter answers
+        identity = (0, 0, hash(tuple((x.relation.name, x.relation.count, x.relation.extent) for x in layers)))
     xml = map_xml(path, layers, crs, background, _spatial_ids(path, identity), (bbox, width, height))
     image = mapnik.Image(width, height)
     with _POOL.map((xml, identity), xml, width, height) as mapnik_map:

@@ -63,7 +63,7 @@ class Integration:
     relations: list[Relation]
     srs: str | None  # the base's CRS when all tables share one
     extent: tuple[float, float, float, float] | None  # EPSG:4326
-    size: int  # bytes of the GeoPackage file
+    size: int  # bytes of the GeoPackage file (of the schema's tables and indexes on PostGIS)
 
 
 def _reprojector(layer: Layer, srs: str | None) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str]:
@@ -238,6 +238,11 @@ def _result(path: Path) -> Integration:
         relations = base.relations()
     finally:
         base.close()
+    return summarise(relations, os.path.getsize(path))
+
+
+def summarise(relations: list[Relation], size: int) -> Integration:
+    """What an integration reports of a base, whatever holds it: its CRS, extent in degrees, size."""
     srss = {r.srs for r in relations}
     extents = []
     for r in relations:
@@ -248,7 +253,7 @@ def _result(path: Path) -> Integration:
     if extents:
         e = np.array(extents)
         extent = (float(e[:, 0].min()), float(e[:, 1].min()), float(e[:, 2].max()), float(e[:, 3].max()))
-    return Integration(relations, srss.pop() if len(srss) == 1 else None, extent, os.path.getsize(path))
+    return Integration(relations, srss.pop() if len(srss) == 1 else None, extent, size)
 
 
 def _check(report: DeliveryReport) -> None:

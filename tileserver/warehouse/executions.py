@@ -328,15 +328,13 @@ def _vector_pyramid_problems(ctx: Ctx, parameters: dict[str, Any], stored: Any, 
     updated pyramid's)."""
     import sqlite3
 
-    from tileserver.vector.geopackage import GeoPackageBase
+    from tileserver.catalog import open_vector_base
     from tileserver.writer.errors import WriterError
     from tileserver.writer.vector_pyramid import check_options, options_from_parameters
 
-    from .pyramid_home import base_path
-
     try:
-        base = GeoPackageBase(base_path(stored.descriptor_url))
-    except (OSError, sqlite3.Error):
+        base = open_vector_base(stored.descriptor_url)
+    except (OSError, ValueError, sqlite3.Error):
         return [f"inputs.stored_data[0]: the base of stored data {stored.id} cannot be read"]
     grid = str(parameters.get("tms") or "PM")
     if updated is not None:

@@ -3,7 +3,8 @@
 
 Vector bases (VECTOR-DB stored data) are GeoPackage files, `<id>.gpkg`, beside the pyramids when
 those are on disk, else under `<data dir>/bases`: SQLite needs a local file to read and update in
-place, so a base never goes to S3 (WFS serves local bases only)."""
+place, so a base never goes to S3 (WFS serves local bases only). With `vector_db_url` set, a base
+is a schema of that PostGIS database instead (`vector/postgis.py`)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,13 @@ def bases_root(settings: Settings) -> Path:
 
 
 def base_url(settings: Settings, ident: str) -> str:
-    """`file://` URL of a new vector base named `ident`."""
+    """URL of a new vector base named `ident`: a `file://` GeoPackage, or a schema of the PostGIS
+    database `vector_db_url` (`postgresql://user@host:port/db#vb_<hex>`, without the password)."""
+    if settings.vector_db_url:
+        from tileserver.vector import postgis
+
+        postgis.configure(settings.vector_db_url)
+        return postgis.descriptor_url(settings.vector_db_url, postgis.new_schema())
     return f"file://{bases_root(settings) / ident}.gpkg"
 
 
@@ -66,6 +73,13 @@ def output_of(descriptor_url: str) -> tuple[str, str]:
 def remove_pyramid(descriptor_url: str, settings: Settings) -> None:
     """Delete a pyramid this warehouse wrote (descriptor, list, slabs, journals, work files); one
     registered from elsewhere (outside the root) is never touched. Blocking: run it in a thread."""
+    if descriptor_url.startswith("postgresql://"):
+        from tileserver.vector import pgintegrate, postgis
+
+        postgis.configure(settings.vector_db_url)
+        if settings.vector_db_url and postgis.public_url(descriptor_url) == postgis.public_url(settings.vector_db_url):
+            pgintegrate.drop(descriptor_url)  # only a schema of this warehouse's database
+        return
     if descriptor_url.endswith(".gpkg"):
         for path in _base_files(descriptor_url, settings):
             path.unlink(missing_ok=True)

@@ -161,8 +161,9 @@ def _integrate(settings: Settings, entities: Entities, execution: Entity, base_u
     import logging
     import tempfile
 
+    from tileserver.catalog import open_vector_base
+    from tileserver.vector import pgintegrate, postgis
     from tileserver.vector.delivery import check_delivery
-    from tileserver.vector.geopackage import GeoPackageBase
     from tileserver.vector.integrate import IntegrationError, apply_changes, integrate
 
     from .pyramid_home import base_path
@@ -184,16 +185,22 @@ def _integrate(settings: Settings, entities: Entities, execution: Entity, base_u
     report = check_delivery(files, srs, workdir, names=names)
     if not report.ok:
         raise ExecutionError("the delivery cannot be read: " + "; ".join(report.problems))
+    on_postgis = postgis.is_postgis(base_url)
+    postgis.configure(settings.vector_db_url)
     target = base_path(base_url)
     existing = bool(body["output"]["stored_data"].get("existing"))
     try:
         if not existing:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            log.info("integrating %d layer(s) into a new base%s", len(report.layers),
-                     f" reprojected to {parameters['srs']}" if parameters.get("srs") else "")
-            result = integrate(report, target, srs=parameters.get("srs"))
+            log.info("integrating %d layer(s) into a new base%s%s", len(report.layers),
+                     f" reprojected to {parameters['srs']}" if parameters.get("srs") else "",
+                     " (PostGIS)" if on_postgis else "")
+            if on_postgis:
+                result = pgintegrate.integrate(report, base_url, srs=parameters.get("srs"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                result = integrate(report, target, srs=parameters.get("srs"))
         else:
-            base = GeoPackageBase(target)
+            base = open_vector_base(base_url)
             try:
                 tables = {r.name for r in base.relations()}
             finally:
@@ -207,7 +214,7 @@ def _integrate(settings: Settings, entities: Entities, execution: Entity, base_u
             for layer in report.layers:
                 log.info("%s: %s table %s", layer.source, {"load": "new", "update": "updates", "delete":
                                                            "deletes from"}[layer.role], layer.table)
-            result = apply_changes(report, target)
+            result = pgintegrate.apply_changes(report, base_url) if on_postgis else apply_changes(report, target)
     except IntegrationError as exc:
         raise ExecutionError(str(exc)) from None
     for relation in result.relations:
@@ -223,7 +230,8 @@ def _vector_pyramid(settings: Settings, base: Any, parameters: dict[str, Any], o
     and links the rest to it (its grid and slab size unless the parameters name them)."""
     import logging
 
-    from tileserver.vector.geopackage import GeoPackageBase
+    from tileserver.catalog import open_vector_base
+    from tileserver.vector import postgis
     from tileserver.writer.build import run_with_storage
     from tileserver.writer.errors import WriterError
     from tileserver.writer.vector_pyramid import build_vector_pyramid_async, options_from_parameters
@@ -231,10 +239,11 @@ def _vector_pyramid(settings: Settings, base: Any, parameters: dict[str, Any], o
     from .pyramid_home import base_path
 
     log = logging.getLogger("tileserver.warehouse")
-    path = base_path(base.descriptor_url)
+    postgis.configure(settings.vector_db_url)
+    path: Any = base.descriptor_url if postgis.is_postgis(base.descriptor_url) else base_path(base.descriptor_url)
     try:
-        source = GeoPackageBase(path)
-    except OSError:
+        source = open_vector_base(base.descriptor_url)
+    except (OSError, ValueError):
         raise ExecutionError(f"the input base {base.name} cannot be read") from None
     try:
         options = options_from_parameters(parameters, source.relations())

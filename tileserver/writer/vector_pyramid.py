@@ -52,8 +52,9 @@ from tileserver.rok4.mvt import MAX_TILE_FEATURES, SlabJob, pack_slab
 from tileserver.rok4.naming import parse_slab_name
 from tileserver.rok4.tms import TileMatrixSet
 from tileserver.storage import Storage, StorageError
-from tileserver.vector.base import QueryError, Relation
+from tileserver.vector.base import QueryError, Relation, VectorBase
 from tileserver.vector.geopackage import GeoPackageBase
+from tileserver.vector.postgis import PostGISBase, is_postgis
 
 from .build import load_grid
 from .errors import WriterError
@@ -228,7 +229,7 @@ def options_from_parameters(parameters: dict[str, Any], relations: Sequence[Rela
                                 int(parameters.get("parallelization", 1)))
 
 
-def check_options(base: GeoPackageBase, tms: TileMatrixSet, options: VectorPyramidOptions) -> list[_Plan]:
+def check_options(base: VectorBase, tms: TileMatrixSet, options: VectorPyramidOptions) -> list[_Plan]:
     """Everything a run would refuse before its first write (the API checks it at creation)."""
     check_grid(tms)
     tippecanoe_options(options.tippecanoe_options)
@@ -297,7 +298,7 @@ def parse_area(wkt: str) -> Any:
     return area
 
 
-def plan(base: GeoPackageBase, tms: TileMatrixSet, options: VectorPyramidOptions) -> list[_Plan]:
+def plan(base: VectorBase, tms: TileMatrixSet, options: VectorPyramidOptions) -> list[_Plan]:
     """Every composition item checked at once against the base; WriterError listing the problems."""
     from tileserver.vector.base import Query
 
@@ -353,7 +354,7 @@ def plan(base: GeoPackageBase, tms: TileMatrixSet, options: VectorPyramidOptions
 BBox = tuple[float, float, float, float]
 
 
-def export(base: GeoPackageBase, p: _Plan, area: Any, path: Path, window: BBox | None = None) -> tuple[int, BBox | None]:
+def export(base: VectorBase, p: _Plan, area: Any, path: Path, window: BBox | None = None) -> tuple[int, BBox | None]:
     """The plan's features as a GeoJSON text sequence in EPSG:4326, each with tippecanoe's own
     `minzoom`/`maxzoom` (tables composed at different levels share one run); their count and
     bounding box (lon/lat). `area` clips them (the sample); `window` (lon/lat) only selects those
@@ -511,7 +512,8 @@ async def build_vector_pyramid_async(base_path: str | Path, output: str, name: s
     area = parse_area(options.area)
     if not overwrite and await storage.exists(target.descriptor_path):
         raise WriterError(f"{target.descriptor_path} already exists; choose another name or overwrite")
-    base = GeoPackageBase(base_path)
+    # the base: a GeoPackage path, or a PostGIS base's postgresql://…#schema URL (same protocol)
+    base = PostGISBase(str(base_path)) if is_postgis(str(base_path)) else GeoPackageBase(base_path)
     try:
         plans = plan(base, tms, options)
         top, bottom = min(p.top for p in plans), max(p.bottom for p in plans)
