@@ -150,6 +150,12 @@ class Settings:
     # decoded source tiles shared by the renders of a worker process (render/draw.py DecodedTiles):
     # bytes per process, so `--workers N` holds up to N times this; 0 turns it off
     decoded_tile_cache_bytes: int = 48 << 20
+    # --- workers anywhere (issue 17): checks and executions run by job processes of any node
+    # job processes a server runs itself (env TILESERVER_WAREHOUSE_WORKERS); 0: only `tileserver worker`s run jobs
+    warehouse_workers: int = 2
+    worker_lease: float = 60.0  # seconds a running job may go without a heartbeat before its worker is declared dead
+    worker_attempts: int = 3  # runs of a job whose worker died, after which it ends FAILURE
+    worker_node: str = ""  # this node's name in job claims (default: the host name); one per machine or pod
 
     @property
     def resolved_store_path(self) -> str:

@@ -33,7 +33,11 @@ from .upload_files import upload_files
 from .usage import PYRAMIDS, room
 
 SETTINGS_ENV = "TILESERVER_WAREHOUSE_SETTINGS"
-BEAT_EVERY = 2.0
+BEAT_EVERY = 2.0  # seconds between heartbeats, or a quarter of the lease when that is shorter
+
+
+def beat_every(settings: Settings) -> float:
+    return max(0.1, min(BEAT_EVERY, settings.worker_lease / 4))
 
 
 def settings_to_env(settings: Settings) -> str:
@@ -85,10 +89,12 @@ class Worker:
         self.entities.append_logs(self.job_id, self.log.take())
 
     def _beat(self) -> None:
-        while not self.done.wait(BEAT_EVERY):
+        while not self.done.wait(beat_every(self.settings)):
             try:
+                status = lifecycle.beat(self.entities, self.kind, self.job_id, os.getpid())
+                if status == lifecycle.LOST:  # silent past the lease: requeued, another worker runs it
+                    self.kill()
                 self.flush()
-                status = lifecycle.beat(self.entities, self.kind, self.job_id)
                 over = self.over_quota() if status == Status.PROGRESS and self._measure_now() else None
             except Exception:  # a busy store: try again at the next beat
                 continue
@@ -149,7 +155,7 @@ class Worker:
             status, result = Status.FAILURE, {}
         self.done.set()
         lifecycle.finish(self.store, self.entities, self.kind, self.job_id, status, self.settings, self.log.take(),
-                         result)
+                         result, pid=os.getpid())
         return 0
 
     def _work(self, entity: Entity) -> tuple[str, dict[str, Any]]:
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m tileserver.warehouse.worker check_execution|processing_execution ID", file=sys.stderr)
         return 2
     settings = settings_from_env(os.environ[SETTINGS_ENV])
+    lifecycle.set_node(settings.worker_node)
     return Worker(settings, argv[0], argv[1]).run()
 
 
