@@ -26,7 +26,7 @@ from tileserver.warehouse.endpoints import WMTS_TMS
 from tileserver.warehouse.entities import Entities
 from tileserver.warehouse.processings import RASTER_TO_PYRAMID
 
-LEASE = "2"  # seconds: a killed worker's job is back in the queue within a few seconds
+LEASE = "5"  # seconds: a killed worker's job is back in the queue within seconds; beats every 1.25 s
 SLOW = {"tms": "PM", "bottom": "12", "top": "0", "compression": "jpg"}  # seconds of work on one core
 
 
@@ -53,9 +53,9 @@ def _env(data_dir: Path, store_url: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _worker(data_dir: Path, store_url: str, node: str) -> Iterator[subprocess.Popen]:
+def _worker(data_dir: Path, store_url: str, node: str, **env: str) -> Iterator[subprocess.Popen]:
     process = subprocess.Popen([sys.executable, "-m", "tileserver.cli", "worker", "--jobs", "1", "--node", node],
-                               env=_env(data_dir, store_url), start_new_session=True)
+                               env={**_env(data_dir, store_url), **env}, start_new_session=True)
     try:
         yield process
     finally:
@@ -65,7 +65,7 @@ def _worker(data_dir: Path, store_url: str, node: str) -> Iterator[subprocess.Po
 
 
 @contextlib.contextmanager
-def topology(tmp_path: Path, store_url: str, servers: int = 2, workers: int = 2) -> Iterator[Topology]:
+def topology(tmp_path: Path, store_url: str, servers: int = 2, workers: int = 2, **worker_env: str) -> Iterator[Topology]:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     store = PublicationStore(store_url)
@@ -80,7 +80,7 @@ def topology(tmp_path: Path, store_url: str, servers: int = 2, workers: int = 2)
             stack.enter_context(_server(data_dir, port, workers=0, store_url=store_url, poll=0.5,
                                         TILESERVER_WORKER_LEASE=LEASE))
             urls.append(f"http://127.0.0.1:{port}")
-        nodes = {f"node-{i + 1}": stack.enter_context(_worker(data_dir, store_url, f"node-{i + 1}"))
+        nodes = {f"node-{i + 1}": stack.enter_context(_worker(data_dir, store_url, f"node-{i + 1}", **worker_env))
                  for i in range(workers)}
         yield Topology(data_dir, store_url, urls, nodes)
 
@@ -195,3 +195,34 @@ def _alive(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_build_in_shards_across_workers(tmp_path: Path, pg_url: str, workers: int) -> None:
+    """With `worker_shards` 2 an image pyramid's bottom level is built in two shards, by two
+    workers when there are two, by the execution's own job process alone when it is the only one;
+    then the upper levels from the shards' journals: one pyramid, served."""
+    with topology(tmp_path, pg_url, servers=1, workers=workers, TILESERVER_WORKER_SHARDS="2") as top:
+        client = api_client(top.servers[0])
+        upload = _upload(client)
+        execution = _run(client, {"processing": _processing(client, RASTER_TO_PYRAMID), "inputs": {"upload": [upload]},
+                                  "output": {"stored_data": {"name": "sharded"}},
+                                  "parameters": {"tms": "PM", "bottom": "10", "top": "8", "compression": "jpg"}})
+        ended = _ended(client, execution["_id"], timeout=300)
+        logs = client.get(f"{BASE}/processings/executions/{execution['_id']}/logs").json()
+        assert ended["status"] == "SUCCESS", logs
+        assert sum("shard 0/2 written" in line for line in logs) == 1
+        shard1 = [line for line in logs if "shard 1/2 written" in line]
+        assert len(shard1) == 1
+        shard = top.job("pyramid_shard", f"{execution['_id']}.shard-1")
+        assert shard["status"] == "SUCCESS"
+        executor = top.job("processing_execution", execution["_id"])["job"]["worker"]
+        if workers == 2:  # the other worker took shard 1 (the execution's process waits for it)
+            assert "by node" in shard1[0] and shard["job"]["worker"]["host"] != executor["host"]
+        else:
+            assert "written here" in shard1[0] and shard["job"]["worker"] == executor
+        stored = execution["output"]["stored_data"]["_id"]
+        summary = client.get(f"{BASE}/stored_data/{stored}").json()
+        assert summary["status"] == "GENERATED" and set(summary["type_infos"]["levels"]) == {"8", "9", "10"}
+        assert list(top.data_dir.rglob("*.list"))
+        assert not list(top.data_dir.rglob("*.list.partial*"))  # the shards' journals merged and removed

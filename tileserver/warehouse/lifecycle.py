@@ -34,7 +34,8 @@ from .usage import PYRAMIDS, holds, release_holder, reserve
 
 CHECK = "check_execution"
 EXECUTION = "processing_execution"
-JOB_KINDS = (CHECK, EXECUTION)
+SHARD = "pyramid_shard"  # one share of an execution's bottom level (`worker_shards`), run by any worker
+JOB_KINDS = (CHECK, SHARD, EXECUTION)  # claim order: a shard first, its execution waits for it
 FINAL = _FINAL
 HOST = socket.gethostname()  # this node's name in claims: `set_node` (settings.worker_node) may rename it
 LOST = "LOST"  # what `beat` answers a job process whose job was given to another worker
@@ -109,6 +110,29 @@ def owner(pid: int) -> dict[str, Any]:
     return {"host": HOST, "pid": pid}
 
 
+def take_over(entities: Entities, kind: str, job_id: str, pid: int) -> bool:
+    """Claim and begin an unclaimed WAITING job in the job process `pid` itself (an execution
+    running a shard no worker took: none may be free, the execution holding the only one)."""
+    taken: list[bool] = []
+
+    def start(body: dict[str, Any]) -> bool:
+        job = body.setdefault("job", {})
+        ok = body.get("status") == Status.WAITING and not job.get("claim")
+        if ok:
+            body["status"] = Status.PROGRESS
+            body["start"] = now_iso()
+            job.update(claim={"host": HOST, "pid": pid, "at": time.time()}, worker=owner(pid), heartbeat=time.time(),
+                       attempt=int(job.get("attempt", 0)) + 1)
+        taken.append(ok)
+        return ok
+
+    try:
+        entities.update(kind, job_id, start)
+    except Gone:
+        return False
+    return bool(taken and taken[0])
+
+
 def beat(entities: Entities, kind: str, job_id: str, pid: int | None = None) -> str:
     """Worker side: record that it is alive; returns the current status (ABORTED means stop), or
     LOST when the job was requeued meanwhile (this process was silent past the lease): stop too."""
@@ -160,7 +184,7 @@ def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, 
         return False
     if kind == CHECK:
         _check_ended(entities, entity)
-    else:
+    elif kind == EXECUTION:
         execution_ended(store, entities, entity, settings)
     return True
 
