@@ -88,10 +88,10 @@ def test_harvest_own_wms(tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def _server(data_dir: Path, port: int, workers: int = 1, store_url: str = "",
-            poll: float = 0.2) -> Iterator[subprocess.Popen]:
+            poll: float = 0.2, **env_extra: str) -> Iterator[subprocess.Popen]:
     env = {**os.environ, "TILESERVER_DATA_DIR": str(data_dir), "TILESERVER_ADMIN_TOKEN": "secret",
            "TILESERVER_STORE_POLL_INTERVAL": str(poll), "TILESERVER_WAREHOUSE_WORKERS": str(workers),
-           "TILESERVER_STORE_URL": store_url}
+           "TILESERVER_STORE_URL": store_url, **env_extra}
     process = subprocess.Popen([sys.executable, "-m", "tileserver.cli", "serve", "--port", str(port), "--no-demo",
                                 "--log-level", "warning"], env=env, start_new_session=True)
     try:
@@ -117,7 +117,8 @@ def test_restart_during_an_execution(tmp_path: Path) -> None:
     add_user(settings)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with _server(data_dir, port, workers=1) as server:
+    one_run = {"TILESERVER_WORKER_ATTEMPTS": "1"}  # a dead worker's job then fails (tests/test_workers.py: retried)
+    with _server(data_dir, port, workers=1, **one_run) as server:
         client = api_client(url)
         upload = _upload(client)
         processing = _processing(client, RASTER_TO_PYRAMID)
@@ -139,7 +140,7 @@ def test_restart_during_an_execution(tmp_path: Path) -> None:
         os.killpg(server.pid, signal.SIGKILL)  # the server…
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)  # …and its worker (its own process group) die together
-    with _server(data_dir, port, workers=1):
+    with _server(data_dir, port, workers=1, **one_run):
         client = api_client(url)
         failed = _ended(client, slow["_id"])
         assert failed["status"] == "FAILURE"

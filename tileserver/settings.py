@@ -164,6 +164,15 @@ class Settings:
     # VECTOR-DB stored data is one schema of this database instead of a GeoPackage file; its
     # descriptor URL names the server and schema, never the password
     vector_db_url: str = ""
+    # --- workers anywhere (issue 17): checks and executions run by job processes of any node
+    # job processes a server runs itself (env TILESERVER_WAREHOUSE_WORKERS); 0: only `tileserver worker`s run jobs
+    warehouse_workers: int = 2
+    worker_lease: float = 60.0  # seconds a running job may go without a heartbeat before its worker is declared dead
+    worker_attempts: int = 3  # runs of a job whose worker died, after which it ends FAILURE
+    worker_node: str = ""  # this node's name in job claims (default: the host name); one per machine or pod
+    # an image pyramid build is split into this many shards of its bottom level, run as jobs by any
+    # workers (1: one job process builds it all); with FILE uploads every node must see the same paths
+    worker_shards: int = 1
 
     @property
     def resolved_store_path(self) -> str:

@@ -1,5 +1,6 @@
 """`tileserver users add|list|remove` and `tileserver datastores list|add`: accounts of the
-warehouse API, written straight into the publication store (no server needed)."""
+warehouse API, written straight into the publication store (no server needed); `tileserver worker`:
+a node running the warehouse's checks and executions from the shared store."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ from .accounts import DEFAULT_DATASTORE, DEFAULT_QUOTA, Accounts
 def _accounts(args: argparse.Namespace) -> Accounts:
     settings = load_settings(getattr(args, "config", None))
     return Accounts(PublicationStore(settings.resolved_store_url))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .jobs import run_worker
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings(getattr(args, "config", None), worker_node=args.node)
+    if args.jobs is not None and args.jobs < 1:
+        raise CommandError("--jobs must be at least 1")
+    asyncio.run(run_worker(settings, args.jobs))
+    return 0
 
 
 def register(subparsers: Any) -> None:
@@ -49,6 +64,12 @@ def register(subparsers: Any) -> None:
     ds_add.add_argument("--quota", type=int, default=DEFAULT_QUOTA, help="bytes of uploads allowed")
     ds_add.add_argument("--json", action="store_true")
     ds_add.set_defaults(handler=_datastores_add)
+
+    worker = subparsers.add_parser("worker", help="run checks and processing executions from the shared store")
+    worker.add_argument("--jobs", type=int, help="job processes at once (default: warehouse_workers, at least 1)")
+    worker.add_argument("--node", help="this node's name in job claims (default: worker_node, else the host name)")
+    worker.add_argument("--log-level", default="warning")
+    worker.set_defaults(handler=_worker)
 
     stored = subparsers.add_parser("stored-data", help="warehouse API stored data").add_subparsers(
         dest="stored_data_command", required=True)

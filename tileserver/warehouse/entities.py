@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tileserver.publication.backends import POSTGRESQL
 from tileserver.publication.store import Conflict, Connection, IntegrityError, PublicationStore
 
 from .accounts import now_iso
@@ -107,6 +108,24 @@ class Entities:
                            (json.dumps(entity.body, ensure_ascii=False), now, entity_id))
             except IntegrityError as exc:
                 raise Conflict(_conflict_text(kind, exc)) from None
+        return Entity(entity.id, entity.datastore_id, kind, entity.body, entity.created_at, now)
+
+    def take_first(self, kind: str, where: str, change: Callable[[dict[str, Any]], Any]) -> Entity | None:
+        """The oldest entity matching `where`, changed by `change(body)` in the same transaction (a
+        queue's claim); None when none matches or `change` returns False. On PostgreSQL the row is
+        read `FOR UPDATE SKIP LOCKED`, the queue idiom (the store's writes are serialised besides)."""
+        lock = " FOR UPDATE SKIP LOCKED" if self.store.dialect == POSTGRESQL else ""
+        with self.store.transaction(publish=False) as db:
+            row = db.execute(_SELECT + f" WHERE kind = ? AND ({where}) ORDER BY created_at, id LIMIT 1" + lock,
+                             (kind,)).fetchone()
+            if row is None:
+                return None
+            entity = _entity(row)
+            if change(entity.body) is False:
+                return None
+            now = now_iso()
+            db.execute("UPDATE wh_entities SET body = ?, updated_at = ? WHERE id = ?",
+                       (json.dumps(entity.body, ensure_ascii=False), now, entity.id))
         return Entity(entity.id, entity.datastore_id, kind, entity.body, entity.created_at, now)
 
     def delete(self, entity_id: str, publish: bool = False,

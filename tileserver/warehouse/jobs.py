@@ -1,8 +1,11 @@
-"""The scheduler of one server process: a bounded pool of worker processes running the queued
-jobs (checks and processing executions) outside the event loop, and recovery of jobs whose
-worker died (server restart, crash): they end FAILURE with a log line, never half done.
+"""The claim loop of one node process (a server, or a `tileserver worker` on any machine): a bounded
+pool of job processes running the queued jobs (checks and processing executions) outside the event
+loop, and recovery of jobs whose worker died (restart, crash, a node gone): a job whose job process
+is dead (same node) or silent past the lease goes back to the queue, and ends FAILURE with a log
+line after `worker_attempts` runs, never half done.
 
-Several server processes may share the store: claiming a job is atomic, so each runs once.
+Any number of servers and workers may share the store: claiming a job is atomic, so each run is
+one process's; a server with `warehouse_workers = 0` only recovers, the workers run the jobs.
 """
 
 from __future__ import annotations
@@ -11,29 +14,41 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
+
+from tileserver.publication.store import PublicationStore
+from tileserver.settings import Settings
 
 from . import lifecycle, usage
-from .entities import Entity
+from .entities import Entities, Entity
 from .status import FINAL, Status
 from .worker import SETTINGS_ENV, settings_to_env
 
-if TYPE_CHECKING:
-    from .service import Warehouse
-
 log = logging.getLogger("tileserver.warehouse.jobs")
 
-WORKERS = int(os.environ.get("TILESERVER_WAREHOUSE_WORKERS", "2"))  # worker processes per server process
 TICK = 1.0  # seconds between looks at the queue when nothing wakes the scheduler
-RECOVER_EVERY = 5.0
+RECOVER_EVERY = 5.0  # or the lease when shorter
+DIED = "interrupted: its worker process stopped (restart, crash or node gone)"
+
+
+class Node(Protocol):
+    """What a claim loop needs of its process: the warehouse of a server, or a worker's own."""
+
+    store: PublicationStore
+    entities: Entities
+    settings: Settings
 
 
 class Scheduler:
-    def __init__(self, wh: Warehouse, workers: int = WORKERS) -> None:
+    def __init__(self, wh: Node, workers: int | None = None) -> None:
         self.wh = wh
-        self.workers = max(1, workers)
+        self.workers = max(0, wh.settings.warehouse_workers if workers is None else workers)
+        lifecycle.set_node(wh.settings.worker_node)
+        self.recover_every = min(RECOVER_EVERY, wh.settings.worker_lease)
         self.running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -54,7 +69,7 @@ class Scheduler:
     async def _loop(self) -> None:
         while not self.wh.store.closed:  # the application shut down
             try:
-                if time.monotonic() - self._last_recovery >= RECOVER_EVERY:
+                if time.monotonic() - self._last_recovery >= self.recover_every:
                     self._last_recovery = time.monotonic()
                     await asyncio.to_thread(self.recover)
                 while len(self.running) < self.workers:
@@ -80,8 +95,7 @@ class Scheduler:
             if self.wh.store.closed:  # the application shut down meanwhile: recovery settles it later
                 return
             if code != 0:
-                await asyncio.to_thread(lifecycle.interrupt, self.wh.store, self.wh.entities, job,
-                                        f"worker process ended with status {code}", self.wh.settings)
+                await asyncio.to_thread(self._died, job, process.pid, code)
             await asyncio.to_thread(lifecycle.settle, self.wh.store, self.wh.entities, job.kind, job.id,
                                     self.wh.settings)
         except Exception:
@@ -92,10 +106,25 @@ class Scheduler:
             self.running.pop(job.id, None)
             self.wake()
 
+    def _died(self, job: Entity, pid: int, code: int) -> None:
+        """The job process ended abnormally: its run is requeued (or failed), or, if it never began,
+        the job fails."""
+        settings = self.wh.settings
+        ended = lifecycle.requeue_or_fail(self.wh.store, self.wh.entities, job, lifecycle.owner(pid),
+                                          f"worker process ended with status {code}", settings,
+                                          settings.worker_attempts)
+        current = self.wh.entities.get(job.kind, job.id)
+        if not ended and current is not None and current.body.get("status") == Status.WAITING and \
+                (current.body.get("job") or {}).get("claim") == (job.body.get("job") or {}).get("claim"):
+            lifecycle.interrupt(self.wh.store, self.wh.entities, current,
+                                f"worker process ended with status {code} before it began", settings)
+
     def recover(self) -> None:
-        """Jobs whose worker is gone end FAILURE; claims of a dead server are released; what a dead
-        worker or server left (an aborted output, a push's reservation) is cleared."""
-        entities, store = self.wh.entities, self.wh.store
+        """Jobs whose worker is gone are requeued (or end FAILURE after their last attempt); claims
+        of a dead loop are released; what a dead worker or server left (an aborted output, a push's
+        reservation) is cleared."""
+        entities, store, settings = self.wh.entities, self.wh.store, self.wh.settings
+        lease = settings.worker_lease
         now = time.time()
         self._clear_orphans(now)
         for kind in lifecycle.JOB_KINDS:
@@ -106,17 +135,17 @@ class Scheduler:
                 if job.body["status"] == Status.PROGRESS:
                     worker = state.get("worker") or {}
                     dead = (worker.get("host") == lifecycle.HOST and not lifecycle.pid_alive(worker.get("pid", 0))) \
-                        or now - state.get("heartbeat", 0) > lifecycle.STALE_AFTER
+                        or now - state.get("heartbeat", 0) > lease
                     if dead:
-                        log.warning("%s %s: worker gone, job failed", kind, job.id)
-                        lifecycle.interrupt(store, entities, job,
-                                            "interrupted: its worker process stopped (server restart or crash)",
-                                            self.wh.settings)
+                        ended = lifecycle.requeue_or_fail(store, entities, job, worker, DIED, settings,
+                                                          settings.worker_attempts)
+                        log.warning("%s %s: worker %s gone, job %s", kind, job.id, worker,
+                                    "requeued" if ended == Status.WAITING else "failed" if ended else "left")
                     continue
                 claim = state.get("claim")
                 if claim and ((claim.get("host") == lifecycle.HOST and claim.get("pid") != os.getpid()
                                and not lifecycle.pid_alive(claim.get("pid", 0)))
-                              or now - claim.get("at", now) > lifecycle.STALE_AFTER * 5):
+                              or now - claim.get("at", now) > lease * 5):
                     lifecycle.release(entities, job)
 
     def _clear_orphans(self, now: float) -> None:
@@ -124,7 +153,8 @@ class Scheduler:
         for job in entities.find(lifecycle.EXECUTION, "json_extract(body, '$.status') IN ('FAILURE', 'ABORTED')"
                                                       " AND json_extract(body, '$.job.worker') IS NOT NULL"):
             if job.id in self.running or not _gone((job.body.get("job") or {}).get("worker") or {},
-                                                   (job.body.get("job") or {}).get("heartbeat", 0), now):
+                                                   (job.body.get("job") or {}).get("heartbeat", 0), now,
+                                                   self.wh.settings.worker_lease):
                 continue
             lifecycle.settle(store, entities, job.kind, job.id, self.wh.settings)
         for reservation_id, body in usage.reservations(store):
@@ -137,8 +167,41 @@ class Scheduler:
                 usage.release(store, reservation_id)
 
 
-def _gone(owner: dict, since: float, now: float, stale_after: float = lifecycle.STALE_AFTER) -> bool:
+def _gone(owner: dict, since: float, now: float, stale_after: float) -> bool:
     """Whether the process `owner` ({host, pid}) is dead (same host), or silent for `stale_after`."""
     if owner.get("host") == lifecycle.HOST:
         return not lifecycle.pid_alive(int(owner.get("pid", 0) or 0))
     return now - float(since or 0) > stale_after
+
+
+@dataclass
+class WorkerNode:
+    """A `tileserver worker`'s own store handle: the claim loop with no server around it."""
+
+    store: PublicationStore
+    entities: Entities
+    settings: Settings
+
+
+async def run_worker(settings: Settings, jobs: int | None = None) -> None:
+    """`tileserver worker`: claim and run jobs from the shared store until SIGTERM or SIGINT, then
+    stop claiming and let the running jobs end (a deployment gives it the time of its longest job,
+    or the lease requeues what it leaves)."""
+    store = PublicationStore(settings.resolved_store_url)
+    node = WorkerNode(store, Entities(store), settings)
+    scheduler = Scheduler(node, jobs if jobs is not None else max(1, settings.warehouse_workers))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.warning("worker node %s: %d job process(es) on store %s", lifecycle.HOST, scheduler.workers, store.path)
+    scheduler.start()
+    try:
+        await stop.wait()
+        await scheduler.stop()
+        running = list(scheduler.running.values())
+        if running:
+            log.warning("stopping: waiting for %d running job(s)", len(running))
+            await asyncio.gather(*running, return_exceptions=True)
+    finally:
+        store.close()

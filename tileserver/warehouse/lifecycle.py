@@ -3,8 +3,10 @@ by the server (launch, claims, recovery, aborts) and the worker processes (start
 end): every change of a job's status is made here (statuses: `status.Status`).
 
 A processing execution is CREATED, WAITING once launched (its estimated output reserved in the
-datastore's quota), until a server process claims it and starts a worker, PROGRESS while the
-worker runs and beats, then SUCCESS, FAILURE or ABORTED. The end of a job updates what it works
+datastore's quota), until a claim loop (a server's or a `tileserver worker`'s, on any node) claims
+it and starts a job process, PROGRESS while that process runs and beats, then SUCCESS, FAILURE or
+ABORTED. A job whose process died goes back to WAITING for another run (`requeue_or_fail`), at most
+`worker_attempts` runs in all; a process whose job was requeued meanwhile finds it LOST and stops. The end of a job updates what it works
 for: an upload becomes CLOSED or UNSTABLE once all its checks ended; an execution's output stored
 data becomes GENERATED only on SUCCESS, otherwise UNSTABLE with its partial pyramid removed (an
 existing vector base changed in place goes back to GENERATED: its changes are one transaction), and
@@ -32,10 +34,19 @@ from .usage import PYRAMIDS, holds, release_holder, reserve
 
 CHECK = "check_execution"
 EXECUTION = "processing_execution"
-JOB_KINDS = (CHECK, EXECUTION)
+SHARD = "pyramid_shard"  # one share of an execution's bottom level (`worker_shards`), run by any worker
+JOB_KINDS = (CHECK, SHARD, EXECUTION)  # claim order: a shard first, its execution waits for it
 FINAL = _FINAL
-HOST = socket.gethostname()
-STALE_AFTER = 60.0  # seconds without a heartbeat before another process declares a job dead
+HOST = socket.gethostname()  # this node's name in claims: `set_node` (settings.worker_node) may rename it
+LOST = "LOST"  # what `beat` answers a job process whose job was given to another worker
+
+
+def set_node(name: str) -> None:
+    """Name this process's node in the claims it makes (one name per machine or pod): on the same
+    node a dead process is seen at once by its pid, elsewhere by its missing heartbeats."""
+    global HOST
+    if name:
+        HOST = name
 
 
 def log_line(text: str) -> str:
@@ -53,17 +64,15 @@ def pid_alive(pid: int) -> bool:
 
 
 def claim_next(entities: Entities, pid: int) -> Entity | None:
-    """Take the oldest unclaimed WAITING job for this server process (atomic across processes)."""
+    """Take the oldest unclaimed WAITING job for the worker loop `pid` of this node, in one write
+    transaction: on SQLite the file's single writer makes it atomic, on PostgreSQL the row is taken
+    with `FOR UPDATE SKIP LOCKED` (within the store's serialised writes, so no two loops take it)."""
     for kind in JOB_KINDS:
-        for candidate in entities.find(kind, "json_extract(body, '$.status') = 'WAITING'"
-                                             " AND json_extract(body, '$.job.claim') IS NULL"):
-            try:
-                entity = entities.update(kind, candidate.id, lambda body: _take(body, pid))
-            except Gone:
-                continue
-            if (entity.body.get("job") or {}).get("claim", {}).get("pid") == pid \
-                    and entity.body["job"]["claim"].get("host") == HOST and entity.body.get("status") == Status.WAITING:
-                return entity
+        entity = entities.take_first(kind, "json_extract(body, '$.status') = 'WAITING'"
+                                           " AND json_extract(body, '$.job.claim') IS NULL",
+                                     lambda body: _take(body, pid))
+        if entity is not None:
+            return entity
     return None
 
 
@@ -84,7 +93,8 @@ def begin(entities: Entities, kind: str, job_id: str, pid: int) -> Entity | None
         if ok:
             body["status"] = Status.PROGRESS
             body["start"] = now_iso()
-            body.setdefault("job", {}).update(worker={"host": HOST, "pid": pid}, heartbeat=time.time())
+            job = body.setdefault("job", {})
+            job.update(worker={"host": HOST, "pid": pid}, heartbeat=time.time(), attempt=int(job.get("attempt", 0)) + 1)
         started.append(ok)
         return ok
 
@@ -95,11 +105,43 @@ def begin(entities: Entities, kind: str, job_id: str, pid: int) -> Entity | None
     return entity if started and started[0] else None
 
 
-def beat(entities: Entities, kind: str, job_id: str) -> str:
-    """Worker side: record that it is alive; returns the current status (ABORTED means stop)."""
+def owner(pid: int) -> dict[str, Any]:
+    """The `job.worker` a job process of this node records."""
+    return {"host": HOST, "pid": pid}
+
+
+def take_over(entities: Entities, kind: str, job_id: str, pid: int) -> bool:
+    """Claim and begin an unclaimed WAITING job in the job process `pid` itself (an execution
+    running a shard no worker took: none may be free, the execution holding the only one)."""
+    taken: list[bool] = []
+
+    def start(body: dict[str, Any]) -> bool:
+        job = body.setdefault("job", {})
+        ok = body.get("status") == Status.WAITING and not job.get("claim")
+        if ok:
+            body["status"] = Status.PROGRESS
+            body["start"] = now_iso()
+            job.update(claim={"host": HOST, "pid": pid, "at": time.time()}, worker=owner(pid), heartbeat=time.time(),
+                       attempt=int(job.get("attempt", 0)) + 1)
+        taken.append(ok)
+        return ok
+
+    try:
+        entities.update(kind, job_id, start)
+    except Gone:
+        return False
+    return bool(taken and taken[0])
+
+
+def beat(entities: Entities, kind: str, job_id: str, pid: int | None = None) -> str:
+    """Worker side: record that it is alive; returns the current status (ABORTED means stop), or
+    LOST when the job was requeued meanwhile (this process was silent past the lease): stop too."""
     status: list[str] = []
 
     def touch(body: dict[str, Any]) -> bool:
+        if pid is not None and (body.get("job") or {}).get("worker") != owner(pid):
+            status.append(LOST)
+            return False
         status.append(body.get("status", ""))
         if body.get("status") != Status.PROGRESS:
             return False
@@ -115,13 +157,17 @@ def beat(entities: Entities, kind: str, job_id: str) -> str:
 
 def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, status: str, settings: Settings,
            lines: Iterable[str] = (), result: dict[str, Any] | None = None, only_from: tuple[str, ...] = (Status.PROGRESS,),
-           ) -> bool:
-    """End a job with `status` if it is still in one of `only_from`; apply the consequences."""
-    entities.append_logs(job_id, lines)
+           pid: int | None = None) -> bool:
+    """End a job with `status` if it is still in one of `only_from` (and, given `pid`, still run by
+    that job process of this node); apply the consequences."""
+    if pid is None:
+        entities.append_logs(job_id, lines)
 
     def end(body: dict[str, Any]) -> bool:
         if body.get("status") not in only_from:
             return False
+        if pid is not None and (body.get("job") or {}).get("worker") != owner(pid):
+            return False  # requeued meanwhile: another worker's run counts
         body["status"] = status
         body["finish"] = now_iso()
         if result:
@@ -132,11 +178,13 @@ def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, 
         entity = entities.update(kind, job_id, end)
     except Gone:
         return False
+    if pid is not None and (entity.body.get("job") or {}).get("worker") == owner(pid):
+        entities.append_logs(job_id, lines)
     if entity.body.get("status") != status or entity.body.get("finish") is None:
         return False
     if kind == CHECK:
         _check_ended(entities, entity)
-    else:
+    elif kind == EXECUTION:
         execution_ended(store, entities, entity, settings)
     return True
 
@@ -144,6 +192,42 @@ def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, 
 def interrupt(store: PublicationStore, entities: Entities, entity: Entity, reason: str, settings: Settings) -> bool:
     return finish(store, entities, entity.kind, entity.id, Status.FAILURE, settings, [log_line(reason)],
                   only_from=RUNNING)
+
+
+def requeue_or_fail(store: PublicationStore, entities: Entities, entity: Entity, worker: dict[str, Any], reason: str,
+                    settings: Settings, attempts: int) -> str:
+    """A running job whose job process `worker` ({host, pid}) died: back to WAITING (unclaimed)
+    while it has run fewer than `attempts` times, else FAILURE; either way with a log line. Returns
+    the status it ends in ("" if it was no longer running, or run by another process). A requeued
+    execution's rerun overwrites what the dead one wrote."""
+    outcome: list[tuple[str, int]] = []
+
+    def back(body: dict[str, Any]) -> bool:
+        job = body.setdefault("job", {})
+        attempt = int(job.get("attempt", 1) or 1)
+        if body.get("status") != Status.PROGRESS or job.get("worker") != worker:
+            outcome.append(("", attempt))
+            return False
+        if attempt >= attempts:
+            outcome.append((Status.FAILURE, attempt))
+            return False
+        body["status"] = Status.WAITING
+        body["job"] = {"claim": None, "attempt": attempt, "lost": job.get("worker")}
+        outcome.append((Status.WAITING, attempt))
+        return True
+
+    try:
+        entities.update(entity.kind, entity.id, back)
+    except Gone:
+        return ""
+    if outcome and outcome[0][0] == Status.WAITING:
+        entities.append_logs(entity.id, [log_line(f"{reason}: back in the queue after attempt {outcome[0][1]}"
+                                                  f" of {attempts}")])
+        return Status.WAITING
+    if not outcome or outcome[0][0] != Status.FAILURE:
+        return ""
+    return Status.FAILURE if interrupt(store, entities, entity, f"{reason} (attempt {outcome[0][1]} of {attempts})",
+                                       settings) else ""
 
 
 def _check_ended(entities: Entities, check: Entity) -> None:

@@ -50,16 +50,25 @@ def _parallelization(parameters: dict[str, Any]) -> int:
     return max(1, min(int(parameters.get("parallelization", 1)), os.cpu_count() or 1))
 
 
+def shardable(settings: Settings, execution: Entity) -> bool:
+    """Whether the execution is an image pyramid build (no input pyramid, no harvest), which the
+    writer can split into shards of its bottom level."""
+    processing = find(settings.tms_directory, execution.body["processing"]["_id"])
+    return processing is not None and processing.key == "build" and \
+        not execution.body.get("inputs", {}).get("stored_data")
+
+
 def run_execution(settings: Settings, store: PublicationStore, entities: Entities, execution: Entity,
-                  descriptor_url: str) -> dict[str, Any]:
+                  descriptor_url: str, **sharding: Any) -> dict[str, Any]:
     """Run the writer for an execution, writing the pyramid whose descriptor is `descriptor_url`
-    (on disk or S3); the summary of the pyramid written."""
+    (on disk or S3); the summary of the pyramid written. `shard=(K, N)` computes share K of the
+    bottom level of a `shardable` build only, `finish=N` the rest once the N shards are done."""
     with contextlib.ExitStack() as stack:
-        return _run(settings, store, entities, execution, descriptor_url, stack)
+        return _run(settings, store, entities, execution, descriptor_url, stack, sharding)
 
 
 def _run(settings: Settings, store: PublicationStore, entities: Entities, execution: Entity,
-         descriptor_url: str, stack: contextlib.ExitStack) -> dict[str, Any]:
+         descriptor_url: str, stack: contextlib.ExitStack, sharding: dict[str, Any]) -> dict[str, Any]:
     from tileserver.writer.build import build_async, run_with_storage
     from tileserver.writer.options import BuildOptions
     from tileserver.writer.progress import Progress
@@ -120,7 +129,7 @@ def _run(settings: Settings, store: PublicationStore, entities: Entities, execut
     options = BuildOptions(**common, interpolation=parameters.get("interpolation", "bicubic"), srs=srs)
     return run_with_storage(settings, lambda storage, s: build_async(
         sources, output_dir, name, options, storage, tms_directory=s.tms_directory, overwrite=True,
-        progress=progress))
+        progress=progress, **sharding))
 
 
 # --- vector bases --------------------------------------------------------------------------------

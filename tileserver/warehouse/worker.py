@@ -28,12 +28,18 @@ from .checks import BY_ID as CHECKS
 from .checks import run_check
 from .entities import Entities, Entity
 from .pyramid_home import written_bytes
+from .runner import shardable
 from .status import Status
 from .upload_files import upload_files
 from .usage import PYRAMIDS, room
 
 SETTINGS_ENV = "TILESERVER_WAREHOUSE_SETTINGS"
-BEAT_EVERY = 2.0
+TAKE_OVER_AFTER = 3.0  # seconds a shard stays unclaimed before its execution's process runs it itself
+BEAT_EVERY = 2.0  # seconds between heartbeats, or a quarter of the lease when that is shorter
+
+
+def beat_every(settings: Settings) -> float:
+    return max(0.1, min(BEAT_EVERY, settings.worker_lease / 4))
 
 
 def settings_to_env(settings: Settings) -> str:
@@ -80,15 +86,25 @@ class Worker:
         self.output_url: str | None = None
         self.datastore_id: str | None = None
         self._measured = float("-inf")  # when an output on S3 was last listed
+        self.parent_id: str | None = None  # a shard's execution
+        self.also_beat: list[str] = []  # shards this execution's process runs itself
+
+    def _parent_ended(self) -> bool:
+        parent = self.entities.get(lifecycle.EXECUTION, self.parent_id or "")
+        return parent is None or parent.body.get("status") in lifecycle.FINAL
 
     def flush(self) -> None:
         self.entities.append_logs(self.job_id, self.log.take())
 
     def _beat(self) -> None:
-        while not self.done.wait(BEAT_EVERY):
+        while not self.done.wait(beat_every(self.settings)):
             try:
+                status = lifecycle.beat(self.entities, self.kind, self.job_id, os.getpid())
+                for shard_id in list(self.also_beat):
+                    lifecycle.beat(self.entities, lifecycle.SHARD, shard_id, os.getpid())
+                if status == lifecycle.LOST:  # silent past the lease: requeued, another worker runs it
+                    self.kill()
                 self.flush()
-                status = lifecycle.beat(self.entities, self.kind, self.job_id)
                 over = self.over_quota() if status == Status.PROGRESS and self._measure_now() else None
             except Exception:  # a busy store: try again at the next beat
                 continue
@@ -96,6 +112,9 @@ class Worker:
                 self.log.add("aborted")
                 self.flush()
                 self.kill()
+            elif self.parent_id is not None and self._parent_ended():
+                if lifecycle.stop_running(self.entities, self.kind, self.job_id, "its execution ended: shard stopped"):
+                    self.kill()
             elif over is not None and not self.done.is_set():
                 self.flush()
                 if lifecycle.stop_running(self.entities, self.kind, self.job_id, over):
@@ -149,12 +168,14 @@ class Worker:
             status, result = Status.FAILURE, {}
         self.done.set()
         lifecycle.finish(self.store, self.entities, self.kind, self.job_id, status, self.settings, self.log.take(),
-                         result)
+                         result, pid=os.getpid())
         return 0
 
     def _work(self, entity: Entity) -> tuple[str, dict[str, Any]]:
         if self.kind == lifecycle.CHECK:
             return self._check(entity)
+        if self.kind == lifecycle.SHARD:
+            return self._shard(entity)
         return self._execution(entity)
 
     def _check(self, entity: Entity) -> tuple[str, dict[str, Any]]:
@@ -168,6 +189,78 @@ class Worker:
             ok, found = run_check(check, files, upload.body.get("srs", ""), self.log.add, self.settings)
         self.log.add("passed" if ok else "failed")
         return (Status.SUCCESS if ok else Status.FAILURE), found
+
+    def _sharded(self, entity: Entity, descriptor_url: str, count: int) -> dict[str, Any]:
+        """The bottom level in `count` shards: shard 0 here, the others queued as jobs for any
+        worker (those of an earlier run that ended without success queued again); then, once all
+        are done, the upper levels, the list and the descriptor from their journals."""
+        from .runner import ExecutionError, run_execution
+
+        ids = [f"{entity.id}.shard-{k}" for k in range(1, count)]
+        for k, shard_id in enumerate(ids, 1):
+            existing = self.entities.get(lifecycle.SHARD, shard_id)
+            if existing is None:
+                self.entities.create(lifecycle.SHARD, entity.datastore_id, {
+                    "status": Status.WAITING, "execution": {"_id": entity.id}, "shard": [k, count],
+                    "job": {"claim": None}, "queued": time.time()}, entity_id=shard_id)
+            elif existing.body.get("status") in (Status.FAILURE, Status.ABORTED):
+                self.entities.update(lifecycle.SHARD, shard_id, _requeued)
+        self.log.add(f"bottom level in {count} shards: shard 0/{count} here, the others queued for any worker")
+        own = run_execution(self.settings, self.store, self.entities, entity, descriptor_url, shard=(0, count))
+        self.log.add(f"shard 0/{count} written: {own.get('slabs')} slab(s)")
+        while True:
+            shards = [self.entities.get(lifecycle.SHARD, i) for i in ids]
+            idle = next((s for s in shards if s is not None and s.body.get("status") == Status.WAITING
+                         and time.time() - float(s.body.get("queued", 0)) > TAKE_OVER_AFTER), None)
+            if idle is not None and lifecycle.take_over(self.entities, lifecycle.SHARD, idle.id, os.getpid()):
+                self._own_shard(entity, idle, descriptor_url)
+                continue
+            failed = [i for i, s in zip(ids, shards, strict=True)
+                      if s is None or s.body.get("status") in (Status.FAILURE, Status.ABORTED)]
+            if failed:
+                raise ExecutionError(f"shard(s) failed: {', '.join(failed)}")
+            if all(s is not None and s.body.get("status") == Status.SUCCESS for s in shards):
+                break
+            time.sleep(0.5)
+        self.log.add("all shards written: upper levels, list and descriptor")
+        return run_execution(self.settings, self.store, self.entities, entity, descriptor_url, finish=count,
+                             wait=60.0)
+
+    def _own_shard(self, execution: Entity, shard: Entity, descriptor_url: str) -> None:
+        """A shard no worker took, run here (beaten along with the execution)."""
+        from .runner import run_execution
+
+        k, n = shard.body["shard"]
+        self.also_beat.append(shard.id)
+        try:
+            report = run_execution(self.settings, self.store, self.entities, execution, descriptor_url, shard=(k, n))
+        finally:
+            self.also_beat.remove(shard.id)
+        self.log.add(f"shard {k}/{n} written here (no worker took it): {report.get('slabs')} slab(s)")
+        lifecycle.finish(self.store, self.entities, lifecycle.SHARD, shard.id, Status.SUCCESS, self.settings,
+                         result={"report": report}, pid=os.getpid())
+
+    def _shard(self, entity: Entity) -> tuple[str, dict[str, Any]]:
+        """One share of an execution's bottom level, for the execution's own job process to finish."""
+        from .runner import run_execution
+
+        self.parent_id = entity.body["execution"]["_id"]
+        execution = self.entities.get(lifecycle.EXECUTION, self.parent_id)
+        if execution is None or execution.body.get("status") != Status.PROGRESS:
+            self.log.add("its execution is no longer running")
+            return Status.FAILURE, {}
+        stored = self.store.get_stored_data(execution.body["output"]["stored_data"]["_id"])
+        if stored is None:
+            self.log.add("the output stored data no longer exists")
+            return Status.FAILURE, {}
+        k, n = entity.body["shard"]
+        self.log.add(f"shard {k}/{n} of execution {execution.id}")
+        report = run_execution(self.settings, self.store, self.entities, execution, stored.descriptor_url,
+                               shard=(k, n))
+        line = f"shard {k}/{n} written by node {lifecycle.HOST}: {report.get('slabs')} slab(s)"
+        self.log.add(line)
+        self.entities.append_logs(execution.id, [lifecycle.log_line(line)])
+        return Status.SUCCESS, {"report": report}
 
     def _execution(self, entity: Entity) -> tuple[str, dict[str, Any]]:
         from .runner import run_execution
@@ -185,7 +278,10 @@ class Worker:
             self.output_url = stored.descriptor_url
         what = "base" if stored.type == VECTOR_DB else "pyramid"
         self.log.add(f"{entity.body['processing']['name']}: output {what} {stored.descriptor_url}")
-        summary = run_execution(self.settings, self.store, self.entities, entity, stored.descriptor_url)
+        if self.settings.worker_shards > 1 and shardable(self.settings, entity):
+            summary = self._sharded(entity, stored.descriptor_url, self.settings.worker_shards)
+        else:
+            summary = run_execution(self.settings, self.store, self.entities, entity, stored.descriptor_url)
         size = int(summary.get("size", 0) or 0)
         self.output_url = stored.descriptor_url
         over = self.over_quota(size - (int(stored.summary.get("size", 0) or 0) if existing else 0))
@@ -201,12 +297,18 @@ class Worker:
         return Status.SUCCESS, {"summary": summary}
 
 
+def _requeued(body: dict[str, Any]) -> bool:
+    body.update(status=Status.WAITING, job={"claim": None}, queued=time.time())
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] not in lifecycle.JOB_KINDS:
-        print("usage: python -m tileserver.warehouse.worker check_execution|processing_execution ID", file=sys.stderr)
+        print(f"usage: python -m tileserver.warehouse.worker {'|'.join(lifecycle.JOB_KINDS)} ID", file=sys.stderr)
         return 2
     settings = settings_from_env(os.environ[SETTINGS_ENV])
+    lifecycle.set_node(settings.worker_node)
     return Worker(settings, argv[0], argv[1]).run()
 
 
