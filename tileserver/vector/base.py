@@ -70,6 +70,29 @@ class QueryError(ValueError):
     protocol's "invalid parameter" error)."""
 
 
+def query_box(relation: Relation, query: Query) -> tuple[float, float, float, float] | None:
+    """A query's bbox checked against its relation (every backend refuses the same way)."""
+    if query.bbox is None:
+        return None
+    if relation.geometry_column is None:
+        raise QueryError(f"{relation.name!r} has no geometry")
+    minx, miny, maxx, maxy = (float(v) for v in query.bbox)
+    if not (minx <= maxx and miny <= maxy):
+        raise QueryError("bbox: min must not exceed max")
+    return minx, miny, maxx, maxy
+
+
+def integer_keys(ids: Any) -> list[int]:
+    """Feature ids as the bases' integer keys; an id that is not one matches nothing."""
+    keys = []
+    for value in ids:
+        try:
+            keys.append(int(value))
+        except (TypeError, ValueError):
+            continue
+    return keys
+
+
 class VectorBase(Protocol):
     def relations(self) -> list[Relation]: ...
 

@@ -37,7 +37,16 @@ from pygeofilter import ast, values
 from pyproj import CRS
 
 from tileserver.vector import gpkgbinary
-from tileserver.vector.base import Attribute, Feature, Query, QueryError, Relation, UnknownRelation
+from tileserver.vector.base import (
+    Attribute,
+    Feature,
+    Query,
+    QueryError,
+    Relation,
+    UnknownRelation,
+    integer_keys,
+    query_box,
+)
 
 FETCH = 1000  # rows per fetchmany: features stream out a page at a time
 POOL = 8  # idle connections kept per base
@@ -422,20 +431,11 @@ class GeoPackageBase:
     def _where(self, relation: Relation, query: Query) -> tuple[str, list[Any]]:
         t = _Translator(relation, self._rtrees.get(relation.name))
         parts = []
-        if query.bbox is not None:
-            if relation.geometry_column is None:
-                raise QueryError(f"{relation.name!r} has no geometry")
-            minx, miny, maxx, maxy = (float(v) for v in query.bbox)
-            if not (minx <= maxx and miny <= maxy):
-                raise QueryError("bbox: min must not exceed max")
-            parts.append(t.spatial("intersects", shapely.box(minx, miny, maxx, maxy)))
+        box = query_box(relation, query)
+        if box is not None:
+            parts.append(t.spatial("intersects", shapely.box(*box)))
         if query.ids is not None:
-            keys = []
-            for value in query.ids:
-                try:
-                    keys.append(int(value))
-                except (TypeError, ValueError):
-                    continue  # not a key of this base: matches nothing
+            keys = integer_keys(query.ids)
             parts.append(f"{quote(relation.primary_key[0])} IN (SELECT value FROM json_each({t._bind(json.dumps(keys))}))")
         if query.filter is not None:
             parts.append(t.where(query.filter))

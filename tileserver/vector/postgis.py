@@ -36,7 +36,16 @@ from typing import Any
 import shapely
 from pygeofilter import ast
 
-from tileserver.vector.base import Attribute, Feature, Query, QueryError, Relation, UnknownRelation
+from tileserver.vector.base import (
+    Attribute,
+    Feature,
+    Query,
+    QueryError,
+    Relation,
+    UnknownRelation,
+    integer_keys,
+    query_box,
+)
 from tileserver.vector.geopackage import _GEOMETRY_TYPES, _Translator, quote
 
 FETCH = 1000
@@ -322,20 +331,11 @@ class PostGISBase:
     def _where(self, relation: Relation, query: Query) -> tuple[str, dict[str, Any]]:
         t = _PgTranslator(relation, self._srids.get(relation.name, 0))
         parts = []
-        if query.bbox is not None:
-            if relation.geometry_column is None:
-                raise QueryError(f"{relation.name!r} has no geometry")
-            minx, miny, maxx, maxy = (float(v) for v in query.bbox)
-            if not (minx <= maxx and miny <= maxy):
-                raise QueryError("bbox: min must not exceed max")
-            parts.append(t.spatial("intersects", shapely.box(minx, miny, maxx, maxy)))
+        box = query_box(relation, query)
+        if box is not None:
+            parts.append(t.spatial("intersects", shapely.box(*box)))
         if query.ids is not None:
-            keys = []
-            for value in query.ids:
-                try:
-                    keys.append(int(value))
-                except (TypeError, ValueError):
-                    continue  # not a key of this base: matches nothing
+            keys = integer_keys(query.ids)
             parts.append(f"{quote(relation.primary_key[0])} = ANY({t._bind(keys)}::bigint[])")
         if query.filter is not None:
             parts.append(t.where(query.filter))

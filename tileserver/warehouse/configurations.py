@@ -89,6 +89,34 @@ def _link_problems(metadata: Any, attribution: Any) -> list[str]:
     return problems
 
 
+def description_problems(infos: dict[str, Any], described: bool = True) -> list[str]:
+    """`type_infos` fields every configuration type checks alike: no unknown keys is the caller's;
+    title, abstract and keywords when the type is `described`, and the optional bbox."""
+    problems: list[str] = []
+    if described:
+        _string(infos, "title", "type_infos.", problems)
+        _string(infos, "abstract", "type_infos.", problems)
+        keywords = infos.get("keywords", [])
+        if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
+            problems.append("type_infos.keywords: must be an array of strings")
+    if "bbox" in infos:
+        problems += _bbox_problems(infos["bbox"])
+    return problems
+
+
+def metadata_problems(data: dict[str, Any]) -> list[str]:
+    """`metadata[]` and `attribution` of any configuration: their shapes, then their links."""
+    problems = []
+    metadata = data.get("metadata", [])
+    if not isinstance(metadata, list) or not all(isinstance(m, dict) and isinstance(m.get("url"), str)
+                                                 for m in metadata):
+        problems.append("metadata: must be an array of {format, url, type}")
+    attribution = data.get("attribution")
+    if attribution is not None and not (isinstance(attribution, dict) and isinstance(attribution.get("title", ""), str)):
+        problems.append("attribution: must be an object {title, url, logo}")
+    return problems + _link_problems(metadata, attribution)
+
+
 def operator_restricted(ctx: Ctx, descriptor_url: str) -> bool:
     """Whether a pyramid is served by a restricted layer of the operator (admin API): one that no
     warehouse offering published. /api users must not republish its data as an open layer."""
@@ -260,13 +288,7 @@ async def validate(ctx: Ctx, data: dict[str, Any], replacing: str | None = None)
         problems.append("type_infos: an object {title, abstract, keywords, used_data…} is required")
     else:
         problems += [f"type_infos.{k}: unknown field" for k in sorted(set(infos) - _TYPE_INFOS)]
-        _string(infos, "title", "type_infos.", problems)
-        _string(infos, "abstract", "type_infos.", problems)
-        keywords = infos.get("keywords", [])
-        if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
-            problems.append("type_infos.keywords: must be an array of strings")
-        if "bbox" in infos:
-            problems += _bbox_problems(infos["bbox"])
+        problems += description_problems(infos)
         used_problems, pyramids = await asyncio.to_thread(used_data, ctx, infos.get("used_data"))
         problems += used_problems
         if "interpolation" in infos and infos["interpolation"] not in INTERPOLATIONS:
@@ -279,15 +301,8 @@ async def validate(ctx: Ctx, data: dict[str, Any], replacing: str | None = None)
                 problems.append("type_infos.styles: a vector pyramid's styles are client styles (extra.styles)")
             else:
                 problems += _style_problems(ctx, infos["styles"])
-    metadata = data.get("metadata", [])
-    if not isinstance(metadata, list) or not all(isinstance(m, dict) and isinstance(m.get("url"), str)
-                                                 for m in metadata):
-        problems.append("metadata: must be an array of {format, url, type}")
-    attribution = data.get("attribution")
-    if attribution is not None and not (isinstance(attribution, dict) and isinstance(attribution.get("title", ""), str)):
-        problems.append("attribution: must be an object {title, url, logo}")
     problems += await _server_url_problems(ctx, data)
-    problems += _link_problems(metadata, attribution)
+    problems += metadata_problems(data)
     if problems:
         raise bad_request(*problems)
     try:

@@ -135,7 +135,7 @@ def _served_problems(layer: Layer) -> list[str]:
 
 async def validate_wfs(ctx: Ctx, data: dict[str, Any], replacing: str | None = None) -> Layer:
     """Every problem of a WFS configuration body (400), then its uniqueness (409). Returns its layer."""
-    from .configurations import _bbox_problems, _check_unique, _link_problems
+    from .configurations import _check_unique, description_problems, metadata_problems
 
     problems = [f"{k}: unknown field" for k in sorted(set(data) - _FIELDS)]
     if not isinstance(data.get("name"), str) or not data["name"].strip():
@@ -150,18 +150,10 @@ async def validate_wfs(ctx: Ctx, data: dict[str, Any], replacing: str | None = N
         problems.append("type_infos: an object {used_data, bbox?} is required")
     else:
         problems += [f"type_infos.{k}: unknown field" for k in sorted(set(infos) - _TYPE_INFOS)]
-        if "bbox" in infos:
-            problems += _bbox_problems(infos["bbox"])
+        problems += description_problems(infos, described=False)
         used_problems, base = await asyncio.to_thread(used_base, ctx, infos.get("used_data"))
         problems += used_problems
-    metadata = data.get("metadata", [])
-    if not isinstance(metadata, list) or not all(isinstance(m, dict) and isinstance(m.get("url"), str)
-                                                 for m in metadata):
-        problems.append("metadata: must be an array of {format, url, type}")
-    attribution = data.get("attribution")
-    if attribution is not None and not (isinstance(attribution, dict) and isinstance(attribution.get("title", ""), str)):
-        problems.append("attribution: must be an object {title, url, logo}")
-    problems += _link_problems(metadata, attribution)
+    problems += metadata_problems(data)
     if problems or base is None:
         raise bad_request(*problems)
     try:

@@ -161,7 +161,7 @@ def wmsv_layer(ctx: Ctx, data: dict[str, Any], restricted: bool = False, record_
 
 async def validate_wmsv(ctx: Ctx, data: dict[str, Any], replacing: str | None = None) -> Layer:
     """Every problem of a WMS-VECTOR configuration body (400), then its uniqueness (409). Returns its layer."""
-    from .configurations import _bbox_problems, _check_unique, _link_problems, _string
+    from .configurations import _check_unique, _string, description_problems, metadata_problems
 
     problems = [f"{k}: unknown field" for k in sorted(set(data) - _FIELDS)]
     _string(data, "name", "", problems)
@@ -174,23 +174,10 @@ async def validate_wmsv(ctx: Ctx, data: dict[str, Any], replacing: str | None = 
         problems.append("type_infos: an object {title, abstract, keywords, bbox?, used_data} is required")
     else:
         problems += [f"type_infos.{k}: unknown field" for k in sorted(set(infos) - _TYPE_INFOS)]
-        _string(infos, "title", "type_infos.", problems)
-        _string(infos, "abstract", "type_infos.", problems)
-        keywords = infos.get("keywords", [])
-        if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
-            problems.append("type_infos.keywords: must be an array of strings")
-        if "bbox" in infos:
-            problems += _bbox_problems(infos["bbox"])
+        problems += description_problems(infos)
         used_problems, base, relations = await asyncio.to_thread(used_relations, ctx, infos.get("used_data"))
         problems += used_problems
-    metadata = data.get("metadata", [])
-    if not isinstance(metadata, list) or not all(isinstance(m, dict) and isinstance(m.get("url"), str)
-                                                 for m in metadata):
-        problems.append("metadata: must be an array of {format, url, type}")
-    attribution = data.get("attribution")
-    if attribution is not None and not (isinstance(attribution, dict) and isinstance(attribution.get("title", ""), str)):
-        problems.append("attribution: must be an object {title, url, logo}")
-    problems += _link_problems(metadata, attribution)
+    problems += metadata_problems(data)
     if problems or base is None:
         raise bad_request(*problems)
     try:
