@@ -164,3 +164,37 @@ def test_style_problems_name_what_is_wrong():
     problems = style_problems({"version": 7, "sources": [], "layers": [{"id": 1}]})
     assert [p.split(":")[0] for p in problems] == ["version", "sources", "layers[0]"]
     assert json.dumps(problems)
+
+
+async def test_a_key_given_in_the_url_is_carried_by_tilejson_and_style(pyramid, tmp_path):
+    """A restricted vector layer opened with `?apikey=`: MapLibre cannot add a header, so the TileJSON's
+    tile template and the style's source URL repeat the key; an unknown key is never echoed."""
+    from urllib.parse import quote, urlsplit
+
+    async with app_client(make_settings(tmp_path)) as client:
+        await publish(client, "SECRET", vector_layer_descriptor(pyramid, restricted=True))
+        runtime = client.app.state.runtime
+        _, key = runtime.store.create_key("maplibre", ["SECRET"])
+        await runtime.refresh()
+        assert (await client.get("/tms/1.0.0/SECRET/metadata.json")).status_code >= 400
+        assert (await client.get("/tms/1.0.0/SECRET/metadata.json?apikey=nope")).status_code >= 400
+
+        style = (await client.get(f"/tms/1.0.0/SECRET/style.json?apikey={quote(key)}")).json()
+        [source] = style["sources"].values()
+        link = urlsplit(source["url"])
+        assert link.query == f"apikey={quote(key, safe='')}"
+        tilejson = await client.get(f"{link.path}?{link.query}")
+        assert tilejson.status_code == 200 and "private" in tilejson.headers["cache-control"]
+        template = tilejson.json()["tiles"][0]
+        assert template.endswith(f"?apikey={quote(key, safe='')}")
+        tile = urlsplit(template.replace("{z}", "10").replace("{x}", "0").replace("{y}", "0"))
+        answer = await client.get(f"{tile.path}?{tile.query}")
+        assert answer.status_code in (200, 404)  # the key opens the layer (a tile outside the limits is a 404)
+        assert (await client.get(tile.path)).status_code not in (200, 204)
+
+        # a public layer's documents carry no key, whatever the caller sent
+        await publish(client, "OPEN", vector_layer_descriptor(pyramid))
+        await runtime.refresh()
+        plain = (await client.get(f"/tms/1.0.0/OPEN/metadata.json?apikey={quote(key)}")).json()["tiles"][0]
+        assert "apikey" in plain  # a valid key is repeated (it may open other layers the page shows)
+        assert "apikey" not in (await client.get("/tms/1.0.0/OPEN/metadata.json?apikey=nope")).json()["tiles"][0]

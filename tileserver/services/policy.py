@@ -179,6 +179,19 @@ def presented_key(scope: Scope) -> str | None:
     return None
 
 
+def url_key(request: Request, key_access: Any) -> str | None:
+    """A valid key the caller gave in the query string (`apikey`), to repeat in the URLs a document
+    advertises (capabilities, TileJSON, styles): clients that cannot set headers keep sending it.
+    `key_access`: the catalog's key hashes; an unknown key is never echoed."""
+    query: bytes = request.scope.get("query_string", b"")
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if name.lower() == b"apikey" and value:
+            key = unquote_plus(value.decode("latin-1"))
+            return key if hash_key(key) in key_access else None
+    return None
+
+
 def key_hash(request: Request) -> str | None:
     """Hash of the caller's key, computed once per request by the gate (what Catalog.get expects)."""
     state = request.scope.setdefault("state", {})

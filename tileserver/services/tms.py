@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from lxml import etree
@@ -31,7 +32,7 @@ from tileserver.runtime import get_runtime
 from tileserver.services.grids import extra_grids
 from tileserver.services.numbers import BadIndex, parse_index, shortest
 from tileserver.services.ows import XML_DECLARATION, base_url, echo, key_hash, xml_text
-from tileserver.services.policy import ServiceError, document_headers, error_response, register
+from tileserver.services.policy import ServiceError, document_headers, error_response, register, url_key
 from tileserver.services.routing import any_path_route
 from tileserver.services.stylebook import style_book, tile_styles
 from tileserver.services.tiles import TileNotFound, empty_tile, native_tile, rendered_tile, tile_response
@@ -347,6 +348,13 @@ def _attribution_html(attribution: dict[str, Any] | None) -> str:
     )
 
 
+def key_query(request: Request) -> str:
+    """`?apikey=…` when the caller gave a valid key in the URL: tile clients (MapLibre, Leaflet)
+    that read this TileJSON cannot add a header, so the template carries the key on."""
+    key = url_key(request, get_runtime(request).catalog.key_access)
+    return f"?apikey={quote(key, safe='')}" if key else ""
+
+
 _EDGE = 1e-7  # degrees (about a centimetre)
 
 
@@ -374,7 +382,7 @@ def tilejson(request: Request, view: TileMapView) -> bytes:
         "version": "1.0.0",
         "attribution": _attribution_html(layer.attribution),
         "scheme": "xyz",
-        "tiles": [f"{service_url(request)}/{view.id}/{{z}}/{{x}}/{{y}}.{view.extension}"],
+        "tiles": [f"{service_url(request)}/{view.id}/{{z}}/{{x}}/{{y}}.{view.extension}" + key_query(request)],
         "minzoom": minzoom,
         "maxzoom": maxzoom,
         "bounds": _inner_bounds(west, south, east, north) if fmt.is_vector else [west, south, east, north],
@@ -708,7 +716,9 @@ async def _dispatch(request: Request, parts: list[str]) -> Response:
         raise TMSError(404, "no such TMS resource")
     if len(parts) == 3 and parts[2] in LAYER_DOCUMENTS:
         build, media_type = LAYER_DOCUMENTS[parts[2]]
-        body = _cached(request, catalog, (parts[2], view.id), lambda: build(request, view))
+        # the URL key is part of the document (TileJSON's template repeats it): never served to another
+        # caller from the cache; only valid keys reach the key, so the cache stays bounded
+        body = _cached(request, catalog, (parts[2], view.id, key_query(request)), lambda: build(request, view))
         return Response(body, media_type=media_type, headers=document_headers(request, [published]))
     if len(parts) == 3 and parts[2] not in published.limits:
         raise TMSError(400, f"level {echo(parts[2])} is not published by layer {echo(published.id)}")

@@ -27,7 +27,7 @@ from tileserver.catalog import PublishedLayer
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import echo, key_hash
 from tileserver.services.policy import ServiceError, document_headers, error_response
-from tileserver.services.tms import VERSION, TMSError, level_order, render_error, service_url
+from tileserver.services.tms import VERSION, TMSError, key_query, level_order, render_error, service_url
 from tileserver.services.vectortables import vector_tables
 
 DEFAULT = "default"
@@ -62,7 +62,7 @@ def style_tables(published: PublishedLayer) -> list[tuple[str, str, int]]:
 
 
 def tilejson_url(request: Request, published: PublishedLayer) -> str:
-    return f"{service_url(request)}/{published.id}/metadata.json"
+    return f"{service_url(request)}/{published.id}/metadata.json" + key_query(request)
 
 
 def default_style(request: Request, published: PublishedLayer) -> dict[str, Any]:

@@ -24,12 +24,12 @@ from tileserver.services.ows import (
     base_url,
     echo,
     fill_template,
-    hash_key,
     key_hash,
     load_template,
     xml_text,
 )
 from tileserver.services.policy import document_headers
+from tileserver.services.policy import url_key as policy_url_key
 from tileserver.services.stylebook import layer_styles, style_book
 from tileserver.services.wms_legend import legend_url
 from tileserver.services.wms_request import (
@@ -48,12 +48,6 @@ from tileserver.services.wms_request import (
 log = logging.getLogger("tileserver.wms")
 
 # --------------------------------------------------------------------------- GetCapabilities
-
-
-def _url_key(request: Request, catalog: Catalog) -> str | None:
-    """A valid key given in the query string is repeated in advertised URLs, so clients keep sending it."""
-    key = KVP.from_request(request).get("apikey")
-    return key if key and hash_key(key) in catalog.key_access else None
 
 
 class _Builder:
@@ -316,7 +310,7 @@ def capabilities_document(request: Request, version: str) -> bytes:
     layers = visible_layers(request)
     vectors = visible_maps(request)
     base = base_url(request)
-    url_key = _url_key(request, catalog)
+    url_key = policy_url_key(request, catalog.key_access)
     cache_key = ("wms-caps", version, base, tuple(p.id for p in layers), tuple(v.record_id for v in vectors), url_key)
 
     def build() -> bytes:

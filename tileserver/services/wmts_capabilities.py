@@ -25,11 +25,11 @@ from tileserver.services.ows import (
     base_url,
     echo,
     fill_template,
-    hash_key,
     key_hash,
     load_template,
 )
 from tileserver.services.policy import document_headers
+from tileserver.services.policy import url_key as policy_url_key
 from tileserver.services.stylebook import DEFAULT_STYLE, layer_styles, style_book, tile_styles
 from tileserver.services.wmts_tiles import (
     CANONICAL_EXTENSION,
@@ -57,14 +57,6 @@ def _ows(tag: str) -> str:
 
 def _wmts(tag: str) -> str:
     return f"{{{WMTS_NS}}}{tag}"
-
-
-def _url_key(request: Request, catalog: Catalog) -> str | None:
-    """A valid key given in the query string is repeated in advertised URLs, so clients keep sending it."""
-    key = KVP.from_request(request).get("apikey")
-    if key and hash_key(key) in catalog.key_access:
-        return key
-    return None
 
 
 def _text(parent: etree._Element, tag: str, text: str, **attrs: str) -> etree._Element:
@@ -277,7 +269,7 @@ def capabilities_document(request: Request) -> bytes:
     catalog = runtime.catalog
     layers = visible_layers(request)
     base = base_url(request)
-    url_key = _url_key(request, catalog)
+    url_key = policy_url_key(request, catalog.key_access)
     cache_key = ("wmts-caps", base, tuple(p.id for p in layers), url_key)
 
     def build() -> bytes:
