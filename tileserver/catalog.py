@@ -413,26 +413,34 @@ def vector_layer(layer: Layer, base: Any, restricted: bool = False) -> VectorLay
     return holder
 
 
-async def publish_vector_layers(
-    layers: list[Layer], restricted_ids: set[str], errors: dict[str, str]
-) -> dict[str, VectorLayer]:
-    """Open each base once (layers sharing a file share it); a layer that cannot be served is logged."""
+async def _publish_from_bases(layers: list[Layer], base_of: Callable[[Layer], str],
+                              build: Callable[[Layer, Any, bool], Any], restricted_ids: set[str],
+                              errors: dict[str, str]) -> dict[str, Any]:
+    """Open each vector base once (layers sharing a base share it), build each layer from it off the
+    loop; a layer that cannot be served (unreadable base, style that no longer fits) is logged and left
+    out, never taking the others down."""
     import asyncio
 
     opened: dict[str, Any] = {}
-    out: dict[str, VectorLayer] = {}
+    out: dict[str, Any] = {}
     for layer in layers:
-        assert layer.wfs is not None
+        base = base_of(layer)
         try:
-            if layer.wfs.base not in opened:
-                opened[layer.wfs.base] = await asyncio.to_thread(open_vector_base, layer.wfs.base)
-            out[layer.id] = await asyncio.to_thread(
-                vector_layer, layer, opened[layer.wfs.base], layer.id in restricted_ids
-            )
-        except Exception as exc:  # an unreadable base must not take the other layers down
+            if base not in opened:
+                opened[base] = await asyncio.to_thread(open_vector_base, base)
+            out[layer.id] = await asyncio.to_thread(build, layer, opened[base], layer.id in restricted_ids)
+        except Exception as exc:  # noqa: BLE001 - any failure is this layer's alone
             errors[layer.id] = str(exc)
             log.warning("layer %s not served: %s", layer.id, exc)
     return out
+
+
+async def publish_vector_layers(
+    layers: list[Layer], restricted_ids: set[str], errors: dict[str, str]
+) -> dict[str, VectorLayer]:
+    """WFS / OGC API Features layers."""
+    return await _publish_from_bases(layers, lambda layer: layer.wfs.base,  # type: ignore[union-attr]
+                                     vector_layer, restricted_ids, errors)
 
 
 # --- WMS-vector layers ----------------------------------------------------------------------------
@@ -503,20 +511,6 @@ def vector_map(layer: Layer, base: Any, restricted: bool = False) -> VectorMap:
 async def publish_vector_maps(
     layers: list[Layer], restricted_ids: set[str], errors: dict[str, str]
 ) -> dict[str, VectorMap]:
-    """Open each base once; a layer that cannot be served is logged and left out."""
-    import asyncio
-
-    opened: dict[str, Any] = {}
-    out: dict[str, VectorMap] = {}
-    for layer in layers:
-        assert layer.vector_map is not None
-        try:
-            if layer.vector_map.base not in opened:
-                opened[layer.vector_map.base] = await asyncio.to_thread(open_vector_base, layer.vector_map.base)
-            out[layer.id] = await asyncio.to_thread(
-                vector_map, layer, opened[layer.vector_map.base], layer.id in restricted_ids
-            )
-        except Exception as exc:  # an unreadable base or a style that no longer fits must not take others down
-            errors[layer.id] = str(exc)
-            log.warning("layer %s not served: %s", layer.id, exc)
-    return out
+    """WMS-vector layers."""
+    return await _publish_from_bases(layers, lambda layer: layer.vector_map.base,  # type: ignore[union-attr]
+                                     vector_map, restricted_ids, errors)
