@@ -22,7 +22,6 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver.catalog import FeatureType
 from tileserver.runtime import get_runtime
-from tileserver.services import wfs
 from tileserver.services.ogcapi_common import (
     HTML,
     JSON,
@@ -39,7 +38,7 @@ from tileserver.services.ogcapi_common import (
 )
 from tileserver.services.ows import OWSException, echo
 from tileserver.services.policy import ServiceError, error_response, map_headers
-from tileserver.services.vectorquery import bbox_in, property_names
+from tileserver.services import vectorquery
 from tileserver.vector import crs as crslib
 from tileserver.vector import geojson
 from tileserver.vector.base import Feature, Query
@@ -152,12 +151,12 @@ def _bbox(ctx: Ctx, t: FeatureType) -> tuple[float, float, float, float] | None:
     values = bbox_param(ctx, "minx,miny,maxx,maxy")
     if values is None:
         return None
-    return bbox_in(t.relation, list(values), _crs(ctx, t, "bbox-crs"))
+    return vectorquery.bbox_in(t.relation, list(values), _crs(ctx, t, "bbox-crs"))
 
 
 def _properties(ctx: Ctx, t: FeatureType) -> tuple[str, ...] | None:
     try:
-        return property_names(ctx.kvp.get("properties"), t.relation, "properties")
+        return vectorquery.property_names(ctx.kvp.get("properties"), t.relation, "properties")
     except OWSException as exc:
         raise invalid(exc.message) from None
 
@@ -177,26 +176,26 @@ def _query(ctx: Ctx, t: FeatureType, **extra: Any) -> Query:
     )
 
 
-def _features_json(t: FeatureType, batch: list[Feature], out: crslib.RequestCrs, names: Any) -> bytes:
-    """A batch of features, comma-separated (geometries encoded in one call)."""
-    geoms = geojson.geometries([wfs.written(item.geometry, t.relation, out) for item in batch])
-    return b",".join(geojson.feature(item.id, item.properties, geom, names)
-                     for item, geom in zip(batch, geoms, strict=True))
+def _item_request(request: Request) -> tuple[Ctx, FeatureType, crslib.RequestCrs, dict[str, str]]:
+    """What `/items` and `/items/{featureId}` read first: the collection, the format, the output CRS,
+    and the answer's headers."""
+    ctx = Ctx.of(request, PREFIX)
+    t = _type(ctx, request.path_params["collectionId"])
+    ctx.fmt = negotiate(request, ctx.kvp, ITEM_OFFERS)
+    out = _crs(ctx, t, "crs")
+    headers = {**map_headers([t.published], get_runtime(request).settings),
+               "Content-Crs": f"<{out.text}>", "Vary": "Accept, X-Api-Key"}
+    return ctx, t, out, headers
 
 
 async def items(request: Request) -> Response:
     try:
-        ctx = Ctx.of(request, PREFIX)
-        t = _type(ctx, request.path_params["collectionId"])
-        ctx.fmt = negotiate(request, ctx.kvp, ITEM_OFFERS)
-        out = _crs(ctx, t, "crs")
+        ctx, t, out, headers = _item_request(request)
         query = _query(ctx, t)
-        plan = wfs.Plan(t, query, "json", out)
-        matched = await wfs.count_matched(plan)
+        plan = vectorquery.Plan(t, query, "json", out)
+        matched = await vectorquery.count_matched(plan)
         returned = max(0, min(query.limit or 0, matched - query.offset))
-        stream, first = (await wfs.open_stream(plan)) if returned else (None, [])
-        headers = {**map_headers([t.published], get_runtime(request).settings),
-                   "Content-Crs": f"<{out.text}>", "Vary": "Accept, X-Api-Key"}
+        stream = (await vectorquery.open_stream(plan))[0] if returned else None
         path = _path(t) + "/items"
         params = {k: ctx.kvp.get(k) or "" for k in ctx.kvp.names() if k not in ("offset", "f", "apikey")}
         links = self_links(ctx, path, "items")
@@ -208,17 +207,17 @@ async def items(request: Request) -> Response:
                                       f=ctx.fmt), "prev", GEOJSON if ctx.fmt == "json" else HTML, "previous page"))
         links.append(link(ctx.url(_path(t)), "collection", JSON, t.public.title or t.name))
         if ctx.fmt == "html":
-            rows = [f async for batch in wfs._batches(stream, first) for f in batch]
+            rows = [f async for batch in vectorquery.batches(stream) for f in batch]
             page = _html(t, rows, matched, links)
             return Response(page, media_type=HTML, headers=headers)
-        head = {"type": "FeatureCollection", "timeStamp": wfs._timestamp(), "numberMatched": matched,
+        head = {"type": "FeatureCollection", "timeStamp": vectorquery.timestamp(), "numberMatched": matched,
                 "numberReturned": returned, "links": links}
 
         async def body() -> AsyncIterator[bytes]:
             yield orjson.dumps(head)[:-1] + b',"features":['
             sep = b""
-            async for batch in wfs._batches(stream, first):
-                yield sep + _features_json(t, batch, out, query.properties)
+            async for batch in vectorquery.batches(stream):
+                yield sep + vectorquery.features_json(t.relation, batch, out, query.properties)
                 sep = b","
             yield b"]}"
 
@@ -229,23 +228,18 @@ async def items(request: Request) -> Response:
 
 async def item(request: Request) -> Response:
     try:
-        ctx = Ctx.of(request, PREFIX)
-        t = _type(ctx, request.path_params["collectionId"])
-        ctx.fmt = negotiate(request, ctx.kvp, ITEM_OFFERS)
-        out = _crs(ctx, t, "crs")
-        fid = wfs._key_value(t.relation, request.path_params["featureId"])
+        ctx, t, out, headers = _item_request(request)
+        fid = vectorquery.key_value(t.relation, request.path_params["featureId"])
         query = Query(relation=t.relation.name, ids=(fid,), properties=_properties(ctx, t), limit=1)
-        stream, first = await wfs.open_stream(wfs.Plan(t, query, "json", out))
+        stream, first = await vectorquery.open_stream(vectorquery.Plan(t, query, "json", out))
         stream.close()
         if not first:
             raise not_found(f"feature {echo(request.path_params['featureId'])} does not exist")
-        headers = {**map_headers([t.published], get_runtime(request).settings),
-                   "Content-Crs": f"<{out.text}>", "Vary": "Accept, X-Api-Key"}
         path = f"{_path(t)}/items/{quote(str(first[0].id), safe='')}"
         links = [*self_links(ctx, path, "feature"), link(ctx.url(_path(t)), "collection", JSON, t.name)]
         if ctx.fmt == "html":
             return Response(_html(t, first, 1, links), media_type=HTML, headers=headers)
-        geom = wfs.written(first[0].geometry, t.relation, out)
+        geom = vectorquery.written(first[0].geometry, t.relation, out)
         body = geojson.feature(first[0].id, first[0].properties, geom, query.properties, links=links)
         return Response(body, media_type=GEOJSON, headers=headers)
     except ServiceError as error:

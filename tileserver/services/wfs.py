@@ -14,12 +14,11 @@ restricted layers are invisible without a key granting their record, as raster l
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import datetime
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -51,9 +50,19 @@ from tileserver.services.policy import (
     error_response,
     map_headers,
     register,
-    storage_failure,
 )
-from tileserver.services.vectorquery import bbox_in, property_names
+from tileserver.services.vectorquery import (
+    Plan,
+    batches,
+    bbox_in,
+    count_matched,
+    features_json,
+    key_value,
+    open_stream,
+    property_names,
+    timestamp,
+    written,
+)
 from tileserver.vector import crs as crslib
 from tileserver.vector import geojson, gml
 from tileserver.vector.base import Feature, Query, Relation
@@ -527,18 +536,6 @@ def _rewrite(node: Any, relation: Relation) -> Any:
 # --- GetFeature -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Plan:
-    """A parsed GetFeature: one type, the base query, and how to write the answer."""
-
-    type: FeatureType
-    query: Query
-    output: str  # "gml" | "json"
-    out_crs: crslib.RequestCrs
-    hits: bool = False
-    by_id: bool = False  # GetFeatureById: the bare feature, 404 when absent
-
-
 def _output(ctx: Ctx) -> str:
     raw = ctx.kvp.get("outputformat")
     if raw is None or not raw.strip():
@@ -555,18 +552,7 @@ def _split_id(ctx: Ctx, value: str, locator: str) -> tuple[FeatureType, Any]:
     if not dot or not name or not fid:
         raise invalid(locator, f"{echo(value)} is not a feature identifier (name.id)")
     feature_type = ctx.find(name, locator)
-    return feature_type, _key_value(feature_type.relation, fid)
-
-
-def _key_value(relation: Relation, raw: str) -> Any:
-    key = relation.primary_key[0] if relation.primary_key else None
-    kind = next((a.type for a in relation.attributes if a.name == key), "integer" if key else "string")
-    if kind == "integer":
-        try:
-            return int(raw)
-        except ValueError:
-            return raw  # matches nothing
-    return raw
+    return feature_type, key_value(feature_type.relation, fid)
 
 
 def plan_get_feature(ctx: Ctx) -> Plan:
@@ -623,18 +609,6 @@ def plan_get_feature(ctx: Ctx) -> Plan:
     return Plan(feature_type, query, output, out_crs, result_type == "hits", by_id)
 
 
-def written(geom: Any, relation: Relation, out: crslib.RequestCrs) -> Any:
-    """A feature's geometry in the answer's CRS and axis order."""
-    if geom is None:
-        return None
-    geom = crslib.transform(geom, relation.srs, out.code)
-    return crslib.swap(geom) if out.yx else geom
-
-
-def _timestamp() -> str:
-    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 def page_links(ctx: Ctx, plan: Plan, matched: int, returned: int) -> dict[str, str]:
     """`next`/`previous`: this request with STARTINDEX moved by COUNT."""
     q = plan.query
@@ -660,29 +634,6 @@ def _params(ctx: Ctx) -> dict[str, str]:
     return dict(parse_qsl(ctx.request.url.query, keep_blank_values=True))
 
 
-async def count_matched(plan: Plan) -> int:
-    try:
-        return int(await asyncio.to_thread(plan.type.base.count, replace(plan.query, offset=0, limit=None)))
-    except ServiceError:
-        raise
-    except Exception as exc:
-        raise storage_failure(exc, f"count {plan.type.name}") from exc
-
-
-async def open_stream(plan: Plan) -> tuple[FeatureStream, list[Feature]]:
-    """The stream and its first batch, read before anything is sent (a failure is still an error answer)."""
-    stream = FeatureStream(plan.type.base, plan.query)
-    try:
-        first = await stream.first()
-    except ServiceError:
-        stream.close()
-        raise
-    except Exception as exc:
-        stream.close()
-        raise storage_failure(exc, f"read {plan.type.name}") from exc
-    return stream, first
-
-
 async def get_feature(ctx: Ctx) -> Response:
     plan = plan_get_feature(ctx)
     feature_type = plan.type
@@ -697,23 +648,12 @@ async def get_feature(ctx: Ctx) -> Response:
     matched = await count_matched(plan)
     returned = 0 if plan.hits else max(0, min(plan.query.limit or 0, matched - plan.query.offset))
     links = {} if plan.hits else page_links(ctx, plan, matched, returned)
-    stream: FeatureStream | None
-    if plan.hits or returned == 0:
-        stream, first = None, []
-    else:
-        stream, first = await open_stream(plan)
+    stream = None if plan.hits or returned == 0 else (await open_stream(plan))[0]
     if plan.output == "json":
-        body = _json_body(ctx, plan, matched, returned, links, stream, first)
+        body = _json_body(ctx, plan, matched, returned, links, stream)
         return StreamingResponse(body, media_type=GEOJSON, headers=headers)
-    body = _gml_body(ctx, plan, matched, returned, links, stream, first)
+    body = _gml_body(ctx, plan, matched, returned, links, stream)
     return StreamingResponse(body, media_type=GML32, headers=headers)
-
-
-async def _batches(stream: FeatureStream | None, first: list[Feature]) -> AsyncIterator[list[Feature]]:
-    if stream is None:
-        return
-    async for batch in stream:
-        yield batch
 
 
 def _single(ctx: Ctx, plan: Plan, item: Feature) -> bytes:
@@ -737,17 +677,17 @@ def _schema_location(ctx: Ctx, plan: Plan) -> str:
 
 
 async def _gml_body(ctx: Ctx, plan: Plan, matched: int, returned: int, links: dict[str, str],
-                    stream: FeatureStream | None, first: list[Feature]) -> AsyncIterator[bytes]:
+                    stream: FeatureStream | None) -> AsyncIterator[bytes]:
     t = plan.type
     prefix = t.published.id
     attrs = " ".join(f"{k}={gml.attr(v)}" for k, v in links.items())
     yield XML_DECLARATION + (
         f'<wfs:FeatureCollection xmlns:wfs="{WFS_NS}" xmlns:gml="{gml.GML_NS}" xmlns:xsi="{XSI_NS}" '
         f"xmlns:{prefix}={gml.attr(namespace(ctx, prefix))} xsi:schemaLocation={gml.attr(_schema_location(ctx, plan))} "
-        f'timeStamp="{_timestamp()}" numberMatched="{matched}" numberReturned="{returned}" {attrs}>\n'
+        f'timeStamp="{timestamp()}" numberMatched="{matched}" numberReturned="{returned}" {attrs}>\n'
     ).encode()
     srs = plan.out_crs.text
-    async for batch in _batches(stream, first):
+    async for batch in batches(stream):
         parts = []
         for item in batch:
             geom = written(item.geometry, t.relation, plan.out_crs)
@@ -759,20 +699,17 @@ async def _gml_body(ctx: Ctx, plan: Plan, matched: int, returned: int, links: di
 
 
 async def _json_body(ctx: Ctx, plan: Plan, matched: int, returned: int, links: dict[str, str],
-                     stream: FeatureStream | None, first: list[Feature]) -> AsyncIterator[bytes]:
+                     stream: FeatureStream | None) -> AsyncIterator[bytes]:
     t = plan.type
-    head: dict[str, Any] = {"type": "FeatureCollection", "timeStamp": _timestamp(), "numberMatched": matched,
+    head: dict[str, Any] = {"type": "FeatureCollection", "timeStamp": timestamp(), "numberMatched": matched,
                             "numberReturned": returned}
     if not crslib.same(plan.out_crs.code, "OGC:CRS84") or plan.out_crs.yx:
         head["crs"] = {"type": "name", "properties": {"name": plan.out_crs.text}}
     head["links"] = [{"href": href, "rel": rel, "type": GEOJSON} for rel, href in links.items()]
     yield orjson.dumps(head)[:-1] + b',"features":['
     sep = b""
-    async for batch in _batches(stream, first):
-        geoms = geojson.geometries([written(item.geometry, t.relation, plan.out_crs) for item in batch])
-        names = plan.query.properties
-        yield sep + b",".join(geojson.feature(item.id, item.properties, geom, names)
-                              for item, geom in zip(batch, geoms, strict=True))
+    async for batch in batches(stream):
+        yield sep + features_json(t.relation, batch, plan.out_crs, plan.query.properties)
         sep = b","
     yield b"]}"
 
