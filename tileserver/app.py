@@ -62,8 +62,8 @@ class TileServerApp(Starlette):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        from tileserver.fastpath import FastTiles
         from tileserver.observability import RequestMetrics
-        from tileserver.services.fastpath import FastTiles
 
         self._fast = RequestMetrics(FastTiles(super().__call__, self.state))  # fast tiles are counted too
 

@@ -144,7 +144,7 @@ class Settings:
     # --- publication store engine (issue 17): a SQLite path (default: store_path) or postgresql://…
     store_url: str = ""
     # --- tiles at the Python ceiling (issue 16)
-    # stored WMTS tiles answered before Starlette (services/fastpath.py); off: every tile takes the
+    # stored WMTS tiles answered before Starlette (tileserver/fastpath.py); off: every tile takes the
     # route, byte for byte the same answer (tests/test_fastpath.py checks it)
     fast_tiles: bool = True
     # decoded source tiles shared by the renders of a worker process (render/draw.py DecodedTiles):

@@ -10,6 +10,9 @@ failures) goes to the ordinary route, which does the full work and gives the pro
 The first request of a (layer, style, grid, matrix, extension) is checked by the route's own
 `resolve_tile`; what it settles is kept per catalog snapshot, so later tiles only check their
 row and column against the limits.
+
+It sits beside `app` and `http` (whose access log and ETags it shares), above the services whose
+tiles it answers: not under `services/`, which imports nothing from the application layer.
 """
 
 from __future__ import annotations
