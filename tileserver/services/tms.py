@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 from lxml import etree
@@ -32,32 +31,25 @@ from tileserver.runtime import get_runtime
 from tileserver.services.grids import extra_grids
 from tileserver.services.numbers import BadIndex, parse_index, shortest
 from tileserver.services.ows import XML_DECLARATION, base_url, echo, key_hash, xml_text
-from tileserver.services.policy import ServiceError, document_headers, error_response, register, url_key
+from tileserver.services.policy import ServiceError, document_headers, error_response, register
 from tileserver.services.routing import any_path_route
 from tileserver.services.stylebook import style_book, tile_styles
 from tileserver.services.tiles import TileNotFound, empty_tile, native_tile, rendered_tile, tile_response
+from tileserver.services.tms_common import (
+    VERSION,
+    XML_TYPE,
+    TMSError,
+    key_query,
+    level_order,
+    render_error,
+    service_url,
+)
 from tileserver.services.vectortables import tilejson_type, vector_tables
 from tileserver.settings import data_directory
 
-VERSION = "1.0.0"
 TEMPLATES = data_directory("capabilities_templates")
-XML_TYPE = "text/xml"
 EXTENSION_ALIASES = {"jpg": "jpeg"}  # accepted besides the pyramid's own extension
 MAX_CACHED_BASES = 8  # distinct public URLs whose documents are cached per snapshot
-
-
-class TMSError(ServiceError):
-    """An answer other than 200 of TMS's own, rendered as ROK4's TileMapServerError."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message, status=status)
-
-
-def render_error(request: Request, error: ServiceError) -> Response:
-    """The TMS error handler's format: any service error as ROK4's TileMapServerError."""
-    root = etree.Element("TileMapServerError")
-    etree.SubElement(root, "Message").text = xml_text(error.message)
-    return Response(XML_DECLARATION + etree.tostring(root, encoding="UTF-8"), error.status, media_type=XML_TYPE)
 
 
 def _serialise(root: etree._Element) -> bytes:
@@ -95,20 +87,11 @@ def _keywords(root: etree._Element, keywords: Iterable[str]) -> None:
 # --- URLs ---------------------------------------------------------------------------------------
 
 
-def service_url(request: Request) -> str:
-    return f"{base_url(request)}/tms/{VERSION}"
-
-
 OSGEO = "osgeo"  # `/tms/osgeo/1.0.0/…`: TMS 1.0.0 to the letter, rows counted from the bottom
 
 
 def osgeo_url(request: Request) -> str:
     return f"{base_url(request)}/tms/{OSGEO}/{VERSION}"
-
-
-def level_order(published: PublishedLayer, level: str) -> int:
-    """The zoom a client uses in URLs: the level id when numeric (ROK4 grids), else its rank from the top."""
-    return int(level) if level.isdigit() else published.level_ids.index(level)
 
 
 # --- documents ----------------------------------------------------------------------------------
@@ -346,13 +329,6 @@ def _attribution_html(attribution: dict[str, Any] | None) -> str:
         if title and url.startswith(("http://", "https://"))
         else title
     )
-
-
-def key_query(request: Request) -> str:
-    """`?apikey=…` when the caller gave a valid key in the URL: tile clients (MapLibre, Leaflet)
-    that read this TileJSON cannot add a header, so the template carries the key on."""
-    key = url_key(request, get_runtime(request).catalog.key_access)
-    return f"?apikey={quote(key, safe='')}" if key else ""
 
 
 _EDGE = 1e-7  # degrees (about a centimetre)

@@ -27,7 +27,14 @@ from tileserver.catalog import PublishedLayer
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import echo, key_hash
 from tileserver.services.policy import ServiceError, document_headers, error_response
-from tileserver.services.tms import VERSION, TMSError, key_query, level_order, render_error, service_url
+from tileserver.services.tms_common import (
+    VERSION,
+    TMSError,
+    key_query,
+    level_order,
+    render_error,
+    service_url,
+)
 from tileserver.services.vectortables import vector_tables
 
 DEFAULT = "default"
