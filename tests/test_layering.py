@@ -22,6 +22,7 @@ LAYERS = {
     "tileserver": 0,  # the package itself: __version__
     "tileserver.settings": 0,
     "tileserver.outbound": 0,
+    "tileserver.numbers": 0,  # how floats are written: descriptors, GeoTIFF tags, documents
     "tileserver.rok4": 0,
     "tileserver.vector": 0,
     "tileserver.storage": 1,

@@ -30,6 +30,8 @@ import simplejpeg
 import tifffile
 from PIL import Image, ImageDraw, ImageFont
 
+from tileserver.numbers import integral_text
+
 from .georef import Grid, crs_epsg, get_crs, is_geographic
 
 PNG_COMPRESS_LEVEL = 1  # libdeflate level: 1 is ~4× faster than 6 for a few % more bytes
@@ -339,16 +341,8 @@ def geotiff_tags(grid: Grid, nodata: float | None = None) -> list[tuple]:
     if ascii_params:
         tags.append((34737, "s", 0, ascii_params, True))  # GeoAsciiParams
     if nodata is not None:
-        tags.append((42113, "s", 0, _number(nodata), True))  # GDAL_NODATA
+        tags.append((42113, "s", 0, integral_text(nodata), True))  # GDAL_NODATA
     return tags
-
-
-def _number(value: float) -> str:
-    """Shortest text for a number: integers without a decimal point (GDAL and ASC readers)."""
-    value = float(value)
-    if math.isfinite(value) and value == int(value):
-        return str(int(value))
-    return repr(value)
 
 
 def _geotiff(array: np.ndarray, opts: _Options) -> bytes:
@@ -377,14 +371,14 @@ def _asc(array: np.ndarray, opts: _Options) -> bytes:
         nodata = -99999.0
     if nodata is not None:
         values = np.where(np.isnan(values), nodata, values)
-    header = [f"ncols {grid.width}", f"nrows {grid.height}", f"xllcorner {_number(grid.bbox[0])}",
-              f"yllcorner {_number(grid.bbox[1])}"]
+    header = [f"ncols {grid.width}", f"nrows {grid.height}", f"xllcorner {integral_text(grid.bbox[0])}",
+              f"yllcorner {integral_text(grid.bbox[1])}"]
     if math.isclose(grid.res_x, grid.res_y, rel_tol=1e-9):
-        header.append(f"cellsize {_number(grid.res_x)}")
+        header.append(f"cellsize {integral_text(grid.res_x)}")
     else:  # GDAL's extension for rectangular cells
-        header += [f"dx {_number(grid.res_x)}", f"dy {_number(grid.res_y)}"]
+        header += [f"dx {integral_text(grid.res_x)}", f"dy {integral_text(grid.res_y)}"]
     if nodata is not None:
-        header.append(f"NODATA_value {_number(nodata)}")
+        header.append(f"NODATA_value {integral_text(nodata)}")
     integral = array.dtype.kind in "iu" or bool(np.all(values == np.round(values)))
     fmt = "%d" if integral else "%.7g"
     body = io.StringIO()

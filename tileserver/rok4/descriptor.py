@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tileserver.numbers import integral_text
 from tileserver.rok4.formats import MASK_FORMAT, PyramidFormat, get_format
 from tileserver.rok4.naming import b36_path, object_key
 
@@ -114,7 +115,7 @@ class RasterSpecifications:
     def to_dict(self) -> dict[str, Any]:
         return {
             "channels": self.channels,
-            "nodata": ",".join(_number_text(v) for v in self.nodata),
+            "nodata": ",".join(integral_text(v) for v in self.nodata),
             "photometric": self.photometric,
             "interpolation": self.interpolation,
         }
@@ -168,10 +169,6 @@ class Descriptor:
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
-
-
-def _number_text(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _get(data: dict[str, Any], key: str, kinds: type | tuple[type, ...], where: str, required: bool = True) -> Any:

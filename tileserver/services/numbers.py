@@ -1,4 +1,5 @@
-"""Numbers in requests and documents: how a float is written, how a tile index or a size is read.
+"""Numbers in requests and documents: how a tile index or a size is read, and (from
+`tileserver.numbers`, the one writer of floats, which ROK4 descriptors use too) how a float is written.
 
 One spelling everywhere, so a number in a capabilities document, a TileJSON or a feature-info answer
 reads back as the same float; one reading of the indices a client writes, so a malformed one and an
@@ -10,25 +11,14 @@ from __future__ import annotations
 
 import re
 
+from tileserver.numbers import float_text, rounded, shortest
+
+__all__ = [
+    "MAX_INDEX_DIGITS", "BadIndex", "float_text", "is_plain_index", "parse_index", "positive_int", "rounded", "shortest",
+]
+
 MAX_INDEX_DIGITS = 12  # longer col/row/level numbers are absurd: no grid holds them
 _INDEX = re.compile(r"^[+-]?\d+$")
-
-
-def shortest(value: float) -> str:
-    """Shortest text that reads back as the same float, without a useless `.0` (no exponent for the
-    usual magnitudes)."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
-
-
-def float_text(value: float) -> str:
-    """A float as Python writes it back (`2.0`, `1e-05`): what a remote server reads as a float."""
-    return repr(float(value))
-
-
-def rounded(value: float, digits: int = 10) -> str:
-    """A coordinate rounded to `digits` decimals: float noise from reprojection is not advertised."""
-    return repr(round(float(value), digits))
 
 
 class BadIndex(ValueError):
