@@ -183,6 +183,23 @@ def test_gdal_xml_and_the_osgeo_tilemap_read_the_stored_tiles(base, tmp_path, na
         assert (pixels[:256, :256, :3][visible] == expected[..., :3][visible]).all()
 
 
+@pytest.mark.parametrize("view", ["RGEALTI", "RGEALTI:hypso"])
+def test_gdal_xml_of_a_dem_in_a_grid_gdal_cannot_describe_is_a_clear_400(base, view):
+    """RGEALTI (BIL, LAMB93_1M_MNT) has no gdal.xml: GDAL's TMS minidriver needs a quad tree numbered
+    by zoom, which LAMB93_1M_MNT is not, so any description would put tiles in the wrong place. The
+    server answers 400 with a TileMapServerError naming the reason (its own style or the raw data
+    alike), and GDAL, asked to open it, fails reporting the 400 rather than reading a wrong raster.
+    GDAL reads the DEM through WMTS instead (test_gdal_wmts_reads_every_layer)."""
+    with httpx.Client(base_url=base) as http:
+        answer = http.get(f"/tms/1.0.0/{view}/gdal.xml")
+        assert answer.status_code == 400 and answer.headers["content-type"].startswith("text/xml")
+        message = etree.fromstring(answer.content).findtext("Message")
+        assert "LAMB93_1M_MNT" in message and "RGEALTI" in message and "not a quad tree" in message
+        assert http.get(f"/tms/1.0.0/{view}").status_code == 200  # the layer itself is served
+    opened = run("gdalinfo", f"{base}/tms/1.0.0/{view}/gdal.xml")
+    assert opened.returncode != 0 and "400" in opened.stderr, opened.stderr
+
+
 def test_osgeo_tiles_count_rows_from_the_bottom(base):
     level, (c0, r0, _, _), _, _ = bottom_extent("SCAN1000")
     height = load_tms("PM", TMS_DIR).get(level).matrix_height
