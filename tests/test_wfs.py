@@ -375,6 +375,14 @@ def test_get_feature_by_id_stored_query(server, http):
          "SORTBY"),
         ({"REQUEST": "GetFeature", "TYPENAMES": "bdtopo:gare", "VERSION": "3.0.0"}, 400, "InvalidParameterValue",
          "version"),
+        # WFS 1.1.0 is not served (DESIGN.md, WFS): a 1.1.0 request is refused by name, never half-answered
+        ({"REQUEST": "GetFeature", "TYPENAMES": "bdtopo:gare", "VERSION": "1.1.0"}, 400, "InvalidParameterValue",
+         "version"),
+        ({"REQUEST": "DescribeFeatureType", "TYPENAMES": "bdtopo:gare", "VERSION": "1.1.0"}, 400,
+         "InvalidParameterValue", "version"),
+        # OWS 1.1 §7.3.2: no version of AcceptVersions is served; Table 25: no locator
+        ({"REQUEST": "GetCapabilities", "ACCEPTVERSIONS": "1.1.0"}, 400, "VersionNegotiationFailed", None),
+        ({"REQUEST": "GetCapabilities", "ACCEPTVERSIONS": "1.1.0,1.0.0"}, 400, "VersionNegotiationFailed", None),
     ],
 )
 def test_errors_are_ows_exception_reports(http, params, status, code, locator):
@@ -388,6 +396,67 @@ def test_errors_are_ows_exception_reports(http, params, status, code, locator):
     exception = root.find(f"{{{OWS}}}Exception")
     assert (exception.get("exceptionCode"), exception.get("locator")) == (code, locator)
     assert r.headers["cache-control"] == "no-store"
+
+
+def test_version_negotiation_offers_2_0_0(http):
+    """GetCapabilities negotiates with AcceptVersions (its VERSION is not a constraint): a 1.1.0 client
+    asking for capabilities learns the server's version from the answer, 2.0.0."""
+    for params in ({"VERSION": "1.1.0"}, {"ACCEPTVERSIONS": "1.1.0,2.0.0"}, {"ACCEPTVERSIONS": "2.0.2"}):
+        r = http.get("/wfs", params={"SERVICE": "WFS", "REQUEST": "GetCapabilities", **params})
+        assert r.status_code == 200, params
+        root = etree.fromstring(r.content)
+        assert etree.QName(root).localname == "WFS_Capabilities" and root.get("version") == "2.0.0"
+        versions = root.findall(f"{{{OWS}}}ServiceIdentification/{{{OWS}}}ServiceTypeVersion")
+        assert "1.1.0" not in [v.text for v in versions]
+
+
+def many_points(path: Path, n: int) -> Path:
+    """One table of `n` points (more than a GetFeature returns at once), written with pyogrio."""
+    import numpy as np
+    from pyogrio.raw import write
+
+    points = [shapely.Point(2.0 + (i % 50) * 0.01, 48.0 + (i // 50) * 0.01) for i in range(n)]
+    write(path, np.array(shapely.to_wkb(points), dtype=object), [np.arange(n, dtype=np.int64)], ["rang"],
+          layer="points", driver="GPKG", geometry_type="Point", crs="EPSG:4326")
+    return path
+
+
+def _json_pages(http, url: str) -> list[dict]:
+    pages = []
+    while url:
+        r = http.get(url)
+        assert r.status_code == 200, r.text
+        pages.append(r.json())
+        url = next((link["href"] for link in pages[-1]["links"] if link["rel"] == "next"), None)
+    return pages
+
+
+@pytest.mark.parametrize(("overrides", "cap"), [({}, 1000), ({"wfs_max_features": 300}, 300)])
+def test_get_feature_returns_at_most_the_cap_then_next(tmp_path, overrides, cap):
+    """1000 features per GetFeature by default, as the platform (setting `wfs_max_features`): a request
+    without COUNT, or with a larger one, gets the cap and a `next` link; the links reach every feature."""
+    n = 1234
+    gpkg = many_points(tmp_path / "points.gpkg", n)
+    with live_server(make_settings(tmp_path, **overrides)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        descriptor = {"title": "points", "abstract": "many points", "name": "pts",
+                      "wfs": {"base": f"file://{gpkg}", "relations": [{"native_name": "points", "public_name": "p"}]}}
+        assert http.post("/admin/layers/pts", json=descriptor, headers=ADMIN).status_code == 204
+        for count in ({}, {"COUNT": str(cap + 500)}):
+            r = get(http, REQUEST="GetFeature", TYPENAMES="pts:p", OUTPUTFORMAT="application/json", **count)
+            first = r.json()
+            assert (first["numberMatched"], first["numberReturned"], len(first["features"])) == (n, cap, cap)
+            assert [link["rel"] for link in first["links"]] == ["next"]
+        gml = etree.fromstring(get(http, REQUEST="GetFeature", TYPENAMES="pts:p").content)
+        assert gml.get("numberReturned") == str(cap) and f"COUNT={cap}" in gml.get("next")
+        start = f"{url}/wfs?" + urlencode({"SERVICE": "WFS", "VERSION": "2.0.0", "REQUEST": "GetFeature",
+                                           "TYPENAMES": "pts:p", "OUTPUTFORMAT": "application/json"})
+        pages = _json_pages(http, start)
+        assert [p["numberReturned"] for p in pages] == [min(cap, n - i) for i in range(0, n, cap)]
+        ranks = [f["properties"]["rang"] for p in pages for f in p["features"]]
+        assert sorted(ranks) == list(range(n))  # nothing lost or repeated
+        # OGC API Features' `limit` has the same ceiling
+        items = http.get("/ogcapi/collections/pts:p/items", params={"limit": str(cap + 500), "f": "json"}).json()
+        assert items["numberReturned"] == cap
 
 
 def test_restricted_layer_needs_its_key(server, http):

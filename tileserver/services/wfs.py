@@ -278,7 +278,7 @@ def _filter_capabilities(root: etree._Element) -> None:
 async def get_capabilities(ctx: Ctx) -> Response:
     accept = ctx.kvp.get("acceptversions")
     if accept is not None and not any(v.strip() in VERSIONS for v in accept.split(",")):
-        raise OWSException("VersionNegotiationFailed", "AcceptVersions", f"only {', '.join(VERSIONS)} are served")
+        raise OWSException("VersionNegotiationFailed", None, f"only {', '.join(VERSIONS)} are served")
     body = capabilities(ctx)
     headers = document_headers(ctx.request, [t.published for t in ctx.types()])  # type: ignore[misc]
     return Response(body, media_type="application/xml", headers=headers)
