@@ -321,6 +321,53 @@ def _gdal_reads(url: str, type_name: str, source: list[dict], tmp_path: Path) ->
         assert shapely.union_all(shapely.from_wkb(geometry)).bounds == pytest.approx(expected, abs=tolerance)
 
 
+OWS_NS = "{http://www.opengis.net/ows/1.1}"
+WFS_NS = "{http://www.opengis.net/wfs/2.0}"
+
+
+def wgs84_boxes(capabilities: bytes) -> dict[str, tuple[float, ...]]:
+    """Feature type name → its WGS84BoundingBox (west, south, east, north) in a WFS 2.0 capabilities."""
+    from lxml import etree
+
+    out = {}
+    for feature_type in etree.fromstring(capabilities).iter(f"{WFS_NS}FeatureType"):
+        box = feature_type.find(f"{OWS_NS}WGS84BoundingBox")
+        corners = [box.findtext(f"{OWS_NS}{c}").split() for c in ("LowerCorner", "UpperCorner")]
+        out[feature_type.findtext(f"{WFS_NS}Name")] = tuple(float(v) for corner in corners for v in corner)
+    return out
+
+
+def test_stored_extent_and_the_wfs_bbox(tmp_path: Path, vector_backend: str) -> None:
+    """The VECTOR-DB stored data's `extent` is the source's (pyogrio's bounds, reprojected here with
+    pyproj); a WFS configuration without `type_infos.bbox` advertises that extent as each type's
+    WGS84BoundingBox (and OGC API collection extent), one with a bbox advertises the bbox as given."""
+    from pyproj import Transformer
+
+    geoms, fields = cantons()
+    gpkg = tmp_path / "canton.gpkg"
+    write_layer(gpkg, geoms, fields, layer="canton")
+    native = pyogrio.read_info(gpkg, layer="canton", force_total_bounds=True)["total_bounds"]
+    expected = Transformer.from_crs("EPSG:2154", "EPSG:4326", always_xy=True).transform_bounds(*native, densify_pts=21)
+    given = {"west": 1.5, "south": 48.25, "east": 3.0, "north": 49.5}
+    with warehouse_server(tmp_path) as (url, _settings):
+        client = api_client(url)
+        stored = integrate(client, upload(client, {"canton.gpkg": gpkg})["_id"])
+        ring = stored["extent"]["coordinates"][0]
+        extent = (min(x for x, _ in ring), min(y for _, y in ring), max(x for x, _ in ring), max(y for _, y in ring))
+        assert extent == pytest.approx(expected, abs=1e-7)
+        for name, extra in (("sans_bbox", {}), ("avec_bbox", {"bbox": given})):
+            body = wfs_configuration(stored["_id"], name)
+            body["type_infos"].update(extra)
+            configuration = _ok(client.post(f"{BASE}/configurations", json=body), 201)
+            _ok(client.post(f"{BASE}/configurations/{configuration['_id']}/offerings",
+                            json={"endpoint": endpoint_id(client, "gpf-geoserver-wfs"), "open": True}), 201)
+        boxes = wgs84_boxes(client.get("/wfs", params={"SERVICE": "WFS", "REQUEST": "GetCapabilities"}).content)
+        assert boxes["sans_bbox:canton"] == pytest.approx(expected, abs=1e-7)
+        assert boxes["avec_bbox:canton"] == (1.5, 48.25, 3.0, 49.5)
+        collection = client.get("/ogcapi/collections/avec_bbox:canton", params={"f": "json"}).json()
+        assert collection["extent"]["spatial"]["bbox"] == [[1.5, 48.25, 3.0, 49.5]]
+
+
 def test_restricted_wfs_offering_needs_a_key(tmp_path: Path) -> None:
     geoms, fields = cantons()
     gpkg = tmp_path / "canton.gpkg"

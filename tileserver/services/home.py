@@ -33,6 +33,7 @@ from tileserver.catalog import Catalog, FeatureType, PublishedLayer, VectorLayer
 from tileserver.render.georef import get_transformer
 from tileserver.runtime import get_runtime
 from tileserver.services.crs import layer_crs, server_crs
+from tileserver.services.numbers import float_text
 from tileserver.services.ows import base_url
 from tileserver.services.stylebook import layer_styles, style_book
 from tileserver.settings import PACKAGE_DIR
@@ -167,7 +168,7 @@ def service_urls(base: str, published: PublishedLayer, style: str = "") -> list[
         aspect = (north - south) / (east - west) if east > west else 1.0
         query = {
             "SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": published.id, "STYLES": style,
-            "CRS": "CRS:84", "BBOX": f"{west!r},{south!r},{east!r},{north!r}", "WIDTH": "512",
+            "CRS": "CRS:84", "BBOX": ",".join(float_text(v) for v in (west, south, east, north)), "WIDTH": "512",
             "HEIGHT": str(max(1, min(2048, round(512 * aspect)))), "FORMAT": "image/png", "TRANSPARENT": "TRUE",
         }  # fmt: skip
         out.append(("WMS GetMap", f"{base}/wms?{urlencode(query, safe=':,')}"))

@@ -31,6 +31,7 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver.catalog import Catalog, FeatureType
 from tileserver.runtime import get_runtime
+from tileserver.services.numbers import shortest
 from tileserver.services.ows import (
     KVP,
     OWS_NS,
@@ -235,8 +236,9 @@ def capabilities(ctx: Ctx) -> bytes:
             _el(formats, f"{{{WFS_NS}}}Format", fmt)
         if t.wgs84_bbox is not None:
             box = _el(ft, _ows("WGS84BoundingBox"))
-            _el(box, _ows("LowerCorner"), f"{t.wgs84_bbox[0]!r} {t.wgs84_bbox[1]!r}")
-            _el(box, _ows("UpperCorner"), f"{t.wgs84_bbox[2]!r} {t.wgs84_bbox[3]!r}")
+            west, south, east, north = (shortest(v) for v in t.wgs84_bbox)
+            _el(box, _ows("LowerCorner"), f"{west} {south}")
+            _el(box, _ows("UpperCorner"), f"{east} {north}")
     _filter_capabilities(root)
     return XML_DECLARATION + etree.tostring(root, encoding="UTF-8", pretty_print=True)
 
