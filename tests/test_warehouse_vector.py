@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -250,53 +251,85 @@ def wfs_configuration(stored_id: str, layer_name: str, native: str = "canton", p
                  "abstract": "Cantons autour de Paris"}]}]}}
 
 
-def test_sdk_generic_vecteur_workflow_and_owslib(tmp_path: Path, vector_backend: str) -> None:
+@pytest.fixture(scope="module", params=["gpkg", "postgis"])
+def sdk_journey(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """IGN's SDK, unmodified: delivery of CANTON (a valid shapefile built here, under the SDK's upload
     name), then `mise-en-base`, `configuration-wfs-bdd`, `publication-wfs-bdd` of its own
-    `generic_vecteur.jsonc`; OWSLib's WFS 2.0 client reads back the source's features."""
-    from owslib.wfs import WebFeatureService
+    `generic_vecteur.jsonc`; the server stays up for the clients that read the published layer.
+    Run once per vector backend (as `vector_backend`, for a whole module's tests)."""
+    import apputil
+
+    from tileserver.vector import postgis
 
     sdk = pytest.importorskip("sdk_entrepot_gpf")
+    db_url = "" if request.param == "gpkg" else str(request.getfixturevalue("postgis_url"))
+    postgis.configure(db_url)
+    apputil.VECTOR_DB_URL = db_url
+    tmp_path = tmp_path_factory.mktemp(f"sdk-{request.param}")
     dataset = tmp_path / "1_dataset_vector"
     files = shapefile(dataset / "CANTON")
     descriptor = json.loads((Path(sdk.__file__).parent / SDK_DATA / "upload_descriptor.json").read_text())
     (dataset / "upload_descriptor.json").write_text(json.dumps(descriptor))
     workflow = Path(sdk.__file__).parent / "_data/workflows/generic_vecteur.jsonc"
-    with warehouse_server(tmp_path) as (url, settings):
-        ini = write_ini(tmp_path / "config.ini", url)
-        result = egpf(ini, "delivery", str(dataset / "upload_descriptor.json"), cwd=tmp_path)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        for step in ("mise-en-base", "configuration-wfs-bdd", "publication-wfs-bdd"):
-            result = egpf(ini, "workflow", "-f", str(workflow), "-s", step, cwd=tmp_path)
+    try:
+        with warehouse_server(tmp_path) as (url, _settings):
+            ini = write_ini(tmp_path / "config.ini", url)
+            result = egpf(ini, "delivery", str(dataset / "upload_descriptor.json"), cwd=tmp_path)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            for step in ("mise-en-base", "configuration-wfs-bdd", "publication-wfs-bdd"):
+                result = egpf(ini, "workflow", "-f", str(workflow), "-s", step, cwd=tmp_path)
+                assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            yield {"url": url, "db_url": db_url, "type_name": f"{LAST_NAME}__vecteur_wfs_bdd:canton",
+                   "source": read_source(files[[f.suffix for f in files].index(".shp")])}
+    finally:
+        apputil.VECTOR_DB_URL = ""
 
-        client = api_client(url)
-        [delivered] = client.get(f"{BASE}/uploads").json()
-        assert delivered["status"] == "CLOSED" and delivered["type"] == "VECTOR"
-        [stored] = client.get(f"{BASE}/stored_data").json()
-        assert stored["name"] == f"{LAST_NAME}__Base_intermédiaire" and stored["type"] == "VECTOR-DB"
-        assert stored["tags"] == {"tuto": "oui", "tuto_name": "vecteur"} and "canton" in relations(stored)
-        [offering] = client.get(f"{BASE}/offerings").json()
-        assert offering["status"] == "PUBLISHED" and offering["type"] == "WFS" and offering["open"] is True
-        capabilities = next(u["url"] for u in offering["urls"] if u["type"] == "WFS")
 
-        source = read_source(files[[f.suffix for f in files].index(".shp")])
-        wfs = WebFeatureService(capabilities.split("?")[0], version="2.0.0")
-        type_name = f"{LAST_NAME}__vecteur_wfs_bdd:canton"
-        assert type_name in wfs.contents
-        answer = wfs.getfeature(typename=[type_name], outputFormat="application/json")
-        collection = json.loads(answer.read())
-        features = sorted(collection["features"], key=lambda f: f["properties"]["insee_can"])
-        assert len(features) == len(source) == 5
-        for feature, expected in zip(features, sorted(source, key=lambda r: r["insee_can"]), strict=True):
-            props = feature["properties"]
-            for name in ("insee_can", "insee_dep", "insee_reg", "nom", "population", "surface"):
-                assert props[name] == expected[name], (name, props, expected)
-        hits = client.get("/wfs", params={"SERVICE": "WFS", "VERSION": "2.0.0", "REQUEST": "GetFeature",
-                                          "TYPENAMES": type_name, "RESULTTYPE": "hits"})
-        assert hits.status_code == 200 and 'numberMatched="5"' in hits.text
-        if shutil.which("ogr2ogr") is not None:  # GDAL's WFS and OAPIF drivers on the same published layer
-            _gdal_reads(url, type_name, source, tmp_path)
+@pytest.fixture
+def sdk_published(sdk_journey: dict[str, Any]) -> dict[str, Any]:
+    """The journey's server, its backend configured again (a test between may have set another)."""
+    from tileserver.vector import postgis
+
+    postgis.configure(sdk_journey["db_url"])
+    return sdk_journey
+
+
+def test_sdk_generic_vecteur_workflow_and_owslib(sdk_published: dict[str, Any]) -> None:
+    """What the SDK's steps made (upload, VECTOR-DB, open WFS offering), and OWSLib's WFS 2.0 client
+    reading back the source's features from the published layer."""
+    from owslib.wfs import WebFeatureService
+
+    url, type_name, source = sdk_published["url"], sdk_published["type_name"], sdk_published["source"]
+    client = api_client(url)
+    [delivered] = client.get(f"{BASE}/uploads").json()
+    assert delivered["status"] == "CLOSED" and delivered["type"] == "VECTOR"
+    [stored] = client.get(f"{BASE}/stored_data").json()
+    assert stored["name"] == f"{LAST_NAME}__Base_intermédiaire" and stored["type"] == "VECTOR-DB"
+    assert stored["tags"] == {"tuto": "oui", "tuto_name": "vecteur"} and "canton" in relations(stored)
+    [offering] = client.get(f"{BASE}/offerings").json()
+    assert offering["status"] == "PUBLISHED" and offering["type"] == "WFS" and offering["open"] is True
+    capabilities = next(u["url"] for u in offering["urls"] if u["type"] == "WFS")
+
+    wfs = WebFeatureService(capabilities.split("?")[0], version="2.0.0")
+    assert type_name in wfs.contents
+    answer = wfs.getfeature(typename=[type_name], outputFormat="application/json")
+    collection = json.loads(answer.read())
+    features = sorted(collection["features"], key=lambda f: f["properties"]["insee_can"])
+    assert len(features) == len(source) == 5
+    for feature, expected in zip(features, sorted(source, key=lambda r: r["insee_can"]), strict=True):
+        props = feature["properties"]
+        for name in ("insee_can", "insee_dep", "insee_reg", "nom", "population", "surface"):
+            assert props[name] == expected[name], (name, props, expected)
+    hits = client.get("/wfs", params={"SERVICE": "WFS", "VERSION": "2.0.0", "REQUEST": "GetFeature",
+                                      "TYPENAMES": type_name, "RESULTTYPE": "hits"})
+    assert hits.status_code == 200 and 'numberMatched="5"' in hits.text
+
+
+@pytest.mark.skipif(shutil.which("ogr2ogr") is None or shutil.which("ogrinfo") is None,
+                    reason="GDAL's command-line tools are not installed (Debian: apt-get install gdal-bin)")
+def test_gdal_wfs_and_oapif_read_the_sdk_published_layer(sdk_published: dict[str, Any], tmp_path: Path) -> None:
+    """GDAL's WFS and OAPIF drivers on the layer the SDK published: same count and extent as the source."""
+    _gdal_reads(sdk_published["url"], sdk_published["type_name"], sdk_published["source"], tmp_path)
 
 
 def _gdal_reads(url: str, type_name: str, source: list[dict], tmp_path: Path) -> None:
