@@ -1,5 +1,16 @@
-"""GeoPackageBase and PostGISBase: what WFS and OGC API Features read, checked against brute-force
-Python answers; every test taking `data` runs on both backends."""
+"""The two vector base backends behind `tileserver.vector.base.VectorBase`, checked on what WFS and
+OGC API Features read (relations, bbox, ECQL/FES filters, paging and sorting, properties and ids,
+injection, threads) against brute-force Python answers:
+
+- `GeoPackageBase` (the embedded default: one GeoPackage per stored data, SQLite R-tree), integrated
+  with `vector.integrate`;
+- `PostGISBase` (the production backend, `TILESERVER_VECTOR_DB_URL`), integrated with
+  `vector.pgintegrate` into a throwaway schema; skipped when PostGIS is not installed (`postgis_url`).
+
+Every test taking `data` runs on both. `test_like_translation` and `test_measure_bbox_on_a_large_table`
+are GeoPackage only (its LIKE → regex and its R-tree), `test_postgis_descriptor_urls_hold_no_password`
+PostGIS only (no database needed).
+"""
 
 from __future__ import annotations
 
