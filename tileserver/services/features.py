@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver.catalog import FeatureType
 from tileserver.runtime import get_runtime
+from tileserver.services import vectorquery
 from tileserver.services.ogcapi_common import (
     HTML,
     JSON,
@@ -38,7 +39,6 @@ from tileserver.services.ogcapi_common import (
 )
 from tileserver.services.ows import OWSException, echo
 from tileserver.services.policy import ServiceError, error_response, map_headers
-from tileserver.services import vectorquery
 from tileserver.vector import crs as crslib
 from tileserver.vector import geojson
 from tileserver.vector.base import Feature, Query

@@ -116,8 +116,6 @@ async def batches(stream: FeatureStream | None) -> AsyncIterator[list[Feature]]:
         yield batch
 
 
-
-
 def features_json(relation: Relation, batch: list[Feature], out: crslib.RequestCrs, names: Any) -> bytes:
     """A batch of GeoJSON features, comma-separated (geometries encoded in one call)."""
     geoms = geojson.geometries([written(item.geometry, relation, out) for item in batch])
