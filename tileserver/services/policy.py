@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tileserver.render.errors import RenderBusy, RenderError
 from tileserver.rok4.codecs import CodecError
 from tileserver.rok4.slab import NotASlabError
 
@@ -34,6 +35,7 @@ log = logging.getLogger("tileserver.policy")
 KEY_HEADER = "X-Api-Key"
 MAX_QUERY_FIELDS = 200  # more parameters than any request of these services needs
 DISABLED_RETRY_AFTER = 60
+DEADLINE_RETRY_AFTER = 5  # a map past the request deadline: the load that slowed it needs a moment to pass
 
 
 # --- the error family ---------------------------------------------------------------------------
@@ -109,6 +111,41 @@ def storage_failure(exc: BaseException, where: str) -> ServiceError:
         error = StorageUnavailable(
             "storage is unavailable; retry later", headers={"Retry-After": str(retry)}, logged=f"{where}: {exc}"
         )
+    error.__cause__ = exc
+    return error
+
+
+class Busy(ServiceError):
+    """No render slot or memory within the wait, or a render past its deadline: the overload policy
+    at work, worth retrying after the Retry-After it carries."""
+
+    status = 503
+    code = "NoApplicableCode"
+    kind = "RenderBusy"
+
+
+def render_failure(exc: RenderError | TimeoutError, where: str, deadline: float | None = None) -> ServiceError:
+    """The one mapping of a failed render (a tile in any protocol, a WMS map, raster or vector) to an
+    answer, so that no protocol forgets a Retry-After or shows a storage path: a render refused
+    or past its deadline → 503 with Retry-After; a client mistake → its 4xx; unreadable stored data →
+    502; storage failing → 503 with the Retry-After the storage suggests. `deadline` (seconds) names
+    the request deadline an `asyncio.timeout` enforced (the TimeoutError case)."""
+    if isinstance(exc, TimeoutError):
+        limit = f" {deadline:g} s" if deadline is not None else " its deadline"
+        return Busy(f"the map took longer than{limit}", headers={"Retry-After": str(DEADLINE_RETRY_AFTER)})
+    if isinstance(exc, RenderBusy):
+        # a shed render is counted by the gate, not a fault; one past its deadline is worth a log line
+        logged = None if type(exc) is RenderBusy else f"{where}: {exc.message}"
+        return Busy(exc.message, headers={"Retry-After": str(exc.retry_after or 1)}, logged=logged)
+    if exc.status < 500:
+        return NotFound(exc.message) if exc.status == 404 else BadRequest(exc.message, status=exc.status)
+    if exc.status == 502:
+        error: ServiceError = BadGateway("stored data is unreadable", logged=f"{where}: {exc.message}")
+    else:
+        cause = exc.__cause__
+        retry = max(1, round(float(getattr(cause, "retry_after", None) or exc.retry_after or 1)))
+        error = StorageUnavailable("storage is unavailable; retry later", headers={"Retry-After": str(retry)},
+                                   logged=f"{where}: {exc.message}")
     error.__cause__ = exc
     return error
 
