@@ -354,10 +354,8 @@ def tile_headers(published: PublishedLayer, settings: Any, content_encoding: str
     """Cache-Control (the layer's or the server's; `private` for a restricted layer) and Vary of a tile,
     for the routed path and the fast path alike. A format stored deflated (ZIP FLOAT32) is sent
     deflated or inflated after Accept-Encoding: a shared cache must keep both apart."""
-    headers = map_headers((published,), settings, content_encoding)
-    if published.format.content_encoding:
-        headers["Vary"] = ", ".join(v for v in (headers.get("Vary"), "Accept-Encoding") if v)
-    return headers
+    vary = ("Accept-Encoding",) if published.format.content_encoding else ()
+    return map_headers((published,), settings, content_encoding, vary)
 
 
 class Served(Protocol):
@@ -372,16 +370,21 @@ class Served(Protocol):
 
 
 def map_headers(
-    layers: Iterable[Served], settings: Any, content_encoding: str | None = None
+    layers: Iterable[Served], settings: Any, content_encoding: str | None = None, vary: tuple[str, ...] = ()
 ) -> dict[str, str]:
-    """Headers of an image or value read from layers (GetMap, GetFeatureInfo, legends, tiles): a shared
-    cache must never hand an answer about a restricted layer to someone without the key."""
+    """Headers of an image or value read from layers (GetMap, GetFeatureInfo, legends, tiles, features): a
+    shared cache must never hand an answer about a restricted layer to someone without the key.
+    `vary`: request headers the answer depends on besides the key (`Accept` of negotiated formats),
+    merged here so that no caller writes Vary and drops the key from it."""
     layers = tuple(layers)
     cache_control = (layers[0].layer.cache_control if layers else "") or settings.cache_control
     headers: dict[str, str] = {}
+    names = list(vary)
     if any(p.restricted for p in layers):
         cache_control = _private(cache_control or "no-cache")
-        headers["Vary"] = KEY_HEADER
+        names.append(KEY_HEADER)
+    if names:
+        headers["Vary"] = ", ".join(dict.fromkeys(names))
     if cache_control:
         headers["Cache-Control"] = cache_control
     if content_encoding:
