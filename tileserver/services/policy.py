@@ -2,8 +2,9 @@
 the caller is (API key), and the cache headers of tiles, maps and documents.
 
 Protocol modules parse and build; they never write Cache-Control or Vary themselves and never map a
-storage failure to a status: a restricted answer leaking into a shared cache, or a switched-off
-service still answering, then cannot come back through one protocol that forgot (DESIGN.md §8).
+storage or render failure to a status (`storage_failure`, `render_failure`): a restricted answer
+leaking into a shared cache, a 503 without Retry-After, or a switched-off service still answering
+then cannot come back through one protocol that forgot (DESIGN.md §8).
 `ServiceGate` decides the switch, the parameter limit and the caller's key once per request,
 before protocol code runs; each protocol registers the one function rendering a `ServiceError`
 in its own format (OWS exception report, TMS error, JSON problem).

@@ -32,7 +32,7 @@ from tileserver.render.georef import Grid
 from tileserver.render.model import MapLayer, Raster
 from tileserver.render.pipeline import render_map
 from tileserver.services.ows import XML_DECLARATION
-from tileserver.services.policy import render_failure, request_id
+from tileserver.services.policy import BadGateway, render_failure
 from tileserver.services.wms_request import PICTURE_FORMATS, MapRequest, wms_error
 
 log = logging.getLogger("tileserver.wms")
@@ -152,9 +152,7 @@ async def render_mixed(request: Any, runtime: Any, req: MapRequest) -> tuple[byt
     except (RenderError, TimeoutError) as exc:
         raise render_failure(exc, "GetMap", settings.request_timeout) from None
     except (RuntimeError, ValueError) as exc:  # mapnik cannot read the base, or a style it cannot draw
-        log.error("%s vector render failed: %s", request_id(request), exc)
-        raise wms_error("NoApplicableCode", None, f"the vector layer could not be drawn (request "
-                        f"{request_id(request)})", 502) from None
+        raise BadGateway("the vector layer could not be drawn", logged=f"vector GetMap: {exc}") from None
 
 
 # --------------------------------------------------------------------------- GetFeatureInfo
