@@ -168,6 +168,46 @@ def test_stalled_s3_answers_503_within_seconds_then_recovers(
             assert answer.headers["content-type"] == "image/png"
 
 
+def test_a_failed_s3_is_a_503_with_retry_after_for_tiles_and_maps(
+    tmp_path: Path, s3_server: MotoS3Server, s3_bucket: str, s3_proxy: S3Proxy
+) -> None:
+    """Every protocol maps a storage failure the same way, passed-through tile or rendered map: 503
+    with Retry-After, soon, in the protocol's own error body, never stored by a cache."""
+    url = upload_scan1000(s3_server, s3_bucket)
+    level, col, row = TILE
+    bbox = "156543,5792092,195679,5831228"  # the same tile in EPSG:3857
+    asked = {
+        "wmts tile": ("/wmts", wmts_tile("S3", level, col, row), b"ExceptionReport"),
+        "tms tile": (f"/tms/1.0.0/S3/{level}/{col}/{row}.png", {}, b"TileMapServerError"),
+        "ogcapi tile": (f"/ogcapi/collections/S3/map/tiles/PM/{level}/{row}/{col}", {}, b"StorageUnavailable"),
+        "ogcapi dataset tile (rendered)": (f"/ogcapi/map/tiles/PM/{level}/{row}/{col}", {}, b"StorageUnavailable"),
+        "wms GetMap": ("/wms", {"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": "S3",
+                                "STYLES": "", "CRS": "EPSG:3857", "BBOX": bbox, "WIDTH": "256", "HEIGHT": "256",
+                                "FORMAT": "image/png"}, b"ServiceExceptionReport"),
+        "wms GetMap INIMAGE": ("/wms", {"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": "S3",
+                                        "STYLES": "", "CRS": "EPSG:3857", "BBOX": bbox, "WIDTH": "256",
+                                        "HEIGHT": "256", "FORMAT": "image/png", "EXCEPTIONS": "INIMAGE"},
+                               b"ServiceExceptionReport"),
+    }
+    with live_server(proxied_settings(tmp_path, s3_proxy)) as base, httpx.Client(base_url=base, timeout=30) as client:
+        descriptor = layer_descriptor("SCAN1000", root=url.rpartition("/")[0])
+        assert client.post("/admin/layers/S3", json=descriptor, headers=AUTH).status_code == 204
+        s3_proxy.fail_next(1_000_000, 503)  # S3 answers, with an error, to everything
+        failures = []
+        for name, (path, params, marker) in asked.items():
+            started = time.monotonic()
+            answer = client.get(path, params=params)
+            elapsed = time.monotonic() - started
+            ok = (answer.status_code == 503 and answer.headers.get("retry-after", "").isdigit()
+                  and marker in answer.content and not answer.headers["content-type"].startswith("image/")
+                  and answer.headers["cache-control"] == "no-store" and elapsed < 3)
+            if not ok:
+                failures.append((name, answer.status_code, dict(answer.headers), f"{elapsed:.2f} s",
+                                 answer.text[:200]))
+        assert not failures, failures
+        assert s3_proxy.count() > 0  # the storage was asked, and failed: not an answer from a cache
+
+
 async def test_open_circuit_fails_fast_without_asking_the_storage(
     s3_server: MotoS3Server, s3_bucket: str, s3_proxy: S3Proxy
 ) -> None:

@@ -1,16 +1,29 @@
 """Every route of every service, over real HTTP, for a restricted layer: no key, another key, a revoked
-key and the right key; status, body kind and cache headers. The service switch covers every service,
-the fast path too; bad input gets the protocol's 4xx; garbage tiles are a 502."""
+key and the right key; status, body kind and cache headers. Raster layers are published by the
+operator (admin API, admin keys); vector offerings (WFS, OGC API Features, WMS-vector, vector tiles)
+by an `/api` user on private endpoints, opened by his keys (the other key is another user's). The
+service switch covers every service, the fast path too; bad input gets the protocol's 4xx; garbage
+tiles are a 502."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
 import shutil
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from apputil import PYRAMIDS, layer_descriptor, live_server, make_settings
+from test_tms_service import built_pyramids
+from test_warehouse_support import BASE, add_user, api_client, wait_for, warehouse_server
+from test_warehouse_vector import endpoint_id, wfs_configuration
+from test_warehouse_wms_vector import MAP_BBOX, canton_base, wmsv_configuration
 
 ADMIN = {"Authorization": "Bearer secret"}
 
@@ -34,7 +47,8 @@ def server(tmp_path_factory):
         gfi = {"get_feature_info": {"type": "PYRAMID"}}
         _publish(http, "SECRET", layer_descriptor("SCAN1000", restricted=True, **gfi))
         _publish(http, "OTHER", layer_descriptor("MONTAGNE", restricted=True))
-        _publish(http, "OPEN", layer_descriptor("SCAN1000", metadata=[{"url": "javascript:alert(1)", "type": "Other"}]))
+        _publish(http, "OPEN", layer_descriptor("SCAN1000", metadata=[{"url": "javascript:alert(1)", "type": "Other"}],
+                                                **gfi))
         _, right = _key(http, ["SECRET"])
         _, other = _key(http, ["OTHER"])
         revoked_id, revoked = _key(http, ["SECRET"])
@@ -77,11 +91,11 @@ def _routes(row: int, col: int, bounds: list[float]) -> dict[str, tuple[str, str
 
 
 LISTINGS = {
-    "wmts KVP GetCapabilities": "/wmts?SERVICE=WMTS&REQUEST=GetCapabilities",
-    "wmts REST capabilities": "/wmts/1.0.0/WMTSCapabilities.xml",
-    "tms root": "/tms/1.0.0",
-    "ogcapi collections": "/ogcapi/collections",
-    "wms GetCapabilities": "/wms?SERVICE=WMS&REQUEST=GetCapabilities",
+    "wmts KVP GetCapabilities": ("/wmts?SERVICE=WMTS&REQUEST=GetCapabilities", b"SECRET"),
+    "wmts REST capabilities": ("/wmts/1.0.0/WMTSCapabilities.xml", b"SECRET"),
+    "tms root": ("/tms/1.0.0", b"SECRET"),
+    "ogcapi collections": ("/ogcapi/collections", b"SECRET"),
+    "wms GetCapabilities": ("/wms?SERVICE=WMS&REQUEST=GetCapabilities", b"SECRET"),
 }
 
 
@@ -96,15 +110,17 @@ def _private(answer: httpx.Response) -> bool:
     return "private" in cache and "public" not in cache and "X-Api-Key" in answer.headers.get("vary", "")
 
 
-@pytest.mark.parametrize("who", ["none", "other", "revoked", "right"])
-def test_every_route_of_a_restricted_layer(server, who):
-    http, keys, row, col, bounds = server
-    headers = {"X-Api-Key": keys[who]} if keys[who] else {}
-    failures = []
-    for name, (path, kind) in _routes(row, col, bounds).items():
+def _failures(http: httpx.Client, key: str | None, right: bool, routes: dict[str, tuple[str, str]],
+              listings: dict[str, tuple[str, bytes]]) -> list[tuple[Any, ...]]:
+    """What is wrong in the answers to `routes` and `listings` with `key` (None: no key; `right`: the
+    key granted the restricted data): the right key gets the data, privately cached; any other gets
+    the protocol's 4xx, never stored; listings show the restricted names to the right key only."""
+    headers = {"X-Api-Key": key} if key else {}
+    failures: list[tuple[Any, ...]] = []
+    for name, (path, kind) in routes.items():
         answer = http.get(path, headers=headers)
         content_type = answer.headers.get("content-type", "")
-        if who == "right":
+        if right:
             ok = answer.status_code == 200 and _private(answer) and not _exception_kind(answer)
             ok = ok and (content_type.startswith("image/") if kind == "image" else kind in content_type
                          or (kind == "json" and "json" in content_type))
@@ -115,15 +131,139 @@ def test_every_route_of_a_restricted_layer(server, who):
         if not ok:
             failures.append((name, answer.status_code, content_type, answer.headers.get("cache-control"),
                              answer.headers.get("vary"), answer.text[:120]))
-    for name, path in LISTINGS.items():
+    for name, (path, marker) in listings.items():
         answer = http.get(path, headers=headers)
-        listed = b"SECRET" in answer.content
-        ok = answer.status_code == 200 and listed == (who == "right")
-        ok = ok and (_private(answer) if who != "none" else "X-Api-Key" in answer.headers.get("vary", ""))
+        listed = marker in answer.content
+        ok = answer.status_code == 200 and listed == right
+        ok = ok and (_private(answer) if key else "X-Api-Key" in answer.headers.get("vary", ""))
         if not ok:
             failures.append((name, answer.status_code, listed, answer.headers.get("cache-control"),
                              answer.headers.get("vary")))
-    assert not failures, failures
+    return failures
+
+
+@pytest.mark.parametrize("who", ["none", "other", "revoked", "right"])
+def test_every_route_of_a_restricted_layer(server, who):
+    http, keys, row, col, bounds = server
+    assert not _failures(http, keys[who], who == "right", _routes(row, col, bounds), LISTINGS)
+
+
+# --- restricted vector offerings, published and opened through /api ----------------------------------
+
+OTHER_LOGIN = "mmartin"
+FEATURES = "wfsprive:canton"  # WFS layer name : relation public name
+WMSV = "wmsvprive"
+VTILES = "tuilesprivees"
+VTILE = ("15", 16515, 11970)  # level, col, row of the stored tile of test_tms_service's ROADS
+
+
+def _restricted_offering(api: httpx.Client, configuration: dict, endpoint: str) -> str:
+    created = api.post(f"{BASE}/configurations", json=configuration)
+    assert created.status_code == 201, created.text
+    offering = api.post(f"{BASE}/configurations/{created.json()['_id']}/offerings",
+                        json={"endpoint": endpoint_id(api, endpoint), "open": False})
+    assert offering.status_code == 201, offering.text
+    assert offering.json()["open"] is False
+    return offering.json()["_id"]
+
+
+def _api_key(api: httpx.Client, secret: str, offerings: list[str]) -> str:
+    """A HASH key whose value is `secret`, granted `offerings`; its id."""
+    key = api.post("/api/users/me/keys", json={"name": secret, "type": "HASH", "type_infos": {"hash": secret}})
+    assert key.status_code == 201, key.text
+    if offerings:
+        granted = api.post(f"/api/users/me/keys/{key.json()['_id']}/accesses", json={"offerings": offerings})
+        assert granted.status_code in (200, 201), granted.text
+    return key.json()["_id"]
+
+
+def _register_pyramid(data_dir: str, descriptor: Path, name: str) -> str:
+    """`tileserver stored-data add`, as an operator registers a pyramid built elsewhere; the stored data id."""
+    from tileserver.cli import main
+
+    out = io.StringIO()
+    previous = os.environ.get("TILESERVER_DATA_DIR")
+    os.environ["TILESERVER_DATA_DIR"] = data_dir
+    try:
+        with contextlib.redirect_stdout(out):
+            assert main(["stored-data", "add", str(descriptor), "--name", name, "--json"]) == 0
+    finally:
+        if previous is None:
+            del os.environ["TILESERVER_DATA_DIR"]
+        else:
+            os.environ["TILESERVER_DATA_DIR"] = previous
+    return str(json.loads(out.getvalue())["_id"])
+
+
+@pytest.fixture(scope="module")
+def vector_server(tmp_path_factory) -> Iterator[tuple[httpx.Client, dict[str, str | None], str]]:
+    """An /api user's restricted WFS (also OGC API Features), WMS-vector and vector tile offerings; his
+    right key, his revoked key, another user's key. Yields (anonymous client, keys, a feature id)."""
+    tmp = tmp_path_factory.mktemp("vector-security")
+    with warehouse_server(tmp) as (url, settings), httpx.Client(base_url=url, timeout=30) as http:
+        api = api_client(url)
+        stored = canton_base(api, tmp)
+        pyramid = _register_pyramid(settings.data_dir, built_pyramids(tmp / "built")["ROADS"], "routes")
+        offerings = [
+            _restricted_offering(api, wfs_configuration(stored["_id"], FEATURES.split(":")[0]),
+                                 "gpf-geoserver-wfs-private"),
+            _restricted_offering(api, wmsv_configuration(stored["_id"], WMSV, [{"name": "canton"}]),
+                                 "gpf-geoserver-wms-v-private"),
+            _restricted_offering(api, {"type": "WMTS-TMS", "name": VTILES, "layer_name": VTILES, "type_infos": {
+                "title": "Routes", "abstract": "Routes", "keywords": [],
+                "used_data": [{"stored_data": pyramid, "bottom_level": "15", "top_level": "14"}]}},
+                "gpf-rok4-server-wmts-tms"),
+        ]
+        _api_key(api, "right-vector-key", offerings)
+        revoked = _api_key(api, "revoked-vector-key", offerings)
+        assert api.delete(f"/api/users/me/keys/{revoked}").status_code == 204
+        add_user(settings, OTHER_LOGIN, "another-pass", "Martin", datastores=())
+        _api_key(api_client(url, OTHER_LOGIN, "another-pass"), "another-users-key", [])
+        keys: dict[str, str | None] = {"none": None, "other": "another-users-key", "revoked": "revoked-vector-key",
+                                       "right": "right-vector-key"}
+        items = wait_for(lambda: (a := http.get(f"/ogcapi/collections/{FEATURES}/items",
+                                                headers={"X-Api-Key": "right-vector-key"})).status_code == 200 and a)
+        yield http, keys, str(items.json()["features"][0]["id"])
+
+
+def _vector_routes(feature_id: str) -> dict[str, tuple[str, str]]:
+    wfs = f"/wfs?SERVICE=WFS&VERSION=2.0.0&TYPENAMES={FEATURES}"
+    bbox = ",".join(repr(v) for v in MAP_BBOX)
+    wms = f"/wms?SERVICE=WMS&VERSION=1.3.0&LAYERS={WMSV}&STYLES=&CRS=EPSG:2154&BBOX={bbox}&WIDTH=100&HEIGHT=30"
+    level, col, row = VTILE
+    return {
+        "wfs GetFeature": (f"{wfs}&REQUEST=GetFeature&OUTPUTFORMAT=application/json", "json"),
+        "wfs GetFeature GML": (f"{wfs}&REQUEST=GetFeature", "xml"),
+        "wfs DescribeFeatureType": (f"{wfs}&REQUEST=DescribeFeatureType", "xml"),
+        "ogcapi features collection": (f"/ogcapi/collections/{FEATURES}", "json"),
+        "ogcapi items": (f"/ogcapi/collections/{FEATURES}/items", "json"),
+        "ogcapi item": (f"/ogcapi/collections/{FEATURES}/items/{feature_id}", "json"),
+        "wms-vector GetMap": (f"{wms}&REQUEST=GetMap&FORMAT=image/png", "image"),
+        "wms-vector GetFeatureInfo": (f"{wms}&REQUEST=GetFeatureInfo&QUERY_LAYERS={WMSV}&INFO_FORMAT=application/json"
+                                      "&I=5&J=5", "json"),
+        "wms-vector GetLegendGraphic": (f"/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetLegendGraphic&LAYER={WMSV}"
+                                        "&FORMAT=image/png", "image"),
+        "tms vector TileMap": (f"/tms/1.0.0/{VTILES}", "xml"),
+        "tms vector tile": (f"/tms/1.0.0/{VTILES}/{level}/{col}/{row}.pbf", "protobuf"),
+        "tms vector TileJSON": (f"/tms/1.0.0/{VTILES}/metadata.json", "json"),
+        "ogcapi vector tilesets": (f"/ogcapi/collections/{VTILES}/tiles", "json"),
+        "ogcapi vector tile": (f"/ogcapi/collections/{VTILES}/tiles/PM/{level}/{row}/{col}", "protobuf"),
+    }
+
+
+VECTOR_LISTINGS = {
+    "wfs GetCapabilities": ("/wfs?SERVICE=WFS&REQUEST=GetCapabilities", FEATURES.encode()),
+    "ogcapi collections (features)": ("/ogcapi/collections", FEATURES.encode()),
+    "ogcapi collections (vector tiles)": ("/ogcapi/collections", VTILES.encode()),
+    "tms root": ("/tms/1.0.0", VTILES.encode()),
+    "wms GetCapabilities": ("/wms?SERVICE=WMS&REQUEST=GetCapabilities", WMSV.encode()),
+}
+
+
+@pytest.mark.parametrize("who", ["none", "other", "revoked", "right"])
+def test_every_route_of_a_restricted_vector_offering(vector_server, who):
+    http, keys, feature_id = vector_server
+    assert not _failures(http, keys[who], who == "right", _vector_routes(feature_id), VECTOR_LISTINGS)
 
 
 def test_the_key_in_the_url_makes_answers_private(server):
@@ -182,11 +322,25 @@ def test_forwarded_host_only_from_trusted_proxies(tmp_path):
                 assert ("https://evil.example" in body) == trusted, (allowed, path)
 
 
+def _switched_off(http: httpx.Client, paths: dict[str, tuple[str, bytes]], headers: dict[str, str]) -> None:
+    """`PUT /admin/off`: every path answers the protocol's 503 (Retry-After, never stored); `on`: 200 again."""
+    assert http.put("/admin/off", headers=ADMIN).status_code == 204
+    try:
+        for name, (path, marker) in paths.items():
+            answer = http.get(path, headers=headers)
+            assert answer.status_code == 503 and marker in answer.content, (name, answer.status_code, answer.text[:200])
+            assert answer.headers["retry-after"] == "60" and answer.headers["cache-control"] == "no-store", name
+    finally:
+        assert http.put("/admin/on", headers=ADMIN).status_code == 204
+    for name, (path, _) in paths.items():
+        assert http.get(path, headers=headers).status_code == 200, name
+
+
 def test_admin_off_covers_every_service_and_the_fast_path(server):
     http, keys, row, col, bounds = server
     open_tile = f"/wmts/1.0.0/OPEN/normal/PM/10/{row}/{col}.png"
     assert http.get(open_tile).status_code == 200  # the fast path has settled this route
-    paths = {
+    _switched_off(http, {
         "fast path REST": (open_tile, b"ExceptionReport"),
         "fast path KVP": ("/wmts?SERVICE=WMTS&REQUEST=GetTile&VERSION=1.0.0&LAYER=OPEN&STYLE=normal&TILEMATRIXSET=PM"
                           f"&TILEMATRIX=10&TILEROW={row}&TILECOL={col}&FORMAT=image/png", b"ExceptionReport"),
@@ -196,17 +350,60 @@ def test_admin_off_covers_every_service_and_the_fast_path(server):
         "ogcapi": (f"/ogcapi/collections/OPEN/map/tiles/PM/10/{row}/{col}", b"ServiceDisabled"),
         "ogcapi landing": ("/ogcapi", b"ServiceDisabled"),
         "wms": ("/wms?SERVICE=WMS&REQUEST=GetCapabilities", b"ServiceExceptionReport"),
-    }
-    assert http.put("/admin/off", headers=ADMIN).status_code == 204
-    try:
-        for name, (path, marker) in paths.items():
-            answer = http.get(path)
-            assert answer.status_code == 503 and marker in answer.content, name
-            assert answer.headers["retry-after"] == "60" and answer.headers["cache-control"] == "no-store", name
-    finally:
-        assert http.put("/admin/on", headers=ADMIN).status_code == 204
-    for name, (path, _) in paths.items():
-        assert http.get(path).status_code == 200, name
+    }, {})
+
+
+def test_admin_off_covers_features_and_vector_services(vector_server):
+    """WFS, OGC API Features, WMS-vector and vector tiles are switched off with the rest (here with the
+    right key: the switch is decided before access control)."""
+    http, keys, feature_id = vector_server
+    routes = _vector_routes(feature_id)
+    wfs = ("/wfs?SERVICE=WFS&REQUEST=GetCapabilities", b"ExceptionReport")
+    paths = {name: (routes[name][0], marker) for name, marker in (
+        ("wfs GetFeature", b"ExceptionReport"), ("wfs DescribeFeatureType", b"ExceptionReport"),
+        ("ogcapi items", b"ServiceDisabled"), ("ogcapi item", b"ServiceDisabled"),
+        ("wms-vector GetMap", b"ServiceExceptionReport"), ("tms vector tile", b"TileMapServerError"),
+        ("tms vector TileJSON", b"TileMapServerError"), ("ogcapi vector tile", b"ServiceDisabled"))}
+    _switched_off(http, {**paths, "wfs GetCapabilities": wfs}, {"X-Api-Key": str(keys["right"])})
+
+
+def test_feature_info_and_legends_carry_the_policy_s_cache_headers(server, vector_server):
+    """GetFeatureInfo (WMS, WMTS, WMS-vector) and GetLegendGraphic: the server's explicit Cache-Control for
+    an open layer; `private` and Vary on the key header for a restricted one."""
+    http, keys, row, col, bounds = server
+    bbox = ",".join(str(v) for v in bounds)
+
+    def asked(layer: str) -> dict[str, str]:
+        wms = f"/wms?SERVICE=WMS&VERSION=1.3.0&LAYERS={layer}&STYLES=&CRS=CRS:84&BBOX={bbox}&WIDTH=64&HEIGHT=64"
+        wmts = (f"/wmts?SERVICE=WMTS&VERSION=1.0.0&LAYER={layer}&STYLE=normal&FORMAT=image/png&TILEMATRIXSET=PM"
+                f"&TILEMATRIX=10&TILEROW={row}&TILECOL={col}")
+        return {
+            "wms GetFeatureInfo": f"{wms}&REQUEST=GetFeatureInfo&QUERY_LAYERS={layer}&INFO_FORMAT=text/plain&I=5&J=5",
+            "wms GetFeatureInfo json": f"{wms}&REQUEST=GetFeatureInfo&QUERY_LAYERS={layer}"
+                                       "&INFO_FORMAT=application/json&I=5&J=5",
+            "wmts GetFeatureInfo": f"{wmts}&REQUEST=GetFeatureInfo&INFOFORMAT=text/plain&I=1&J=1",
+            "wmts REST FeatureInfo": f"/wmts/1.0.0/{layer}/normal/PM/10/{row}/{col}/1/1.txt",
+            "wms GetLegendGraphic": f"/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetLegendGraphic&LAYER={layer}"
+                                    "&FORMAT=image/png",
+        }
+
+    failures = []
+    for name, path in asked("OPEN").items():
+        answer = http.get(path)
+        if answer.status_code != 200 or answer.headers.get("cache-control") != "public, max-age=3600":
+            failures.append(("open " + name, answer.status_code, answer.headers.get("cache-control"), answer.text[:120]))
+    restricted = list(asked("SECRET").items())
+    restricted_http, vector_keys, feature_id = vector_server
+    vector = _vector_routes(feature_id)
+    for name, path in restricted:
+        answer = http.get(path, headers={"X-Api-Key": str(keys["right"])})
+        if answer.status_code != 200 or not _private(answer) or "max-age=3600" not in answer.headers["cache-control"]:
+            failures.append((name, answer.status_code, answer.headers.get("cache-control"), answer.headers.get("vary")))
+    for name in ("wms-vector GetFeatureInfo", "wms-vector GetLegendGraphic"):
+        answer = restricted_http.get(vector[name][0], headers={"X-Api-Key": str(vector_keys["right"])})
+        if answer.status_code != 200 or not _private(answer):
+            failures.append((name, answer.status_code, answer.headers.get("cache-control"), answer.headers.get("vary")))
+    assert not failures, failures
 
 
 def test_too_many_parameters_are_the_protocols_400(server):

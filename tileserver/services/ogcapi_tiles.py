@@ -27,11 +27,10 @@ from tileserver.services.ogcapi_tilesets import (
     tile_type,
 )
 from tileserver.services.ows import echo
-from tileserver.services.policy import map_headers
+from tileserver.services.policy import map_headers, render_failure
 from tileserver.services.tiles import (
     TileAnswer,
     TileNotFound,
-    TileRenderError,
     native_tile,
     rendered_tile,
     tile_response,
@@ -73,7 +72,7 @@ async def styled_tile(
             published, published.tms, level, col, row, style, STYLED_MIME, gate=gate_for(runtime)
         )
     except RenderError as exc:
-        raise TileRenderError.of(exc) from None
+        raise render_failure(exc, f"layer {published.id} style {style.identifier} tile ({level}, {col}, {row})") from None
     return tile_response(TileAnswer(body, media_type, None, False), published, runtime.settings)
 
 
@@ -119,7 +118,7 @@ async def dataset_tile(ctx: Ctx, scope: Scope, grid: str, tile_matrix: str, tile
             finish=lambda raster: encode_image(raster.data, STYLED_MIME, transparent=True),
         )
     except RenderError as exc:
-        raise TileRenderError.of(exc) from None
+        raise render_failure(exc, f"dataset tile {grid} ({tile_matrix}, {col}, {row})") from None
     return Response(body, media_type=media_type, headers=map_headers(layers, runtime.settings))
 
 

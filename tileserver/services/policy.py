@@ -2,8 +2,9 @@
 the caller is (API key), and the cache headers of tiles, maps and documents.
 
 Protocol modules parse and build; they never write Cache-Control or Vary themselves and never map a
-storage failure to a status: a restricted answer leaking into a shared cache, or a switched-off
-service still answering, then cannot come back through one protocol that forgot (DESIGN.md §8).
+storage or render failure to a status (`storage_failure`, `render_failure`): a restricted answer
+leaking into a shared cache, a 503 without Retry-After, or a switched-off service still answering
+then cannot come back through one protocol that forgot (DESIGN.md §8).
 `ServiceGate` decides the switch, the parameter limit and the caller's key once per request,
 before protocol code runs; each protocol registers the one function rendering a `ServiceError`
 in its own format (OWS exception report, TMS error, JSON problem).
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tileserver.render.errors import RenderBusy, RenderError
 from tileserver.rok4.codecs import CodecError
 from tileserver.rok4.slab import NotASlabError
 
@@ -34,6 +36,7 @@ log = logging.getLogger("tileserver.policy")
 KEY_HEADER = "X-Api-Key"
 MAX_QUERY_FIELDS = 200  # more parameters than any request of these services needs
 DISABLED_RETRY_AFTER = 60
+DEADLINE_RETRY_AFTER = 5  # a map past the request deadline: the load that slowed it needs a moment to pass
 
 
 # --- the error family ---------------------------------------------------------------------------
@@ -109,6 +112,41 @@ def storage_failure(exc: BaseException, where: str) -> ServiceError:
         error = StorageUnavailable(
             "storage is unavailable; retry later", headers={"Retry-After": str(retry)}, logged=f"{where}: {exc}"
         )
+    error.__cause__ = exc
+    return error
+
+
+class Busy(ServiceError):
+    """No render slot or memory within the wait, or a render past its deadline: the overload policy
+    at work, worth retrying after the Retry-After it carries."""
+
+    status = 503
+    code = "NoApplicableCode"
+    kind = "RenderBusy"
+
+
+def render_failure(exc: RenderError | TimeoutError, where: str, deadline: float | None = None) -> ServiceError:
+    """The one mapping of a failed render (a tile in any protocol, a WMS map, raster or vector) to an
+    answer, so that no protocol forgets a Retry-After or shows a storage path: a render refused
+    or past its deadline → 503 with Retry-After; a client mistake → its 4xx; unreadable stored data →
+    502; storage failing → 503 with the Retry-After the storage suggests. `deadline` (seconds) names
+    the request deadline an `asyncio.timeout` enforced (the TimeoutError case)."""
+    if isinstance(exc, TimeoutError):
+        limit = f" {deadline:g} s" if deadline is not None else " its deadline"
+        return Busy(f"the map took longer than{limit}", headers={"Retry-After": str(DEADLINE_RETRY_AFTER)})
+    if isinstance(exc, RenderBusy):
+        # a shed render is counted by the gate, not a fault; one past its deadline is worth a log line
+        logged = None if type(exc) is RenderBusy else f"{where}: {exc.message}"
+        return Busy(exc.message, headers={"Retry-After": str(exc.retry_after or 1)}, logged=logged)
+    if exc.status < 500:
+        return NotFound(exc.message) if exc.status == 404 else BadRequest(exc.message, status=exc.status)
+    if exc.status == 502:
+        error: ServiceError = BadGateway("stored data is unreadable", logged=f"{where}: {exc.message}")
+    else:
+        cause = exc.__cause__
+        retry = max(1, round(float(getattr(cause, "retry_after", None) or exc.retry_after or 1)))
+        error = StorageUnavailable("storage is unavailable; retry later", headers={"Retry-After": str(retry)},
+                                   logged=f"{where}: {exc.message}")
     error.__cause__ = exc
     return error
 
@@ -317,10 +355,8 @@ def tile_headers(published: PublishedLayer, settings: Any, content_encoding: str
     """Cache-Control (the layer's or the server's; `private` for a restricted layer) and Vary of a tile,
     for the routed path and the fast path alike. A format stored deflated (ZIP FLOAT32) is sent
     deflated or inflated after Accept-Encoding: a shared cache must keep both apart."""
-    headers = map_headers((published,), settings, content_encoding)
-    if published.format.content_encoding:
-        headers["Vary"] = ", ".join(v for v in (headers.get("Vary"), "Accept-Encoding") if v)
-    return headers
+    vary = ("Accept-Encoding",) if published.format.content_encoding else ()
+    return map_headers((published,), settings, content_encoding, vary)
 
 
 class Served(Protocol):
@@ -335,16 +371,21 @@ class Served(Protocol):
 
 
 def map_headers(
-    layers: Iterable[Served], settings: Any, content_encoding: str | None = None
+    layers: Iterable[Served], settings: Any, content_encoding: str | None = None, vary: tuple[str, ...] = ()
 ) -> dict[str, str]:
-    """Headers of an image or value read from layers (GetMap, GetFeatureInfo, legends, tiles): a shared
-    cache must never hand an answer about a restricted layer to someone without the key."""
+    """Headers of an image or value read from layers (GetMap, GetFeatureInfo, legends, tiles, features): a
+    shared cache must never hand an answer about a restricted layer to someone without the key.
+    `vary`: request headers the answer depends on besides the key (`Accept` of negotiated formats),
+    merged here so that no caller writes Vary and drops the key from it."""
     layers = tuple(layers)
     cache_control = (layers[0].layer.cache_control if layers else "") or settings.cache_control
     headers: dict[str, str] = {}
+    names = list(vary)
     if any(p.restricted for p in layers):
         cache_control = _private(cache_control or "no-cache")
-        headers["Vary"] = KEY_HEADER
+        names.append(KEY_HEADER)
+    if names:
+        headers["Vary"] = ", ".join(dict.fromkeys(names))
     if cache_control:
         headers["Cache-Control"] = cache_control
     if content_encoding:

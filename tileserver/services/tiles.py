@@ -20,13 +20,19 @@ import numpy as np
 from starlette.responses import Response
 
 from tileserver.catalog import PublishedLayer
-from tileserver.render.errors import RenderBusy, RenderError
+from tileserver.render.errors import RenderError
 from tileserver.render.gate import gate_for
 from tileserver.render.pipeline import render_tile
 from tileserver.rok4.codecs import CodecError, encode_tile
 from tileserver.rok4.formats import PyramidFormat
 from tileserver.rok4.slab import NotASlabError, tiff_wrap
-from tileserver.services.policy import NotFound, ServiceError, check_payload, storage_failure, tile_headers
+from tileserver.services.policy import (
+    NotFound,
+    check_payload,
+    render_failure,
+    storage_failure,
+    tile_headers,
+)
 from tileserver.settings import Settings
 from tileserver.storage import StorageError
 
@@ -190,25 +196,6 @@ async def feature_info(
     return values
 
 
-class TileRenderError(ServiceError):
-    """A tile the render pipeline could not make; `status` is what it deserves (400/404/502/503)."""
-
-    def __init__(self, message: str, status: int, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message, status=status, headers=headers, logged=message if status >= 500 else None)
-        if status != 400:
-            self.code, self.kind = "NoApplicableCode", "RenderError"
-
-    @classmethod
-    def of(cls, exc: RenderError) -> TileRenderError:
-        """The one mapping of a render failure to a tile answer: its status (else 503), and a
-        Retry-After when it is worth retrying (no render slot, past the deadline)."""
-        status = exc.status if exc.status in (400, 404, 502, 503) else 503
-        error = cls(exc.message, status, {"Retry-After": str(exc.retry_after)} if exc.retry_after else None)
-        if type(exc) is RenderBusy:
-            error.logged = None  # a shed render is the overload policy at work, not a fault: counted by the gate
-        return error
-
-
 async def rendered_tile(
     runtime: Any, published: PublishedLayer, tms: Any, level: str, col: int, row: int, style: Any, mime: str
 ) -> TileAnswer:
@@ -219,5 +206,5 @@ async def rendered_tile(
             published, tms, level, col, row, style, mime, gate=gate_for(runtime)
         )
     except RenderError as exc:
-        raise TileRenderError.of(exc) from None
+        raise render_failure(exc, _where(published, level, col, row)) from None
     return TileAnswer(body, content_type, None, False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -153,6 +153,24 @@ def _vector_legend_size(catalog: Catalog, vector: VectorMap) -> tuple[int, int]:
     return catalog.document(("wms-vector-legend-size", vector.record_id), measure)
 
 
+def _layer_head(b: _Builder, parent: etree._Element, name: str, layer: Any, queryable: bool,
+                crs: Iterable[str], root_crs: tuple[str, ...],
+                wgs84_bbox: tuple[float, float, float, float]) -> tuple[etree._Element, list[str]]:
+    """What every named layer starts with, pyramid or WMS-vector: name, title, abstract, keywords,
+    the CRSs the root does not already list (returned) and the geographic extent."""
+    node = b.el(parent, "Layer", queryable="1" if queryable else "0")
+    b.el(node, "Name", name)
+    b.el(node, "Title", layer.title or name)
+    if layer.abstract:
+        b.el(node, "Abstract", layer.abstract)
+    b.keywords(node, layer.keywords)
+    own = [c for c in crs if c not in root_crs]
+    for code in own:
+        b.el(node, "CRS" if b.version == V130 else "SRS", code)
+    b.geographic(node, wgs84_bbox)
+    return node, own
+
+
 def _vector_node(b: _Builder, parent: etree._Element, vector: VectorMap, root_crs: tuple[str, ...],
                  catalog: Catalog, base: str, url_key: str | None) -> None:
     """A WMS-vector layer: the server's CRS list, its extent in each, queryable (its features), its
@@ -161,16 +179,7 @@ def _vector_node(b: _Builder, parent: etree._Element, vector: VectorMap, root_cr
     from tileserver.services.wms_request import map_crs_usable, map_layer_crs
 
     layer = vector.layer
-    node = b.el(parent, "Layer", queryable="1")
-    b.el(node, "Name", vector.id)
-    b.el(node, "Title", layer.title or vector.id)
-    if layer.abstract:
-        b.el(node, "Abstract", layer.abstract)
-    b.keywords(node, layer.keywords)
-    own = [c for c in map_layer_crs(vector) if c not in root_crs]
-    for code in own:
-        b.el(node, "CRS" if b.version == V130 else "SRS", code)
-    b.geographic(node, vector.wgs84_bbox)
+    node, own = _layer_head(b, parent, vector.id, layer, True, map_layer_crs(vector), root_crs, vector.wgs84_bbox)
     west, south, east, north = _clamp_wgs84(vector.wgs84_bbox)
     boxes = []
     for code in (*root_crs, *own):
@@ -204,16 +213,8 @@ def _vector_node(b: _Builder, parent: etree._Element, vector: VectorMap, root_cr
 def _layer_node(b: _Builder, parent: etree._Element, published: PublishedLayer, root_crs: tuple[str, ...],
                 book: Mapping[str, Style], base: str, url_key: str | None) -> None:
     layer = published.layer
-    node = b.el(parent, "Layer", queryable="1" if layer.queryable else "0")
-    b.el(node, "Name", published.id)
-    b.el(node, "Title", layer.title or published.id)
-    if layer.abstract:
-        b.el(node, "Abstract", layer.abstract)
-    b.keywords(node, layer.keywords)
-    own = [c for c in layer_crs(published) if c not in root_crs]
-    for code in own:
-        b.el(node, "CRS" if b.version == V130 else "SRS", code)
-    b.geographic(node, published.wgs84_bbox)
+    node, own = _layer_head(b, parent, published.id, layer, bool(layer.queryable), layer_crs(published), root_crs,
+                            published.wgs84_bbox)
     boxes = [(c, box) for c in (*root_crs, *own) if (box := layer_bbox(published, c)) is not None]
     b.bounding_boxes(node, boxes)
     _links(b, node, layer)

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from tileserver.render.encode import blank_image, encode_image, exception_in_image
-from tileserver.render.errors import RenderBusy, RenderError
+from tileserver.render.errors import RenderError
 from tileserver.render.gate import gate_for
 from tileserver.render.model import Raster
 from tileserver.render.pipeline import render_map
 from tileserver.runtime import get_runtime
 from tileserver.services.ows import KVP, key_hash
-from tileserver.services.policy import ServiceError, map_headers, request_id
+from tileserver.services.policy import ServiceError, map_headers, render_failure
 from tileserver.services.wms_request import (
     PICTURE_FORMATS,
     ImageFrame,
@@ -24,8 +23,6 @@ from tileserver.services.wms_request import (
     parse_map_request,
     wms_error,
 )
-
-log = logging.getLogger("tileserver.wms")
 
 # --------------------------------------------------------------------------- GetMap
 
@@ -47,17 +44,8 @@ async def _render(request: Request, runtime: Any, req: MapRequest) -> tuple[byte
             return await render_map(req.layers, req.grid, picture=req.format in PICTURE_FORMATS,
                                     gate=gate_for(runtime), max_tiles=settings.render_max_tiles,
                                     finish=lambda raster: _encode(raster, req))  # inside budget and deadline
-    except RenderBusy as exc:
-        raise wms_error("NoApplicableCode", None, exc.message, 503, **{"Retry-After": str(exc.retry_after)}) from None
-    except TimeoutError:
-        raise wms_error("NoApplicableCode", None, f"the map took longer than {settings.request_timeout:g} s",
-                     503, **{"Retry-After": "5"}) from None
-    except RenderError as exc:
-        if exc.status >= 500:
-            log.error("%s render failed (%d): %s", request_id(request), exc.status, exc.message)
-            reason = "stored data is unreadable" if exc.status == 502 else "storage is unavailable"
-            raise wms_error("NoApplicableCode", None, f"{reason} (request {request_id(request)})", exc.status) from None
-        raise wms_error("InvalidParameterValue", None, exc.message) from None
+    except (RenderError, TimeoutError) as exc:
+        raise render_failure(exc, "GetMap", settings.request_timeout) from None
     except ValueError as exc:  # the format cannot hold this data (float as ASC with bands…)
         raise wms_error("InvalidFormat", "format", str(exc)) from None
 

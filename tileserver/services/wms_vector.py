@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from tileserver.catalog import MapRelationStyle, VectorMap
-from tileserver.render.errors import RenderBusy, RenderError
+from tileserver.render.errors import RenderError
 from tileserver.render.gate import Deadline, gate_for
 from tileserver.render.georef import Grid
 from tileserver.render.model import MapLayer, Raster
 from tileserver.render.pipeline import render_map
 from tileserver.services.ows import XML_DECLARATION
-from tileserver.services.policy import request_id
+from tileserver.services.policy import BadGateway, render_failure
 from tileserver.services.wms_request import PICTURE_FORMATS, MapRequest, wms_error
 
 log = logging.getLogger("tileserver.wms")
@@ -149,21 +149,10 @@ async def render_mixed(request: Any, runtime: Any, req: MapRequest) -> tuple[byt
                 return _encode(picture, req)
 
             return await gate.run_in_thread(work, reserved, deadline)
-    except RenderBusy as exc:
-        raise wms_error("NoApplicableCode", None, exc.message, 503, **{"Retry-After": str(exc.retry_after)}) from None
-    except TimeoutError:
-        raise wms_error("NoApplicableCode", None, f"the map took longer than {settings.request_timeout:g} s",
-                        503, **{"Retry-After": "5"}) from None
-    except RenderError as exc:
-        if exc.status >= 500:
-            log.error("%s render failed (%d): %s", request_id(request), exc.status, exc.message)
-            raise wms_error("NoApplicableCode", None, f"the map could not be drawn (request {request_id(request)})",
-                            exc.status) from None
-        raise wms_error("InvalidParameterValue", None, exc.message) from None
+    except (RenderError, TimeoutError) as exc:
+        raise render_failure(exc, "GetMap", settings.request_timeout) from None
     except (RuntimeError, ValueError) as exc:  # mapnik cannot read the base, or a style it cannot draw
-        log.error("%s vector render failed: %s", request_id(request), exc)
-        raise wms_error("NoApplicableCode", None, f"the vector layer could not be drawn (request "
-                        f"{request_id(request)})", 502) from None
+        raise BadGateway("the vector layer could not be drawn", logged=f"vector GetMap: {exc}") from None
 
 
 # --------------------------------------------------------------------------- GetFeatureInfo

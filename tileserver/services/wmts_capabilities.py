@@ -79,6 +79,12 @@ def _northing_first(crs: str) -> bool:
     return bool(axes) and axes[0].direction.lower() in ("north", "south")
 
 
+def _numbers(parent: etree._Element, **values: int) -> None:
+    """Integer elements in the order given (a matrix's sizes, its limits): the schema fixes the order."""
+    for tag, value in values.items():
+        _text(parent, _wmts(tag), str(value))
+
+
 def _tile_matrix_set(contents: etree._Element, grid: GridSet) -> None:
     node = etree.SubElement(contents, _wmts("TileMatrixSet"))
     if grid.tms.title and grid.id == grid.tms.id:
@@ -92,13 +98,8 @@ def _tile_matrix_set(contents: etree._Element, grid: GridSet) -> None:
         _text(tm, _wmts("ScaleDenominator"), shortest(grid.tms.scale_denominator(m)))
         corner = (m.origin_y, m.origin_x) if swap else (m.origin_x, m.origin_y)
         _text(tm, _wmts("TopLeftCorner"), " ".join(shortest(v) for v in corner))
-        for tag, value in (
-            ("TileWidth", m.tile_width),
-            ("TileHeight", m.tile_height),
-            ("MatrixWidth", m.matrix_width),
-            ("MatrixHeight", m.matrix_height),
-        ):
-            _text(tm, _wmts(tag), str(value))
+        _numbers(tm, TileWidth=m.tile_width, TileHeight=m.tile_height, MatrixWidth=m.matrix_width,
+                 MatrixHeight=m.matrix_height)
 
 
 # GDAL snaps the BoundingBox to pixels of the finest matrix with floor/ceil and a 1e-10 pixel
@@ -193,32 +194,16 @@ def _layer_node(
                 continue
             tml = etree.SubElement(limits_node, _wmts("TileMatrixLimits"))
             _text(tml, _wmts("TileMatrix"), m.id)
-            for tag, value in (
-                ("MinTileRow", limits.min_row),
-                ("MaxTileRow", limits.max_row),
-                ("MinTileCol", limits.min_col),
-                ("MaxTileCol", limits.max_col),
-            ):
-                _text(tml, _wmts(tag), str(value))
+            _numbers(tml, MinTileRow=limits.min_row, MaxTileRow=limits.max_row, MinTileCol=limits.min_col,
+                     MaxTileCol=limits.max_col)
     prefix = (
         f"{base}{REST_PREFIX}/{layer.id}/{{Style}}/{{TileMatrixSet}}/{{TileMatrix}}/{{TileRow}}/{{TileCol}}"
     )
-    for offered in formats:
-        etree.SubElement(
-            node,
-            _wmts("ResourceURL"),
-            format=offered,
-            resourceType="tile",
-            template=f"{prefix}.{CANONICAL_EXTENSION[offered]}{query}",
-        )
-    for info_format in infos:
-        etree.SubElement(
-            node,
-            _wmts("ResourceURL"),
-            format=info_format,
-            resourceType="FeatureInfo",
-            template=f"{prefix}/{{J}}/{{I}}.{INFO_FORMATS[info_format]}{query}",
-        )
+    resources = [(f, "tile", f".{CANONICAL_EXTENSION[f]}") for f in formats]
+    resources += [(f, "FeatureInfo", f"/{{J}}/{{I}}.{INFO_FORMATS[f]}") for f in infos]
+    for offered, kind, suffix in resources:
+        etree.SubElement(node, _wmts("ResourceURL"), format=offered, resourceType=kind,
+                         template=f"{prefix}{suffix}{query}")
 
 
 def build_capabilities(
