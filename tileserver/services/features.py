@@ -183,8 +183,8 @@ def _item_request(request: Request) -> tuple[Ctx, FeatureType, crslib.RequestCrs
     t = _type(ctx, request.path_params["collectionId"])
     ctx.fmt = negotiate(request, ctx.kvp, ITEM_OFFERS)
     out = _crs(ctx, t, "crs")
-    headers = {**map_headers([t.published], get_runtime(request).settings),
-               "Content-Crs": f"<{out.text}>", "Vary": "Accept, X-Api-Key"}
+    headers = {**map_headers([t.published], get_runtime(request).settings, vary=("Accept",)),
+               "Content-Crs": f"<{out.text}>"}
     return ctx, t, out, headers
 
 
