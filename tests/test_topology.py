@@ -93,7 +93,7 @@ def test_raster_journey_on_s3_and_a_worker_killed_mid_job(tmp_path: Path, compos
         upload = _upload(a)
         assert {k.split("/", 1)[1] for k in s3_server.list_keys(buckets.uploads)} == {f"data/{r}" for r in scan_files()}
         execution = _run(a, {"processing": _processing(a, RASTER_TO_PYRAMID), "inputs": {"upload": [upload]},
-                             "output": {"stored_data": {"name": "scan"}}, "parameters": SLOW})
+                             "output": {"stored_data": {"name": "scan"}}, "parameters": {**SLOW, "top": "6"}})
         first = _running_on(top, execution["_id"])
         wait_for(lambda: _journaled(buckets), timeout=60)
         dead_node = first["worker"]["host"]
@@ -117,11 +117,12 @@ def test_raster_journey_on_s3_and_a_worker_killed_mid_job(tmp_path: Path, compos
         for name in top.dirs:  # pyramids and uploads live on S3 only: nothing local but scratch
             assert _local_files(top, name) == [], name
         assert _local_files(top, survivor, scratch=True) == []  # its copy of the upload removed
+        assert "scan1000.tif" in {p.name for p in _local_files(top, dead_node, scratch=True)}  # killed amid it
 
         configuration = a.post(f"{BASE}/configurations", json={
             "type": "WMTS-TMS", "name": "scan", "layer_name": "scan",
             "type_infos": {"title": "t", "abstract": "a",
-                           "used_data": [{"stored_data": stored, "bottom_level": "12", "top_level": "0"}]}}).json()
+                           "used_data": [{"stored_data": stored, "bottom_level": "12", "top_level": "6"}]}}).json()
         offering = a.post(f"{BASE}/configurations/{configuration['_id']}/offerings",
                           json={"endpoint": endpoint_id(a, WMTS_TMS), "open": True}).json()
         assert offering["status"] == "PUBLISHED"
