@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from s3server import KEY, SECRET, MotoS3Server
 from test_warehouse_live import _ended, _processing, _run, _upload
 from test_warehouse_support import BASE, SOURCES, api_client, scan_files, wait_for
 from test_warehouse_vector import check_logs, endpoint_id, integration, wfs_configuration
-from test_workers import SLOW, Topology, _running_on, topology
+from test_workers import SLOW, Topology, _kill, _running_on, topology
 from vectorutil import make_gpkg
 
 from tileserver.rok4.naming import parse_slab_name
@@ -69,11 +67,6 @@ def _local_files(top: Topology, node: str, scratch: bool = False) -> list[Path]:
     """Files a process left in its data directory (outside its temporary directory, or inside)."""
     home = top.dirs[node]
     return [p for p in home.rglob("*") if p.is_file() and p.is_relative_to(home / "tmp") == scratch]
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 def _journaled(buckets: Buckets) -> bool:
