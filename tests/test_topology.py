@@ -31,19 +31,16 @@ from tileserver.writer.options import BuildOptions
 
 
 @pytest.fixture
-def compose_db(pg_server) -> Iterator[str]:  # noqa: ANN001 - conftest's PostgresServer
+def compose_db(pg_url: str) -> str:
     """A fresh database with PostGIS: the store and the vector bases, as compose's `db`."""
     import psycopg
 
-    url = pg_server.create_database()
     try:
-        with psycopg.connect(url, autocommit=True) as conn:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS postgis")
     except psycopg.Error as e:
-        pg_server.drop_database(url)
         pytest.skip(f"PostGIS is not installed: {e}")
-    yield url
-    pg_server.drop_database(url)
+    return pg_url
 
 
 @dataclass
