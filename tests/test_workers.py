@@ -32,10 +32,11 @@ SLOW = {"tms": "PM", "bottom": "12", "top": "0", "compression": "jpg"}  # second
 
 @dataclass
 class Topology:
-    data_dir: Path
+    data_dir: Path  # the servers' and workers' shared data directory (unless each has its own)
     store_url: str
     servers: list[str]
     workers: dict[str, subprocess.Popen]  # node name → its `tileserver worker`
+    dirs: dict[str, Path]  # "server-1"…, "node-1"… → its data directory (its scratch: `tmp` inside)
 
     def job(self, kind: str, job_id: str) -> dict:
         store = PublicationStore(self.store_url)
@@ -65,7 +66,11 @@ def _worker(data_dir: Path, store_url: str, node: str, **env: str) -> Iterator[s
 
 
 @contextlib.contextmanager
-def topology(tmp_path: Path, store_url: str, servers: int = 2, workers: int = 2, **worker_env: str) -> Iterator[Topology]:
+def topology(tmp_path: Path, store_url: str, servers: int = 2, workers: int = 2, env: dict[str, str] | None = None,
+             own_dirs: bool = False, **worker_env: str) -> Iterator[Topology]:
+    """`servers` servers (no local workers) and `workers` workers on one store; `env` for all of
+    them. With `own_dirs` each process has its own data directory and temporary directory (TMPDIR),
+    as on separate machines: what they share must then be in `env` (S3 uploads and pyramids)."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     store = PublicationStore(store_url)
@@ -73,16 +78,26 @@ def topology(tmp_path: Path, store_url: str, servers: int = 2, workers: int = 2,
         Accounts(store).add_user(LOGIN, PASSWORD, "Jean", LAST_NAME, f"{LOGIN}@example.org", ("default",))
     finally:
         store.close()
+
+    def home(name: str) -> tuple[Path, dict[str, str]]:
+        if not own_dirs:
+            return data_dir, dict(env or {})
+        (tmp_path / name / "tmp").mkdir(parents=True)
+        return tmp_path / name, {**(env or {}), "TMPDIR": str(tmp_path / name / "tmp")}
+
     with contextlib.ExitStack() as stack:
-        urls = []
-        for _ in range(servers):
+        urls, nodes, dirs = [], {}, {}
+        for i in range(servers):
             port = free_port()
-            stack.enter_context(_server(data_dir, port, workers=0, store_url=store_url, poll=0.5,
-                                        TILESERVER_WORKER_LEASE=LEASE))
+            dirs[f"server-{i + 1}"], extra = home(f"server-{i + 1}")
+            stack.enter_context(_server(dirs[f"server-{i + 1}"], port, workers=0, store_url=store_url, poll=0.5,
+                                        TILESERVER_WORKER_LEASE=LEASE, **extra))
             urls.append(f"http://127.0.0.1:{port}")
-        nodes = {f"node-{i + 1}": stack.enter_context(_worker(data_dir, store_url, f"node-{i + 1}", **worker_env))
-                 for i in range(workers)}
-        yield Topology(data_dir, store_url, urls, nodes)
+        for i in range(workers):
+            node = f"node-{i + 1}"
+            dirs[node], extra = home(node)
+            nodes[node] = stack.enter_context(_worker(dirs[node], store_url, node, **extra, **worker_env))
+        yield Topology(data_dir, store_url, urls, nodes, dirs)
 
 
 def _running_on(top: Topology, execution_id: str) -> dict:

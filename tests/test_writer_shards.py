@@ -52,3 +52,30 @@ def test_finish_waits_for_shards_from_the_cli(tmp_path, capsys):
     assert "shard=" in capsys.readouterr().out
     assert main([*args, "--finish", "2", "--wait", "1", "--json"]) == 0
     assert (tmp_path / "P.json").exists()
+
+
+async def test_shards_from_copies_of_one_source_named_by_origin(tmp_path):
+    """Shards run on other machines read their own copy of the source (an S3 upload downloaded to
+    a temporary directory): named by its origin, the copies make one pyramid, the single run's;
+    named by their paths, a shard's rerun refuses its journal as another pyramid's."""
+    import shutil
+
+    def copy(k: int) -> list[str]:
+        directory = tmp_path / f"copy-{k}"
+        directory.mkdir()
+        for suffix in (".tif", ".tfw"):
+            shutil.copy(SOURCES / f"SCAN1000{suffix}", directory / f"SCAN1000{suffix}")
+        return [str(directory / "SCAN1000.tif")]
+
+    origin = "s3://uploads/u1/data/SCAN1000.tif"
+    async with Storage(SETTINGS) as storage:
+        await build_async(SOURCE, str(tmp_path / "one"), "P", OPTIONS, storage)
+        out = str(tmp_path / "many")
+        for k in range(2):
+            copied = copy(k)
+            await build_async(copied, out, "P", OPTIONS, storage, shard=(k, 2), origins={copied[0]: origin})
+        with pytest.raises(WriterError, match="other parameters or sources"):
+            await build_async(copy(2), out, "P", OPTIONS, storage, shard=(0, 2))
+        last = copy(3)
+        await build_async(last, out, "P", OPTIONS, storage, finish=2, origins={last[0]: origin})
+    assert _tree(tmp_path / "many") == _tree(tmp_path / "one")

@@ -29,9 +29,10 @@ class ExecutionError(Exception):
 
 
 def _sources(settings: Settings, entities: Entities, upload_ids: list[str],
-             stack: contextlib.ExitStack) -> tuple[list[str], str | None]:
-    """Image files of the input uploads, local for the time of `stack` (S3 uploads are copied)."""
-    files, srs = [], None
+             stack: contextlib.ExitStack) -> tuple[list[str], dict[str, str], str | None]:
+    """Image files of the input uploads, local for the time of `stack` (S3 uploads are copied),
+    and the origins of the copies, which name them in the writer's fingerprint."""
+    files, origins, srs = [], {}, None
     for upload_id in upload_ids:
         upload = entities.get("upload", upload_id)
         if upload is None:
@@ -39,7 +40,8 @@ def _sources(settings: Settings, entities: Entities, upload_ids: list[str],
         srs = srs or upload.body.get("srs")
         root = stack.enter_context(upload_files(settings, upload_id).local())
         files += [str(f) for rel, f in root.files("data") if rel.lower().endswith(IMAGE_EXTENSIONS)]
-    return files, srs
+        origins.update(root.origins)
+    return files, origins, srs
 
 
 def _level(value: Any) -> str | None:
@@ -113,7 +115,7 @@ def _run(settings: Settings, store: PublicationStore, entities: Entities, execut
             harvest, output_dir, name, options, storage, tms_directory=s.tms_directory, overwrite=True,
             progress=progress))
 
-    sources, srs = _sources(settings, entities, [u["_id"] for u in inputs.get("upload", [])], stack)
+    sources, origins, srs = _sources(settings, entities, [u["_id"] for u in inputs.get("upload", [])], stack)
     if not sources:
         raise ExecutionError("the input uploads hold no image")
     if ancestors:
@@ -125,11 +127,11 @@ def _run(settings: Settings, store: PublicationStore, entities: Entities, execut
                                parallelization=common["parallelization"], srs=srs)
         return run_with_storage(settings, lambda storage, s: update_async(
             ancestor.descriptor_url, sources, output_dir, name, update, storage, tms_directory=s.tms_directory,
-            overwrite=True, progress=progress))
+            overwrite=True, progress=progress, origins=origins))
     options = BuildOptions(**common, interpolation=parameters.get("interpolation", "bicubic"), srs=srs)
     return run_with_storage(settings, lambda storage, s: build_async(
         sources, output_dir, name, options, storage, tms_directory=s.tms_directory, overwrite=True,
-        progress=progress, **sharding))
+        progress=progress, origins=origins, **sharding))
 
 
 # --- vector bases --------------------------------------------------------------------------------

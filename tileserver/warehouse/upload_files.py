@@ -52,6 +52,7 @@ class UploadFiles:
         self.data = root / "data"
         self.md5 = root / "md5"
         self.tmp = root / "tmp"
+        self.origins: dict[str, str] = {}  # a local copy's files → the objects they were copied from
 
     def target(self, section: str, rel: str) -> Path:
         base = self.data if section == "data" else self.md5
@@ -247,7 +248,8 @@ class S3UploadFiles:
 
     @contextlib.contextmanager
     def local(self) -> Iterator[UploadFiles]:
-        """A local copy of every file, removed afterwards."""
+        """A local copy of every file, removed afterwards; its `origins` name each file by its object
+        (a copy's path is new for every run)."""
         directory = Path(tempfile.mkdtemp(prefix="upload-"))
         copy = UploadFiles(directory)
 
@@ -258,6 +260,7 @@ class S3UploadFiles:
                     target = copy.target(section, checked_path(url[len(prefix):]))
                     target.parent.mkdir(parents=True, exist_ok=True)
                     await storage.get_file(url, str(target))
+                    copy.origins[str(target)] = url
 
         try:
             self._run(download)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -73,11 +73,17 @@ def fingerprint(**parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def source_identity(sources: Sequence[SourceInfo]) -> list[tuple[str, int, int]]:
-    out = []
+def source_identity(sources: Sequence[SourceInfo], origins: Mapping[str, str] | None = None) -> list[tuple[Any, ...]]:
+    """What each source is, for the fingerprint: its path, size and mtime; or, for a local copy of
+    a file kept elsewhere (`origins`: local path → e.g. its S3 URL), that origin and the size, since
+    the copy's path and mtime differ for every run and every worker (shards of one build, a job
+    taken over by another node) while the pyramid is the same."""
+    named = {os.path.realpath(k): v for k, v in (origins or {}).items()}
+    out: list[tuple[Any, ...]] = []
     for s in sources:
         st = os.stat(s.path)
-        out.append((os.path.abspath(s.path), st.st_size, st.st_mtime_ns))
+        origin = named.get(os.path.realpath(s.path))
+        out.append((origin, st.st_size) if origin else (os.path.abspath(s.path), st.st_size, st.st_mtime_ns))
     return out
 
 
@@ -165,8 +171,9 @@ async def wait_for_shards(writer: PyramidWriter, count: int, wait: float) -> Non
 async def build_async(sources: Sequence[str], output: str, name: str, options: BuildOptions, storage: Storage, *,
                       tms_directory: str | None = None, shard: tuple[int, int] | None = None,
                       finish: int | None = None, wait: float = 0.0, overwrite: bool = False,
-                      progress: Progress | None = None) -> dict[str, Any]:
-    """Build (or resume building) a pyramid; returns the summary (or a shard report)."""
+                      progress: Progress | None = None, origins: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Build (or resume building) a pyramid; returns the summary (or a shard report). `origins`
+    names sources that are local copies by where they come from (see `source_identity`)."""
     options = options.checked()
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise WriterError(f"--shard {shard[0]}/{shard[1]}: expected K/N with 0 <= K < N")
@@ -183,7 +190,7 @@ async def build_async(sources: Sequence[str], output: str, name: str, options: B
     if not slabs:
         raise WriterError(f"the sources lie outside the grid {tms.id} at level {bottom.id}")
     target = PyramidTarget.make(output, name, options.path_depth)
-    fp = fingerprint(kind="build", sources=source_identity(infos), options=identity_options(options),
+    fp = fingerprint(kind="build", sources=source_identity(infos, origins), options=identity_options(options),
                      levels=[m.id for m in matrices], root=target.root, name=name)
     writer = PyramidWriter(storage, target, tms, matrices, options, fp, progress, shard, footprints)
     async with writer:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,8 +158,9 @@ class UpdateBackground:
 
 async def update_async(ancestor_url: str, sources: Sequence[str], output: str, name: str, options: UpdateOptions,
                        storage: Storage, *, tms_directory: str | None = None, overwrite: bool = False,
-                       progress: Progress | None = None) -> dict[str, Any]:
-    """Write the updated pyramid; returns its summary (with `linked_slabs`)."""
+                       progress: Progress | None = None, origins: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Write the updated pyramid; returns its summary (with `linked_slabs`); `origins` as for
+    `build_async`."""
     ancestor = await open_ancestor(ancestor_url, storage, tms_directory)
     build_options = ancestor_options(ancestor, options)
     infos = open_sources(sources, build_options)
@@ -191,7 +192,7 @@ async def update_async(ancestor_url: str, sources: Sequence[str], output: str, n
 
     descriptor_digest = hashlib.sha256(pyramid.descriptor.to_json()).hexdigest()[:16]
     fp = fingerprint(kind="update", ancestor=pyramid.url, ancestor_descriptor=descriptor_digest,
-                     sources=source_identity(infos), options=identity_options(build_options),
+                     sources=source_identity(infos, origins), options=identity_options(build_options),
                      root=target.root, name=name)
     writer = PyramidWriter(storage, target, tms, matrices, build_options, fp, progress,
                            footprints=footprints)
