@@ -149,7 +149,10 @@ def _stored_data_add(args: argparse.Namespace) -> int:
     from tileserver.pyramid import Pyramid, SlabIndexCache, normalise_url
     from tileserver.storage import Storage
 
+    from tileserver.publication.store import StatusConflict
+
     from .entities import Entities
+    from .lifecycle import register
 
     settings = load_settings(getattr(args, "config", None))
     url = normalise_url(args.descriptor)
@@ -164,7 +167,10 @@ def _stored_data_add(args: argparse.Namespace) -> int:
     datastore = accounts.get_datastore(args.datastore)
     if datastore is None:
         raise CommandError(f"no datastore {args.datastore}")
-    stored = store.put_stored_data(url, found, args.name or found["name"], "GENERATED", pyramid_type(found))
+    try:
+        stored = register(store, url, found, args.name or found["name"], pyramid_type(found))
+    except StatusConflict as exc:
+        raise CommandError(str(exc)) from None
     if datastore.id != accounts.default_datastore().id and Entities(store).get("stored_data", stored.id) is None:
         Entities(store).create("stored_data", datastore.id, {"tags": {}}, stored.id)
     if args.json:

@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver.publication.admin import check_layer
 from tileserver.publication.model import LAYER_ID, Layer, LayerError, LayerPyramid
+from tileserver.publication.status import ConfigurationStatus, StoredDataStatus
 from tileserver.storage import StorageError
 
 from .annotations import add_event, annotation_routes, annotations_view
@@ -152,7 +153,7 @@ def used_data(ctx: Ctx, used: Any) -> tuple[list[str], list[LayerPyramid]]:
         except ApiError:
             problems.append(f"{where}.stored_data: stored data {item['stored_data']} not found in this datastore")
             continue
-        if stored.status != "GENERATED":
+        if stored.status != StoredDataStatus.GENERATED:
             problems.append(f"{where}.stored_data: stored data {stored.id} is {stored.status}; it must be GENERATED")
             continue
         if operator_restricted(ctx, stored.descriptor_url):
@@ -351,7 +352,8 @@ def configuration_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
     body = entity.body
     published = any(ctx.wh.store.get_offering(o.id) is not None for o in offerings_of(ctx, entity.id))
     out = {"_id": entity.id, "type": body["type"], "name": body["name"], "layer_name": body["layer_name"],
-           "status": "PUBLISHED" if published else "UNPUBLISHED", "creation": entity.created_at,
+           "status": ConfigurationStatus.PUBLISHED if published else ConfigurationStatus.UNPUBLISHED,
+           "creation": entity.created_at,
            "type_infos": body["type_infos"], "metadata": body.get("metadata", []), **annotations_view(body)}
     for key in ("attribution", "getfeatureinfo", "extra"):
         if key in body:
@@ -378,7 +380,7 @@ def foreign_views(ctx: Ctx) -> list[dict[str, Any]]:
         kind = ("WFS" if layer.wfs is not None else "WMS-VECTOR" if layer.vector_map is not None
                 else "WMS-RASTER" if layer.services == ("wms",) else "WMTS-TMS")
         out.append({"_id": str(uuid.uuid5(_FOREIGN, layer.id)), "name": layer.id, "layer_name": layer.id,
-                    "type": kind, "status": "PUBLISHED",
+                    "type": kind, "status": ConfigurationStatus.PUBLISHED,
                     "type_infos": infos, "metadata": [dict(m) for m in layer.metadata], "tags": {}})
     return out
 

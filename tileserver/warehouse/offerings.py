@@ -13,6 +13,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from tileserver.publication.status import OfferingStatus
 from tileserver.services.ows import base_url
 
 from .annotations import add_event, annotations_view
@@ -23,6 +24,7 @@ from .configurations import used_data as used_pyramids
 from .endpoints import find, layer_urls
 from .entities import Entity
 from .errors import bad_request, conflict, not_found
+from .lifecycle import offer, offered
 from .web import Ctx, json_body, json_response, list_response, no_content, route
 from .wfs_configurations import wfs_layer
 from .wmsv_configurations import wmsv_layer
@@ -49,11 +51,11 @@ def offering_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
     feature_types: tuple[str, ...] = ()
     if body["type"] == "WFS":
         feature_types = tuple(r.get("public_name") or r["native_name"] for u in used for r in u.get("relations", []))
-    status = shared.status if shared is not None else "UNPUBLISHED"
+    status = shared.status if shared is not None else OfferingStatus.UNPUBLISHED
     assert endpoint is not None
     return {
         "_id": entity.id, "type": body["type"], "layer_name": layer, "status": status,
-        "open": shared.open if shared is not None else body.get("open", True), "available": status == "PUBLISHED",
+        "open": shared.open if shared is not None else body.get("open", True), "available": status == OfferingStatus.PUBLISHED,
         "endpoint": {"_id": endpoint.id, "name": endpoint.name, "technical_name": endpoint.technical_name},
         "configuration": body["configuration"], "creation": entity.created_at,
         "urls": layer_urls(endpoint, base_url(ctx.request), layer, extension, tms, feature_types, vector),
@@ -86,10 +88,9 @@ async def _publish(ctx: Ctx, offering_id: str, layer_id: str, endpoint: str, ope
     await ctx.wh.runtime.refresh()
     catalog = ctx.wh.runtime.catalog
     served = layer_id in catalog.layers or layer_id in catalog.vector_layers or layer_id in catalog.vector_maps
-    status = "PUBLISHED" if served else "UNSTABLE"
-    if status == "UNSTABLE":
+    if not served:
         log.warning("offering %s: layer %s not served: %s", offering_id, layer_id, catalog.errors.get(layer_id))
-    await asyncio.to_thread(ctx.wh.store.put_offering, layer_id, endpoint, open_, status)
+    await asyncio.to_thread(offered, ctx.wh.store, layer_id, endpoint, open_, served)
 
 
 @route
@@ -130,8 +131,7 @@ async def create_offering(ctx: Ctx) -> Response:
             raise bad_request(*used_problems)
         layer = build_layer(body, pyramids, restricted=not open_, record_id=record)
     await asyncio.to_thread(ctx.wh.store.add_layer, layer, not open_)
-    shared = await asyncio.to_thread(ctx.wh.store.put_offering, record, endpoint.technical_name, open_,
-                                     "PUBLISHING")
+    shared = await asyncio.to_thread(offer, ctx.wh.store, record, endpoint.technical_name, open_)
     side: dict[str, Any] = {"configuration": {"_id": configuration.id, "name": body["name"]},
                             "endpoint": endpoint.technical_name, "layer_name": layer_name, "layer_id": record,
                             "type": body["type"], "open": open_, "tags": {}}
