@@ -483,8 +483,9 @@ def register(store: PublicationStore, descriptor_url: str, summary: dict[str, An
              type_: str) -> StoredData:
     """A pyramid the operator registers (CLI): GENERATED, unless an execution is writing it
     (StatusConflict)."""
+    held = {StoredDataStatus.CREATED, StoredDataStatus.GENERATING}  # an execution's output, until it ends
     return store.put_stored_data(descriptor_url, summary, name, StoredDataStatus.GENERATED, type_,
-                                 only_from=sources(STORED_DATA, StoredDataStatus.GENERATED))
+                                 only_from=sources(STORED_DATA, StoredDataStatus.GENERATED) - held)
 
 
 def offer(store: PublicationStore, layer_id: str, endpoint: str, open_: bool) -> Offering:
