@@ -118,10 +118,25 @@ def metadata_problems(data: dict[str, Any]) -> list[str]:
     return problems + _link_problems(metadata, attribution)
 
 
+def live_record(ctx: Ctx, offering: Entity) -> str | None:
+    """Store id of the layer an offering publishes, while the store's offering (same id) still names
+    it; None once the operator removed that layer (the admin API drops its offerings with it), even
+    if he published another layer under the same id since: /api never changes an operator's layer."""
+    shared = ctx.wh.store.get_offering(offering.id)
+    record = str(offering.body.get("layer_id", offering.body.get("layer_name")))
+    return record if shared is not None and shared.layer_id == record else None
+
+
+def warehouse_records(ctx: Ctx) -> set[str]:
+    """Store ids of the layers /api offerings publish; every other layer is the operator's."""
+    offerings = {o.id for o in ctx.wh.entities.list(OFFERING)}
+    return {o.layer_id for o in ctx.wh.store.list_offerings() if o.id in offerings}
+
+
 def operator_restricted(ctx: Ctx, descriptor_url: str) -> bool:
     """Whether a pyramid is served by a restricted layer of the operator (admin API): one that no
     warehouse offering published. /api users must not republish its data as an open layer."""
-    own = {str(o.body.get("layer_id", o.body.get("layer_name"))) for o in ctx.wh.entities.list(OFFERING)}
+    own = warehouse_records(ctx)
     for layer_id in ctx.wh.store.layers_using(descriptor_url):
         if layer_id in own:
             continue
@@ -337,7 +352,7 @@ def _check_unique(ctx: Ctx, data: dict[str, Any], replacing: str | None) -> None
 def published_record(ctx: Ctx, configuration_id: str) -> str | None:
     """Store id of the layer a configuration's offering publishes (None when unpublished)."""
     for offering in offerings_of(ctx, configuration_id):
-        return str(offering.body.get("layer_id", offering.body["layer_name"]))
+        return live_record(ctx, offering)
     return None
 
 
@@ -365,8 +380,7 @@ def foreign_views(ctx: Ctx) -> list[dict[str, Any]]:
     """Layers of the ROK4 admin API (no configuration of their own), in the default datastore."""
     if ctx.datastore.id != ctx.wh.accounts.default_datastore().id:
         return []
-    owned = {e.body["layer_name"] for e in ctx.wh.entities.list(KIND)}
-    owned |= {str(o.body.get("layer_id", o.body["layer_name"])) for o in ctx.wh.entities.list(OFFERING)}
+    owned = {e.body["layer_name"] for e in ctx.wh.entities.list(KIND)} | warehouse_records(ctx)
     by_url = {s.descriptor_url: s.id for s in ctx.wh.store.list_stored_data()}
     out = []
     for layer in ctx.wh.store.list_layers():

@@ -18,7 +18,15 @@ from tileserver.services.ows import base_url
 
 from .annotations import add_event, annotations_view
 from .configurations import KIND as CONFIGURATION
-from .configurations import OFFERING, build_layer, get_configuration, name_taken, offerings_of, record_id_for
+from .configurations import (
+    OFFERING,
+    build_layer,
+    get_configuration,
+    live_record,
+    name_taken,
+    offerings_of,
+    record_id_for,
+)
 from .configurations import PREFIX as CONFIGURATIONS
 from .configurations import used_data as used_pyramids
 from .endpoints import find, layer_urls
@@ -39,7 +47,8 @@ def offering_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
     shared = ctx.wh.store.get_offering(entity.id)
     endpoint = find(body["endpoint"])
     layer = body["layer_name"]
-    published = ctx.wh.runtime.catalog.layers.get(record_of(body))
+    record = live_record(ctx, entity)
+    published = ctx.wh.runtime.catalog.layers.get(record) if record is not None else None
     configuration = ctx.wh.entities.get(CONFIGURATION, body["configuration"]["_id"])
     used = configuration.body["type_infos"]["used_data"] if configuration is not None else []
     if published is not None:
@@ -69,11 +78,6 @@ def _uses_vector_pyramid(ctx: Ctx, used: list[dict[str, Any]]) -> bool:
         if stored is not None and stored.type == "ROK4-PYRAMID-VECTOR":
             return True
     return False
-
-
-def record_of(body: dict[str, Any]) -> str:
-    """Store id of the offering's layer (its layer_name unless the other service had that id)."""
-    return str(body.get("layer_id", body["layer_name"]))
 
 
 def get_offering(ctx: Ctx, ident: str) -> Entity:
@@ -180,19 +184,24 @@ async def edit_offering(ctx: Ctx) -> Response:
     endpoint = find(entity.body["endpoint"])
     if data["open"] and endpoint is not None and not endpoint.open:
         raise bad_request(f"open: {endpoint.technical_name} is a private endpoint: its offerings are restricted")
-    if ctx.wh.store.get_layer(record_of(entity.body)) is not None:
-        await asyncio.to_thread(ctx.wh.store.set_restricted, record_of(entity.body), not data["open"])
+    record = live_record(ctx, entity)
+    if record is None:
+        raise conflict(f"offering {entity.id}: its layer was removed by the operator; delete the offering")
+    if ctx.wh.store.get_layer(record) is not None:
+        await asyncio.to_thread(ctx.wh.store.set_restricted, record, not data["open"])
     await asyncio.to_thread(ctx.wh.entities.update, OFFERING, entity.id, lambda b: b.update(open=data["open"]))
     await ctx.wh.runtime.refresh()
     return json_response(offering_view(ctx, entity))
 
 
 async def unpublish(ctx: Ctx, entity: Entity) -> None:
-    layer = record_of(entity.body)
-    if ctx.wh.store.get_offering(entity.id) is not None:
+    """The offering and, when it was the last one, its layer: only while the store's offering still
+    names it (a layer the operator put in its place is his)."""
+    layer = live_record(ctx, entity)
+    if layer is not None:
         await asyncio.to_thread(ctx.wh.store.remove_offering, entity.id)
-    if ctx.wh.store.get_layer(layer) is not None and not ctx.wh.store.list_offerings(layer):
-        await asyncio.to_thread(ctx.wh.store.remove_layer, layer)
+        if ctx.wh.store.get_layer(layer) is not None and not ctx.wh.store.list_offerings(layer):
+            await asyncio.to_thread(ctx.wh.store.remove_layer, layer)
     await asyncio.to_thread(ctx.wh.entities.delete, entity.id)
     await ctx.wh.runtime.refresh()
 
