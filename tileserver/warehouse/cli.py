@@ -1,4 +1,4 @@
-"""`tileserver users add|list|remove` and `tileserver datastores list|add`: accounts of the
+"""`tileserver users add|list|remove|join|leave` and `tileserver datastores list|add`: accounts of the
 warehouse API, written straight into the publication store (no server needed); `tileserver worker`:
 a node running the warehouse's checks and executions from the shared store."""
 
@@ -52,6 +52,15 @@ def register(subparsers: Any) -> None:
     remove = users.add_parser("remove", help="delete a user and their tokens")
     remove.add_argument("login")
     remove.set_defaults(handler=_users_remove)
+    join = users.add_parser("join", help="make a user a member of a datastore's community")
+    join.add_argument("login")
+    join.add_argument("datastore", help="datastore name or id")
+    join.set_defaults(handler=_users_join)
+    leave = users.add_parser("leave", help="take a user out of a datastore's community (their keys' grants on"
+                                           " its offerings go too)")
+    leave.add_argument("login")
+    leave.add_argument("datastore", help="datastore name or id")
+    leave.set_defaults(handler=_users_leave)
 
     datastores = subparsers.add_parser("datastores", help="warehouse API datastores").add_subparsers(
         dest="datastores_command", required=True)
@@ -114,6 +123,24 @@ def _users_remove(args: argparse.Namespace) -> int:
     except StoreError as exc:
         raise CommandError(str(exc)) from None
     print(f"user {args.login} removed")
+    return 0
+
+
+def _users_join(args: argparse.Namespace) -> int:
+    try:
+        _accounts(args).join(args.login, args.datastore)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"user {args.login} joined datastore {args.datastore}")
+    return 0
+
+
+def _users_leave(args: argparse.Namespace) -> int:
+    try:
+        _accounts(args).leave(args.login, args.datastore)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"user {args.login} left datastore {args.datastore}")
     return 0
 
 
