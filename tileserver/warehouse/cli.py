@@ -173,10 +173,9 @@ def _datastores_add(args: argparse.Namespace) -> int:
 def _stored_data_add(args: argparse.Namespace) -> int:
     """Open the pyramid (it must be readable as the server will read it), then record it."""
     from tileserver.cli import run_async
+    from tileserver.publication.store import StatusConflict
     from tileserver.pyramid import Pyramid, SlabIndexCache, normalise_url
     from tileserver.storage import Storage
-
-    from tileserver.publication.store import StatusConflict
 
     from .entities import Entities
     from .lifecycle import register

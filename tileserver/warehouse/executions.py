@@ -13,6 +13,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from tileserver.publication.status import FINAL, RUNNING, StoredDataStatus, UploadStatus
 from tileserver.rok4.tms import TMSError, load_tms
 
 from . import estimate, lifecycle
@@ -23,7 +24,6 @@ from .errors import bad_request, conflict, not_found
 from .lifecycle import EXECUTION
 from .processings import PYRAMID_VECTOR, VECTOR_DB, Processing, check_parameters, find, processings
 from .pyramid_home import base_url
-from tileserver.publication.status import FINAL, RUNNING, StoredDataStatus, UploadStatus
 from .stored_data import KIND as STORED_DATA
 from .stored_data import get_stored, summary_view
 from .uploads import get_upload

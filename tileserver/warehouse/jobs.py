@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from tileserver.publication.status import FINAL, JobStatus
 from tileserver.publication.store import PublicationStore
 from tileserver.settings import Settings
 
 from . import lifecycle, usage
 from .entities import Entities, Entity
-from tileserver.publication.status import FINAL, JobStatus
 from .worker import SETTINGS_ENV, settings_to_env
 
 log = logging.getLogger("tileserver.warehouse.jobs")

@@ -19,6 +19,7 @@ import traceback
 from dataclasses import asdict, fields
 from typing import Any
 
+from tileserver.publication.status import JobStatus
 from tileserver.publication.store import VECTOR_DB, PublicationStore
 from tileserver.settings import S3Cluster, Settings
 
@@ -29,7 +30,6 @@ from .checks import run_check
 from .entities import Entities, Entity
 from .pyramid_home import written_bytes
 from .runner import shardable
-from tileserver.publication.status import JobStatus
 from .upload_files import upload_files
 from .usage import PYRAMIDS, room
 
