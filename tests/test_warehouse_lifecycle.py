@@ -198,6 +198,18 @@ def test_the_scan_leaves_reads_and_views_alone(snippet: str) -> None:
     assert scan(textwrap.dedent(snippet)) == []
 
 
+def test_the_publication_store_sits_below_the_warehouse() -> None:
+    """The store reads and writes statuses from `publication.status`, never from the warehouse (which
+    imports the store): no module of tileserver/publication imports tileserver.warehouse."""
+    upward = []
+    for path in sorted((ROOT / "publication").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            upward += [f"{path.name}:{node.lineno} {n}" for n in names if n.startswith("tileserver.warehouse")]
+    assert upward == []
+
+
 # --- the transition table ---------------------------------------------------------------------------
 
 KIND_ENUMS = {lifecycle.EXECUTION: JobStatus, lifecycle.CHECK: JobStatus, lifecycle.SHARD: JobStatus,
