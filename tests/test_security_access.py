@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apputil import PYRAMIDS, live_server, make_settings
+from apputil import PYRAMIDS, layer_descriptor, live_server, make_settings
 from test_warehouse_support import api_client, wait_for
 
 from tileserver.publication.store import PublicationStore
@@ -122,6 +122,61 @@ def test_a_key_opens_only_what_its_owner_granted(tmp_path, monkeypatch, capsys):
         assert as_a(a_routes["TileJSON"]).status_code == 400
         a_api.close()
         b_api.close()
+    store.close()
+
+
+@pytest.mark.usefixtures("store_backend")
+def test_leaving_a_datastore_ends_the_grants_given_there(tmp_path, monkeypatch, capsys):
+    """A member of alpha and beta grants his key one restricted offering of each; once he leaves
+    alpha (`tileserver users leave`), the key opens beta's layer only, and joining alpha again
+    reopens nothing: the grant went with the membership."""
+    from tileserver.cli import main
+
+    settings = make_settings(tmp_path)
+    Path(settings.data_dir).mkdir(parents=True)
+    store = PublicationStore(settings.resolved_store_url)
+    accounts = Accounts(store)
+    for name in ("alpha", "beta"):
+        accounts.add_datastore(name)
+    accounts.add_user("usera", "password-a", datastores=("alpha", "beta"))
+    a_data = _register(monkeypatch, capsys, settings, _pyramid(tmp_path / "a"), "alpha")
+    b_data = _register(monkeypatch, capsys, settings, _pyramid(tmp_path / "b"), "beta")
+    with live_server(settings) as url, httpx.Client(base_url=url, timeout=30) as anyone:
+        api = api_client(url, "usera", "password-a")
+        in_alpha = _publish(api, "alpha", a_data, "WMTS-TMS", WMTS_TMS)
+        in_beta = _publish(api, "beta", b_data, "WMS-RASTER", WMS_R)
+        _key(api, A_KEY, in_alpha)
+        key_id = api.get("/api/users/me/keys").json()[0]["_id"]
+        assert api.post(f"/api/users/me/keys/{key_id}/accesses", json={"offerings": [in_beta]}).status_code == 201
+
+        def with_key(path: str) -> httpx.Response:
+            return anyone.get(path, headers={"X-Api-Key": A_KEY})
+
+        tilemap = wait_for(lambda: with_key("/tms/1.0.0/shared").status_code == 200 and with_key("/tms/1.0.0/shared"))
+        level = ET.fromstring(tilemap.content).find("TileSets/TileSet")
+        tile = f"/tms/1.0.0/shared/{level.get('order')}/{level.get('mincol')}/{level.get('minrow')}.png"
+        bounds = with_key("/tms/1.0.0/shared/metadata.json").json()["bounds"]
+        wms = ("/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetMap&LAYERS=shared&STYLES=&CRS=CRS:84&WIDTH=32&HEIGHT=32"
+               f"&FORMAT=image/png&BBOX={','.join(map(str, bounds))}")
+        assert with_key(tile).status_code == 200 and with_key(wms).status_code == 200
+
+        assert main(["users", "leave", "usera", "alpha"]) == 0
+        wait_for(lambda: with_key(tile).status_code == 400, timeout=10)
+        assert with_key("/tms/1.0.0/shared/metadata.json").status_code == 400
+        assert with_key(wms).status_code == 200  # beta's grant stays
+        assert [a["_id"] for a in api.get(f"/api/users/me/keys/{key_id}/accesses").json()] == [in_beta]
+        assert api.get("/api/datastores/alpha/offerings").status_code in (403, 404)
+
+        accounts.join("usera", "alpha")
+        assert api.get("/api/datastores/alpha/offerings").status_code == 200
+        assert main(["users", "leave", "usera", "alpha"]) == 0 and main(["users", "join", "usera", "alpha"]) == 0
+        # a later change seen by the server: its catalog is past the join
+        probe = anyone.post("/admin/layers/probe", json=layer_descriptor("SCAN1000"),
+                            headers={"Authorization": "Bearer secret"})
+        assert probe.status_code in (200, 201, 204), probe.text
+        wait_for(lambda: b"probe" in anyone.get("/tms/1.0.0").content, timeout=10)
+        assert with_key(tile).status_code == 400  # rejoining reopens nothing
+        api.close()
     store.close()
 
 

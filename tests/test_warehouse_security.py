@@ -417,6 +417,80 @@ async def test_operator_restricted_layers_cannot_be_republished(tmp_path: Path) 
             assert httpx.get(f"{url}/wmts/1.0.0/WMTSCapabilities.xml").text.count("scan_copy") == 0
 
 
+async def test_operator_layers_are_never_changed_through_the_api(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Every /api route that could reach an operator's layer leaves it alone: its read-only view in
+    the default datastore takes no edit, and an /api offering whose layer the operator removed and
+    published again under the same id (restricted) can neither open, rewrite nor unpublish his."""
+    import json
+
+    from tileserver.cli import main
+
+    admin = {"Authorization": "Bearer secret"}
+    pyramids = Path(__file__).parent / "data" / "pyramids"
+    with tenants(tmp_path) as (url, settings):
+        monkeypatch.setenv("TILESERVER_DATA_DIR", settings.data_dir)
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["stored-data", "add", str(pyramids / "SCAN1000.json"),
+                                              "--datastore", "default", "--json"]) == 0
+        scan = json.loads(capsys.readouterr().out)["_id"]
+        async with client_of(url) as jean:
+            level = (await jean.get(f"{DEFAULT}/stored_data/{scan}")).json()["type_infos"]["levels"][-1]
+            body = {"type": "WMTS-TMS", "name": "mine", "layer_name": "mine",
+                    "type_infos": {"title": "jean's", "abstract": "a", "keywords": [],
+                                   "used_data": [{"stored_data": scan, "bottom_level": level, "top_level": level}]}}
+            created = await jean.post(f"{DEFAULT}/configurations", json=body)
+            assert created.status_code == 201, created.text
+            configuration = created.json()["_id"]
+            offered = await jean.post(f"{DEFAULT}/configurations/{configuration}/offerings",
+                                      json={"endpoint": "gpf-rok4-server-wmts-tms", "open": True})
+            assert offered.status_code == 201, offered.text
+            offering = offered.json()["_id"]
+
+            # the operator takes the id: removes jean's layer, publishes his own, restricted
+            assert httpx.delete(f"{url}/admin/layers/mine", headers=admin).status_code == 204
+            theirs = {**layer_descriptor("BDPARCELLAIRE"), "title": "operator's", "restricted": True}
+            assert httpx.post(f"{url}/admin/layers/mine", json=theirs, headers=admin).status_code in (200, 201, 204)
+            admin_layer(url, {**layer_descriptor("SCAN1000"), "restricted": True})
+
+            def operator_layer() -> dict:
+                answer = httpx.get(f"{url}/admin/layers/mine", headers=admin)
+                assert answer.status_code == 200, "the operator's layer was removed through /api"
+                return answer.json()
+
+            listed = (await jean.get(f"{DEFAULT}/configurations")).json()
+            view = next(c for c in listed if c["layer_name"] == "SCAN1000")  # shown, read-only
+            assert (await jean.put(f"{DEFAULT}/configurations/{view['_id']}", json=body)).status_code == 404
+            assert (await jean.delete(f"{DEFAULT}/configurations/{view['_id']}")).status_code == 404
+            assert (await jean.post(f"{DEFAULT}/configurations/{view['_id']}/offerings",
+                                    json={"endpoint": "gpf-rok4-server-wmts-tms", "open": True})).status_code == 404
+            assert (await jean.post(f"{DEFAULT}/configurations/{view['_id']}/tags",
+                                    json={"k": "v"})).status_code == 404
+            assert all(o["layer_name"] != "SCAN1000" for o in (await jean.get(f"{DEFAULT}/offerings")).json())
+
+            opened = await jean.patch(f"{DEFAULT}/offerings/{offering}", json={"open": True})
+            assert opened.status_code == 409, opened.text
+            assert operator_layer()["restricted"] is True
+            assert (await jean.get(f"{DEFAULT}/offerings/{offering}")).json()["status"] == "UNPUBLISHED"
+            rewritten = await jean.put(f"{DEFAULT}/configurations/{configuration}",
+                                       json={**body, "type_infos": {**body["type_infos"], "title": "taken"}})
+            assert rewritten.status_code == 409, rewritten.text  # "mine" is the operator's layer's name now
+            assert operator_layer()["title"] == "operator's"
+            # his stored data stays his: a stale offering naming his layer's id does not make it jean's
+            bdparcellaire = next(s for s in (await jean.get(f"{DEFAULT}/stored_data")).json()
+                                 if s["name"] == "BDPARCELLAIRE")
+            levels = (await jean.get(f"{DEFAULT}/stored_data/{bdparcellaire['_id']}")).json()["type_infos"]["levels"]
+            copy = await jean.post(f"{DEFAULT}/configurations", json={
+                **body, "name": "copy", "layer_name": "copy",
+                "type_infos": {**body["type_infos"], "used_data": [
+                    {"stored_data": bdparcellaire["_id"], "bottom_level": levels[-1], "top_level": levels[-1]}]}})
+            assert copy.status_code == 400 and "restricted" in problems(copy)
+            assert (await jean.delete(f"{DEFAULT}/offerings/{offering}")).status_code == 204
+            assert operator_layer()["restricted"] is True
+            assert httpx.get(f"{url}/admin/layers/SCAN1000", headers=admin).json()["restricted"] is True
+            capabilities = httpx.get(f"{url}/wmts/1.0.0/WMTSCapabilities.xml").text
+            assert "<ows:Identifier>mine</ows:Identifier>" not in capabilities  # still restricted
+
+
 async def test_layer_name_is_unique_under_racing_creations(tmp_path: Path, monkeypatch, capsys) -> None:
     import json
 

@@ -22,7 +22,7 @@ import secrets
 import sqlite3
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -42,6 +42,7 @@ from tileserver.publication.backends import (
     redact,
 )
 from tileserver.publication.model import LAYER_ID, Layer, LayerError, parse_layer
+from tileserver.publication.status import OfferingStatus, StoredDataStatus
 
 __all__ = ["IntegrityError", "StoreError", "StoreUnavailable", "Connection"]
 
@@ -80,6 +81,11 @@ class LayerNotFound(NotFound):
     pass
 
 
+class StatusConflict(Conflict):
+    """A status change refused because the record is no longer in a state it may leave that way
+    (checked inside the writing transaction: `only_from`)."""
+
+
 class InvalidRecord(StoreError):
     """Input the store refuses (empty name, malformed id…)."""
 
@@ -103,7 +109,7 @@ class StoredData:
     name: str
     descriptor_url: str
     type: str
-    status: str
+    status: StoredDataStatus
     summary: dict[str, Any] = field(default_factory=dict)  # tms, format, levels, extent, size…
     created_at: str = ""
     updated_at: str = ""
@@ -117,7 +123,7 @@ class Offering:
     layer_id: str
     endpoint: str
     open: bool
-    status: str
+    status: OfferingStatus
     created_at: str = ""
     updated_at: str = ""
 
@@ -298,6 +304,11 @@ def grant(layers: Any) -> list[str]:
     if not isinstance(layers, list) or not layers or not all(isinstance(v, str) and v for v in layers):
         raise InvalidRecord('must be a non-empty array of layer ids, or ["*"]', "layers")
     return [ALL_LAYERS] if ALL_LAYERS in layers else list(dict.fromkeys(layers))
+
+
+def _only_from(allowed: Collection[Any], current: Any, new: Any, what: str) -> None:
+    if current not in allowed:
+        raise StatusConflict(f"{what} is {current or 'not registered'}: it cannot become {new}", "status")
 
 
 def _default_name(descriptor_url: str) -> str:
@@ -618,8 +629,9 @@ class PublicationStore:
         for url, summary in (summaries or {}).items():
             db.execute(
                 "INSERT INTO stored_data (id, name, descriptor_url, type, status, summary, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, 'GENERATED', ?, ?, ?) ON CONFLICT (descriptor_url) DO NOTHING",
-                (str(uuid.uuid4()), _default_name(url), url, pyramid_type(summary), json.dumps(summary), now, now),
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (descriptor_url) DO NOTHING",
+                (str(uuid.uuid4()), _default_name(url), url, pyramid_type(summary), StoredDataStatus.GENERATED.value,
+                 json.dumps(summary), now, now),
             )
 
     def remove_layer(self, layer_id: str) -> None:
@@ -753,17 +765,20 @@ class PublicationStore:
     @staticmethod
     def _stored_data(row: tuple) -> StoredData:
         sid, name, url, kind, status, summary, created, updated = row
-        return StoredData(sid, name, url, kind, status, json.loads(summary), created, updated)
+        return StoredData(sid, name, url, kind, StoredDataStatus(status), json.loads(summary), created, updated)
 
     def put_stored_data(
         self,
         descriptor_url: str,
         summary: dict[str, Any],
         name: str = "",
-        status: str = "GENERATED",
+        status: StoredDataStatus = StoredDataStatus.GENERATED,
         type: str = RASTER_PYRAMID,
+        only_from: Collection[str | None] | None = None,
     ) -> StoredData:
-        """Register or update a pyramid by its descriptor URL; its id stays stable across updates."""
+        """Register or update a pyramid by its descriptor URL; its id stays stable across updates.
+        Given `only_from`, refused (StatusConflict) unless its current status is one of them (None:
+        not registered yet) — `lifecycle` passes what its transition table allows."""
         suffix = ".gpkg" if type == VECTOR_DB else ".json"
         postgis = type == VECTOR_DB and isinstance(descriptor_url, str) and descriptor_url.startswith("postgresql://")
         if not postgis and (not isinstance(descriptor_url, str) or not descriptor_url.endswith(suffix)):
@@ -772,12 +787,17 @@ class PublicationStore:
         name = name or _default_name(descriptor_url)
         now = _now()
         with self._write() as db:
+            if only_from is not None:
+                row = db.execute("SELECT status FROM stored_data WHERE descriptor_url = ?", (descriptor_url,)).fetchone()
+                _only_from(only_from, None if row is None else StoredDataStatus(row[0]), status,
+                           f"stored data {descriptor_url}")
             db.execute(
                 "INSERT INTO stored_data (id, name, descriptor_url, type, status, summary, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (descriptor_url) DO UPDATE SET name = excluded.name,"
                 " type = excluded.type, status = excluded.status, summary = excluded.summary,"
                 " updated_at = excluded.updated_at",
-                (str(uuid.uuid4()), name, descriptor_url, type, status, json.dumps(summary), now, now),
+                (str(uuid.uuid4()), name, descriptor_url, type, StoredDataStatus(status).value, json.dumps(summary),
+                 now, now),
             )
             row = db.execute(self._STORED_DATA + " WHERE descriptor_url = ?", (descriptor_url,)).fetchone()
         return self._stored_data(row)
@@ -812,21 +832,29 @@ class PublicationStore:
     @staticmethod
     def _offering(row: tuple) -> Offering:
         oid, layer_id, endpoint, is_open, status, created, updated = row
-        return Offering(oid, layer_id, endpoint, bool(is_open), status, created, updated)
+        return Offering(oid, layer_id, endpoint, bool(is_open), OfferingStatus(status), created, updated)
 
-    def put_offering(self, layer_id: str, endpoint: str, open: bool = True, status: str = "PUBLISHED") -> Offering:
-        """Offer a layer on an endpoint (create or update); a closed offering restricts the layer."""
+    def put_offering(self, layer_id: str, endpoint: str, open: bool = True,
+                     status: OfferingStatus = OfferingStatus.PUBLISHED,
+                     only_from: Collection[str | None] | None = None) -> Offering:
+        """Offer a layer on an endpoint (create or update); a closed offering restricts the layer.
+        `only_from` as for `put_stored_data`."""
         if not isinstance(endpoint, str) or not endpoint:
             raise InvalidRecord("must be a non-empty string", "endpoint")
         now = _now()
         with self._write() as db:
             if not db.execute("SELECT 1 FROM layers WHERE id = ?", (layer_id,)).fetchone():
                 raise LayerNotFound(f"no layer {layer_id}", "layer_id")
+            if only_from is not None:
+                row = db.execute("SELECT status FROM offerings WHERE layer_id = ? AND endpoint = ?",
+                                 (layer_id, endpoint)).fetchone()
+                _only_from(only_from, None if row is None else OfferingStatus(row[0]), status,
+                           f"the offering of {layer_id} on {endpoint}")
             db.execute(
                 "INSERT INTO offerings (id, layer_id, endpoint, open, status, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (layer_id, endpoint) DO UPDATE SET"
                 " open = excluded.open, status = excluded.status, updated_at = excluded.updated_at",
-                (str(uuid.uuid4()), layer_id, endpoint, int(open), status, now, now),
+                (str(uuid.uuid4()), layer_id, endpoint, int(open), OfferingStatus(status).value, now, now),
             )
             row = db.execute(self._OFFERINGS + " WHERE layer_id = ? AND endpoint = ?", (layer_id, endpoint)).fetchone()
         return self._offering(row)

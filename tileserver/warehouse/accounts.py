@@ -7,6 +7,7 @@ its community (one community per datastore, as on the platform).
 from __future__ import annotations
 
 import functools
+import json
 import re
 import time
 import uuid
@@ -156,6 +157,44 @@ class Accounts:
             )
             if not db.execute("DELETE FROM wh_users WHERE login = ?", (login,)).rowcount:
                 raise NotFound(f"no user {login}", "login")
+
+    def join(self, login: str, datastore: str) -> None:
+        """The user joins a datastore's community (by name or id): a new catalog revision, since what
+        their keys open follows their memberships (their grants there went when they left)."""
+        found = self.get_datastore(datastore)
+        if found is None:
+            raise NotFound(f"no datastore {datastore}", "datastore")
+        with self.store.transaction() as db:
+            row = db.execute("SELECT id FROM wh_users WHERE login = ?", (login,)).fetchone()
+            if row is None:
+                raise NotFound(f"no user {login}", "login")
+            if db.execute("SELECT 1 FROM wh_members WHERE user_id = ? AND datastore_id = ?",
+                          (row[0], found.id)).fetchone() is None:
+                db.execute("INSERT INTO wh_members (user_id, datastore_id) VALUES (?, ?)", (row[0], found.id))
+
+    def leave(self, login: str, datastore: str) -> None:
+        """The user leaves a datastore's community (by name or id): the grants their keys hold on
+        that datastore's offerings go with the membership, so rejoining later reopens nothing; one
+        write, a new catalog revision (the keys stop opening those layers at once)."""
+        found = self.get_datastore(datastore)
+        if found is None:
+            raise NotFound(f"no datastore {datastore}", "datastore")
+        with self.store.transaction() as db:
+            row = db.execute("SELECT id FROM wh_users WHERE login = ?", (login,)).fetchone()
+            if row is None:
+                raise NotFound(f"no user {login}", "login")
+            if not db.execute("DELETE FROM wh_members WHERE user_id = ? AND datastore_id = ?",
+                              (row[0], found.id)).rowcount:
+                raise NotFound(f"user {login} is not a member of datastore {found.name}", "datastore")
+            theirs = {r[0] for r in db.execute("SELECT id FROM wh_entities WHERE kind = 'offering'"
+                                               " AND datastore_id = ?", (found.id,))}
+            for key_id, text in db.execute("SELECT key_id, body FROM wh_key_owners WHERE user_id = ?",
+                                           (row[0],)).fetchall():
+                body = json.loads(text)
+                kept = [o for o in body.get("offerings", []) if o not in theirs]
+                if kept != body.get("offerings", []):
+                    db.execute("UPDATE wh_key_owners SET body = ? WHERE key_id = ?",
+                               (json.dumps({**body, "offerings": kept}), key_id))
 
     def authenticate(self, login: str, password: str) -> User | None:
         """The user whose login and password match; slow on purpose (scrypt), run it in a thread."""

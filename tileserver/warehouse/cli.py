@@ -1,4 +1,4 @@
-"""`tileserver users add|list|remove` and `tileserver datastores list|add`: accounts of the
+"""`tileserver users add|list|remove|join|leave` and `tileserver datastores list|add`: accounts of the
 warehouse API, written straight into the publication store (no server needed); `tileserver worker`:
 a node running the warehouse's checks and executions from the shared store."""
 
@@ -52,6 +52,15 @@ def register(subparsers: Any) -> None:
     remove = users.add_parser("remove", help="delete a user and their tokens")
     remove.add_argument("login")
     remove.set_defaults(handler=_users_remove)
+    join = users.add_parser("join", help="make a user a member of a datastore's community")
+    join.add_argument("login")
+    join.add_argument("datastore", help="datastore name or id")
+    join.set_defaults(handler=_users_join)
+    leave = users.add_parser("leave", help="take a user out of a datastore's community (their keys' grants on"
+                                           " its offerings go too)")
+    leave.add_argument("login")
+    leave.add_argument("datastore", help="datastore name or id")
+    leave.set_defaults(handler=_users_leave)
 
     datastores = subparsers.add_parser("datastores", help="warehouse API datastores").add_subparsers(
         dest="datastores_command", required=True)
@@ -117,6 +126,24 @@ def _users_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _users_join(args: argparse.Namespace) -> int:
+    try:
+        _accounts(args).join(args.login, args.datastore)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"user {args.login} joined datastore {args.datastore}")
+    return 0
+
+
+def _users_leave(args: argparse.Namespace) -> int:
+    try:
+        _accounts(args).leave(args.login, args.datastore)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"user {args.login} left datastore {args.datastore}")
+    return 0
+
+
 def _datastore_view(d: Any) -> dict[str, str]:
     return {"_id": d.id, "name": d.name, "technical_name": d.technical_name}
 
@@ -146,10 +173,12 @@ def _datastores_add(args: argparse.Namespace) -> int:
 def _stored_data_add(args: argparse.Namespace) -> int:
     """Open the pyramid (it must be readable as the server will read it), then record it."""
     from tileserver.cli import run_async
+    from tileserver.publication.store import StatusConflict
     from tileserver.pyramid import Pyramid, SlabIndexCache, normalise_url
     from tileserver.storage import Storage
 
     from .entities import Entities
+    from .lifecycle import register
 
     settings = load_settings(getattr(args, "config", None))
     url = normalise_url(args.descriptor)
@@ -164,7 +193,10 @@ def _stored_data_add(args: argparse.Namespace) -> int:
     datastore = accounts.get_datastore(args.datastore)
     if datastore is None:
         raise CommandError(f"no datastore {args.datastore}")
-    stored = store.put_stored_data(url, found, args.name or found["name"], "GENERATED", pyramid_type(found))
+    try:
+        stored = register(store, url, found, args.name or found["name"], pyramid_type(found))
+    except StatusConflict as exc:
+        raise CommandError(str(exc)) from None
     if datastore.id != accounts.default_datastore().id and Entities(store).get("stored_data", stored.id) is None:
         Entities(store).create("stored_data", datastore.id, {"tags": {}}, stored.id)
     if args.json:

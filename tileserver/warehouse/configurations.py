@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from tileserver.publication.admin import check_layer
 from tileserver.publication.model import LAYER_ID, Layer, LayerError, LayerPyramid
+from tileserver.publication.status import ConfigurationStatus, StoredDataStatus
 from tileserver.storage import StorageError
 
 from .annotations import add_event, annotation_routes, annotations_view
@@ -117,10 +118,25 @@ def metadata_problems(data: dict[str, Any]) -> list[str]:
     return problems + _link_problems(metadata, attribution)
 
 
+def live_record(ctx: Ctx, offering: Entity) -> str | None:
+    """Store id of the layer an offering publishes, while the store's offering (same id) still names
+    it; None once the operator removed that layer (the admin API drops its offerings with it), even
+    if he published another layer under the same id since: /api never changes an operator's layer."""
+    shared = ctx.wh.store.get_offering(offering.id)
+    record = str(offering.body.get("layer_id", offering.body.get("layer_name")))
+    return record if shared is not None and shared.layer_id == record else None
+
+
+def warehouse_records(ctx: Ctx) -> set[str]:
+    """Store ids of the layers /api offerings publish; every other layer is the operator's."""
+    offerings = {o.id for o in ctx.wh.entities.list(OFFERING)}
+    return {o.layer_id for o in ctx.wh.store.list_offerings() if o.id in offerings}
+
+
 def operator_restricted(ctx: Ctx, descriptor_url: str) -> bool:
     """Whether a pyramid is served by a restricted layer of the operator (admin API): one that no
     warehouse offering published. /api users must not republish its data as an open layer."""
-    own = {str(o.body.get("layer_id", o.body.get("layer_name"))) for o in ctx.wh.entities.list(OFFERING)}
+    own = warehouse_records(ctx)
     for layer_id in ctx.wh.store.layers_using(descriptor_url):
         if layer_id in own:
             continue
@@ -152,7 +168,7 @@ def used_data(ctx: Ctx, used: Any) -> tuple[list[str], list[LayerPyramid]]:
         except ApiError:
             problems.append(f"{where}.stored_data: stored data {item['stored_data']} not found in this datastore")
             continue
-        if stored.status != "GENERATED":
+        if stored.status != StoredDataStatus.GENERATED:
             problems.append(f"{where}.stored_data: stored data {stored.id} is {stored.status}; it must be GENERATED")
             continue
         if operator_restricted(ctx, stored.descriptor_url):
@@ -336,7 +352,7 @@ def _check_unique(ctx: Ctx, data: dict[str, Any], replacing: str | None) -> None
 def published_record(ctx: Ctx, configuration_id: str) -> str | None:
     """Store id of the layer a configuration's offering publishes (None when unpublished)."""
     for offering in offerings_of(ctx, configuration_id):
-        return str(offering.body.get("layer_id", offering.body["layer_name"]))
+        return live_record(ctx, offering)
     return None
 
 
@@ -351,7 +367,8 @@ def configuration_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
     body = entity.body
     published = any(ctx.wh.store.get_offering(o.id) is not None for o in offerings_of(ctx, entity.id))
     out = {"_id": entity.id, "type": body["type"], "name": body["name"], "layer_name": body["layer_name"],
-           "status": "PUBLISHED" if published else "UNPUBLISHED", "creation": entity.created_at,
+           "status": ConfigurationStatus.PUBLISHED if published else ConfigurationStatus.UNPUBLISHED,
+           "creation": entity.created_at,
            "type_infos": body["type_infos"], "metadata": body.get("metadata", []), **annotations_view(body)}
     for key in ("attribution", "getfeatureinfo", "extra"):
         if key in body:
@@ -363,8 +380,7 @@ def foreign_views(ctx: Ctx) -> list[dict[str, Any]]:
     """Layers of the ROK4 admin API (no configuration of their own), in the default datastore."""
     if ctx.datastore.id != ctx.wh.accounts.default_datastore().id:
         return []
-    owned = {e.body["layer_name"] for e in ctx.wh.entities.list(KIND)}
-    owned |= {str(o.body.get("layer_id", o.body["layer_name"])) for o in ctx.wh.entities.list(OFFERING)}
+    owned = {e.body["layer_name"] for e in ctx.wh.entities.list(KIND)} | warehouse_records(ctx)
     by_url = {s.descriptor_url: s.id for s in ctx.wh.store.list_stored_data()}
     out = []
     for layer in ctx.wh.store.list_layers():
@@ -378,7 +394,7 @@ def foreign_views(ctx: Ctx) -> list[dict[str, Any]]:
         kind = ("WFS" if layer.wfs is not None else "WMS-VECTOR" if layer.vector_map is not None
                 else "WMS-RASTER" if layer.services == ("wms",) else "WMTS-TMS")
         out.append({"_id": str(uuid.uuid5(_FOREIGN, layer.id)), "name": layer.id, "layer_name": layer.id,
-                    "type": kind, "status": "PUBLISHED",
+                    "type": kind, "status": ConfigurationStatus.PUBLISHED,
                     "type_infos": infos, "metadata": [dict(m) for m in layer.metadata], "tags": {}})
     return out
 

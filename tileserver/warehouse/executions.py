@@ -13,6 +13,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from tileserver.publication.status import FINAL, RUNNING, StoredDataStatus, UploadStatus
 from tileserver.rok4.tms import TMSError, load_tms
 
 from . import estimate, lifecycle
@@ -23,7 +24,6 @@ from .errors import bad_request, conflict, not_found
 from .lifecycle import EXECUTION
 from .processings import PYRAMID_VECTOR, VECTOR_DB, Processing, check_parameters, find, processings
 from .pyramid_home import base_url
-from .status import FINAL, RUNNING, Status
 from .stored_data import KIND as STORED_DATA
 from .stored_data import get_stored, summary_view
 from .uploads import get_upload
@@ -59,11 +59,11 @@ def execution_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
     for ref in body["inputs"].get("upload", []):
         upload = ctx.wh.entities.get("upload", ref["_id"])
         uploads.append({"_id": ref["_id"], **({k: upload.body.get(k) for k in ("type", "name", "status", "srs")}
-                                              if upload else {"name": ref.get("name"), "status": "DELETED"})})
+                                              if upload else {"name": ref.get("name"), "status": UploadStatus.DELETED})})
     inputs_sd = []
     for ref in body["inputs"].get("stored_data", []):
         stored = ctx.wh.store.get_stored_data(ref["_id"])
-        inputs_sd.append(summary_view(stored) if stored else {**ref, "status": "DELETED"})
+        inputs_sd.append(summary_view(stored) if stored else {**ref, "status": StoredDataStatus.DELETED})
     output = body["output"]["stored_data"]
     stored = ctx.wh.store.get_stored_data(output["_id"])
     out = {
@@ -72,7 +72,7 @@ def execution_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
         "status": body["status"],
         "creation": entity.created_at,
         "inputs": {"upload": uploads, "stored_data": inputs_sd},
-        "output": {"stored_data": summary_view(stored) if stored else {**output, "status": "DELETED"}},
+        "output": {"stored_data": summary_view(stored) if stored else {**output, "status": StoredDataStatus.DELETED}},
         "parameters": body["parameters"],
         **annotations_view(body),
     }
@@ -148,7 +148,7 @@ def _check_uploads(ctx: Ctx, processing: Processing, ids: list[str], problems: l
         if upload.body["type"] not in processing.upload_types:
             problems.append(f"{where}: upload {ident} is of type {upload.body['type']}, expected "
                             f"{' or '.join(processing.upload_types)}")
-        if upload.body["status"] != "CLOSED":
+        if upload.body["status"] != UploadStatus.CLOSED:
             problems.append(f"{where}: upload {ident} is {upload.body['status']}; it must be CLOSED (checks passed)")
         found.append(upload)
     return found
@@ -168,7 +168,7 @@ def _check_stored(ctx: Ctx, processing: Processing, ids: list[str], problems: li
             continue
         if stored.type not in processing.stored_data_types:
             problems.append(f"{where}: stored data {ident} is of type {stored.type}")
-        elif stored.status != "GENERATED":
+        elif stored.status != StoredDataStatus.GENERATED:
             problems.append(f"{where}: stored data {ident} is {stored.status}; it must be GENERATED")
         found.append(stored)
     if found and processing.key == "harvest":
@@ -308,7 +308,7 @@ def _vector_problems(ctx: Ctx, parameters: dict[str, Any], uploads: list[Entity]
         return None
     if stored.type != VECTOR_DB:
         problems.append(f"output.stored_data.id: stored data {ident} is of type {stored.type}, not {VECTOR_DB}")
-    elif stored.status != "GENERATED":
+    elif stored.status != StoredDataStatus.GENERATED:
         problems.append(f"output.stored_data.id: stored data {ident} is {stored.status}; it must be GENERATED")
     elif _outputs_of_running(ctx, stored.id):
         problems.append(f"output.stored_data.id: stored data {ident} is already being changed by a processing"
@@ -424,13 +424,11 @@ async def create_execution(ctx: Ctx) -> Response:
                                 "contact": ctx.user.email}
         add_event(side, "Création", ctx.user)
         url = base_url(ctx.wh.settings, str(uuid.uuid4())) if vector else ctx.wh.pyramid_url(str(uuid.uuid4()))
-        stored = await asyncio.to_thread(ctx.wh.store.put_stored_data, url, {}, output["name"], "CREATED",
-                                         processing.output)
+        stored = await asyncio.to_thread(lifecycle.new_output, ctx.wh.store, url, output["name"], processing.output)
         stored_id, stored_name = stored.id, stored.name
         await asyncio.to_thread(ctx.wh.entities.create, STORED_DATA, ctx.datastore.id, side, stored_id)
     body: dict[str, Any] = {
         "processing": processing.summary_view(),
-        "status": Status.CREATED,
         "inputs": {"upload": [{"_id": u.id, "name": u.body["name"]} for u in uploads],
                    "stored_data": [{"_id": s.id, "name": s.name} for s in ancestors]},
         "output": {"stored_data": {"_id": stored_id, "name": stored_name,
@@ -438,10 +436,9 @@ async def create_execution(ctx: Ctx) -> Response:
         "parameters": parameters,
         "estimate": size,
         "tags": {},
-        "job": {"claim": None},
     }
     add_event(body, "Création", ctx.user)
-    entity = await asyncio.to_thread(ctx.wh.entities.create, EXECUTION, ctx.datastore.id, body)
+    entity = await asyncio.to_thread(lifecycle.create, ctx.wh.entities, EXECUTION, ctx.datastore.id, body)
     return json_response(execution_view(ctx, entity), status=201)
 
 

@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from tileserver.publication.status import FINAL, JobStatus
 from tileserver.publication.store import PublicationStore
 from tileserver.settings import Settings
 
 from . import lifecycle, usage
 from .entities import Entities, Entity
-from .status import FINAL, Status
 from .worker import SETTINGS_ENV, settings_to_env
 
 log = logging.getLogger("tileserver.warehouse.jobs")
@@ -114,7 +114,7 @@ class Scheduler:
                                           f"worker process ended with status {code}", settings,
                                           settings.worker_attempts)
         current = self.wh.entities.get(job.kind, job.id)
-        if not ended and current is not None and current.body.get("status") == Status.WAITING and \
+        if not ended and current is not None and current.body.get("status") == JobStatus.WAITING and \
                 (current.body.get("job") or {}).get("claim") == (job.body.get("job") or {}).get("claim"):
             lifecycle.interrupt(self.wh.store, self.wh.entities, current,
                                 f"worker process ended with status {code} before it began", settings)
@@ -132,7 +132,7 @@ class Scheduler:
                 state = job.body.get("job") or {}
                 if job.id in self.running:
                     continue
-                if job.body["status"] == Status.PROGRESS:
+                if job.body["status"] == JobStatus.PROGRESS:
                     worker = state.get("worker") or {}
                     dead = (worker.get("host") == lifecycle.HOST and not lifecycle.pid_alive(worker.get("pid", 0))) \
                         or now - state.get("heartbeat", 0) > lease
@@ -140,7 +140,7 @@ class Scheduler:
                         ended = lifecycle.requeue_or_fail(store, entities, job, worker, DIED, settings,
                                                           settings.worker_attempts)
                         log.warning("%s %s: worker %s gone, job %s", kind, job.id, worker,
-                                    "requeued" if ended == Status.WAITING else "failed" if ended else "left")
+                                    "requeued" if ended == JobStatus.WAITING else "failed" if ended else "left")
                     continue
                 claim = state.get("claim")
                 if claim and ((claim.get("host") == lifecycle.HOST and claim.get("pid") != os.getpid()

@@ -1,6 +1,8 @@
-"""Status transitions of the warehouse's jobs (check executions and processing executions), shared
-by the server (launch, claims, recovery, aborts) and the worker processes (start, heartbeat,
-end): every change of a job's status is made here (statuses: `status.Status`).
+"""Every status change of the warehouse's records — jobs (check executions, processing executions,
+pyramid shards), uploads, stored data, offerings — is made here, checked against one transition
+table (`TRANSITIONS`; a change it does not list raises `ForbiddenTransition`). Shared by the server
+(routes, launch, claims, recovery, aborts) and the worker processes (start, heartbeat, end).
+Statuses: `tileserver.publication.status`.
 
 A processing execution is CREATED, WAITING once launched (its estimated output reserved in the
 datastore's quota), until a claim loop (a server's or a `tileserver worker`'s, on any node) claims
@@ -19,26 +21,90 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from tileserver.publication.store import PublicationStore
+from tileserver.publication.status import FINAL as _FINAL
+from tileserver.publication.status import RUNNING, JobStatus, OfferingStatus, StoredDataStatus, UploadStatus
+from tileserver.publication.store import Connection, Offering, PublicationStore, StoredData
 from tileserver.settings import Settings
 
 from .accounts import now_iso
 from .entities import Entities, Entity, Gone
 from .pyramid_home import remove_pyramid
-from .status import FINAL as _FINAL
-from .status import RUNNING, Status
 from .usage import PYRAMIDS, holds, release_holder, reserve
 
 CHECK = "check_execution"
 EXECUTION = "processing_execution"
 SHARD = "pyramid_shard"  # one share of an execution's bottom level (`worker_shards`), run by any worker
+UPLOAD = "upload"
+STORED_DATA = "stored_data"
+OFFERING = "offering"
 JOB_KINDS = (CHECK, SHARD, EXECUTION)  # claim order: a shard first, its execution waits for it
 FINAL = _FINAL
 HOST = socket.gethostname()  # this node's name in claims: `set_node` (settings.worker_node) may rename it
 LOST = "LOST"  # what `beat` answers a job process whose job was given to another worker
+
+_J, _U, _S, _O = JobStatus, UploadStatus, StoredDataStatus, OfferingStatus
+# kind of record → status (None: not created yet) → the statuses it may go to; nothing else moves
+TRANSITIONS: Mapping[str, Mapping[str | None, frozenset[str]]] = {
+    EXECUTION: {None: frozenset({_J.CREATED}), _J.CREATED: frozenset({_J.WAITING, _J.ABORTED}),
+                _J.WAITING: frozenset({_J.PROGRESS, _J.FAILURE, _J.ABORTED}),
+                _J.PROGRESS: frozenset({_J.SUCCESS, _J.FAILURE, _J.ABORTED, _J.WAITING})},
+    CHECK: {None: frozenset({_J.WAITING}), _J.WAITING: frozenset({_J.PROGRESS, _J.FAILURE}),
+            _J.PROGRESS: frozenset({_J.SUCCESS, _J.FAILURE, _J.WAITING})},
+    SHARD: {None: frozenset({_J.WAITING}), _J.WAITING: frozenset({_J.PROGRESS, _J.FAILURE}),
+            _J.PROGRESS: frozenset({_J.SUCCESS, _J.FAILURE, _J.WAITING}),
+            _J.FAILURE: frozenset({_J.WAITING}), _J.ABORTED: frozenset({_J.WAITING})},  # a rerun of its execution
+    UPLOAD: {None: frozenset({_U.OPEN}), _U.OPEN: frozenset({_U.OPEN, _U.CHECKING}),
+             _U.CHECKING: frozenset({_U.CLOSED, _U.UNSTABLE}), _U.CLOSED: frozenset({_U.OPEN}),
+             _U.UNSTABLE: frozenset({_U.OPEN})},
+    # CREATED by an execution, GENERATED when registered (CLI, admin layers); a base changed in place
+    # goes GENERATED → GENERATING → GENERATED; a rerun (requeued execution) writes GENERATING again
+    STORED_DATA: {None: frozenset({_S.CREATED, _S.GENERATED}), _S.CREATED: frozenset({_S.GENERATING, _S.UNSTABLE}),
+                  _S.GENERATING: frozenset({_S.GENERATING, _S.GENERATED, _S.UNSTABLE}),
+                  _S.GENERATED: frozenset({_S.GENERATED, _S.GENERATING}),
+                  _S.UNSTABLE: frozenset({_S.UNSTABLE, _S.GENERATED})},
+    OFFERING: {None: frozenset({_O.PUBLISHING}), _O.PUBLISHING: frozenset({_O.PUBLISHED, _O.UNSTABLE})},
+}
+
+
+class ForbiddenTransition(ValueError):
+    """A status change the transition table does not list: a bug of its caller, never user input."""
+
+
+def allowed(kind: str, current: str | None, new: str) -> bool:
+    return new in TRANSITIONS[kind].get(current, frozenset())
+
+
+def sources(kind: str, new: str) -> frozenset[str | None]:
+    """The statuses (None: not created yet) from which a `kind` record may become `new`."""
+    return frozenset(current for current, moves in TRANSITIONS[kind].items() if new in moves)
+
+
+def _move(kind: str, body: dict[str, Any], new: str) -> None:
+    """The one place a status is written into a warehouse record's body."""
+    current = body.get("status")
+    if not allowed(kind, current, new):
+        raise ForbiddenTransition(f"a {kind} cannot go from {current or 'nothing'} to {new}")
+    body["status"] = new
+
+
+def _initial(kind: str) -> str:
+    (first,) = TRANSITIONS[kind][None]
+    return first
+
+
+def create(entities: Entities, kind: str, datastore_id: str, body: dict[str, Any],
+           entity_id: str | None = None) -> Entity:
+    """A new upload or job record, in its kind's first status (an upload OPEN, an execution CREATED,
+    a check or a shard WAITING and unclaimed)."""
+    body = dict(body)
+    body.pop("status", None)
+    _move(kind, body, _initial(kind))
+    if kind in JOB_KINDS:
+        body.setdefault("job", {"claim": None})
+    return entities.create(kind, datastore_id, body, entity_id)
 
 
 def set_node(name: str) -> None:
@@ -78,7 +144,7 @@ def claim_next(entities: Entities, pid: int) -> Entity | None:
 
 def _take(body: dict[str, Any], pid: int) -> bool:
     job = body.setdefault("job", {})
-    if body.get("status") != Status.WAITING or job.get("claim"):
+    if body.get("status") != JobStatus.WAITING or job.get("claim"):
         return False
     job["claim"] = {"host": HOST, "pid": pid, "at": time.time()}
     return True
@@ -89,9 +155,9 @@ def begin(entities: Entities, kind: str, job_id: str, pid: int) -> Entity | None
     started: list[bool] = []
 
     def start(body: dict[str, Any]) -> bool:
-        ok = body.get("status") == Status.WAITING
+        ok = body.get("status") == JobStatus.WAITING
         if ok:
-            body["status"] = Status.PROGRESS
+            _move(kind, body, JobStatus.PROGRESS)
             body["start"] = now_iso()
             job = body.setdefault("job", {})
             job.update(worker={"host": HOST, "pid": pid}, heartbeat=time.time(), attempt=int(job.get("attempt", 0)) + 1)
@@ -117,9 +183,9 @@ def take_over(entities: Entities, kind: str, job_id: str, pid: int) -> bool:
 
     def start(body: dict[str, Any]) -> bool:
         job = body.setdefault("job", {})
-        ok = body.get("status") == Status.WAITING and not job.get("claim")
+        ok = body.get("status") == JobStatus.WAITING and not job.get("claim")
         if ok:
-            body["status"] = Status.PROGRESS
+            _move(kind, body, JobStatus.PROGRESS)
             body["start"] = now_iso()
             job.update(claim={"host": HOST, "pid": pid, "at": time.time()}, worker=owner(pid), heartbeat=time.time(),
                        attempt=int(job.get("attempt", 0)) + 1)
@@ -143,7 +209,7 @@ def beat(entities: Entities, kind: str, job_id: str, pid: int | None = None) -> 
             status.append(LOST)
             return False
         status.append(body.get("status", ""))
-        if body.get("status") != Status.PROGRESS:
+        if body.get("status") != JobStatus.PROGRESS:
             return False
         body.setdefault("job", {})["heartbeat"] = time.time()
         return True
@@ -151,12 +217,12 @@ def beat(entities: Entities, kind: str, job_id: str, pid: int | None = None) -> 
     try:
         entities.update(kind, job_id, touch)
     except Gone:
-        return Status.ABORTED
-    return status[0] if status else Status.ABORTED
+        return JobStatus.ABORTED
+    return status[0] if status else JobStatus.ABORTED
 
 
-def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, status: str, settings: Settings,
-           lines: Iterable[str] = (), result: dict[str, Any] | None = None, only_from: tuple[str, ...] = (Status.PROGRESS,),
+def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, status: JobStatus, settings: Settings,
+           lines: Iterable[str] = (), result: dict[str, Any] | None = None, only_from: tuple[str, ...] = (JobStatus.PROGRESS,),
            pid: int | None = None) -> bool:
     """End a job with `status` if it is still in one of `only_from` (and, given `pid`, still run by
     that job process of this node); apply the consequences."""
@@ -168,7 +234,7 @@ def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, 
             return False
         if pid is not None and (body.get("job") or {}).get("worker") != owner(pid):
             return False  # requeued meanwhile: another worker's run counts
-        body["status"] = status
+        _move(kind, body, status)
         body["finish"] = now_iso()
         if result:
             body.setdefault("result", {}).update(result)
@@ -190,7 +256,7 @@ def finish(store: PublicationStore, entities: Entities, kind: str, job_id: str, 
 
 
 def interrupt(store: PublicationStore, entities: Entities, entity: Entity, reason: str, settings: Settings) -> bool:
-    return finish(store, entities, entity.kind, entity.id, Status.FAILURE, settings, [log_line(reason)],
+    return finish(store, entities, entity.kind, entity.id, JobStatus.FAILURE, settings, [log_line(reason)],
                   only_from=RUNNING)
 
 
@@ -205,28 +271,28 @@ def requeue_or_fail(store: PublicationStore, entities: Entities, entity: Entity,
     def back(body: dict[str, Any]) -> bool:
         job = body.setdefault("job", {})
         attempt = int(job.get("attempt", 1) or 1)
-        if body.get("status") != Status.PROGRESS or job.get("worker") != worker:
+        if body.get("status") != JobStatus.PROGRESS or job.get("worker") != worker:
             outcome.append(("", attempt))
             return False
         if attempt >= attempts:
-            outcome.append((Status.FAILURE, attempt))
+            outcome.append((JobStatus.FAILURE, attempt))
             return False
-        body["status"] = Status.WAITING
+        _move(entity.kind, body, JobStatus.WAITING)
         body["job"] = {"claim": None, "attempt": attempt, "lost": job.get("worker")}
-        outcome.append((Status.WAITING, attempt))
+        outcome.append((JobStatus.WAITING, attempt))
         return True
 
     try:
         entities.update(entity.kind, entity.id, back)
     except Gone:
         return ""
-    if outcome and outcome[0][0] == Status.WAITING:
+    if outcome and outcome[0][0] == JobStatus.WAITING:
         entities.append_logs(entity.id, [log_line(f"{reason}: back in the queue after attempt {outcome[0][1]}"
                                                   f" of {attempts}")])
-        return Status.WAITING
-    if not outcome or outcome[0][0] != Status.FAILURE:
+        return JobStatus.WAITING
+    if not outcome or outcome[0][0] != JobStatus.FAILURE:
         return ""
-    return Status.FAILURE if interrupt(store, entities, entity, f"{reason} (attempt {outcome[0][1]} of {attempts})",
+    return JobStatus.FAILURE if interrupt(store, entities, entity, f"{reason} (attempt {outcome[0][1]} of {attempts})",
                                        settings) else ""
 
 
@@ -237,20 +303,20 @@ def _check_ended(entities: Entities, check: Entity) -> None:
                 if e.body.get("round") == check.body.get("round")]
     if any(e.body.get("status") not in FINAL for e in siblings):
         return
-    passed = all(e.body.get("status") == Status.SUCCESS for e in siblings)
+    passed = all(e.body.get("status") == JobStatus.SUCCESS for e in siblings)
     found: dict[str, Any] = {}
     for e in siblings:
         found.update(e.body.get("result") or {})
 
     def settle(body: dict[str, Any]) -> bool:
-        if body.get("status") != "CHECKING" or body.get("round") != check.body.get("round"):
+        if body.get("status") != UploadStatus.CHECKING or body.get("round") != check.body.get("round"):
             return False
-        body["status"] = "CLOSED" if passed else "UNSTABLE"
+        _move(UPLOAD, body, UploadStatus.CLOSED if passed else UploadStatus.UNSTABLE)
         body.update({k: v for k, v in found.items() if k in ("extent", "type_infos")})
         return True
 
     try:
-        entities.update("upload", upload_id, settle)
+        entities.update(UPLOAD, upload_id, settle)
     except Gone:
         pass
 
@@ -261,14 +327,14 @@ def execution_ended(store: PublicationStore, entities: Entities, execution: Enti
     output = (execution.body.get("output") or {}).get("stored_data") or {}
     stored = store.get_stored_data(output.get("_id", ""))
     if stored is not None:
-        if execution.body["status"] == Status.SUCCESS:
+        if execution.body["status"] == JobStatus.SUCCESS:
             summary = dict((execution.body.get("result") or {}).get("summary") or {})
-            store.put_stored_data(stored.descriptor_url, summary, stored.name, "GENERATED", stored.type)
+            _stored(store, stored, StoredDataStatus.GENERATED, summary)
         elif output.get("existing"):  # a base changed in place: its transaction rolled back, it is as it was
-            store.put_stored_data(stored.descriptor_url, stored.summary, stored.name, "GENERATED", stored.type)
+            _stored(store, stored, StoredDataStatus.GENERATED, stored.summary)
         else:
             remove_pyramid(stored.descriptor_url, settings)
-            store.put_stored_data(stored.descriptor_url, {}, stored.name, "UNSTABLE", stored.type)
+            _stored(store, stored, StoredDataStatus.UNSTABLE, {})
     release_holder(store, execution.id)
 
 
@@ -280,7 +346,7 @@ def launch(store: PublicationStore, entities: Entities, execution: Entity, datas
     def still_created(db: Any) -> None:
         row = db.execute("SELECT json_extract(body, '$.status') FROM wh_entities WHERE id = ?",
                          (execution.id,)).fetchone()
-        if row is None or row[0] != Status.CREATED:
+        if row is None or row[0] != JobStatus.CREATED:
             raise _NotCreated()
 
     try:
@@ -293,9 +359,9 @@ def launch(store: PublicationStore, entities: Entities, execution: Entity, datas
     launched: list[bool] = []
 
     def queue(body: dict[str, Any]) -> bool:
-        ok = body["status"] == Status.CREATED
+        ok = body["status"] == JobStatus.CREATED
         if ok:
-            body["status"] = Status.WAITING
+            _move(EXECUTION, body, JobStatus.WAITING)
             body["launch"] = now_iso()
             body["job"] = {"claim": None}
         launched.append(ok)
@@ -328,7 +394,7 @@ def abort(store: PublicationStore, entities: Entities, execution: Entity, by: st
         previous.append(body["status"])
         if body["status"] in FINAL:
             return False
-        body["status"] = Status.ABORTED
+        _move(EXECUTION, body, JobStatus.ABORTED)
         body["finish"] = now_iso()
         return True
 
@@ -336,7 +402,7 @@ def abort(store: PublicationStore, entities: Entities, execution: Entity, by: st
     if previous[0] in FINAL:
         return updated, previous[0]
     entities.append_logs(execution.id, [log_line(f"aborted by {by}")])
-    if previous[0] != Status.PROGRESS:
+    if previous[0] != JobStatus.PROGRESS:
         execution_ended(store, entities, updated, settings)
     return updated, previous[0]
 
@@ -347,14 +413,14 @@ def stop_running(entities: Entities, kind: str, job_id: str, reason: str) -> boo
     entities.append_logs(job_id, [log_line(reason)])
 
     def end(body: dict[str, Any]) -> bool:
-        if body.get("status") != Status.PROGRESS:
+        if body.get("status") != JobStatus.PROGRESS:
             return False
-        body["status"] = Status.FAILURE
+        _move(kind, body, JobStatus.FAILURE)
         body["finish"] = now_iso()
         return True
 
     try:
-        return entities.update(kind, job_id, end).body.get("status") == Status.FAILURE
+        return entities.update(kind, job_id, end).body.get("status") == JobStatus.FAILURE
     except Gone:
         return False
 
@@ -366,11 +432,11 @@ def settle(store: PublicationStore, entities: Entities, kind: str, job_id: str, 
     if kind != EXECUTION:
         return
     execution = entities.get(EXECUTION, job_id)
-    if execution is None or execution.body.get("status") not in (Status.FAILURE, Status.ABORTED):
+    if execution is None or execution.body.get("status") not in (JobStatus.FAILURE, JobStatus.ABORTED):
         return
     output = (execution.body.get("output") or {}).get("stored_data") or {}
     stored = store.get_stored_data(output.get("_id", ""))
-    if stored is not None and stored.status in ("CREATED", "GENERATING"):
+    if stored is not None and stored.status in (StoredDataStatus.CREATED, StoredDataStatus.GENERATING):
         execution_ended(store, entities, execution, settings)
         return
     with store.reading() as db:
@@ -383,7 +449,7 @@ def release(entities: Entities, job: Entity) -> None:
     """Put a claimed job whose server died back in the queue (it never started)."""
 
     def unclaim(body: dict[str, Any]) -> bool:
-        if body.get("status") != Status.WAITING:
+        if body.get("status") != JobStatus.WAITING:
             return False
         body.setdefault("job", {})["claim"] = None
         return True
@@ -392,3 +458,99 @@ def release(entities: Entities, job: Entity) -> None:
         entities.update(job.kind, job.id, unclaim)
     except Gone:
         pass
+
+
+# --- stored data and offerings (rows of the shared store, changed atomically with their check) -----
+
+
+def _stored(store: PublicationStore, stored: StoredData, new: StoredDataStatus, summary: dict[str, Any]) -> StoredData:
+    return store.put_stored_data(stored.descriptor_url, summary, stored.name, new, stored.type,
+                                 only_from=sources(STORED_DATA, new))
+
+
+def new_output(store: PublicationStore, descriptor_url: str, name: str, type_: str) -> StoredData:
+    """The stored data an execution will write: CREATED, empty, until its worker starts."""
+    return store.put_stored_data(descriptor_url, {}, name, StoredDataStatus.CREATED, type_,
+                                 only_from=sources(STORED_DATA, StoredDataStatus.CREATED))
+
+
+def generating(store: PublicationStore, stored: StoredData, keep_summary: bool) -> StoredData:
+    """Worker side: the output is being written (a base changed in place keeps its summary meanwhile)."""
+    return _stored(store, stored, StoredDataStatus.GENERATING, stored.summary if keep_summary else {})
+
+
+def register(store: PublicationStore, descriptor_url: str, summary: dict[str, Any], name: str,
+             type_: str) -> StoredData:
+    """A pyramid the operator registers (CLI): GENERATED, unless an execution is writing it
+    (StatusConflict)."""
+    held = {StoredDataStatus.CREATED, StoredDataStatus.GENERATING}  # an execution's output, until it ends
+    return store.put_stored_data(descriptor_url, summary, name, StoredDataStatus.GENERATED, type_,
+                                 only_from=sources(STORED_DATA, StoredDataStatus.GENERATED) - held)
+
+
+def offer(store: PublicationStore, layer_id: str, endpoint: str, open_: bool) -> Offering:
+    """A new offering of a layer record: PUBLISHING until this process's catalog serves it."""
+    return store.put_offering(layer_id, endpoint, open_, OfferingStatus.PUBLISHING,
+                              only_from=sources(OFFERING, OfferingStatus.PUBLISHING))
+
+
+def offered(store: PublicationStore, layer_id: str, endpoint: str, open_: bool, served: bool) -> Offering:
+    """PUBLISHING → PUBLISHED once served, UNSTABLE when the catalog could not serve the layer."""
+    new = OfferingStatus.PUBLISHED if served else OfferingStatus.UNSTABLE
+    return store.put_offering(layer_id, endpoint, open_, new, only_from=sources(OFFERING, new))
+
+
+# --- uploads -------------------------------------------------------------------------------------
+
+
+def close_upload(entities: Entities, upload_id: str, checks: Iterable[tuple[str, str]],
+                 on_change: Callable[[dict[str, Any]], Any], guard: Callable[[Connection], None]) -> tuple[Entity, bool]:
+    """OPEN → CHECKING in a new round, with one WAITING check execution per (id, name) of `checks`;
+    `on_change(body)` adds to the same write (the event), `guard(db)` may refuse it. Returns the
+    upload and whether this call closed it (False: it was no longer OPEN)."""
+    rounds: list[int] = []
+
+    def start_checks(body: dict[str, Any]) -> bool:
+        if body["status"] != UploadStatus.OPEN:
+            return False
+        _move(UPLOAD, body, UploadStatus.CHECKING)
+        body["round"] = int(body.get("round", 0)) + 1
+        rounds.append(body["round"])
+        on_change(body)
+        return True
+
+    updated = entities.update(UPLOAD, upload_id, start_checks, False, guard)
+    if not rounds:
+        return updated, False
+    for check_id, check_name in checks:
+        create(entities, CHECK, updated.datastore_id, {
+            "check": {"_id": check_id, "name": check_name}, "upload": {"_id": upload_id, "name": updated.body["name"]},
+            "round": rounds[0], "creation": updated.updated_at})
+    return updated, True
+
+
+def reopen_upload(entities: Entities, upload_id: str, on_change: Callable[[dict[str, Any]], Any]) -> tuple[Entity, bool]:
+    """CLOSED, UNSTABLE (or OPEN) → OPEN; returns the upload and whether it is OPEN now."""
+    opened: list[bool] = []
+
+    def open_(body: dict[str, Any]) -> bool:
+        if not allowed(UPLOAD, body.get("status"), UploadStatus.OPEN):
+            return False
+        _move(UPLOAD, body, UploadStatus.OPEN)
+        on_change(body)
+        opened.append(True)
+        return True
+
+    updated = entities.update(UPLOAD, upload_id, open_)
+    return updated, bool(opened)
+
+
+def requeue_shard(entities: Entities, shard_id: str) -> None:
+    """A shard of an earlier run that ended without success, queued again for this run."""
+
+    def again(body: dict[str, Any]) -> bool:
+        _move(SHARD, body, JobStatus.WAITING)
+        body.update(job={"claim": None}, queued=time.time())
+        return True
+
+    entities.update(SHARD, shard_id, again)

@@ -13,16 +13,26 @@ from typing import Any
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from tileserver.publication.status import OfferingStatus
 from tileserver.services.ows import base_url
 
 from .annotations import add_event, annotations_view
 from .configurations import KIND as CONFIGURATION
-from .configurations import OFFERING, build_layer, get_configuration, name_taken, offerings_of, record_id_for
+from .configurations import (
+    OFFERING,
+    build_layer,
+    get_configuration,
+    live_record,
+    name_taken,
+    offerings_of,
+    record_id_for,
+)
 from .configurations import PREFIX as CONFIGURATIONS
 from .configurations import used_data as used_pyramids
 from .endpoints import find, layer_urls
 from .entities import Entity
 from .errors import bad_request, conflict, not_found
+from .lifecycle import offer, offered
 from .web import Ctx, json_body, json_response, list_response, no_content, route
 from .wfs_configurations import wfs_layer
 from .wmsv_configurations import wmsv_layer
@@ -37,7 +47,8 @@ def offering_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
     shared = ctx.wh.store.get_offering(entity.id)
     endpoint = find(body["endpoint"])
     layer = body["layer_name"]
-    published = ctx.wh.runtime.catalog.layers.get(record_of(body))
+    record = live_record(ctx, entity)
+    published = ctx.wh.runtime.catalog.layers.get(record) if record is not None else None
     configuration = ctx.wh.entities.get(CONFIGURATION, body["configuration"]["_id"])
     used = configuration.body["type_infos"]["used_data"] if configuration is not None else []
     if published is not None:
@@ -49,11 +60,11 @@ def offering_view(ctx: Ctx, entity: Entity) -> dict[str, Any]:
     feature_types: tuple[str, ...] = ()
     if body["type"] == "WFS":
         feature_types = tuple(r.get("public_name") or r["native_name"] for u in used for r in u.get("relations", []))
-    status = shared.status if shared is not None else "UNPUBLISHED"
+    status = shared.status if shared is not None else OfferingStatus.UNPUBLISHED
     assert endpoint is not None
     return {
         "_id": entity.id, "type": body["type"], "layer_name": layer, "status": status,
-        "open": shared.open if shared is not None else body.get("open", True), "available": status == "PUBLISHED",
+        "open": shared.open if shared is not None else body.get("open", True), "available": status == OfferingStatus.PUBLISHED,
         "endpoint": {"_id": endpoint.id, "name": endpoint.name, "technical_name": endpoint.technical_name},
         "configuration": body["configuration"], "creation": entity.created_at,
         "urls": layer_urls(endpoint, base_url(ctx.request), layer, extension, tms, feature_types, vector),
@@ -69,11 +80,6 @@ def _uses_vector_pyramid(ctx: Ctx, used: list[dict[str, Any]]) -> bool:
     return False
 
 
-def record_of(body: dict[str, Any]) -> str:
-    """Store id of the offering's layer (its layer_name unless the other service had that id)."""
-    return str(body.get("layer_id", body["layer_name"]))
-
-
 def get_offering(ctx: Ctx, ident: str) -> Entity:
     entity = ctx.wh.entities.get(OFFERING, ident.lower())
     if entity is None or entity.datastore_id != ctx.datastore.id:
@@ -86,10 +92,9 @@ async def _publish(ctx: Ctx, offering_id: str, layer_id: str, endpoint: str, ope
     await ctx.wh.runtime.refresh()
     catalog = ctx.wh.runtime.catalog
     served = layer_id in catalog.layers or layer_id in catalog.vector_layers or layer_id in catalog.vector_maps
-    status = "PUBLISHED" if served else "UNSTABLE"
-    if status == "UNSTABLE":
+    if not served:
         log.warning("offering %s: layer %s not served: %s", offering_id, layer_id, catalog.errors.get(layer_id))
-    await asyncio.to_thread(ctx.wh.store.put_offering, layer_id, endpoint, open_, status)
+    await asyncio.to_thread(offered, ctx.wh.store, layer_id, endpoint, open_, served)
 
 
 @route
@@ -130,8 +135,7 @@ async def create_offering(ctx: Ctx) -> Response:
             raise bad_request(*used_problems)
         layer = build_layer(body, pyramids, restricted=not open_, record_id=record)
     await asyncio.to_thread(ctx.wh.store.add_layer, layer, not open_)
-    shared = await asyncio.to_thread(ctx.wh.store.put_offering, record, endpoint.technical_name, open_,
-                                     "PUBLISHING")
+    shared = await asyncio.to_thread(offer, ctx.wh.store, record, endpoint.technical_name, open_)
     side: dict[str, Any] = {"configuration": {"_id": configuration.id, "name": body["name"]},
                             "endpoint": endpoint.technical_name, "layer_name": layer_name, "layer_id": record,
                             "type": body["type"], "open": open_, "tags": {}}
@@ -180,19 +184,24 @@ async def edit_offering(ctx: Ctx) -> Response:
     endpoint = find(entity.body["endpoint"])
     if data["open"] and endpoint is not None and not endpoint.open:
         raise bad_request(f"open: {endpoint.technical_name} is a private endpoint: its offerings are restricted")
-    if ctx.wh.store.get_layer(record_of(entity.body)) is not None:
-        await asyncio.to_thread(ctx.wh.store.set_restricted, record_of(entity.body), not data["open"])
+    record = live_record(ctx, entity)
+    if record is None:
+        raise conflict(f"offering {entity.id}: its layer was removed by the operator; delete the offering")
+    if ctx.wh.store.get_layer(record) is not None:
+        await asyncio.to_thread(ctx.wh.store.set_restricted, record, not data["open"])
     await asyncio.to_thread(ctx.wh.entities.update, OFFERING, entity.id, lambda b: b.update(open=data["open"]))
     await ctx.wh.runtime.refresh()
     return json_response(offering_view(ctx, entity))
 
 
 async def unpublish(ctx: Ctx, entity: Entity) -> None:
-    layer = record_of(entity.body)
-    if ctx.wh.store.get_offering(entity.id) is not None:
+    """The offering and, when it was the last one, its layer: only while the store's offering still
+    names it (a layer the operator put in its place is his)."""
+    layer = live_record(ctx, entity)
+    if layer is not None:
         await asyncio.to_thread(ctx.wh.store.remove_offering, entity.id)
-    if ctx.wh.store.get_layer(layer) is not None and not ctx.wh.store.list_offerings(layer):
-        await asyncio.to_thread(ctx.wh.store.remove_layer, layer)
+        if ctx.wh.store.get_layer(layer) is not None and not ctx.wh.store.list_offerings(layer):
+            await asyncio.to_thread(ctx.wh.store.remove_layer, layer)
     await asyncio.to_thread(ctx.wh.entities.delete, entity.id)
     await ctx.wh.runtime.refresh()
 

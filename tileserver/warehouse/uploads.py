@@ -16,21 +16,21 @@ from typing import Any
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from tileserver.publication.status import RUNNING, JobStatus, UploadStatus
 from tileserver.publication.store import Connection
 
 from .annotations import add_event, annotation_routes, annotations_view
 from .checks import checks_for
 from .entities import Entity
 from .errors import ApiError, bad_request, conflict, not_found
-from .lifecycle import CHECK, EXECUTION
+from .lifecycle import CHECK, EXECUTION, UPLOAD, close_upload, create, reopen_upload
 from .multipart import receive
 from .upload_files import S3UploadFiles, UploadFiles, checked_path, upload_files
 from .usage import UPLOADS, holds, release, reserve
 from .web import Ctx, json_body, json_response, list_response, no_content, route
 
-KIND = "upload"
+KIND = UPLOAD
 UPLOAD_TYPES = ("RASTER", "VECTOR")
-STATUSES = ("CREATED", "OPEN", "CLOSED", "CHECKING", "GENERATING", "MODIFYING", "UNSTABLE", "DELETED")
 PREFIX = "/api/datastores/{datastore}/uploads"
 
 
@@ -93,10 +93,10 @@ async def create_upload(ctx: Ctx) -> Response:
     if problems:
         raise bad_request(*problems)
     body: dict[str, Any] = {"name": data["name"], "description": data.get("description", ""), "type": data["type"],
-                            "srs": data["srs"], "status": "OPEN", "size": 0, "round": 0, "tags": {},
+                            "srs": data["srs"], "size": 0, "round": 0, "tags": {},
                             "contact": data.get("contact", ctx.user.email)}
     add_event(body, "Création", ctx.user)
-    entity = await asyncio.to_thread(ctx.wh.entities.create, KIND, ctx.datastore.id, body)
+    entity = await asyncio.to_thread(create, ctx.wh.entities, KIND, ctx.datastore.id, body)
     return json_response(upload_view(entity), status=201)
 
 
@@ -120,14 +120,14 @@ async def edit_upload(ctx: Ctx) -> Response:
 
 def _executions_using(ctx: Ctx, upload_id: str) -> list[Entity]:
     return [e for e in ctx.wh.entities.list(EXECUTION, ctx.datastore.id)
-            if e.body.get("status") in ("WAITING", "PROGRESS")
+            if e.body.get("status") in RUNNING
             and any(u["_id"] == upload_id for u in e.body.get("inputs", {}).get("upload", []))]
 
 
 @route
 async def delete_upload(ctx: Ctx) -> Response:
     entity = get_upload(ctx, ctx.param("upload"))
-    if entity.body["status"] == "CHECKING":
+    if entity.body["status"] == UploadStatus.CHECKING:
         raise conflict(f"upload {entity.id} is being checked; delete it once the checks ended")
     if _executions_using(ctx, entity.id):
         raise conflict(f"upload {entity.id} is the input of a running processing execution")
@@ -144,7 +144,7 @@ async def delete_upload(ctx: Ctx) -> Response:
 
 
 def _require_open(entity: Entity) -> None:
-    if entity.body["status"] != "OPEN":
+    if entity.body["status"] != UploadStatus.OPEN:
         raise bad_request(f"upload {entity.id} is {entity.body['status']}: files can be changed only while it is"
                           " OPEN (POST …/open)")
 
@@ -177,7 +177,7 @@ def _still_open(upload_id: str) -> Callable[[Connection], None]:
                          (upload_id, KIND)).fetchone()
         if row is None:
             raise not_found("upload", upload_id)
-        if row[0] != "OPEN":
+        if row[0] != UploadStatus.OPEN:
             raise bad_request(f"upload {upload_id} is {row[0]}: files can be pushed only while it is OPEN")
 
     return guard
@@ -271,30 +271,18 @@ async def tree(ctx: Ctx) -> Response:
 async def close(ctx: Ctx) -> Response:
     """OPEN → CHECKING; one check execution per check of the upload's type, run in the background."""
     entity = get_upload(ctx, ctx.param("upload"))
-    if entity.body["status"] != "OPEN":
+    if entity.body["status"] != UploadStatus.OPEN:
         raise conflict(f"upload {entity.id} is {entity.body['status']}, not OPEN")
-    rounds: list[int] = []
-
-    def start_checks(body: dict[str, Any]) -> bool:
-        if body["status"] != "OPEN":
-            return False
-        body["status"] = "CHECKING"
-        body["round"] = int(body.get("round", 0)) + 1
-        rounds.append(body["round"])
-        add_event(body, "Fermeture", ctx.user)
-        return True
 
     def no_push_running(db: Connection) -> None:
         if holds(db, entity.id):
             raise conflict(f"upload {entity.id}: a file is still being pushed; close it once the push ended")
 
-    updated = await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, start_checks, False, no_push_running)
-    if not rounds:
+    checks = [(check.id, check.name) for check in checks_for(entity.body["type"])]
+    updated, closed = await asyncio.to_thread(close_upload, ctx.wh.entities, entity.id, checks,
+                                              lambda body: add_event(body, "Fermeture", ctx.user), no_push_running)
+    if not closed:
         raise conflict(f"upload {entity.id} is {updated.body['status']}, not OPEN")
-    for check in checks_for(entity.body["type"]):
-        await asyncio.to_thread(ctx.wh.entities.create, CHECK, ctx.datastore.id, {
-            "check": {"_id": check.id, "name": check.name}, "upload": {"_id": entity.id, "name": entity.body["name"]},
-            "round": rounds[0], "status": "WAITING", "creation": updated.updated_at, "job": {"claim": None}})
     ctx.wh.wake()
     return json_response(upload_view(updated))
 
@@ -302,16 +290,12 @@ async def close(ctx: Ctx) -> Response:
 @route
 async def reopen(ctx: Ctx) -> Response:
     entity = get_upload(ctx, ctx.param("upload"))
-    if entity.body["status"] not in ("CLOSED", "UNSTABLE", "OPEN"):
-        raise conflict(f"upload {entity.id} is {entity.body['status']}: it can be opened once CLOSED or UNSTABLE")
     if _executions_using(ctx, entity.id):
         raise conflict(f"upload {entity.id} is the input of a running processing execution")
-
-    def open_(body: dict[str, Any]) -> None:
-        body["status"] = "OPEN"
-        add_event(body, "Ouverture", ctx.user)
-
-    updated = await asyncio.to_thread(ctx.wh.entities.update, KIND, entity.id, open_)
+    updated, opened = await asyncio.to_thread(reopen_upload, ctx.wh.entities, entity.id,
+                                              lambda body: add_event(body, "Ouverture", ctx.user))
+    if not opened:
+        raise conflict(f"upload {entity.id} is {updated.body['status']}: it can be opened once CLOSED or UNSTABLE")
     return json_response(upload_view(updated))
 
 
@@ -330,8 +314,8 @@ async def upload_checks(ctx: Ctx) -> Response:
     """The checks of the last close: `{asked, in_progress, passed, failed}`."""
     entity = get_upload(ctx, ctx.param("upload"))
     groups: dict[str, list[dict[str, Any]]] = {"asked": [], "in_progress": [], "passed": [], "failed": []}
-    where = {"WAITING": "asked", "PROGRESS": "in_progress", "SUCCESS": "passed", "FAILURE": "failed",
-             "ABORTED": "failed"}
+    where = {JobStatus.WAITING: "asked", JobStatus.PROGRESS: "in_progress", JobStatus.SUCCESS: "passed",
+             JobStatus.FAILURE: "failed", JobStatus.ABORTED: "failed"}
     for check in ctx.wh.entities.find(CHECK, "json_extract(body, '$.upload._id') = ?", (entity.id,)):
         if check.body.get("round") == entity.body.get("round"):
             groups[where[check.body["status"]]].append(check_execution_view(check))

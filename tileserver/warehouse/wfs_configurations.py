@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 
 from tileserver.publication.model import LAYER_ID, NCNAME, Layer, LayerError
+from tileserver.publication.status import StoredDataStatus
 from tileserver.publication.store import VECTOR_DB
 
 from .errors import ApiError, bad_request
@@ -82,7 +83,7 @@ def used_base(ctx: Ctx, used: Any) -> tuple[list[str], str | None]:
     if stored.type != VECTOR_DB:
         return [*problems, f"{where}.stored_data: stored data {stored.id} is of type {stored.type}; a WFS"
                 f" configuration publishes a {VECTOR_DB}"], None
-    if stored.status != "GENERATED":
+    if stored.status != StoredDataStatus.GENERATED:
         return [*problems, f"{where}.stored_data: stored data {stored.id} is {stored.status}; it must be"
                 " GENERATED"], None
     tables = {r["name"] for r in stored.summary.get("type_infos", {}).get("relations", [])}

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from tileserver.publication.model import LAYER_ID, Layer, LayerError
+from tileserver.publication.status import StoredDataStatus
 from tileserver.publication.store import VECTOR_DB
 from tileserver.render import sld
 
@@ -89,7 +90,7 @@ def used_relations(ctx: Ctx, used: Any) -> tuple[list[str], str | None, list[dic
     if stored.type != VECTOR_DB:
         return [*problems, f"{where}.stored_data: stored data {stored.id} is of type {stored.type}; a WMS-VECTOR"
                 f" configuration draws a {VECTOR_DB}"], None, []
-    if stored.status != "GENERATED":
+    if stored.status != StoredDataStatus.GENERATED:
         return [*problems, f"{where}.stored_data: stored data {stored.id} is {stored.status}; it must be"
                 " GENERATED"], None, []
     relations = item.get("relations")

@@ -19,6 +19,7 @@ import traceback
 from dataclasses import asdict, fields
 from typing import Any
 
+from tileserver.publication.status import JobStatus
 from tileserver.publication.store import VECTOR_DB, PublicationStore
 from tileserver.settings import S3Cluster, Settings
 
@@ -29,7 +30,6 @@ from .checks import run_check
 from .entities import Entities, Entity
 from .pyramid_home import written_bytes
 from .runner import shardable
-from .status import Status
 from .upload_files import upload_files
 from .usage import PYRAMIDS, room
 
@@ -105,10 +105,10 @@ class Worker:
                 if status == lifecycle.LOST:  # silent past the lease: requeued, another worker runs it
                     self.kill()
                 self.flush()
-                over = self.over_quota() if status == Status.PROGRESS and self._measure_now() else None
+                over = self.over_quota() if status == JobStatus.PROGRESS and self._measure_now() else None
             except Exception:  # a busy store: try again at the next beat
                 continue
-            if status == Status.ABORTED:
+            if status == JobStatus.ABORTED:
                 self.log.add("aborted")
                 self.flush()
                 self.kill()
@@ -165,30 +165,30 @@ class Worker:
         except Exception as exc:
             self.log.add(f"error: {exc}")
             logging.getLogger("tileserver.warehouse").debug("%s", traceback.format_exc())
-            status, result = Status.FAILURE, {}
+            status, result = JobStatus.FAILURE, {}
         self.done.set()
         lifecycle.finish(self.store, self.entities, self.kind, self.job_id, status, self.settings, self.log.take(),
                          result, pid=os.getpid())
         return 0
 
-    def _work(self, entity: Entity) -> tuple[str, dict[str, Any]]:
+    def _work(self, entity: Entity) -> tuple[JobStatus, dict[str, Any]]:
         if self.kind == lifecycle.CHECK:
             return self._check(entity)
         if self.kind == lifecycle.SHARD:
             return self._shard(entity)
         return self._execution(entity)
 
-    def _check(self, entity: Entity) -> tuple[str, dict[str, Any]]:
+    def _check(self, entity: Entity) -> tuple[JobStatus, dict[str, Any]]:
         check = CHECKS[entity.body["check"]["_id"]]
         upload = self.entities.get("upload", entity.body["upload"]["_id"])
         if upload is None:
             self.log.add("the upload no longer exists")
-            return Status.FAILURE, {}
+            return JobStatus.FAILURE, {}
         self.log.add(f"{check.name} of upload {upload.body.get('name')}")
         with upload_files(self.settings, upload.id).local() as files:
             ok, found = run_check(check, files, upload.body.get("srs", ""), self.log.add, self.settings)
         self.log.add("passed" if ok else "failed")
-        return (Status.SUCCESS if ok else Status.FAILURE), found
+        return (JobStatus.SUCCESS if ok else JobStatus.FAILURE), found
 
     def _sharded(self, entity: Entity, descriptor_url: str, count: int) -> dict[str, Any]:
         """The bottom level in `count` shards: shard 0 here, the others queued as jobs for any
@@ -200,26 +200,25 @@ class Worker:
         for k, shard_id in enumerate(ids, 1):
             existing = self.entities.get(lifecycle.SHARD, shard_id)
             if existing is None:
-                self.entities.create(lifecycle.SHARD, entity.datastore_id, {
-                    "status": Status.WAITING, "execution": {"_id": entity.id}, "shard": [k, count],
-                    "job": {"claim": None}, "queued": time.time()}, entity_id=shard_id)
-            elif existing.body.get("status") in (Status.FAILURE, Status.ABORTED):
-                self.entities.update(lifecycle.SHARD, shard_id, _requeued)
+                lifecycle.create(self.entities, lifecycle.SHARD, entity.datastore_id, {
+                    "execution": {"_id": entity.id}, "shard": [k, count], "queued": time.time()}, entity_id=shard_id)
+            elif existing.body.get("status") in (JobStatus.FAILURE, JobStatus.ABORTED):
+                lifecycle.requeue_shard(self.entities, shard_id)
         self.log.add(f"bottom level in {count} shards: shard 0/{count} here, the others queued for any worker")
         own = run_execution(self.settings, self.store, self.entities, entity, descriptor_url, shard=(0, count))
         self.log.add(f"shard 0/{count} written: {own.get('slabs')} slab(s)")
         while True:
             shards = [self.entities.get(lifecycle.SHARD, i) for i in ids]
-            idle = next((s for s in shards if s is not None and s.body.get("status") == Status.WAITING
+            idle = next((s for s in shards if s is not None and s.body.get("status") == JobStatus.WAITING
                          and time.time() - float(s.body.get("queued", 0)) > TAKE_OVER_AFTER), None)
             if idle is not None and lifecycle.take_over(self.entities, lifecycle.SHARD, idle.id, os.getpid()):
                 self._own_shard(entity, idle, descriptor_url)
                 continue
             failed = [i for i, s in zip(ids, shards, strict=True)
-                      if s is None or s.body.get("status") in (Status.FAILURE, Status.ABORTED)]
+                      if s is None or s.body.get("status") in (JobStatus.FAILURE, JobStatus.ABORTED)]
             if failed:
                 raise ExecutionError(f"shard(s) failed: {', '.join(failed)}")
-            if all(s is not None and s.body.get("status") == Status.SUCCESS for s in shards):
+            if all(s is not None and s.body.get("status") == JobStatus.SUCCESS for s in shards):
                 break
             time.sleep(0.5)
         self.log.add("all shards written: upper levels, list and descriptor")
@@ -237,22 +236,22 @@ class Worker:
         finally:
             self.also_beat.remove(shard.id)
         self.log.add(f"shard {k}/{n} written here (no worker took it): {report.get('slabs')} slab(s)")
-        lifecycle.finish(self.store, self.entities, lifecycle.SHARD, shard.id, Status.SUCCESS, self.settings,
+        lifecycle.finish(self.store, self.entities, lifecycle.SHARD, shard.id, JobStatus.SUCCESS, self.settings,
                          result={"report": report}, pid=os.getpid())
 
-    def _shard(self, entity: Entity) -> tuple[str, dict[str, Any]]:
+    def _shard(self, entity: Entity) -> tuple[JobStatus, dict[str, Any]]:
         """One share of an execution's bottom level, for the execution's own job process to finish."""
         from .runner import run_execution
 
         self.parent_id = entity.body["execution"]["_id"]
         execution = self.entities.get(lifecycle.EXECUTION, self.parent_id)
-        if execution is None or execution.body.get("status") != Status.PROGRESS:
+        if execution is None or execution.body.get("status") != JobStatus.PROGRESS:
             self.log.add("its execution is no longer running")
-            return Status.FAILURE, {}
+            return JobStatus.FAILURE, {}
         stored = self.store.get_stored_data(execution.body["output"]["stored_data"]["_id"])
         if stored is None:
             self.log.add("the output stored data no longer exists")
-            return Status.FAILURE, {}
+            return JobStatus.FAILURE, {}
         k, n = entity.body["shard"]
         self.log.add(f"shard {k}/{n} of execution {execution.id}")
         report = run_execution(self.settings, self.store, self.entities, execution, stored.descriptor_url,
@@ -260,19 +259,18 @@ class Worker:
         line = f"shard {k}/{n} written by node {lifecycle.HOST}: {report.get('slabs')} slab(s)"
         self.log.add(line)
         self.entities.append_logs(execution.id, [lifecycle.log_line(line)])
-        return Status.SUCCESS, {"report": report}
+        return JobStatus.SUCCESS, {"report": report}
 
-    def _execution(self, entity: Entity) -> tuple[str, dict[str, Any]]:
+    def _execution(self, entity: Entity) -> tuple[JobStatus, dict[str, Any]]:
         from .runner import run_execution
 
         output = entity.body["output"]["stored_data"]
         stored = self.store.get_stored_data(output["_id"])
         if stored is None:
             self.log.add("the output stored data no longer exists")
-            return Status.FAILURE, {}
+            return JobStatus.FAILURE, {}
         existing = bool(output.get("existing"))  # a base being changed keeps its summary meanwhile
-        self.store.put_stored_data(stored.descriptor_url, stored.summary if existing else {}, stored.name,
-                                   "GENERATING", stored.type)
+        lifecycle.generating(self.store, stored, keep_summary=existing)
         self.datastore_id = entity.datastore_id
         if not existing:  # a base changed in place is measured once done, by its growth
             self.output_url = stored.descriptor_url
@@ -287,19 +285,14 @@ class Worker:
         over = self.over_quota(size - (int(stored.summary.get("size", 0) or 0) if existing else 0))
         if over is not None:  # finished between two beats: still refused
             self.log.add(over)
-            return Status.FAILURE, {}
+            return JobStatus.FAILURE, {}
         if stored.type == VECTOR_DB:
             tables = [r["name"] for r in summary.get("type_infos", {}).get("relations", [])]
             self.log.add(f"base written: tables {', '.join(tables)}, {size} bytes")
         else:
             self.log.add(f"pyramid written: levels {', '.join(summary.get('type_infos', {}).get('levels', []))},"
                          f" {size} bytes")
-        return Status.SUCCESS, {"summary": summary}
-
-
-def _requeued(body: dict[str, Any]) -> bool:
-    body.update(status=Status.WAITING, job={"claim": None}, queued=time.time())
-    return True
+        return JobStatus.SUCCESS, {"summary": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
