@@ -1,11 +1,19 @@
-"""The hot path: WMTS RESTful GetTile of a stored tile, answered before Starlette is entered.
+"""The hot path: a WMTS GetTile of a stored tile, answered before Starlette is entered.
 
 Under load a stored tile costs ~15 µs while the middleware stack, routing, Request/Response objects,
 validating every parameter again and a LogRecord cost several times that (benchmarks/RESULTS.md).
-This path answers only the plain case — an open layer, its own grid and format, no key, no query,
-a tile inside the advertised limits — with exactly the routed answer's bytes and headers (ETag and
-304, CORS, request id, Cache-Control, access log). Everything else (errors, keys, rendering, storage
-failures) goes to the ordinary route, which does the full work and gives the protocol's answer.
+This path answers only the plain case — an open layer, its own grid and format, no key, a tile
+inside the advertised limits, REST without a query or a KVP query of GetTile's own parameters —
+with exactly the routed answer's bytes and headers (ETag and 304, CORS, request id, Cache-Control,
+access log). Everything else (errors, keys, rendering, storage failures) goes to the ordinary
+route, which does the full work and gives the protocol's answer.
+
+Two entries share every decision and every header:
+- `FastTiles.__call__`, an ASGI layer in front of Starlette (any ASGI server, tests in process);
+- `FastTiles.answer_now`, called by `tileserver serve`'s HTTP protocol (server_cli.FastTileProtocol)
+  as soon as a request is parsed, without an ASGI cycle, a task or a coroutine. It answers only
+  when nothing can block: the slab index is cached and the tile is in the page cache of a FILE
+  slab already open (preadv2 RWF_NOWAIT); otherwise it says None and the ASGI cycle takes the request.
 
 The first request of a (layer, style, grid, matrix, extension) is checked by the route's own
 `resolve_tile`; what it settles is kept per catalog snapshot, so later tiles only check their
@@ -18,23 +26,28 @@ tiles it answers: not under `services/`, which imports nothing from the applicat
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tileserver.http import CORS_HEADERS, canonical, etag_matches, etag_of, log_access, next_request_id
+from tileserver.pyramid import ABSENT
 from tileserver.services.numbers import is_plain_index
-from tileserver.services.policy import ServiceError, tile_headers
-from tileserver.services.tiles import empty_tile, for_client, native_tile
+from tileserver.services.policy import ServiceError, check_payload, tile_headers
+from tileserver.services.tiles import TileAnswer, empty_tile, for_client, native_tile
 from tileserver.services.wmts_tiles import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
+from tileserver.storage.paths import Scheme, parse_path
 
 log = logging.getLogger("tileserver.fastpath")
 _PREFIX = REST_PREFIX + "/"
 _SEGMENTS = 6  # layer / style / tms / z / row / col.ext
 _MAX_ROUTES = 4096  # settled routes kept per catalog snapshot (only valid ones are kept)
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what uvicorn refuses in a header value
+_CORS_LINES = b"".join(b"%s: %s\r\n" % pair for pair in CORS_HEADERS)
 
 
 @dataclass(frozen=True)
@@ -47,9 +60,28 @@ class _Route:
     rows: tuple[int, int]
     cols: tuple[int, int]
     headers: tuple[tuple[bytes, bytes], ...]
+    lines: bytes  # the same headers, as they go on the wire
 
 
 _ROUTED = object()  # a route that always needs the full path (rendered, restricted)
+
+
+class _Asked(NamedTuple):
+    """A request the fast path takes, with the two request headers its answer depends on."""
+
+    route: _Route
+    row: int
+    col: int
+    if_none_match: bytes | None
+    accept_encoding: str | None
+
+
+class Answer(NamedTuple):
+    """A fast answer: status, header lines (canonical names, CRLF-terminated) and the bytes to send."""
+
+    status: int
+    lines: bytes
+    body: bytes
 
 
 class FastTiles:
@@ -81,25 +113,137 @@ class FastTiles:
     async def _answer(self, scope: Scope, send: Send) -> bool:
         """True when the tile was sent; False hands the request to the ordinary route."""
         started = time.perf_counter()
+        path: str = scope["path"]
+        query: bytes = scope["query_string"]
+        asked = self._asked(path, scope.get("raw_path", b""), query, scope["headers"])
+        if asked is None:
+            return False
+        route = asked.route
+        try:
+            answer = await native_tile(route.published, route.level, asked.col, asked.row) if route.stored else None
+            answer = for_client(answer or empty_tile(route.published, route.level), asked.accept_encoding)
+        except ServiceError:  # no data (404 layers), storage failures: the route words them
+            return False
+        method = scope["method"]
+        status, body, etag, request_id = _validated(answer, asked.if_none_match)
+        headers = list(route.headers)
+        if answer.content_encoding:
+            headers.append((b"Content-Encoding", answer.content_encoding.encode()))
+        if status == 304:
+            headers = [h for h in headers if h[0] != b"Content-Type"]
+            headers.append((b"ETag", etag))
+        else:
+            headers += ((b"ETag", etag), (b"Content-Length", b"%d" % len(body)))
+        headers.append((b"X-Request-Id", request_id.encode()))
+        headers += CORS_HEADERS
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+        log_access(request_id, method, path, query, status, len(body), started, secret_free=True)
+        return True
+
+    def answer_now(self, method: str, path: str, raw_path: bytes, query: bytes,
+                   headers: list[tuple[bytes, bytes]]) -> Answer | None:
+        """The whole answer at once when nothing has to wait (see the module docstring); None hands
+        the request to the ASGI cycle. `headers` as ASGI gives them (lower-case names)."""
+        try:
+            return self._answer_now(method, path, raw_path, query, headers)
+        except Exception:  # a bug here must not cost the request: the ASGI cycle answers it
+            log.exception("fast tile path failed on %s; the route answers", path)
+            return None
+
+    def _answer_now(self, method: str, path: str, raw_path: bytes, query: bytes,
+                    headers: list[tuple[bytes, bytes]]) -> Answer | None:
+        started = time.perf_counter()
+        if method not in ("GET", "HEAD") or not (path == _KVP_PATH or path.startswith(_PREFIX)):
+            return None
+        asked = self._asked(path, raw_path, query, headers)
+        if asked is None:
+            return None
+        answer = self._stored_now(asked)
+        if answer is None:
+            return None
+        try:
+            answer = for_client(answer, asked.accept_encoding)
+        except ServiceError:
+            return None
+        status, body, etag, request_id = _validated(answer, asked.if_none_match)
+        lines = asked.route.lines
+        if answer.content_encoding:
+            lines += b"Content-Encoding: %s\r\n" % answer.content_encoding.encode()
+        if status == 304:
+            lines = b"".join(line + b"\r\n" for line in lines.split(b"\r\n")
+                             if line and not line.startswith(b"Content-Type:"))
+            lines += b"ETag: %s\r\n" % etag
+        else:
+            lines += b"ETag: %s\r\nContent-Length: %d\r\n" % (etag, len(body))
+        lines += b"X-Request-Id: %s\r\n" % request_id.encode() + _CORS_LINES
+        log_access(request_id, method, path, query, status, len(body), started, secret_free=True)
+        return Answer(status, lines, b"" if method == "HEAD" else body)
+
+    def _stored_now(self, asked: _Asked) -> TileAnswer | None:
+        """`native_tile`'s answer when it is at hand without waiting; None when it is not (the slab
+        index is not cached, the slab not open, the bytes not in the page cache, not FILE, TIFF
+        wrapping, anything odd): the ASGI cycle then reads it the ordinary way."""
+        route, col, row = asked.route, asked.col, asked.row
+        published = route.published
+        try:
+            if not route.stored or not published.in_limits(route.level, col, row):
+                return empty_tile(published, route.level)
+            fmt = published.format
+            if fmt.tiff_wrapped:
+                return None
+            pyramid = published.owners[route.level]
+            level = pyramid.level(route.level)
+            if not level.tile_limits.contains(col, row):
+                return empty_tile(published, route.level)
+            slab_col, slab_row, n = level.slab_of(col, row)
+            entry = pyramid.cache.peek(pyramid.slab_path(level, slab_col, slab_row))
+            if entry is None:
+                return None
+            if entry is ABSENT or entry.index.sizes[n] == 0:
+                return empty_tile(published, route.level)
+            data = self._read_now(entry.path, entry.index.offsets[n], entry.index.sizes[n])
+            if not data:
+                return None
+            check_payload(fmt.compression, data, "")
+        except ServiceError:  # TileNotFound (404 layers), unreadable payloads: the route words them
+            return None
+        return TileAnswer(data, fmt.mime, fmt.content_encoding, False)
+
+    def _read_now(self, path: str, offset: int, size: int) -> bytes | None:
+        """The FILE backend's own inline read (preadv2 RWF_NOWAIT on its open descriptor), or None."""
+        runtime = self.state.runtime
+        if size > runtime.settings.file_inline_read_max:
+            return None
+        where = parse_path(path)
+        if where.scheme is not Scheme.FILE:
+            return None
+        handles = runtime.storage.backend(where).handles
+        entry = handles.entry(where.key)
+        if entry is None or not entry[2]:
+            return None
+        data: bytes | None = handles.read_nowait(where.key, entry, offset, size)
+        return data
+
+    def _asked(self, path: str, raw_path: bytes, query: bytes, headers: list[tuple[bytes, bytes]]) -> _Asked | None:
+        """The settled route and tile of a request the fast path takes; None hands it to the route."""
         if_none_match = accept_encoding = None
-        for name, value in scope["headers"]:  # ASGI header names are lower case
+        for name, value in headers:  # ASGI header names are lower case
             if name == b"x-api-key":
-                return False
+                return None
             if name == b"if-none-match":
                 if_none_match = value
             elif name == b"accept-encoding":
                 accept_encoding = value.decode("latin-1")
-        path: str = scope["path"]
-        query: bytes = scope["query_string"]
-        request = _kvp_request(query) if path == _KVP_PATH else _rest_request(path, scope.get("raw_path", b""), query)
+        request = _kvp_request(query) if path == _KVP_PATH else _rest_request(path, raw_path, query)
         if request is None:
-            return False
+            return None
         layer, style, tms, matrix, fmt, row_text, col_text = request
         if not (is_plain_index(row_text) and is_plain_index(col_text)):
-            return False
+            return None
         runtime = getattr(self.state, "runtime", None)
         if runtime is None or not runtime.enabled or not runtime.settings.fast_tiles:
-            return False
+            return None
         catalog = runtime.catalog
         if catalog is not self._catalog:
             self._catalog, self._routes = catalog, {}
@@ -109,39 +253,15 @@ class FastTiles:
         if route is None:
             route = self._settle(runtime, catalog, key, row, col)
             if route is None:
-                return False
+                return None
             if len(self._routes) < _MAX_ROUTES:
                 self._routes[key] = route
         if route is _ROUTED:
-            return False
+            return None
         assert isinstance(route, _Route)
         if not (route.rows[0] <= row <= route.rows[1] and route.cols[0] <= col <= route.cols[1]):
-            return False  # TileOutOfRange: the route words it
-        try:
-            answer = await native_tile(route.published, route.level, col, row) if route.stored else None
-            answer = for_client(answer or empty_tile(route.published, route.level), accept_encoding)
-        except ServiceError:  # no data (404 layers), storage failures: the route words them
-            return False
-        body = answer.body
-        etag = etag_of(body)
-        method = scope["method"]
-        request_id = next_request_id()
-        headers = list(route.headers)
-        if answer.content_encoding:
-            headers.append((b"Content-Encoding", answer.content_encoding.encode()))
-        if if_none_match is not None and etag_matches(if_none_match, etag):
-            status, body = 304, b""
-            headers = [h for h in headers if h[0] != b"Content-Type"]
-            headers.append((b"ETag", etag))
-        else:
-            status = 200
-            headers += ((b"ETag", etag), (b"Content-Length", b"%d" % len(body)))
-        headers.append((b"X-Request-Id", request_id.encode()))
-        headers += CORS_HEADERS
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
-        log_access(request_id, method, path, query, status, len(body), started, secret_free=True)
-        return True
+            return None  # TileOutOfRange: the route words it
+        return _Asked(route, row, col, if_none_match, accept_encoding)
 
     def _settle(self, runtime: Any, catalog: Any, key: tuple[str, ...], row: int, col: int) -> _Route | object | None:
         """The route's own checks, once; None when this request is refused (the route words it)."""
@@ -170,7 +290,19 @@ class FastTiles:
         headers = [(b"Content-Type", published.format.mime.encode())]
         # the routed answer's own headers (content encoding is added per answer), spelt as http.py sends them
         headers += [(canonical(k.encode()), v.encode()) for k, v in tile_headers(published, runtime.settings).items()]
-        return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers))
+        if any(_BAD_VALUE.search(value) for _, value in headers):
+            return _ROUTED  # uvicorn refuses such a value: the route's answer is its 500
+        lines = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+        return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers), lines)
+
+
+def _validated(answer: TileAnswer, if_none_match: bytes | None) -> tuple[int, bytes, bytes, str]:
+    """Status, body, ETag and request id of a tile answer, as `http.HttpBehaviour` gives them."""
+    body = answer.body
+    etag = etag_of(body)
+    if if_none_match is not None and etag_matches(if_none_match, etag):
+        return 304, b"", etag, next_request_id()
+    return 200, body, etag, next_request_id()
 
 
 _Request = tuple[str, str, str, str, str, str, str]  # layer, style, tms, matrix, .ext or MIME, row, col
