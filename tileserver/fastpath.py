@@ -61,6 +61,8 @@ class _Route:
     cols: tuple[int, int]
     headers: tuple[tuple[bytes, bytes], ...]
     lines: bytes  # the same headers, as they go on the wire
+    pyramid: Any  # the pyramid holding the level, and its level (None: not stored, or TIFF-wrapped)
+    stored_level: Any
 
 
 _ROUTED = object()  # a route that always needs the full path (rendered, restricted)
@@ -189,11 +191,9 @@ class FastTiles:
         try:
             if not route.stored or not published.in_limits(route.level, col, row):
                 return empty_tile(published, route.level)
-            fmt = published.format
-            if fmt.tiff_wrapped:
+            pyramid, level = route.pyramid, route.stored_level
+            if level is None:
                 return None
-            pyramid = published.owners[route.level]
-            level = pyramid.level(route.level)
             if not level.tile_limits.contains(col, row):
                 return empty_tile(published, route.level)
             slab_col, slab_row, n = level.slab_of(col, row)
@@ -205,6 +205,7 @@ class FastTiles:
             data = self._read_now(entry.path, entry.index.offsets[n], entry.index.sizes[n])
             if not data:
                 return None
+            fmt = published.format
             check_payload(fmt.compression, data, "")
         except ServiceError:  # TileNotFound (404 layers), unreadable payloads: the route words them
             return None
@@ -293,7 +294,9 @@ class FastTiles:
         if any(_BAD_VALUE.search(value) for _, value in headers):
             return _ROUTED  # uvicorn refuses such a value: the route's answer is its 500
         lines = b"".join(b"%s: %s\r\n" % pair for pair in headers)
-        return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers), lines)
+        pyramid = published.owners.get(tile.level) if tile.published_level else None
+        level = pyramid.level(tile.level) if pyramid is not None and not published.format.tiff_wrapped else None
+        return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers), lines, pyramid, level)
 
 
 def _validated(answer: TileAnswer, if_none_match: bytes | None) -> tuple[int, bytes, bytes, str]:
