@@ -61,8 +61,10 @@ class _Route:
     cols: tuple[int, int]
     headers: tuple[tuple[bytes, bytes], ...]
     lines: bytes  # the same headers, as they go on the wire
-    pyramid: Any  # the pyramid holding the level, and its level (None: not stored, or TIFF-wrapped)
+    lines_304: bytes  # the same without Content-Type, for a 304
+    pyramid: Any  # the pyramid holding the level, and its level (None: not stored, TIFF-wrapped, deflated)
     stored_level: Any
+    compression: str
 
 
 _ROUTED = object()  # a route that always needs the full path (rendered, restricted)
@@ -161,55 +163,49 @@ class FastTiles:
         asked = self._asked(path, raw_path, query, headers)
         if asked is None:
             return None
-        answer = self._stored_now(asked)
-        if answer is None:
+        body = self._stored_now(asked)
+        if body is None:
             return None
-        try:
-            answer = for_client(answer, asked.accept_encoding)
-        except ServiceError:
-            return None
-        status, body, etag, request_id = _validated(answer, asked.if_none_match)
-        lines = asked.route.lines
-        if answer.content_encoding:
-            lines += b"Content-Encoding: %s\r\n" % answer.content_encoding.encode()
-        if status == 304:
-            lines = b"".join(line + b"\r\n" for line in lines.split(b"\r\n")
-                             if line and not line.startswith(b"Content-Type:"))
-            lines += b"ETag: %s\r\n" % etag
+        route = asked.route
+        etag = etag_of(body)  # from here on as `_validated` and the ASGI answer above
+        request_id = next_request_id()
+        if asked.if_none_match is not None and etag_matches(asked.if_none_match, etag):
+            status, body = 304, b""
+            lines = route.lines_304 + b"ETag: %s\r\nX-Request-Id: %s\r\n" % (etag, request_id.encode())
         else:
-            lines += b"ETag: %s\r\nContent-Length: %d\r\n" % (etag, len(body))
-        lines += b"X-Request-Id: %s\r\n" % request_id.encode() + _CORS_LINES
+            status = 200
+            lines = route.lines + b"ETag: %s\r\nContent-Length: %d\r\nX-Request-Id: %s\r\n" % (
+                etag, len(body), request_id.encode())
         log_access(request_id, method, path, query, status, len(body), started, secret_free=True)
-        return Answer(status, lines, b"" if method == "HEAD" else body)
+        return Answer(status, lines + _CORS_LINES, b"" if method == "HEAD" else body)
 
-    def _stored_now(self, asked: _Asked) -> TileAnswer | None:
-        """`native_tile`'s answer when it is at hand without waiting; None when it is not (the slab
-        index is not cached, the slab not open, the bytes not in the page cache, not FILE, TIFF
-        wrapping, anything odd): the ASGI cycle then reads it the ordinary way."""
+    def _stored_now(self, asked: _Asked) -> bytes | None:
+        """The body `native_tile` and `for_client` would give, when it is at hand without waiting;
+        None when it is not (the slab index is not cached, the slab not open, the bytes not in the
+        page cache, not FILE, TIFF wrapping, a deflated format, anything odd): the ASGI cycle then
+        answers the ordinary way."""
         route, col, row = asked.route, asked.col, asked.row
+        level = route.stored_level
+        if level is None:  # TIFF-wrapped or deflated payloads, nodata-only levels: the ASGI path
+            return None
         published = route.published
         try:
-            if not route.stored or not published.in_limits(route.level, col, row):
-                return empty_tile(published, route.level)
-            pyramid, level = route.pyramid, route.stored_level
-            if level is None:
-                return None
-            if not level.tile_limits.contains(col, row):
-                return empty_tile(published, route.level)
+            if not published.in_limits(route.level, col, row) or not level.tile_limits.contains(col, row):
+                return empty_tile(published, route.level).body
             slab_col, slab_row, n = level.slab_of(col, row)
+            pyramid = route.pyramid
             entry = pyramid.cache.peek(pyramid.slab_path(level, slab_col, slab_row))
             if entry is None:
                 return None
             if entry is ABSENT or entry.index.sizes[n] == 0:
-                return empty_tile(published, route.level)
+                return empty_tile(published, route.level).body
             data = self._read_now(entry.path, entry.index.offsets[n], entry.index.sizes[n])
             if not data:
                 return None
-            fmt = published.format
-            check_payload(fmt.compression, data, "")
+            check_payload(route.compression, data, "")
         except ServiceError:  # TileNotFound (404 layers), unreadable payloads: the route words them
             return None
-        return TileAnswer(data, fmt.mime, fmt.content_encoding, False)
+        return data
 
     def _read_now(self, path: str, offset: int, size: int) -> bytes | None:
         """The FILE backend's own inline read (preadv2 RWF_NOWAIT on its open descriptor), or None."""
@@ -294,9 +290,13 @@ class FastTiles:
         if any(_BAD_VALUE.search(value) for _, value in headers):
             return _ROUTED  # uvicorn refuses such a value: the route's answer is its 500
         lines = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+        lines_304 = b"".join(b"%s: %s\r\n" % pair for pair in headers if pair[0] != b"Content-Type")
+        fmt = published.format
         pyramid = published.owners.get(tile.level) if tile.published_level else None
-        level = pyramid.level(tile.level) if pyramid is not None and not published.format.tiff_wrapped else None
-        return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers), lines, pyramid, level)
+        plain = pyramid is not None and not fmt.tiff_wrapped and not fmt.content_encoding
+        level = pyramid.level(tile.level) if plain else None
+        return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers), lines, lines_304,
+                      pyramid, level, fmt.compression)
 
 
 def _validated(answer: TileAnswer, if_none_match: bytes | None) -> tuple[int, bytes, bytes, str]:
