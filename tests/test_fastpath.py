@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import uvicorn
 from apputil import app_client, free_port, layer_descriptor, make_settings
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tileserver.app import create_app
@@ -460,3 +460,37 @@ def test_the_etag_is_zlibs_crc32_whatever_computes_it(body) -> None:
 
     for data in (body, body * 3):
         assert etag_of(data) == b'W/"%x-%08x"' % (len(data), zlib.crc32(data))
+
+
+_NEAR = {"SERVICE": ["wmts", "WMS"], "REQUEST": ["gettile", "GetCapabilities"], "VERSION": ["1.0.1", ""],
+         "LAYER": ["a%20b", "a+b", "x=y", ""], "STYLE": ["", "a+b", "a%2Fb"],
+         "FORMAT": ["image/png", ".png", "", "image%2Fjpeg", "a+b", "image%2fpng"],
+         "TILEMATRIXSET": ["", "x=y", "a%20b"], "TILEMATRIX": ["", "9"], "TILEROW": ["007", "", "-1"],
+         "TILECOL": ["x", "1 "]}
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(first=st.permutations(sorted(_NEAR)), spelling=st.sampled_from([str.upper, str.lower, str.title]),
+       drop=st.integers(-10, 9), changes=st.dictionaries(st.sampled_from(sorted(_NEAR)), st.integers(0, 5), max_size=2))
+@example(first=sorted(_NEAR), spelling=str.upper, drop=-1, changes={"SERVICE": 0})
+@example(first=sorted(_NEAR), spelling=str.lower, drop=-1, changes={"VERSION": 0})
+@example(first=sorted(_NEAR), spelling=str.title, drop=-1, changes={"LAYER": 0, "FORMAT": 5})
+def test_a_learnt_parameter_order_reads_queries_as_the_loop_does(first, spelling, drop, changes) -> None:
+    """The KVP parser learns the parameter order of a plain query and reads later queries of that
+    order with one regular expression: whatever the values, the same answer as its loop."""
+    from tileserver import fastpath
+
+    names = [spelling(name) for name in first]
+    plain = {"SERVICE": "WMTS", "REQUEST": "GetTile", "VERSION": "1.0.0", "LAYER": "S", "STYLE": "normal",
+             "FORMAT": "image%2Fpng", "TILEMATRIXSET": "PM", "TILEMATRIX": "10", "TILEROW": "1", "TILECOL": "2"}
+    learnt = "&".join(f"{name}={plain[name.upper()]}" for name in names).encode()
+    near = {name: _NEAR[name][i % len(_NEAR[name])] for name, i in changes.items()}
+    other = "&".join(f"{name}={near.get(name.upper(), plain[name.upper()])}" for i, name in enumerate(names)
+                     if i != drop).encode()
+    fastpath._kvp_shapes.clear()
+    by_loop = fastpath._kvp_request(other)
+    fastpath._kvp_shapes.clear()
+    assert fastpath._kvp_request(learnt) is not None
+    assert len(fastpath._kvp_shapes) == 1  # that order is learnt
+    assert fastpath._kvp_request(other) == by_loop
+    fastpath._kvp_shapes.clear()
