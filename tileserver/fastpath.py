@@ -46,6 +46,7 @@ log = logging.getLogger("tileserver.fastpath")
 _PREFIX = REST_PREFIX + "/"
 _SEGMENTS = 6  # layer / style / tms / z / row / col.ext
 _MAX_ROUTES = 4096  # settled routes kept per catalog snapshot (only valid ones are kept)
+_MAX_FILES = 16384  # slab paths resolved to their backend, per catalog snapshot
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what uvicorn refuses in a header value
 _CORS_LINES = b"".join(b"%s: %s\r\n" % pair for pair in CORS_HEADERS)
 
@@ -78,6 +79,7 @@ class _Asked(NamedTuple):
     col: int
     if_none_match: bytes | None
     accept_encoding: str | None
+    runtime: Any
 
 
 class Answer(NamedTuple):
@@ -96,6 +98,7 @@ class FastTiles:
         self.state = state
         self._catalog: object = None
         self._routes: dict[tuple[str, ...], _Route | object] = {}
+        self._files: dict[str, tuple[Any, str] | None] = {}  # slab path → (FILE handles, name), per catalog
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -199,7 +202,7 @@ class FastTiles:
                 return None
             if entry is ABSENT or entry.index.sizes[n] == 0:
                 return empty_tile(published, route.level).body
-            data = self._read_now(entry.path, entry.index.offsets[n], entry.index.sizes[n])
+            data = self._read_now(asked.runtime, entry.path, entry.index.offsets[n], entry.index.sizes[n])
             if not data:
                 return None
             check_payload(route.compression, data, "")
@@ -207,19 +210,24 @@ class FastTiles:
             return None
         return data
 
-    def _read_now(self, path: str, offset: int, size: int) -> bytes | None:
+    def _read_now(self, runtime: Any, path: str, offset: int, size: int) -> bytes | None:
         """The FILE backend's own inline read (preadv2 RWF_NOWAIT on its open descriptor), or None."""
-        runtime = self.state.runtime
         if size > runtime.settings.file_inline_read_max:
             return None
-        where = parse_path(path)
-        if where.scheme is not Scheme.FILE:
+        try:
+            file = self._files[path]
+        except KeyError:
+            where = parse_path(path)
+            file = (runtime.storage.backend(where).handles, where.key) if where.scheme is Scheme.FILE else None
+            if len(self._files) < _MAX_FILES:
+                self._files[path] = file
+        if file is None:  # object storage: the ASGI path
             return None
-        handles = runtime.storage.backend(where).handles
-        entry = handles.entry(where.key)
+        handles, name = file
+        entry = handles.entry(name)
         if entry is None or not entry[2]:
             return None
-        data: bytes | None = handles.read_nowait(where.key, entry, offset, size)
+        data: bytes | None = handles.read_nowait(name, entry, offset, size)
         return data
 
     def _asked(self, path: str, raw_path: bytes, query: bytes, headers: list[tuple[bytes, bytes]]) -> _Asked | None:
@@ -243,7 +251,7 @@ class FastTiles:
             return None
         catalog = runtime.catalog
         if catalog is not self._catalog:
-            self._catalog, self._routes = catalog, {}
+            self._catalog, self._routes, self._files = catalog, {}, {}
         row, col = int(row_text), int(col_text)
         key = (layer, style, tms, matrix, fmt)
         route = self._routes.get(key)
@@ -258,7 +266,7 @@ class FastTiles:
         assert isinstance(route, _Route)
         if not (route.rows[0] <= row <= route.rows[1] and route.cols[0] <= col <= route.cols[1]):
             return None  # TileOutOfRange: the route words it
-        return _Asked(route, row, col, if_none_match, accept_encoding)
+        return _Asked(route, row, col, if_none_match, accept_encoding, runtime)
 
     def _settle(self, runtime: Any, catalog: Any, key: tuple[str, ...], row: int, col: int) -> _Route | object | None:
         """The route's own checks, once; None when this request is refused (the route words it)."""
