@@ -299,12 +299,13 @@ class FastTiles:
             return _ROUTED  # uvicorn refuses such a value: the route's answer is its 500
         lines = b"".join(b"%s: %s\r\n" % pair for pair in headers)
         lines_304 = b"".join(b"%s: %s\r\n" % pair for pair in headers if pair[0] != b"Content-Type")
-        fmt = published.format
+        stored = published.format
         pyramid = published.owners.get(tile.level) if tile.published_level else None
-        plain = pyramid is not None and not fmt.tiff_wrapped and not fmt.content_encoding
-        level = pyramid.level(tile.level) if plain else None
+        level = None
+        if pyramid is not None and not stored.tiff_wrapped and not stored.content_encoding:
+            level = pyramid.level(tile.level)
         return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers), lines, lines_304,
-                      pyramid, level, fmt.compression)
+                      pyramid, level, stored.compression)
 
 
 def _validated(answer: TileAnswer, if_none_match: bytes | None) -> tuple[int, bytes, bytes, str]:

@@ -91,7 +91,7 @@ def _fast_crc32() -> Callable[[bytes], int]:
         if crc is not None:
             try:
                 if crc(b"tileserver") == zlib.crc32(b"tileserver"):
-                    return crc  # type: ignore[no-any-return]
+                    return crc
             except Exception:  # a build without that codec
                 continue
     return zlib.crc32

@@ -217,7 +217,7 @@ def _answerer(app: Any) -> _Answerer | None:
     """The application under uvicorn's wrappers (proxy headers, message logger), if it answers tiles."""
     for _ in range(8):
         if hasattr(app, "answer_now"):
-            return app  # type: ignore[no-any-return]
+            return app
         app = getattr(app, "app", None)
         if app is None:
             break
