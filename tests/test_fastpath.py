@@ -364,8 +364,9 @@ def test_fast_path_on_and_off_answer_the_same_over_http(on_and_off) -> None:
     @settings(max_examples=200, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(request=st.one_of(_plain_tile_request(lim), _tile_request(lim)), version=st.sampled_from(["1.1"] * 8 + ["1.0"]),
-           close=st.sampled_from([False] * 8 + [True]), keyed=st.sampled_from([None] * 8 + ["header", "query"]))
-    def check(request, version, close, keyed) -> None:
+           close=st.sampled_from([False] * 8 + [True]), keyed=st.sampled_from([None] * 8 + ["header", "query"]),
+           body=st.sampled_from([b""] * 12 + [b"abc"]))
+    def check(request, version, close, keyed, body) -> None:
         method, path, headers = request
         headers = {k: v.replace("ETAG", etag) for k, v in headers.items()}
         if close:
@@ -374,7 +375,9 @@ def test_fast_path_on_and_off_answer_the_same_over_http(on_and_off) -> None:
             headers["X-Api-Key"] = key
         elif keyed == "query":
             path += ("&" if "?" in path else "?") + f"key={key}"
-        data = request_bytes(method, path, headers, version)
+        if body:  # a GET with a body: the route ignores it, the fast path leaves such requests to it
+            headers["Content-Length"] = str(len(body))
+        data = request_bytes(method, path, headers, version) + body
         routed_answer, fast_answer = routed.exchange(data, method), fast.exchange(data, method)
         assert comparable(fast_answer) == comparable(routed_answer), (method, path, headers, version)
         if version == "1.0":

@@ -48,6 +48,7 @@ _SEGMENTS = 6  # layer / style / tms / z / row / col.ext
 _MAX_ROUTES = 4096  # settled routes kept per catalog snapshot (only valid ones are kept)
 _MAX_FILES = 16384  # slab paths resolved to their backend, per catalog snapshot
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what uvicorn refuses in a header value
+_DECLINED = frozenset((b"x-api-key", b"content-length", b"transfer-encoding"))
 _CORS_LINES = b"".join(b"%s: %s\r\n" % pair for pair in CORS_HEADERS)
 
 
@@ -234,12 +235,12 @@ class FastTiles:
         """The settled route and tile of a request the fast path takes; None hands it to the route."""
         if_none_match = accept_encoding = None
         for name, value in headers:  # ASGI header names are lower case
-            if name == b"x-api-key":
-                return None
             if name == b"if-none-match":
                 if_none_match = value
             elif name == b"accept-encoding":
                 accept_encoding = value.decode("latin-1")
+            elif name in _DECLINED and (name != b"content-length" or value != b"0"):
+                return None  # a key (the route checks it), or a body a fast answer would not wait for
         request = _kvp_request(query) if path == _KVP_PATH else _rest_request(path, raw_path, query)
         if request is None:
             return None

@@ -247,7 +247,8 @@ class FastTileProtocol(HeaderTimeoutProtocol):
     HEAD at once with what the ASGI path would send; the answer is written when the request is
     complete. Anything it declines goes through uvicorn's ordinary cycle. Keep-alive as uvicorn
     keeps it: HTTP/1.0 and `Connection: close` close after the answer, and the idle timer is armed
-    when the data at hand is done (never while an ASGI answer is still running).
+    when the data at hand is done (never while an ASGI answer is still running). uvicorn's
+    `limit_concurrency` counts ASGI tasks: a fast answer starts none and is never refused by it.
     """
 
     answered = 0  # requests of this process answered so (tests check that the fast path was taken)
