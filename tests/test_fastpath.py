@@ -497,3 +497,33 @@ def test_a_learnt_parameter_order_reads_queries_as_the_loop_does(first, spelling
     assert len(fastpath._kvp_shapes) == 1  # that order is learnt
     assert fastpath._kvp_request(other) == by_loop
     fastpath._kvp_shapes.clear()
+
+
+def test_the_idle_timer_never_cuts_an_answer_in_progress(tmp_path) -> None:
+    """A fast answer followed, on the same connection, by a request the ASGI cycle takes longer than
+    the keep-alive timeout to answer: the idle time starts only once that answer is sent."""
+    settings = make_settings(tmp_path)
+    Path(settings.data_dir).mkdir(parents=True)
+    store = PublicationStore(settings.resolved_store_url)
+    store.add_layer(parse_layer("S", layer_descriptor("SCAN1000")))
+    store.close()
+    with serving(settings, keep_alive=0.05) as address:
+        lim = _limits(address)
+        tile = request_bytes("GET", f"/wmts/1.0.0/S/normal/PM/10/{lim.min_row}/{lim.min_col}.png", {})
+        big_map = request_bytes("GET", "/wms?SERVICE=WMS&VERSION=1.3.0&REQUEST=GetMap&LAYERS=S&STYLES="
+                                "&CRS=EPSG:3857&BBOX=-20000,5000000,600000,5600000&WIDTH=2048&HEIGHT=2048"
+                                "&FORMAT=image/png", {})
+        raw = Raw(address)
+        raw.exchange(tile)  # warms the slab: the next tiles are answered at once
+        before = FastTileProtocol.answered
+        started = time.monotonic()
+        raw.send(tile + big_map)
+        assert raw.answer("GET")[0] == 200
+        status, _, body, _ = raw.answer("GET")
+        assert status == 200 and body.startswith(b"\x89PNG")
+        assert FastTileProtocol.answered - before == 1
+        print(f"map answered after {time.monotonic() - started:.2f} s with a 0.05 s keep-alive timeout")
+        sock = raw.open()  # and then the idle connection is closed
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+        raw.close()
