@@ -311,7 +311,8 @@ def comparable(answer: tuple[int, list[tuple[str, str]], bytes, bool]) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def on_and_off(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple[str, int], tuple[str, int], Any]]:
+def on_and_off(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple[str, int], tuple[str, int], str]]:
+    """Two servers over one store (an open layer S, a restricted R and a key for it): fast path on, off."""
     tmp = tmp_path_factory.mktemp("fast")
     settings = make_settings(tmp)
     Path(settings.data_dir).mkdir(parents=True)
@@ -321,8 +322,7 @@ def on_and_off(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple
     _, key = store.create_key("k", ["R"])
     store.close()
     with serving(settings) as on, serving(replace(settings, fast_tiles=False)) as off:
-        limits = ("S", key)
-        yield on, off, limits
+        yield on, off, key
 
 
 def _limits(address: tuple[str, int]) -> Any:
@@ -339,13 +339,15 @@ def _limits(address: tuple[str, int]) -> Any:
 
 @st.composite
 def _plain_tile_request(draw, lim) -> tuple[str, str, dict[str, str]]:
-    """A tile the fast path takes (an open layer, inside the limits), REST or KVP, GET or HEAD."""
+    """A tile inside the limits of S (which the fast path takes) or R (restricted: the route's), REST
+    or KVP, GET or HEAD."""
     row, col = draw(st.integers(lim.min_row, lim.max_row)), draw(st.integers(lim.min_col, lim.max_col))
+    layer = draw(st.sampled_from(["S", "S", "R"]))
     if draw(st.booleans()):
-        path = f"/wmts/1.0.0/S/normal/PM/10/{row}/{col}.png"
+        path = f"/wmts/1.0.0/{layer}/normal/PM/10/{row}/{col}.png"
     else:
         path = "/wmts?" + "&".join(draw(st.permutations(
-            ["SERVICE=WMTS", "REQUEST=GetTile", "VERSION=1.0.0", "LAYER=S", "STYLE=normal", "TILEMATRIXSET=PM",
+            ["SERVICE=WMTS", "REQUEST=GetTile", "VERSION=1.0.0", f"LAYER={layer}", "STYLE=normal", "TILEMATRIXSET=PM",
              "TILEMATRIX=10", f"TILEROW={row}", f"TILECOL={col}", "FORMAT=image%2Fpng"])))
     headers = {"If-None-Match": draw(st.sampled_from(["ETAG", "*", '"x"']))} if draw(st.booleans()) else {}
     return draw(st.sampled_from(["GET", "GET", "HEAD"])), path, headers
@@ -354,17 +356,18 @@ def _plain_tile_request(draw, lim) -> tuple[str, str, dict[str, str]]:
 def test_fast_path_on_and_off_answer_the_same_over_http(on_and_off) -> None:
     """Status, body, every header (but Date and the request id) and keep-alive, over sockets, between
     a server answering tiles below ASGI and one taking every request through the routed path."""
-    on, off, (_, key) = on_and_off
+    on, off, key = on_and_off
     lim = _limits(on)
     fast, routed = Raw(on), Raw(off)
     first = f"/wmts/1.0.0/S/normal/PM/10/{lim.min_row}/{lim.min_col}.png"
     etag = dict(fast.exchange(request_bytes("GET", first, {}))[1])["ETag"]
     before = FastTileProtocol.answered
+    seen: dict[tuple[int, bool], bool] = {}
 
     @settings(max_examples=200, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(request=st.one_of(_plain_tile_request(lim), _tile_request(lim)), version=st.sampled_from(["1.1"] * 8 + ["1.0"]),
-           close=st.sampled_from([False] * 8 + [True]), keyed=st.sampled_from([None] * 8 + ["header", "query"]),
+           close=st.sampled_from([False] * 8 + [True]), keyed=st.sampled_from([None] * 7 + ["header", "query"] * 2),
            body=st.sampled_from([b""] * 12 + [b"abc"]))
     def check(request, version, close, keyed, body) -> None:
         method, path, headers = request
@@ -380,6 +383,8 @@ def test_fast_path_on_and_off_answer_the_same_over_http(on_and_off) -> None:
         data = request_bytes(method, path, headers, version) + body
         routed_answer, fast_answer = routed.exchange(data, method), fast.exchange(data, method)
         assert comparable(fast_answer) == comparable(routed_answer), (method, path, headers, version)
+        restricted = "/R/" in path or "LAYER=R&" in path or path.endswith("LAYER=R")
+        seen[(fast_answer[0], restricted and keyed is not None)] = True
         if version == "1.0":
             assert fast_answer[3] and fast.sock is None  # HTTP/1.0: closed after the answer
 
@@ -388,6 +393,8 @@ def test_fast_path_on_and_off_answer_the_same_over_http(on_and_off) -> None:
     routed.close()
     # the drawn requests did reach the answers given below ASGI (a tile read twice is in the page cache)
     assert FastTileProtocol.answered - before >= 20
+    # tiles, validators, errors and a restricted layer's tiles with its key were all compared
+    assert {(200, False), (304, False), (400, False), (200, True)} <= seen.keys(), seen
 
 
 def test_pipelined_requests_keep_their_order(on_and_off) -> None:
