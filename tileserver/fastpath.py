@@ -38,7 +38,7 @@ from tileserver.http import CORS_HEADERS, canonical, etag_matches, etag_of, log_
 from tileserver.pyramid import ABSENT
 from tileserver.services.numbers import is_plain_index
 from tileserver.services.policy import ServiceError, check_payload, tile_headers
-from tileserver.services.tiles import TileAnswer, empty_tile, for_client, native_tile
+from tileserver.services.tiles import empty_tile, for_client, native_tile
 from tileserver.services.wmts_tiles import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
 from tileserver.storage.paths import Scheme, parse_path
 
@@ -133,7 +133,7 @@ class FastTiles:
         except ServiceError:  # no data (404 layers), storage failures: the route words them
             return False
         method = scope["method"]
-        status, body, etag, request_id = _validated(answer, asked.if_none_match)
+        status, body, etag, request_id = _validated(answer.body, asked.if_none_match)
         headers = list(route.headers)
         if answer.content_encoding:
             headers.append((b"Content-Encoding", answer.content_encoding.encode()))
@@ -171,13 +171,10 @@ class FastTiles:
         if body is None:
             return None
         route = asked.route
-        etag = etag_of(body)  # from here on as `_validated` and the ASGI answer above
-        request_id = next_request_id()
-        if asked.if_none_match is not None and etag_matches(asked.if_none_match, etag):
-            status, body = 304, b""
+        status, body, etag, request_id = _validated(body, asked.if_none_match)
+        if status == 304:  # the ASGI answer's headers above, as lines
             lines = route.lines_304 + b"ETag: %s\r\nX-Request-Id: %s\r\n" % (etag, request_id.encode())
         else:
-            status = 200
             lines = route.lines + b"ETag: %s\r\nContent-Length: %d\r\nX-Request-Id: %s\r\n" % (
                 etag, len(body), request_id.encode())
         log_access(request_id, method, path, query, status, len(body), started, secret_free=True)
@@ -309,9 +306,9 @@ class FastTiles:
                       pyramid, level, stored.compression)
 
 
-def _validated(answer: TileAnswer, if_none_match: bytes | None) -> tuple[int, bytes, bytes, str]:
-    """Status, body, ETag and request id of a tile answer, as `http.HttpBehaviour` gives them."""
-    body = answer.body
+def _validated(body: bytes, if_none_match: bytes | None) -> tuple[int, bytes, bytes, str]:
+    """Status, body, ETag and request id of a tile's body, as `http.HttpBehaviour` gives them; both
+    fast answers take them from here."""
     etag = etag_of(body)
     if if_none_match is not None and etag_matches(if_none_match, etag):
         return 304, b"", etag, next_request_id()
