@@ -325,9 +325,10 @@ class FastTileProtocol(HeaderTimeoutProtocol):
         self._fast = None
         self.server_state.total_requests += 1
         FastTileProtocol.answered += 1
-        if self.transport.is_closing():
+        transport = self._heads._transport  # names already canonical: past `_CanonicalHeads`
+        if transport.is_closing():
             return
-        self._heads._transport.writelines(answer)  # one writev, no copy of the body; names already canonical
+        transport.writelines(answer)  # one writev, no copy of the body
         if self._fast_close:
             self.transport.close()
         else:
