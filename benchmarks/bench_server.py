@@ -282,9 +282,12 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("TILESERVER_", "ROK4_", "AWS_"))}
 
 
-def start_tileserver(tmp: Path, nginx: Nginx | None, log_level: str) -> Server:
+def start_tileserver(tmp: Path, nginx: Nginx | None, log_level: str, settings: list[str] | None = None) -> Server:
     port = free_port(HOST)
     env = _clean_env()
+    for setting in settings or []:  # --setting fast_tiles=false → TILESERVER_FAST_TILES=false
+        name, _, value = setting.partition("=")
+        env["TILESERVER_" + name.strip().upper()] = value.strip()
     env.update(TILESERVER_DATA_DIR=str(tmp / "data"), TILESERVER_ADMIN_TOKEN=TOKEN, TILESERVER_DEMO="false",
                TILESERVER_ADMIN_ROOTS="*")  # the benchmark's own pyramids, wherever --workdir puts them
     if nginx is not None:
@@ -607,6 +610,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-profile", metavar="FILE", help="copy py-spy's collapsed stacks there")
     parser.add_argument("--workdir", type=Path, help="keep the synthetic pyramid there and reuse it next time")
     parser.add_argument("--no-results", action="store_true", help=f"do not write {RESULTS.name}")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a tileserver setting for the served process, e.g. fast_tiles=false (repeatable)")
     return parser.parse_args(argv)
 
 
@@ -648,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(c.storage == "S3" for c in cases):
             nginx = Nginx(layout.s3_root, binary=tools["nginx"]).start()
         print("starting tileserver serve and the bare starlette app ...", file=sys.stderr, flush=True)
-        tileserver = start_tileserver(tmp, nginx, args.log_level)
+        tileserver = start_tileserver(tmp, nginx, args.log_level, args.setting)
         publish(tileserver, layout, sorted({c.storage for c in cases}))
         bare = start_bare(tmp, expected)
         check_and_warm([bare, tileserver], cases, expected, layout, args.urls)

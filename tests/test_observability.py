@@ -213,3 +213,64 @@ async def test_the_grafana_dashboard_uses_metrics_the_server_exposes(tmp_path):
         if family.type == "histogram":
             exposed.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
     assert used <= exposed, used - exposed
+
+
+def test_tiles_answered_below_asgi_are_logged_and_counted(tmp_path, caplog):
+    """`tileserver serve`'s protocol answers page-cached tiles without an ASGI cycle: each still has its
+    access line (with the request id it carried) and counts in /metrics like any other request."""
+    import threading
+
+    import uvicorn
+
+    from tileserver.app import create_app
+    from tileserver.server_cli import FastTileProtocol, uvicorn_options
+
+    settings = make_settings(tmp_path)
+    Path(settings.data_dir).mkdir(parents=True)
+    store = PublicationStore(settings.resolved_store_url)
+    store.add_layer(parse_layer("S", layer_descriptor("SCAN1000")))
+    store.close()
+    port = free_port()
+    options = {k: v for k, v in uvicorn_options(settings).items() if k not in ("host", "port", "workers")}
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on", **options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    caplog.set_level("INFO", logger="tileserver.access")
+    try:
+        capabilities = httpx.get(f"{base}/wmts?SERVICE=WMTS&REQUEST=GetCapabilities").text
+        row, col = re.search(r"<TileMatrix>10</TileMatrix>\s*<MinTileRow>(\d+)</MinTileRow>\s*<MaxTileRow>\d+"
+                             r"</MaxTileRow>\s*<MinTileCol>(\d+)</MinTileCol>", capabilities).groups()
+        rest = f"/wmts/1.0.0/S/normal/PM/10/{row}/{col}.png"
+        kvp = ("/wmts?SERVICE=WMTS&REQUEST=GetTile&VERSION=1.0.0&LAYER=S&STYLE=normal&TILEMATRIXSET=PM"
+               f"&TILEMATRIX=10&TILEROW={row}&TILECOL={col}&FORMAT=image/png")
+        with httpx.Client(base_url=base) as client:
+            assert client.get(rest).status_code == 200  # opens the slab and caches its index (ASGI)
+            before = _scrape(base)
+            answered = FastTileProtocol.answered
+            tiles = [client.get(url) for url in (rest, kvp, rest)]
+            etag = tiles[0].headers["etag"]
+            tiles.append(client.get(rest, headers={"If-None-Match": etag}))
+            assert [t.status_code for t in tiles] == [200, 200, 200, 304]
+            assert FastTileProtocol.answered - answered == 4  # all four below ASGI
+            after = _scrape(base)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert value(after, "tileserver_requests_total", service="wmts", status="200") - value(
+        before, "tileserver_requests_total", service="wmts", status="200") == 3
+    assert value(after, "tileserver_requests_total", service="wmts", status="304") - value(
+        before, "tileserver_requests_total", service="wmts", status="304") == 1
+    assert value(after, "tileserver_request_duration_seconds_count", service="wmts") - value(
+        before, "tileserver_request_duration_seconds_count", service="wmts") == 4
+    lines = {record.getMessage().split(" ")[0]: record.getMessage() for record in caplog.records
+             if record.name == "tileserver.access"}
+    for tile in tiles:
+        line = lines[tile.headers["x-request-id"]]
+        assert " GET /wmts" in line and f" {tile.status_code} " in line, line
+    assert "?SERVICE=WMTS&REQUEST=GetTile" in lines[tiles[1].headers["x-request-id"]]

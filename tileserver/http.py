@@ -14,6 +14,7 @@ import os
 import re
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -78,9 +79,32 @@ def redacted_query(query: bytes) -> str:
     return _SECRET_PARAMS.sub(rb"\1***", query).decode("latin-1")
 
 
+def _fast_crc32() -> Callable[[bytes], int]:
+    """The same CRC-32 as zlib's, from zlib-ng or libdeflate (bundled by imagecodecs): ~0.9 µs for a
+    15 KB tile where the system zlib takes ~4 µs. zlib's own for small bodies (the call costs ~0.6 µs)."""
+    try:
+        import imagecodecs
+    except ImportError:  # pragma: no cover - imagecodecs is a dependency
+        return zlib.crc32
+    for name in ("zlibng_crc32", "deflate_crc32"):
+        crc = getattr(imagecodecs, name, None)
+        if crc is not None:
+            try:
+                if crc(b"tileserver") == zlib.crc32(b"tileserver"):
+                    return crc
+            except Exception:  # a build without that codec
+                continue
+    return zlib.crc32
+
+
+_crc32 = _fast_crc32()
+_SMALL = 4096  # below this zlib's crc32 is as fast as any
+
+
 def etag_of(body: bytes) -> bytes:
-    """Weak validator from length and CRC-32: 4 µs for a 15 KB tile where blake2b took 16 µs (benchmarked)."""
-    return b'W/"%x-%08x"' % (len(body), zlib.crc32(body))
+    """Weak validator from length and CRC-32 (blake2b took 16 µs for a 15 KB tile): one function for
+    every route and the fast path, so a tile has one ETag whichever path answered it."""
+    return b'W/"%x-%08x"' % (len(body), zlib.crc32(body) if len(body) < _SMALL else _crc32(body))
 
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
