@@ -173,9 +173,16 @@ def test_serve_with_two_workers_json_logs_and_summed_metrics(tmp_path):
             assert len(ids) < 500, "one worker answered every request"
         missing = httpx.get(f"{base}/wmts/1.0.0/NOPE/normal/PM/10/0/0.png")
         assert missing.status_code in (400, 404)
-        for _ in range(4):  # whichever worker answers, it reports every worker's requests
+        def counted() -> float:
             found = samples(httpx.get(f"{base}/metrics", headers=TOKEN).text)
-            assert value(found, "tileserver_requests_total", service="health", status="200") == len(ids)
+            return value(found, "tileserver_requests_total", service="health", status="200")
+
+        # a request is counted once its answer is sent: the last one may still be on its way
+        settle = time.time() + 10
+        while counted() != len(ids) and time.time() < settle:
+            time.sleep(0.1)
+        for _ in range(4):  # whichever worker answers, it reports every worker's requests
+            assert counted() == len(ids)
         time.sleep(1.5)  # the access buffer is flushed every second
     finally:
         proc.terminate()
