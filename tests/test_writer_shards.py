@@ -36,6 +36,9 @@ async def test_shards_and_finish_equal_a_single_run(tmp_path):
         reports = await asyncio.gather(*(build_async(SOURCE, out, "P", OPTIONS, storage, shard=(k, 3))
                                          for k in range(3)))
         assert all(r["slabs"] > 0 for r in reports)
+        # each shard also built the upper slabs whose every child is its own; the finish step
+        # (which skips what the merged journals hold) does only what straddles shards
+        assert all(r["upper_slabs"] > 0 for r in reports)
         assert not (tmp_path / "many" / "P.json").exists()  # only the finishing step writes it
         await build_async(SOURCE, out, "P", OPTIONS, storage, finish=3)
     assert _tree(tmp_path / "many") == _tree(tmp_path / "one")

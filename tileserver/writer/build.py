@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -27,7 +27,16 @@ from .engine import PyramidWriter
 from .errors import WriterError
 from .journal import Journal
 from .options import BuildOptions
-from .plan import BBox, parent_slabs, select_levels, shard_share, slab_bbox, slabs_for_bbox, source_footprint
+from .plan import (
+    BBox,
+    Slab,
+    parent_slabs,
+    select_levels,
+    shard_share,
+    slab_bbox,
+    slabs_for_bbox,
+    source_footprint,
+)
 from .progress import Progress
 from .reduce import child_slabs
 from .sources import SourceInfo, open_source
@@ -105,18 +114,20 @@ async def compute_upper_levels(writer: PyramidWriter, upper_filter: str, backgro
 
 
 async def compute_upper_level(writer: PyramidWriter, child: TileMatrix, parent: TileMatrix, upper_filter: str,
-                              background: Any = None) -> None:
+                              background: Any = None, only: set[Slab] | None = None) -> None:
     """One level from the level below it.
 
     `background` (updates) says which parent slabs to recompute (`parents_to_compute`) and
     supplies previous versions of slabs (`slab(level, col, row)`): the parent's own, merged under
-    the result, and the children this run did not recompute.
+    the result, and the children this run did not recompute. `only`: the parents a shard owns.
     """
     layout = writer.layout(parent)
     below = writer.written(child.id)
     targets = parent_slabs(child, parent, below, layout.tiles_per_width, layout.tiles_per_height)
     if background is not None:
         targets = background.parents_to_compute(child, parent, targets)
+    if only is not None:
+        targets &= only
 
     async def load_child(c: int, r: int) -> tasks.StoredSlab | None:
         record = writer.journal.get(child.id, c, r)
@@ -144,6 +155,25 @@ async def compute_upper_level(writer: PyramidWriter, child: TileMatrix, parent: 
         return await writer.compute(task)
 
     await writer.run_level(parent, targets, compute)
+
+
+async def compute_shard_upper_levels(writer: PyramidWriter, bottom: set[Slab], share: Iterable[Slab],
+                                     upper_filter: str) -> None:
+    """A shard also builds the upper slabs whose every possible child is its own (its blocks' parents),
+    so that the finish step only computes what straddles shards: without this the upper levels run
+    in one process after the shards, and two workers could not build a pyramid much faster than one.
+    A parent is owned when all its candidate children (the slabs the whole build could write there)
+    are owned below; the finish step skips the slabs the merged journals already hold."""
+    candidates, owned = set(bottom), set(share)
+    for child, parent in zip(writer.matrices, writer.matrices[1:], strict=False):
+        layout = writer.layout(parent)
+        parents = parent_slabs(child, parent, candidates, layout.tiles_per_width, layout.tiles_per_height)
+        mine = {p for p in parents
+                if all(c in owned for c in child_slabs(parent, child, layout, *p) if c in candidates)}
+        if not mine:
+            return
+        await compute_upper_level(writer, child, parent, upper_filter, only=mine)
+        candidates, owned = parents, mine
 
 
 async def wait_for_shards(writer: PyramidWriter, count: int, wait: float) -> None:
@@ -210,11 +240,14 @@ async def build_async(sources: Sequence[str], output: str, name: str, options: B
                 return await writer.compute(task)
 
             await writer.run_level(bottom, share, compute)
+            if shard is not None:
+                await compute_shard_upper_levels(writer, slabs, share, options.upper_filter)
         if shard is not None:
             await writer.journal.finish()
             records = list(writer.journal.records())
             return {"shard": f"{shard[0]}/{shard[1]}", "level": bottom.id,
-                    "slabs": sum(1 for r in records if r.status == "D"),
+                    "slabs": sum(1 for r in records if r.status == "D" and r.level == bottom.id),
+                    "upper_slabs": sum(1 for r in records if r.status == "D" and r.level != bottom.id),
                     "empty": sum(1 for r in records if r.status == "E"),
                     "size": sum(r.size for r in records)}
         await compute_upper_levels(writer, options.upper_filter)
