@@ -181,12 +181,13 @@ class S3Backend(Backend):
         if time.monotonic() >= self._recheck_at:
             credentials = await self._refresh_credentials()
         if credentials is not None:
-            headers = self._signer.sign(credentials, method, self._host, uri, range_header)
+            head = self._signer.request_head(credentials, method, self._host, uri, range_header)
         else:
-            headers = {"Range": range_header} if range_header else {}
-        headers["Accept-Encoding"] = "identity"
+            range_line = f"Range: {range_header}\r\n" if range_header else ""
+            head = (f"{method} {uri} HTTP/1.1\r\nHost: {self._host}\r\n{range_line}"
+                    "Accept-Encoding: identity\r\n\r\n").encode("latin-1")
         try:
-            return await self._reads.request(method, uri, headers, budget)
+            return await self._reads.send(head, method == "HEAD", budget)
         except Exception as exc:  # classified right here
             _transport_failure(exc, what)
 

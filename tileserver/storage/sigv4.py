@@ -38,6 +38,8 @@ class SigV4Signer:
         self._scope_tail = f"/{region}/{service}/aws4_request"
         self._key_for: tuple[str, str] | None = None
         self._key = b""
+        self._credential_for: tuple[str, str] | None = None
+        self._credential = ""  # "AWS4-HMAC-SHA256 Credential=<access key>/<day>/<region>/<service>/aws4_request"
         self._second = -1
         self._amz_date = ""
 
@@ -104,3 +106,48 @@ class SigV4Signer:
         if token:
             headers["X-Amz-Security-Token"] = token
         return headers
+
+    def request_head(
+        self,
+        credentials: Credentials,
+        method: str,
+        host: str,
+        uri: str,
+        range_header: str | None = None,
+        amz_date: str | None = None,
+    ) -> bytes:
+        """The whole signed request head (request line, Host, Range, x-amz-*, Authorization,
+        ``Accept-Encoding: identity``, blank line) as bytes to write: what `sign` returns, with no
+        dict in between. Same arguments as `sign`; `uri` is also the request target."""
+        amz_date = amz_date or self._now()
+        day = amz_date[:8]
+        token = credentials.token
+        if range_header is not None:
+            range_line = f"Range: {range_header}\r\n"
+            canonical = (f"{method}\n{uri}\n\nhost:{host}\nrange:{range_header}\n"
+                         f"x-amz-content-sha256:{EMPTY_SHA256}\nx-amz-date:{amz_date}\n")
+            signed = "host;range;x-amz-content-sha256;x-amz-date"
+        else:
+            range_line = ""
+            canonical = (f"{method}\n{uri}\n\nhost:{host}\n"
+                         f"x-amz-content-sha256:{EMPTY_SHA256}\nx-amz-date:{amz_date}\n")
+            signed = "host;x-amz-content-sha256;x-amz-date"
+        if token:
+            canonical += f"x-amz-security-token:{token}\n"
+            signed += ";x-amz-security-token"
+            token_line = f"X-Amz-Security-Token: {token}\r\n"
+        else:
+            token_line = ""
+        canonical += f"\n{signed}\n{EMPTY_SHA256}"
+        scope = day + self._scope_tail
+        string_to_sign = f"{ALGORITHM}\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        key = self._signing_key(credentials.secret_key, day)
+        signature = hmac.digest(key, string_to_sign.encode(), "sha256").hex()
+        if self._credential_for != (credentials.access_key, day):
+            self._credential = f"{ALGORITHM} Credential={credentials.access_key}/{scope}"
+            self._credential_for = (credentials.access_key, day)
+        return (
+            f"{method} {uri} HTTP/1.1\r\nHost: {host}\r\n{range_line}X-Amz-Content-SHA256: {EMPTY_SHA256}\r\n"
+            f"X-Amz-Date: {amz_date}\r\n{token_line}Authorization: {self._credential}, SignedHeaders={signed}, "
+            f"Signature={signature}\r\nAccept-Encoding: identity\r\n\r\n"
+        ).encode("latin-1")
