@@ -301,3 +301,50 @@ def test_the_signing_key_follows_the_day_and_the_secret(monkeypatch: pytest.Monk
         assert request.headers["X-Amz-Date"] == amz_date
         head = signer.request_head(Credentials("AK", secret), "GET", "h", "/b/k", amz_date=amz_date)
         assert f"Authorization: {request.headers['Authorization']}\r\n".encode() in head
+
+
+async def test_an_answer_split_over_several_reads():
+    """Head and body in separate TCP reads take the buffered way; in one read, the direct one."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                for part in (b"HTTP/1.1 206 Partial", b" Content\r\nContent-Length: 6\r\n\r\nab", b"cdef"):
+                    writer.write(part)
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        http = client(server.sockets[0].getsockname()[1])
+        for _ in range(2):
+            assert (await http.request("GET", "/x", {}))[:2] == (206, b"abcdef")
+        await http.close()
+    finally:
+        server.close()
+
+
+async def test_waiting_requests_that_give_up_free_their_place():
+    """Cancelled or timed-out waiters for a slot leave the queue; the slot is not lost."""
+    async with Scripted(lambda n, _: b"HTTP/1.1 200 OK\r\n" if n == 1 else b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1") as server:
+        http = client(server.port, limit=1)
+        stalled = asyncio.create_task(http.request("GET", "/stalls", {}, timeout=0.5))
+        await asyncio.sleep(0.05)
+        cancelled = asyncio.create_task(http.request("GET", "/cancelled", {}))
+        waiting = asyncio.create_task(http.request("GET", "/waits", {}, timeout=3.0))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        with pytest.raises(TimeoutError):
+            await http.request("GET", "/gives-up", {}, timeout=0.05)
+        with pytest.raises(TimeoutError):
+            await stalled
+        assert (await waiting)[1] == b"1"  # got the slot the stalled request freed
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert (http._busy, len(http._queue)) == (0, 0)
+        assert (await http.request("GET", "/then", {}))[1] == b"1"
+        await http.close()

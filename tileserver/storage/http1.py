@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -116,13 +117,38 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self._buffer += data
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            try:
-                self._advance()
-            except HttpError as exc:
-                self._fail(exc)
+        if waiter is None or waiter.done():
+            self._buffer += data
+            return
+        if not self._buffer and self._whole(data):
+            return
+        self._buffer += data
+        try:
+            self._advance()
+        except HttpError as exc:
+            self._fail(exc)
+
+    def _whole(self, data: bytes) -> bool:
+        """The whole answer came in this one read (a tile, usually): answered straight from `data`,
+        which is never copied into the buffer. False: nothing done, take the buffered way."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        try:
+            self._parse_head(data[:end])
+        except HttpError:
+            return False  # raised again by the buffered way
+        if self._status >= 200:
+            if self._head_only or self._status in (204, 304):
+                self._done(b"")
+                return True
+            start, n = end + 4, self._length
+            if n >= 0 and len(data) - start >= n:
+                self._done(data[start : start + n])
+                return True
+        self._head = None
+        return False
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -293,7 +319,8 @@ class Http1Client:
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._idle: list[_Connection] = []
-        self._slots: asyncio.Semaphore | None = None
+        self._busy = 0  # requests holding a connection slot
+        self._queue: deque[asyncio.Future[None]] = deque()  # requests waiting for one, first come first served
 
     async def request(self, method: str, target: str, headers: Mapping[str, str],
                       timeout: float | None = None) -> tuple[int, bytes, Headers]:
@@ -314,14 +341,10 @@ class Http1Client:
         `host_header`); otherwise as `request`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._timeout if timeout is None else timeout)
-        slots = self._slots
-        if slots is None:
-            slots = self._slots = asyncio.Semaphore(self._limit)
-        if slots.locked():  # every connection busy: wait for one, within the deadline
-            async with asyncio.timeout_at(deadline):
-                await slots.acquire()
+        if self._busy < self._limit and not self._queue:
+            self._busy += 1
         else:
-            await slots.acquire()
+            await self._wait_for_slot(loop, deadline)
         try:
             for attempt in (1, 2):
                 connection = self._take_idle()
@@ -344,8 +367,35 @@ class Http1Client:
                     connection.close()
                 return status, body, answer_headers
         finally:
-            slots.release()
+            self._release()
         raise AssertionError("unreachable")
+
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Every connection is busy: queue until `_release` hands this request a slot, or the deadline."""
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._queue.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # handed a slot just as it gave up: pass it on
+                self._release()
+            else:
+                try:
+                    self._queue.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+
+    def _release(self) -> None:
+        """A request is done with its slot: hand it to the first one waiting, else free it."""
+        queue = self._queue
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on: `_busy` unchanged
+                return
+        self._busy -= 1
 
     @property
     def host_header(self) -> str:
