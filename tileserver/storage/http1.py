@@ -2,8 +2,11 @@
 
 Every tile on S3 is one ranged GET. Through aiohttp that request cost ~90 µs of CPU on the event
 loop (request and response objects, multidicts, stream readers, timers); this client spends a
-fraction of that: one asyncio Protocol per connection, the request written as one bytes object,
-the response parsed from one buffer (benchmarks/RESULTS.md). It does only what the read path needs:
+fraction of that: one asyncio Protocol per connection, the request written as one bytes object
+(`send` takes it ready-made from the signer), the answer parsed straight from the read that holds
+it, headers beyond the framing ones parsed only when asked for, and no timer per request (a
+deadline per connection, checked by one lazily re-armed timer); benchmarks/RESULTS.md, "S3 read
+path". It does only what the read path needs:
 no redirects, no proxies, no compression, no request bodies. Writes, listings and credentials stay
 with aiobotocore.
 """

@@ -1,8 +1,8 @@
 """S3 backend, one per cluster: aiobotocore for the control plane, a lean signed GET for tiles.
 
 aiobotocore (credentials, PUT, DELETE, ListObjectsV2) costs about 1 ms of CPU per call, which
-would cap the tile path near 900 reads/s. Reads and HEADs therefore go over the router's shared
-aiohttp session, signed by `sigv4.SigV4Signer` (~5 µs against ~90 µs for botocore's signer) with
+would cap the tile path near 900 reads/s. Reads and HEADs therefore go over this cluster's own
+kept-alive connections (http1.py), signed by `sigv4.SigV4Signer` (~5 µs against ~90 µs for botocore's signer) with
 credentials taken from the aiobotocore session and re-checked every minute so refreshable ones
 (instance roles, SSO) are renewed before they expire.
 """

@@ -3,7 +3,8 @@
 botocore's signer rebuilds an AWSRequest, header maps and four HMACs for every request. Here the
 derived signing key is cached per (secret, day), the date string per second, and the canonical
 request is one f-string: the result is byte-identical to ``botocore.auth.S3SigV4Auth`` (checked
-in tests/test_storage.py, and end to end by moto with IAM authentication on).
+in tests/test_storage.py and tests/test_http1.py, and end to end by moto with IAM authentication
+on). `request_head` writes the signed request straight as the bytes to send.
 """
 
 from __future__ import annotations
