@@ -130,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    machine = machine_summary()  # with the load average before the run
     tools = ensure_commands({"nginx": "nginx-light", "wrk": "wrk"})
     if not tools["wrk"] or not tools["nginx"]:
         print("!! wrk and nginx are required: apt-get install -y wrk nginx-light", file=sys.stderr)
@@ -181,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     cli = sys.argv[1:] if argv is None else argv
     command = " ".join([".venv/bin/python benchmarks/bench_s3.py", *map(shlex.quote, map(str, cli))])
-    print(f"\nCommand: `{command}` ({time.perf_counter() - started:.0f} s). Machine: {machine_summary()}. "
-          f"Load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
-          f"after: {' '.join(f'{x:.2f}' for x in load_after)}. wrk -t{args.threads} -c{args.connections}, "
+    print(f"\nCommand: `{command}` ({time.perf_counter() - started:.0f} s). Machine: {machine}. "
+          f"Load average (1/5/15 min) once the servers were up: {' '.join(f'{x:.2f}' for x in load_before)}, "
+          f"after the measured rounds: {' '.join(f'{x:.2f}' for x in load_after)}. wrk -t{args.threads} -c{args.connections}, "
           f"{args.seconds:g} s per row in {args.rounds} interleaved rounds.\n")
     print(report(runs))
     if profile_text:
