@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = sys.argv[1:] if argv is None else argv
     command = " ".join([".venv/bin/python benchmarks/bench_s3.py", *map(shlex.quote, map(str, cli))])
     print(f"\nCommand: `{command}` ({time.perf_counter() - started:.0f} s). Machine: {machine}. "
-          f"Load average (1/5/15 min) once the servers were up: {' '.join(f'{x:.2f}' for x in load_before)}, "
+          f"Load average (1/5/15 min) at the start: {' '.join(f'{x:.2f}' for x in load_before)}, "
           f"after the measured rounds: {' '.join(f'{x:.2f}' for x in load_after)}. wrk -t{args.threads} -c{args.connections}, "
           f"{args.seconds:g} s per row in {args.rounds} interleaved rounds.\n")
     print(report(runs))
