@@ -3,7 +3,8 @@
 botocore's signer rebuilds an AWSRequest, header maps and four HMACs for every request. Here the
 derived signing key is cached per (secret, day), the date string per second, and the canonical
 request is one f-string: the result is byte-identical to ``botocore.auth.S3SigV4Auth`` (checked
-in tests/test_storage.py, and end to end by moto with IAM authentication on).
+in tests/test_storage.py and tests/test_http1.py, and end to end by moto with IAM authentication
+on). `request_head` writes the signed request straight as the bytes to send.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class SigV4Signer:
         self._scope_tail = f"/{region}/{service}/aws4_request"
         self._key_for: tuple[str, str] | None = None
         self._key = b""
+        self._mac = hmac.new(b"", digestmod=hashlib.sha256)  # keyed with `_key`: copied per signature
+        self._credential_for: tuple[str, str] | None = None
+        self._credential = ""  # "AWS4-HMAC-SHA256 Credential=<access key>/<day>/<region>/<service>/aws4_request"
         self._second = -1
         self._amz_date = ""
 
@@ -54,8 +58,17 @@ class SigV4Signer:
             k = hmac.digest(k, self.region.encode(), "sha256")
             k = hmac.digest(k, self.service.encode(), "sha256")
             self._key = hmac.digest(k, b"aws4_request", "sha256")
+            self._mac = hmac.new(self._key, digestmod=hashlib.sha256)
             self._key_for = (secret, day)
         return self._key
+
+    def _signature(self, secret: str, day: str, string_to_sign: str) -> bytes:
+        """HMAC-SHA256 with the day's signing key, from a copy of a MAC already keyed (OpenSSL 3
+        spends more on setting a key up than on hashing a string to sign: 0.9 µs against 1.5 µs)."""
+        self._signing_key(secret, day)
+        mac = self._mac.copy()
+        mac.update(string_to_sign.encode())
+        return mac.digest()
 
     def sign(
         self,
@@ -89,7 +102,7 @@ class SigV4Signer:
         string_to_sign = (
             f"{ALGORITHM}\n{amz_date}\n{scope}\n{hashlib.sha256(canonical_request.encode()).hexdigest()}"
         )
-        signature = hmac.digest(self._signing_key(credentials.secret_key, day), string_to_sign.encode(), "sha256")
+        signature = self._signature(credentials.secret_key, day, string_to_sign)
         headers = {
             "Host": host,
             "X-Amz-Content-SHA256": EMPTY_SHA256,
@@ -104,3 +117,47 @@ class SigV4Signer:
         if token:
             headers["X-Amz-Security-Token"] = token
         return headers
+
+    def request_head(
+        self,
+        credentials: Credentials,
+        method: str,
+        host: str,
+        uri: str,
+        range_header: str | None = None,
+        amz_date: str | None = None,
+    ) -> bytes:
+        """The whole signed request head (request line, Host, Range, x-amz-*, Authorization,
+        ``Accept-Encoding: identity``, blank line) as bytes to write: what `sign` returns, with no
+        dict in between. Same arguments as `sign`; `uri` is also the request target."""
+        amz_date = amz_date or self._now()
+        day = amz_date[:8]
+        token = credentials.token
+        if range_header is not None:
+            range_line = f"Range: {range_header}\r\n"
+            canonical = (f"{method}\n{uri}\n\nhost:{host}\nrange:{range_header}\n"
+                         f"x-amz-content-sha256:{EMPTY_SHA256}\nx-amz-date:{amz_date}\n")
+            signed = "host;range;x-amz-content-sha256;x-amz-date"
+        else:
+            range_line = ""
+            canonical = (f"{method}\n{uri}\n\nhost:{host}\n"
+                         f"x-amz-content-sha256:{EMPTY_SHA256}\nx-amz-date:{amz_date}\n")
+            signed = "host;x-amz-content-sha256;x-amz-date"
+        if token:
+            canonical += f"x-amz-security-token:{token}\n"
+            signed += ";x-amz-security-token"
+            token_line = f"X-Amz-Security-Token: {token}\r\n"
+        else:
+            token_line = ""
+        canonical += f"\n{signed}\n{EMPTY_SHA256}"
+        scope = day + self._scope_tail
+        string_to_sign = f"{ALGORITHM}\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        signature = self._signature(credentials.secret_key, day, string_to_sign).hex()
+        if self._credential_for != (credentials.access_key, day):
+            self._credential = f"{ALGORITHM} Credential={credentials.access_key}/{scope}"
+            self._credential_for = (credentials.access_key, day)
+        return (
+            f"{method} {uri} HTTP/1.1\r\nHost: {host}\r\n{range_line}X-Amz-Content-SHA256: {EMPTY_SHA256}\r\n"
+            f"X-Amz-Date: {amz_date}\r\n{token_line}Authorization: {self._credential}, SignedHeaders={signed}, "
+            f"Signature={signature}\r\nAccept-Encoding: identity\r\n\r\n"
+        ).encode("latin-1")
