@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import pytest
 from test_writer_build import _tree
@@ -25,6 +26,17 @@ def test_shares_partition_the_slabs():
     assert sorted(s for share in shares for s in share) == sorted(slabs)
     assert all(len(share) > 300 for share in shares)
     assert shard_share(slabs, 1, 3) == shares[1]  # deterministic
+
+
+def test_shares_keep_quadtree_parents_whole():
+    """Blocks are aligned squares of 2^k slabs: every parent's four children fall in one share (so
+    the shard builds the parent too), even with as few as 16 slabs for 2 shards."""
+    slabs = {(c, r) for c in range(8, 12) for r in range(4, 8)}
+    owner = {s: k for k in range(2) for s in shard_share(slabs, k, 2)}
+    assert sorted(Counter(owner.values()).values()) == [8, 8]
+    for pc in range(4, 6):
+        for pr in range(2, 4):
+            assert len({owner[(2 * pc + dc, 2 * pr + dr)] for dc in (0, 1) for dr in (0, 1)}) == 1
 
 
 async def test_shards_and_finish_equal_a_single_run(tmp_path):

@@ -186,11 +186,15 @@ def _segments_cross(a: tuple[float, float], b: tuple[float, float], c: tuple[flo
 def shard_share(slabs: Iterable[Slab], shard: int, count: int) -> list[Slab]:
     """Shard `shard` of `count`: blocks of neighbouring slabs dealt round-robin, in a fixed order.
 
-    Blocks are up to 8×8 slabs (fewer parents straddle shards), smaller when there are too few
-    slabs for every shard to get several blocks.
+    Blocks are squares of 2^k slabs aligned on multiples of their side, up to 8×8: in a quadtree
+    their parents then lie in one block of the level above, so a shard can build those too
+    (`build.compute_shard_upper_levels`) and fewer parents straddle shards. Smaller when there
+    are too few slabs for every shard to get at least two blocks.
     """
     ordered = sorted(set(slabs), key=lambda s: (s[1], s[0]))
-    side = max(1, min(_SHARD_BLOCK, int(math.sqrt(len(ordered) / (4 * count)))))
+    side = 1
+    while side < _SHARD_BLOCK and len(ordered) / (2 * side) ** 2 >= 2 * count:
+        side *= 2
     blocks: dict[Slab, list[Slab]] = {}
     for col, row in ordered:
         blocks.setdefault((col // side, row // side), []).append((col, row))
