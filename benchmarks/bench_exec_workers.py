@@ -1,6 +1,6 @@
 """One pyramid built by 1 and by 2 `tileserver worker`s (issue 17): the bottom level in N shards.
 
-    .venv/bin/python benchmarks/bench_exec_workers.py [--size 4096] [--bottom 17] [--top 16] [--runs 1] [--url postgresql://…]
+    .venv/bin/python benchmarks/bench_exec_workers.py [--size 8192] [--bottom 17] [--top 15] [--runs 1] [--url postgresql://…]
 
 A server with no local workers and N workers (`--jobs 1`, `worker_shards` N) on one PostgreSQL
 store (a throwaway cluster, tests/pgserver.py, unless --url) and one data directory;
@@ -156,9 +156,9 @@ def run(store_url: str, workers: int, bottom: str, top: str, sources: list[Path]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=4096, help="source image side, pixels (1 m each)")
+    parser.add_argument("--size", type=int, default=8192, help="source image side, pixels (1 m each)")
     parser.add_argument("--bottom", default="17")
-    parser.add_argument("--top", default="16")
+    parser.add_argument("--top", default="15")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--url", help="an existing PostgreSQL server (postgresql://user@host:port)")
     args = parser.parse_args()
