@@ -30,45 +30,29 @@ PROJECT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from bench_server import (  # noqa: E402
-    HOST,
     LAYERS,
-    S3_KEY,
-    S3_SECRET,
-    TOKEN,
     Case,
     Run,
     Server,
-    _clean_env,
     check_and_warm,
     drive,
     publish,
     py_spy_binary,
     pyramid,
     rest_url,
+    start_tileserver,
     summarize_stacks,
     tile_bytes,
     write_script,
 )
-from common import Nginx, ensure_commands, fmt, fmt_int, format_table, free_port, machine_summary, run_wrk  # noqa: E402
+from common import Nginx, ensure_commands, fmt, fmt_int, format_table, machine_summary, run_wrk  # noqa: E402
 
 
 def start(label: str, tree: Path, tmp: Path, nginx: Nginx, log_level: str) -> Server:
     """`tileserver serve` with `tree` first on PYTHONPATH (its own data dir and log)."""
-    port = free_port(HOST)
     own = tmp / label.replace(" ", "-")
     own.mkdir()
-    env = _clean_env()
-    env.update(TILESERVER_DATA_DIR=str(own / "data"), TILESERVER_ADMIN_TOKEN=TOKEN, TILESERVER_DEMO="false",
-               TILESERVER_ADMIN_ROOTS="*", ROK4_S3_URL=nginx.url, ROK4_S3_KEY=S3_KEY, ROK4_S3_SECRETKEY=S3_SECRET,
-               PYTHONPATH=os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    cmd = [sys.executable, "-c", "import sys; from tileserver.cli import main; sys.exit(main())", "serve",
-           "--host", HOST, "--port", str(port), "--workers", "1", "--no-demo", "--log-level", log_level]
-    log = own / "tileserver.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=own)
-    server = Server(label, process, port, log)
-    server.ready("/healthcheck")
-    return server
+    return start_tileserver(own, nginx, log_level, tree=tree, label=label)
 
 
 def profile(run: Run, seconds: float, args: argparse.Namespace, wrk: str, tmp: Path) -> str:

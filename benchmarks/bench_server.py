@@ -282,7 +282,10 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("TILESERVER_", "ROK4_", "AWS_"))}
 
 
-def start_tileserver(tmp: Path, nginx: Nginx | None, log_level: str, settings: list[str] | None = None) -> Server:
+def start_tileserver(tmp: Path, nginx: Nginx | None, log_level: str, settings: list[str] | None = None,
+                     tree: Path | None = None, label: str = "tileserver") -> Server:
+    """`tileserver serve`, one worker, data and log under `tmp`; `tree`: a source tree put first on
+    PYTHONPATH (another version of tileserver, measured side by side)."""
     port = free_port(HOST)
     env = _clean_env()
     for setting in settings or []:  # --setting fast_tiles=false → TILESERVER_FAST_TILES=false
@@ -292,14 +295,16 @@ def start_tileserver(tmp: Path, nginx: Nginx | None, log_level: str, settings: l
                TILESERVER_ADMIN_ROOTS="*")  # the benchmark's own pyramids, wherever --workdir puts them
     if nginx is not None:
         env.update(ROK4_S3_URL=nginx.url, ROK4_S3_KEY=S3_KEY, ROK4_S3_SECRETKEY=S3_SECRET)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     script = Path(sys.executable).parent / "tileserver"
-    program = [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from tileserver.cli import main; sys.exit(main())"]
+    program = [str(script)] if script.exists() and tree is None else [sys.executable, "-c", "import sys; from tileserver.cli import main; sys.exit(main())"]
     cmd = [*program, "serve", "--host", HOST, "--port", str(port), "--workers", "1", "--no-demo",
            "--log-level", log_level]
     log = tmp / "tileserver.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
-    server = Server("tileserver", process, port, log)
+    server = Server(label, process, port, log)
     server.ready("/healthcheck")
     return server
 

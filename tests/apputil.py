@@ -73,20 +73,26 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def running(server: uvicorn.Server, **run_kwargs) -> Iterator[None]:
+    """A uvicorn server run in a thread for the block (started when the block begins)."""
+    thread = threading.Thread(target=server.run, kwargs=run_kwargs, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextlib.contextmanager
 def live_server(settings: Settings) -> Iterator[str]:
     """uvicorn on a loopback port in a thread; yields the base URL."""
     port = free_port()
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
+    with running(uvicorn.Server(config)):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from apputil import app_client, free_port, layer_descriptor, make_settings
+from apputil import app_client, free_port, layer_descriptor, make_settings, running
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -218,18 +217,18 @@ def serving(settings: Settings, keep_alive: float = 5.0) -> Iterator[tuple[str, 
     options = {k: v for k, v in uvicorn_options(settings).items() if k not in ("host", "port", "workers")}
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on",
                             timeout_keep_alive=keep_alive, **options)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
+    with running(uvicorn.Server(config)):
         yield "127.0.0.1", port
-    finally:
-        server.should_exit = True
-        thread.join(10)
+
+
+def _scan_layer(tmp_path: Path) -> Settings:
+    """Settings whose store holds one open layer S (SCAN1000)."""
+    settings = make_settings(tmp_path)
+    Path(settings.data_dir).mkdir(parents=True)
+    store = PublicationStore(settings.resolved_store_url)
+    store.add_layer(parse_layer("S", layer_descriptor("SCAN1000")))
+    store.close()
+    return settings
 
 
 class Raw:
@@ -427,11 +426,7 @@ def test_pipelined_requests_keep_their_order(on_and_off) -> None:
 
 
 def test_http10_connection_close_and_the_idle_timer(tmp_path) -> None:
-    settings = make_settings(tmp_path)
-    Path(settings.data_dir).mkdir(parents=True)
-    store = PublicationStore(settings.resolved_store_url)
-    store.add_layer(parse_layer("S", layer_descriptor("SCAN1000")))
-    store.close()
+    settings = _scan_layer(tmp_path)
     with serving(settings, keep_alive=1.0) as address:
         lim = _limits(address)
         tile = f"/wmts/1.0.0/S/normal/PM/10/{lim.min_row}/{lim.min_col}.png"
@@ -509,11 +504,7 @@ def test_a_learnt_parameter_order_reads_queries_as_the_loop_does(first, spelling
 def test_the_idle_timer_never_cuts_an_answer_in_progress(tmp_path) -> None:
     """A fast answer followed, on the same connection, by a request the ASGI cycle takes longer than
     the keep-alive timeout to answer: the idle time starts only once that answer is sent."""
-    settings = make_settings(tmp_path)
-    Path(settings.data_dir).mkdir(parents=True)
-    store = PublicationStore(settings.resolved_store_url)
-    store.add_layer(parse_layer("S", layer_descriptor("SCAN1000")))
-    store.close()
+    settings = _scan_layer(tmp_path)
     with serving(settings, keep_alive=0.05) as address:
         lim = _limits(address)
         tile = request_bytes("GET", f"/wmts/1.0.0/S/normal/PM/10/{lim.min_row}/{lim.min_col}.png", {})

@@ -15,6 +15,7 @@ from apputil import PYRAMIDS, layer_descriptor, live_server, make_settings
 from test_warehouse_support import api_client, wait_for
 
 from tileserver.publication.store import PublicationStore
+from tileserver.settings import Settings
 from tileserver.warehouse.accounts import Accounts
 from tileserver.warehouse.endpoints import WMS_R, WMTS_TMS
 
@@ -66,14 +67,20 @@ def _lists_shared(document: bytes) -> bool:
     return any(mark in document for mark in (b">shared<", b'"shared"', b'/shared"'))
 
 
-@pytest.mark.usefixtures("store_backend")
-def test_a_key_opens_only_what_its_owner_granted(tmp_path, monkeypatch, capsys):
+def _alpha_and_beta(tmp_path: Path) -> tuple[Settings, PublicationStore, Accounts]:
+    """Settings and a store with two datastores, alpha and beta (no users yet)."""
     settings = make_settings(tmp_path)
     Path(settings.data_dir).mkdir(parents=True)
     store = PublicationStore(settings.resolved_store_url)
     accounts = Accounts(store)
     for name in ("alpha", "beta"):
         accounts.add_datastore(name)
+    return settings, store, accounts
+
+
+@pytest.mark.usefixtures("store_backend")
+def test_a_key_opens_only_what_its_owner_granted(tmp_path, monkeypatch, capsys):
+    settings, store, accounts = _alpha_and_beta(tmp_path)
     accounts.add_user("usera", "password-a", datastores=("alpha",))
     accounts.add_user("userb", "password-b", datastores=("beta",))
     a_data = _register(monkeypatch, capsys, settings, _pyramid(tmp_path / "a"), "alpha")
@@ -132,12 +139,7 @@ def test_leaving_a_datastore_ends_the_grants_given_there(tmp_path, monkeypatch, 
     reopens nothing: the grant went with the membership."""
     from tileserver.cli import main
 
-    settings = make_settings(tmp_path)
-    Path(settings.data_dir).mkdir(parents=True)
-    store = PublicationStore(settings.resolved_store_url)
-    accounts = Accounts(store)
-    for name in ("alpha", "beta"):
-        accounts.add_datastore(name)
+    settings, store, accounts = _alpha_and_beta(tmp_path)
     accounts.add_user("usera", "password-a", datastores=("alpha", "beta"))
     a_data = _register(monkeypatch, capsys, settings, _pyramid(tmp_path / "a"), "alpha")
     b_data = _register(monkeypatch, capsys, settings, _pyramid(tmp_path / "b"), "beta")

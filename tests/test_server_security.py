@@ -12,7 +12,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from apputil import PYRAMIDS, app_client, make_settings
+from apputil import PYRAMIDS, app_client, make_settings, running
 
 from tileserver.app import create_app
 from tileserver.server_cli import uvicorn_options
@@ -145,17 +144,10 @@ def live(settings: Settings, hosts: list[str]) -> Iterator[list[str]]:
         sockets.append(sock)
     options = {k: v for k, v in uvicorn_options(settings).items() if k not in ("host", "port", "workers")}
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on", **options))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
     try:
-        yield [f"http://{host}:{sock.getsockname()[1]}" for host, sock in zip(hosts, sockets, strict=True)]
+        with running(server, sockets=sockets):
+            yield [f"http://{host}:{sock.getsockname()[1]}" for host, sock in zip(hosts, sockets, strict=True)]
     finally:
-        server.should_exit = True
-        thread.join(10)
         for sock in sockets:
             sock.close()
 

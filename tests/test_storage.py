@@ -447,10 +447,13 @@ def test_signer_matches_botocore(key: str, token: str | None, method: str, range
     assert url == "http://s3.example.test:9000/my-bucket/" + quote(key, safe="/~")
     request = AWSRequest(method, url, headers={"Range": range_header} if range_header else {})
     S3SigV4Auth(BotoCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG", token), "s3", "eu-west-3").add_auth(request)
-    ours = SigV4Signer("eu-west-3").sign(
+    head = SigV4Signer("eu-west-3").request_head(
         Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG", token), method, "s3.example.test:9000", uri,
         range_header, amz_date=request.headers["X-Amz-Date"],
-    )
+    ).decode("latin-1")
+    request_line, *lines = head.split("\r\n")[:-2]
+    assert request_line == f"{method} {uri} HTTP/1.1"
+    ours = dict(line.split(": ", 1) for line in lines)
     assert ours["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
     assert ours["Authorization"] == request.headers["Authorization"]
     for name in ("X-Amz-Date", "X-Amz-Content-SHA256", "X-Amz-Security-Token", "Range"):

@@ -70,54 +70,6 @@ class SigV4Signer:
         mac.update(string_to_sign.encode())
         return mac.digest()
 
-    def sign(
-        self,
-        credentials: Credentials,
-        method: str,
-        host: str,
-        uri: str,
-        range_header: str | None = None,
-        amz_date: str | None = None,
-    ) -> dict[str, str]:
-        """Headers to send (Host, Range, x-amz-*, Authorization) for a request with no body or query.
-
-        `host` must be the Host header as sent (``host[:port]``, port omitted when default); `uri`
-        the encoded path (see `canonical_uri`).
-        """
-        amz_date = amz_date or self._now()
-        day = amz_date[:8]
-        token = credentials.token
-        canonical_headers = f"host:{host}\n"
-        signed = "host"
-        if range_header is not None:
-            canonical_headers += f"range:{range_header}\n"
-            signed += ";range"
-        canonical_headers += f"x-amz-content-sha256:{EMPTY_SHA256}\nx-amz-date:{amz_date}\n"
-        signed += ";x-amz-content-sha256;x-amz-date"
-        if token:
-            canonical_headers += f"x-amz-security-token:{token}\n"
-            signed += ";x-amz-security-token"
-        canonical_request = f"{method}\n{uri}\n\n{canonical_headers}\n{signed}\n{EMPTY_SHA256}"
-        scope = day + self._scope_tail
-        string_to_sign = (
-            f"{ALGORITHM}\n{amz_date}\n{scope}\n{hashlib.sha256(canonical_request.encode()).hexdigest()}"
-        )
-        signature = self._signature(credentials.secret_key, day, string_to_sign)
-        headers = {
-            "Host": host,
-            "X-Amz-Content-SHA256": EMPTY_SHA256,
-            "X-Amz-Date": amz_date,
-            "Authorization": (
-                f"{ALGORITHM} Credential={credentials.access_key}/{scope}, "
-                f"SignedHeaders={signed}, Signature={signature.hex()}"
-            ),
-        }
-        if range_header is not None:
-            headers["Range"] = range_header
-        if token:
-            headers["X-Amz-Security-Token"] = token
-        return headers
-
     def request_head(
         self,
         credentials: Credentials,
@@ -128,27 +80,36 @@ class SigV4Signer:
         amz_date: str | None = None,
     ) -> bytes:
         """The whole signed request head (request line, Host, Range, x-amz-*, Authorization,
-        ``Accept-Encoding: identity``, blank line) as bytes to write: what `sign` returns, with no
-        dict in between. Same arguments as `sign`; `uri` is also the request target."""
+        ``Accept-Encoding: identity``, blank line) as bytes to write, for a request with no body or
+        query: no dict of headers in between. `host` must be the Host header as sent (``host[:port]``,
+        port omitted when default); `uri` the encoded path (see `canonical_uri`), also the target."""
+        amz_date, signed, signature = self._signed(credentials, method, host, uri, range_header, amz_date)
+        range_line = f"Range: {range_header}\r\n" if range_header is not None else ""
+        token_line = f"X-Amz-Security-Token: {credentials.token}\r\n" if credentials.token else ""
+        return (
+            f"{method} {uri} HTTP/1.1\r\nHost: {host}\r\n{range_line}X-Amz-Content-SHA256: {EMPTY_SHA256}\r\n"
+            f"X-Amz-Date: {amz_date}\r\n{token_line}Authorization: {self._credential}, SignedHeaders={signed}, "
+            f"Signature={signature}\r\nAccept-Encoding: identity\r\n\r\n"
+        ).encode("latin-1")
+
+    def _signed(self, credentials: Credentials, method: str, host: str, uri: str, range_header: str | None,
+                amz_date: str | None) -> tuple[str, str, str]:
+        """(x-amz-date, signed header names, hex signature) of a request with no body or query;
+        `self._credential` is left holding the Authorization's `Credential=` part for this day."""
         amz_date = amz_date or self._now()
         day = amz_date[:8]
         token = credentials.token
         if range_header is not None:
-            range_line = f"Range: {range_header}\r\n"
             canonical = (f"{method}\n{uri}\n\nhost:{host}\nrange:{range_header}\n"
                          f"x-amz-content-sha256:{EMPTY_SHA256}\nx-amz-date:{amz_date}\n")
             signed = "host;range;x-amz-content-sha256;x-amz-date"
         else:
-            range_line = ""
             canonical = (f"{method}\n{uri}\n\nhost:{host}\n"
                          f"x-amz-content-sha256:{EMPTY_SHA256}\nx-amz-date:{amz_date}\n")
             signed = "host;x-amz-content-sha256;x-amz-date"
         if token:
             canonical += f"x-amz-security-token:{token}\n"
             signed += ";x-amz-security-token"
-            token_line = f"X-Amz-Security-Token: {token}\r\n"
-        else:
-            token_line = ""
         canonical += f"\n{signed}\n{EMPTY_SHA256}"
         scope = day + self._scope_tail
         string_to_sign = f"{ALGORITHM}\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
@@ -156,8 +117,4 @@ class SigV4Signer:
         if self._credential_for != (credentials.access_key, day):
             self._credential = f"{ALGORITHM} Credential={credentials.access_key}/{scope}"
             self._credential_for = (credentials.access_key, day)
-        return (
-            f"{method} {uri} HTTP/1.1\r\nHost: {host}\r\n{range_line}X-Amz-Content-SHA256: {EMPTY_SHA256}\r\n"
-            f"X-Amz-Date: {amz_date}\r\n{token_line}Authorization: {self._credential}, SignedHeaders={signed}, "
-            f"Signature={signature}\r\nAccept-Encoding: identity\r\n\r\n"
-        ).encode("latin-1")
+        return amz_date, signed, signature

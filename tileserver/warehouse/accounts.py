@@ -6,13 +6,16 @@ its community (one community per datastore, as on the platform).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from tileserver.publication.store import (
     Conflict,
@@ -161,6 +164,14 @@ class Accounts:
     def join(self, login: str, datastore: str) -> None:
         """The user joins a datastore's community (by name or id): a new catalog revision, since what
         their keys open follows their memberships (their grants there went when they left)."""
+        with self._membership(login, datastore) as (db, user_id, found):
+            if db.execute("SELECT 1 FROM wh_members WHERE user_id = ? AND datastore_id = ?",
+                          (user_id, found.id)).fetchone() is None:
+                db.execute("INSERT INTO wh_members (user_id, datastore_id) VALUES (?, ?)", (user_id, found.id))
+
+    @contextlib.contextmanager
+    def _membership(self, login: str, datastore: str) -> Iterator[tuple[Any, str, Datastore]]:
+        """A write transaction with the user's id and the datastore (by name or id), both known."""
         found = self.get_datastore(datastore)
         if found is None:
             raise NotFound(f"no datastore {datastore}", "datastore")
@@ -168,28 +179,20 @@ class Accounts:
             row = db.execute("SELECT id FROM wh_users WHERE login = ?", (login,)).fetchone()
             if row is None:
                 raise NotFound(f"no user {login}", "login")
-            if db.execute("SELECT 1 FROM wh_members WHERE user_id = ? AND datastore_id = ?",
-                          (row[0], found.id)).fetchone() is None:
-                db.execute("INSERT INTO wh_members (user_id, datastore_id) VALUES (?, ?)", (row[0], found.id))
+            yield db, row[0], found
 
     def leave(self, login: str, datastore: str) -> None:
         """The user leaves a datastore's community (by name or id): the grants their keys hold on
         that datastore's offerings go with the membership, so rejoining later reopens nothing; one
         write, a new catalog revision (the keys stop opening those layers at once)."""
-        found = self.get_datastore(datastore)
-        if found is None:
-            raise NotFound(f"no datastore {datastore}", "datastore")
-        with self.store.transaction() as db:
-            row = db.execute("SELECT id FROM wh_users WHERE login = ?", (login,)).fetchone()
-            if row is None:
-                raise NotFound(f"no user {login}", "login")
+        with self._membership(login, datastore) as (db, user_id, found):
             if not db.execute("DELETE FROM wh_members WHERE user_id = ? AND datastore_id = ?",
-                              (row[0], found.id)).rowcount:
+                              (user_id, found.id)).rowcount:
                 raise NotFound(f"user {login} is not a member of datastore {found.name}", "datastore")
             theirs = {r[0] for r in db.execute("SELECT id FROM wh_entities WHERE kind = 'offering'"
                                                " AND datastore_id = ?", (found.id,))}
             for key_id, text in db.execute("SELECT key_id, body FROM wh_key_owners WHERE user_id = ?",
-                                           (row[0],)).fetchall():
+                                           (user_id,)).fetchall():
                 body = json.loads(text)
                 kept = [o for o in body.get("offerings", []) if o not in theirs]
                 if kept != body.get("offerings", []):

@@ -117,31 +117,28 @@ def _users_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _users_remove(args: argparse.Namespace) -> int:
+def _account_change(change: Any, done: str) -> int:
+    """Run one accounts change; a store refusal is the command's error, success one printed line."""
     try:
-        _accounts(args).remove_user(args.login)
+        change()
     except StoreError as exc:
         raise CommandError(str(exc)) from None
-    print(f"user {args.login} removed")
+    print(done)
     return 0
+
+
+def _users_remove(args: argparse.Namespace) -> int:
+    return _account_change(lambda: _accounts(args).remove_user(args.login), f"user {args.login} removed")
 
 
 def _users_join(args: argparse.Namespace) -> int:
-    try:
-        _accounts(args).join(args.login, args.datastore)
-    except StoreError as exc:
-        raise CommandError(str(exc)) from None
-    print(f"user {args.login} joined datastore {args.datastore}")
-    return 0
+    return _account_change(lambda: _accounts(args).join(args.login, args.datastore),
+                           f"user {args.login} joined datastore {args.datastore}")
 
 
 def _users_leave(args: argparse.Namespace) -> int:
-    try:
-        _accounts(args).leave(args.login, args.datastore)
-    except StoreError as exc:
-        raise CommandError(str(exc)) from None
-    print(f"user {args.login} left datastore {args.datastore}")
-    return 0
+    return _account_change(lambda: _accounts(args).leave(args.login, args.datastore),
+                           f"user {args.login} left datastore {args.datastore}")
 
 
 def _datastore_view(d: Any) -> dict[str, str]:
