@@ -275,3 +275,36 @@ def test_equivalent_crs_take_the_fast_path() -> None:
     src = smooth_raster(grid)
     alias = Grid("IGNF:LAMB93", grid.bbox, grid.width, grid.height)
     np.testing.assert_array_equal(warp(src, grid, alias, None, "bicubic"), src)
+
+
+@pytest.mark.parametrize("name", ["linear", "bicubic", "lanczos_3"])
+@pytest.mark.parametrize("scale", [0.5, 0.85, 1.0, 1.5, 2.0])
+def test_pillow_s_separable_pass_equals_the_numpy_taps(name: str, scale: float) -> None:
+    """Where warp hands a same-CRS pass to Pillow (upsampling, scale 1, downsampling beyond the
+    stretch threshold), the sums are numpy's to float rounding: a few thousandths of a grey level."""
+    from tileserver.render import warp as w
+
+    planes = np.random.default_rng(7).random((300, 280, 3), dtype=np.float32) * 255
+    kernel = w.get_kernel(name)
+    n = int(200 / max(scale, 1.0))
+    cols, rows = 20.3 + np.arange(n) * scale, 15.7 + np.arange(n) * scale
+    fast = w._pillow_separable(planes, cols, rows, kernel, scale, scale)
+    assert fast is not None
+    ci, cw = w._taps(cols, 280, kernel, scale)
+    ri, rw = w._taps(rows, 300, kernel, scale)
+    reference = w._resample_axis(w._resample_axis(planes, ci, cw, 1), ri, rw, 0)
+    assert float(np.abs(fast - reference).max()) < 0.005
+
+
+def test_maps_resample_with_lanczos_3_in_their_own_crs_as_rok4() -> None:
+    """ROK4 resamples a same-CRS map with Lanczos-3 whatever Lanczos the layer names; a reprojected
+    map keeps the layer's kernel, and other kernels are never changed."""
+    from tileserver.render.draw import resampling_kernel
+
+    pm = Grid("EPSG:3857", (0.0, 0.0, 100.0, 100.0), 10, 10)
+    other = Grid("EPSG:3857", (0.0, 0.0, 100.0, 100.0), 7, 7)
+    lamb = Grid("EPSG:2154", (700000.0, 6600000.0, 700100.0, 6600100.0), 10, 10)
+    assert resampling_kernel("lanczos_2", pm, other) == "lanczos_3"
+    assert resampling_kernel("lanczos_4", pm, other) == "lanczos_3"
+    assert resampling_kernel("lanczos_2", pm, lamb) == "lanczos_2"
+    assert resampling_kernel("bicubic", pm, other) == "bicubic"

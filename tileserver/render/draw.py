@@ -346,6 +346,16 @@ def picture_resample(src: np.ndarray, src_grid: Grid, dst_grid: Grid,
     return pixels(image.transform((width, height), Image.Transform.MESH, mesh, resample=mesh_filter)), complete
 
 
+def resampling_kernel(kernel: str, src_grid: Grid, work: Grid) -> str:
+    """The kernel a map resamples with: ROK4 resamples a same-CRS map with Lanczos-3 whatever Lanczos
+    the layer names (core-cpp Level::getbbox, "Lanczos_3 for resampling only"), reprojection keeps
+    the layer's. Following it gives ROK4's pixels, and lets warp hand the pass to Pillow's C
+    resampler, which has Lanczos-3 but no Lanczos-2 (the styled maps' cost)."""
+    if kernel.strip().lower().startswith("lanczos") and crs_equal(src_grid.crs, work.crs):
+        return "lanczos_3"
+    return kernel
+
+
 def _picture_layer(src: np.ndarray, src_grid: Grid, work: Grid, kernel: str, nodata: tuple[float, ...] | None,
                    channels: int) -> np.ndarray:
     """An unstyled 8-bit layer as a picture: opaque (1 or 3 bands) when no source pixel is nodata
@@ -385,7 +395,7 @@ def render_layer_sync(layer: MapLayer, target: Grid, plan: SourcePlan, tiles: di
         pixels = _picture_layer(src, src_grid, work, kernel, nodata, published.channels)
         valid = pixels[..., -1] > 0 if pixels.shape[2] in (2, 4) else np.ones(target.shape, dtype=bool)
         return Raster(pixels, valid, None, target, picture=True, levels={published.id: plan.level})
-    pixels, valid = warp(src, src_grid, work, nodata, kernel, return_mask=True)
+    pixels, valid = warp(src, src_grid, work, nodata, resampling_kernel(kernel, src_grid, work), return_mask=True)
     out_nodata = nodata
     if style is not None:
         if resolution is not None:

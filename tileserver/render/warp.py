@@ -227,7 +227,7 @@ def _pillow_separable(planes: np.ndarray, cols: np.ndarray, rows: np.ndarray, ke
     method = _PIL_SEPARABLE.get(kernel.name)
     if method is None or cols.size < 2 or rows.size < 2:
         return None
-    if not all(s > _MIN_STRETCH or s == 1.0 for s in (scale_x, scale_y)):
+    if not all(s > _MIN_STRETCH or s <= 1.0 for s in (scale_x, scale_y)):
         return None  # Pillow would stretch a kernel we do not stretch, or not shrink one we do
     h, w, p = planes.shape
     step_x, step_y = (cols[-1] - cols[0]) / (cols.size - 1), (rows[-1] - rows[0]) / (rows.size - 1)
