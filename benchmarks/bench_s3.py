@@ -19,7 +19,6 @@ import argparse
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,16 +35,15 @@ from bench_server import (  # noqa: E402
     Server,
     check_and_warm,
     drive,
+    profile,
     publish,
-    py_spy_binary,
     pyramid,
     rest_url,
     start_tileserver,
-    summarize_stacks,
     tile_bytes,
     write_script,
 )
-from common import Nginx, ensure_commands, fmt, fmt_int, format_table, machine_summary, run_wrk  # noqa: E402
+from common import Nginx, ensure_commands, fmt, fmt_int, format_table, machine_summary  # noqa: E402
 
 
 def start(label: str, tree: Path, tmp: Path, nginx: Nginx, log_level: str) -> Server:
@@ -53,24 +51,6 @@ def start(label: str, tree: Path, tmp: Path, nginx: Nginx, log_level: str) -> Se
     own = tmp / label.replace(" ", "-")
     own.mkdir()
     return start_tileserver(own, nginx, log_level, tree=tree, label=label)
-
-
-def profile(run: Run, seconds: float, args: argparse.Namespace, wrk: str, tmp: Path) -> str:
-    binary = py_spy_binary() or shutil.which("py-spy", path=args.py_spy_path)
-    if binary is None:
-        return "(py-spy not found: pip install py-spy, or --py-spy-path DIR)"
-    out = tmp / "profile.txt"
-    cmd = [binary, "record", "--pid", str(run.server.process.pid), "--format", "raw", "--rate", "250",
-           "--duration", str(int(seconds) + 1), "--output", str(out), "--nonblocking"]
-    spy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    time.sleep(1.0)
-    result = run_wrk(run.server.url, seconds, args.connections, args.threads, binary=wrk, script=run.case.script)
-    log = spy.communicate(timeout=seconds + 30)[0].decode(errors="replace")
-    if not out.exists():
-        return f"(py-spy failed: {log.strip()[-500:]})"
-    if args.keep_profile:
-        shutil.copyfile(out, args.keep_profile)
-    return f"{run.server.label} {run.case.name} under py-spy: {result.rate:,.0f} tiles/s\n" + summarize_stacks(out, 30)
 
 
 def report(runs: dict[tuple[str, str], Run]) -> str:

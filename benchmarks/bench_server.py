@@ -510,9 +510,10 @@ def py_spy_binary() -> str | None:
 
 def profile(run: Run, seconds: float, args: argparse.Namespace, wrk: str, tmp: Path) -> str:
     """py-spy record (raw collapsed stacks) on the tileserver process under one more wrk run."""
-    binary = py_spy_binary()
+    extra = getattr(args, "py_spy_path", None)  # bench_s3's --py-spy-path DIR
+    binary = py_spy_binary() or (shutil.which("py-spy", path=extra) if extra else None)
     if binary is None:
-        return "(py-spy not found: `.venv/bin/pip install py-spy`, or put it on PATH)"
+        return "(py-spy not found: `.venv/bin/pip install py-spy`, put it on PATH, or --py-spy-path DIR)"
     out = tmp / "profile.txt"
     cmd = [binary, "record", "--pid", str(run.server.process.pid), "--format", "raw", "--rate", "250",
            "--duration", str(int(seconds) + 1), "--output", str(out), "--nonblocking"]
@@ -524,7 +525,7 @@ def profile(run: Run, seconds: float, args: argparse.Namespace, wrk: str, tmp: P
         return f"(py-spy failed: {log.strip()[-500:]})"
     if args.keep_profile:
         shutil.copyfile(out, args.keep_profile)
-    return (f"{run.case.name} under py-spy: {result.rate:,.0f} tiles/s (sampling slows it)\n"
+    return (f"{run.server.label} {run.case.name} under py-spy: {result.rate:,.0f} tiles/s (sampling slows it)\n"
             "caveat: py-spy samples wall time of non-idle threads; on a box with fewer free cores than busy\n"
             "processes the worker is often preempted right after transport.write wakes wrk, so uvicorn's\n"
             "RequestResponseCycle.send looks far costlier than its CPU. Compare CPU per tile (table) across\n"
