@@ -263,3 +263,17 @@ def test_exception_in_image(fmt: str) -> None:
     dark = pixels[..., :3].min(axis=-1) < 100
     assert dark.sum() > 100  # the text is drawn
     assert dark[40:].sum() > 0  # and wrapped over several lines
+
+
+@pytest.mark.parametrize("bgcolor", [(255, 255, 255), (0, 0, 0), (12, 200, 77)])
+def test_flattening_a_validity_alpha_equals_the_formula(bgcolor: tuple[int, int, int]) -> None:
+    """Alphas of 0 and 255 only (a validity mask) are flattened band by band with bit masks; the
+    result is the blending formula's, computed here in floats."""
+    from tileserver.render.encode import _over_background
+
+    rng = np.random.default_rng(11)
+    colour = rng.integers(0, 256, (257, 301, 4), dtype=np.uint8)[..., :3]  # a strided view, as maps give it
+    alpha = np.where(rng.random((257, 301)) < 0.4, 0, 255).astype(np.uint8)
+    a = alpha[..., None].astype(np.float64) / 255
+    expected = np.rint(colour * a + np.asarray(bgcolor) * (1 - a)).astype(np.uint8)
+    assert np.array_equal(_over_background(colour, alpha, bgcolor), expected)

@@ -308,3 +308,32 @@ def test_maps_resample_with_lanczos_3_in_their_own_crs_as_rok4() -> None:
     assert resampling_kernel("lanczos_4", pm, other) == "lanczos_3"
     assert resampling_kernel("lanczos_2", pm, lamb) == "lanczos_2"
     assert resampling_kernel("bicubic", pm, other) == "bicubic"
+
+
+@pytest.mark.parametrize("interpolation", ["lanczos_3", "bicubic", "linear"])
+@pytest.mark.parametrize("nodata", [(0, 0, 0, 0), None])
+def test_planar_planes_give_the_interleaved_result(interpolation: str, nodata: tuple[int, ...] | None) -> None:
+    """warp keeps Pillow's planes planar (one contiguous array per plane) to spare a strided copy
+    per plane; the normalised, rounded, clipped and cast result is the interleaved planes' own."""
+    from tileserver.render import warp as w
+
+    rng = np.random.default_rng(7)
+    src = rng.integers(0, 256, (120, 130, 4), dtype=np.uint8)
+    src[20:50, 30:70] = 0
+    valid = w.source_validity(src, nodata)
+    grid = Grid("EPSG:3857", (0, 0, 130, 120), 130, 120)
+    target = Grid("EPSG:3857", (3.3, 5.1, 120.7, 110.2), 150, 131)
+    cols, _ = grid.to_pixel(target.x_centres(), 0.0)
+    _, rows = grid.to_pixel(0.0, target.y_centres())
+    kernel = w.get_kernel(interpolation)
+    inside = np.ones(target.shape, dtype=bool)
+    fill = np.zeros(4)
+    results = []
+    for planar in (False, True):
+        planes = w._planes(src, valid, planar=planar)
+        assert planes[..., 0].flags.c_contiguous == planar
+        sampled = w._resample_separable(planes, cols, rows, kernel, target.res_x, target.res_y)
+        results.append(w._finish(sampled, inside, valid is not None, 4, np.dtype(np.uint8), fill, 0.5))
+    (flat, flat_valid), (planar_out, planar_valid) = results
+    assert planar_out.flags.c_contiguous and planar_out.dtype == np.uint8
+    assert np.array_equal(flat_valid, planar_valid) and np.array_equal(flat, planar_out)

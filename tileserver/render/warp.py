@@ -160,14 +160,29 @@ def source_validity(src: np.ndarray, nodata: Nodata) -> np.ndarray | None:
     return ~invalid
 
 
-def _planes(src: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-    """float32 planes: premultiplied values, plus the valid plane when some pixels are nodata."""
-    if valid is None:
-        return src.astype(np.float32, copy=True)
-    planes = np.empty(src.shape[:2] + (src.shape[2] + 1,), dtype=np.float32)
-    planes[..., :-1] = src
-    planes[~valid, :-1] = 0.0  # also clears NaN nodata, which would poison the sums
-    planes[..., -1] = valid
+def _planes(src: np.ndarray, valid: np.ndarray | None, planar: bool = False) -> np.ndarray:
+    """float32 planes (H, W, P): premultiplied values, plus the valid plane when some pixels are
+    nodata. `planar`: each plane contiguous in memory (a (P, H, W) array seen as (H, W, P)), so
+    Pillow's resampler takes and gives them without a strided copy per plane."""
+    count = src.shape[2] + (valid is not None)
+    if planar:
+        planes = np.empty((count,) + src.shape[:2], dtype=np.float32).transpose(1, 2, 0)
+    else:
+        planes = np.empty(src.shape[:2] + (count,), dtype=np.float32)
+    if not planar:
+        planes[..., :src.shape[2]] = src
+        if valid is not None:
+            planes[~valid, :-1] = 0.0  # also clears NaN nodata, which would poison the sums
+            planes[..., -1] = valid
+        return planes
+    invalid = None if valid is None else ~valid
+    for band in range(src.shape[2]):  # 2-D copies: several times faster than along the last axis
+        plane = planes[..., band]
+        plane[...] = src[..., band]
+        if invalid is not None:
+            np.copyto(plane, np.float32(0.0), where=invalid)  # also clears NaN nodata
+    if valid is not None:
+        planes[..., -1] = valid
     return planes
 
 
@@ -215,6 +230,7 @@ def _resample_separable(planes: np.ndarray, cols: np.ndarray, rows: np.ndarray, 
 # faster than numpy's gathers. It stretches from any downsampling (we from 1.1) and needs a
 # constant scale inside the image, so only those cases go to it.
 _PIL_SEPARABLE: dict[str, int] = {}
+_PIL_KERNELS = frozenset(("linear", "bicubic", "lanczos_3"))  # _PIL_SEPARABLE's keys, before Pillow is imported
 
 
 def _pillow_separable(planes: np.ndarray, cols: np.ndarray, rows: np.ndarray, kernel: Kernel,
@@ -237,11 +253,11 @@ def _pillow_separable(planes: np.ndarray, cols: np.ndarray, rows: np.ndarray, ke
            cols[0] + 0.5 + (cols.size - 0.5) * step_x, rows[0] + 0.5 + (rows.size - 0.5) * step_y)
     if box[0] < 0 or box[1] < 0 or box[2] > w or box[3] > h:
         return None  # pixels off the image: numpy's taps handle them
-    out = np.empty((rows.size, cols.size, p), dtype=np.float32)
+    out = np.empty((p, rows.size, cols.size), dtype=np.float32)  # planar: each result copied whole
     for plane in range(p):
         image = Image.fromarray(np.ascontiguousarray(planes[..., plane]), "F")
-        out[..., plane] = np.asarray(image.resize((cols.size, rows.size), method, box=box, reducing_gap=None))
-    return out
+        out[plane] = np.asarray(image.resize((cols.size, rows.size), method, box=box, reducing_gap=None))
+    return out.transpose(1, 2, 0)
 
 
 def _sample_points(planes: np.ndarray, sx: np.ndarray, sy: np.ndarray, kernel: Kernel,
@@ -455,20 +471,34 @@ def _crop(src: np.ndarray, valid: np.ndarray | None, col: int, row: int, w: int,
 def _finish(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: int, dtype: np.dtype,
             fill: np.ndarray, min_coverage: float) -> tuple[np.ndarray, np.ndarray]:
     """Normalise premultiplied planes, decide validity, cast to the source type."""
+    # the arrays in their memory order: planar planes (`_planes`) give the value planes as one
+    # contiguous (C, H, W) block, which alone needs dividing, rounding and clipping
+    planar = planes.strides[2] > planes.strides[0]
+    whole = planes.transpose(2, 0, 1)[:channels] if planar else planes
     if has_mask:
         coverage = planes[..., channels]
         valid = inside & (coverage >= max(min_coverage, 1e-6) - 1e-6)
         # every plane, coverage too (not read again): on the whole contiguous array the division,
         # rounding and clipping are ~3x faster than on the strided view of the value planes
-        planes /= np.where(valid, coverage, 1.0)[..., None]
+        divisor = np.where(valid, coverage, np.float32(1.0))
+        whole /= divisor if planar else divisor[..., None]
     else:
         valid = inside
     if dtype.kind in "iub":
         info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
-        np.rint(planes, out=planes)
-        np.clip(planes, info.min, info.max, out=planes)
-    out = planes[..., :channels].astype(dtype, copy=False)
-    out[~valid] = fill.astype(dtype) if dtype.kind != "f" else fill
+        np.rint(whole, out=whole)
+        np.clip(whole, info.min, info.max, out=whole)
+    fill = fill.astype(dtype) if dtype.kind != "f" else fill
+    if not planar:
+        out = planes[..., :channels].astype(dtype, copy=False)
+        out[~valid] = fill
+        return out, valid
+    # interleaved band by band: numpy is several times slower along a last axis of 3 or 4 than on planes
+    out = np.empty(planes.shape[:2] + (channels,), dtype=dtype)
+    invalid = ~valid
+    for band in range(channels):
+        out[..., band] = whole[band]
+        np.copyto(out[..., band], fill[band], where=invalid)
     return out, valid
 
 
@@ -512,7 +542,7 @@ def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
         else:
             cols, _ = src_grid.to_pixel(dst_grid.x_centres(), 0.0)
             _, rows = src_grid.to_pixel(0.0, dst_grid.y_centres())
-            planes = _resample_separable(_planes(src3, valid_src), cols, rows, kernel,
+            planes = _resample_separable(_planes(src3, valid_src, planar=kernel.name in _PIL_KERNELS), cols, rows, kernel,
                                          dst_grid.res_x / src_grid.res_x, dst_grid.res_y / src_grid.res_y)
             inside = (_inside(rows, src_grid.height)[:, None] & _inside(cols, src_grid.width)[None, :])
             out, mask = _finish(planes, inside, valid_src is not None, channels, dtype, fill, min_coverage)
