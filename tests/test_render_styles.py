@@ -376,3 +376,15 @@ def test_legend_image(styles: dict[str, Style], width: int, height: int) -> None
     grey = np.asarray(Image.open(io.BytesIO(legend_image(styles["normal"], 64, 8))).convert("RGBA"))
     assert grey[0, 0, 0] == 0 and grey[0, -1, 0] == 255
 
+
+
+@pytest.mark.parametrize("bands", [3, 4])
+def test_colorize_of_uint8_equals_the_float_path(bands: int) -> None:
+    """The integer colorize (band by band, masked copies) gives the float64 formula's pixels."""
+    from tileserver.render.styles import Colorize, colorize
+
+    rng = np.random.default_rng(5)
+    data = (rng.integers(0, 4, (64, 70, bands)) * 85).astype(np.uint8)
+    for rule in (Colorize((0, 0, 0), (255, 255, 255), 0), Colorize((255, 255, 255), (255, 255, 255, 0), 0),
+                 Colorize((85, 85, 85), (1, 2, 3), 90.5)):
+        assert np.array_equal(colorize(data, rule), colorize(data.astype(np.float32), rule))

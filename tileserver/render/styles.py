@@ -528,10 +528,10 @@ def _colorize_uint8(data: np.ndarray, p: Colorize) -> np.ndarray:
                 match &= plane <= high
     out = np.empty(data.shape[:-1] + (len(p.destination),), dtype=np.uint8)
     bands = min(data.shape[-1], len(p.destination))
-    out[..., :bands] = data[..., :bands]
-    if len(p.destination) > bands:
-        out[..., bands:] = 255
-    out[match] = np.asarray(p.destination, dtype=np.uint8)
+    for band, value in enumerate(p.destination):  # 2-D planes: numpy is slow along a last axis of 3-4
+        plane = out[..., band]
+        plane[...] = data[..., band] if band < bands else 255
+        np.copyto(plane, np.uint8(value), where=match)
     return out
 
 

@@ -175,14 +175,18 @@ def _planes(src: np.ndarray, valid: np.ndarray | None, planar: bool = False) -> 
             planes[~valid, :-1] = 0.0  # also clears NaN nodata, which would poison the sums
             planes[..., -1] = valid
         return planes
-    invalid = None if valid is None else ~valid
-    for band in range(src.shape[2]):  # 2-D copies: several times faster than along the last axis
-        plane = planes[..., band]
-        plane[...] = src[..., band]
-        if invalid is not None:
-            np.copyto(plane, np.float32(0.0), where=invalid)  # also clears NaN nodata
     if valid is not None:
         planes[..., -1] = valid
+    invalid = None if valid is None or src.dtype.kind != "f" else ~valid
+    for band in range(src.shape[2]):  # 2-D copies: several times faster than along the last axis
+        plane = planes[..., band]
+        if valid is None:
+            plane[...] = src[..., band]
+        elif invalid is None:  # integers: times the 0/1 valid plane, one pass
+            np.multiply(src[..., band], planes[..., -1], out=plane)
+        else:
+            plane[...] = src[..., band]
+            np.copyto(plane, np.float32(0.0), where=invalid)  # also clears NaN nodata
     return planes
 
 
