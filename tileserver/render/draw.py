@@ -20,6 +20,7 @@ import numpy as np
 from tileserver.catalog import PublishedLayer
 from tileserver.rok4.codecs import CodecError
 
+from .bands import with_alpha
 from .errors import RenderError, RenderStorageError
 from .gate import Deadline
 from .georef import Grid, crs_equal, get_transformer
@@ -191,15 +192,6 @@ def nodata_mask(data: np.ndarray, nodata: tuple[float, ...]) -> np.ndarray | Non
     return mask if mask.any() else None
 
 
-def _alpha_band(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    """uint8 alpha (H, W, 1): 0 under the mask, 255 elsewhere."""
-    if mask is None:
-        return np.full(shape + (1,), 255, dtype=np.uint8)
-    alpha = (~mask).astype(np.uint8)
-    alpha *= 255
-    return alpha[..., None]
-
-
 # Pillow filters for the picture fast path: (same-CRS resize, reprojection mesh). Lanczos as ROK4
 # forces it: Lanczos-3 for pure resampling; for reprojection Pillow has no Lanczos, its Keys cubic
 # (the same kernel as warp's bicubic) stands in for ROK4's Lanczos-2.
@@ -366,7 +358,7 @@ def _picture_layer(src: np.ndarray, src_grid: Grid, work: Grid, kernel: str, nod
             fast = picture_resample(src, src_grid, work, kernel)
             if fast is not None and fast[1]:
                 return fast[0]
-        src = np.concatenate([src, _alpha_band(mask, src.shape[:2])], axis=2)
+        src = with_alpha(src, mask)
     fast = picture_resample(src, src_grid, work, kernel)
     if fast is not None:
         pixels = fast[0]

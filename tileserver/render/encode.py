@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from tileserver.numbers import integral_text
 
+from .bands import with_alpha
 from .georef import Grid, crs_epsg, get_crs, is_geographic
 
 PNG_COMPRESS_LEVEL = 1  # libdeflate level: 1 is ~4× faster than 6 for a few % more bytes
@@ -106,18 +107,19 @@ def _over_background(colour: np.ndarray, alpha: np.ndarray, bgcolor: Sequence[in
     """round(colour·a/255 + bg·(1 − a/255)) in 16-bit integers: x = c·a + bg·(255 − a) ≤ 65,025 and
     round(x/255) = (x + 128 + ((x + 128) >> 8)) >> 8 (exact there; no ties since 255 is odd). Equal
     to the float formula for every colour, alpha and background (checked exhaustively), several
-    times faster; opaque rows are copied, 0/255 alphas are masked copies; bands of rows bound the
-    temporaries."""
+    times faster; opaque rows are copied, 0/255 alphas are bit masks; bands of rows bound the
+    temporaries. Band by band: numpy is several times slower broadcasting (H, W, 1) over (H, W, 3)
+    than working on 2-D planes."""
     out = np.empty(colour.shape, dtype=np.uint8)
     bg = np.asarray(bgcolor, dtype=np.uint16)
     for rows in _row_bands(colour):
         a = alpha[rows]
         if a.min() == 255:
-            out[rows] = colour[rows]
+            for band in range(colour.shape[2]):
+                out[rows, :, band] = colour[rows, :, band]
             continue
         if not ((a != 0) & (a != 255)).any():  # alpha from a validity mask: colour or background
-            # a is all ones or all zeros bits: (colour AND a) OR (bg AND NOT a), one band at a time
-            # (numpy is several times slower broadcasting (H, W, 1) over (H, W, 3) than on 2-D planes)
+            # a is all ones or all zeros bits: (colour AND a) OR (bg AND NOT a)
             outside = ~a
             for band, value in enumerate(bg.astype(np.uint8)):
                 plane = out[rows, :, band]
@@ -125,14 +127,17 @@ def _over_background(colour: np.ndarray, alpha: np.ndarray, bgcolor: Sequence[in
                 if value:
                     plane |= outside & value
             continue
-        a16 = a.astype(np.uint16)[..., None]
-        x = colour[rows].astype(np.uint16)
-        x *= a16
-        x += bg * (255 - a16)
-        x += 128
-        x += x >> 8
-        x >>= 8
-        out[rows] = x
+        a16 = a.astype(np.uint16)
+        rest = 255 - a16
+        for band, value in enumerate(bg):
+            x = colour[rows, :, band].astype(np.uint16)
+            x *= a16
+            if value:
+                x += rest * value
+            x += 128
+            x += x >> 8
+            x >>= 8
+            out[rows, :, band] = x
     return out
 
 
@@ -143,8 +148,7 @@ def _add_alpha(array: np.ndarray, opts: _Options) -> np.ndarray:
     mask = _nodata_mask(array, opts.nodata)
     if mask is None or not mask.any():
         return array
-    alpha = np.where(mask, 0, 255).astype(np.uint8)[..., None]
-    return np.concatenate([array, alpha], axis=2)
+    return with_alpha(array, mask)
 
 
 def _apply_transparency(array: np.ndarray, opts: _Options) -> np.ndarray:
