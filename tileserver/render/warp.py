@@ -38,6 +38,7 @@ from typing import Literal, overload
 
 import numpy as np
 
+from . import banded
 from .georef import Grid, crs_equal, get_transformer
 
 Nodata = float | Sequence[float] | np.ndarray | None
@@ -162,11 +163,11 @@ def source_validity(src: np.ndarray, nodata: Nodata) -> np.ndarray | None:
 
 def _planes(src: np.ndarray, valid: np.ndarray | None, planar: bool = False) -> np.ndarray:
     """float32 planes (H, W, P): premultiplied values, plus the valid plane when some pixels are
-    nodata. `planar`: each plane contiguous in memory (a (P, H, W) array seen as (H, W, P)), so
-    Pillow's resampler takes and gives them without a strided copy per plane."""
+    nodata. `planar`: row-interleaved planes in memory (an (H, P, W) array seen as (H, W, P),
+    `_row_planar`), which the banded resampler takes as they are."""
     count = src.shape[2] + (valid is not None)
     if planar:
-        planes = np.empty((count,) + src.shape[:2], dtype=np.float32).transpose(1, 2, 0)
+        planes = np.empty((src.shape[0], count, src.shape[1]), dtype=np.float32).transpose(0, 2, 1)
     else:
         planes = np.empty(src.shape[:2] + (count,), dtype=np.float32)
     if not planar:
@@ -206,10 +207,20 @@ def _resample_axis(planes: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int
     return out
 
 
+def _row_planar(planes: np.ndarray) -> bool:
+    """Whether (H, W, P) planes are an (H, P, W) array in memory (`_planes(planar=True)`)."""
+    return bool(planes.transpose(0, 2, 1).flags.c_contiguous)
+
+
 def _resample_separable(planes: np.ndarray, cols: np.ndarray, rows: np.ndarray, kernel: Kernel,
                         scale_x: float, scale_y: float) -> np.ndarray:
-    """Sample planes at the outer product of source columns `cols` and rows `rows` (1-D each)."""
+    """Sample planes at the outer product of source columns `cols` and rows `rows` (1-D each).
+    Row-planar planes go through BLAS (`banded`) and come back row-planar."""
     h, w = planes.shape[:2]
+    if _row_planar(planes) and kernel.weight is not None:
+        sampled = banded.resample(planes.transpose(0, 2, 1), _taps(rows, h, kernel, scale_y),
+                                  _taps(cols, w, kernel, scale_x))
+        return sampled.transpose(0, 2, 1)
     fast = _pillow_separable(planes, cols, rows, kernel, scale_x, scale_y)
     if fast is not None:
         return fast
@@ -234,7 +245,6 @@ def _resample_separable(planes: np.ndarray, cols: np.ndarray, rows: np.ndarray, 
 # faster than numpy's gathers. It stretches from any downsampling (we from 1.1) and needs a
 # constant scale inside the image, so only those cases go to it.
 _PIL_SEPARABLE: dict[str, int] = {}
-_PIL_KERNELS = frozenset(("linear", "bicubic", "lanczos_3"))  # _PIL_SEPARABLE's keys, before Pillow is imported
 
 
 def _pillow_separable(planes: np.ndarray, cols: np.ndarray, rows: np.ndarray, kernel: Kernel,
@@ -475,17 +485,17 @@ def _crop(src: np.ndarray, valid: np.ndarray | None, col: int, row: int, w: int,
 def _finish(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: int, dtype: np.dtype,
             fill: np.ndarray, min_coverage: float) -> tuple[np.ndarray, np.ndarray]:
     """Normalise premultiplied planes, decide validity, cast to the source type."""
-    # the arrays in their memory order: planar planes (`_planes`) give the value planes as one
-    # contiguous (C, H, W) block, which alone needs dividing, rounding and clipping
-    planar = planes.strides[2] > planes.strides[0]
-    whole = planes.transpose(2, 0, 1)[:channels] if planar else planes
+    # the arrays in their memory order: row-planar planes (`_planes`) give the value planes as an
+    # (H, C, W) view, which alone needs dividing, rounding and clipping
+    planar = _row_planar(planes)
+    whole = planes.transpose(0, 2, 1)[:, :channels] if planar else planes
     if has_mask:
         coverage = planes[..., channels]
         valid = inside & (coverage >= max(min_coverage, 1e-6) - 1e-6)
         # every plane, coverage too (not read again): on the whole contiguous array the division,
         # rounding and clipping are ~3x faster than on the strided view of the value planes
         divisor = np.where(valid, coverage, np.float32(1.0))
-        whole /= divisor if planar else divisor[..., None]
+        whole /= divisor[:, None, :] if planar else divisor[..., None]
     else:
         valid = inside
     if dtype.kind in "iub":
@@ -501,7 +511,7 @@ def _finish(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: in
     out = np.empty(planes.shape[:2] + (channels,), dtype=dtype)
     invalid = ~valid
     for band in range(channels):
-        out[..., band] = whole[band]
+        out[..., band] = whole[:, band]
         np.copyto(out[..., band], fill[band], where=invalid)
     return out, valid
 
@@ -546,7 +556,7 @@ def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
         else:
             cols, _ = src_grid.to_pixel(dst_grid.x_centres(), 0.0)
             _, rows = src_grid.to_pixel(0.0, dst_grid.y_centres())
-            planes = _resample_separable(_planes(src3, valid_src, planar=kernel.name in _PIL_KERNELS), cols, rows, kernel,
+            planes = _resample_separable(_planes(src3, valid_src, planar=kernel.weight is not None), cols, rows, kernel,
                                          dst_grid.res_x / src_grid.res_x, dst_grid.res_y / src_grid.res_y)
             inside = (_inside(rows, src_grid.height)[:, None] & _inside(cols, src_grid.width)[None, :])
             out, mask = _finish(planes, inside, valid_src is not None, channels, dtype, fill, min_coverage)
