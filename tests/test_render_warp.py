@@ -345,3 +345,21 @@ def test_banded_planes_give_the_gathered_result(interpolation: str, nodata: tupl
         assert np.array_equal(out_valid, ref_valid)
         differ = out != ref
         assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1 and differ.mean() < 0.005
+
+
+@pytest.mark.parametrize(("dtype", "nodata"), [(np.int32, 2**31 - 1), (np.int16, -32768), (np.uint16, 0),
+                                               (np.float32, np.nan), (np.float32, -99999.0), (np.uint8, 255)])
+def test_banded_warp_fills_nodata_exactly(dtype: type, nodata: float) -> None:
+    """Invalid pixels of a banded warp get the nodata value itself, also one float32 cannot hold
+    (int32's maximum) and NaN; valid pixels stay within a level of the gathered reference."""
+    rng = np.random.default_rng(4)
+    src = rng.integers(0, 1000, (50, 60, 2)).astype(dtype)
+    src[10:20, 10:30] = nodata
+    grid = Grid("EPSG:3857", (0, 0, 60, 50), 60, 50)
+    target = Grid("EPSG:3857", (-5.3, 2.1, 70.7, 48.2), 90, 70)
+    out, mask = warp(src, grid, target, nodata, "lanczos_3", return_mask=True)
+    assert (~mask).any() and mask.any()
+    expected = np.full(((~mask).sum(), 2), nodata, dtype=dtype)
+    assert np.array_equal(out[~mask], expected, equal_nan=True)
+    reference = warp(src, grid, target, nodata, "nn", return_mask=True)[0]  # exact values, for the range check
+    assert np.nanmax(np.abs(out[mask].astype(float))) <= np.nanmax(np.abs(reference[mask].astype(float))) * 1.5 + 1

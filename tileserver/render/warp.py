@@ -161,10 +161,11 @@ def source_validity(src: np.ndarray, nodata: Nodata) -> np.ndarray | None:
     return ~invalid
 
 
-def _planes(src: np.ndarray, valid: np.ndarray | None, planar: bool = False) -> np.ndarray:
+def _planes(src: np.ndarray, valid: np.ndarray | None, planar: bool = False, zeroed: bool = False) -> np.ndarray:
     """float32 planes (H, W, P): premultiplied values, plus the valid plane when some pixels are
     nodata. `planar`: row-interleaved planes in memory (an (H, P, W) array seen as (H, W, P),
-    `_row_planar`), which the banded resampler takes as they are."""
+    `_row_planar`), which the banded resampler takes as they are. `zeroed`: nodata pixels are
+    already 0 in every band (integers whose nodata is 0), so premultiplying is a copy."""
     count = src.shape[2] + (valid is not None)
     if planar:
         planes = np.empty((src.shape[0], count, src.shape[1]), dtype=np.float32).transpose(0, 2, 1)
@@ -181,7 +182,7 @@ def _planes(src: np.ndarray, valid: np.ndarray | None, planar: bool = False) -> 
     invalid = None if valid is None or src.dtype.kind != "f" else ~valid
     for band in range(src.shape[2]):  # 2-D copies: several times faster than along the last axis
         plane = planes[..., band]
-        if valid is None:
+        if valid is None or zeroed:
             plane[...] = src[..., band]
         elif invalid is None:  # integers: times the 0/1 valid plane, one pass
             np.multiply(src[..., band], planes[..., -1], out=plane)
@@ -494,10 +495,13 @@ def _finish(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: in
         valid = inside & (coverage >= max(min_coverage, 1e-6) - 1e-6)
         # every plane, coverage too (not read again): on the whole contiguous array the division,
         # rounding and clipping are ~3x faster than on the strided view of the value planes
-        divisor = np.where(valid, coverage, np.float32(1.0))
+        # planar integers filled with 0: dividing invalid pixels by infinity is their filling
+        zero_fill = planar and dtype.kind in "iub" and not fill.any()
+        divisor = np.where(valid, coverage, np.float32(np.inf if zero_fill else 1.0))
         whole /= divisor[:, None, :] if planar else divisor[..., None]
     else:
         valid = inside
+        zero_fill = False
     if dtype.kind in "iub":
         info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
         np.rint(whole, out=whole)
@@ -508,11 +512,17 @@ def _finish(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: in
         out[~valid] = fill
         return out, valid
     # interleaved band by band: numpy is several times slower along a last axis of 3 or 4 than on planes
-    out = np.empty(planes.shape[:2] + (channels,), dtype=dtype)
     invalid = ~valid
+    fill32 = np.asarray(fill, dtype=np.float32)
+    with np.errstate(invalid="ignore"):  # e.g. int32's 2**31 - 1 is no float32
+        exact = np.array_equal(fill32.astype(dtype), fill, equal_nan=dtype.kind == "f")
+    if not zero_fill and exact and invalid.any():  # on the (H, C, W) floats: masked copies of 2-D bands are slow
+        np.copyto(whole, fill32[None, :, None], where=invalid[:, None, :])
+    out = np.empty(planes.shape[:2] + (channels,), dtype=dtype)
     for band in range(channels):
         out[..., band] = whole[:, band]
-        np.copyto(out[..., band], fill[band], where=invalid)
+        if not exact:
+            np.copyto(out[..., band], fill[band], where=invalid)
     return out, valid
 
 
@@ -556,7 +566,9 @@ def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
         else:
             cols, _ = src_grid.to_pixel(dst_grid.x_centres(), 0.0)
             _, rows = src_grid.to_pixel(0.0, dst_grid.y_centres())
-            planes = _resample_separable(_planes(src3, valid_src, planar=kernel.weight is not None), cols, rows, kernel,
+            zeroed = dtype.kind in "iub" and nd is not None and not nd.any()
+            planes = _resample_separable(_planes(src3, valid_src, planar=kernel.weight is not None, zeroed=zeroed),
+                                         cols, rows, kernel,
                                          dst_grid.res_x / src_grid.res_x, dst_grid.res_y / src_grid.res_y)
             inside = (_inside(rows, src_grid.height)[:, None] & _inside(cols, src_grid.width)[None, :])
             out, mask = _finish(planes, inside, valid_src is not None, channels, dtype, fill, min_coverage)
