@@ -363,3 +363,30 @@ def test_banded_warp_fills_nodata_exactly(dtype: type, nodata: float) -> None:
     assert np.array_equal(out[~mask], expected, equal_nan=True)
     reference = warp(src, grid, target, nodata, "nn", return_mask=True)[0]  # exact values, for the range check
     assert np.nanmax(np.abs(out[mask].astype(float))) <= np.nanmax(np.abs(reference[mask].astype(float))) * 1.5 + 1
+
+
+@pytest.mark.parametrize("interpolation", ["lanczos_3", "bicubic", "linear"])
+@pytest.mark.parametrize("bands", [1, 3])
+def test_picture_resize_equals_warp(interpolation: str, bands: int) -> None:
+    """The picture path's opaque resize (render.warp.resize_picture, banded through BLAS) gives
+    warp's pixels to one level, up- and downsampling, and Pillow's to a level or two on a smooth
+    picture (Pillow clips its first pass to 0..255: on noise it departs further)."""
+    from PIL import Image
+
+    from tileserver.render.warp import resize_picture
+
+    yy, xx = np.mgrid[0:140, 0:150]
+    smooth = np.stack([(127 + 100 * np.sin(xx / 9 + k) * np.cos(yy / 13)) for k in range(bands)], axis=2)
+    src = np.clip(smooth, 0, 255).astype(np.uint8)
+    grid = Grid("EPSG:3857", (0, 0, 150, 140), 150, 140)
+    for width, height, box in ((200, 170, (5.25, 7.5, 140.75, 131.0)), (60, 50, (0.0, 0.0, 150.0, 140.0))):
+        out = resize_picture(src, box, width, height, interpolation)
+        assert out.shape == (height, width, bands) and out.dtype == np.uint8
+        target = Grid("EPSG:3857", (box[0], 140 - box[3], box[2], 140 - box[1]), width, height)
+        reference = warp(src, grid, target, None, interpolation)
+        assert np.abs(out.astype(int) - reference.astype(int)).max() <= 1
+        pillow = {"lanczos_3": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
+                  "linear": Image.Resampling.BILINEAR}[interpolation]
+        image = Image.fromarray(src if bands == 3 else src[..., 0])
+        theirs = np.asarray(image.resize((width, height), pillow, box=box, reducing_gap=None)).reshape(out.shape)
+        assert np.abs(out.astype(int) - theirs.astype(int)).max() <= 2

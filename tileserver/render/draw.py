@@ -27,7 +27,7 @@ from .georef import Grid, crs_equal, get_transformer
 from .levels import SourcePlan, strip_plan
 from .model import MapLayer, Raster
 from .styles import apply_style
-from .warp import warp
+from .warp import resize_picture, warp
 
 # Maps are drawn in horizontal strips of about this many pixels, layer after layer, into one
 # output array: the working memory of a render is one strip's, whatever the map's size.
@@ -196,6 +196,7 @@ def nodata_mask(data: np.ndarray, nodata: tuple[float, ...]) -> np.ndarray | Non
 # forces it: Lanczos-3 for pure resampling; for reprojection Pillow has no Lanczos, its Keys cubic
 # (the same kernel as warp's bicubic) stands in for ROK4's Lanczos-2.
 _PIL_FILTERS: dict[str, tuple[int, int]] = {}
+_BANDED: dict[int, str] = {}  # Pillow's resize filter → warp's kernel of the same formula (resize_picture)
 MESH_STEP = 32  # target pixels between exactly transformed mesh nodes (halved until accurate)
 MESH_MAX_ERROR = 0.125  # source pixels: interpolated positions at cell centres vs exact
 # Downsampling from which the picture path antialiases before mapping. Below it the cubic kernel
@@ -209,6 +210,7 @@ def _pil_filters(kernel: str) -> tuple[int, int] | None:
         from PIL import Image
 
         r = Image.Resampling
+        _BANDED.update({r.LANCZOS: "lanczos_3", r.BICUBIC: "bicubic", r.BILINEAR: "linear"})
         _PIL_FILTERS.update({"nn": (r.NEAREST, r.NEAREST), "nearest": (r.NEAREST, r.NEAREST),
                              "linear": (r.BILINEAR, r.BILINEAR), "bilinear": (r.BILINEAR, r.BILINEAR),
                              "bicubic": (r.BICUBIC, r.BICUBIC), "cubic": (r.BICUBIC, r.BICUBIC),
@@ -287,7 +289,9 @@ def picture_resample(src: np.ndarray, src_grid: Grid, dst_grid: Grid,
     resize_filter, mesh_filter = filters
     if src.shape[2] == 2:
         src = np.concatenate([np.repeat(src[..., :1], 3, axis=2), src[..., 1:]], axis=2)
-    image = Image.fromarray(np.ascontiguousarray(src if src.shape[2] > 1 else src[..., 0]), _PIL_MODES[src.shape[2]])
+    def as_image() -> Image.Image:
+        return Image.fromarray(np.ascontiguousarray(src if src.shape[2] > 1 else src[..., 0]), _PIL_MODES[src.shape[2]])
+
     width, height = dst_grid.width, dst_grid.height
 
     def pixels(result: Image.Image) -> np.ndarray:
@@ -304,7 +308,10 @@ def picture_resample(src: np.ndarray, src_grid: Grid, dst_grid: Grid,
         eps = 1e-9
         if box[0] >= -eps and box[1] >= -eps and box[2] <= src_grid.width + eps and box[3] <= src_grid.height + eps:
             box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], src_grid.width), min(box[3], src_grid.height))
-            return pixels(image.resize((width, height), resize_filter, box=box, reducing_gap=None)), True
+            if src.shape[2] in (1, 3) and resize_filter in _BANDED:  # opaque: no alpha to premultiply
+                return resize_picture(src, box, width, height, _BANDED[resize_filter]), True
+            return pixels(as_image().resize((width, height), resize_filter, box=box, reducing_gap=None)), True
+    image = as_image()
     step = MESH_STEP
     xs, ys, sx, sy = _mesh_nodes(src_grid, dst_grid, step)
     if not (np.isfinite(sx).all() and np.isfinite(sy).all()):

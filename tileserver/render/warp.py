@@ -275,6 +275,34 @@ def _pillow_separable(planes: np.ndarray, cols: np.ndarray, rows: np.ndarray, ke
     return out.transpose(1, 2, 0)
 
 
+def resize_picture(src: np.ndarray, box: tuple[float, float, float, float], width: int, height: int,
+                   interpolation: str) -> np.ndarray:
+    """An opaque uint8 picture (H, W, C): its `box` (pixel edges, inside the source) resized to
+    width × height with warp's taps, as row-planar float sums through BLAS (`banded`), rounded.
+
+    The picture path's same-CRS resize. Pillow's 8-bit resampler does the same sums one pixel at a
+    time and clips its first pass to 0..255 (a Lanczos overshoot is cut before the second pass):
+    this is ~20 % less CPU and equals warp's exact sums to one level."""
+    kernel = get_kernel(interpolation)
+    scale_x, scale_y = (box[2] - box[0]) / width, (box[3] - box[1]) / height
+    cols = box[0] + (np.arange(width) + 0.5) * scale_x - 0.5
+    rows = box[1] + (np.arange(height) + 0.5) * scale_y - 0.5
+    ci, cw = _taps(cols, src.shape[1], kernel, scale_x)
+    ri, rw = _taps(rows, src.shape[0], kernel, scale_y)
+    r0, r1, c0, c1 = int(ri.min()), int(ri.max()) + 1, int(ci.min()), int(ci.max()) + 1
+    bands = src.shape[2]
+    planes = np.empty((r1 - r0, bands, c1 - c0), dtype=np.float32)
+    for band in range(bands):
+        planes[:, band] = src[r0:r1, c0:c1, band]
+    sums = banded.resample(planes, (ri - r0, rw), (ci - c0, cw))
+    np.rint(sums, out=sums)
+    np.clip(sums, 0, 255, out=sums)
+    out = np.empty((height, width, bands), dtype=np.uint8)
+    for band in range(bands):
+        out[..., band] = sums[:, band]
+    return out
+
+
 def _sample_points(planes: np.ndarray, sx: np.ndarray, sy: np.ndarray, kernel: Kernel,
                    scale_x: float, scale_y: float) -> np.ndarray:
     """Sample planes at arbitrary source pixel coordinates (N,), in cache-sized chunks."""
