@@ -37,18 +37,22 @@ def _one_blas_thread() -> None:
 
 
 def _bands(idx: np.ndarray, w: np.ndarray) -> list[tuple[int, int, int, int, np.ndarray]]:
-    """(out0, out1, src0, src1, weights (src1 - src0, out1 - out0)) per block of BLOCK outputs."""
-    bands = []
-    count = idx.shape[1]
-    for j0 in range(0, count, BLOCK):
-        j1 = min(j0 + BLOCK, count)
-        taps, weights = idx[:, j0:j1], w[:, j0:j1]
-        s0, s1 = int(taps.min()), int(taps.max()) + 1
-        band = np.zeros((s1 - s0, j1 - j0), dtype=np.float32)
-        # taps clipped at an edge repeat an index: add, not assign (their weights are 0 anyway)
-        np.add.at(band, (taps - s0, np.broadcast_to(np.arange(j1 - j0), taps.shape)), weights)
-        bands.append((j0, j1, s0, s1, band))
-    return bands
+    """(out0, out1, src0, src1, weights (src1 - src0, out1 - out0)) per block of BLOCK outputs,
+    all scattered in one call."""
+    taps, count = idx.shape
+    blocks = -(-count // BLOCK)
+    block_of = np.arange(count) // BLOCK
+    padded = np.full(blocks * BLOCK, np.iinfo(np.int64).max)
+    padded[:count] = idx.min(axis=0)
+    first = padded.reshape(blocks, BLOCK).min(axis=1)
+    local = idx - first[block_of]
+    spans = np.zeros(blocks, dtype=np.int64)
+    np.maximum.at(spans, block_of, local.max(axis=0) + 1)
+    weights = np.zeros((blocks, int(spans.max()), BLOCK), dtype=np.float32)
+    # taps clipped at an edge repeat an index: add, not assign (their weights are 0 anyway)
+    np.add.at(weights, (np.broadcast_to(block_of, idx.shape), local, np.broadcast_to(np.arange(count) % BLOCK, idx.shape)), w)
+    return [(b * BLOCK, min((b + 1) * BLOCK, count), int(first[b]), int(first[b] + spans[b]),
+             weights[b, :spans[b], :min(BLOCK, count - b * BLOCK)]) for b in range(blocks)]
 
 
 def resample(planes: np.ndarray, row_taps: tuple[np.ndarray, np.ndarray],
