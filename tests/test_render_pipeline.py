@@ -536,3 +536,36 @@ def test_metres_per_pixel_are_geodesic():
     y60 = 6378137.0 * math.log(math.tan(math.pi / 4 + math.radians(60) / 2))
     rx, ry = ground_resolution(Grid("EPSG:3857", (0, y60 - 50, 100, y60 + 50), 10, 10))
     assert rx == pytest.approx(5.0, rel=0.01) and ry == pytest.approx(5.0, rel=0.01)
+
+
+@pytest.mark.parametrize("field", [_smooth_rgb, _smooth_rgb_with_holes])
+async def test_tiles_known_clear_of_nodata_give_the_scanned_picture(field):
+    """Whether a tile holds nodata is kept per decoded tile (draw.known_clear), so warm maps skip
+    scanning their mosaic; the pictures equal those of a render that scans (cache off), holes
+    transparent in both, also when the same tiles serve a second, overlapping map."""
+    from tileserver.render import draw
+
+    published = synthetic_layer("PM", "15", (16596, 11268, 16599, 11271), field, fmt="TIFF_RAW_UINT8",
+                                channels=3, nodata=(255.0, 255.0, 255.0), resampling="lanczos_3",
+                                layer_id=f"CLEAR{field.__name__}")
+    native = matched_target(published, "EPSG:3857")
+    x0, y0, x1, y1 = native.bbox
+    inset = 0.1 * (x1 - x0)
+    base = Grid("EPSG:3857", (x0 + inset, y0 + inset, x1 - inset, y1 - inset), round(native.width * 0.8 / 0.85),
+                round(native.height * 0.8 / 0.85))  # upsampled inside the data, as the benchmarks' maps
+    shifted = Grid("EPSG:3857", (x0 + 1.3 * inset, y0 + 0.7 * inset, x1 - 0.7 * inset, y1 - 1.3 * inset),
+                   round(native.width * 0.8 / 1.4), round(native.height * 0.8 / 1.4))  # downsampled
+    budget = draw.DECODED_TILES.budget
+    try:
+        warm = [await render_map([MapLayer(published)], t, picture=True) for t in (base, shifted, base)]
+        draw.DECODED_TILES.resize(0)
+        cold = [await render_map([MapLayer(published)], t, picture=True) for t in (base, shifted)]
+    finally:
+        draw.DECODED_TILES.resize(budget)
+    holes = field is _smooth_rgb_with_holes
+    for hot in warm:
+        assert hot.data.shape[2] == (4 if holes else 3)  # opaque when clear of nodata
+    for hot, scanned in zip(warm, cold + [cold[0]], strict=True):
+        assert np.array_equal(hot.data, scanned.data) and np.array_equal(hot.valid, scanned.valid)
+    if holes:
+        assert (warm[2].data[..., 3] == 0).any()

@@ -102,17 +102,55 @@ DECODED_TILE_CACHE_BYTES = 48 << 20
 DECODED_TILES = DecodedTiles(DECODED_TILE_CACHE_BYTES)
 
 
+def _decode_key(published: PublishedLayer, level: str, blob: bytes) -> tuple:
+    m = published.matrix(level)
+    return (hashlib.blake2b(blob, digest_size=16).digest(), published.format, m.tile_width, m.tile_height,
+            published.channels)
+
+
 def _decode(published: PublishedLayer, level: str, blob: bytes) -> np.ndarray:
     owner = published.owners[level]
     if DECODED_TILES.budget <= 0:
         return owner.decode(level, blob)
-    m = published.matrix(level)
-    key = (hashlib.blake2b(blob, digest_size=16).digest(), published.format, m.tile_width, m.tile_height,
-           published.channels)
+    key = _decode_key(published, level, blob)
     pixels = DECODED_TILES.get(key)
     if pixels is None:
         pixels = DECODED_TILES.put(key, owner.decode(level, blob))
     return pixels
+
+
+# Whether a decoded tile holds no nodata pixel, per (decoding key, nodata): scanning a 2048² mosaic
+# for nodata costs ~7 ms a map, a tile's answer once is free afterwards. Bounded by emptying it.
+_CLEAR_TILES: dict[tuple, bool] = {}
+_CLEAR_TILES_MAX = 16384
+
+
+def known_clear(published: PublishedLayer, plan: SourcePlan, tiles: dict[tuple[int, int], bytes],
+                nodata: tuple[float, ...]) -> bool:
+    """True when every tile of the plan is present and, decoded (from the decoded-tile cache, after
+    `mosaic`), has no pixel whose every band equals `nodata`; False when unknown or not so."""
+    assert plan.tiles is not None
+    if DECODED_TILES.budget <= 0:
+        return False
+    c0, r0, c1, r1 = plan.tiles
+    for r in range(r0, r1 + 1):
+        for c in range(c0, c1 + 1):
+            blob = tiles.get((c, r))
+            if blob is None:
+                return False  # the mosaic holds nodata there
+            key = _decode_key(published, plan.level, blob)
+            clear = _CLEAR_TILES.get((key, nodata))
+            if clear is None:
+                pixels = DECODED_TILES.get(key)
+                if pixels is None:
+                    return False
+                clear = nodata_mask(pixels, nodata) is None
+                if len(_CLEAR_TILES) >= _CLEAR_TILES_MAX:
+                    _CLEAR_TILES.clear()
+                _CLEAR_TILES[(key, nodata)] = clear
+            if not clear:
+                return False
+    return True
 
 
 # --------------------------------------------------------------------------- one layer
@@ -356,11 +394,12 @@ def resampling_kernel(kernel: str, src_grid: Grid, work: Grid) -> str:
 
 
 def _picture_layer(src: np.ndarray, src_grid: Grid, work: Grid, kernel: str, nodata: tuple[float, ...] | None,
-                   channels: int) -> np.ndarray:
+                   channels: int, clear: bool = False) -> np.ndarray:
     """An unstyled 8-bit layer as a picture: opaque (1 or 3 bands) when no source pixel is nodata
-    and the map lies on the source, else with an alpha band (2 or 4) made from nodata first."""
+    and the map lies on the source, else with an alpha band (2 or 4) made from nodata first.
+    `clear`: the source is known to hold no nodata pixel (`known_clear`)."""
     if channels not in (2, 4):
-        mask = nodata_mask(src, nodata or ())
+        mask = None if clear else nodata_mask(src, nodata or ())
         if mask is None:
             fast = picture_resample(src, src_grid, work, kernel)
             if fast is not None and fast[1]:
@@ -391,7 +430,8 @@ def render_layer_sync(layer: MapLayer, target: Grid, plan: SourcePlan, tiles: di
     kernel = plan.kernel
     if picture and style is None and src.dtype == np.uint8:
         # nodata becomes alpha before resampling: edges antialias instead of eroding (pipeline's docstring)
-        pixels = _picture_layer(src, src_grid, work, kernel, nodata, published.channels)
+        clear = bool(nodata) and published.channels not in (2, 4) and known_clear(published, plan, tiles, nodata or ())
+        pixels = _picture_layer(src, src_grid, work, kernel, nodata, published.channels, clear)
         valid = pixels[..., -1] > 0 if pixels.shape[2] in (2, 4) else np.ones(target.shape, dtype=bool)
         return Raster(pixels, valid, None, target, picture=True, levels={published.id: plan.level})
     pixels, valid = warp(src, src_grid, work, nodata, resampling_kernel(kernel, src_grid, work), return_mask=True)
