@@ -390,3 +390,28 @@ def test_picture_resize_equals_warp(interpolation: str, bands: int) -> None:
         image = Image.fromarray(src if bands == 3 else src[..., 0])
         theirs = np.asarray(image.resize((width, height), pillow, box=box, reducing_gap=None)).reshape(out.shape)
         assert np.abs(out.astype(int) - theirs.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("interpolation", ["lanczos_3", "bicubic", "linear", "nn"])
+def test_same_crs_warp_of_a_large_mosaic_reads_only_what_taps_reach(interpolation: str) -> None:
+    """A map inside a mosaic of whole tiles is resampled from the part its taps reach; the result
+    is the gathered sums over the whole mosaic (to a level), with the same validity."""
+    from tileserver.render import warp as w
+
+    rng = np.random.default_rng(9)
+    src = rng.integers(0, 256, (300, 320, 3), dtype=np.uint8)
+    src[140:170, 100:200] = 255  # nodata inside the map's footprint
+    grid = Grid("EPSG:3857", (0, 0, 320, 300), 320, 300)
+    for target in (Grid("EPSG:3857", (100.4, 90.2, 220.6, 200.9), 141, 130),
+                   Grid("EPSG:3857", (60.4, 50.2, 260.6, 250.9), 90, 88)):
+        out, mask = warp(src, grid, target, 255, interpolation, return_mask=True)
+        cols, _ = grid.to_pixel(target.x_centres(), 0.0)
+        _, rows = grid.to_pixel(0.0, target.y_centres())
+        kernel = w.get_kernel(interpolation)
+        valid = w.source_validity(src, 255)
+        ci, cw = w._taps(cols, 320, kernel, target.res_x)
+        ri, rw = w._taps(rows, 300, kernel, target.res_y)
+        sums = w._resample_axis(w._resample_axis(w._planes(src, valid), ci, cw, 1), ri, rw, 0)
+        ref, ref_mask = w._finish(sums, np.ones(target.shape, bool), True, 3, np.dtype(np.uint8), np.full(3, 255.0), 0.5)
+        assert np.array_equal(mask, ref_mask) and (~mask).any()
+        assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1

@@ -584,23 +584,29 @@ def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
     nd = _nodata_vector(nodata, channels)
     dtype = src3.dtype
     fill = nd if nd is not None else np.full(channels, np.nan if dtype.kind == "f" else 0.0)
-    valid_src = source_validity(src3, nodata)
     h, w = dst_grid.height, dst_grid.width
 
     if crs_equal(src_grid.crs, dst_grid.crs):
         offset = _aligned_offset(src_grid, dst_grid)
         if offset is not None:
-            out, mask = _crop(src3, valid_src, offset[0], offset[1], w, h, fill)
+            out, mask = _crop(src3, source_validity(src3, nodata), offset[0], offset[1], w, h, fill)
         else:
             cols, _ = src_grid.to_pixel(dst_grid.x_centres(), 0.0)
             _, rows = src_grid.to_pixel(0.0, dst_grid.y_centres())
+            scale_x, scale_y = dst_grid.res_x / src_grid.res_x, dst_grid.res_y / src_grid.res_y
+            # only the source the taps reach (a mosaic is whole tiles, often twice the map's pixels);
+            # taps cut by the crop are the ones cut by the source's own edges, so the sums are unchanged
+            ci, ri = _taps(cols, src_grid.width, kernel, scale_x)[0], _taps(rows, src_grid.height, kernel, scale_y)[0]
+            c0, c1, r0, r1 = int(ci.min()), int(ci.max()) + 1, int(ri.min()), int(ri.max()) + 1
+            part = src3[r0:r1, c0:c1]
+            valid_part = source_validity(part, nodata)
             zeroed = dtype.kind in "iub" and nd is not None and not nd.any()
-            planes = _resample_separable(_planes(src3, valid_src, planar=kernel.weight is not None, zeroed=zeroed),
-                                         cols, rows, kernel,
-                                         dst_grid.res_x / src_grid.res_x, dst_grid.res_y / src_grid.res_y)
+            planes = _resample_separable(_planes(part, valid_part, planar=kernel.weight is not None, zeroed=zeroed),
+                                         cols - c0, rows - r0, kernel, scale_x, scale_y)
             inside = (_inside(rows, src_grid.height)[:, None] & _inside(cols, src_grid.width)[None, :])
-            out, mask = _finish(planes, inside, valid_src is not None, channels, dtype, fill, min_coverage)
+            out, mask = _finish(planes, inside, valid_part is not None, channels, dtype, fill, min_coverage)
     else:
+        valid_src = source_validity(src3, nodata)
         sx, sy = source_coordinates(src_grid, dst_grid, max_error)
         inside = _inside(sx, src_grid.width) & _inside(sy, src_grid.height)
         planes = _planes(src3, valid_src)
