@@ -17,10 +17,13 @@ format. The shape of one render, and why:
   unstyled 8-bit layer's nodata into an alpha channel *before* resampling, so antialiased edges
   and thin lines on a nodata-coloured background survive downsampling (a black line on white
   cadastral data would otherwise vanish under the coverage threshold), then composites layers
-  with alpha-over in LAYERS order. Pictures are resampled by Pillow in C (`picture_resample`:
-  box resize, or a mesh of exact pyproj nodes checked to 1/8 pixel) — 3–5× faster than warp.py
-  and within one grey level of it (tested); opaque data stays RGB/L with no alpha band, and at the
-  pyramid's own resolution a picture is its pixels snapped to the nearest pixel (SNAP_NATIVE).
+  with alpha-over in LAYERS order. `picture_resample`: an opaque picture in its pyramid's CRS is
+  resized with warp's own taps as banded matrix products through BLAS (`banded`), one with alpha
+  by Pillow's premultiplied resize, a reprojected one by Pillow's mesh of exact pyproj nodes
+  checked to 1/8 pixel — each within one grey level of warp.py (tested); opaque data stays RGB/L
+  with no alpha band, and at the pyramid's own resolution a picture is its pixels snapped to the
+  nearest pixel (SNAP_NATIVE). Same-CRS data and styled maps (warp) resample row-planar float
+  planes through `banded` too, from the part of the mosaic their taps reach.
 * **Strips**: a map larger than `STRIP_PIXELS` is drawn layer after layer, strip after strip of
   rows, into one output array (`draw`): each strip reads the map's level with the map's kernel
   (so strips join exactly), decodes only the tiles under it, and composites per pixel, so the
