@@ -43,6 +43,15 @@ def serving(settings: Settings) -> Iterator[tuple[tuple[str, int], uvicorn.Serve
         yield ("127.0.0.1", port), server
 
 
+@contextlib.contextmanager
+def asgi_only(settings: Settings) -> Iterator[tuple[str, int]]:
+    """The app under uvicorn's own protocol: tiles only through the ASGI layer `FastTiles.__call__`."""
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    with running(uvicorn.Server(config)):
+        yield "127.0.0.1", port
+
+
 def _s3_layers(tmp: Path, s3_server: MotoS3Server, proxy: S3Proxy, **overrides: Any) -> tuple[Settings, str]:
     """Settings reading S3 through the proxy, whose store publishes SCAN1000 on S3 as the open layer S
     and the restricted R; the key of R."""
@@ -176,14 +185,18 @@ def _warnings() -> Iterator[list[logging.LogRecord]]:
             logger.removeHandler(handler)
 
 
-def _normalised(answer: tuple[int, list[tuple[str, str]], bytes, bool]) -> tuple:
-    """`comparable` with the request id the error message names taken out (and so its length)."""
+def _normalised(answer: tuple[int, list[tuple[str, str]], bytes, bool], fold: bool = False) -> tuple:
+    """`comparable` with the request id the error message names taken out (and so its length);
+    `fold`: header names in lower case (uvicorn's own protocol writes them so)."""
     status, headers, body, closes = answer
+    if fold:
+        headers = [(k.lower(), v) for k, v in headers]
+        headers = [("X-Request-Id" if k == "x-request-id" else k, v) for k, v in headers]
     rid = dict(headers)["X-Request-Id"].encode()
     assert rid in body or status < 500 or not body
-    kept = [(k, v) for k, v in headers if k != "Content-Length"]
-    length = dict(headers).get("Content-Length")
-    return comparable((status, kept, body.replace(rid, b"RID"), closes)), length is not None
+    kept = [(k, v) for k, v in headers if k.lower() != "content-length"]
+    sized = any(k.lower() == "content-length" for k, _ in headers)
+    return comparable((status, kept, body.replace(rid, b"RID"), closes)), sized
 
 
 def test_a_failing_s3_is_worded_as_the_route_words_it_after_one_read(
@@ -193,7 +206,8 @@ def test_a_failing_s3_is_worded_as_the_route_words_it_after_one_read(
     exception report, status and Retry-After, after as many S3 requests as the route makes — so the
     circuit breaker opens at the same request and Retry-After goes 1, 5, 5 on both servers."""
     settings, _ = _s3_layers(tmp_path, s3_server, s3_proxy)
-    with serving(settings) as (on, _), serving(replace(settings, fast_tiles=False)) as (off, _):
+    with serving(settings) as (on, _), serving(replace(settings, fast_tiles=False)) as (off, _), \
+            asgi_only(settings) as asgi:
         lim = _limits(on)
         rest = _data_tile(lim)
         kvp = ("/wmts?SERVICE=WMTS&REQUEST=GetTile&VERSION=1.0.0&LAYER=S&STYLE=normal&TILEMATRIXSET=PM"
@@ -201,7 +215,7 @@ def test_a_failing_s3_is_worded_as_the_route_words_it_after_one_read(
         asked = [("GET", rest, {}), ("HEAD", kvp, {}), ("GET", rest, {"If-None-Match": "*"})]
         results = []
         with _warnings() as records:
-            for address in (off, on):
+            for address in (off, on, asgi):
                 raw = Raw(address)
                 assert raw.exchange(request_bytes("GET", rest, {}))[0] == 200  # the slab index, cached
                 s3_proxy.clear()
@@ -215,8 +229,10 @@ def test_a_failing_s3_is_worded_as_the_route_words_it_after_one_read(
                 results.append((answers, reads, FastTileProtocol.answered_later - before))
                 raw.close()
                 s3_proxy.clear()
-        (routed, routed_reads, routed_later), (fast, fast_reads, fast_later) = results
+        (routed, routed_reads, routed_later), (fast, fast_reads, fast_later), (layer, layer_reads, _) = results
         assert [_normalised(a) for a in fast] == [_normalised(a) for a in routed]
+        assert [_normalised(a, fold=True) for a in layer] == [_normalised(a, fold=True) for a in routed]
+        assert layer_reads == routed_reads  # the ASGI layer (FastTiles.__call__) words the failure too
         assert [a[0] for a in fast] == [503, 503, 503]
         assert [dict(a[1])["Retry-After"] for a in fast] == ["1", "5", "5"]
         assert b"ExceptionReport" in fast[0][2] and b"storage is unavailable" in fast[0][2]
@@ -224,7 +240,7 @@ def test_a_failing_s3_is_worded_as_the_route_words_it_after_one_read(
         assert (routed_later, fast_later) == (0, 3)
         # the route's log lines, the same from both paths: one StorageUnavailable line per answer
         errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
-        assert len(errors) == 6 and all("StorageUnavailable (503)" in e for e in errors), errors
+        assert len(errors) == 9 and all("StorageUnavailable (503)" in e for e in errors), errors
         assert not any(r.exc_info for r in records)
 
 

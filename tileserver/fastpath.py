@@ -5,8 +5,9 @@ validating every parameter again and a LogRecord cost several times that (benchm
 This path answers only the plain case — an open layer, its own grid and format, no key, a tile
 inside the advertised limits, REST without a query or a KVP query of GetTile's own parameters —
 with exactly the routed answer's bytes and headers (ETag and 304, CORS, request id, Cache-Control,
-access log). Everything else (errors, keys, rendering, storage failures) goes to the ordinary
-route, which does the full work and gives the protocol's answer.
+access log). A read that fails is answered with the route's own wording of the failure (never read
+again by the route). Everything else (other errors, keys, rendering) goes to the ordinary route,
+which does the full work and gives the protocol's answer.
 
 Two entries share every decision and every header:
 - `FastTiles.__call__`, an ASGI layer in front of Starlette (any ASGI server, tests in process);
@@ -45,7 +46,7 @@ from tileserver.pyramid import ABSENT
 from tileserver.services.numbers import is_plain_index
 from tileserver.services.ows import error_report
 from tileserver.services.policy import ServiceError, check_payload, tile_headers
-from tileserver.services.tiles import empty_tile, for_client, native_tile
+from tileserver.services.tiles import empty_tile, for_client
 from tileserver.services.wmts_tiles import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile, stored_tile
 from tileserver.storage.paths import Scheme, parse_path
 
@@ -141,12 +142,15 @@ class FastTiles:
         if asked is None:
             return False
         route = asked.route
-        try:
-            answer = await native_tile(route.published, route.level, asked.col, asked.row) if route.stored else None
-            answer = for_client(answer or empty_tile(route.published, route.level), asked.accept_encoding)
-        except ServiceError:  # no data (404 layers), storage failures: the route words them
-            return False
         method = scope["method"]
+        try:
+            answer = await stored_tile(route.published, route.level, asked.col, asked.row, route.stored)
+            answer = for_client(answer, asked.accept_encoding)
+        except ServiceError as exc:  # no data (404 layers), storage failures: worded as the route words them
+            status, headers, body = _refusal(exc, method, path, query, started)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+            return True
         status, body, etag, request_id = _validated(answer.body, asked.if_none_match)
         headers = list(route.headers)
         if answer.content_encoding:
@@ -348,18 +352,26 @@ def _answered(asked: _Asked, body: bytes, method: str, path: str, query: bytes, 
     return Answer(status, lines + _CORS_LINES, b"" if method == "HEAD" else body)
 
 
-def _refused(error: ServiceError, method: str, path: str, query: bytes, started: float) -> Answer:
+def _refusal(error: ServiceError, method: str, path: str, query: bytes,
+             started: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """A failed read worded by the WMTS routes' own error function (`ows.error_report`: exception
     report, Retry-After, no-store, the 5xx log line with the request id), then given the headers
-    `http.HttpBehaviour` gives every other answer: Content-Length last, the request id, CORS."""
+    `http.HttpBehaviour` gives every other answer (Content-Length last, the request id, CORS), logged:
+    status, headers and body. Neither fast answer hands a failed read to the route, which would read again."""
     request_id = next_request_id()
     response = error_report(Request({"type": "http", "state": {"request_id": request_id}}), error)
     body = bytes(response.body)
-    lines = b"".join(b"%s: %s\r\n" % (canonical(name), value) for name, value in response.raw_headers
-                     if name != b"content-length")
-    lines += b"Content-Length: %d\r\nX-Request-Id: %s\r\n" % (len(body), request_id.encode())
+    headers = [(canonical(name), value) for name, value in response.raw_headers if name != b"content-length"]
+    headers += ((b"Content-Length", b"%d" % len(body)), (b"X-Request-Id", request_id.encode()), *CORS_HEADERS)
     log_access(request_id, method, path, query, response.status_code, len(body), started, secret_free=True)
-    return Answer(response.status_code, lines + _CORS_LINES, b"" if method == "HEAD" else body)
+    return response.status_code, headers, body
+
+
+def _refused(error: ServiceError, method: str, path: str, query: bytes, started: float) -> Answer:
+    """`_refusal` as the protocol writes it."""
+    status, headers, body = _refusal(error, method, path, query, started)
+    lines = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+    return Answer(status, lines, b"" if method == "HEAD" else body)
 
 
 def _validated(body: bytes, if_none_match: bytes | None) -> tuple[int, bytes, bytes, str]:
