@@ -8,7 +8,7 @@ import gc
 import importlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -77,14 +77,23 @@ class TileServerApp(Starlette):
             apply_forwarded(scope, self.state.settings)
         await self._fast(scope, receive, send)
 
-    def answer_now(self, method: str, path: str, raw_path: bytes, query: bytes,
-                   headers: list[tuple[bytes, bytes]]) -> Answer | None:
-        """A stored tile answered by the server's HTTP protocol without an ASGI cycle (or None: the
-        cycle takes it), counted in the metrics as the ASGI path counts it."""
+    def answer_tile(self, method: str, path: str, raw_path: bytes, query: bytes, headers: list[tuple[bytes, bytes]],
+                    later: bool = True) -> Answer | Coroutine[Any, Any, Answer] | None:
+        """A stored tile answered by the server's HTTP protocol without an ASGI cycle: at once, or
+        as a coroutine reading it (None: the cycle takes it), counted in the metrics as the ASGI
+        path counts it."""
         started = time.perf_counter()
-        answer = self._tiles.answer_now(method, path, raw_path, query, headers)
-        if answer is not None:
+        answer = self._tiles.answer_tile(method, path, raw_path, query, headers, later)
+        if answer is None:
+            return None
+        if isinstance(answer, tuple):  # an Answer
             self._fast.record(path, answer.status, time.perf_counter() - started)
+            return answer
+        return self._recorded(answer, path, started)
+
+    async def _recorded(self, pending: Coroutine[Any, Any, Answer], path: str, started: float) -> Answer:
+        answer = await pending
+        self._fast.record(path, answer.status, time.perf_counter() - started)
         return answer
 
 

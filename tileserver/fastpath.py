@@ -5,15 +5,20 @@ validating every parameter again and a LogRecord cost several times that (benchm
 This path answers only the plain case — an open layer, its own grid and format, no key, a tile
 inside the advertised limits, REST without a query or a KVP query of GetTile's own parameters —
 with exactly the routed answer's bytes and headers (ETag and 304, CORS, request id, Cache-Control,
-access log). Everything else (errors, keys, rendering, storage failures) goes to the ordinary
-route, which does the full work and gives the protocol's answer.
+access log). A read that fails is answered with the route's own wording of the failure (never read
+again by the route). Everything else (other errors, keys, rendering) goes to the ordinary route,
+which does the full work and gives the protocol's answer.
 
 Two entries share every decision and every header:
 - `FastTiles.__call__`, an ASGI layer in front of Starlette (any ASGI server, tests in process);
-- `FastTiles.answer_now`, called by `tileserver serve`'s HTTP protocol (server_cli.FastTileProtocol)
-  as soon as a request is parsed, without an ASGI cycle, a task or a coroutine. It answers only
-  when nothing can block: the slab index is cached and the tile is in the page cache of a FILE
-  slab already open (preadv2 RWF_NOWAIT); otherwise it says None and the ASGI cycle takes the request.
+- `FastTiles.answer_tile`, called by `tileserver serve`'s HTTP protocol (server_cli.FastTileProtocol)
+  as soon as a request is parsed, without an ASGI cycle. It answers at once when nothing can
+  block: the slab index is cached and the tile is in the page cache of a FILE slab already open
+  (preadv2 RWF_NOWAIT). When the slab index is cached but the bytes must be read (object storage,
+  a FILE slab not open or not in the page cache), it gives a coroutine instead, which the protocol
+  runs in its own task: the read the route would make, then the tile, or the route's own error
+  answer for a failed read (`wmts_tiles.stored_tile`, `ows.error_report`) — never a second read.
+  Anything else gives None and the ASGI cycle takes the request.
 
 The first request of a (layer, style, grid, matrix, extension) is checked by the route's own
 `resolve_tile`; what it settles is kept per catalog snapshot, so later tiles only check their
@@ -28,18 +33,21 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tileserver.http import CORS_HEADERS, canonical, etag_matches, etag_of, log_access, next_request_id
 from tileserver.pyramid import ABSENT
 from tileserver.services.numbers import is_plain_index
+from tileserver.services.ows import error_report
 from tileserver.services.policy import ServiceError, check_payload, tile_headers
-from tileserver.services.tiles import empty_tile, for_client, native_tile
-from tileserver.services.wmts_tiles import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile
+from tileserver.services.tiles import empty_tile, for_client
+from tileserver.services.wmts_tiles import EXTENSIONS, REST_PREFIX, VERSION, resolve_tile, stored_tile
 from tileserver.storage.paths import Scheme, parse_path
 
 log = logging.getLogger("tileserver.fastpath")
@@ -91,6 +99,13 @@ class Answer(NamedTuple):
     body: bytes
 
 
+class _Read:
+    """`_stored_now`'s word for "the slab index is at hand, the bytes are not": a read will tell."""
+
+
+_READ = _Read()
+
+
 class FastTiles:
     """Wraps the Starlette application; `app.state.runtime` is read at each request."""
 
@@ -127,12 +142,15 @@ class FastTiles:
         if asked is None:
             return False
         route = asked.route
-        try:
-            answer = await native_tile(route.published, route.level, asked.col, asked.row) if route.stored else None
-            answer = for_client(answer or empty_tile(route.published, route.level), asked.accept_encoding)
-        except ServiceError:  # no data (404 layers), storage failures: the route words them
-            return False
         method = scope["method"]
+        try:
+            answer = await stored_tile(route.published, route.level, asked.col, asked.row, route.stored)
+            answer = for_client(answer, asked.accept_encoding)
+        except ServiceError as exc:  # no data (404 layers), storage failures: worded as the route words them
+            status, headers, body = _refusal(exc, method, path, query, started)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+            return True
         status, body, etag, request_id = _validated(answer.body, asked.if_none_match)
         headers = list(route.headers)
         if answer.content_encoding:
@@ -153,14 +171,22 @@ class FastTiles:
                    headers: list[tuple[bytes, bytes]]) -> Answer | None:
         """The whole answer at once when nothing has to wait (see the module docstring); None hands
         the request to the ASGI cycle. `headers` as ASGI gives them (lower-case names)."""
+        answer = self.answer_tile(method, path, raw_path, query, headers, later=False)
+        assert answer is None or isinstance(answer, Answer)
+        return answer
+
+    def answer_tile(self, method: str, path: str, raw_path: bytes, query: bytes, headers: list[tuple[bytes, bytes]],
+               later: bool = True) -> Answer | Coroutine[Any, Any, Answer] | None:
+        """`answer_now`'s answer; else, with `later`, a coroutine giving the answer after the one
+        storage read it needs, for a request whose slab index is cached (see the module docstring)."""
         try:
-            return self._answer_now(method, path, raw_path, query, headers)
+            return self._answer_tile(method, path, raw_path, query, headers, later)
         except Exception:  # a bug here must not cost the request: the ASGI cycle answers it
             log.exception("fast tile path failed on %s; the route answers", path)
             return None
 
-    def _answer_now(self, method: str, path: str, raw_path: bytes, query: bytes,
-                    headers: list[tuple[bytes, bytes]]) -> Answer | None:
+    def _answer_tile(self, method: str, path: str, raw_path: bytes, query: bytes,
+                     headers: list[tuple[bytes, bytes]], later: bool) -> Answer | Coroutine[Any, Any, Answer] | None:
         started = time.perf_counter()
         if method not in ("GET", "HEAD") or not (path == _KVP_PATH or path.startswith(_PREFIX)):
             return None
@@ -170,21 +196,27 @@ class FastTiles:
         body = self._stored_now(asked)
         if body is None:
             return None
-        route = asked.route
-        status, body, etag, request_id = _validated(body, asked.if_none_match)
-        if status == 304:  # the ASGI answer's headers above, as lines
-            lines = route.lines_304 + b"ETag: %s\r\nX-Request-Id: %s\r\n" % (etag, request_id.encode())
-        else:
-            lines = route.lines + b"ETag: %s\r\nContent-Length: %d\r\nX-Request-Id: %s\r\n" % (
-                etag, len(body), request_id.encode())
-        log_access(request_id, method, path, query, status, len(body), started, secret_free=True)
-        return Answer(status, lines + _CORS_LINES, b"" if method == "HEAD" else body)
+        if body is _READ:
+            return self._read_later(asked, method, path, query, started) if later else None
+        assert isinstance(body, bytes)
+        return _answered(asked, body, method, path, query, started)
 
-    def _stored_now(self, asked: _Asked) -> bytes | None:
+    async def _read_later(self, asked: _Asked, method: str, path: str, query: bytes, started: float) -> Answer:
+        """The tile as the route reads it, or the route's own error answer when the read fails."""
+        route = asked.route
+        try:
+            tile = await stored_tile(route.published, route.level, asked.col, asked.row, route.stored)
+            tile = for_client(tile, asked.accept_encoding)
+        except ServiceError as exc:
+            return _refused(exc, method, path, query, started)
+        return _answered(asked, tile.body, method, path, query, started)
+
+    def _stored_now(self, asked: _Asked) -> bytes | _Read | None:
         """The body `native_tile` and `for_client` would give, when it is at hand without waiting;
-        None when it is not (the slab index is not cached, the slab not open, the bytes not in the
-        page cache, not FILE, TIFF wrapping, a deflated format, anything odd): the ASGI cycle then
-        answers the ordinary way."""
+        `_READ` when the slab index is cached but the bytes are not at hand (object storage, the slab
+        not open, the bytes not in the page cache): one read gives them; None for anything else (the
+        index not cached, TIFF wrapping, a deflated format, an unreadable payload, anything odd): the
+        ASGI cycle then answers the ordinary way."""
         route, col, row = asked.route, asked.col, asked.row
         level = route.stored_level
         if level is None:  # TIFF-wrapped or deflated payloads, nodata-only levels: the ASGI path
@@ -202,14 +234,15 @@ class FastTiles:
                 return empty_tile(published, route.level).body
             data = self._read_now(asked.runtime, entry.path, entry.index.offsets[n], entry.index.sizes[n])
             if not data:
-                return None
+                return None if data is not None else _READ
             check_payload(route.compression, data, "")
         except ServiceError:  # TileNotFound (404 layers), unreadable payloads: the route words them
             return None
         return data
 
     def _read_now(self, runtime: Any, path: str, offset: int, size: int) -> bytes | None:
-        """The FILE backend's own inline read (preadv2 RWF_NOWAIT on its open descriptor), or None."""
+        """The FILE backend's own inline read (preadv2 RWF_NOWAIT on its open descriptor), or None
+        when the bytes need a read that may wait."""
         if size > runtime.settings.file_inline_read_max:
             return None
         try:
@@ -219,7 +252,7 @@ class FastTiles:
             file = (runtime.storage.backend(where).handles, where.key) if where.scheme is Scheme.FILE else None
             if len(self._files) < _MAX_FILES:
                 self._files[path] = file
-        if file is None:  # object storage: the ASGI path
+        if file is None:  # object storage: a network read
             return None
         handles, name = file
         entry = handles.entry(name)
@@ -304,6 +337,41 @@ class FastTiles:
             level = pyramid.level(tile.level)
         return _Route(published, tile.level, tile.published_level, rows, cols, tuple(headers), lines, lines_304,
                       pyramid, level, stored.compression)
+
+
+def _answered(asked: _Asked, body: bytes, method: str, path: str, query: bytes, started: float) -> Answer:
+    """A tile's answer as `http.HttpBehaviour` gives it (200 or 304, ETag, request id, CORS), logged."""
+    route = asked.route
+    status, body, etag, request_id = _validated(body, asked.if_none_match)
+    if status == 304:  # the ASGI answer's headers above, as lines
+        lines = route.lines_304 + b"ETag: %s\r\nX-Request-Id: %s\r\n" % (etag, request_id.encode())
+    else:
+        lines = route.lines + b"ETag: %s\r\nContent-Length: %d\r\nX-Request-Id: %s\r\n" % (
+            etag, len(body), request_id.encode())
+    log_access(request_id, method, path, query, status, len(body), started, secret_free=True)
+    return Answer(status, lines + _CORS_LINES, b"" if method == "HEAD" else body)
+
+
+def _refusal(error: ServiceError, method: str, path: str, query: bytes,
+             started: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """A failed read worded by the WMTS routes' own error function (`ows.error_report`: exception
+    report, Retry-After, no-store, the 5xx log line with the request id), then given the headers
+    `http.HttpBehaviour` gives every other answer (Content-Length last, the request id, CORS), logged:
+    status, headers and body. Neither fast answer hands a failed read to the route, which would read again."""
+    request_id = next_request_id()
+    response = error_report(Request({"type": "http", "state": {"request_id": request_id}}), error)
+    body = bytes(response.body)
+    headers = [(canonical(name), value) for name, value in response.raw_headers if name != b"content-length"]
+    headers += ((b"Content-Length", b"%d" % len(body)), (b"X-Request-Id", request_id.encode()), *CORS_HEADERS)
+    log_access(request_id, method, path, query, response.status_code, len(body), started, secret_free=True)
+    return response.status_code, headers, body
+
+
+def _refused(error: ServiceError, method: str, path: str, query: bytes, started: float) -> Answer:
+    """`_refusal` as the protocol writes it."""
+    status, headers, body = _refusal(error, method, path, query, started)
+    lines = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+    return Answer(status, lines, b"" if method == "HEAD" else body)
 
 
 def _validated(body: bytes, if_none_match: bytes | None) -> tuple[int, bytes, bytes, str]:

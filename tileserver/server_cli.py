@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import os
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -209,14 +210,14 @@ class _Members(set[HeaderTimeoutProtocol]):
 
 
 class _Answerer(Protocol):
-    def answer_now(self, method: str, path: str, raw_path: bytes, query: bytes,
-                   headers: list[tuple[bytes, bytes]]) -> Any: ...
+    def answer_tile(self, method: str, path: str, raw_path: bytes, query: bytes,
+                    headers: list[tuple[bytes, bytes]], later: bool = True) -> Any: ...
 
 
 def _answerer(app: Any) -> _Answerer | None:
     """The application under uvicorn's wrappers (proxy headers, message logger), if it answers tiles."""
     for _ in range(8):
-        if hasattr(app, "answer_now"):
+        if hasattr(app, "answer_tile"):
             return app
         app = getattr(app, "app", None)
         if app is None:
@@ -237,6 +238,33 @@ def _default_lines(default_headers: list[tuple[bytes, bytes]]) -> bytes:
     return _default_head[1]
 
 
+class _NoEvent:
+    """A cycle's `message_event` where nothing waits on it: uvicorn sets it on connection loss."""
+
+    def set(self) -> None:
+        pass
+
+
+class _Reading:
+    """What uvicorn's protocol reads of the cycle in progress (its RequestResponseCycle), for a tile
+    being read by this protocol's own task: later requests queue behind it in `pipeline`, `shutdown`
+    asks it to close the connection after its answer, a lost connection marks it."""
+
+    __slots__ = ("keep_alive", "response_complete", "disconnected", "body", "more_body")
+    message_event = _NoEvent()
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.response_complete = False
+        self.disconnected = False
+        self.body = b""  # a fast answer takes no request body: nothing is ever added
+        self.more_body = False
+
+
+_INTERNAL_ERROR = (b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 21\r\nConnection: close\r\n\r\n",
+                   b"Internal Server Error")  # uvicorn's answer when an application fails
+
+
 class FastTileProtocol(HeaderTimeoutProtocol):
     """`HeaderTimeoutProtocol` answering stored tiles as soon as their request is parsed.
 
@@ -245,13 +273,20 @@ class FastTileProtocol(HeaderTimeoutProtocol):
     request of the connection is still being answered (answers keep their order) and the transport
     is not pushing back, the application's `answer_now` (fastpath.FastTiles) may answer a GET or
     HEAD at once with what the ASGI path would send; the answer is written when the request is
-    complete. Anything it declines goes through uvicorn's ordinary cycle. Keep-alive as uvicorn
-    keeps it: HTTP/1.0 and `Connection: close` close after the answer, and the idle timer is armed
-    when the data at hand is done (never while an ASGI answer is still running). uvicorn's
-    `limit_concurrency` counts ASGI tasks: a fast answer starts none and is never refused by it.
+    complete. A tile whose bytes need a storage read (S3) is read by a task of this protocol, with
+    no scope, ASGI cycle or Starlette: while it runs, a `_Reading` stands for uvicorn's cycle, so
+    later requests of the connection queue behind it as behind any running cycle (reading paused,
+    answers in order), and its answer waits for a transport pushing back. Anything `answer_tile`
+    declines goes through uvicorn's ordinary cycle. Keep-alive as uvicorn keeps it: HTTP/1.0 and
+    `Connection: close` close after the answer, and the idle timer is armed when the data at hand
+    is done (never while a task or an ASGI answer is still running). uvicorn's `limit_concurrency`
+    counts ASGI tasks: an answer at once starts none and is never refused by it; a read's task
+    counts, and past the limit the ASGI cycle takes the request (and refuses it).
     """
 
-    answered = 0  # requests of this process answered so (tests check that the fast path was taken)
+    answered = 0  # requests of this process answered at once (tests check that the fast path was taken)
+    answered_later = 0  # ... and after a read in the protocol's own task
+
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -259,6 +294,8 @@ class FastTileProtocol(HeaderTimeoutProtocol):
         self._fast: tuple[bytes, bytes] | None = None  # head and body, written when the request is complete
         self._fast_close = False
         self._fast_sent = False
+        self._later: tuple[Coroutine[Any, Any, Any], _Reading] | None = None  # a read, started when the request is complete
+        self._reading: tuple[asyncio.Task[None], Coroutine[Any, Any, Any]] | None = None
 
     def on_message_begin(self) -> None:
         # uvicorn's on_message_begin, less the scope: a fast answer needs none, so it is built in
@@ -303,23 +340,39 @@ class FastTileProtocol(HeaderTimeoutProtocol):
         except UnicodeDecodeError:
             return False
         assert self._tiles is not None
-        answer = self._tiles.answer_now(method.decode("ascii"), self.root_path + path, raw_path,
-                                        parsed.query or b"", self.headers)
+        limit = self.limit_concurrency
+        later = limit is None or (len(self.connections) < limit and len(self.tasks) < limit)
+        answer = self._tiles.answer_tile(method.decode("ascii"), self.root_path + path, raw_path,
+                                         parsed.query or b"", self.headers, later)
         if answer is None:
             return False
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        head = STATUS_LINE[answer.status] + _default_lines(self.server_state.default_headers) + answer.lines
-        self._fast = (head + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"), answer.body)
+        if not isinstance(answer, tuple):  # a read to await: this protocol's task answers
+            reading = _Reading(keep_alive)
+            self.cycle = reading  # type: ignore[assignment]
+            self._later = (answer, reading)
+            return True
+        status, lines, body = answer  # fastpath.Answer
+        head = STATUS_LINE[status] + _default_lines(self.server_state.default_headers) + lines
+        self._fast = (head + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"), body)
         self._fast_close = not keep_alive
         return True
 
     def on_body(self, body: bytes) -> None:
-        if self._fast is None:  # a GET's body, if any, is not read by the fast answer
+        if self._fast is None and self._later is None:  # a GET's body, if any, is not read by the fast answer
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         answer = self._fast
         if answer is None:
+            if self._later is not None:
+                pending, reading = self._later
+                self._later = None
+                task = self.loop.create_task(self._answer_later(pending, reading))
+                self._reading = (task, pending)
+                self.tasks.add(task)  # uvicorn's shutdown waits for it, as for an ASGI task
+                task.add_done_callback(self.tasks.discard)
+                return
             super().on_message_complete()
             return
         self._fast = None
@@ -333,6 +386,50 @@ class FastTileProtocol(HeaderTimeoutProtocol):
             self.transport.close()
         else:
             self._fast_sent = True
+
+    async def _answer_later(self, pending: Coroutine[Any, Any, Any], reading: _Reading) -> None:
+        """Await the read, then write its answer as uvicorn's cycle would and start what queued behind it."""
+        try:
+            answer = await pending
+        except Exception:  # a bug (a failed read is an answer): uvicorn's 500, as for a failing application
+            log.exception("fast tile answer failed")
+            answer = None
+        if self.flow.write_paused and not reading.disconnected:
+            await self.flow.drain()  # back-pressure, as uvicorn's send waits
+        self._reading = None
+        reading.response_complete = True
+        transport = self._heads._transport  # names already canonical: past `_CanonicalHeads`
+        if reading.disconnected or transport.is_closing():
+            return
+        keep_alive = reading.keep_alive and answer is not None  # False also after `shutdown`
+        head = STATUS_LINE[500 if answer is None else answer.status] + _default_lines(self.server_state.default_headers)
+        if answer is None:
+            transport.writelines((head + _INTERNAL_ERROR[0], _INTERNAL_ERROR[1]))
+        else:
+            head += answer.lines + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
+            transport.writelines((head, answer.body))
+            FastTileProtocol.answered_later += 1
+        self.server_state.total_requests += 1
+        if not keep_alive:
+            self.transport.close()
+            return
+        self.flow.resume_reading()  # paused by uvicorn if requests queued behind this one
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self.timeout_keep_alive_task is None:
+            self._idle_since = self.loop.time()  # uvicorn's keep-alive timeout, kept by the sweeper
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._later is not None:  # never started: nothing to cancel
+            self._later[0].close()
+            self._later = None
+        if self._reading is not None:  # the read is of no use any more; its storage connection is closed cleanly
+            task, pending = self._reading
+            self._reading = None
+            task.cancel()
+            task.add_done_callback(lambda _: pending.close())  # unawaited if cancelled before it began
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._oversized:

@@ -203,6 +203,13 @@ def render_report(request: Request, error: ServiceError) -> Response:
     return Response(exception_report([error]), status_code=error.status, media_type="application/xml")
 
 
+def error_report(request: Request, error: ServiceError) -> Response:
+    """A WMTS error as answered: its exception report through the policy's `error_response` (5xx
+    logged with the request id, never cached). The endpoints and the fast path's asynchronous
+    answers (fastpath.py) word a failure through here, so both give the same bytes."""
+    return error_response(request, error, render_report)
+
+
 def ows_endpoint(handler: Endpoint) -> Endpoint:
     """The WMTS error handler: any ServiceError raised in a handler becomes its exception report."""
 
@@ -211,7 +218,7 @@ def ows_endpoint(handler: Endpoint) -> Endpoint:
         try:
             return await handler(request)
         except ServiceError as exc:
-            return error_response(request, exc, render_report)
+            return error_report(request, exc)
 
     return wrapper
 

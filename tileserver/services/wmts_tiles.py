@@ -269,11 +269,18 @@ async def _tile_answer(request: Request, tile: TileRequest) -> TileAnswer:
         return await rendered_tile(
             runtime, tile.published, tile.grid.tms, tile.level, tile.col, tile.row, tile.style, tile.mime
         )
+    return await stored_tile(tile.published, tile.level, tile.col, tile.row, tile.published_level)
+
+
+async def stored_tile(published: PublishedLayer, level: str, col: int, row: int, published_level: bool) -> TileAnswer:
+    """A tile in its pyramid's own grid and format: the stored bytes, else the level's nodata tile,
+    else ROK4's 404. The route and the fast path's asynchronous answers (fastpath.py) both read
+    through here, so a storage failure raises the same ServiceError whichever path met it."""
     try:
         answer = None
-        if tile.published_level:
-            answer = await native_tile(tile.published, tile.level, tile.col, tile.row)
-        return answer or empty_tile(tile.published, tile.level)
+        if published_level:
+            answer = await native_tile(published, level, col, row)
+        return answer or empty_tile(published, level)
     except TileNotFound:
         raise OWSException("Not Found", None, "No data found", 404) from None
 
