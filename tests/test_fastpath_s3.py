@@ -21,7 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from s3proxy import S3Proxy
 from s3server import MotoS3Server
-from test_fastpath import Raw, _limits, _plain_tile_request, _tile_request, comparable, request_bytes
+from test_fastpath import (
+    Raw,
+    _limits,
+    _plain_tile_request,
+    _tile_request,
+    comparable,
+    pipelined_as_alone,
+    request_bytes,
+)
 from test_faults import proxied_settings, upload_scan1000
 
 from tileserver.app import create_app
@@ -146,19 +154,8 @@ def test_pipelined_s3_tiles_keep_their_order(s3_on_and_off) -> None:
              "/wmts/1.0.0/X/normal/PM/10/0/0.png", tile]
     methods = ["GET", "HEAD", "GET", "GET", "GET", "GET", "GET", "HEAD"]
     for address in (on, off):
-        alone = []
-        for method, path in zip(methods, paths, strict=True):
-            raw = Raw(address)
-            alone.append(comparable(raw.exchange(request_bytes(method, path, {}), method)))
-            raw.close()
-        raw = Raw(address)
-        before = FastTileProtocol.answered_later
-        raw.send(b"".join(request_bytes(m, p, {}) for m, p in zip(methods, paths, strict=True)))
-        together = [comparable(raw.answer(m)) for m in methods]
-        raw.close()
-        assert together == alone
+        together, later = pipelined_as_alone(address, methods, paths, "answered_later")
         assert [a[0] for a in together] == [200, 200, 200, 200, 200, 200, 400, 200]
-        later = FastTileProtocol.answered_later - before
         assert later >= 1 if address == on else later == 0  # the first tile, at least, read by the task
 
 
