@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tileserver import transformers
 from tileserver.publication.model import Layer, WfsRelation
 from tileserver.pyramid import Pyramid, PyramidError, SlabIndexCache
 from tileserver.rok4.descriptor import TileLimits
@@ -232,9 +233,7 @@ class Catalog:
 def _limits_within_bbox(pub_tms: TileMatrixSet, level_id: str, limits: TileLimits,
                         bbox: tuple[float, float, float, float]) -> TileLimits | None:
     """Restrict a level's limits to a WGS84 bbox given by the layer, as ROK4 does."""
-    from pyproj import Transformer
-
-    transformer = Transformer.from_crs("EPSG:4326", pub_tms.pyproj_crs, always_xy=True)
+    transformer = transformers.transformer("EPSG:4326", pub_tms.pyproj_crs)
     native = transformer.transform_bounds(*bbox, densify_pts=21)
     if not all(math.isfinite(v) for v in native):
         return limits

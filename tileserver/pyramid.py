@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from tileserver import transformers
 from tileserver.rok4.codecs import decode_tile
 from tileserver.rok4.descriptor import Descriptor, DescriptorError, Level, check_against_tms, parse_descriptor
 from tileserver.rok4.slab import SlabIndex, index_size, parse_index
@@ -210,10 +211,8 @@ class Pyramid:
 
     def wgs84_bbox(self, level_id: str | None = None) -> tuple[float, float, float, float]:
         """(west, south, east, north) in degrees of a level (default: the bottom level)."""
-        from pyproj import Transformer
-
         bbox = self.level_bbox(level_id or self.bottom_level.id)
-        transformer = Transformer.from_crs(self.tms.pyproj_crs, "EPSG:4326", always_xy=True)
+        transformer = transformers.transformer(self.tms.pyproj_crs, "EPSG:4326")
         west, south, east, north = transformer.transform_bounds(*bbox, densify_pts=21)
         if not all(math.isfinite(v) for v in (west, south, east, north)):
             return (-180.0, -90.0, 180.0, 90.0)

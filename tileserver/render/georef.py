@@ -16,6 +16,8 @@ from functools import lru_cache
 import numpy as np
 from pyproj import CRS, Transformer
 
+from tileserver import transformers
+
 BBox = tuple[float, float, float, float]
 
 
@@ -115,10 +117,10 @@ def crs_equal(a: str, b: str) -> bool:
     return get_crs(a).equals(get_crs(b), ignore_axis_order=True)
 
 
-@lru_cache(maxsize=256)
 def get_transformer(src: str, dst: str) -> Transformer:
-    """x/y-ordered transformer, cached (creating one costs milliseconds; pyproj makes it thread-safe)."""
-    return Transformer.from_crs(get_crs(src), get_crs(dst), always_xy=True)
+    """x/y-ordered transformer, cached per thread (`tileserver.transformers`: creating one costs
+    milliseconds, and sharing one between threads can hang PROJ)."""
+    return transformers.transformer(get_crs(src), get_crs(dst))
 
 
 @lru_cache(maxsize=256)

@@ -59,6 +59,7 @@ from lxml import etree
 from pygeofilter import ast
 from pyproj import CRS
 
+from tileserver import transformers
 from tileserver.render import sld
 from tileserver.vector.base import Query, QueryError, Relation
 from tileserver.vector.geopackage import GeoPackageBase, like_regex
@@ -465,11 +466,8 @@ def _datasource(path: str | Path, relation: Relation, sql: str | None) -> Any:
     return datasource
 
 
-@lru_cache(maxsize=64)
 def _transformer(source: str, target: str) -> Any:
-    from pyproj import Transformer
-
-    return Transformer.from_crs(CRS.from_user_input(source), CRS.from_user_input(target), always_xy=True)
+    return transformers.transformer(source, target)
 
 
 def _smallest_labelled(relation: Relation, crs: str, bbox: tuple[float, float, float, float], width: int,

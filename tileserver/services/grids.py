@@ -9,8 +9,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pyproj import Transformer
-
+from tileserver import transformers
 from tileserver.catalog import Catalog, PublishedLayer
 from tileserver.rok4.descriptor import TileLimits
 from tileserver.rok4.tms import TileMatrix, TileMatrixSet, TMSError, load_tms
@@ -93,7 +92,7 @@ def _extra_grid_cached(tms_id: str, directory: str, wgs84_bbox: tuple[float, ...
         extra = load_tms(tms_id, directory)
     except TMSError:
         return None
-    to_grid = Transformer.from_crs("EPSG:4326", extra.pyproj_crs, always_xy=True)
+    to_grid = transformers.transformer("EPSG:4326", extra.pyproj_crs)
     west, south, east, north = wgs84_bbox
     xmin, ymin, xmax, ymax = (float(v) for v in to_grid.transform_bounds(west, south, east, north, densify_pts=21))
     bbox = (xmin, ymin, xmax, ymax)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections.abc import Mapping
@@ -12,6 +11,7 @@ from lxml import etree
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tileserver import transformers
 from tileserver.runtime import get_runtime
 from tileserver.services.numbers import shortest
 from tileserver.services.ows import XML_DECLARATION, OWSException, echo
@@ -33,11 +33,8 @@ from tileserver.services.wmts_tiles import (
 # --- GetFeatureInfo -----------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
 def _to_wgs84(crs: str) -> Any:
-    from pyproj import Transformer
-
-    return Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    return transformers.transformer(crs, "EPSG:4326")
 
 
 def _pixel_lonlat(tile: TileRequest, i: int, j: int) -> tuple[float, float] | None:

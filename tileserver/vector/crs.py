@@ -16,6 +16,8 @@ from typing import Any
 import pyproj
 import shapely
 
+from tileserver import transformers
+
 CRS84_URI = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"
 _EPSG = re.compile(
     r"^(?:urn:(?:x-)?ogc:def:crs:EPSG:[0-9.]*:|https?://www\.opengis\.net/def/crs/EPSG/[0-9.]+/)(\d{1,6})$", re.I
@@ -102,9 +104,9 @@ def same(a: str, b: str) -> bool:
     return bool(_crs(a).equals(_crs(b), ignore_axis_order=True))
 
 
-@functools.lru_cache(maxsize=256)
 def transformer(source: str, target: str) -> pyproj.Transformer:
-    return pyproj.Transformer.from_crs(_crs(source), _crs(target), always_xy=True)
+    """x/y-ordered, owned by the calling thread (see `tileserver.transformers`)."""
+    return transformers.transformer(_crs(source), _crs(target))
 
 
 def transform(geometry: Any, source: str, target: str) -> Any:

@@ -33,9 +33,10 @@ import numpy as np
 import pyogrio
 import pyogrio.raw
 import shapely
-from pyproj import CRS, Transformer
+from pyproj import CRS
 from pyproj.exceptions import CRSError
 
+from tileserver import transformers
 from tileserver.vector import gdalerrors
 from tileserver.vector.base import Attribute
 from tileserver.vector.names import normalise, normalise_all
@@ -357,7 +358,7 @@ def _scan_layer(layer: Layer, declared: CRS | None, read_features: bool) -> Laye
         minx, miny, maxx, maxy = (float(v) for v in bounds)
         extent = (minx, miny, maxx, maxy)
         try:
-            t = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+            t = transformers.transformer(crs, "EPSG:4326")
             extent_4326 = t.transform_bounds(minx, miny, maxx, maxy, densify_pts=21)
         except Exception as e:  # pyproj raises ProjError and plain errors alike for impossible transforms
             raise DeliveryError(f"{layer.source}: layer {layer.name!r}: extent cannot be expressed in "

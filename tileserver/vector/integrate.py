@@ -34,8 +34,9 @@ import numpy as np
 import pyogrio.raw
 import shapely
 from numpy.typing import DTypeLike
-from pyproj import CRS, Transformer
+from pyproj import CRS
 
+from tileserver import transformers
 from tileserver.vector import gpkgbinary
 from tileserver.vector.base import Relation
 from tileserver.vector.delivery import (
@@ -72,7 +73,7 @@ def _reprojector(layer: Layer, srs: str | None) -> tuple[Callable[[np.ndarray], 
     source, target = CRS.from_user_input(layer.srs), CRS.from_user_input(srs)
     if source.equals(target, ignore_axis_order=True):
         return None, srs_name(target)
-    t = Transformer.from_crs(source, target, always_xy=True)
+    t = transformers.transformer(source, target)
 
     def project(coords: np.ndarray) -> np.ndarray:
         out = t.transform(*coords.T)
@@ -247,7 +248,7 @@ def summarise(relations: list[Relation], size: int) -> Integration:
     extents = []
     for r in relations:
         if r.extent is not None:
-            t = Transformer.from_crs(CRS.from_user_input(r.srs), "EPSG:4326", always_xy=True)
+            t = transformers.transformer(CRS.from_user_input(r.srs), "EPSG:4326")
             extents.append(t.transform_bounds(*r.extent, densify_pts=21))
     extent = None
     if extents:

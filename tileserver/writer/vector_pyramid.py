@@ -44,6 +44,7 @@ import orjson
 import shapely
 from pyproj import Transformer
 
+from tileserver import transformers
 from tileserver.pyramid import Pyramid
 from tileserver.rok4.descriptor import Descriptor, Level, TileLimits
 from tileserver.rok4.formats import get_format
@@ -365,11 +366,11 @@ def export(base: VectorBase, p: _Plan, area: Any, path: Path, window: BBox | Non
 
     bbox = None
     try:
-        to_wgs84 = Transformer.from_crs(p.relation.srs, "EPSG:4326", always_xy=True)
+        to_wgs84 = transformers.transformer(p.relation.srs, "EPSG:4326")
         box = area.bounds if area is not None else window
         if box is not None:
             west, south, east, north = box
-            bbox = Transformer.from_crs("EPSG:4326", p.relation.srs, always_xy=True).transform_bounds(
+            bbox = transformers.transformer("EPSG:4326", p.relation.srs).transform_bounds(
                 west, south, east, north, densify_pts=21)
     except ProjError as exc:
         raise WriterError(f"table {p.relation.name}: cannot reproject from {p.relation.srs} ({exc})") from None
