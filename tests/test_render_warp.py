@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tileserver.render.georef import Grid, get_transformer, reproject_bbox
-from tileserver.render.warp import KERNELS, get_kernel, source_coordinates, warp
+from tileserver.render.warp import KERNELS, get_kernel, source_coordinates, source_validity, warp
 
 INTERPOLATIONS = ["nn", "linear", "bicubic", "lanczos", "lanczos_2", "lanczos_4"]
 
@@ -415,3 +415,23 @@ def test_same_crs_warp_of_a_large_mosaic_reads_only_what_taps_reach(interpolatio
         ref, ref_mask = w._finish(sums, np.ones(target.shape, bool), True, 3, np.dtype(np.uint8), np.full(3, 255.0), 0.5)
         assert np.array_equal(mask, ref_mask) and (~mask).any()
         assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_source_validity_matches_the_per_band_rule(channels: int) -> None:
+    """2- and 4-band uint8 pixels are compared packed into one integer (`_packed_pixels`); the
+    answer is the per-band rule's on contiguous, cropped and strided mosaics, for nodata values that
+    occur, that do not, and that no uint8 can hold."""
+    rng = np.random.default_rng(channels)
+    for nodata in ((0,) * channels, (7,) * channels, tuple(range(channels)), (300,) * channels, (1.5,) * channels):
+        src = rng.integers(0, 3, (60, 70, channels)).astype(np.uint8)
+        if max(nodata) < 256 and float(nodata[0]).is_integer():
+            src[:10, :10] = nodata
+            src[20, 30] = nodata
+        for part in (src, src[5:50, 3:60], src[::2, ::3]):
+            invalid = np.all(part == np.asarray(nodata, dtype=np.float64), axis=2)
+            got = source_validity(part, nodata)
+            if not invalid.any():
+                assert got is None
+            else:
+                assert got is not None and np.array_equal(got, ~invalid)

