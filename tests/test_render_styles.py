@@ -388,3 +388,26 @@ def test_colorize_of_uint8_equals_the_float_path(bands: int) -> None:
     for rule in (Colorize((0, 0, 0), (255, 255, 255), 0), Colorize((255, 255, 255), (255, 255, 255, 0), 0),
                  Colorize((85, 85, 85), (1, 2, 3), 90.5)):
         assert np.array_equal(colorize(data, rule), colorize(data.astype(np.float32), rule))
+
+
+@pytest.mark.parametrize("source,destination", [
+    ([0, 0, 0], [255, 255, 255]),  # torgb: alpha never read
+    ([0, 0, 0, 0], [255, 255, 255]),  # alpha compared: kept
+    ([255, 255, 255], [255, 255, 255, 0]),  # alpha copied to the output: kept
+    ([9], [1, 2, 3]),
+])
+def test_a_style_sees_the_same_through_the_bands_it_reads(source: list[int], destination: list[int]) -> None:
+    """The renderer resamples only `bands_read` leading bands; the style's answer must not change."""
+    from tileserver.render.styles import Colorize
+
+    style = style_with(colorize=Colorize(source=tuple(source), destination=tuple(destination), tolerance=1))
+    rng = np.random.default_rng(len(source) * 10 + len(destination))
+    rgba = rng.integers(0, 3, (20, 30, 4)).astype(np.uint8)
+    rgba[..., 3] = rng.choice([0, 255, 9], (20, 30))
+    rgba[:4, :4] = 0
+    read = style.bands_read(4)
+    assert 3 <= read <= 4
+    np.testing.assert_array_equal(apply_style(style, rgba[..., :read]), apply_style(style, rgba))
+    if len(source) < 4 and len(destination) < 4:
+        assert read == 3  # RGBA → RGB without looking at alpha: one plane less to resample
+    assert style.bands_read(3) == 3 and style_with().bands_read(4) == 4

@@ -435,3 +435,26 @@ def test_source_validity_matches_the_per_band_rule(channels: int) -> None:
                 assert got is None
             else:
                 assert got is not None and np.array_equal(got, ~invalid)
+
+
+@pytest.mark.parametrize("target", [
+    Grid("EPSG:3857", (260000, 6230000, 290720, 6260720), 512, 512),  # the source grid: aligned crop
+    Grid("EPSG:3857", (261234, 6231234, 289000, 6259000), 300, 333),  # same CRS, resampled
+    Grid("EPSG:2154", (648000, 6855000, 660000, 6867000), 200, 200),  # reprojected
+])
+@pytest.mark.parametrize("interpolation", ["nearest", "linear", "lanczos_3"])
+def test_warp_of_leading_bands_is_the_leading_bands_of_the_warp(target: Grid, interpolation: str) -> None:
+    """`bands=3` of an RGBA mosaic (a style that never reads alpha) gives the first three bands
+    of the whole warp and the same validity: nodata is still decided on all four bands."""
+    source = Grid("EPSG:3857", (260000, 6230000, 290720, 6260720), 512, 512)
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, (512, 512, 4)).astype(np.uint8)
+    src[:100, :150] = 0  # nodata hole
+    src[300:320, 200:260, 3] = 0  # transparent but not nodata: colour kept, valid
+    src[400:410, :, :3] = 0  # black but opaque: valid
+    whole, whole_mask = warp(src, source, target, (0, 0, 0, 0), interpolation, return_mask=True)
+    first, first_mask = warp(src, source, target, (0, 0, 0, 0), interpolation, return_mask=True, bands=3)
+    assert first.shape == whole.shape[:2] + (3,)
+    np.testing.assert_array_equal(first_mask, whole_mask)
+    np.testing.assert_array_equal(first, whole[..., :3])
+    assert not whole_mask.all()

@@ -434,7 +434,9 @@ def render_layer_sync(layer: MapLayer, target: Grid, plan: SourcePlan, tiles: di
         pixels = _picture_layer(src, src_grid, work, kernel, nodata, published.channels, clear)
         valid = pixels[..., -1] > 0 if pixels.shape[2] in (2, 4) else np.ones(target.shape, dtype=bool)
         return Raster(pixels, valid, None, target, picture=True, levels={published.id: plan.level})
-    pixels, valid = warp(src, src_grid, work, nodata, resampling_kernel(kernel, src_grid, work), return_mask=True)
+    bands = style.bands_read(src.shape[2]) if style is not None else None
+    pixels, valid = warp(src, src_grid, work, nodata, resampling_kernel(kernel, src_grid, work), return_mask=True,
+                         bands=bands)
     out_nodata = nodata
     if style is not None:
         if resolution is not None:

@@ -162,6 +162,15 @@ class Style:
             return len(self.colorize.destination)
         return input_channels
 
+    def bands_read(self, input_channels: int) -> int:
+        """Leading bands of the data this style reads (`colorize` of RGBA into RGB never reads alpha):
+        the renderer resamples only those; which pixels are nodata is still decided on every band."""
+        if self.colorize and input_channels in (3, 4) and not self.border:
+            compared = min(len(self.colorize.source), input_channels)
+            copied = min(input_channels, len(self.colorize.destination))
+            return max(3, compared, copied)  # 3 or more: apply_style's colorize takes 3- or 4-band data
+        return input_channels
+
     def output_dtype(self, input_dtype: np.dtype | type, input_channels: int = 1) -> np.dtype:
         """Sample type of the styled image, so the caller can check the output format first."""
         if self.border:

@@ -577,16 +577,16 @@ def _finish(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: in
 @overload
 def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
          interpolation: str = "linear", *, max_error: float = 0.125, min_coverage: float = 0.5,
-         return_mask: Literal[False] = False) -> np.ndarray: ...
+         return_mask: Literal[False] = False, bands: int | None = None) -> np.ndarray: ...
 @overload
 def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
          interpolation: str = "linear", *, max_error: float = 0.125, min_coverage: float = 0.5,
-         return_mask: Literal[True]) -> tuple[np.ndarray, np.ndarray]: ...
+         return_mask: Literal[True], bands: int | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
          interpolation: str = "linear", *, max_error: float = 0.125, min_coverage: float = 0.5,
-         return_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+         return_mask: bool = False, bands: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Resample/reproject `src` ((H, W, C) or (H, W), uint8/float32/…) from `src_grid` onto `dst_grid`.
 
     `nodata`: one value per channel (or one for all), or None when the source has none; NaN
@@ -594,22 +594,24 @@ def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
     (coverage < `min_coverage`) or outside the source get `nodata` (0 for integers / NaN for
     floats when `nodata` is None). Output has the source's dtype and layout; integers are rounded
     and clipped. With `return_mask`, also returns the (height, width) bool validity mask.
+    `bands`: only that many leading bands are resampled and returned (a style that drops alpha);
+    which pixels are nodata is still decided on every band.
     """
     squeeze = src.ndim == 2
     src3 = src[..., None] if squeeze else src
     if src3.ndim != 3 or src3.shape[:2] != (src_grid.height, src_grid.width):
         raise ValueError(f"source shape {src.shape} does not match grid {src_grid.width}x{src_grid.height}")
     kernel = get_kernel(interpolation)
-    channels = src3.shape[2]
-    nd = _nodata_vector(nodata, channels)
+    nd = _nodata_vector(nodata, src3.shape[2])
+    channels = src3.shape[2] if bands is None else min(bands, src3.shape[2])
     dtype = src3.dtype
-    fill = nd if nd is not None else np.full(channels, np.nan if dtype.kind == "f" else 0.0)
+    fill = nd[:channels] if nd is not None else np.full(channels, np.nan if dtype.kind == "f" else 0.0)
     h, w = dst_grid.height, dst_grid.width
 
     if crs_equal(src_grid.crs, dst_grid.crs):
         offset = _aligned_offset(src_grid, dst_grid)
         if offset is not None:
-            out, mask = _crop(src3, source_validity(src3, nodata), offset[0], offset[1], w, h, fill)
+            out, mask = _crop(src3[..., :channels], source_validity(src3, nodata), offset[0], offset[1], w, h, fill)
         else:
             cols, _ = src_grid.to_pixel(dst_grid.x_centres(), 0.0)
             _, rows = src_grid.to_pixel(0.0, dst_grid.y_centres())
@@ -621,7 +623,8 @@ def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
             part = src3[r0:r1, c0:c1]
             valid_part = source_validity(part, nodata)
             zeroed = dtype.kind in "iub" and nd is not None and not nd.any()
-            planes = _resample_separable(_planes(part, valid_part, planar=kernel.weight is not None, zeroed=zeroed),
+            planes = _resample_separable(_planes(part[..., :channels], valid_part, planar=kernel.weight is not None,
+                                                 zeroed=zeroed),
                                          cols - c0, rows - r0, kernel, scale_x, scale_y)
             inside = (_inside(rows, src_grid.height)[:, None] & _inside(cols, src_grid.width)[None, :])
             out, mask = _finish(planes, inside, valid_part is not None, channels, dtype, fill, min_coverage)
@@ -629,7 +632,7 @@ def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
         valid_src = source_validity(src3, nodata)
         sx, sy = source_coordinates(src_grid, dst_grid, max_error)
         inside = _inside(sx, src_grid.width) & _inside(sy, src_grid.height)
-        planes = _planes(src3, valid_src)
+        planes = _planes(src3[..., :channels], valid_src)
         fx, fy = _mean_scale(sx, sy)
         if _needs_prefilter(kernel, max(fx, fy)):
             # anti-alias first: separable pass onto a same-CRS grid close to the target resolution
