@@ -281,3 +281,41 @@ def test_tiles_answered_below_asgi_are_logged_and_counted(tmp_path, caplog):
         line = lines[tile.headers["x-request-id"]]
         assert " GET /wmts" in line and f" {tile.status_code} " in line, line
     assert "?SERVICE=WMTS&REQUEST=GetTile" in lines[tiles[1].headers["x-request-id"]]
+
+
+def test_batched_request_metrics_equal_prometheus_own_observations():
+    """RequestMetrics tallies answers in plain ints and adds them at flush (scrape, periodic sync):
+    the counter, every bucket and the sum move exactly as Prometheus's own inc/observe would."""
+    from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+    from prometheus_client.exposition import generate_latest
+
+    from tileserver.observability import LATENCY_BUCKETS, RequestMetrics, flush_request_metrics
+
+    durations = [0.0, 0.001, 0.0010001, 0.0024, 0.004, 0.01, 0.3, 2.5, 7.0, 31.0, 120.0] * 3
+    reference = Histogram("ref_seconds", "reference", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
+    for seconds in durations:
+        reference.observe(seconds)
+    expected = {s.labels.get("le"): s.value for m in reference.collect() for s in m.samples
+                if s.name == "ref_seconds_bucket"}
+
+    flush_request_metrics()  # nothing pending from earlier tests
+    before = samples(generate_latest(REGISTRY).decode())
+    recorder = RequestMetrics(app=None)  # type: ignore[arg-type]
+    for seconds in durations:
+        recorder.record("/healthcheck", 204, seconds)
+    recorder.record("/healthcheck", 503, 0.002)
+    pending = samples(generate_latest(REGISTRY).decode())
+    assert {k: v for k, v in pending.items() if k[0].startswith("tileserver_request")} == {
+        k: v for k, v in before.items() if k[0].startswith("tileserver_request")}  # tallied, not yet added
+    flush_request_metrics()
+    after = samples(generate_latest(REGISTRY).decode())
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("tileserver_requests_total", service="health", status="204") == len(durations)
+    assert moved("tileserver_requests_total", service="health", status="503") == 1
+    for le, count in expected.items():
+        extra = 1 if float(le) >= 0.002 else 0  # the 503's 2 ms
+        assert moved("tileserver_request_duration_seconds_bucket", service="health", le=le) == count + extra, le
+    assert abs(moved("tileserver_request_duration_seconds_sum", service="health") - (sum(durations) + 0.002)) < 1e-9

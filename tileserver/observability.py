@@ -25,6 +25,7 @@ network where only Prometheus reaches the servers (the proxy then refuses /metri
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import os
@@ -103,12 +104,18 @@ def service_label(path: str) -> str:
 
 
 class RequestMetrics:
-    """Outermost ASGI layer: counts every HTTP answer by service and status, and its duration."""
+    """Outermost ASGI layer: counts every HTTP answer by service and status, and its duration.
+
+    Answers are tallied in plain ints (a dict entry and a bucket slot each) and added to the
+    Prometheus counter and histogram by `flush`, which every scrape and the periodic sync call:
+    Prometheus's own `inc` and `observe` take a lock and walk the buckets per call, 16 % of a fast
+    tile's CPU on a 2-core VM (py-spy); batched, the figures a scrape reads are the same."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._counters: dict[tuple[str, int], Any] = {}
-        self._histograms: dict[str, Any] = {}
+        self._counts: dict[tuple[str, int], int] = {}
+        self._latency: dict[str, list[float]] = {}  # per service: a count per bucket, then the sum
+        _RECORDERS.add(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -129,14 +136,36 @@ class RequestMetrics:
 
     def record(self, path: str, status: int, seconds: float) -> None:
         service = service_label(path)
-        counter = self._counters.get((service, status))
-        if counter is None:  # labels() resolved once per (service, status): a dict lookup afterwards
-            counter = self._counters[(service, status)] = REQUESTS.labels(service, str(status))
-        counter.inc()
-        histogram = self._histograms.get(service)
-        if histogram is None:
-            histogram = self._histograms[service] = LATENCY.labels(service)
-        histogram.observe(seconds)
+        key = (service, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        tally = self._latency.get(service)
+        if tally is None:
+            tally = self._latency[service] = [0.0] * (len(_BOUNDS) + 1)
+        tally[bisect.bisect_left(_BOUNDS, seconds)] += 1  # the first bound ≥ seconds, as observe()
+        tally[-1] += seconds
+
+    def flush(self) -> None:
+        """Add what was tallied since the last flush to the Prometheus metrics."""
+        counts, self._counts = self._counts, {}
+        latency, self._latency = self._latency, {}
+        for (service, status), count in counts.items():
+            REQUESTS.labels(service, str(status)).inc(count)
+        for service, tally in latency.items():
+            child = LATENCY.labels(service)
+            # no public bulk observe: the child's per-bucket values and sum, as observe() adds to them
+            for bucket, hits in zip(child._buckets, tally[:-1], strict=True):  # noqa: SLF001
+                if hits:
+                    bucket.inc(hits)
+            child._sum.inc(tally[-1])  # noqa: SLF001
+
+
+_BOUNDS = [*LATENCY_BUCKETS, float("inf")]
+_RECORDERS: weakref.WeakSet[RequestMetrics] = weakref.WeakSet()
+
+
+def flush_request_metrics() -> None:
+    for recorder in list(_RECORDERS):
+        recorder.flush()
 
 
 # --- process state copied into the metrics ----------------------------------------------------
@@ -167,9 +196,11 @@ _PROCESS = _Process()
 
 
 def sync_process_state(runtime: Any) -> None:
-    """Copy this process's counters and gauges (slab-index cache, storage, render gate) into its metrics."""
+    """Copy this process's counters and gauges (requests, slab-index cache, storage, render gate)
+    into its metrics."""
     from tileserver.render.gate import gate_for
 
+    flush_request_metrics()
     cache = runtime.index_cache
     _synced.add(runtime, INDEX_CACHE, "hit", cache.hits)
     _synced.add(runtime, INDEX_CACHE, "miss", cache.misses)
