@@ -64,7 +64,8 @@ def _s3_layers(tmp: Path, s3_server: MotoS3Server, proxy: S3Proxy, **overrides: 
     """Settings reading S3 through the proxy, whose store publishes SCAN1000 on S3 as the open layer S
     and the restricted R; the key of R."""
     url = upload_scan1000(s3_server, s3_server.create_bucket())
-    settings = proxied_settings(tmp, proxy, **overrides)
+    # these tests are about each read: tiles are not kept in memory (test_hot_tiles.py keeps them)
+    settings = proxied_settings(tmp, proxy, **{"object_tile_cache_bytes": 0, **overrides})
     Path(settings.data_dir).mkdir(parents=True)
     store = PublicationStore(settings.resolved_store_url)
     root = url.rpartition("/")[0]

@@ -98,13 +98,15 @@ class TileServerApp(Starlette):
 
 
 def share_caches(runtime: Any, settings: Settings) -> None:
-    """Size this worker's caches. `index_cache_size` and `decoded_tile_cache_bytes` are budgets of
-    the whole server: with `--workers N` (no memory shared between worker processes) each worker
-    holds 1/N of them, so the server's cache memory stays what the settings say whatever N is."""
+    """Size this worker's caches. `index_cache_size`, `decoded_tile_cache_bytes` and
+    `object_tile_cache_bytes` are budgets of the whole server: with `--workers N` (no memory shared
+    between worker processes) each worker holds 1/N of them, so the server's cache memory stays what
+    the settings say whatever N is."""
     from tileserver.render.draw import DECODED_TILES
 
     workers = max(1, settings.workers)
     DECODED_TILES.resize(settings.decoded_tile_cache_bytes // workers)
+    runtime.index_cache.tiles.resize(settings.object_tile_cache_bytes // workers)
     if settings.index_cache_size > 0:
         runtime.index_cache.maxsize = max(1, settings.index_cache_size // workers)
 

@@ -41,6 +41,7 @@ from urllib.parse import unquote_plus
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tileserver.hot_tiles import held_on_object_storage
 from tileserver.http import CORS_HEADERS, canonical, etag_matches, etag_of, log_access, next_request_id
 from tileserver.pyramid import ABSENT
 from tileserver.services.numbers import is_plain_index
@@ -233,6 +234,8 @@ class FastTiles:
             if entry is ABSENT or entry.index.sizes[n] == 0:
                 return empty_tile(published, route.level).body
             data = self._read_now(asked.runtime, entry.path, entry.index.offsets[n], entry.index.sizes[n])
+            if data is None and held_on_object_storage(entry.path):
+                data = pyramid.cache.tiles.get(entry, n)  # an S3 tile read before: no read at all
             if not data:
                 return None if data is not None else _READ
             check_payload(route.compression, data, "")

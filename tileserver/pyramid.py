@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tileserver import transformers
+from tileserver.hot_tiles import HotTiles, held_on_object_storage
 from tileserver.rok4.codecs import decode_tile
 from tileserver.rok4.descriptor import Descriptor, DescriptorError, Level, check_against_tms, parse_descriptor
 from tileserver.rok4.slab import SlabIndex, index_size, parse_index
@@ -58,6 +59,7 @@ class SlabIndexCache:
         self._inflight: dict[str, asyncio.Future[CachedIndex | _Absent]] = {}
         self.hits = 0
         self.misses = 0
+        self.tiles = HotTiles()  # object-storage tile bytes read through these entries (off: 0 bytes)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -243,7 +245,14 @@ class Pyramid:
         size = cached.index.sizes[n]
         if size == 0:
             return None
-        return await self.storage.read(cached.path, cached.index.offsets[n], size)
+        if not held_on_object_storage(cached.path):
+            return await self.storage.read(cached.path, cached.index.offsets[n], size)
+        data = self.cache.tiles.get(cached, n)
+        if data is None:
+            data = await self.storage.read(cached.path, cached.index.offsets[n], size)
+            if data is not None and len(data) == size:  # a whole tile; a cut one is read again next time
+                self.cache.tiles.put(cached, n, data)
+        return data
 
     def decode(self, level_id: str, data: bytes) -> np.ndarray:
         matrix = self.matrix(level_id)

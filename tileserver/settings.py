@@ -173,6 +173,10 @@ class Settings:
     # an image pyramid build is split into this many shards of its bottom level, run as jobs by any
     # workers (1: one job process builds it all); with FILE uploads every node must see the same paths
     worker_shards: int = 1
+    # --- tiles on object storage (issue 16): tile bytes read from S3 kept in memory (hot_tiles.py),
+    # bytes for the whole server, each of `workers` processes holding its 1/N share; 0 turns it off.
+    # FILE tiles are not kept (the page cache holds them); a tile lives no longer than its slab index
+    object_tile_cache_bytes: int = 64 << 20
 
     @property
     def resolved_store_path(self) -> str:
