@@ -46,11 +46,11 @@ from bench_server import (  # noqa: E402
 from common import Nginx, ensure_commands, fmt, fmt_int, format_table, machine_summary  # noqa: E402
 
 
-def start(label: str, tree: Path, tmp: Path, nginx: Nginx, log_level: str) -> Server:
+def start(label: str, tree: Path, tmp: Path, nginx: Nginx, log_level: str, settings: list[str]) -> Server:
     """`tileserver serve` with `tree` first on PYTHONPATH (its own data dir and log)."""
     own = tmp / label.replace(" ", "-")
     own.mkdir()
-    return start_tileserver(own, nginx, log_level, tree=tree, label=label)
+    return start_tileserver(own, nginx, log_level, settings, tree=tree, label=label)
 
 
 def report(runs: dict[tuple[str, str], Run]) -> str:
@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="then py-spy record this tree's server under S3 REST for SECONDS")
     parser.add_argument("--keep-profile", metavar="FILE", help="copy py-spy's collapsed stacks there")
     parser.add_argument("--py-spy-path", help="a directory holding the py-spy binary")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a tileserver setting for the served trees, e.g. object_tile_cache_bytes=0 (repeatable)")
     return parser.parse_args(argv)
 
 
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     profile_text = ""
     try:
         for label, tree in trees:
-            server = start(label, tree, tmp, nginx, args.log_level)
+            server = start(label, tree, tmp, nginx, args.log_level, args.setting)
             servers.append(server)
             publish(server, layout, ["FILE", "S3"])
             check_and_warm([server], cases, expected, layout, args.urls)
