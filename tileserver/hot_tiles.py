@@ -15,65 +15,45 @@ stale for longer than its index already was (`index_cache_ttl`).
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Any
+
+from tileserver.budget_cache import BudgetCache
 
 
 class HotTiles:
-    """LRU of tile bytes keyed by (slab index entry, tile number), within `budget` bytes."""
+    """Tile bytes keyed by (slab index entry, tile number), within `budget` bytes."""
 
     def __init__(self, budget: int = 0) -> None:
-        self.budget = max(0, budget)
-        self.held = 0
-        self.hits = 0
-        self.misses = 0
         # the entry is kept in the value: its id cannot be reused while the tile is held
-        self._items: OrderedDict[tuple[int, int], tuple[Any, bytes]] = OrderedDict()
-        self._lock = threading.Lock()  # writers and harvests read tiles from their own threads' loops
+        self._cache: BudgetCache[tuple[Any, bytes]] = BudgetCache(budget, lambda item: len(item[1]),
+                                                                   largest_share=16)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._cache)
+
+    @property
+    def budget(self) -> int:
+        return self._cache.budget
+
+    @property
+    def held(self) -> int:
+        return self._cache.held
 
     def get(self, entry: Any, n: int) -> bytes | None:
-        if not self.budget:
+        if not self._cache.budget:
             return None
-        key = (id(entry), n)
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item[1]
+        item = self._cache.get((id(entry), n))
+        return None if item is None else item[1]
 
     def put(self, entry: Any, n: int, data: bytes) -> None:
-        if len(data) > self.budget // 16:  # one tile never takes more than a sixteenth of the budget
-            return
-        key = (id(entry), n)
-        with self._lock:
-            if key in self._items:
-                return
-            self._items[key] = (entry, data)
-            self.held += len(data)
-            self._trim()
+        self._cache.put((id(entry), n), (entry, data))
 
     def resize(self, budget: int) -> None:
         """A new budget (the setting `object_tile_cache_bytes` over the workers); 0 keeps nothing."""
-        with self._lock:
-            self.budget = max(0, budget)
-            self._trim()
+        self._cache.resize(budget)
 
     def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.held = 0
-
-    def _trim(self) -> None:
-        while self.held > self.budget and self._items:
-            _, (_, old) = self._items.popitem(last=False)
-            self.held -= len(old)
+        self._cache.clear()
 
 
 def held_on_object_storage(path: str) -> bool:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 
+from tileserver.budget_cache import BudgetCache
 from tileserver.catalog import PublishedLayer
 from tileserver.rok4.codecs import CodecError
 
@@ -41,7 +40,7 @@ GEOD_WGS84 = "+proj=longlat +datum=WGS84 +no_defs"
 # --------------------------------------------------------------------------- decoded tiles
 
 
-class DecodedTiles:
+class DecodedTiles(BudgetCache[np.ndarray]):
     """Decoded source tiles shared by the renders of one process, least recently used first out,
     within `budget` bytes: neighbouring maps (a client panning, tiles of a WMS-backed map) read
     the same tiles, and decoding is a large share of a small map's CPU.
@@ -51,48 +50,16 @@ class DecodedTiles:
     read-only. One lock; decoding happens outside it."""
 
     def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.held = 0
-        self.hits = self.misses = 0
-        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
+        super().__init__(budget, lambda pixels: pixels.nbytes, largest_share=8)
 
-    def get(self, key: tuple) -> np.ndarray | None:
-        with self._lock:
-            pixels = self._items.get(key)
-            if pixels is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return pixels
-
-    def put(self, key: tuple, pixels: np.ndarray) -> np.ndarray:
-        if pixels.nbytes > self.budget // 8:
+    def keep(self, key: tuple, pixels: np.ndarray) -> np.ndarray:
+        """`pixels`, kept read-only (a copy when they are a view) if they fit."""
+        if not self.fits(pixels.nbytes):
             return pixels
         pixels = np.array(pixels, copy=not pixels.flags.owndata or pixels.base is not None)
         pixels.flags.writeable = False
-        with self._lock:
-            if key not in self._items:
-                self._items[key] = pixels
-                self.held += pixels.nbytes
-                while self.held > self.budget:
-                    _, old = self._items.popitem(last=False)
-                    self.held -= old.nbytes
+        self.put(key, pixels)
         return pixels
-
-    def resize(self, budget: int) -> None:
-        """A new budget (the setting `decoded_tile_cache_bytes`); 0 keeps nothing."""
-        with self._lock:
-            self.budget = max(0, budget)
-            while self.held > self.budget and self._items:
-                _, old = self._items.popitem(last=False)
-                self.held -= old.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.held = 0
 
 
 # Per worker process, sized at startup (app.share_caches): the setting `decoded_tile_cache_bytes`
@@ -115,7 +82,7 @@ def _decode(published: PublishedLayer, level: str, blob: bytes) -> np.ndarray:
     key = _decode_key(published, level, blob)
     pixels = DECODED_TILES.get(key)
     if pixels is None:
-        pixels = DECODED_TILES.put(key, owner.decode(level, blob))
+        pixels = DECODED_TILES.keep(key, owner.decode(level, blob))
     return pixels
 
 
