@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from apputil import app_client, layer_descriptor
+from prometheus_client.parser import text_string_to_metric_families
 from s3proxy import S3Proxy
 from s3server import MotoS3Server
 from test_fastpath import Raw, _limits, request_bytes
@@ -43,6 +44,7 @@ def test_budget_least_recently_used_out_and_identity_keys() -> None:
     assert tiles.get(a, 0) is not None and tiles.get(a, 17) is not None
     tiles.put(a, 99, b"x" * 101)  # more than a sixteenth of the budget: never kept
     assert tiles.get(a, 99) is None
+    assert (tiles.hits, tiles.misses) == (3, 4)  # what /metrics reports (tileserver_object_tile_cache)
     tiles.resize(0)
     assert tiles.held == 0 and len(tiles) == 0 and tiles.get(a, 0) is None
     tiles.put(a, 0, b"x")
@@ -83,6 +85,14 @@ def test_an_s3_tile_read_once_is_answered_again_without_s3(tmp_path: Path, s3_se
             if fast:  # answered by the protocol at once, as a FILE tile in the page cache is
                 assert FastTileProtocol.answered - at_once == 3
             raw.close()
+            metrics = Raw(address)
+            text = metrics.exchange(request_bytes("GET", "/metrics", {"Authorization": f"Bearer {settings.admin_token}"}))
+            metrics.close()
+            assert text[0] == 200
+            found = {(s.name, s.labels.get("result")): s.value
+                     for f in text_string_to_metric_families(text[2].decode()) for s in f.samples}
+            assert found[("tileserver_object_tile_cache_total", "hit")] >= 3
+            assert found[("tileserver_object_tile_cache_total", "miss")] >= 1
 
 
 def test_a_rewritten_slab_is_served_new_once_its_index_expires(tmp_path: Path, s3_server: MotoS3Server,

@@ -39,6 +39,14 @@ class HotTiles:
     def held(self) -> int:
         return self._cache.held
 
+    @property
+    def hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self._cache.misses
+
     def get(self, entry: Any, n: int) -> bytes | None:
         if not self._cache.budget:
             return None

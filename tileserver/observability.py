@@ -72,6 +72,8 @@ REQUESTS = Counter("tileserver_requests", "HTTP requests answered, by service an
 LATENCY = Histogram("tileserver_request_duration_seconds", "Time to answer a request (head and body sent)",
                     ["service"], buckets=LATENCY_BUCKETS)
 INDEX_CACHE = Counter("tileserver_slab_index_cache", "Slab-index lookups by result", ["result"])
+OBJECT_TILES = Counter("tileserver_object_tile_cache", "Lookups of S3 tile bytes kept in memory "
+                       "(object_tile_cache_bytes) by result", ["result"])
 STORAGE_ERRORS = Counter("tileserver_storage_errors", "Storage failures: attempts retried, operations "
                          "failed after their retries, calls refused by an open circuit", ["kind"])
 RENDER_IN_USE = Gauge("tileserver_render_slots_in_use", "Renders running", multiprocess_mode="livesum")
@@ -84,6 +86,7 @@ RENDER_BYTES = Gauge("tileserver_render_memory_bytes", "Estimated bytes held by 
 RENDER_BUSY = Counter("tileserver_render_busy", "Renders refused with a 503 after waiting render_queue_wait")
 for _result in ("hit", "miss"):  # shown at 0 before the first event: dashboards see the series
     INDEX_CACHE.labels(_result)
+    OBJECT_TILES.labels(_result)
 for _kind in STORAGE_STATS:
     STORAGE_ERRORS.labels(_kind)
 
@@ -196,14 +199,16 @@ _PROCESS = _Process()
 
 
 def sync_process_state(runtime: Any) -> None:
-    """Copy this process's counters and gauges (requests, slab-index cache, storage, render gate)
-    into its metrics."""
+    """Copy this process's counters and gauges (requests, slab-index cache, S3 tiles kept, storage,
+    render gate) into its metrics."""
     from tileserver.render.gate import gate_for
 
     flush_request_metrics()
     cache = runtime.index_cache
     _synced.add(runtime, INDEX_CACHE, "hit", cache.hits)
     _synced.add(runtime, INDEX_CACHE, "miss", cache.misses)
+    _synced.add(runtime, OBJECT_TILES, "hit", cache.tiles.hits)
+    _synced.add(runtime, OBJECT_TILES, "miss", cache.tiles.misses)
     for kind, value in STORAGE_STATS.items():
         _synced.add(_PROCESS, STORAGE_ERRORS, kind, value)
     gate = gate_for(runtime)
