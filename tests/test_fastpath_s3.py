@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -281,3 +282,59 @@ def test_a_client_gone_while_s3_is_read_leaves_nothing_behind(
         assert status == 200 and body.startswith(b"\x89PNG")
         assert not records, [r.getMessage() for r in records]
 
+
+
+def test_requests_pipelined_behind_a_pending_read_stop_the_reading(
+    tmp_path: Path, s3_server: MotoS3Server, s3_proxy: S3Proxy
+) -> None:
+    """Back-pressure: while the protocol's task waits for S3, a client pipelining thousands of
+    requests gets its connection's reading paused (uvicorn's flow control, which the stand-in
+    cycle keeps), so what the server holds of them is bounded by one socket read, not by what the
+    client sends (the rest waits in the kernel's socket buffers, then in the client); once S3 answers,
+    every request is answered, in order."""
+    settings, _ = _s3_layers(tmp_path, s3_server, s3_proxy, object_tile_cache_bytes=8 << 20)
+    with serving(settings) as (address, server):
+        lim = _limits(address)
+        tile = _data_tile(lim)
+        raw = Raw(address)
+        assert raw.exchange(request_bytes("GET", tile, {}))[0] == 200  # the slab index, cached
+        raw.close()
+        other = f"/wmts/1.0.0/S/normal/PM/10/{lim.min_row}/{lim.min_col + 1}.png"  # not read yet: S3 is asked
+        one = request_bytes("HEAD", other, {})
+        count = 40_000
+        burst = one * count  # ~3 MB of requests
+        s3_proxy.hold()
+        sent = [0]
+        sock = socket.create_connection(address, timeout=30)
+        try:
+            def send_all() -> None:
+                view = memoryview(burst)
+                while sent[0] < len(burst):
+                    sent[0] += sock.send(view[sent[0]:sent[0] + 65536])
+
+            sender = threading.Thread(target=send_all, daemon=True)
+            sender.start()
+            deadline = time.monotonic() + 5
+            while not s3_proxy.count() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(1.0)  # the client keeps writing as fast as it can
+            protocols = list(server.server_state.connections)
+            assert len(protocols) == 1
+            protocol = protocols[0]
+            assert not protocol.transport.is_reading()  # paused while the read is pending
+            queued = len(protocol.pipeline)
+            assert queued * len(one) <= 1 << 20, queued  # bounded by a socket read, not by the client
+            time.sleep(0.5)
+            assert len(protocol.pipeline) == queued and not protocol.transport.is_reading()  # and it stays so
+            assert queued < sent[0] // len(one) // 2  # the rest waits in the kernel's buffers, not in the server
+            s3_proxy.release()
+            answers = Raw(address)
+            answers.sock = sock
+            for _ in range(count):
+                status, headers, body, _ = answers.answer("HEAD")
+                assert status == 200 and body == b""
+            sender.join(10)
+            assert sent[0] == len(burst)
+        finally:
+            s3_proxy.release()
+            sock.close()
