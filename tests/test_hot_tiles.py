@@ -33,21 +33,21 @@ def test_budget_least_recently_used_out_and_identity_keys() -> None:
     tiles = HotTiles(1600)
     a, b = _Entry(), _Entry()
     for n in range(10):
-        tiles.put(a, n, bytes([n]) * 100)
+        tiles.keep(a, n, bytes([n]) * 100)
     assert tiles.held == 1000 and len(tiles) == 10
-    assert tiles.get(b, 3) is None  # another index entry's tile 3 is another tile
-    assert tiles.get(a, 0) == bytes([0]) * 100  # 0 is now the most recent
+    assert tiles.tile(b, 3) is None  # another index entry's tile 3 is another tile
+    assert tiles.tile(a, 0) == bytes([0]) * 100  # 0 is now the most recent
     for n in range(10, 18):
-        tiles.put(a, n, bytes([n]) * 100)
+        tiles.keep(a, n, bytes([n]) * 100)
     assert tiles.held == 1600
-    assert tiles.get(a, 1) is None and tiles.get(a, 2) is None  # the oldest went first
-    assert tiles.get(a, 0) is not None and tiles.get(a, 17) is not None
-    tiles.put(a, 99, b"x" * 101)  # more than a sixteenth of the budget: never kept
-    assert tiles.get(a, 99) is None
+    assert tiles.tile(a, 1) is None and tiles.tile(a, 2) is None  # the oldest went first
+    assert tiles.tile(a, 0) is not None and tiles.tile(a, 17) is not None
+    tiles.keep(a, 99, b"x" * 101)  # more than a sixteenth of the budget: never kept
+    assert tiles.tile(a, 99) is None
     assert (tiles.hits, tiles.misses) == (3, 4)  # what /metrics reports (tileserver_object_tile_cache)
     tiles.resize(0)
-    assert tiles.held == 0 and len(tiles) == 0 and tiles.get(a, 0) is None
-    tiles.put(a, 0, b"x")
+    assert tiles.held == 0 and len(tiles) == 0 and tiles.tile(a, 0) is None
+    tiles.keep(a, 0, b"x")
     assert len(tiles) == 0  # a zero budget keeps nothing
 
 

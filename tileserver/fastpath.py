@@ -235,7 +235,7 @@ class FastTiles:
                 return empty_tile(published, route.level).body
             data = self._read_now(asked.runtime, entry.path, entry.index.offsets[n], entry.index.sizes[n])
             if data is None and held_on_object_storage(entry.path):
-                data = pyramid.cache.tiles.get(entry, n)  # an S3 tile read before: no read at all
+                data = pyramid.cache.tiles.tile(entry, n)  # an S3 tile read before: no read at all
             if not data:
                 return None if data is not None else _READ
             check_payload(route.compression, data, "")

@@ -20,48 +20,21 @@ from typing import Any
 from tileserver.budget_cache import BudgetCache
 
 
-class HotTiles:
+class HotTiles(BudgetCache[tuple[Any, bytes]]):
     """Tile bytes keyed by (slab index entry, tile number), within `budget` bytes."""
 
     def __init__(self, budget: int = 0) -> None:
-        # the entry is kept in the value: its id cannot be reused while the tile is held
-        self._cache: BudgetCache[tuple[Any, bytes]] = BudgetCache(budget, lambda item: len(item[1]),
-                                                                   largest_share=16)
+        super().__init__(budget, lambda item: len(item[1]), largest_share=16)
 
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    @property
-    def budget(self) -> int:
-        return self._cache.budget
-
-    @property
-    def held(self) -> int:
-        return self._cache.held
-
-    @property
-    def hits(self) -> int:
-        return self._cache.hits
-
-    @property
-    def misses(self) -> int:
-        return self._cache.misses
-
-    def get(self, entry: Any, n: int) -> bytes | None:
-        if not self._cache.budget:
+    def tile(self, entry: Any, n: int) -> bytes | None:
+        if not self.budget:
             return None
-        item = self._cache.get((id(entry), n))
+        item = self.get((id(entry), n))
         return None if item is None else item[1]
 
-    def put(self, entry: Any, n: int, data: bytes) -> None:
-        self._cache.put((id(entry), n), (entry, data))
-
-    def resize(self, budget: int) -> None:
-        """A new budget (the setting `object_tile_cache_bytes` over the workers); 0 keeps nothing."""
-        self._cache.resize(budget)
-
-    def clear(self) -> None:
-        self._cache.clear()
+    def keep(self, entry: Any, n: int, data: bytes) -> None:
+        # the entry is kept in the value: its id cannot be reused while the tile is held
+        self.put((id(entry), n), (entry, data))
 
 
 def held_on_object_storage(path: str) -> bool:

@@ -247,11 +247,11 @@ class Pyramid:
             return None
         if not held_on_object_storage(cached.path):
             return await self.storage.read(cached.path, cached.index.offsets[n], size)
-        data = self.cache.tiles.get(cached, n)
+        data = self.cache.tiles.tile(cached, n)
         if data is None:
             data = await self.storage.read(cached.path, cached.index.offsets[n], size)
             if data is not None and len(data) == size:  # a whole tile; a cut one is read again next time
-                self.cache.tiles.put(cached, n, data)
+                self.cache.tiles.keep(cached, n, data)
         return data
 
     def decode(self, level_id: str, data: bytes) -> np.ndarray:
