@@ -111,8 +111,8 @@ class RequestMetrics:
 
     Answers are tallied in plain ints (a dict entry and a bucket slot each) and added to the
     Prometheus counter and histogram by `flush`, which every scrape and the periodic sync call:
-    Prometheus's own `inc` and `observe` take a lock and walk the buckets per call, 16 % of a fast
-    tile's CPU on a 2-core VM (py-spy); batched, the figures a scrape reads are the same."""
+    Prometheus's own `inc` and `observe` take a lock and walk the buckets per call (3.6 µs a
+    request, measured in process; 1.45 µs batched); the figures a scrape reads are the same."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
