@@ -38,7 +38,7 @@ from typing import Literal, overload
 
 import numpy as np
 
-from . import banded
+from . import separable
 from .georef import Grid, crs_equal, get_transformer
 
 Nodata = float | Sequence[float] | np.ndarray | None
@@ -184,7 +184,7 @@ def _packed_pixels(src: np.ndarray, nd: np.ndarray | None) -> tuple[np.ndarray, 
 def _planes(src: np.ndarray, valid: np.ndarray | None, planar: bool = False, zeroed: bool = False) -> np.ndarray:
     """float32 planes (H, W, P): premultiplied values, plus the valid plane when some pixels are
     nodata. `planar`: row-interleaved planes in memory (an (H, P, W) array seen as (H, W, P),
-    `_row_planar`), which the banded resampler takes as they are. `zeroed`: nodata pixels are
+    `_row_planar`), which the separable resampler takes as they are. `zeroed`: nodata pixels are
     already 0 in every band (integers whose nodata is 0), so premultiplying is a copy."""
     count = src.shape[2] + (valid is not None)
     if planar:
@@ -234,13 +234,14 @@ def _row_planar(planes: np.ndarray) -> bool:
 
 
 def _resample_separable(planes: np.ndarray, cols: np.ndarray, rows: np.ndarray, kernel: Kernel,
-                        scale_x: float, scale_y: float) -> np.ndarray:
+                        scale_x: float, scale_y: float, precise: bool = False) -> np.ndarray:
     """Sample planes at the outer product of source columns `cols` and rows `rows` (1-D each).
-    Row-planar planes go through BLAS (`banded`) and come back row-planar."""
+    Row-planar planes go through `separable` (compiled, or BLAS) and come back row-planar;
+    `precise`: float data, summed in double there."""
     h, w = planes.shape[:2]
     if _row_planar(planes) and kernel.weight is not None:
-        sampled = banded.resample(planes.transpose(0, 2, 1), _taps(rows, h, kernel, scale_y),
-                                  _taps(cols, w, kernel, scale_x))
+        sampled = separable.resample(planes.transpose(0, 2, 1), _taps(rows, h, kernel, scale_y),
+                                     _taps(cols, w, kernel, scale_x), precise)
         return sampled.transpose(0, 2, 1)
     fast = _pillow_separable(planes, cols, rows, kernel, scale_x, scale_y)
     if fast is not None:
@@ -298,29 +299,17 @@ def _pillow_separable(planes: np.ndarray, cols: np.ndarray, rows: np.ndarray, ke
 def resize_picture(src: np.ndarray, box: tuple[float, float, float, float], width: int, height: int,
                    interpolation: str) -> np.ndarray:
     """An opaque uint8 picture (H, W, C): its `box` (pixel edges, inside the source) resized to
-    width × height with warp's taps, as row-planar float sums through BLAS (`banded`), rounded.
+    width × height with warp's taps, the sums rounded (`separable.resample_picture`).
 
     The picture path's same-CRS resize. Pillow's 8-bit resampler does the same sums one pixel at a
-    time and clips its first pass to 0..255 (a Lanczos overshoot is cut before the second pass):
-    this is ~20 % less CPU and equals warp's exact sums to one level."""
+    time and clips its first pass to 0..255 (a Lanczos overshoot is cut before the second pass);
+    these equal warp's exact sums to one level."""
     kernel = get_kernel(interpolation)
     scale_x, scale_y = (box[2] - box[0]) / width, (box[3] - box[1]) / height
     cols = box[0] + (np.arange(width) + 0.5) * scale_x - 0.5
     rows = box[1] + (np.arange(height) + 0.5) * scale_y - 0.5
-    ci, cw = _taps(cols, src.shape[1], kernel, scale_x)
-    ri, rw = _taps(rows, src.shape[0], kernel, scale_y)
-    r0, r1, c0, c1 = int(ri.min()), int(ri.max()) + 1, int(ci.min()), int(ci.max()) + 1
-    bands = src.shape[2]
-    planes = np.empty((r1 - r0, bands, c1 - c0), dtype=np.float32)
-    for band in range(bands):
-        planes[:, band] = src[r0:r1, c0:c1, band]
-    sums = banded.resample(planes, (ri - r0, rw), (ci - c0, cw))
-    np.rint(sums, out=sums)
-    np.clip(sums, 0, 255, out=sums)
-    out = np.empty((height, width, bands), dtype=np.uint8)
-    for band in range(bands):
-        out[..., band] = sums[:, band]
-    return out
+    return separable.resample_picture(src, _taps(rows, src.shape[0], kernel, scale_y),
+                                      _taps(cols, src.shape[1], kernel, scale_x))
 
 
 def _sample_points(planes: np.ndarray, sx: np.ndarray, sy: np.ndarray, kernel: Kernel,
@@ -625,7 +614,7 @@ def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
             zeroed = dtype.kind in "iub" and nd is not None and not nd.any()
             planes = _resample_separable(_planes(part[..., :channels], valid_part, planar=kernel.weight is not None,
                                                  zeroed=zeroed),
-                                         cols - c0, rows - r0, kernel, scale_x, scale_y)
+                                         cols - c0, rows - r0, kernel, scale_x, scale_y, dtype.kind == "f")
             inside = (_inside(rows, src_grid.height)[:, None] & _inside(cols, src_grid.width)[None, :])
             out, mask = _finish(planes, inside, valid_part is not None, channels, dtype, fill, min_coverage)
     else:

@@ -1,0 +1,127 @@
+"""render.separable: the compiled kernel (render/_separable.c) against the exact sums of warp's taps,
+against the BLAS fallback, and on bad buffers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tileserver.render import banded, separable
+from tileserver.render.warp import _taps, get_kernel
+
+SHAPES = [  # (source rows, source cols, output rows, output cols): enlarging, reducing, mixed, tiny
+    (70, 90, 83, 101),
+    (97, 120, 40, 51),
+    (64, 64, 96, 30),
+    (3, 5, 7, 2),
+]
+
+
+def _axis(n_src: int, n_out: int, kernel: str, offset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """warp's taps for n_out pixels spread over the source from `offset` (pixel edges), some past
+    its edges (clipped taps, renormalised weights)."""
+    scale = (n_src - 2 * offset) / n_out
+    coord = offset + (np.arange(n_out) + 0.5) * scale - 0.5
+    return _taps(coord, n_src, get_kernel(kernel), scale)
+
+
+def _dense(taps: tuple[np.ndarray, np.ndarray], size: int) -> np.ndarray:
+    """The (N, size) float64 matrix of one axis' taps."""
+    idx, w = taps
+    matrix = np.zeros((idx.shape[1], size))
+    np.add.at(matrix, (np.broadcast_to(np.arange(idx.shape[1]), idx.shape), idx), w.astype(np.float64))
+    return matrix
+
+
+def _exact(src: np.ndarray, rows: tuple[np.ndarray, np.ndarray], cols: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """float64 sums of (H, W, C): (N_rows, N_cols, C)."""
+    r, c = _dense(rows, src.shape[0]), _dense(cols, src.shape[1])
+    return np.einsum("yh,hwc,xw->yxc", r, src.astype(np.float64), c)
+
+
+def test_the_compiled_kernel_was_built() -> None:
+    """The install compiles render/_separable.c (README); without it maps fall back to BLAS, 2× the CPU."""
+    assert separable.compiled()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+@pytest.mark.parametrize("kernel", ["lanczos_3", "bicubic", "linear", "nn"])
+def test_pictures_are_the_rounded_exact_sums(shape: tuple[int, int, int, int], channels: int, kernel: str) -> None:
+    """uint8 in, uint8 out: the float64 sums of warp's taps rounded half to even and clipped to 0..255,
+    give or take one level where float32 sums fall on the other side of a .5."""
+    h, w, oh, ow = shape
+    src = np.random.default_rng(h * w + channels).integers(0, 256, (h, w, channels), dtype=np.uint8)
+    rows, cols = _axis(h, oh, kernel, offset=0.7), _axis(w, ow, kernel, offset=-0.4)
+    out = separable.resample_picture(src, rows, cols)
+    exact = np.clip(np.rint(_exact(src, rows, cols)), 0, 255)
+    assert out.dtype == np.uint8 and out.shape == (oh, ow, channels)
+    diff = np.abs(out.astype(np.float64) - exact)
+    assert diff.max() <= 1
+    assert (diff > 0).mean() < 0.01
+    # the overshoots of Lanczos on noise are clipped, not wrapped
+    assert (out[exact == 255] >= 254).all() and (out[exact == 0] <= 1).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("planes", [1, 3, 4, 5, 9])
+def test_float_planes_are_the_exact_sums(shape: tuple[int, int, int, int], planes: int) -> None:
+    """(H, P, W) float32 planes, any number of them (groups of four and a rest), to float32 rounding."""
+    h, w, oh, ow = shape
+    src = (np.random.default_rng(planes).random((h, planes, w)) * 255).astype(np.float32)
+    rows, cols = _axis(h, oh, "lanczos_3", offset=1.5), _axis(w, ow, "lanczos_3")
+    out = separable.resample(src, rows, cols)
+    exact = _exact(src.transpose(0, 2, 1), rows, cols).transpose(0, 2, 1)
+    assert out.dtype == np.float32 and out.shape == (oh, planes, ow)
+    assert np.abs(out - exact).max() < 1e-3
+    assert np.abs(banded.resample(src, rows, cols) - out).max() < 1e-3
+
+
+def test_precise_sums_keep_the_slopes_of_data_far_from_zero() -> None:
+    """A plane rising 0.01 a pixel 1e6 above 0: float32 sums are off by ~0.06 (more than a step),
+    double ones keep every step."""
+    h, w = 60, 80
+    src = (1e6 + 0.01 * np.arange(w, dtype=np.float64))[None, None, :].repeat(h, 0).astype(np.float32)
+    rows, cols = _axis(h, 70, "lanczos_3"), _axis(w, 93, "lanczos_3")
+    exact = _exact(src.transpose(0, 2, 1), rows, cols).transpose(0, 2, 1)
+    precise = separable.resample(src, rows, cols, precise=True)
+    # the only error left is the output's own float32 rounding (half a step of 0.0625 at 1e6)
+    assert np.abs(precise - exact).max() <= 0.0625 / 2 + 1e-9
+
+
+def test_a_map_sized_picture_matches_the_blas_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same resize with the extension switched off (what an install without a compiler runs)."""
+    rng = np.random.default_rng(7)
+    src = rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)
+    rows, cols = _axis(300, 350, "lanczos_3"), _axis(280, 333, "lanczos_3")
+    compiled = separable.resample_picture(src, rows, cols)
+    monkeypatch.setattr(separable, "_compiled", None)
+    assert not separable.compiled()
+    fallback = separable.resample_picture(src, rows, cols)
+    assert np.abs(compiled.astype(int) - fallback).max() <= 1
+
+
+def test_bad_buffers_raise_instead_of_reading_past_them() -> None:
+    """Sizes and indices are checked in C before any read: a ValueError, never a crash."""
+    from tileserver.render import _separable
+
+    src = np.zeros((4, 5, 3), dtype=np.uint8)
+    idx = np.zeros((2, 2), dtype=np.int32)
+    w = np.full((2, 2), 0.5, dtype=np.float32)
+    out = np.empty((2, 2, 3), dtype=np.uint8)
+    _separable.resample_u8(src, 4, 5, 3, idx, w, 2, idx, w, 2, out)
+    with pytest.raises(ValueError, match="outside"):
+        _separable.resample_u8(src, 4, 5, 3, idx + 4, w, 2, idx, w, 2, out)
+    with pytest.raises(ValueError, match="outside"):
+        _separable.resample_u8(src, 4, 5, 3, idx, w, 2, idx - 1, w, 2, out)
+    with pytest.raises(ValueError, match="sizes"):
+        _separable.resample_u8(src, 4, 6, 3, idx, w, 2, idx, w, 2, out)
+    with pytest.raises(ValueError, match="sizes"):
+        _separable.resample_u8(src, 4, 5, 3, idx, w, 2, idx, w, 2, np.empty((2, 3, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="channels"):
+        _separable.resample_u8(np.zeros((4, 5, 5), dtype=np.uint8), 4, 5, 5, idx, w, 2, idx, w, 2, out)
+    with pytest.raises(TypeError):
+        _separable.resample_u8(src, 4, 5, 3, idx, w, 2, idx, w, 2, out.tobytes())  # read-only output
+    planes = np.zeros((4, 2, 5), dtype=np.float32)
+    with pytest.raises(ValueError, match="sizes"):
+        _separable.resample_f32(planes, 4, 2, 5, idx, w, 2, idx, w, 2, np.empty((2, 2, 3), dtype=np.float32), False)

@@ -1,0 +1,386 @@
+/* Separable resampling in C: the same taps and sums as render/banded.py, without BLAS's wasted
+ * multiplications or the float planes of uint8 pictures.
+ *
+ * Each output row is made in two passes over one line that stays in cache:
+ *   1. vertical: the line is the weighted sum of the few source rows the row's taps name — a
+ *      contiguous axpy per tap, which the compiler vectorises (an AVX2 clone where the CPU has it);
+ *   2. horizontal: each output pixel sums its taps out of that line, its channels (or up to four
+ *      planes, interleaved first) side by side in one vector of four.
+ * uint8 pictures are read interleaved (H, W, C) and written interleaved, rounded half to even and
+ * clipped to 0..255, with float sums. Float32 planes are read (H, P, W) and written (H', P, W'),
+ * with float sums, or double ones for data far from 0 (a DEM's altitudes: float32 sums there lose
+ * the differences a slope or a hillshade is made of).
+ *
+ * Taps come from warp._taps, transposed to (N, K): indices clipped into the source (an index
+ * repeated at an edge carries weight 0) and float32 weights. No numpy headers: arrays arrive as
+ * buffers and the Python side (render/separable.py) checks their types and contiguity; sizes and
+ * indices are checked here.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* line[j] = sum_k w[k] * rows[k][j], j < n, for uint8 rows */
+VECTOR_CLONES static void
+vertical_u8(float *line, const uint8_t *const *rows, const float *w, Py_ssize_t taps, Py_ssize_t n)
+{
+    const uint8_t *r0 = rows[0];
+    float w0 = w[0];
+    for (Py_ssize_t j = 0; j < n; j++)
+        line[j] = w0 * (float)r0[j];
+    for (Py_ssize_t k = 1; k < taps; k++) {
+        const uint8_t *r = rows[k];
+        float wk = w[k];
+        if (wk == 0.0f)
+            continue;
+        for (Py_ssize_t j = 0; j < n; j++)
+            line[j] += wk * (float)r[j];
+    }
+}
+
+static inline uint8_t
+to_u8(float v)
+{
+    long r = lrintf(v); /* half to even, as numpy's rint; inlined with -fno-math-errno */
+    return r <= 0 ? 0 : r >= 255 ? 255 : (uint8_t)r;
+}
+
+/* Four floats in one register where the target has them (SSE, NEON): the horizontal pass sums a
+ * pixel's channels (or a row's planes) side by side. Loads go through memcpy: unaligned. */
+typedef float v4sf __attribute__((vector_size(16)));
+
+static inline __attribute__((always_inline)) v4sf
+load4(const float *p)
+{
+    v4sf v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+/* out[x*C + c] = rounded sum_k w[x][k] * line[idx[x][k]*C + c], c < C <= 4: one vector of 4 per
+ * tap (the line carries 4 spare floats at its end for the last pixel's load). Inlined with a
+ * constant tap count for the usual kernels, so the tap loop unrolls. */
+static inline __attribute__((always_inline)) void
+horizontal_u8_taps(uint8_t *out, const float *line, const int32_t *idx, const float *w,
+                   Py_ssize_t taps, Py_ssize_t count, int channels)
+{
+    for (Py_ssize_t x = 0; x < count; x++) {
+        const int32_t *ix = idx + x * taps;
+        const float *wx = w + x * taps;
+        v4sf acc = wx[0] * load4(line + (Py_ssize_t)ix[0] * channels), odd = {0.0f, 0.0f, 0.0f, 0.0f};
+        Py_ssize_t k = 1;
+        for (; k + 1 < taps; k += 2) { /* two chains of additions: half the latency */
+            odd += wx[k] * load4(line + (Py_ssize_t)ix[k] * channels);
+            acc += wx[k + 1] * load4(line + (Py_ssize_t)ix[k + 1] * channels);
+        }
+        if (k < taps)
+            odd += wx[k] * load4(line + (Py_ssize_t)ix[k] * channels);
+        acc += odd;
+        for (int c = 0; c < channels; c++)
+            out[x * channels + c] = to_u8(acc[c]);
+    }
+}
+
+static void
+horizontal_u8(uint8_t *out, const float *line, const int32_t *idx, const float *w, Py_ssize_t taps,
+              Py_ssize_t count, int channels)
+{
+#define BY_CHANNELS(T)                                                                         \
+    switch (channels) {                                                                        \
+    case 3: horizontal_u8_taps(out, line, idx, w, T, count, 3); break;                         \
+    case 4: horizontal_u8_taps(out, line, idx, w, T, count, 4); break;                         \
+    default: horizontal_u8_taps(out, line, idx, w, T, count, channels); break;                 \
+    }
+    switch (taps) {
+    case 2: BY_CHANNELS(2) break;
+    case 4: BY_CHANNELS(4) break;
+    case 6: BY_CHANNELS(6) break;
+    default: BY_CHANNELS(taps) break;
+    }
+#undef BY_CHANNELS
+}
+
+typedef double v4df __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) v4df
+load4d(const double *p)
+{
+    v4df v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+/* The float-plane kernels, once with float sums (T = float) and once with double ones:
+ * vertical_<T>: line[j] = sum_k w[k] * rows[k][j];
+ * horizontal_<T>: out[p][x] = sum_k w[x][k] * line[idx[x][k]*n + p], p < n <= 4, the line holding
+ * n planes interleaved (and 4 spare values at its end): a tap is one vector of 4; the sums go back
+ * to their planes, `out_stride` floats apart. Two chains of additions: half the latency. */
+#define FLOAT_KERNELS(T, VEC, LOAD)                                                                    \
+    VECTOR_CLONES static void vertical_##T(T *line, const float *const *rows, const float *w,          \
+                                           Py_ssize_t taps, Py_ssize_t n)                              \
+    {                                                                                                  \
+        const float *r0 = rows[0];                                                                     \
+        T w0 = w[0];                                                                                   \
+        for (Py_ssize_t j = 0; j < n; j++)                                                             \
+            line[j] = w0 * (T)r0[j];                                                                   \
+        for (Py_ssize_t k = 1; k < taps; k++) {                                                        \
+            const float *r = rows[k];                                                                  \
+            T wk = w[k];                                                                               \
+            if (wk == 0)                                                                               \
+                continue;                                                                              \
+            for (Py_ssize_t j = 0; j < n; j++)                                                         \
+                line[j] += wk * (T)r[j];                                                               \
+        }                                                                                              \
+    }                                                                                                  \
+    static inline __attribute__((always_inline)) void horizontal_##T##_n(                              \
+        float *out, Py_ssize_t out_stride, const T *line, int n, const int32_t *idx, const float *w,   \
+        Py_ssize_t taps, Py_ssize_t count)                                                             \
+    {                                                                                                  \
+        for (Py_ssize_t x = 0; x < count; x++) {                                                       \
+            const int32_t *ix = idx + x * taps;                                                        \
+            const float *wx = w + x * taps;                                                            \
+            VEC acc = (T)wx[0] * LOAD(line + (Py_ssize_t)ix[0] * n), odd = {0, 0, 0, 0};               \
+            Py_ssize_t k = 1;                                                                          \
+            for (; k + 1 < taps; k += 2) {                                                             \
+                odd += (T)wx[k] * LOAD(line + (Py_ssize_t)ix[k] * n);                                  \
+                acc += (T)wx[k + 1] * LOAD(line + (Py_ssize_t)ix[k + 1] * n);                          \
+            }                                                                                          \
+            if (k < taps)                                                                              \
+                odd += (T)wx[k] * LOAD(line + (Py_ssize_t)ix[k] * n);                                  \
+            acc += odd;                                                                                \
+            for (int p = 0; p < n; p++)                                                                \
+                out[p * out_stride + x] = (float)acc[p];                                               \
+        }                                                                                              \
+    }                                                                                                  \
+    VECTOR_CLONES static void horizontal_##T(float *out, Py_ssize_t out_stride, const T *line, int n,  \
+                                             const int32_t *idx, const float *w, Py_ssize_t taps,      \
+                                             Py_ssize_t count)                                         \
+    {                                                                                                  \
+        switch (n) {                                                                                   \
+        case 4: horizontal_##T##_n(out, out_stride, line, 4, idx, w, taps, count); break;              \
+        case 3: horizontal_##T##_n(out, out_stride, line, 3, idx, w, taps, count); break;              \
+        case 2: horizontal_##T##_n(out, out_stride, line, 2, idx, w, taps, count); break;              \
+        default: horizontal_##T##_n(out, out_stride, line, 1, idx, w, taps, count); break;             \
+        }                                                                                              \
+    }
+
+FLOAT_KERNELS(float, v4sf, load4)
+FLOAT_KERNELS(double, v4df, load4d)
+
+typedef struct {
+    Py_buffer src, row_idx, row_w, col_idx, col_w, out;
+} Buffers;
+
+static void
+release(Buffers *b)
+{
+    Py_buffer *all[] = {&b->src, &b->row_idx, &b->row_w, &b->col_idx, &b->col_w, &b->out};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        if (all[i]->obj != NULL)
+            PyBuffer_Release(all[i]);
+}
+
+static int
+check_sizes(Buffers *b, Py_ssize_t src_items, Py_ssize_t src_item, Py_ssize_t row_taps,
+            Py_ssize_t rows, Py_ssize_t col_taps, Py_ssize_t cols, Py_ssize_t out_items,
+            Py_ssize_t out_item)
+{
+    if (b->src.len != src_items * src_item || b->row_idx.len != row_taps * rows * 4
+        || b->row_w.len != row_taps * rows * 4 || b->col_idx.len != col_taps * cols * 4
+        || b->col_w.len != col_taps * cols * 4 || b->out.len != out_items * out_item
+        || row_taps < 1 || col_taps < 1) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match the shapes");
+        return -1;
+    }
+    return 0;
+}
+
+/* Checks every index is inside [0, limit); *low and *high get the range they span. */
+static int
+check_indices(const int32_t *idx, Py_ssize_t n, Py_ssize_t limit, Py_ssize_t *low, Py_ssize_t *high)
+{
+    int32_t lo = INT32_MAX, hi = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (idx[i] < 0 || idx[i] >= limit) {
+            PyErr_SetString(PyExc_ValueError, "tap index outside the source");
+            return -1;
+        }
+        lo = idx[i] < lo ? idx[i] : lo;
+        hi = idx[i] > hi ? idx[i] : hi;
+    }
+    *low = lo;
+    *high = (Py_ssize_t)hi + 1;
+    return 0;
+}
+
+/* resample_u8(src, height, width, channels, row_idx, row_w, row_taps, col_idx, col_w, col_taps, out)
+ * src: uint8 (height, width, channels); row_*: (out_rows, row_taps); col_*: (out_cols, col_taps);
+ * out: uint8 (out_rows, out_cols, channels). Taps index the source's rows and columns. */
+static PyObject *
+resample_u8(PyObject *self, PyObject *args)
+{
+    Buffers b = {0};
+    Py_ssize_t height, width, channels, row_taps, col_taps;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*ny*y*nw*", &b.src, &height, &width, &channels, &b.row_idx,
+                          &b.row_w, &row_taps, &b.col_idx, &b.col_w, &col_taps, &b.out))
+        goto fail;
+    if (channels < 1 || channels > 4 || height < 1 || width < 1) {
+        PyErr_SetString(PyExc_ValueError, "1 to 4 channels, a non-empty source");
+        goto fail;
+    }
+    Py_ssize_t rows = b.row_idx.len / 4 / row_taps, cols = b.col_idx.len / 4 / col_taps;
+    Py_ssize_t r0 = 0, r1 = 0, c0 = 0, c1 = 0; /* the source rows and columns some tap reads */
+    if (check_sizes(&b, height * width * channels, 1, row_taps, rows, col_taps, cols,
+                    rows * cols * channels, 1) < 0
+        || check_indices(b.row_idx.buf, rows * row_taps, height, &r0, &r1) < 0
+        || check_indices(b.col_idx.buf, cols * col_taps, width, &c0, &c1) < 0)
+        goto fail;
+    const uint8_t *src = b.src.buf;
+    const int32_t *ri = b.row_idx.buf, *ci = b.col_idx.buf;
+    const float *rw = b.row_w.buf, *cw = b.col_w.buf;
+    uint8_t *out = b.out.buf;
+    float *line = NULL;
+    const uint8_t **taps = NULL;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    line = calloc((size_t)((c1 - c0) * channels + 4), sizeof(float));
+    taps = malloc(sizeof(*taps) * (size_t)row_taps);
+    if (line == NULL || taps == NULL)
+        failed = 1;
+    else
+        for (Py_ssize_t y = 0; y < rows; y++) {
+            for (Py_ssize_t k = 0; k < row_taps; k++)
+                taps[k] = src + ((Py_ssize_t)ri[y * row_taps + k] * width + c0) * channels;
+            vertical_u8(line, taps, rw + y * row_taps, row_taps, (c1 - c0) * channels);
+            uint8_t *o = out + y * cols * channels;
+            /* indexed by source column */
+            horizontal_u8(o, line - c0 * channels, ci, cw, col_taps, cols, (int)channels);
+        }
+    free(line);
+    free(taps);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    release(&b);
+    Py_RETURN_NONE;
+fail:
+    release(&b);
+    return NULL;
+}
+
+/* One output row after another: the vertical pass into `line` (every plane, or only the columns
+ * some tap reads), then each group of up to 4 planes interleaved into `mixed` and summed across. */
+#define RESAMPLE_PLANES(T)                                                                             \
+    static int resample_planes_##T(const float *src, Py_ssize_t planes, Py_ssize_t width,              \
+                                   const int32_t *ri, const float *rw, Py_ssize_t row_taps,            \
+                                   Py_ssize_t rows, const int32_t *ci, const float *cw,                \
+                                   Py_ssize_t col_taps, Py_ssize_t cols, Py_ssize_t c0, Py_ssize_t c1, \
+                                   float *out)                                                         \
+    {                                                                                                  \
+        T *line = malloc(sizeof(T) * (size_t)(planes * width));                                        \
+        T *mixed = calloc((size_t)(4 * (c1 - c0) + 4), sizeof(T));                                     \
+        const float **taps = malloc(sizeof(*taps) * (size_t)row_taps * 2);                             \
+        if (line == NULL || mixed == NULL || taps == NULL) {                                           \
+            free(line);                                                                                \
+            free(mixed);                                                                               \
+            free(taps);                                                                                \
+            return -1;                                                                                 \
+        }                                                                                              \
+        const float **plane_taps = taps + row_taps;                                                    \
+        for (Py_ssize_t y = 0; y < rows; y++) {                                                        \
+            for (Py_ssize_t k = 0; k < row_taps; k++)                                                  \
+                taps[k] = src + (Py_ssize_t)ri[y * row_taps + k] * planes * width;                     \
+            if (c1 - c0 == width)                                                                      \
+                vertical_##T(line, taps, rw + y * row_taps, row_taps, planes * width);                 \
+            else                                                                                       \
+                for (Py_ssize_t p = 0; p < planes; p++) {                                              \
+                    for (Py_ssize_t k = 0; k < row_taps; k++)                                          \
+                        plane_taps[k] = taps[k] + p * width + c0;                                      \
+                    vertical_##T(line + p * width + c0, plane_taps, rw + y * row_taps, row_taps,       \
+                                 c1 - c0);                                                             \
+                }                                                                                      \
+            for (Py_ssize_t p0 = 0; p0 < planes; p0 += 4) {                                            \
+                int n = planes - p0 < 4 ? (int)(planes - p0) : 4;                                      \
+                for (Py_ssize_t j = c0; j < c1; j++)                                                   \
+                    for (int p = 0; p < n; p++)                                                        \
+                        mixed[(j - c0) * n + p] = line[(p0 + p) * width + j];                          \
+                horizontal_##T(out + (y * planes + p0) * cols, cols, mixed - c0 * n, n, ci, cw,        \
+                               col_taps, cols);                                                        \
+            }                                                                                          \
+        }                                                                                              \
+        free(line);                                                                                    \
+        free(mixed);                                                                                   \
+        free(taps);                                                                                    \
+        return 0;                                                                                      \
+    }
+
+RESAMPLE_PLANES(float)
+RESAMPLE_PLANES(double)
+
+/* resample_f32(src, height, planes, width, row_idx, row_w, row_taps, col_idx, col_w, col_taps, out,
+ *              precise)
+ * src: float32 (height, planes, width); out: float32 (out_rows, planes, out_cols); precise: sums
+ * in double. */
+static PyObject *
+resample_f32(PyObject *self, PyObject *args)
+{
+    Buffers b = {0};
+    Py_ssize_t height, planes, width, row_taps, col_taps;
+    int precise;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*ny*y*nw*p", &b.src, &height, &planes, &width, &b.row_idx,
+                          &b.row_w, &row_taps, &b.col_idx, &b.col_w, &col_taps, &b.out, &precise))
+        goto fail;
+    if (planes < 1 || height < 1 || width < 1) {
+        PyErr_SetString(PyExc_ValueError, "a non-empty source");
+        goto fail;
+    }
+    Py_ssize_t rows = b.row_idx.len / 4 / row_taps, cols = b.col_idx.len / 4 / col_taps;
+    Py_ssize_t r0 = 0, r1 = 0, c0 = 0, c1 = 0; /* the source rows and columns some tap reads */
+    if (check_sizes(&b, height * planes * width, 4, row_taps, rows, col_taps, cols,
+                    rows * planes * cols, 4) < 0
+        || check_indices(b.row_idx.buf, rows * row_taps, height, &r0, &r1) < 0
+        || check_indices(b.col_idx.buf, cols * col_taps, width, &c0, &c1) < 0)
+        goto fail;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = (precise ? resample_planes_double : resample_planes_float)(
+        b.src.buf, planes, width, b.row_idx.buf, b.row_w.buf, row_taps, rows, b.col_idx.buf,
+        b.col_w.buf, col_taps, cols, c0, c1, b.out.buf);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    release(&b);
+    Py_RETURN_NONE;
+fail:
+    release(&b);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"resample_u8", resample_u8, METH_VARARGS, "Separable resampling of an interleaved uint8 picture."},
+    {"resample_f32", resample_f32, METH_VARARGS, "Separable resampling of row-interleaved float32 planes."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_separable", "Separable resampling kernels (see _separable.c).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__separable(void)
+{
+    return PyModule_Create(&module);
+}
