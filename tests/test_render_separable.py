@@ -125,3 +125,37 @@ def test_bad_buffers_raise_instead_of_reading_past_them() -> None:
     planes = np.zeros((4, 2, 5), dtype=np.float32)
     with pytest.raises(ValueError, match="sizes"):
         _separable.resample_f32(planes, 4, 2, 5, idx, w, 2, idx, w, 2, np.empty((2, 2, 3), dtype=np.float32), False)
+
+
+@pytest.mark.parametrize("has_mask", [True, False])
+@pytest.mark.parametrize("fill", [(0, 0, 0), (255, 255, 255), (12, 200, 7)])
+@pytest.mark.parametrize("min_coverage", [0.5, 0.3, 1.0])
+def test_the_fused_finish_gives_numpy_s_bytes(monkeypatch: pytest.MonkeyPatch, has_mask: bool,
+                                              fill: tuple[int, int, int], min_coverage: float) -> None:
+    """warp._finish on row-planar uint8 sums: the compiled pass (division by the coverage, validity,
+    rounding, clipping, fill, interleaving) equals numpy's steps byte for byte, validity included —
+    with sums on .5 exactly, overshoots past 0..255 and coverages around the threshold."""
+    from tileserver.render import warp
+
+    rng = np.random.default_rng(len(fill) + int(has_mask) + int(10 * min_coverage))
+    h, w, channels = 37, 53, 3
+    coverage = rng.choice(np.array([0.0, 0.25, 0.4999999, 0.5, 0.5000001, 0.75, 1.0], dtype=np.float32), (h, w))
+    values = rng.integers(-40, 300, (h, channels, w)).astype(np.float32) + rng.choice([0.0, 0.5, 0.25], (h, channels, w))
+    planes = np.empty((h, channels + has_mask, w), dtype=np.float32)
+    planes[:, :channels] = values * (coverage[:, None, :] if has_mask else 1.0)
+    if has_mask:
+        planes[:, channels] = coverage
+    inside = rng.random((h, w)) > 0.1
+    fill_values = np.asarray(fill, dtype=np.float64)
+
+    def finish() -> tuple[np.ndarray, np.ndarray]:
+        view = planes.copy().transpose(0, 2, 1)  # (H, W, P) seen row-planar, as warp hands it over
+        return warp._finish(view, inside, has_mask, channels, np.dtype(np.uint8), fill_values, min_coverage)
+
+    fused, fused_valid = finish()
+    monkeypatch.setattr(separable, "_compiled", None)
+    slow, slow_valid = finish()
+    assert fused.dtype == np.uint8 and fused.shape == (h, w, channels)
+    assert np.array_equal(fused_valid, slow_valid) and np.array_equal(fused, slow)
+    assert (fused[~fused_valid] == np.asarray(fill, dtype=np.uint8)).all()
+    assert fused_valid.any() and not fused_valid.all()

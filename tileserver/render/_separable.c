@@ -173,6 +173,29 @@ load4d(const double *p)
         }                                                                                              \
     }
 
+/* mixed[j*n + p] = line[p*stride + j], j < count: n planes interleaved, n constant once inlined */
+#define MIX(T)                                                                                         \
+    static inline __attribute__((always_inline)) void mix_##T##_n(T *mixed, const T *line,             \
+                                                                  Py_ssize_t stride, Py_ssize_t count, \
+                                                                  int n)                               \
+    {                                                                                                  \
+        for (Py_ssize_t j = 0; j < count; j++)                                                         \
+            for (int p = 0; p < n; p++)                                                                \
+                mixed[j * n + p] = line[p * stride + j];                                               \
+    }                                                                                                  \
+    VECTOR_CLONES static void mix_##T(T *mixed, const T *line, Py_ssize_t stride, Py_ssize_t count,    \
+                                      int n)                                                           \
+    {                                                                                                  \
+        switch (n) {                                                                                   \
+        case 4: mix_##T##_n(mixed, line, stride, count, 4); break;                                     \
+        case 3: mix_##T##_n(mixed, line, stride, count, 3); break;                                     \
+        case 2: mix_##T##_n(mixed, line, stride, count, 2); break;                                     \
+        default: mix_##T##_n(mixed, line, stride, count, 1); break;                                    \
+        }                                                                                              \
+    }
+
+MIX(float)
+MIX(double)
 FLOAT_KERNELS(float, v4sf, load4)
 FLOAT_KERNELS(double, v4df, load4d)
 
@@ -312,9 +335,7 @@ fail:
                 }                                                                                      \
             for (Py_ssize_t p0 = 0; p0 < planes; p0 += 4) {                                            \
                 int n = planes - p0 < 4 ? (int)(planes - p0) : 4;                                      \
-                for (Py_ssize_t j = c0; j < c1; j++)                                                   \
-                    for (int p = 0; p < n; p++)                                                        \
-                        mixed[(j - c0) * n + p] = line[(p0 + p) * width + j];                          \
+                mix_##T(mixed, line + p0 * width + c0, width, c1 - c0, n);                             \
                 horizontal_##T(out + (y * planes + p0) * cols, cols, mixed - c0 * n, n, ci, cw,        \
                                col_taps, cols);                                                        \
             }                                                                                          \
@@ -369,9 +390,108 @@ fail:
     return NULL;
 }
 
+/* One row of finish_u8, band by band so that the compiler vectorises it (validity, division,
+ * rounding, clipping, fill): bytes[c*width + x] the band values, good[x] the validity. */
+VECTOR_CLONES static void
+finish_row(uint8_t *bytes, uint8_t *good, const float *row, const float *coverage,
+           const uint8_t *inside, float threshold, const uint8_t *fill, Py_ssize_t width,
+           Py_ssize_t channels)
+{
+    if (coverage == NULL)
+        for (Py_ssize_t x = 0; x < width; x++)
+            good[x] = inside[x] != 0;
+    else
+        for (Py_ssize_t x = 0; x < width; x++)
+            good[x] = (inside[x] != 0) & (coverage[x] >= threshold);
+    for (Py_ssize_t c = 0; c < channels; c++) {
+        const float *band = row + c * width;
+        uint8_t *b = bytes + c * width, f = fill[c];
+        for (Py_ssize_t x = 0; x < width; x++) {
+            float v = coverage == NULL ? band[x] : band[x] / coverage[x];
+            v = rintf(v);              /* half to even */
+            v = v >= 0.0f ? v : 0.0f;  /* NaN too (0/0 where no tap was valid) */
+            v = v <= 255.0f ? v : 255.0f;
+            b[x] = good[x] ? (uint8_t)(int32_t)v : f;
+        }
+    }
+}
+
+/* out[x*C + c] = bytes[c*width + x]: planes to pixels, C constant once inlined */
+static inline __attribute__((always_inline)) void
+interleave_n(uint8_t *out, const uint8_t *bytes, Py_ssize_t width, Py_ssize_t channels)
+{
+    for (Py_ssize_t x = 0; x < width; x++)
+        for (Py_ssize_t c = 0; c < channels; c++)
+            out[x * channels + c] = bytes[c * width + x];
+}
+
+VECTOR_CLONES static void
+interleave(uint8_t *out, const uint8_t *bytes, Py_ssize_t width, Py_ssize_t channels)
+{
+    switch (channels) {
+    case 1: memcpy(out, bytes, (size_t)width); break;
+    case 3: interleave_n(out, bytes, width, 3); break;
+    case 4: interleave_n(out, bytes, width, 4); break;
+    default: interleave_n(out, bytes, width, channels); break;
+    }
+}
+
+/* finish_u8(planes, height, count, width, channels, has_mask, inside, threshold, fill, out, valid)
+ * warp's last step for uint8 data, in one pass: planes float32 (height, count, width) hold the
+ * premultiplied sums of `channels` bands, then (has_mask) the coverage; a pixel is valid when it
+ * is `inside` (bool (height, width)) and its coverage reaches `threshold`; its bands are the sums
+ * divided by the coverage, rounded half to even and clipped, else `fill` (channels bytes).
+ * out: uint8 (height, width, channels); valid: bool (height, width). Same bytes as warp._finish. */
+static PyObject *
+finish_u8(PyObject *self, PyObject *args)
+{
+    Py_buffer planes = {0}, inside = {0}, fill = {0}, out = {0}, valid = {0};
+    Py_ssize_t height, count, width, channels;
+    int has_mask;
+    float threshold;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnnnpy*fy*w*w*", &planes, &height, &count, &width, &channels,
+                          &has_mask, &inside, &threshold, &fill, &out, &valid))
+        goto done;
+    if (height < 0 || width < 0 || channels < 1 || channels + has_mask > count
+        || planes.len != height * count * width * 4 || inside.len != height * width
+        || fill.len != channels || out.len != height * width * channels || valid.len != height * width) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match the shapes");
+        goto done;
+    }
+    const float *src = planes.buf;
+    const uint8_t *in = inside.buf, *fl = fill.buf;
+    uint8_t *o = out.buf, *ok = valid.buf;
+    uint8_t *bytes = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    bytes = malloc((size_t)(width * channels) + 1);
+    if (bytes != NULL)
+        for (Py_ssize_t y = 0; y < height; y++) {
+            const float *row = src + y * count * width;
+            finish_row(bytes, ok + y * width, row, has_mask ? row + channels * width : NULL,
+                       in + y * width, threshold, fl, width, channels);
+            interleave(o + y * width * channels, bytes, width, channels);
+        }
+    free(bytes);
+    Py_END_ALLOW_THREADS
+    if (bytes == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_buffer *all[] = {&planes, &inside, &fill, &out, &valid};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        if (all[i]->obj != NULL)
+            PyBuffer_Release(all[i]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"resample_u8", resample_u8, METH_VARARGS, "Separable resampling of an interleaved uint8 picture."},
     {"resample_f32", resample_f32, METH_VARARGS, "Separable resampling of row-interleaved float32 planes."},
+    {"finish_u8", finish_u8, METH_VARARGS, "warp's normalisation, validity and rounding to uint8, fused."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,7 +30,9 @@ COLUMN_SPAN = 48  # source columns a band of the column pass aims to read (see _
 _limited = threading.Event()
 
 
-def _one_blas_thread() -> None:
+def one_blas_thread() -> None:
+    """Holds BLAS to one thread, once per process (render.separable calls it too: numpy's other
+    products, in styles and transforms, would start OpenBLAS's spinning threads as well)."""
     if _limited.is_set():
         return
     from threadpoolctl import threadpool_limits
@@ -73,7 +75,7 @@ def resample(planes: np.ndarray, row_taps: tuple[np.ndarray, np.ndarray],
              col_taps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Resample (H, P, W) float32 planes with 1-D taps (indices (K, N), weights (K, N)) along rows
     and columns; returns (N_rows, P, N_cols) float32."""
-    _one_blas_thread()
+    one_blas_thread()
     h, p, w = planes.shape
     ri, rw = row_taps
     ci, cw = col_taps

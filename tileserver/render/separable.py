@@ -46,6 +46,7 @@ def resample(planes: np.ndarray, row_taps: Taps, col_taps: Taps, precise: bool =
     and a slope is a difference of neighbours; the BLAS fallback sums in float32)."""
     if _compiled is None:
         return banded.resample(planes, row_taps, col_taps)
+    banded.one_blas_thread()
     h, p, w = planes.shape
     out = np.empty((row_taps[0].shape[1], p, col_taps[0].shape[1]), dtype=np.float32)
     _compiled.resample_f32(np.ascontiguousarray(planes, dtype=np.float32), h, p, w,
@@ -70,7 +71,27 @@ def resample_picture(src: np.ndarray, row_taps: Taps, col_taps: Taps) -> np.ndar
         for band in range(c):
             out[..., band] = sums[:, band]
         return out
+    banded.one_blas_thread()
     out = np.empty((row_taps[0].shape[1], col_taps[0].shape[1], c), dtype=np.uint8)
     _compiled.resample_u8(np.ascontiguousarray(src, dtype=np.uint8), h, w, c,
                           *_per_output(row_taps), *_per_output(col_taps), out)
     return out
+
+
+def finish_u8(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: int, threshold: float,
+              fill: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """warp's last step for uint8 data in one compiled pass, or None without the extension.
+
+    `planes`: (H, P, W) float32 sums, `channels` bands then (`has_mask`) the coverage; a pixel is
+    valid inside the source with a coverage ≥ `threshold`; its bands are divided by the coverage,
+    rounded half to even, clipped, else `fill`. Returns (H, W, channels) uint8 and the validity.
+    The numpy steps read and write the planes four times over (~11 ms a 1024² map)."""
+    if _compiled is None:
+        return None
+    h, p, w = planes.shape
+    out = np.empty((h, w, channels), dtype=np.uint8)
+    valid = np.empty((h, w), dtype=bool)
+    _compiled.finish_u8(np.ascontiguousarray(planes, dtype=np.float32), h, p, w, channels, has_mask,
+                        np.ascontiguousarray(inside, dtype=bool), threshold,
+                        np.ascontiguousarray(fill, dtype=np.uint8), out, valid)
+    return out, valid

@@ -526,10 +526,16 @@ def _finish(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: in
     # the arrays in their memory order: row-planar planes (`_planes`) give the value planes as an
     # (H, C, W) view, which alone needs dividing, rounding and clipping
     planar = _row_planar(planes)
+    threshold = np.float32(max(min_coverage, 1e-6) - 1e-6)  # numpy compares float32 planes in float32
+    if planar and dtype == np.uint8 and bool(np.all((fill >= 0) & (fill <= 255) & (fill == np.floor(fill)))):
+        fused = separable.finish_u8(planes.transpose(0, 2, 1), inside, has_mask, channels, float(threshold),
+                                    fill.astype(np.uint8))
+        if fused is not None:
+            return fused
     whole = planes.transpose(0, 2, 1)[:, :channels] if planar else planes
     if has_mask:
         coverage = planes[..., channels]
-        valid = inside & (coverage >= max(min_coverage, 1e-6) - 1e-6)
+        valid = inside & (coverage >= threshold)
         # every plane, coverage too (not read again): on the whole contiguous array the division,
         # rounding and clipping are ~3x faster than on the strided view of the value planes
         # planar integers filled with 0: dividing invalid pixels by infinity is their filling
