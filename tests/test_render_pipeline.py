@@ -569,3 +569,31 @@ async def test_tiles_known_clear_of_nodata_give_the_scanned_picture(field):
         assert np.array_equal(hot.data, scanned.data) and np.array_equal(hot.valid, scanned.valid)
     if holes:
         assert (warm[2].data[..., 3] == 0).any()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "RGB", "L", "LA"])
+@pytest.mark.parametrize("resample", [3, 2, 0])  # Pillow's BICUBIC, BILINEAR, NEAREST
+def test_mesh_transform_gives_pillow_s_mesh_bytes(mode: str, resample: int) -> None:
+    """draw.mesh_transform (one core call per quad, coefficients for all quads in numpy) gives
+    Image.transform(MESH)'s bytes, alpha premultiplied around it included, on quads that shear,
+    stretch and leave the source."""
+    from PIL import Image
+
+    from tileserver.render.draw import mesh_transform
+
+    rng = np.random.default_rng(len(mode) * 10 + resample)
+    bands = len(mode)
+    pixels = rng.integers(0, 256, (300, 260, bands), dtype=np.uint8)
+    image = Image.fromarray(pixels if bands > 1 else pixels[..., 0], mode)
+    xs = np.array([0, 32, 64, 96, 128, 160, 200], dtype=np.float64)
+    ys = np.array([0, 32, 64, 100], dtype=np.float64)
+    gx, gy = np.meshgrid(xs, ys)
+    sx = gx * 1.3 + gy * 0.1 + rng.random(gx.shape) * 2 - 5  # some corners off the source
+    sy = gy * 1.1 - gx * 0.05 + rng.random(gx.shape) * 2
+    quads = [((int(xs[i]), int(ys[j]), int(xs[i + 1]), int(ys[j + 1])),
+              (sx[j, i], sy[j, i], sx[j + 1, i], sy[j + 1, i], sx[j + 1, i + 1], sy[j + 1, i + 1], sx[j, i + 1], sy[j, i + 1]))
+             for j in range(len(ys) - 1) for i in range(len(xs) - 1)]
+    expected = np.asarray(image.transform((200, 100), Image.Transform.MESH, quads, resample=resample))
+    got = np.asarray(mesh_transform(image, (200, 100), xs, ys, sx, sy, resample))
+    assert got.shape == expected.shape and np.array_equal(got, expected)
+    assert got.any()
