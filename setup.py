@@ -1,5 +1,9 @@
-"""The one compiled part: render/_separable.c (see its header). Optional: without a C compiler the
-build goes on and render.compiled falls back to the BLAS resampler (render/banded.py)."""
+"""The compiled parts, both optional: without a C compiler the build goes on and the same work runs
+in numpy/BLAS (render/separable.py falls back to render/banded.py) or Pillow (draw.mesh_transform).
+
+- render/_separable.c: separable resampling and warp's last step for uint8 (see its header).
+- render/_mesh.c: Pillow's bicubic mesh transform, byte for byte, so without FMA contraction.
+"""
 
 from setuptools import Extension, setup
 
@@ -10,6 +14,12 @@ setup(
             ["tileserver/render/_separable.c"],
             extra_compile_args=["-O3", "-fno-math-errno"],
             optional=True,
-        )
+        ),
+        Extension(
+            "tileserver.render._mesh",
+            ["tileserver/render/_mesh.c"],
+            extra_compile_args=["-O3", "-ffp-contract=off"],
+            optional=True,
+        ),
     ]
 )

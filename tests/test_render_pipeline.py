@@ -573,13 +573,20 @@ async def test_tiles_known_clear_of_nodata_give_the_scanned_picture(field):
 
 @pytest.mark.parametrize("mode", ["RGBA", "RGB", "L", "LA"])
 @pytest.mark.parametrize("resample", [3, 2, 0])  # Pillow's BICUBIC, BILINEAR, NEAREST
-def test_mesh_transform_gives_pillow_s_mesh_bytes(mode: str, resample: int) -> None:
-    """draw.mesh_transform (one core call per quad, coefficients for all quads in numpy) gives
-    Image.transform(MESH)'s bytes, alpha premultiplied around it included, on quads that shear,
-    stretch and leave the source."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_mesh_transform_gives_pillow_s_mesh_bytes(monkeypatch: pytest.MonkeyPatch, mode: str, resample: int,
+                                                  compiled: bool) -> None:
+    """draw.mesh_transform (bicubic in render/_mesh.c; else one core call per quad, coefficients for
+    all quads in numpy) gives Image.transform(MESH)'s bytes, alpha premultiplied around it
+    included, on quads that shear, stretch and leave the source."""
     from PIL import Image
 
+    from tileserver.render import draw
     from tileserver.render.draw import mesh_transform
+
+    assert draw._mesh is not None  # the install builds it (README)
+    if not compiled:
+        monkeypatch.setattr(draw, "_mesh", None)
 
     rng = np.random.default_rng(len(mode) * 10 + resample)
     bands = len(mode)
@@ -594,6 +601,7 @@ def test_mesh_transform_gives_pillow_s_mesh_bytes(mode: str, resample: int) -> N
               (sx[j, i], sy[j, i], sx[j + 1, i], sy[j + 1, i], sx[j + 1, i + 1], sy[j + 1, i + 1], sx[j, i + 1], sy[j, i + 1]))
              for j in range(len(ys) - 1) for i in range(len(xs) - 1)]
     expected = np.asarray(image.transform((200, 100), Image.Transform.MESH, quads, resample=resample))
-    got = np.asarray(mesh_transform(image, (200, 100), xs, ys, sx, sy, resample))
+    got = mesh_transform(image, (200, 100), xs, ys, sx, sy, resample)
+    got = got[..., 0] if bands == 1 else got
     assert got.shape == expected.shape and np.array_equal(got, expected)
     assert got.any()

@@ -1,11 +1,11 @@
 """Types of the compiled kernels (render/_separable.c); render/separable.py is their caller."""
 
-from typing_extensions import Buffer
+import numpy as np
 
-def resample_u8(src: Buffer, height: int, width: int, channels: int, row_idx: Buffer, row_w: Buffer,
-                row_taps: int, col_idx: Buffer, col_w: Buffer, col_taps: int, out: Buffer) -> None: ...
-def resample_f32(src: Buffer, height: int, planes: int, width: int, row_idx: Buffer, row_w: Buffer,
-                 row_taps: int, col_idx: Buffer, col_w: Buffer, col_taps: int, out: Buffer,
+def resample_u8(src: np.ndarray, height: int, width: int, channels: int, row_idx: np.ndarray, row_w: np.ndarray,
+                row_taps: int, col_idx: np.ndarray, col_w: np.ndarray, col_taps: int, out: np.ndarray) -> None: ...
+def resample_f32(src: np.ndarray, height: int, planes: int, width: int, row_idx: np.ndarray, row_w: np.ndarray,
+                 row_taps: int, col_idx: np.ndarray, col_w: np.ndarray, col_taps: int, out: np.ndarray,
                  precise: bool) -> None: ...
-def finish_u8(planes: Buffer, height: int, count: int, width: int, channels: int, has_mask: bool,
-              inside: Buffer, threshold: float, fill: Buffer, out: Buffer, valid: Buffer) -> None: ...
+def finish_u8(planes: np.ndarray, height: int, count: int, width: int, channels: int, has_mask: bool,
+              inside: np.ndarray, threshold: float, fill: np.ndarray, out: np.ndarray, valid: np.ndarray) -> None: ...
