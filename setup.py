@@ -1,8 +1,9 @@
 """The compiled parts, both optional: without a C compiler the build goes on and the same work runs
-in numpy/BLAS (render/separable.py falls back to render/banded.py) or Pillow (draw.mesh_transform).
+in numpy/BLAS (render/separable.py falls back to render/banded.py, encode to numpy) or Pillow (draw.mesh_transform).
 
 - render/_separable.c: separable resampling and warp's last step for uint8 (see its header).
 - render/_mesh.c: Pillow's bicubic mesh transform, byte for byte, so without FMA contraction.
+- render/_pixels.c: pixel-wise uint8 kernels of the encoders (alpha over a background).
 """
 
 from setuptools import Extension, setup
@@ -13,6 +14,12 @@ setup(
             "tileserver.render._separable",
             ["tileserver/render/_separable.c"],
             extra_compile_args=["-O3", "-fno-math-errno"],
+            optional=True,
+        ),
+        Extension(
+            "tileserver.render._pixels",
+            ["tileserver/render/_pixels.c"],
+            extra_compile_args=["-O3"],
             optional=True,
         ),
         Extension(

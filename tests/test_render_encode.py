@@ -277,3 +277,29 @@ def test_flattening_a_validity_alpha_equals_the_formula(bgcolor: tuple[int, int,
     a = alpha[..., None].astype(np.float64) / 255
     expected = np.rint(colour * a + np.asarray(bgcolor) * (1 - a)).astype(np.uint8)
     assert np.array_equal(_over_background(colour, alpha, bgcolor), expected)
+
+
+@pytest.mark.parametrize("bgcolor", [(255, 255, 255), (0, 0, 0), (12, 200, 77), (90, 90, 90)])
+@pytest.mark.parametrize("bands", [4, 2])
+def test_the_compiled_flattening_equals_the_formula_for_every_colour_and_alpha(bgcolor: tuple[int, int, int],
+                                                                                 bands: int) -> None:
+    """encode._flatten with render/_pixels.c: every colour × every alpha (65,536 pixels), RGBA and LA
+    (grey onto a colour background repeats the grey), equals the float formula and numpy's path."""
+    from tileserver.render import encode
+
+    assert encode._pixels is not None  # the install builds it (README)
+    grid = np.stack(np.meshgrid(np.arange(256), np.arange(256), indexing="ij"), axis=-1).astype(np.uint8)
+    colour, alpha = grid[..., 0], grid[..., 1]
+    array = np.empty((256, 256, bands), dtype=np.uint8)
+    for band in range(bands - 1):
+        array[..., band] = colour
+    array[..., -1] = alpha
+    opts = encode._Options(nodata=None, transparent=None, bgcolor=bgcolor, quality=None, grid=None, tiff_compression=None)
+    flat = encode._flatten(array, opts)
+    grey_bg = len(set(bgcolor)) == 1
+    out_bands = 1 if bands == 2 and grey_bg else 3
+    a = alpha[..., None].astype(np.float64) / 255
+    expected = np.rint(colour[..., None] * a + np.asarray(bgcolor[:out_bands]) * (1 - a)).astype(np.uint8)
+    assert flat.shape == (256, 256, out_bands) and np.array_equal(flat, expected)
+    view = array[..., : bands - 1] if out_bands == bands - 1 else np.repeat(array[..., :1], 3, axis=2)
+    assert np.array_equal(encode._over_background(view, array[..., -1], bgcolor[:out_bands]), flat)

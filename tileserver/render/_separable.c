@@ -488,9 +488,69 @@ done:
     return result;
 }
 
+/* One row of planes_u8: `channels` bands of uint8 pixels `step` bytes apart into float planes
+ * (premultiplied by the 0/1 validity when given), then the validity plane. */
+VECTOR_CLONES static void
+planes_row(float *out, Py_ssize_t width, const uint8_t *row, Py_ssize_t step, Py_ssize_t channels,
+           const uint8_t *valid)
+{
+    for (Py_ssize_t c = 0; c < channels; c++) {
+        float *plane = out + c * width;
+        const uint8_t *band = row + c;
+        if (valid == NULL)
+            for (Py_ssize_t x = 0; x < width; x++)
+                plane[x] = (float)band[x * step];
+        else
+            for (Py_ssize_t x = 0; x < width; x++) /* times 0 or 1: no branch, as numpy's multiply */
+                plane[x] = (float)band[x * step] * (float)valid[x];
+    }
+    if (valid != NULL)
+        for (Py_ssize_t x = 0; x < width; x++)
+            out[channels * width + x] = (float)valid[x];
+}
+
+/* planes_u8(base, offset, row_stride, step, height, width, channels, valid, out)
+ * warp's planes of a uint8 window: pixel (y, x) band c at base[offset + y*row_stride + x*step + c]
+ * (a crop of a mosaic, unmoved); valid: bool (height, width), or empty when every pixel is; out:
+ * float32 (height, channels (+1 with valid), width). */
+static PyObject *
+planes_u8(PyObject *self, PyObject *args)
+{
+    Py_buffer base = {0}, valid = {0}, out = {0};
+    Py_ssize_t offset, row_stride, step, height, width, channels;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnnnnny*w*", &base, &offset, &row_stride, &step, &height, &width,
+                          &channels, &valid, &out))
+        goto done;
+    int has_valid = valid.len > 0;
+    Py_ssize_t count = channels + has_valid;
+    if (height < 1 || width < 1 || channels < 1 || step < channels || row_stride < width * step
+        || offset < 0 || offset + (height - 1) * row_stride + (width - 1) * step + channels > base.len
+        || (has_valid && valid.len != height * width) || out.len != height * count * width * 4) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match the shapes");
+        goto done;
+    }
+    const uint8_t *in = (const uint8_t *)base.buf + offset, *ok = valid.buf;
+    float *o = out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t y = 0; y < height; y++)
+        planes_row(o + y * count * width, width, in + y * row_stride, step, channels,
+                   has_valid ? ok + y * width : NULL);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_buffer *all[] = {&base, &valid, &out};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        if (all[i]->obj != NULL)
+            PyBuffer_Release(all[i]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"resample_u8", resample_u8, METH_VARARGS, "Separable resampling of an interleaved uint8 picture."},
     {"resample_f32", resample_f32, METH_VARARGS, "Separable resampling of row-interleaved float32 planes."},
+    {"planes_u8", planes_u8, METH_VARARGS, "warp's premultiplied float planes of a uint8 window."},
     {"finish_u8", finish_u8, METH_VARARGS, "warp's normalisation, validity and rounding to uint8, fused."},
     {NULL, NULL, 0, NULL},
 };

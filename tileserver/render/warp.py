@@ -187,6 +187,10 @@ def _planes(src: np.ndarray, valid: np.ndarray | None, planar: bool = False, zer
     `_row_planar`), which the separable resampler takes as they are. `zeroed`: nodata pixels are
     already 0 in every band (integers whose nodata is 0), so premultiplying is a copy."""
     count = src.shape[2] + (valid is not None)
+    if planar and not (valid is not None and src.dtype.kind == "f"):
+        compiled = separable.planes_u8(src, valid)
+        if compiled is not None:
+            return compiled.transpose(0, 2, 1)
     if planar:
         planes = np.empty((src.shape[0], count, src.shape[1]), dtype=np.float32).transpose(0, 2, 1)
     else:
