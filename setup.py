@@ -4,6 +4,7 @@ in numpy/BLAS (render/separable.py falls back to render/banded.py, encode to num
 - render/_separable.c: separable resampling and warp's last step for uint8 (see its header).
 - render/_mesh.c: Pillow's bicubic mesh transform, byte for byte, so without FMA contraction.
 - render/_pixels.c: pixel-wise uint8 kernels of the encoders (alpha over a background).
+- render/_buffers.h: what they share (the AVX2 clones, releasing borrowed buffers).
 """
 
 from setuptools import Extension, setup
@@ -14,18 +15,21 @@ setup(
             "tileserver.render._separable",
             ["tileserver/render/_separable.c"],
             extra_compile_args=["-O3", "-fno-math-errno"],
+            depends=["tileserver/render/_buffers.h"],
             optional=True,
         ),
         Extension(
             "tileserver.render._pixels",
             ["tileserver/render/_pixels.c"],
             extra_compile_args=["-O3"],
+            depends=["tileserver/render/_buffers.h"],
             optional=True,
         ),
         Extension(
             "tileserver.render._mesh",
             ["tileserver/render/_mesh.c"],
             extra_compile_args=["-O3", "-ffp-contract=off"],
+            depends=["tileserver/render/_buffers.h"],
             optional=True,
         ),
     ]

@@ -118,6 +118,8 @@ def test_bad_buffers_raise_instead_of_reading_past_them() -> None:
         _separable.resample_u8(src, 4, 6, 3, idx, w, 2, idx, w, 2, out)
     with pytest.raises(ValueError, match="sizes"):
         _separable.resample_u8(src, 4, 5, 3, idx, w, 2, idx, w, 2, np.empty((2, 3, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="tap"):  # no taps: refused before any division by the count
+        _separable.resample_u8(src, 4, 5, 3, idx[:, :0], w[:, :0], 0, idx, w, 2, out)
     with pytest.raises(ValueError, match="channels"):
         _separable.resample_u8(np.zeros((4, 5, 5), dtype=np.uint8), 4, 5, 5, idx, w, 2, idx, w, 2, out)
     with pytest.raises(TypeError):

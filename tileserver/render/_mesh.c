@@ -10,8 +10,7 @@
  * Pillow's order of operations, and this file is compiled without FMA contraction
  * (-ffp-contract=off, setup.py) so every product rounds as Pillow's do.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_buffers.h"
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -28,11 +27,6 @@ clamp(int v, int size)
     return v < 0 ? 0 : v < size ? v : size - 1;
 }
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
 
 /* The bands of a pixel side by side: the same double operations lane by lane as Pillow's per-band
  * code, so the same results (AVX2 has no FMA, and contraction is off). */
@@ -163,10 +157,7 @@ mesh_bicubic(PyObject *self, PyObject *args)
     result = Py_None;
     Py_INCREF(result);
 done:
-    Py_buffer *all[] = {&src, &boxes, &coefficients, &out};
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-        if (all[i]->obj != NULL)
-            PyBuffer_Release(all[i]);
+    RELEASE_BUFFERS(&src, &boxes, &coefficients, &out);
     return result;
 }
 

@@ -6,15 +6,9 @@
  * (x + (x >> 8)) >> 8 (encode._over_background's formula, exact for every colour, alpha and
  * background; an opaque pixel keeps its colour, a transparent one gets the background).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_buffers.h"
 #include <stdint.h>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
 
 /* `bands` a constant once inlined */
 static inline __attribute__((always_inline)) void
@@ -66,10 +60,7 @@ over_background(PyObject *self, PyObject *args)
     result = Py_None;
     Py_INCREF(result);
 done:
-    Py_buffer *all[] = {&colour, &alpha, &bg, &out};
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-        if (all[i]->obj != NULL)
-            PyBuffer_Release(all[i]);
+    RELEASE_BUFFERS(&colour, &alpha, &bg, &out);
     return result;
 }
 

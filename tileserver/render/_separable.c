@@ -16,18 +16,12 @@
  * buffers and the Python side (render/separable.py) checks their types and contiguity; sizes and
  * indices are checked here.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_buffers.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
 
 /* line[j] = sum_k w[k] * rows[k][j], j < n, for uint8 rows */
 VECTOR_CLONES static void
@@ -203,28 +197,17 @@ typedef struct {
     Py_buffer src, row_idx, row_w, col_idx, col_w, out;
 } Buffers;
 
-static void
-release(Buffers *b)
+/* The end of a resampling call: its buffers released, then None (status 0), a MemoryError
+ * (status 1) or the error already set (status -1). */
+static PyObject *
+finish_call(Buffers *b, int status)
 {
-    Py_buffer *all[] = {&b->src, &b->row_idx, &b->row_w, &b->col_idx, &b->col_w, &b->out};
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-        if (all[i]->obj != NULL)
-            PyBuffer_Release(all[i]);
-}
-
-static int
-check_sizes(Buffers *b, Py_ssize_t src_items, Py_ssize_t src_item, Py_ssize_t row_taps,
-            Py_ssize_t rows, Py_ssize_t col_taps, Py_ssize_t cols, Py_ssize_t out_items,
-            Py_ssize_t out_item)
-{
-    if (b->src.len != src_items * src_item || b->row_idx.len != row_taps * rows * 4
-        || b->row_w.len != row_taps * rows * 4 || b->col_idx.len != col_taps * cols * 4
-        || b->col_w.len != col_taps * cols * 4 || b->out.len != out_items * out_item
-        || row_taps < 1 || col_taps < 1) {
-        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match the shapes");
-        return -1;
-    }
-    return 0;
+    RELEASE_BUFFERS(&b->src, &b->row_idx, &b->row_w, &b->col_idx, &b->col_w, &b->out);
+    if (status > 0)
+        return PyErr_NoMemory();
+    if (status < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 /* Checks every index is inside [0, limit); *low and *high get the range they span. */
@@ -245,6 +228,32 @@ check_indices(const int32_t *idx, Py_ssize_t n, Py_ssize_t limit, Py_ssize_t *lo
     return 0;
 }
 
+/* The taps against the buffers, before any read: tap counts of at least 1, the output's rows and
+ * columns from the tap arrays (*rows, *cols), the sizes of the source (src_bytes) and of the output
+ * (pixel_bytes a pixel), every index inside the source; *c0..*c1 the source columns a tap reads. */
+static int
+check_taps(Buffers *b, Py_ssize_t height, Py_ssize_t width, Py_ssize_t src_bytes, Py_ssize_t pixel_bytes,
+           Py_ssize_t row_taps, Py_ssize_t col_taps, Py_ssize_t *rows, Py_ssize_t *cols, Py_ssize_t *c0,
+           Py_ssize_t *c1)
+{
+    Py_ssize_t r0, r1;
+    if (row_taps < 1 || col_taps < 1) {
+        PyErr_SetString(PyExc_ValueError, "at least one tap a pixel");
+        return -1;
+    }
+    *rows = b->row_idx.len / 4 / row_taps;
+    *cols = b->col_idx.len / 4 / col_taps;
+    if (b->src.len != src_bytes || b->row_idx.len != row_taps * *rows * 4 || b->row_w.len != b->row_idx.len
+        || b->col_idx.len != col_taps * *cols * 4 || b->col_w.len != b->col_idx.len
+        || b->out.len != *rows * *cols * pixel_bytes) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match the shapes");
+        return -1;
+    }
+    if (check_indices(b->row_idx.buf, *rows * row_taps, height, &r0, &r1) < 0)
+        return -1;
+    return check_indices(b->col_idx.buf, *cols * col_taps, width, c0, c1);
+}
+
 /* resample_u8(src, height, width, channels, row_idx, row_w, row_taps, col_idx, col_w, col_taps, out)
  * src: uint8 (height, width, channels); row_*: (out_rows, row_taps); col_*: (out_cols, col_taps);
  * out: uint8 (out_rows, out_cols, channels). Taps index the source's rows and columns. */
@@ -255,18 +264,15 @@ resample_u8(PyObject *self, PyObject *args)
     Py_ssize_t height, width, channels, row_taps, col_taps;
     if (!PyArg_ParseTuple(args, "y*nnny*y*ny*y*nw*", &b.src, &height, &width, &channels, &b.row_idx,
                           &b.row_w, &row_taps, &b.col_idx, &b.col_w, &col_taps, &b.out))
-        goto fail;
+        return finish_call(&b, -1);
     if (channels < 1 || channels > 4 || height < 1 || width < 1) {
         PyErr_SetString(PyExc_ValueError, "1 to 4 channels, a non-empty source");
-        goto fail;
+        return finish_call(&b, -1);
     }
-    Py_ssize_t rows = b.row_idx.len / 4 / row_taps, cols = b.col_idx.len / 4 / col_taps;
-    Py_ssize_t r0 = 0, r1 = 0, c0 = 0, c1 = 0; /* the source rows and columns some tap reads */
-    if (check_sizes(&b, height * width * channels, 1, row_taps, rows, col_taps, cols,
-                    rows * cols * channels, 1) < 0
-        || check_indices(b.row_idx.buf, rows * row_taps, height, &r0, &r1) < 0
-        || check_indices(b.col_idx.buf, cols * col_taps, width, &c0, &c1) < 0)
-        goto fail;
+    Py_ssize_t rows, cols, c0, c1;
+    if (check_taps(&b, height, width, height * width * channels, channels, row_taps, col_taps, &rows, &cols,
+                   &c0, &c1) < 0)
+        return finish_call(&b, -1);
     const uint8_t *src = b.src.buf;
     const int32_t *ri = b.row_idx.buf, *ci = b.col_idx.buf;
     const float *rw = b.row_w.buf, *cw = b.col_w.buf;
@@ -291,15 +297,7 @@ resample_u8(PyObject *self, PyObject *args)
     free(line);
     free(taps);
     Py_END_ALLOW_THREADS
-    if (failed) {
-        PyErr_NoMemory();
-        goto fail;
-    }
-    release(&b);
-    Py_RETURN_NONE;
-fail:
-    release(&b);
-    return NULL;
+    return finish_call(&b, failed);
 }
 
 /* One output row after another: the vertical pass into `line` (every plane, or only the columns
@@ -361,33 +359,22 @@ resample_f32(PyObject *self, PyObject *args)
     int precise;
     if (!PyArg_ParseTuple(args, "y*nnny*y*ny*y*nw*p", &b.src, &height, &planes, &width, &b.row_idx,
                           &b.row_w, &row_taps, &b.col_idx, &b.col_w, &col_taps, &b.out, &precise))
-        goto fail;
+        return finish_call(&b, -1);
     if (planes < 1 || height < 1 || width < 1) {
         PyErr_SetString(PyExc_ValueError, "a non-empty source");
-        goto fail;
+        return finish_call(&b, -1);
     }
-    Py_ssize_t rows = b.row_idx.len / 4 / row_taps, cols = b.col_idx.len / 4 / col_taps;
-    Py_ssize_t r0 = 0, r1 = 0, c0 = 0, c1 = 0; /* the source rows and columns some tap reads */
-    if (check_sizes(&b, height * planes * width, 4, row_taps, rows, col_taps, cols,
-                    rows * planes * cols, 4) < 0
-        || check_indices(b.row_idx.buf, rows * row_taps, height, &r0, &r1) < 0
-        || check_indices(b.col_idx.buf, cols * col_taps, width, &c0, &c1) < 0)
-        goto fail;
+    Py_ssize_t rows, cols, c0, c1;
+    if (check_taps(&b, height, width, height * planes * width * 4, planes * 4, row_taps, col_taps, &rows,
+                   &cols, &c0, &c1) < 0)
+        return finish_call(&b, -1);
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = (precise ? resample_planes_double : resample_planes_float)(
         b.src.buf, planes, width, b.row_idx.buf, b.row_w.buf, row_taps, rows, b.col_idx.buf,
         b.col_w.buf, col_taps, cols, c0, c1, b.out.buf);
     Py_END_ALLOW_THREADS
-    if (failed) {
-        PyErr_NoMemory();
-        goto fail;
-    }
-    release(&b);
-    Py_RETURN_NONE;
-fail:
-    release(&b);
-    return NULL;
+    return finish_call(&b, failed);
 }
 
 /* One row of finish_u8, band by band so that the compiler vectorises it (validity, division,
@@ -481,10 +468,7 @@ finish_u8(PyObject *self, PyObject *args)
     result = Py_None;
     Py_INCREF(result);
 done:
-    Py_buffer *all[] = {&planes, &inside, &fill, &out, &valid};
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-        if (all[i]->obj != NULL)
-            PyBuffer_Release(all[i]);
+    RELEASE_BUFFERS(&planes, &inside, &fill, &out, &valid);
     return result;
 }
 
@@ -540,10 +524,7 @@ planes_u8(PyObject *self, PyObject *args)
     result = Py_None;
     Py_INCREF(result);
 done:
-    Py_buffer *all[] = {&base, &valid, &out};
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-        if (all[i]->obj != NULL)
-            PyBuffer_Release(all[i]);
+    RELEASE_BUFFERS(&base, &valid, &out);
     return result;
 }
 
