@@ -207,8 +207,9 @@ def nodata_mask(data: np.ndarray, nodata: tuple[float, ...]) -> np.ndarray | Non
 
 
 # Pillow filters for the picture fast path: (same-CRS resize, reprojection mesh). Lanczos as ROK4
-# forces it: Lanczos-3 for pure resampling; for reprojection Pillow has no Lanczos, its Keys cubic
-# (the same kernel as warp's bicubic) stands in for ROK4's Lanczos-2.
+# forces it: Lanczos-3 for pure resampling; for reprojection Pillow has no Lanczos, and its mesh
+# transform's cubic (a = -1, not the a = -0.5 of its resize and of warp's bicubic) stands in for
+# ROK4's Lanczos-2.
 _PIL_FILTERS: dict[str, tuple[int, int]] = {}
 _BANDED: dict[int, str] = {}  # Pillow's resize filter → warp's kernel of the same formula (resize_picture)
 MESH_STEP = 32  # target pixels between exactly transformed mesh nodes (halved until accurate)
