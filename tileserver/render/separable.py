@@ -29,7 +29,7 @@ except ImportError:  # built without a C compiler
 
 
 def compiled() -> bool:
-    """Whether the compiled kernel is in use (tests and /healthcheck/info say which)."""
+    """Whether the compiled kernel is in use (the tests require it of an install that built it)."""
     return _compiled is not None
 
 
