@@ -180,3 +180,88 @@ def test_planes_of_a_mosaic_window_equal_numpy_s(monkeypatch: pytest.MonkeyPatch
     numpy_planes = warp._planes(part, valid, planar=True)
     assert compiled.shape == numpy_planes.shape == (73, 88, channels + with_valid)
     assert warp._row_planar(compiled) and np.array_equal(compiled, numpy_planes)
+
+
+def _three_steps(part: np.ndarray, valid: np.ndarray | None, rows: tuple[np.ndarray, np.ndarray],
+                 cols: tuple[np.ndarray, np.ndarray], inside: np.ndarray, threshold: float,
+                 fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What warp did before `warp_u8`: planes of the window, their sums, then the finish."""
+    planes = separable.planes_u8(part, valid)
+    assert planes is not None
+    sums = separable.resample(planes, rows, cols)
+    done = separable.finish_u8(sums, inside, valid is not None, part.shape[2], threshold, fill)
+    assert done is not None
+    return done
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("kernel", ["lanczos_3", "lanczos_2", "linear"])
+@pytest.mark.parametrize("with_valid", [True, False])
+def test_the_fused_warp_gives_the_three_steps_bytes(shape: tuple[int, int, int, int], channels: int, kernel: str,
+                                                    with_valid: bool) -> None:
+    """warp_u8 (source rows made planes once, in a small cache; each output row summed and
+    finished from one line) equals planes_u8 → resample → finish_u8 byte for byte, validity too,
+    on a window of a larger mosaic with bands dropped from the right."""
+    h, w, oh, ow = shape
+    rng = np.random.default_rng(h + w + channels + with_valid)
+    mosaic = rng.integers(0, 256, (h + 9, w + 7, 4), dtype=np.uint8)
+    part = mosaic[4:4 + h, 3:3 + w, :channels]
+    valid = rng.random((h, w)) > 0.3 if with_valid else None
+    rows, cols = _axis(h, oh, kernel, offset=0.7), _axis(w, ow, kernel, offset=-0.4)
+    inside = rng.random((oh, ow)) > 0.05
+    fill = np.arange(channels, dtype=np.uint8) * 40 + 3
+    fused = separable.warp_u8(part, valid, rows, cols, inside, 0.4999, fill)
+    assert fused is not None
+    out, good = fused
+    want, want_good = _three_steps(part, valid, rows, cols, inside, 0.4999, fill)
+    assert out.shape == (oh, ow, channels) and np.array_equal(good, want_good) and np.array_equal(out, want)
+    if with_valid and oh * ow > 100:
+        assert good.any() and not good.all()
+
+
+def test_the_fused_warp_takes_taps_in_any_order() -> None:
+    """The row cache holds whatever rows the taps name, in any order and repeated: random taps
+    (not the consecutive ones warp makes) give the three steps' bytes."""
+    rng = np.random.default_rng(7)
+    part = rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)
+    valid = rng.random((50, 40)) > 0.2
+    for taps in (1, 3, 5, 8):
+        rows = (rng.integers(0, 50, (taps, 61)), rng.random((taps, 61)).astype(np.float32))
+        cols = (rng.integers(0, 40, (taps, 33)), rng.random((taps, 33)).astype(np.float32))
+        inside = np.ones((61, 33), dtype=bool)
+        fill = np.array([1, 2, 3], dtype=np.uint8)
+        fused = separable.warp_u8(part, valid, rows, cols, inside, 0.3, fill)
+        assert fused is not None
+        want = _three_steps(part, valid, rows, cols, inside, 0.3, fill)
+        assert np.array_equal(fused[1], want[1]) and np.array_equal(fused[0], want[0])
+
+
+def test_the_fused_warp_refuses_bad_buffers() -> None:
+    """warp_u8's window, validity, taps and outputs are checked in C before any read."""
+    from tileserver.render import _separable
+
+    src = np.zeros((4, 5, 3), dtype=np.uint8)
+    idx = np.zeros((2, 2), dtype=np.int32)
+    w = np.full((2, 2), 0.5, dtype=np.float32)
+    inside = np.ones((2, 2), dtype=bool)
+    fill = np.zeros(3, dtype=np.uint8)
+
+    def call(**change: object) -> None:
+        args: dict[str, object] = dict(base=src.reshape(-1), offset=0, row_stride=15, step=3, height=4, width=5,
+                                       channels=3, valid=b"", ri=idx, rw=w, rt=2, ci=idx, cw=w, ct=2, inside=inside,
+                                       threshold=0.5, fill=fill, out=np.empty((2, 2, 3), dtype=np.uint8),
+                                       good=np.empty((2, 2), dtype=bool))
+        args.update(change)
+        _separable.warp_u8(*args.values())
+
+    call()
+    for change in ({"offset": 1}, {"row_stride": 16}, {"height": 5}, {"step": 2}, {"channels": 5},
+                   {"valid": np.ones(19, dtype=bool)}, {"fill": fill[:2]}, {"inside": inside[:1]},
+                   {"out": np.empty((2, 3, 3), dtype=np.uint8)}, {"good": np.empty((3, 2), dtype=bool)}):
+        with pytest.raises(ValueError, match="sizes"):
+            call(**change)
+    with pytest.raises(ValueError, match="outside"):
+        call(ri=idx + 4)
+    with pytest.raises(ValueError, match="tap"):
+        call(ri=idx[:, :0], rw=w[:, :0], rt=0)

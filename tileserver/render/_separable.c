@@ -528,10 +528,136 @@ done:
     return result;
 }
 
+/* Source rows of a warp_u8 window as float planes, each converted once: a row serves the few
+ * output rows whose taps reach it. `slots` rows of `size` floats; a row missing is converted into
+ * a slot none of the current output row's taps holds (there are twice as many slots as taps). */
+typedef struct {
+    float *rows;
+    Py_ssize_t *tags, slots, size, next;
+} RowCache;
+
+static const float *
+cached_row(RowCache *cache, Py_ssize_t row, const int32_t *needed, Py_ssize_t taps, const uint8_t *in,
+           Py_ssize_t row_stride, Py_ssize_t step, Py_ssize_t span, Py_ssize_t channels, const uint8_t *valid,
+           Py_ssize_t valid_stride)
+{
+    for (Py_ssize_t s = 0; s < cache->slots; s++)
+        if (cache->tags[s] == row)
+            return cache->rows + s * cache->size;
+    for (;;) {
+        Py_ssize_t s = cache->next;
+        cache->next = (s + 1) % cache->slots;
+        Py_ssize_t k = 0;
+        while (k < taps && needed[k] != cache->tags[s])
+            k++;
+        if (k < taps)
+            continue; /* held for this output row */
+        cache->tags[s] = row;
+        float *out = cache->rows + s * cache->size;
+        planes_row(out, span, in + row * row_stride, step, channels, valid == NULL ? NULL : valid + row * valid_stride);
+        return out;
+    }
+}
+
+/* warp_u8(base, offset, row_stride, step, height, width, channels, valid, row_idx, row_w, row_taps,
+ *         col_idx, col_w, col_taps, inside, threshold, fill, out, out_valid)
+ * warp's same-CRS resampling of a uint8 window, planes_u8 -> resample_f32 -> finish_u8 in one pass
+ * and the same bytes, without the float planes of the whole window and of the whole map: each
+ * source row becomes float planes once, in a small cache, each output row is summed in a line and
+ * finished at once. The window and `valid` as in planes_u8; taps as in resample_f32, relative to
+ * the window; inside: bool (out_rows, out_cols); out: uint8 (out_rows, out_cols, channels);
+ * out_valid: bool (out_rows, out_cols). */
+static PyObject *
+warp_u8(PyObject *self, PyObject *args)
+{
+    Buffers b = {0};
+    Py_buffer valid = {0}, inside = {0}, fill = {0}, out_valid = {0};
+    Py_ssize_t offset, row_stride, step, height, width, channels, row_taps, col_taps;
+    float threshold;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnnnnny*y*y*ny*y*ny*fy*w*w*", &b.src, &offset, &row_stride, &step, &height,
+                          &width, &channels, &valid, &b.row_idx, &b.row_w, &row_taps, &b.col_idx, &b.col_w,
+                          &col_taps, &inside, &threshold, &fill, &b.out, &out_valid))
+        goto done;
+    int has_valid = valid.len > 0;
+    Py_ssize_t count = channels + has_valid, rows, cols, c0, c1;
+    if (height < 1 || width < 1 || channels < 1 || channels > 4 || step < channels || row_stride < width * step
+        || offset < 0 || offset + (height - 1) * row_stride + (width - 1) * step + channels > b.src.len
+        || (has_valid && valid.len != height * width) || fill.len != channels) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match the shapes");
+        goto done;
+    }
+    if (check_taps(&b, height, width, b.src.len, channels, row_taps, col_taps, &rows, &cols, &c0, &c1) < 0)
+        goto done;
+    if (inside.len != rows * cols || out_valid.len != rows * cols) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match the shapes");
+        goto done;
+    }
+    const uint8_t *in = (const uint8_t *)b.src.buf + offset + c0 * step, *ok = has_valid ? valid.buf : NULL;
+    const int32_t *ri = b.row_idx.buf, *ci = b.col_idx.buf;
+    const float *rw = b.row_w.buf, *cw = b.col_w.buf;
+    const uint8_t *fl = fill.buf, *inner = inside.buf;
+    uint8_t *o = b.out.buf, *good = out_valid.buf;
+    Py_ssize_t span = c1 - c0; /* the source columns some tap reads */
+    RowCache cache = {NULL, NULL, 2 * row_taps, count * span, 0};
+    float *line = NULL, *mixed = NULL, *sums = NULL;
+    const float **taps = NULL;
+    uint8_t *bytes = NULL;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    cache.rows = malloc(sizeof(float) * (size_t)(cache.slots * cache.size));
+    cache.tags = malloc(sizeof(Py_ssize_t) * (size_t)cache.slots);
+    line = malloc(sizeof(float) * (size_t)(count * span));
+    mixed = calloc((size_t)(4 * span + 4), sizeof(float));
+    sums = malloc(sizeof(float) * (size_t)(count * cols));
+    taps = malloc(sizeof(*taps) * (size_t)row_taps);
+    bytes = malloc((size_t)(channels * cols) + 1);
+    if (cache.rows == NULL || cache.tags == NULL || line == NULL || mixed == NULL || sums == NULL || taps == NULL
+        || bytes == NULL)
+        failed = 1;
+    else {
+        for (Py_ssize_t s = 0; s < cache.slots; s++)
+            cache.tags[s] = -1;
+        for (Py_ssize_t y = 0; y < rows; y++) {
+            const int32_t *needed = ri + y * row_taps;
+            for (Py_ssize_t k = 0; k < row_taps; k++)
+                taps[k] = cached_row(&cache, needed[k], needed, row_taps, in, row_stride, step, span, channels,
+                                     ok == NULL ? NULL : ok + c0, width);
+            vertical_float(line, taps, rw + y * row_taps, row_taps, count * span);
+            for (Py_ssize_t p0 = 0; p0 < count; p0 += 4) {
+                int n = count - p0 < 4 ? (int)(count - p0) : 4;
+                mix_float(mixed, line + p0 * span, span, span, n);
+                horizontal_float(sums + p0 * cols, cols, mixed - c0 * n, n, ci, cw, col_taps, cols);
+            }
+            finish_row(bytes, good + y * cols, sums, has_valid ? sums + channels * cols : NULL, inner + y * cols,
+                       threshold, fl, cols, channels);
+            interleave(o + y * cols * channels, bytes, cols, channels);
+        }
+    }
+    free(cache.rows);
+    free(cache.tags);
+    free(line);
+    free(mixed);
+    free(sums);
+    free(taps);
+    free(bytes);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    RELEASE_BUFFERS(&b.src, &b.row_idx, &b.row_w, &b.col_idx, &b.col_w, &b.out, &valid, &inside, &fill, &out_valid);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"resample_u8", resample_u8, METH_VARARGS, "Separable resampling of an interleaved uint8 picture."},
     {"resample_f32", resample_f32, METH_VARARGS, "Separable resampling of row-interleaved float32 planes."},
     {"planes_u8", planes_u8, METH_VARARGS, "warp's premultiplied float planes of a uint8 window."},
+    {"warp_u8", warp_u8, METH_VARARGS, "planes_u8, resample_f32 and finish_u8 of a uint8 window in one pass."},
     {"finish_u8", finish_u8, METH_VARARGS, "warp's normalisation, validity and rounding to uint8, fused."},
     {NULL, NULL, 0, NULL},
 };

@@ -524,14 +524,24 @@ def _crop(src: np.ndarray, valid: np.ndarray | None, col: int, row: int, w: int,
     return out, mask
 
 
+def _threshold(min_coverage: float) -> np.float32:
+    """The coverage a valid pixel reaches, in float32: numpy compares float32 planes in float32."""
+    return np.float32(max(min_coverage, 1e-6) - 1e-6)
+
+
+def _uint8_fill(fill: np.ndarray) -> bool:
+    """Whether nodata fill values are bytes (the compiled uint8 steps write them as such)."""
+    return bool(np.all((fill >= 0) & (fill <= 255) & (fill == np.floor(fill))))
+
+
 def _finish(planes: np.ndarray, inside: np.ndarray, has_mask: bool, channels: int, dtype: np.dtype,
             fill: np.ndarray, min_coverage: float) -> tuple[np.ndarray, np.ndarray]:
     """Normalise premultiplied planes, decide validity, cast to the source type."""
     # the arrays in their memory order: row-planar planes (`_planes`) give the value planes as an
     # (H, C, W) view, which alone needs dividing, rounding and clipping
     planar = _row_planar(planes)
-    threshold = np.float32(max(min_coverage, 1e-6) - 1e-6)  # numpy compares float32 planes in float32
-    if planar and dtype == np.uint8 and bool(np.all((fill >= 0) & (fill <= 255) & (fill == np.floor(fill)))):
+    threshold = _threshold(min_coverage)
+    if planar and dtype == np.uint8 and _uint8_fill(fill):
         fused = separable.finish_u8(planes.transpose(0, 2, 1), inside, has_mask, channels, float(threshold),
                                     fill.astype(np.uint8))
         if fused is not None:
@@ -621,12 +631,21 @@ def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
             c0, c1, r0, r1 = int(ci.min()), int(ci.max()) + 1, int(ri.min()), int(ri.max()) + 1
             part = src3[r0:r1, c0:c1]
             valid_part = source_validity(part, nodata)
-            zeroed = dtype.kind in "iub" and nd is not None and not nd.any()
-            planes = _resample_separable(_planes(part[..., :channels], valid_part, planar=kernel.weight is not None,
-                                                 zeroed=zeroed),
-                                         cols - c0, rows - r0, kernel, scale_x, scale_y, dtype.kind == "f")
             inside = (_inside(rows, src_grid.height)[:, None] & _inside(cols, src_grid.width)[None, :])
-            out, mask = _finish(planes, inside, valid_part is not None, channels, dtype, fill, min_coverage)
+            fused = None
+            if dtype == np.uint8 and kernel.weight is not None and _uint8_fill(fill):
+                fused = separable.warp_u8(part[..., :channels], valid_part,
+                                          _taps(rows - r0, part.shape[0], kernel, scale_y),
+                                          _taps(cols - c0, part.shape[1], kernel, scale_x), inside,
+                                          float(_threshold(min_coverage)), fill.astype(np.uint8))
+            if fused is not None:
+                out, mask = fused
+            else:
+                zeroed = dtype.kind in "iub" and nd is not None and not nd.any()
+                planes = _resample_separable(_planes(part[..., :channels], valid_part,
+                                                     planar=kernel.weight is not None, zeroed=zeroed),
+                                             cols - c0, rows - r0, kernel, scale_x, scale_y, dtype.kind == "f")
+                out, mask = _finish(planes, inside, valid_part is not None, channels, dtype, fill, min_coverage)
     else:
         valid_src = source_validity(src3, nodata)
         sx, sy = source_coordinates(src_grid, dst_grid, max_error)
