@@ -457,6 +457,31 @@ def test_alpha_over_is_porter_duff():
     assert out[0, 2].tolist() == [200, 100, 0, 255]
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+@pytest.mark.parametrize("picture", [True, False])
+def test_rgba_of_a_layer_is_the_same_compiled_or_not(monkeypatch: pytest.MonkeyPatch, channels: int,
+                                                     picture: bool) -> None:
+    """draw.to_rgba in one compiled pass gives numpy's band copies: grey replicated, alpha from the
+    alpha band, the validity, or both; float data rounded and clipped first."""
+    from tileserver.render import draw
+
+    assert draw._pixels is not None  # the install builds render/_pixels.c (README)
+    rng = np.random.default_rng(channels + 10 * picture)
+    grid = Grid("EPSG:3857", (0, 0, 23, 17), 23, 17)
+    valid = rng.random((17, 23)) > 0.3
+    for data in (rng.integers(0, 256, (17, 23, channels), dtype=np.uint8),
+                 rng.uniform(-20, 280, (17, 23, channels)).astype(np.float32)):
+        if channels in (2, 4):
+            data[::3, ::2, -1] = 0  # transparent pixels of an alpha band
+        raster = Raster(data, valid, None, grid, picture=picture)
+        compiled = draw.to_rgba(raster)
+        with monkeypatch.context() as patch:
+            patch.setattr(draw, "_pixels", None)
+            slow = draw.to_rgba(raster)
+        assert compiled.shape == (17, 23, 4) and np.array_equal(compiled, slow)
+        assert 0 < int((compiled[..., 3] == 0).sum()) < 17 * 23
+
+
 def test_data_composition_keeps_the_last_valid_value():
     grid = Grid("EPSG:3857", (0, 0, 2, 1), 2, 1)
     a = Raster(np.array([[[1.0], [2.0]]], np.float32), np.array([[True, True]]), (-1.0,), grid)

@@ -379,15 +379,28 @@ def test_legend_image(styles: dict[str, Style], width: int, height: int) -> None
 
 
 @pytest.mark.parametrize("bands", [3, 4])
-def test_colorize_of_uint8_equals_the_float_path(bands: int) -> None:
-    """The integer colorize (band by band, masked copies) gives the float64 formula's pixels."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_colorize_of_uint8_equals_the_float_path(monkeypatch: pytest.MonkeyPatch, bands: int, compiled: bool) -> None:
+    """The integer colorize (compiled in one pass, or band by band with masked copies) gives the
+    float64 formula's pixels: tolerances around the steps of the data, negative, sources off 0..255,
+    alpha compared or not, an alpha band gained or dropped."""
+    from tileserver.render import styles
     from tileserver.render.styles import Colorize, colorize
 
+    if compiled:
+        assert styles._pixels is not None  # the install builds render/_pixels.c (README)
+    else:
+        monkeypatch.setattr(styles, "_pixels", None)
     rng = np.random.default_rng(5)
     data = (rng.integers(0, 4, (64, 70, bands)) * 85).astype(np.uint8)
+    data[::7, ::3] += rng.integers(0, 3, data[::7, ::3].shape).astype(np.uint8)
     for rule in (Colorize((0, 0, 0), (255, 255, 255), 0), Colorize((255, 255, 255), (255, 255, 255, 0), 0),
-                 Colorize((85, 85, 85), (1, 2, 3), 90.5)):
-        assert np.array_equal(colorize(data, rule), colorize(data.astype(np.float32), rule))
+                 Colorize((85, 85, 85), (1, 2, 3), 90.5), Colorize((85, 170, 0), (9, 8, 7, 6), 1),
+                 Colorize((0, 0, 0, 0), (255, 255, 255), 2.9), Colorize((-3, 300, 0), (0, 0, 0), 300),
+                 Colorize((170, 170, 170), (1, 1, 1), -1)):
+        if len(rule.source) > bands:
+            continue
+        assert np.array_equal(colorize(data, rule), colorize(data.astype(np.float32), rule)), rule
 
 
 @pytest.mark.parametrize("source,destination", [

@@ -1,6 +1,9 @@
-"""Types of the compiled pixel kernels (render/_pixels.c); render/encode.py calls them."""
+"""Types of the compiled pixel kernels (render/_pixels.c); render/encode.py, styles.py and draw.py call them."""
 
 import numpy as np
 
 def over_background(colour: np.ndarray, colour_step: int, alpha: np.ndarray, alpha_step: int, bg: bytes,
                     out: np.ndarray, pixels: int) -> None: ...
+def colorize(data: np.ndarray, channels: int, source: np.ndarray, tolerance: int, dest: np.ndarray, out: np.ndarray,
+             pixels: int) -> None: ...
+def rgba(data: np.ndarray, channels: int, valid: np.ndarray | bytes, out: np.ndarray, pixels: int) -> None: ...

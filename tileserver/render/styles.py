@@ -27,12 +27,17 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+try:
+    from . import _pixels
+except ImportError:  # built without a C compiler: numpy does it band by band
+    _pixels = None  # type: ignore[assignment]
 
 
 class StyleError(ValueError):
@@ -526,6 +531,9 @@ def _colorize_uint8(data: np.ndarray, p: Colorize) -> np.ndarray:
     (|v − source| ≤ tolerance ⇔ source − ⌊tolerance⌋ ≤ v ≤ source + ⌊tolerance⌋ for integers)."""
     n = min(len(p.source), data.shape[-1])
     tol = math.floor(p.tolerance)
+    compiled = _compiled_colorize(data, p.source[:n], tol, p.destination)
+    if compiled is not None:
+        return compiled
     match = np.ones(data.shape[:-1], dtype=bool) if tol >= 0 else np.zeros(data.shape[:-1], dtype=bool)
     if tol >= 0:
         for band in range(n):
@@ -541,6 +549,24 @@ def _colorize_uint8(data: np.ndarray, p: Colorize) -> np.ndarray:
         plane = out[..., band]
         plane[...] = data[..., band] if band < bands else 255
         np.copyto(plane, np.uint8(value), where=match)
+    return out
+
+
+def _compiled_colorize(data: np.ndarray, source: Sequence[float], tolerance: int,
+                       destination: Sequence[float]) -> np.ndarray | None:
+    """`_colorize_uint8` in one compiled pass over the interleaved pixels (render/_pixels.c: ~1 ms
+    a 1024² map against ~6 band by band), or None without the extension or for values it does not take."""
+    if _pixels is None or data.shape[-1] > 4 or not 1 <= len(destination) <= 4:
+        return None
+    if not all(float(v).is_integer() and abs(v) < 2**30 for v in source):
+        return None
+    if not all(float(v).is_integer() and 0 <= v <= 255 for v in destination):
+        return None
+    pixels = np.ascontiguousarray(data)
+    out = np.empty(data.shape[:-1] + (len(destination),), dtype=np.uint8)
+    _pixels.colorize(pixels.reshape(-1), data.shape[-1], np.asarray(source, dtype=np.int32),
+                     max(-1, min(tolerance, 1 << 30)), np.asarray(destination, dtype=np.uint8), out.reshape(-1),
+                     out.size // len(destination))
     return out
 
 
