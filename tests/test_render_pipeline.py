@@ -480,6 +480,13 @@ def test_rgba_of_a_layer_is_the_same_compiled_or_not(monkeypatch: pytest.MonkeyP
             slow = draw.to_rgba(raster)
         assert compiled.shape == (17, 23, 4) and np.array_equal(compiled, slow)
         assert 0 < int((compiled[..., 3] == 0).sum()) < 17 * 23
+    if channels in (1, 3):  # and on a background colour, RGB
+        data = rng.integers(0, 256, (17, 23, channels), dtype=np.uint8)
+        laid = draw._on_background(data, valid, (12, 200, 7))
+        with monkeypatch.context() as patch:
+            patch.setattr(draw, "_pixels", None)
+            assert np.array_equal(laid, draw._on_background(data, valid, (12, 200, 7)))
+        assert (laid[~valid] == (12, 200, 7)).all() and (laid[valid] == data[valid]).all()
 
 
 def test_data_composition_keeps_the_last_valid_value():
@@ -499,6 +506,32 @@ async def test_several_layers_composite_in_order(fixture_layers):
     both = await render_map([MapLayer(scan), MapLayer(montagne)], target)
     expected = alpha_over(under.data, over.data)
     assert np.array_equal(both.data, expected)
+
+
+@pytest.mark.parametrize(("name", "style"), [("RGEALTI", "estompage"), ("SCAN1000", "torgb")])
+@pytest.mark.parametrize("fmt", ["image/jpeg", "image/png"])
+async def test_a_data_layer_drawn_on_the_background_encodes_the_same(fixture_layers, name, style, fmt):
+    """A map its encoder flattens (JPEG, PNG with TRANSPARENT=FALSE) drawn straight onto the
+    background colour (one 8-bit data layer: RGB at once, no RGBA copy) gives the bytes of the
+    RGBA composite flattened by the encoder, over the data and off its edge."""
+    from dataclasses import replace
+
+    from tileserver.render.encode import encode_image
+    from tileserver.render.styles import Colorize
+
+    published = fixture_layers[name]
+    rule = replace(STYLES["estompage"], palette=None) if style == "estompage" else replace(
+        STYLES["colorize"], colorize=Colorize((0, 0, 0), (255, 255, 255), 0))  # torgb: RGBA → RGB
+    layer = MapLayer(published, rule)
+    full = matched_target(published, "EPSG:3857", shrink=-0.1)  # beyond the data on every side
+    target = Grid(full.crs, full.bbox, 200, 150)
+    colour = (12, 200, 7)
+    drawn = await render_map([layer], target, background=colour)
+    rgba = await render_map([layer], target)
+    assert drawn.data.shape == (150, 200, 3) and rgba.data.shape == (150, 200, 4)
+    assert np.array_equal(drawn.valid, rgba.valid) and drawn.valid.any() and not drawn.valid.all()
+    assert (encode_image(drawn.data, fmt, transparent=False, bgcolor=colour)
+            == encode_image(rgba.data, fmt, transparent=False, bgcolor=colour))
 
 
 async def test_outside_the_data_is_empty_without_reading(fixture_layers):

@@ -458,3 +458,17 @@ def test_warp_of_leading_bands_is_the_leading_bands_of_the_warp(target: Grid, in
     np.testing.assert_array_equal(first_mask, whole_mask)
     np.testing.assert_array_equal(first, whole[..., :3])
     assert not whole_mask.all()
+
+
+@pytest.mark.parametrize("interpolation", ["nn", "linear", "bicubic", "lanczos_2", "lanczos_3"])
+@pytest.mark.parametrize("scale", [0.37, 1.0, 1.05, 1.3, 3.7])
+def test_tap_span_is_the_range_of_the_taps_indices(interpolation: str, scale: float) -> None:
+    """warp crops the source to what the taps reach from `_tap_span`'s integer arithmetic alone;
+    it must be the first and last index `_taps` gives, inside the source and past its edges."""
+    from tileserver.render.warp import _tap_span, _taps, get_kernel
+
+    kernel = get_kernel(interpolation)
+    for start, count, size in ((-3.2, 40, 30), (0.0, 50, 200), (12.6, 30, 60), (-0.5, 1, 1)):
+        coord = start + np.arange(count) * scale
+        idx = _taps(coord, size, kernel, scale)[0]
+        assert _tap_span(coord, size, kernel, scale) == (int(idx.min()), int(idx.max()) + 1)

@@ -4,6 +4,9 @@
  * rgba: a layer's pixels as RGBA for compositing (draw.to_rgba): grey replicated, the alpha its
  * alpha band, its validity (0 or 255), or both ANDed.
  *
+ * on_background: a layer's pixels where valid, a background colour elsewhere, as RGB (draw.composite
+ * for maps that are flattened anyway: JPEG, TRANSPARENT=FALSE).
+ *
  * colorize: ROK4's colorize style on uint8 pixels (styles._colorize_uint8): a pixel whose first
  * bands are each within the tolerance of the source colour becomes the destination colour; the
  * others keep their bands (255 for an alpha band they lack).
@@ -131,6 +134,56 @@ done:
     return result;
 }
 
+/* `channels` constant once inlined */
+static inline __attribute__((always_inline)) void
+on_background_n(uint8_t *restrict out, const uint8_t *restrict data, const uint8_t *restrict valid,
+                const uint8_t *bg, Py_ssize_t pixels, int channels)
+{
+    int grey = channels < 3;
+    for (Py_ssize_t i = 0; i < pixels; i++) {
+        const uint8_t *px = data + i * channels;
+        uint8_t *o = out + 3 * i, pick = (uint8_t)(0u - (valid[i] != 0));
+        o[0] = (uint8_t)((px[0] & pick) | (bg[0] & (uint8_t)~pick));
+        o[1] = (uint8_t)((px[grey ? 0 : 1] & pick) | (bg[1] & (uint8_t)~pick));
+        o[2] = (uint8_t)((px[grey ? 0 : 2] & pick) | (bg[2] & (uint8_t)~pick));
+    }
+}
+
+VECTOR_CLONES static void
+on_background_all(uint8_t *out, const uint8_t *data, const uint8_t *valid, const uint8_t *bg, Py_ssize_t pixels,
+                  int channels)
+{
+    if (channels == 3)
+        on_background_n(out, data, valid, bg, pixels, 3);
+    else
+        on_background_n(out, data, valid, bg, pixels, 1);
+}
+
+/* on_background(data, channels, valid, bg, out, pixels)
+ * data: uint8 (pixels, channels 1 or 3); valid: bool (pixels); bg: 3 bytes; out: uint8 (pixels, 3). */
+static PyObject *
+on_background(PyObject *self, PyObject *args)
+{
+    Py_buffer data = {0}, valid = {0}, bg = {0}, out = {0};
+    Py_ssize_t channels, pixels;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*y*w*n", &data, &channels, &valid, &bg, &out, &pixels))
+        goto done;
+    if ((channels != 1 && channels != 3) || pixels < 0 || data.len != pixels * channels || valid.len != pixels
+        || bg.len != 3 || out.len != pixels * 3) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match the shapes");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    on_background_all(out.buf, data.buf, valid.buf, bg.buf, pixels, (int)channels);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    RELEASE_BUFFERS(&data, &valid, &bg, &out);
+    return result;
+}
+
 /* `channels`, `n` and `bands` constants once inlined; no branch a pixel (a mask picks the
  * destination or the pixel's own bands), so the loop vectorises. |v - s| <= t as one unsigned
  * comparison: v - s + t in [0, 2t]. */
@@ -203,6 +256,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"rgba", rgba, METH_VARARGS, "A layer's uint8 pixels and validity as RGBA."},
+    {"on_background", on_background, METH_VARARGS, "A layer's valid pixels on a background colour, as RGB."},
     {"colorize", colorize, METH_VARARGS, "ROK4's colorize style on interleaved uint8 pixels."},
     {"over_background", over_background, METH_VARARGS, "Alpha over a background colour, exact in integers."},
     {NULL, NULL, 0, NULL},

@@ -472,11 +472,11 @@ done:
     return result;
 }
 
-/* One row of planes_u8: `channels` bands of uint8 pixels `step` bytes apart into float planes
- * (premultiplied by the 0/1 validity when given), then the validity plane. */
-VECTOR_CLONES static void
-planes_row(float *out, Py_ssize_t width, const uint8_t *row, Py_ssize_t step, Py_ssize_t channels,
-           const uint8_t *valid)
+/* planes_row with the pixel step and band count constant once inlined: the strided byte loads
+ * then vectorise (shuffles), where a variable step leaves one scalar load a sample */
+static inline __attribute__((always_inline)) void
+planes_row_n(float *out, Py_ssize_t width, const uint8_t *row, Py_ssize_t step, Py_ssize_t channels,
+             const uint8_t *valid)
 {
     for (Py_ssize_t c = 0; c < channels; c++) {
         float *plane = out + c * width;
@@ -491,6 +491,24 @@ planes_row(float *out, Py_ssize_t width, const uint8_t *row, Py_ssize_t step, Py
     if (valid != NULL)
         for (Py_ssize_t x = 0; x < width; x++)
             out[channels * width + x] = (float)valid[x];
+}
+
+/* One row of planes_u8: `channels` bands of uint8 pixels `step` bytes apart into float planes
+ * (premultiplied by the 0/1 validity when given), then the validity plane. */
+VECTOR_CLONES static void
+planes_row(float *out, Py_ssize_t width, const uint8_t *row, Py_ssize_t step, Py_ssize_t channels,
+           const uint8_t *valid)
+{
+    if (step == 4 && channels == 3)
+        planes_row_n(out, width, row, 4, 3, valid);
+    else if (step == 4 && channels == 4)
+        planes_row_n(out, width, row, 4, 4, valid);
+    else if (step == 3 && channels == 3)
+        planes_row_n(out, width, row, 3, 3, valid);
+    else if (step == 1 && channels == 1)
+        planes_row_n(out, width, row, 1, 1, valid);
+    else
+        planes_row_n(out, width, row, step, channels, valid);
 }
 
 /* planes_u8(base, offset, row_stride, step, height, width, channels, valid, out)

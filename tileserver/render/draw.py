@@ -529,6 +529,20 @@ def to_rgba(raster: Raster) -> np.ndarray:
     return out
 
 
+def _on_background(data: np.ndarray, valid: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """RGB uint8: the layer's 1 or 3 bands where valid (grey replicated), `background` elsewhere."""
+    out = np.empty(data.shape[:2] + (3,), dtype=np.uint8)
+    if _pixels is not None:
+        _pixels.on_background(np.ascontiguousarray(data).reshape(-1), data.shape[2],
+                              np.ascontiguousarray(valid, dtype=bool).reshape(-1), bytes(bytearray(background)),
+                              out.reshape(-1), data.shape[0] * data.shape[1])
+        return out
+    for band, value in enumerate(background):
+        np.copyto(out[..., band], data[..., band if data.shape[2] == 3 else 0])
+        np.copyto(out[..., band], np.uint8(value), where=~valid)
+    return out
+
+
 def alpha_over(below: np.ndarray, above: np.ndarray) -> np.ndarray:
     """`above` composited over `below`, both RGBA uint8 with straight (unpremultiplied) alpha.
 
@@ -558,11 +572,20 @@ def _alpha_over(below: np.ndarray, above: np.ndarray) -> np.ndarray:
     return out
 
 
-def composite(rasters: Sequence[Raster], target: Grid, picture: bool) -> Raster:
-    """Layers drawn in order (first at the bottom). Data: later valid pixels replace earlier ones."""
+def composite(rasters: Sequence[Raster], target: Grid, picture: bool,
+              background: tuple[int, int, int] | None = None) -> Raster:
+    """Layers drawn in order (first at the bottom). Data: later valid pixels replace earlier ones.
+    `background`: the encoder lays the picture on that colour anyway (JPEG, TRANSPARENT=FALSE), so
+    one 8-bit data layer becomes RGB on it at once instead of an RGBA copy flattened later (the
+    same bytes: its alpha would be 0 or 255)."""
     levels = {k: v for r in rasters for k, v in r.levels.items()}
     if picture and len(rasters) == 1 and rasters[0].picture:
         return rasters[0]  # L, LA, RGB or RGBA as rendered: encoders take them all
+    if picture and background is not None and len(rasters) == 1:
+        raster = rasters[0]
+        if raster.data.dtype == np.uint8 and raster.data.shape[2] in (1, 3):
+            return Raster(_on_background(raster.data, raster.valid, background), raster.valid, None, target,
+                          picture=True, levels=levels)
     if picture:
         rgba = to_rgba(rasters[0])
         for raster in rasters[1:]:
@@ -627,11 +650,13 @@ def _strip_rows(target: Grid, strip_pixels: int = STRIP_PIXELS) -> int:
 
 
 def draw(layers: Sequence[MapLayer], plans: Sequence[SourcePlan], fetched: list[dict[tuple[int, int], bytes]],
-         target: Grid, picture: bool, deadline: Deadline | None = None, strip_pixels: int = STRIP_PIXELS) -> Raster:
+         target: Grid, picture: bool, deadline: Deadline | None = None, strip_pixels: int = STRIP_PIXELS,
+         background: tuple[int, int, int] | None = None) -> Raster:
     """The map from its fetched tiles (worker thread): layer after layer, strip after strip, into one
     output, so its working memory is one strip's. The same result as `composite` of the layers
     drawn whole (per-pixel operations; a strip reads the map's level with the map's kernel);
-    `fetched` is emptied layer by layer to free the stored tiles as soon as they are drawn."""
+    `fetched` is emptied layer by layer to free the stored tiles as soon as they are drawn;
+    `background`: `composite`'s (maps drawn whole only)."""
     deadline = deadline or Deadline(None)
     rows = _strip_rows(target, strip_pixels)
     if rows >= target.height:
@@ -639,7 +664,7 @@ def draw(layers: Sequence[MapLayer], plans: Sequence[SourcePlan], fetched: list[
         for layer, plan, tiles in zip(layers, plans, fetched, strict=True):
             deadline.check()
             rasters.append(render_layer_sync(layer, target, plan, tiles, picture))
-        return composite(rasters, target, picture)
+        return composite(rasters, target, picture, background)
     canvas = _Canvas(target, picture, len(layers))
     for index, (layer, plan) in enumerate(zip(layers, plans, strict=True)):
         style = layer.active_style

@@ -92,11 +92,14 @@ async def render_map(
     gate: RenderGate | None = None,
     max_tiles: int = DEFAULT_MAX_TILES,
     finish: Callable[[Raster], Any] | None = None,
+    background: tuple[int, int, int] | None = None,
 ) -> Any:
     """Render layers (first at the bottom) onto `target`; with `finish` (e.g. encoding), its
     result, computed in the same worker thread under the same memory budget and deadline.
 
     `picture`: RGBA composite for PNG/JPEG, else the data values (TIFF/BIL/ASC, feature info).
+    `background`: the colour `finish` flattens the picture onto (JPEG, TRANSPARENT=FALSE), when it
+    does: a single data layer is then drawn on it directly (`draw.composite`).
     Raises RenderTooLarge (too many tiles, or more memory than the gate's budget), RenderBusy (no
     slot or memory within the wait), RenderTimeout (past the gate's deadline), RenderStorageError,
     RenderError."""
@@ -135,7 +138,7 @@ async def render_map(
         raise
 
     def work() -> Any:
-        raster = draw(map_layers, plans, fetched, target, picture, deadline)
+        raster = draw(map_layers, plans, fetched, target, picture, deadline, background=background)
         if finish is None:
             return raster
         deadline.check()
@@ -202,4 +205,5 @@ async def render_tile(
             return encode_image(raster.data, fmt, transparent=kind.transparent, bgcolor=background)
         return encode_image(raster.data, fmt, nodata=raster.nodata, grid=target)
 
-    return await render_map([MapLayer(published, style)], target, picture=kind.picture, gate=gate, finish=encode)
+    return await render_map([MapLayer(published, style)], target, picture=kind.picture, gate=gate, finish=encode,
+                            background=background if kind.picture and not kind.transparent else None)

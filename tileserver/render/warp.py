@@ -127,6 +127,22 @@ def _taps(coord: np.ndarray, size: int, kernel: Kernel, scale: float) -> tuple[n
     return np.clip(idx, 0, size - 1), w.astype(np.float32)
 
 
+def _tap_span(coord: np.ndarray, size: int, kernel: Kernel, scale: float) -> tuple[int, int]:
+    """[first, last + 1) of the indices `_taps` gives these coordinates (clipped into the source),
+    from its integer arithmetic alone: the weights (a sinc per tap for Lanczos) are not needed."""
+    coord = np.asarray(coord, dtype=np.float64)
+    if kernel.weight is None:
+        first = np.floor(coord + 0.5).astype(np.int64)
+        count = 1
+    else:
+        scale = scale if kernel.stretch and scale > _MIN_STRETCH else 1.0
+        radius = kernel.radius * scale
+        count = max(int(math.ceil(2.0 * radius - 1e-9)), 1)
+        first = np.floor(coord - radius).astype(np.int64) + 1
+    low, high = int(first.min()), int(first.max()) + count - 1
+    return min(max(low, 0), size - 1), min(max(high, 0), size - 1) + 1
+
+
 # --------------------------------------------------------------------------- planes
 
 
@@ -627,8 +643,8 @@ def warp(src: np.ndarray, src_grid: Grid, dst_grid: Grid, nodata: Nodata = None,
             scale_x, scale_y = dst_grid.res_x / src_grid.res_x, dst_grid.res_y / src_grid.res_y
             # only the source the taps reach (a mosaic is whole tiles, often twice the map's pixels);
             # taps cut by the crop are the ones cut by the source's own edges, so the sums are unchanged
-            ci, ri = _taps(cols, src_grid.width, kernel, scale_x)[0], _taps(rows, src_grid.height, kernel, scale_y)[0]
-            c0, c1, r0, r1 = int(ci.min()), int(ci.max()) + 1, int(ri.min()), int(ri.max()) + 1
+            c0, c1 = _tap_span(cols, src_grid.width, kernel, scale_x)
+            r0, r1 = _tap_span(rows, src_grid.height, kernel, scale_y)
             part = src3[r0:r1, c0:c1]
             valid_part = source_validity(part, nodata)
             inside = (_inside(rows, src_grid.height)[:, None] & _inside(cols, src_grid.width)[None, :])

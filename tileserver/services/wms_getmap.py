@@ -37,13 +37,21 @@ def _encode(raster: Raster, req: MapRequest) -> tuple[bytes, str]:
                         grid=req.grid, tiff_compression=req.options.get("compression"))
 
 
+def _flattened_onto(req: MapRequest) -> tuple[int, int, int] | None:
+    """The colour `_encode` lays the picture on (JPEG always, PNG unless TRANSPARENT=TRUE), or None."""
+    if req.format == "image/jpeg" or (req.format == "image/png" and not req.transparent):
+        return req.bgcolor
+    return None
+
+
 async def _render(request: Request, runtime: Any, req: MapRequest) -> tuple[bytes, str]:
     settings = runtime.settings
     try:
         async with asyncio.timeout(settings.request_timeout):
             return await render_map(req.layers, req.grid, picture=req.format in PICTURE_FORMATS,
                                     gate=gate_for(runtime), max_tiles=settings.render_max_tiles,
-                                    finish=lambda raster: _encode(raster, req))  # inside budget and deadline
+                                    finish=lambda raster: _encode(raster, req),  # inside budget and deadline
+                                    background=_flattened_onto(req))
     except (RenderError, TimeoutError) as exc:
         raise render_failure(exc, "GetMap", settings.request_timeout) from None
     except ValueError as exc:  # the format cannot hold this data (float as ASC with bands…)
