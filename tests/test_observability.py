@@ -53,6 +53,7 @@ def test_metrics_move_with_tiles_maps_and_errors_over_real_http(tmp_path):
         before = _scrape(base)
         info = httpx.get(f"{base}/healthcheck/info", headers=TOKEN).json()
         assert info["layers"] == ["S"]
+        assert info["compiled_kernels"] == {"separable": True, "pixels": True, "mesh": True}  # README's install
         capabilities = httpx.get(f"{base}/wmts?SERVICE=WMTS&REQUEST=GetCapabilities").text
         row, col = re.search(r"<TileMatrix>10</TileMatrix>\s*<MinTileRow>(\d+)</MinTileRow>\s*<MaxTileRow>\d+"
                              r"</MaxTileRow>\s*<MinTileCol>(\d+)</MinTileCol>", capabilities).groups()

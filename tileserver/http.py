@@ -86,7 +86,7 @@ def _fast_crc32() -> Callable[[bytes], int]:
         import imagecodecs
     except ImportError:  # pragma: no cover - imagecodecs is a dependency
         return zlib.crc32
-    for name in ("zlibng_crc32", "deflate_crc32"):
+    for name in ("deflate_crc32", "zlibng_crc32"):  # libdeflate's: 1.6 µs for 15 KB, zlib-ng's 2.0
         crc = getattr(imagecodecs, name, None)
         if crc is not None:
             try:

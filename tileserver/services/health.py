@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tileserver import __version__
+from tileserver.render import compiled_kernels
 from tileserver.runtime import get_runtime
 from tileserver.services.policy import is_operator
 from tileserver.storage import StorageError
@@ -61,6 +62,7 @@ async def info(request: Request) -> Response:
             "tile_matrix_sets": sorted({layer.tms.id for layer in catalog.layers.values()}),
             "styles": sorted(catalog.styles),
             "caches": {"slab_index": {"entries": len(cache), "hits": cache.hits, "misses": cache.misses}},
+            "compiled_kernels": compiled_kernels(),
         }
     )
 
