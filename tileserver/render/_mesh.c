@@ -154,8 +154,7 @@ mesh_bicubic(PyObject *self, PyObject *args)
         quad(o, out_width, in, (int)height, (int)width, (int)bands, x0, y0, x1, y1, a);
     }
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_NewRef(Py_None);
 done:
     RELEASE_BUFFERS(&src, &boxes, &coefficients, &out);
     return result;

@@ -72,8 +72,7 @@ over_background(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     over(out.buf, colour.buf, colour_step, alpha.buf, alpha_step, bg.buf, pixels, (int)bands);
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_NewRef(Py_None);
 done:
     RELEASE_BUFFERS(&colour, &alpha, &bg, &out);
     return result;
@@ -127,8 +126,7 @@ rgba(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     rgba_all(out.buf, data.buf, has_valid ? valid.buf : NULL, pixels, (int)channels);
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_NewRef(Py_None);
 done:
     RELEASE_BUFFERS(&data, &valid, &out);
     return result;
@@ -177,8 +175,7 @@ on_background(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     on_background_all(out.buf, data.buf, valid.buf, bg.buf, pixels, (int)channels);
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_NewRef(Py_None);
 done:
     RELEASE_BUFFERS(&data, &valid, &bg, &out);
     return result;
@@ -247,8 +244,7 @@ colorize(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     colorize_all(out.buf, data.buf, pixels, (int)channels, source.buf, (int)n, tolerance, dest.buf, (int)bands);
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_NewRef(Py_None);
 done:
     RELEASE_BUFFERS(&data, &source, &dest, &out);
     return result;

@@ -465,8 +465,7 @@ finish_u8(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_NewRef(Py_None);
 done:
     RELEASE_BUFFERS(&planes, &inside, &fill, &out, &valid);
     return result;
@@ -539,8 +538,7 @@ planes_u8(PyObject *self, PyObject *args)
         planes_row(o + y * count * width, width, in + y * row_stride, step, channels,
                    has_valid ? ok + y * width : NULL);
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_NewRef(Py_None);
 done:
     RELEASE_BUFFERS(&base, &valid, &out);
     return result;
@@ -664,8 +662,7 @@ warp_u8(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_NewRef(Py_None);
 done:
     RELEASE_BUFFERS(&b.src, &b.row_idx, &b.row_w, &b.col_idx, &b.col_w, &b.out, &valid, &inside, &fill, &out_valid);
     return result;
