@@ -303,3 +303,35 @@ def test_the_compiled_flattening_equals_the_formula_for_every_colour_and_alpha(b
     assert flat.shape == (256, 256, out_bands) and np.array_equal(flat, expected)
     view = array[..., : bands - 1] if out_bands == bands - 1 else np.repeat(array[..., :1], 3, axis=2)
     assert np.array_equal(encode._over_background(view, array[..., -1], bgcolor[:out_bands]), flat)
+
+
+@pytest.mark.parametrize("fmt", ["image/jpeg", "image/png", "image/tiff", "image/geotiff", "image/x-bil;bits=32",
+                                 "image/nonsense"])
+@pytest.mark.parametrize("transparent", [None, True, False])
+def test_flattened_onto_names_what_the_encoder_does(fmt: str, transparent: bool | None) -> None:
+    """`flattened_onto` (what the renderer draws a data layer onto, draw.composite) says exactly when
+    the encoder lays alpha on the background: there an RGBA picture with 0/255 alpha and the RGB it
+    would give encode alike; elsewhere the alpha is kept (or the format takes no picture)."""
+    from tileserver.render.draw import _on_background
+    from tileserver.render.encode import flattened_onto
+
+    colour = (12, 200, 7)
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    valid = rng.random((24, 32)) > 0.3
+    rgba = np.concatenate([rgb, (valid * 255).astype(np.uint8)[..., None]], axis=2)
+    grid = Grid("EPSG:3857", (0, 0, 32, 24), 32, 24)
+    onto = flattened_onto(fmt, transparent, colour)
+
+    def encoded(image: np.ndarray) -> bytes | None:
+        try:
+            return encode_image(image, fmt, transparent=transparent, bgcolor=colour, grid=grid)[0]
+        except ValueError:  # float-only or unknown format
+            return None
+
+    whole = encoded(rgba)
+    if onto is not None:
+        assert onto == colour and whole is not None
+        assert encoded(_on_background(rgb, valid, colour)) == whole
+    else:
+        assert whole is None or whole != encoded(_on_background(rgb, valid, colour))

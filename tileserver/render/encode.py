@@ -472,6 +472,21 @@ def encode_image(array: np.ndarray, format: str, *, nodata: float | Sequence[flo
     return FORMATS[fmt](array, opts), fmt
 
 
+def flattened_onto(format: str | None, transparent: bool | None,
+                   bgcolor: tuple[int, int, int]) -> tuple[int, int, int] | None:
+    """The colour `encode_image(…, format, transparent=…, bgcolor=…)` lays a picture's alpha on, or
+    None where the alpha is kept: JPEG always, PNG and TIFF with transparent=False (None for an
+    unknown format: `encode_image` words that error). Callers pass it to the renderer, which then
+    draws a single data layer straight onto it (`draw.composite`)."""
+    try:
+        fmt = normalise_format(format or "")
+    except ValueError:
+        return None
+    if fmt == "image/jpeg" or (transparent is False and fmt in ("image/png", "image/tiff", "image/geotiff")):
+        return tuple(int(v) for v in bgcolor)[:3]  # type: ignore[return-value]
+    return None
+
+
 # --------------------------------------------------------------------------- WMS exception images
 
 

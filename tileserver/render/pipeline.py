@@ -55,7 +55,7 @@ from tileserver.catalog import PublishedLayer
 from tileserver.rok4.tms import TileMatrixSet
 
 from .draw import draw, estimate_memory
-from .encode import encode_image
+from .encode import encode_image, flattened_onto
 from .errors import RenderError, RenderTooLarge
 from .fetch import fetch_tiles
 from .gate import Deadline, RenderGate
@@ -206,4 +206,4 @@ async def render_tile(
         return encode_image(raster.data, fmt, nodata=raster.nodata, grid=target)
 
     return await render_map([MapLayer(published, style)], target, picture=kind.picture, gate=gate, finish=encode,
-                            background=background if kind.picture and not kind.transparent else None)
+                            background=flattened_onto(fmt, kind.transparent, background) if kind.picture else None)

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tileserver.render.encode import blank_image, encode_image, exception_in_image
+from tileserver.render.encode import blank_image, encode_image, exception_in_image, flattened_onto
 from tileserver.render.errors import RenderError
 from tileserver.render.gate import gate_for
 from tileserver.render.model import Raster
@@ -37,13 +37,6 @@ def _encode(raster: Raster, req: MapRequest) -> tuple[bytes, str]:
                         grid=req.grid, tiff_compression=req.options.get("compression"))
 
 
-def _flattened_onto(req: MapRequest) -> tuple[int, int, int] | None:
-    """The colour `_encode` lays the picture on (JPEG always, PNG unless TRANSPARENT=TRUE), or None."""
-    if req.format == "image/jpeg" or (req.format == "image/png" and not req.transparent):
-        return req.bgcolor
-    return None
-
-
 async def _render(request: Request, runtime: Any, req: MapRequest) -> tuple[bytes, str]:
     settings = runtime.settings
     try:
@@ -51,7 +44,7 @@ async def _render(request: Request, runtime: Any, req: MapRequest) -> tuple[byte
             return await render_map(req.layers, req.grid, picture=req.format in PICTURE_FORMATS,
                                     gate=gate_for(runtime), max_tiles=settings.render_max_tiles,
                                     finish=lambda raster: _encode(raster, req),  # inside budget and deadline
-                                    background=_flattened_onto(req))
+                                    background=flattened_onto(req.format, req.transparent, req.bgcolor))
     except (RenderError, TimeoutError) as exc:
         raise render_failure(exc, "GetMap", settings.request_timeout) from None
     except ValueError as exc:  # the format cannot hold this data (float as ASC with bands…)
